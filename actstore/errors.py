@@ -1,0 +1,46 @@
+"""Exceptions raised by actstore.
+
+Every error derives from :class:`StoreError`; leaves also inherit the builtin
+that matches them, so ``except FileNotFoundError`` or ``except ValueError`` in
+caller code keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CorruptStoreError",
+    "StaleStoreError",
+    "StoreError",
+    "StoreExistsError",
+    "StoreLockedError",
+    "StoreNotFoundError",
+    "UnsupportedFormatError",
+]
+
+
+class StoreError(Exception):
+    """Base class of every error raised by actstore."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """No store at the given path."""
+
+
+class StoreExistsError(StoreError, FileExistsError):
+    """A store (or another file) already exists where one was to be created."""
+
+
+class CorruptStoreError(StoreError, ValueError):
+    """Bytes or metadata on disk do not match what the store recorded."""
+
+
+class UnsupportedFormatError(StoreError, ValueError):
+    """The store was written in a format or version this library cannot read."""
+
+
+class StaleStoreError(StoreError, ValueError):
+    """The store was computed by a different model than the caller requires."""
+
+
+class StoreLockedError(StoreError, BlockingIOError):
+    """Another writer holds the store's lock."""

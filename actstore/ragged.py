@@ -1,0 +1,84 @@
+"""A batch of variable-length rows: one flat values tensor plus offsets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["RaggedBatch"]
+
+
+@dataclass(frozen=True, slots=True)
+class RaggedBatch:
+    """Rows of different lengths stored back to back.
+
+    Row ``i`` is ``values[offsets[i]:offsets[i + 1]]``.  This is how ragged
+    fields (for example tokens × hidden) are appended to and gathered from a
+    store: no padding is ever stored.
+
+    Examples
+    --------
+    >>> rb = RaggedBatch.from_list([torch.ones(2, 3), torch.zeros(1, 3)])
+    >>> rb.lengths.tolist()
+    [2, 1]
+    >>> padded, mask = rb.to_padded()
+    >>> padded.shape, mask.sum().item()
+    (torch.Size([2, 2, 3]), 3)
+    """
+
+    values: torch.Tensor
+    offsets: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets.dtype != torch.int64:
+            raise ValueError(f"offsets: expected a 1-D int64 tensor of n + 1 entries, got {tuple(self.offsets.shape)} {self.offsets.dtype}")
+        if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != len(self.values):
+            raise ValueError(f"offsets: must run from 0 to len(values) = {len(self.values)}, got {int(self.offsets[0])}..{int(self.offsets[-1])}")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """Row ``i`` as a view of ``values``.  Never copies."""
+        return self.values[int(self.offsets[i]) : int(self.offsets[i + 1])]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @classmethod
+    def from_list(cls, rows: Sequence[torch.Tensor]) -> RaggedBatch:
+        """Concatenate rows (each ``(len_i, *inner)``).  Always copies, once."""
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+        offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        return cls(torch.cat(list(rows)) if len(rows) else torch.empty(0), offsets)
+
+    @classmethod
+    def from_padded(cls, padded: torch.Tensor, lengths: torch.Tensor | Sequence[int]) -> RaggedBatch:
+        """Trim a padded ``(batch, max_len, *inner)`` tensor to each row's length.
+
+        Padding must be at the end of each row (right padding).  Always copies,
+        once; works on any device.
+        """
+        lengths = torch.as_tensor(lengths, dtype=torch.int64, device=padded.device)
+        if lengths.ndim != 1 or len(lengths) != len(padded):
+            raise ValueError(f"lengths: expected {len(padded)} lengths, got shape {tuple(lengths.shape)}")
+        if len(lengths) and (int(lengths.min()) < 0 or int(lengths.max()) > padded.shape[1]):
+            raise ValueError(f"lengths: must lie in [0, {padded.shape[1]}]")
+        mask = torch.arange(padded.shape[1], device=padded.device)[None, :] < lengths[:, None]
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        torch.cumsum(lengths.cpu(), 0, out=offsets[1:])
+        return cls(padded[mask], offsets)
+
+    def to_padded(self, pad_to: int | None = None, pad_value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(padded, mask): ``(n, L, *inner)`` values and an ``(n, L)`` bool mask.  Always copies."""
+        lengths = self.lengths
+        width = int(lengths.max()) if len(self) else 0
+        width = max(width, pad_to or 0)
+        mask = torch.arange(width)[None, :] < lengths[:, None]
+        padded = self.values.new_full((len(self), width, *self.values.shape[1:]), pad_value)
+        padded[mask] = self.values
+        return padded, mask

@@ -1,0 +1,254 @@
+"""The zero-copy read path: memory maps over shard files, and row gathers.
+
+Everything here reads a committed snapshot (a :class:`~actstore.format.Manifest`)
+and never writes.  Maps are created lazily, the first time a segment's array is
+touched, so a process that forks (DataLoader workers) inherits nothing it has not
+used, and ``open`` costs the same for ten rows or a billion.
+"""
+
+from __future__ import annotations
+
+import os
+from bisect import bisect_right
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .errors import CorruptStoreError
+from .format import (
+    FIELDS_DIR,
+    INDEXES_DIR,
+    INTERNAL_DTYPES,
+    KEY_BYTES,
+    SEGMENTS_DIR,
+    Field,
+    IndexRunInfo,
+    Manifest,
+    SegmentInfo,
+    chunk_path,
+)
+
+__all__ = ["Snapshot", "map_rows"]
+
+
+def map_rows(path: str, rows: int, inner_shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """Map the first ``rows`` rows of a shard file as an array.  Never copies.
+
+    The map is private and copy-on-write (``MAP_PRIVATE``): writing to the array,
+    or to a tensor made from it with ``torch.from_numpy``, changes a private copy
+    of the page and never the file, and PyTorch sees a writable buffer (no
+    non-writable warning).
+
+    SAFETY: every view of the result holds a reference to the ``mmap`` object, so
+    the mapping stays valid while any view is alive, even after the store is
+    closed or its files are deleted.  The file size is checked before mapping, so
+    a short file raises :class:`CorruptStoreError` rather than ``SIGBUS``; a file
+    truncated by another program *after* it was mapped can still kill the process
+    with ``SIGBUS`` when the missing pages are touched — no mmap-based reader can
+    prevent that, and it is outside actstore's guarantees (``verify`` detects it).
+    """
+    if rows == 0:
+        return np.empty((0, *inner_shape), dtype)
+    need = rows * int(np.prod(inner_shape, dtype=np.int64)) * dtype.itemsize
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError as e:
+        raise CorruptStoreError(f"{path}: data file is missing") from e
+    if size < need:
+        raise CorruptStoreError(f"{path}: file is {size} bytes, shorter than the {need} bytes its rows need")
+    mm = np.memmap(path, dtype=dtype, mode="c", shape=(rows, *inner_shape))
+    return mm.view(np.ndarray)  # drop the memmap subclass: plain ndarray indexing is faster
+
+
+def as_tensor(array: np.ndarray, field: Field | None) -> torch.Tensor:
+    """Wrap a numpy array as a tensor of the field's dtype.  Never copies."""
+    t = torch.from_numpy(array)
+    if field is not None and field.dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t
+
+
+class SegmentReader:
+    """Lazily mapped arrays of one committed segment."""
+
+    __slots__ = ("arrays", "fields", "info", "path")
+
+    def __init__(self, root: str, info: SegmentInfo, fields: dict[str, Field]) -> None:
+        self.path = os.path.join(root, SEGMENTS_DIR, info.id)
+        self.info = info
+        self.fields = fields
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def _map(self, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+        path = os.path.join(self.path, rel, *chunk_path(len(inner) + 1).split("/"))
+        return map_rows(path, rows, inner, dtype)
+
+    def keys(self) -> np.ndarray:
+        a = self.arrays.get("keys")
+        if a is None:
+            a = self.arrays["keys"] = self._map("keys", self.info.rows, (KEY_BYTES,), INTERNAL_DTYPES["uint8"])
+        return a
+
+    def fixed(self, name: str) -> np.ndarray:
+        a = self.arrays.get(name)
+        if a is None:
+            f = self.fields[name]
+            a = self.arrays[name] = self._map(f"{FIELDS_DIR}/{name}", self.info.rows, f.inner_shape, f.spec.numpy)
+        return a
+
+    def ragged(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(values, offsets) of a ragged field; offsets are checked once, when mapped."""
+        v = self.arrays.get(name)
+        if v is None:
+            f = self.fields[name]
+            count = self.info.values[name]
+            offsets = self._map(f"{FIELDS_DIR}/{name}/offsets", self.info.rows + 1, (), INTERNAL_DTYPES["int64"])
+            if offsets[0] != 0 or offsets[-1] != count or np.any(np.diff(offsets) < 0):
+                raise CorruptStoreError(
+                    f"{self.path}/{FIELDS_DIR}/{name}/offsets: offsets are not non-decreasing from 0 to {count}"
+                )
+            self.arrays[name + "/offsets"] = offsets
+            v = self.arrays[name] = self._map(f"{FIELDS_DIR}/{name}/values", count, f.inner_shape, f.spec.numpy)
+        return v, self.arrays[name + "/offsets"]
+
+
+class IndexRun:
+    """A sorted key-index run: key prefixes (uint64, ascending) and global rows."""
+
+    __slots__ = ("prefix", "row")
+
+    def __init__(self, root: str, info: IndexRunInfo) -> None:
+        path = os.path.join(root, INDEXES_DIR, info.id)
+        self.prefix = map_rows(os.path.join(path, "prefix", "c", "0"), info.rows, (), INTERNAL_DTYPES["uint64"])
+        self.row = map_rows(os.path.join(path, "row", "c", "0"), info.rows, (), INTERNAL_DTYPES["int64"])
+
+
+def key_prefixes(keys: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each key as a native uint64 that sorts like the bytes."""
+    return np.ascontiguousarray(keys[:, :8]).view(">u8").ravel().astype(np.uint64)
+
+
+class Snapshot:
+    """One committed generation of a store, read through memory maps."""
+
+    def __init__(self, root: str, manifest: Manifest) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.fields = dict(manifest.fields)
+        self.segments = [SegmentReader(root, s, self.fields) for s in manifest.segments]
+        self.starts = np.cumsum([0] + [s.rows for s in manifest.segments], dtype=np.int64)
+        self._starts_list = self.starts.tolist()
+        self.rows = int(self.starts[-1])
+        # Index runs are few (merged by the writer) and mapped now: a writer may
+        # delete a superseded run later, and a map survives that.
+        self.runs = [IndexRun(root, r) for r in manifest.indexes]
+
+    # -- rows -----------------------------------------------------------------
+    def locate(self, row: int) -> tuple[SegmentReader, int]:
+        if row < 0:
+            row += self.rows
+        if not 0 <= row < self.rows:
+            raise IndexError(f"row {row} is out of range for a store of {self.rows} rows")
+        s = bisect_right(self._starts_list, row) - 1
+        return self.segments[s], row - self._starts_list[s]
+
+    def check_rows(self, rows: object) -> np.ndarray:
+        idx = np.asarray(rows)
+        if idx.dtype.kind not in "iu":
+            if idx.size == 0:
+                return np.empty(0, np.int64)
+            raise TypeError(f"rows: expected integer row numbers, got an array of {idx.dtype}")
+        idx = idx.astype(np.int64, copy=False).reshape(-1)
+        if idx.size and (idx.min() < -self.rows or idx.max() >= self.rows):
+            bad = idx[(idx < -self.rows) | (idx >= self.rows)][0]
+            raise IndexError(f"row {bad} is out of range for a store of {self.rows} rows")
+        return np.where(idx < 0, idx + self.rows, idx) if idx.size and idx.min() < 0 else idx
+
+    def split(self, rows: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Group rows by segment: [(segment, positions in ``rows``, local rows)]."""
+        if len(self.segments) == 1:
+            return [(0, slice(None), rows)]  # type: ignore[list-item]
+        seg = np.searchsorted(self.starts, rows, side="right") - 1
+        out = []
+        for s in np.unique(seg):
+            pos = np.nonzero(seg == s)[0]
+            out.append((int(s), pos, rows[pos] - self.starts[s]))
+        return out
+
+    def gather_fixed(self, rows: np.ndarray, source: Any, row_shape: tuple[int, ...], dtype: np.dtype[Any],
+                     out: np.ndarray | None = None) -> np.ndarray:
+        """Gather ``rows`` of a fixed-size array into one new (or the given) array.
+
+        One copy when the rows lie in one segment; rows spread over several
+        segments are copied into ``out`` segment by segment (still one copy per
+        row, plus a small temporary per segment).
+        """
+        if out is None:
+            out = np.empty((len(rows), *row_shape), dtype)
+        parts = self.split(rows)
+        if len(parts) == 1 and isinstance(parts[0][1], slice):
+            np.take(source(self.segments[0]), rows, axis=0, out=out)
+            return out
+        for s, pos, local in parts:
+            out[pos] = np.take(source(self.segments[s]), local, axis=0)
+        return out
+
+    def gather_keys(self, rows: np.ndarray) -> np.ndarray:
+        return self.gather_fixed(rows, SegmentReader.keys, (KEY_BYTES,), np.dtype("u1"))
+
+    # -- keys -----------------------------------------------------------------
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Row of each key, or -1.  ``keys`` is an (n, 32) uint8 array."""
+        out = np.full(len(keys), -1, np.int64)
+        if not len(keys) or not self.runs:
+            return out
+        prefix = key_prefixes(keys)
+        for run in self.runs:
+            n = len(run.prefix)
+            pos = np.searchsorted(run.prefix, prefix)
+            posc = np.minimum(pos, n - 1)
+            cand = np.nonzero((pos < n) & (run.prefix[posc] == prefix) & (out < 0))[0]
+            if not len(cand):
+                continue
+            rows = run.row[posc[cand]]
+            match = (self.gather_keys(rows) == keys[cand]).all(axis=1)
+            out[cand[match]] = rows[match]
+            for i in cand[~match]:  # two keys share 8 bytes of prefix: scan the run
+                j = int(posc[i]) + 1
+                while j < n and run.prefix[j] == prefix[i]:
+                    r = int(run.row[j])
+                    if bytes(self.gather_keys(np.array([r]))[0]) == bytes(keys[i]):
+                        out[i] = r
+                        break
+                    j += 1
+        return out
+
+    def row_key(self, row: int) -> bytes:
+        seg, local = self.locate(row)
+        return bytes(seg.keys()[local])
+
+
+def normalize_keys(keys: object) -> np.ndarray:
+    """Keys as an (n, 32) uint8 array from bytes, a sequence of bytes, or an array."""
+    if isinstance(keys, (bytes, bytearray, memoryview)):
+        keys = [bytes(keys)]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.detach().cpu().numpy()
+    if isinstance(keys, np.ndarray):
+        if keys.dtype != np.uint8 or keys.ndim != 2 or keys.shape[1] != KEY_BYTES:
+            raise ValueError(f"keys: expected an (n, {KEY_BYTES}) uint8 array, got {keys.shape} {keys.dtype}")
+        return np.ascontiguousarray(keys)
+    if isinstance(keys, str) or not isinstance(keys, Sequence):
+        raise TypeError(
+            f"keys: expected a sequence of {KEY_BYTES}-byte keys (bytes) or an (n, {KEY_BYTES}) uint8 array, "
+            f"got {type(keys).__name__}; make keys with actstore.key(sample)"
+        )
+    buf = bytearray()
+    for i, k in enumerate(keys):
+        if not isinstance(k, (bytes, bytearray, memoryview)):
+            raise TypeError(f"keys[{i}]: expected bytes, got {type(k).__name__}; make keys with actstore.key(sample)")
+        if len(k) != KEY_BYTES:
+            raise ValueError(f"keys[{i}]: expected {KEY_BYTES} bytes, got {len(k)}")
+        buf += k
+    return np.frombuffer(bytes(buf), np.uint8).reshape(-1, KEY_BYTES)

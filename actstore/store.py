@@ -1,0 +1,545 @@
+"""ActivationStore: create, open, look up and read an activation store."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+from dataclasses import replace
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from .errors import StaleStoreError, StoreError, StoreExistsError, StoreNotFoundError
+from .format import (
+    INDEXES_DIR,
+    LOCK_DIR,
+    SEGMENTS_DIR,
+    Field,
+    Manifest,
+    check_name,
+    group_document,
+    parse_manifest,
+    parse_root,
+)
+from .ragged import RaggedBatch
+from .reader import SegmentReader, Snapshot, as_tensor, normalize_keys
+from .validate import validate_batch
+from .writer import (
+    MAX_INDEX_RUNS,
+    SegmentWriter,
+    StoreLock,
+    fsync_dir,
+    next_manifest,
+    remove_unreferenced,
+    write_durable,
+    write_index_run,
+    write_manifest,
+)
+
+__all__ = ["ActivationStore", "create", "open"]
+
+log = logging.getLogger("actstore")
+
+#: Default bytes per inner chunk (what a generic Zarr reader fetches at a time).
+DEFAULT_CHUNK_BYTES = 1 << 20
+_builtin_open = open
+
+
+def _fspath(path: str | os.PathLike[str]) -> str:
+    return os.path.abspath(os.fspath(path))
+
+
+def read_manifest(root: str) -> Manifest:
+    doc = os.path.join(root, "zarr.json")
+    try:
+        with _builtin_open(doc, "rb") as f:
+            data = f.read(64 * 1024 * 1024 + 1)
+    except FileNotFoundError as e:
+        raise StoreNotFoundError(f"{root}: no store here (no zarr.json); create one with actstore.create()") from e
+    except IsADirectoryError as e:
+        raise StoreNotFoundError(f"{root}: zarr.json is not a file") from e
+    return parse_root(data, doc)
+
+
+def create(
+    path: str | os.PathLike[str],
+    fields: Mapping[str, Field],
+    *,
+    fingerprint: str | None = None,
+    attrs: Mapping[str, Any] | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    exist_ok: bool = False,
+) -> ActivationStore:
+    """Create an empty store and open it for appending.
+
+    Parameters
+    ----------
+    path
+        A directory that does not exist yet, or an empty one.
+    fields
+        Field name → :class:`Field`.  Names use letters, digits, ``_ . -``.
+    fingerprint
+        The frozen model's :func:`actstore.fingerprint`, checked by readers that
+        pass ``fingerprint=`` to :func:`open`.
+    attrs
+        JSON-serialisable metadata kept with the store.
+    chunk_bytes
+        Size of the inner chunks other Zarr readers fetch; actstore itself maps
+        whole shards and does not care.
+    exist_ok
+        Open an existing store with the same fields instead of raising.
+
+    Raises
+    ------
+    StoreExistsError
+        The path holds a store or other files (unless ``exist_ok`` and the store's
+        fields match).
+
+    Examples
+    --------
+    >>> import actstore, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> with actstore.create(d + "/s", {"h": actstore.Field((4,), "float16")}) as s:
+    ...     s.append([actstore.key("a")], {"h": [[1, 2, 3, 4]]})
+    1
+    >>> len(actstore.open(d + "/s"))
+    1
+    """
+    root = _fspath(path)
+    if not isinstance(fields, Mapping) or not fields:
+        raise ValueError("fields: expected a non-empty dict of name -> actstore.Field")
+    checked: dict[str, Field] = {}
+    for name, f in fields.items():
+        try:
+            check_name(name, "fields")
+        except StoreError as e:
+            raise ValueError(str(e)) from None
+        if not isinstance(f, Field):
+            raise TypeError(f"fields[{name!r}]: expected an actstore.Field, got {type(f).__name__}")
+        checked[name] = f
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes: expected a positive int, got {chunk_bytes!r}")
+    if os.path.exists(os.path.join(root, "zarr.json")):
+        if not exist_ok:
+            raise StoreExistsError(f"{root}: a store already exists; open it with actstore.open(path, mode='a')")
+        store = open(root, mode="a", fingerprint=fingerprint)
+        if dict(store.fields) != checked:
+            store.close()
+            raise StoreExistsError(
+                f"{root}: a store with other fields exists ({_describe(store.fields)}; wanted {_describe(checked)})"
+            )
+        return store
+    if os.path.exists(root) and (not os.path.isdir(root) or set(os.listdir(root)) - {SEGMENTS_DIR, INDEXES_DIR, LOCK_DIR}):
+        raise StoreExistsError(f"{root}: exists and is not an empty directory")
+    os.makedirs(root, exist_ok=True)
+    try:
+        json.dumps(dict(attrs or {}), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"attrs: must be JSON-serialisable ({e})") from e
+    lock = StoreLock(root)
+    try:
+        for sub in (SEGMENTS_DIR, INDEXES_DIR):
+            os.makedirs(os.path.join(root, sub), exist_ok=True)
+            write_durable(os.path.join(root, sub, "zarr.json"), group_document())
+            fsync_dir(os.path.join(root, sub))
+        fsync_dir(root)
+        fsync_dir(os.path.dirname(root))
+        manifest = Manifest(
+            fields=checked,
+            fingerprint=fingerprint,
+            attrs=dict(attrs or {}),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            chunk_bytes=chunk_bytes,
+        )
+        write_manifest(root, manifest)
+    except BaseException:
+        lock.release()
+        raise
+    return ActivationStore(root, manifest, mode="a", lock=lock)
+
+
+def open(  # noqa: A001 - mirrors zarr.open / builtins.open on purpose
+    path: str | os.PathLike[str],
+    mode: str = "r",
+    *,
+    fingerprint: str | None = None,
+) -> ActivationStore:
+    """Open a store.
+
+    Parameters
+    ----------
+    path
+        The store's directory.
+    mode
+        ``"r"`` to read a snapshot of the last commit, ``"a"`` to append (takes the
+        writer lock and deletes files left by writers that crashed before
+        committing).
+    fingerprint
+        If given, the store must have been computed by a model with this
+        :func:`actstore.fingerprint`.
+
+    Raises
+    ------
+    StoreNotFoundError, CorruptStoreError, UnsupportedFormatError, StaleStoreError, StoreLockedError
+
+    Opening reads one small document and maps a few index files: its cost does
+    not grow with the number of rows.
+    """
+    if mode not in ("r", "a"):
+        raise ValueError(f"mode: expected 'r' or 'a', got {mode!r}")
+    root = _fspath(path)
+    if not os.path.isdir(root):
+        raise StoreNotFoundError(f"{root}: no store here (not a directory)")
+    lock = StoreLock(root) if mode == "a" else None
+    try:
+        manifest = read_manifest(root)
+        _check_fingerprint(root, manifest, fingerprint)
+        if lock is not None:
+            removed = remove_unreferenced(root, manifest)
+            if removed:
+                log.info("%s: removed %d uncommitted leftovers of an interrupted writer", root, len(removed))
+        return ActivationStore(root, manifest, mode=mode, lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _check_fingerprint(root: str, manifest: Manifest, want: str | None) -> None:
+    if want is not None and manifest.fingerprint != want:
+        raise StaleStoreError(
+            f"{root}: the store was computed by model {manifest.fingerprint!r:.20}…, not by the given model "
+            f"{want!r:.20}…; recompute it into a new path, or delete the store to overwrite it"
+        )
+
+
+def _describe(fields: Mapping[str, Field]) -> str:
+    return ", ".join(f"{n}: {f.dtype}{list(f.shape)}" for n, f in fields.items())
+
+
+class ActivationStore:
+    """An activation store: rows of named fields, one row per distinct sample key.
+
+    Obtain one with :func:`actstore.create` or :func:`actstore.open`.  A store
+    opened for reading shows the snapshot of the last commit before it was
+    opened (call :meth:`refresh` to see newer ones); a store opened with
+    ``mode="a"`` also takes :meth:`append` and :meth:`commit`.
+
+    Reads return ``torch.Tensor`` views of private copy-on-write memory maps:
+    no copy is made, PyTorch sees a writable tensor, and writes to it never
+    reach the file (see :func:`actstore.reader.map_rows` for the lifetime rules).
+    """
+
+    def __init__(self, root: str, manifest: Manifest, *, mode: str, lock: StoreLock | None = None) -> None:
+        self.path = root
+        self.mode = mode
+        self._lock = lock
+        self._snap = Snapshot(root, manifest)
+        self._segment: SegmentWriter | None = None
+        self._closed = False
+
+    # -- metadata -----------------------------------------------------------------
+    @property
+    def manifest(self) -> Manifest:
+        return self._snap.manifest
+
+    @property
+    def fields(self) -> Mapping[str, Field]:
+        return self._snap.manifest.fields
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self._snap.manifest.fingerprint
+
+    @property
+    def attrs(self) -> Mapping[str, Any]:
+        return self._snap.manifest.attrs
+
+    @property
+    def generation(self) -> int:
+        """Number of commits so far; grows by one with each commit."""
+        return self._snap.manifest.generation
+
+    def __len__(self) -> int:
+        """Committed rows (pending rows of a writer are not counted)."""
+        return self._snap.rows
+
+    @property
+    def pending(self) -> int:
+        """Rows appended but not yet committed."""
+        return self._segment.rows if self._segment is not None else 0
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({self.path!r}, mode={self.mode!r}, rows={len(self)}, fields={{{_describe(self.fields)}}})"
+
+    def refresh(self) -> bool:
+        """Re-read the manifest; True if a newer commit became visible."""
+        self._check_open()
+        manifest = read_manifest(self.path)
+        if manifest.generation == self.generation:
+            return False
+        self._snap = Snapshot(self.path, manifest)
+        return True
+
+    # -- keys ---------------------------------------------------------------------
+    def lookup(self, keys: object) -> np.ndarray:
+        """Row of each key (int64), or -1 for keys not in the last commit."""
+        self._check_open()
+        return self._snap.lookup(normalize_keys(keys))
+
+    def __contains__(self, key: object) -> bool:
+        return bool(self.lookup(key)[0] >= 0) if isinstance(key, (bytes, bytearray, memoryview)) else False
+
+    def key_at(self, rows: object) -> np.ndarray:
+        """The keys of ``rows`` as an (n, 32) uint8 array.  Always copies."""
+        return self._snap.gather_keys(self._snap.check_rows(rows))
+
+    # -- rows ---------------------------------------------------------------------
+    def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
+        """One row as ``{field: tensor}``.  Never copies: the tensors are views of the maps."""
+        self._check_open()
+        if not isinstance(row, (int, np.integer)) or isinstance(row, bool):
+            raise TypeError(f"row: expected an int, got {type(row).__name__}; use gather() for many rows")
+        seg, local = self._snap.locate(int(row))
+        return self._row(seg, local)
+
+    def _row(self, seg: SegmentReader, local: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, f in self.fields.items():
+            if f.ragged:
+                values, offsets = seg.ragged(name)
+                out[name] = as_tensor(values[offsets[local] : offsets[local + 1]], f)
+            else:
+                out[name] = as_tensor(seg.fixed(name)[local, ...], f)  # [i, ...] keeps a 0-d view
+        return out
+
+    def get(self, key: bytes) -> dict[str, torch.Tensor]:
+        """The row stored under ``key``.  Never copies.  Raises ``KeyError`` if absent."""
+        row = int(self.lookup(key)[0])
+        if row < 0:
+            raise KeyError(f"key {bytes(key).hex()[:16]}… is not in the store")
+        return self[row]
+
+    def gather(self, rows: object, fields: list[str] | None = None) -> dict[str, torch.Tensor | RaggedBatch]:
+        """Many rows at once: one batch tensor per fixed field, a :class:`RaggedBatch` per ragged one.
+
+        Always copies, once per row (into a new batch tensor).
+        """
+        self._check_open()
+        idx = self._snap.check_rows(rows)
+        out: dict[str, torch.Tensor | RaggedBatch] = {}
+        for name in self._field_names(fields):
+            f = self.fields[name]
+            if f.ragged:
+                out[name] = self._gather_ragged(name, f, idx)
+            else:
+                arr = self._snap.gather_fixed(idx, lambda s, n=name: s.fixed(n), f.inner_shape, f.spec.numpy)
+                out[name] = as_tensor(arr, f)
+        return out
+
+    def _field_names(self, fields: list[str] | None) -> list[str]:
+        if fields is None:
+            return list(self.fields)
+        if isinstance(fields, str):
+            fields = [fields]
+        unknown = [n for n in fields if n not in self.fields]
+        if unknown:
+            raise KeyError(f"fields {unknown} are not in the store; it has {sorted(self.fields)}")
+        return list(fields)
+
+    def _gather_ragged(self, name: str, f: Field, idx: np.ndarray) -> RaggedBatch:
+        segs = self._snap.split(idx)
+        starts = np.empty(len(idx), np.int64)
+        lengths = np.empty(len(idx), np.int64)
+        for s, pos, local in segs:
+            _, offsets = self._snap.segments[s].ragged(name)
+            starts[pos] = offsets[local]
+            lengths[pos] = offsets[local + 1] - offsets[local]
+        out_offsets = np.zeros(len(idx) + 1, np.int64)
+        np.cumsum(lengths, out=out_offsets[1:])
+        values = np.empty((int(out_offsets[-1]), *f.inner_shape), f.spec.numpy)
+        for s, pos, _ in segs:
+            src, _ = self._snap.segments[s].ragged(name)
+            n, first = lengths[pos], starts[pos]
+            within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+            flat = np.repeat(first, n) + within  # every wanted element, in output order
+            if isinstance(pos, slice):  # one segment: straight into the batch
+                np.take(src, flat, axis=0, out=values)
+            else:
+                values[np.repeat(out_offsets[:-1][pos], n) + within] = np.take(src, flat, axis=0)
+        return RaggedBatch(as_tensor(values, f), torch.from_numpy(out_offsets))
+
+    def iter_rows(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Every row in order, as views.  Never copies."""
+        for seg in self._snap.segments:
+            for local in range(seg.info.rows):
+                yield self._row(seg, local)
+
+    # -- writing --------------------------------------------------------------------
+    def append(self, keys: object, values: Mapping[str, Any], *, allow_nonfinite: bool = True) -> int:
+        """Buffer rows for the next commit; returns how many were new.
+
+        Rows whose key is already stored (or already pending, or repeated in this
+        batch) are skipped: keys are content addresses, so appending is
+        idempotent.  The batch is validated whole before anything is written.
+
+        Parameters
+        ----------
+        keys
+            ``n`` 32-byte keys (a list of bytes or an ``(n, 32)`` uint8 array).
+        values
+            Field name → batch: ``(n, *shape)`` array-likes for fixed fields; a list
+            of ``(length_i, *inner)`` arrays or a :class:`RaggedBatch` for ragged
+            ones.  Values are cast to the field's dtype when that keeps their kind
+            (int → float, float32 → float16); float → int, lossy integer narrowing
+            and anything → bool are refused.
+        allow_nonfinite
+            NaN and ±inf are stored bit-exactly by default; ``False`` refuses a
+            batch that holds any (after casting).
+
+        Raises
+        ------
+        TypeError, ValueError
+            Bad keys or values; the store is unchanged.
+        """
+        self._check_writable()
+        karr, cols = validate_batch(self.fields, keys, values, allow_nonfinite=allow_nonfinite)
+        new = self._new_rows(karr)
+        if not new.any():
+            return 0
+        if not new.all():
+            karr, cols = karr[new], _select(cols, new, self.fields)
+        if self._segment is None:
+            self._segment = SegmentWriter(self.path, self.fields, self.manifest.chunk_bytes)
+        try:
+            self._segment.write(karr, cols)
+        except BaseException:
+            # A half-written batch cannot be committed: drop the pending segment.
+            self._segment.discard()
+            self._segment = None
+            raise
+        return int(len(karr))
+
+    def _new_rows(self, karr: np.ndarray) -> np.ndarray:
+        new = self._snap.lookup(karr) < 0
+        if len(karr) > 1:  # first occurrence of keys repeated within the batch
+            _, first = np.unique(karr.view(np.dtype((np.void, 32))).ravel(), return_index=True)
+            once = np.zeros(len(karr), bool)
+            once[first] = True
+            new &= once
+        if self._segment is not None and self._segment.keys_seen:
+            seen = self._segment.keys_seen
+            new &= np.fromiter((bytes(k) not in seen for k in karr), bool, len(karr))
+        return new
+
+    def commit(self) -> int:
+        """Make pending rows visible and durable; returns the new generation.
+
+        When this returns, every file of the commit and the manifest are fsynced.
+        With nothing pending it does nothing.
+        """
+        self._check_writable()
+        seg = self._segment
+        if seg is None or seg.rows == 0:
+            return self.generation
+        self._segment = None
+        try:
+            info, prefixes = seg.finish()
+            start = len(self)
+            run = write_index_run(self.path, prefixes, np.arange(start, start + info.rows, dtype=np.int64))
+            manifest = next_manifest(self.manifest, info, run)
+            superseded: list[str] = []
+            if len(manifest.indexes) > MAX_INDEX_RUNS:
+                manifest, superseded = self._merge_runs(manifest)
+            write_manifest(self.path, manifest)
+        except BaseException:
+            seg.discard()
+            raise
+        self._snap = Snapshot(self.path, manifest)
+        for run_id in superseded:  # readers that opened earlier keep their maps
+            shutil.rmtree(os.path.join(self.path, INDEXES_DIR, run_id), ignore_errors=True)
+        return manifest.generation
+
+    def _merge_runs(self, manifest: Manifest) -> tuple[Manifest, list[str]]:
+        snap = Snapshot(self.path, manifest)
+        prefixes = np.concatenate([r.prefix for r in snap.runs])
+        rows = np.concatenate([r.row for r in snap.runs])
+        merged = write_index_run(self.path, prefixes, rows)
+        return replace(manifest, indexes=(merged,)), [r.id for r in manifest.indexes]
+
+    def abort(self) -> int:
+        """Drop the pending rows; returns how many were dropped."""
+        self._check_writable()
+        n = self.pending
+        if self._segment is not None:
+            self._segment.discard()
+            self._segment = None
+        return n
+
+    def close(self) -> None:
+        """Commit pending rows (writers), release the lock and drop this handle's maps.
+
+        Tensors already returned stay valid: each holds its own reference to the map.
+        """
+        if self._closed:
+            return
+        try:
+            if self.mode == "a" and self._segment is not None:
+                self.commit()
+        finally:
+            self._closed = True
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Never commit from a finaliser: only release the lock.
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"{self.path}: the store is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.mode != "a":
+            raise StoreError(f"{self.path}: opened read-only; use actstore.open(path, mode='a') to append")
+
+    # -- pickling (DataLoader workers) -------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        if self.mode != "r":
+            raise TypeError(
+                f"{self.path}: a store open for appending cannot be sent to another process; "
+                "open it with mode='r' there"
+            )
+        # The snapshot travels with the handle: a worker reads the same commit.
+        return {"path": self.path, "manifest": self.manifest.to_json()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        manifest = parse_manifest(state["manifest"], "pickled store")
+        self.__init__(state["path"], manifest, mode="r")  # type: ignore[misc]
+
+
+def _select(cols: dict[str, Any], keep: np.ndarray, fields: Mapping[str, Field]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, col in cols.items():
+        if fields[name].ragged:
+            values, lengths = col
+            ends = np.cumsum(lengths)
+            parts = [values[e - n : e] for e, n, k in zip(ends, lengths, keep) if k]
+            out[name] = (np.concatenate(parts) if parts else values[:0], lengths[keep])
+        else:
+            out[name] = col[keep]
+    return out

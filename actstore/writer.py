@@ -1,0 +1,393 @@
+"""Appending rows and the commit protocol.
+
+A store changes only by *adding* immutable segments and then atomically
+replacing the manifest (the root ``zarr.json``).  The steps of one commit:
+
+1. The pending segment's shard files are finished (padding, shard index,
+   CRC32C), flushed and fsynced.
+2. Each array's ``zarr.json`` and the segment's ``zarr.json`` (which records the
+   size and BLAKE3 of every file in the segment) are written and fsynced, and so
+   are the directories that hold them.
+3. A key-index run for the new rows is written the same way (and, when runs pile
+   up, all runs are merged into one).
+4. The new manifest — naming the segment by id and the BLAKE3 of its
+   ``zarr.json`` — is written to a temporary file, fsynced, renamed over
+   ``zarr.json`` and the store directory is fsynced.  **This rename is the
+   commit point.**
+
+A crash before step 4 leaves the old manifest in place, and the next writer
+deletes the unreferenced files.  Readers only ever follow the manifest, so they
+never see a half-written segment.  Only one writer may work at a time
+(:class:`StoreLock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import replace
+from typing import Any, Iterator, Mapping
+
+import blake3
+import google_crc32c
+import numpy as np
+
+from .errors import StoreLockedError
+from .format import (
+    FIELDS_DIR,
+    INDEXES_DIR,
+    INTERNAL_DTYPES,
+    KEY_BYTES,
+    LOCK_DIR,
+    SEGMENT_ATTR,
+    SEGMENTS_DIR,
+    Field,
+    IndexRunInfo,
+    Manifest,
+    SegmentInfo,
+    array_metadata,
+    chunk_path,
+    dumps,
+    group_document,
+    inner_rows_for,
+    root_document,
+    shard_layout,
+)
+
+__all__ = ["SegmentWriter", "StoreLock", "atomic_write", "write_index_run", "write_manifest"]
+
+#: Merge the key index into one run when a commit would leave more than this many.
+MAX_INDEX_RUNS = 8
+
+
+# --- durable file primitives ---------------------------------------------------
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: str, data: bytes) -> None:
+    """Write a new file and fsync it (not atomic: for files no reader follows yet)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically: temp file, fsync, rename, fsync dir.
+
+    The temporary file is removed if anything fails, so a failed write leaves the
+    old file as it was.
+    """
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        write_durable(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def makedirs_durable(root: str, rel: str) -> str:
+    """Create ``root/rel`` (all parts) and fsync each new directory's parent."""
+    path = root
+    for part in rel.split("/"):
+        parent, path = path, os.path.join(path, part)
+        if not os.path.isdir(path):
+            os.mkdir(path)
+            fsync_dir(parent)
+    return path
+
+
+def file_record(data: bytes) -> dict[str, Any]:
+    return {"size": len(data), "blake3": blake3.blake3(data).hexdigest()}
+
+
+# --- shard files ----------------------------------------------------------------
+
+
+class ShardFile:
+    """Streams rows into the single shard file of one array.
+
+    Rows go straight to the file as they arrive (the OS buffers them);
+    :meth:`finish` pads the last inner chunk and appends the Zarr shard index.
+    The BLAKE3 of the whole file is computed on the way, never by reading back.
+    """
+
+    def __init__(self, directory: str, inner_shape: tuple[int, ...], dtype: np.dtype[Any], zarr_dtype: str) -> None:
+        self.directory = directory  # the array's directory
+        self.inner_shape = inner_shape
+        self.dtype = dtype
+        self.zarr_dtype = zarr_dtype
+        self.row_bytes = int(np.prod(inner_shape, dtype=np.int64)) * dtype.itemsize
+        self.rows = 0
+        self._file: Any = None
+        self._hash = blake3.blake3()
+        self._rel = chunk_path(len(inner_shape) + 1)
+
+    def write(self, rows: np.ndarray) -> None:
+        if not len(rows):
+            return
+        if self._file is None:
+            os.makedirs(os.path.join(self.directory, os.path.dirname(self._rel)), exist_ok=True)
+            self._file = open(os.path.join(self.directory, self._rel), "wb")  # noqa: SIM115
+        data = memoryview(np.ascontiguousarray(rows)).cast("B")
+        self._file.write(data)
+        self._hash.update(data)
+        self.rows += len(rows)
+
+    def finish(self, chunk_bytes: int) -> dict[str, dict[str, Any]]:
+        """Pad, append the shard index, fsync; write ``zarr.json``.  Returns file records."""
+        inner_rows = inner_rows_for(self.row_bytes, chunk_bytes, self.rows)
+        records: dict[str, dict[str, Any]] = {}
+        if self._file is not None:
+            shard_rows, n_inner = shard_layout(self.rows, inner_rows)
+            tail = bytearray((shard_rows - self.rows) * self.row_bytes)
+            inner_bytes = inner_rows * self.row_bytes
+            index = np.empty((n_inner, 2), "<u8")
+            index[:, 0] = np.arange(n_inner, dtype=np.uint64) * np.uint64(inner_bytes)
+            index[:, 1] = inner_bytes
+            tail += index.tobytes()
+            tail += np.uint32(google_crc32c.value(index.tobytes())).astype("<u4").tobytes()
+            self._file.write(tail)
+            self._hash.update(tail)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            size = self._file.tell()
+            self._file.close()
+            self._file = None
+            records[self._rel] = {"size": size, "blake3": self._hash.hexdigest()}
+            d = os.path.dirname(os.path.join(self.directory, self._rel))
+            while len(d) > len(self.directory):  # c/0 ... then c/
+                fsync_dir(d)
+                d = os.path.dirname(d)
+        meta = dumps(array_metadata(self.rows, self.inner_shape, self.zarr_dtype, inner_rows))
+        write_durable(os.path.join(self.directory, "zarr.json"), meta)
+        fsync_dir(self.directory)
+        records["zarr.json"] = file_record(meta)
+        return records
+
+    def discard(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+
+# --- segments -------------------------------------------------------------------
+
+
+class SegmentWriter:
+    """The one uncommitted segment of a writer: keys and every field, streamed to disk."""
+
+    def __init__(self, root: str, fields: Mapping[str, Field], chunk_bytes: int) -> None:
+        self.id = uuid.uuid4().hex
+        self.root = root
+        self.chunk_bytes = chunk_bytes
+        self.path = os.path.join(root, SEGMENTS_DIR, self.id)
+        os.mkdir(self.path)
+        self.rows = 0
+        self.keys_seen: set[bytes] = set()
+        self.prefixes: list[np.ndarray] = []
+        self.arrays: dict[str, ShardFile] = {}
+        self.fields = fields
+        u8, i64 = INTERNAL_DTYPES["uint8"], INTERNAL_DTYPES["int64"]
+        self.arrays["keys"] = ShardFile(os.path.join(self.path, "keys"), (KEY_BYTES,), u8, "uint8")
+        self.value_counts: dict[str, int] = {}
+        for name, f in fields.items():
+            base = os.path.join(self.path, FIELDS_DIR, name)
+            spec = f.spec
+            if f.ragged:
+                self.arrays[name] = ShardFile(os.path.join(base, "values"), f.inner_shape, spec.numpy, spec.zarr)
+                self.arrays[name + "/offsets"] = ShardFile(os.path.join(base, "offsets"), (), i64, "int64")
+                self.arrays[name + "/offsets"].write(np.zeros(1, i64))
+                self.value_counts[name] = 0
+            else:
+                self.arrays[name] = ShardFile(base, f.inner_shape, spec.numpy, spec.zarr)
+
+    def write(self, keys: np.ndarray, columns: Mapping[str, Any]) -> None:
+        """Write validated rows (see :func:`actstore.validate.validate_batch`)."""
+        for name, f in self.fields.items():
+            col = columns[name]
+            if f.ragged:
+                values, lengths = col
+                offsets = self.value_counts[name] + np.cumsum(lengths, dtype=np.int64)
+                self.arrays[name].write(values)
+                self.arrays[name + "/offsets"].write(offsets)
+                self.value_counts[name] += int(len(values))
+            else:
+                self.arrays[name].write(col)
+        self.arrays["keys"].write(keys)
+        self.keys_seen.update(bytes(k) for k in keys)  # bytes(k) of a uint8 row is its 32 bytes
+        from .reader import key_prefixes
+
+        self.prefixes.append(key_prefixes(keys))
+        self.rows += len(keys)
+
+    def finish(self) -> tuple[SegmentInfo, np.ndarray]:
+        """Finish every file durably; returns the segment's info and its key prefixes."""
+        files: dict[str, Any] = {}
+        for name, shard in self.arrays.items():
+            rel = os.path.relpath(shard.directory, self.path).replace(os.sep, "/")
+            for path, rec in shard.finish(self.chunk_bytes).items():
+                files[f"{rel}/{path}"] = rec
+        # Intermediate group documents so that Zarr readers can walk the tree.
+        groups = [FIELDS_DIR] + [f"{FIELDS_DIR}/{n}" for n, f in self.fields.items() if f.ragged]
+        for g in groups:
+            doc = group_document()
+            write_durable(os.path.join(self.path, g, "zarr.json"), doc)
+            files[f"{g}/zarr.json"] = file_record(doc)
+            fsync_dir(os.path.join(self.path, g))
+        meta = group_document({SEGMENT_ATTR: {"rows": self.rows, "values": self.value_counts, "files": files}})
+        write_durable(os.path.join(self.path, "zarr.json"), meta)
+        fsync_dir(self.path)
+        fsync_dir(os.path.dirname(self.path))
+        info = SegmentInfo(self.id, self.rows, dict(self.value_counts), blake3.blake3(meta).hexdigest())
+        return info, np.concatenate(self.prefixes)
+
+    def discard(self) -> None:
+        """Drop the segment: close files and delete its directory."""
+        for shard in self.arrays.values():
+            shard.discard()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray) -> IndexRunInfo:
+    """Write a sorted key-index run (prefix → global row) and return its info."""
+    order = np.argsort(prefixes, kind="stable")
+    run_id = uuid.uuid4().hex
+    path = os.path.join(root, INDEXES_DIR, run_id)
+    os.mkdir(path)
+    files: dict[str, Any] = {}
+    for name, data, zdtype in (("prefix", prefixes[order], "uint64"), ("row", rows[order], "int64")):
+        shard = ShardFile(os.path.join(path, name), (), INTERNAL_DTYPES[zdtype], zdtype)
+        shard.write(data)
+        # One inner chunk for the whole run: runs are read whole, by binary search.
+        for rel, rec in shard.finish(max(1, len(data)) * 8).items():
+            files[f"{name}/{rel}"] = rec
+    meta = group_document({SEGMENT_ATTR: {"rows": int(len(rows)), "values": {}, "files": files}})
+    write_durable(os.path.join(path, "zarr.json"), meta)
+    fsync_dir(path)
+    fsync_dir(os.path.dirname(path))
+    return IndexRunInfo(run_id, int(len(rows)), blake3.blake3(meta).hexdigest())
+
+
+def write_manifest(root: str, manifest: Manifest) -> None:
+    """The commit point: atomically replace the root ``zarr.json``."""
+    atomic_write(os.path.join(root, "zarr.json"), root_document(manifest))
+
+
+def next_manifest(manifest: Manifest, segment: SegmentInfo, run: IndexRunInfo) -> Manifest:
+    return replace(
+        manifest,
+        generation=manifest.generation + 1,
+        segments=(*manifest.segments, segment),
+        indexes=(*manifest.indexes, run),
+    )
+
+
+def remove_unreferenced(root: str, manifest: Manifest) -> list[str]:
+    """Delete segments, index runs and temp files that no commit references.
+
+    Called with the lock held, when a store is opened for appending: it cleans up
+    after writers that crashed before their commit point.
+    """
+    removed = []
+    keep = {s.id for s in manifest.segments} | {r.id for r in manifest.indexes}
+    for sub in (SEGMENTS_DIR, INDEXES_DIR):
+        d = os.path.join(root, sub)
+        for name in os.listdir(d) if os.path.isdir(d) else ():
+            if name != "zarr.json" and name not in keep:
+                p = os.path.join(d, name)
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(p)
+                removed.append(f"{sub}/{name}")
+    for name in os.listdir(root):
+        if name.startswith(".zarr.json.") and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(root, name))
+            removed.append(name)
+    return removed
+
+
+# --- the writer lock ------------------------------------------------------------
+
+
+class StoreLock:
+    """One writer per store, enforced with ``flock`` on ``lock/zarr.json``.
+
+    The kernel drops the lock when its holder dies (even by ``SIGKILL``), so a
+    stale lock never blocks a new writer.  The file is a valid Zarr group
+    document whose attributes name the holder (pid, host, start time), only so
+    that a refused writer can say who holds the lock.  ``flock`` is not reliable
+    on network filesystems such as NFS: keep writers on one host there.
+    """
+
+    def __init__(self, root: str) -> None:
+        directory = os.path.join(root, LOCK_DIR)
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(os.path.join(directory, "zarr.json"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise StoreLockedError(
+                    f"{root}: another writer holds the lock ({holder}); wait for it to finish, "
+                    "or open the store with mode='r' to read"
+                ) from e
+            raise
+        self.fd: int | None = fd
+        self._write({"writer": {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}})
+
+    def _write(self, attributes: dict[str, Any]) -> None:
+        if self.fd is None:
+            return
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, group_document(attributes), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                self._write({})
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")["attributes"]["writer"]
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
+        return f"pid {int(info['pid'])} on host {str(info['host'])[:64]!r} since {since}"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "holder unknown"
+
+
+@contextlib.contextmanager
+def locked(root: str) -> Iterator[StoreLock]:
+    lock = StoreLock(root)
+    try:
+        yield lock
+    finally:
+        lock.release()
