@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ MAX_DIM = 2**40
 #: Directory names inside the store.
 SEGMENTS_DIR = "segments"
 INDEXES_DIR = "indexes"
+VIEWS_DIR = "views"
 FIELDS_DIR = "fields"
 #: The writer lock: a Zarr group whose attributes name the writer holding it.
 LOCK_DIR = "lock"
@@ -173,7 +175,7 @@ class Field:
         return {"shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
-    def from_json(cls, doc: object, where: str) -> Field:
+    def from_json(cls, doc: Any, where: str) -> Field:
         doc = _expect(doc, dict, where)
         _only_keys(doc, {"shape", "dtype"}, where)
         shape = _expect(doc.get("shape"), list, f"{where}.shape")
@@ -198,7 +200,7 @@ class SegmentInfo:
 
 @dataclass(frozen=True, slots=True)
 class IndexRunInfo:
-    """One sorted key index run covering ``rows`` rows of the store."""
+    """A small immutable object of ``rows`` entries: a key-index run or a view."""
 
     id: str
     rows: int
@@ -220,7 +222,8 @@ class Manifest:
     generation: int = 0
     segments: tuple[SegmentInfo, ...] = ()
     indexes: tuple[IndexRunInfo, ...] = ()
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    #: Named row lists (for example dataset position -> row), see ``ActivationStore.view``.
+    views: Mapping[str, IndexRunInfo] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -239,6 +242,7 @@ class Manifest:
             "rows": self.rows,
             "segments": [s.to_json() for s in self.segments],
             "indexes": [r.to_json() for r in self.indexes],
+            "views": {k: v.to_json() for k, v in self.views.items()},
         }
 
 
@@ -283,7 +287,7 @@ def parse_root(data: bytes, where: str) -> Manifest:
     return parse_manifest(attrs[MANIFEST_ATTR], f"{where}.attributes.{MANIFEST_ATTR}")
 
 
-def parse_manifest(doc: object, where: str) -> Manifest:
+def parse_manifest(doc: Any, where: str) -> Manifest:
     doc = _expect(doc, dict, where)
     if doc.get("format") != FORMAT_NAME:
         raise UnsupportedFormatError(f"{where}: unsupported format {doc.get('format')!r}. Expected {FORMAT_NAME!r}.")
@@ -307,7 +311,9 @@ def parse_manifest(doc: object, where: str) -> Manifest:
     runs = tuple(
         _parse_run(r, f"{where}.indexes[{i}]") for i, r in enumerate(_expect(doc.get("indexes"), list, f"{where}.indexes"))
     )
-    ids = [s.id for s in segments] + [r.id for r in runs]
+    views_doc = _expect(doc.get("views"), dict, f"{where}.views")
+    views = {check_name(k, f"{where}.views"): _parse_run(v, f"{where}.views.{k}", lo=0) for k, v in views_doc.items()}
+    ids = [s.id for s in segments] + [r.id for r in runs] + [v.id for v in views.values()]
     if len(set(ids)) != len(ids):
         raise CorruptStoreError(f"{where}: a segment or index id appears twice")
     manifest = Manifest(
@@ -319,6 +325,7 @@ def parse_manifest(doc: object, where: str) -> Manifest:
         generation=_int(doc.get("generation"), f"{where}.generation"),
         segments=segments,
         indexes=runs,
+        views=views,
     )
     if _int(doc.get("rows"), f"{where}.rows") != manifest.rows:
         raise CorruptStoreError(f"{where}.rows: {doc.get('rows')} disagrees with the segments' {manifest.rows} rows")
@@ -327,7 +334,7 @@ def parse_manifest(doc: object, where: str) -> Manifest:
     return manifest
 
 
-def _parse_segment(doc: object, fields: Mapping[str, Field], where: str) -> SegmentInfo:
+def _parse_segment(doc: Any, fields: Mapping[str, Field], where: str) -> SegmentInfo:
     doc = _expect(doc, dict, where)
     _only_keys(doc, {"id", "rows", "values", "meta"}, where)
     values = _expect(doc.get("values"), dict, f"{where}.values")
@@ -342,12 +349,12 @@ def _parse_segment(doc: object, fields: Mapping[str, Field], where: str) -> Segm
     )
 
 
-def _parse_run(doc: object, where: str) -> IndexRunInfo:
+def _parse_run(doc: Any, where: str, lo: int = 1) -> IndexRunInfo:
     doc = _expect(doc, dict, where)
     _only_keys(doc, {"id", "rows", "meta"}, where)
     return IndexRunInfo(
         id=check_id(doc.get("id"), f"{where}.id"),
-        rows=_int(doc.get("rows"), f"{where}.rows", lo=1),
+        rows=_int(doc.get("rows"), f"{where}.rows", lo=lo),
         meta=_hex64(doc.get("meta"), f"{where}.meta"),
     )
 
@@ -407,7 +414,7 @@ def shard_layout(rows: int, inner_rows: int) -> tuple[int, int]:
 
 
 #: Zarr data types of the internal arrays (keys, offsets, index runs).
-INTERNAL_DTYPES = {"uint8": np.dtype("u1"), "int64": np.dtype("<i8"), "uint64": np.dtype("<u8")}
+INTERNAL_DTYPES: dict[str, np.dtype[Any]] = {"uint8": np.dtype("u1"), "int64": np.dtype("<i8"), "uint64": np.dtype("<u8")}
 
 
 def array_metadata(

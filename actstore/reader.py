@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_right
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,15 +114,19 @@ class SegmentReader:
         return v, self.arrays[name + "/offsets"]
 
 
+def map_object_array(root: str, directory: str, info: IndexRunInfo, name: str, zdtype: str) -> np.ndarray:
+    """Map one 1-D array of a small object (index run or view).  Never copies."""
+    return map_rows(os.path.join(root, directory, info.id, name, "c", "0"), info.rows, (), INTERNAL_DTYPES[zdtype])
+
+
 class IndexRun:
     """A sorted key-index run: key prefixes (uint64, ascending) and global rows."""
 
     __slots__ = ("prefix", "row")
 
     def __init__(self, root: str, info: IndexRunInfo) -> None:
-        path = os.path.join(root, INDEXES_DIR, info.id)
-        self.prefix = map_rows(os.path.join(path, "prefix", "c", "0"), info.rows, (), INTERNAL_DTYPES["uint64"])
-        self.row = map_rows(os.path.join(path, "row", "c", "0"), info.rows, (), INTERNAL_DTYPES["int64"])
+        self.prefix = map_object_array(root, INDEXES_DIR, info, "prefix", "uint64")
+        self.row = map_object_array(root, INDEXES_DIR, info, "row", "int64")
 
 
 def key_prefixes(keys: np.ndarray) -> np.ndarray:

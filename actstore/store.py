@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import StaleStoreError, StoreError, StoreExistsError, StoreNotFoundError
+from .errors import CorruptStoreError, StaleStoreError, StoreError, StoreExistsError, StoreNotFoundError
 from .format import (
+    FORMAT_VERSION,
     INDEXES_DIR,
     LOCK_DIR,
     SEGMENTS_DIR,
+    VIEWS_DIR,
     Field,
     Manifest,
     check_name,
@@ -26,8 +30,9 @@ from .format import (
     parse_root,
 )
 from .ragged import RaggedBatch
-from .reader import SegmentReader, Snapshot, as_tensor, normalize_keys
+from .reader import SegmentReader, Snapshot, as_tensor, map_object_array, normalize_keys
 from .validate import validate_batch
+from .verify import VerifyReport, verify_store
 from .writer import (
     MAX_INDEX_RUNS,
     SegmentWriter,
@@ -38,6 +43,7 @@ from .writer import (
     write_durable,
     write_index_run,
     write_manifest,
+    write_object,
 )
 
 __all__ = ["ActivationStore", "create", "open"]
@@ -133,7 +139,7 @@ def create(
                 f"{root}: a store with other fields exists ({_describe(store.fields)}; wanted {_describe(checked)})"
             )
         return store
-    if os.path.exists(root) and (not os.path.isdir(root) or set(os.listdir(root)) - {SEGMENTS_DIR, INDEXES_DIR, LOCK_DIR}):
+    if os.path.exists(root) and (not os.path.isdir(root) or set(os.listdir(root)) - {SEGMENTS_DIR, INDEXES_DIR, VIEWS_DIR, LOCK_DIR}):
         raise StoreExistsError(f"{root}: exists and is not an empty directory")
     os.makedirs(root, exist_ok=True)
     try:
@@ -142,7 +148,7 @@ def create(
         raise TypeError(f"attrs: must be JSON-serialisable ({e})") from e
     lock = StoreLock(root)
     try:
-        for sub in (SEGMENTS_DIR, INDEXES_DIR):
+        for sub in (SEGMENTS_DIR, INDEXES_DIR, VIEWS_DIR):
             os.makedirs(os.path.join(root, sub), exist_ok=True)
             write_durable(os.path.join(root, sub, "zarr.json"), group_document())
             fsync_dir(os.path.join(root, sub))
@@ -240,6 +246,8 @@ class ActivationStore:
         self._lock = lock
         self._snap = Snapshot(root, manifest)
         self._segment: SegmentWriter | None = None
+        self._pending_views: dict[str, np.ndarray] = {}
+        self._views: dict[str, np.ndarray] = {}
         self._closed = False
 
     # -- metadata -----------------------------------------------------------------
@@ -379,6 +387,95 @@ class ActivationStore:
             for local in range(seg.info.rows):
                 yield self._row(seg, local)
 
+    # -- integrity -------------------------------------------------------------------
+    def verify(self, *, progress: bool = False) -> VerifyReport:
+        """Check every byte of the snapshot against its checksums, and its structure.
+
+        Raises
+        ------
+        CorruptStoreError
+            Naming each damaged or missing file.
+
+        Returns the :class:`~actstore.verify.VerifyReport` when the store is sound.
+        """
+        self._check_open()
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(self), unit="row", desc="verify", disable=not progress) as bar:
+            report = verify_store(self.path, self.manifest, bar.update)
+        if report.problems:
+            shown = "\n  ".join(report.problems[:20])
+            more = f"\n  … and {len(report.problems) - 20} more" if len(report.problems) > 20 else ""
+            raise CorruptStoreError(f"{self.path}: {len(report.problems)} problem(s):\n  {shown}{more}")
+        return report
+
+    def info(self) -> dict[str, Any]:
+        """A summary: rows, fields, bytes on disk, fingerprint, layout."""
+        self._check_open()
+        size = 0
+        for dirpath, _, files in os.walk(self.path):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    size += os.lstat(os.path.join(dirpath, name)).st_size
+        m = self.manifest
+        return {
+            "path": self.path,
+            "format": f"actstore v{FORMAT_VERSION} (Zarr v3)",
+            "rows": len(self),
+            "fields": {n: {"shape": list(f.shape), "dtype": f.dtype, "ragged": f.ragged} for n, f in self.fields.items()},
+            "bytes_on_disk": size,
+            "fingerprint": m.fingerprint,
+            "created": m.created,
+            "generation": m.generation,
+            "segments": len(m.segments),
+            "index_runs": len(m.indexes),
+            "views": {n: v.rows for n, v in m.views.items()},
+            "chunk_bytes": m.chunk_bytes,
+            "layout": "one shard per array per segment; uncompressed little-endian rows from offset 0",
+            "attrs": dict(m.attrs),
+        }
+
+    # -- views -----------------------------------------------------------------------
+    @property
+    def views(self) -> list[str]:
+        """Names of the committed views."""
+        return sorted(self.manifest.views)
+
+    def view(self, name: str) -> np.ndarray:
+        """A committed view: an int64 array of rows (-1 where a row is missing).  Never copies.
+
+        Precompute records the dataset's order as a view, so that training can map
+        dataset position ``i`` to its row without reading the dataset.
+        """
+        self._check_open()
+        v = self._views.get(name)
+        if v is None:
+            info = self.manifest.views.get(name)
+            if info is None:
+                raise KeyError(f"view {name!r} is not in the store; it has {self.views}")
+            v = self._views[name] = map_object_array(self.path, VIEWS_DIR, info, "row", "int64")
+        return v
+
+    def set_view(self, name: str, rows: object) -> None:
+        """Record (or replace) a named view of rows with the next commit.
+
+        ``rows`` are committed row numbers, or -1 for "no row"; values outside
+        ``[-1, len(store))`` are refused.
+        """
+        self._check_writable()
+        try:
+            check_name(name, "name")
+        except StoreError as e:
+            raise ValueError(str(e)) from None
+        arr = np.asarray(rows)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise TypeError(f"rows: expected a 1-D array of int rows, got {arr.dtype} {arr.shape}")
+        arr = arr.astype(np.int64)
+        limit = len(self) + self.pending
+        if arr.size and (arr.min() < -1 or arr.max() >= limit):
+            raise ValueError(f"rows: values must lie in [-1, {limit}), got [{arr.min()}, {arr.max()}]")
+        self._pending_views[name] = arr
+
     # -- writing --------------------------------------------------------------------
     def append(self, keys: object, values: Mapping[str, Any], *, allow_nonfinite: bool = True) -> int:
         """Buffer rows for the next commit; returns how many were new.
@@ -443,25 +540,36 @@ class ActivationStore:
         With nothing pending it does nothing.
         """
         self._check_writable()
-        seg = self._segment
-        if seg is None or seg.rows == 0:
+        seg, views = self._segment, self._pending_views
+        if (seg is None or seg.rows == 0) and not views:
             return self.generation
-        self._segment = None
+        self._segment, self._pending_views = None, {}
+        manifest = self.manifest
+        superseded: list[str] = []
         try:
-            info, prefixes = seg.finish()
-            start = len(self)
-            run = write_index_run(self.path, prefixes, np.arange(start, start + info.rows, dtype=np.int64))
-            manifest = next_manifest(self.manifest, info, run)
-            superseded: list[str] = []
-            if len(manifest.indexes) > MAX_INDEX_RUNS:
-                manifest, superseded = self._merge_runs(manifest)
+            if seg is not None and seg.rows:
+                info, prefixes = seg.finish()
+                start = len(self)
+                run = write_index_run(self.path, prefixes, np.arange(start, start + info.rows, dtype=np.int64))
+                manifest = next_manifest(manifest, info, run)
+                if len(manifest.indexes) > MAX_INDEX_RUNS:
+                    manifest, superseded = self._merge_runs(manifest)
+            if views:
+                new_views = dict(manifest.views)
+                for name, rows in views.items():
+                    if name in new_views:
+                        superseded.append(f"{VIEWS_DIR}/{new_views[name].id}")
+                    new_views[name] = write_object(self.path, VIEWS_DIR, {"row": (rows, "int64")})
+                manifest = replace(manifest, views=new_views, generation=self.generation + 1)
             write_manifest(self.path, manifest)
         except BaseException:
-            seg.discard()
+            if seg is not None:
+                seg.discard()
             raise
         self._snap = Snapshot(self.path, manifest)
-        for run_id in superseded:  # readers that opened earlier keep their maps
-            shutil.rmtree(os.path.join(self.path, INDEXES_DIR, run_id), ignore_errors=True)
+        self._views = {}
+        for rel in superseded:  # readers that mapped them earlier keep their maps
+            shutil.rmtree(os.path.join(self.path, rel), ignore_errors=True)
         return manifest.generation
 
     def _merge_runs(self, manifest: Manifest) -> tuple[Manifest, list[str]]:
@@ -469,12 +577,13 @@ class ActivationStore:
         prefixes = np.concatenate([r.prefix for r in snap.runs])
         rows = np.concatenate([r.row for r in snap.runs])
         merged = write_index_run(self.path, prefixes, rows)
-        return replace(manifest, indexes=(merged,)), [r.id for r in manifest.indexes]
+        return replace(manifest, indexes=(merged,)), [f"{INDEXES_DIR}/{r.id}" for r in manifest.indexes]
 
     def abort(self) -> int:
         """Drop the pending rows; returns how many were dropped."""
         self._check_writable()
         n = self.pending
+        self._pending_views = {}
         if self._segment is not None:
             self._segment.discard()
             self._segment = None
@@ -488,7 +597,7 @@ class ActivationStore:
         if self._closed:
             return
         try:
-            if self.mode == "a" and self._segment is not None:
+            if self.mode == "a" and (self._segment is not None or self._pending_views):
                 self.commit()
         finally:
             self._closed = True
@@ -538,7 +647,7 @@ def _select(cols: dict[str, Any], keep: np.ndarray, fields: Mapping[str, Field])
         if fields[name].ragged:
             values, lengths = col
             ends = np.cumsum(lengths)
-            parts = [values[e - n : e] for e, n, k in zip(ends, lengths, keep) if k]
+            parts = [values[e - n : e] for e, n, k in zip(ends, lengths, keep, strict=True) if k]
             out[name] = (np.concatenate(parts) if parts else values[:0], lengths[keep])
         else:
             out[name] = col[keep]

@@ -32,8 +32,9 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import blake3
 import google_crc32c
@@ -48,6 +49,7 @@ from .format import (
     LOCK_DIR,
     SEGMENT_ATTR,
     SEGMENTS_DIR,
+    VIEWS_DIR,
     Field,
     IndexRunInfo,
     Manifest,
@@ -61,7 +63,7 @@ from .format import (
     shard_layout,
 )
 
-__all__ = ["SegmentWriter", "StoreLock", "atomic_write", "write_index_run", "write_manifest"]
+__all__ = ["SegmentWriter", "StoreLock", "atomic_write", "write_index_run", "write_manifest", "write_object"]
 
 #: Merge the key index into one run when a commit would leave more than this many.
 MAX_INDEX_RUNS = 8
@@ -148,7 +150,7 @@ class ShardFile:
         if self._file is None:
             os.makedirs(os.path.join(self.directory, os.path.dirname(self._rel)), exist_ok=True)
             self._file = open(os.path.join(self.directory, self._rel), "wb")  # noqa: SIM115
-        data = memoryview(np.ascontiguousarray(rows)).cast("B")
+        data = memoryview(np.ascontiguousarray(rows)).cast("B")  # type: ignore[arg-type]
         self._file.write(data)
         self._hash.update(data)
         self.rows += len(rows)
@@ -244,7 +246,7 @@ class SegmentWriter:
     def finish(self) -> tuple[SegmentInfo, np.ndarray]:
         """Finish every file durably; returns the segment's info and its key prefixes."""
         files: dict[str, Any] = {}
-        for name, shard in self.arrays.items():
+        for shard in self.arrays.values():
             rel = os.path.relpath(shard.directory, self.path).replace(os.sep, "/")
             for path, rec in shard.finish(self.chunk_bytes).items():
                 files[f"{rel}/{path}"] = rec
@@ -269,24 +271,34 @@ class SegmentWriter:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray) -> IndexRunInfo:
-    """Write a sorted key-index run (prefix → global row) and return its info."""
-    order = np.argsort(prefixes, kind="stable")
-    run_id = uuid.uuid4().hex
-    path = os.path.join(root, INDEXES_DIR, run_id)
+def write_object(root: str, directory: str, arrays: Mapping[str, tuple[np.ndarray, str]]) -> IndexRunInfo:
+    """Write a small immutable object: 1-D arrays in one group, with file records.
+
+    Used for key-index runs (``prefix``, ``row``) and views (``row``).  Each array
+    is one inner chunk: these objects are read whole.
+    """
+    obj_id = uuid.uuid4().hex
+    path = os.path.join(root, directory, obj_id)
     os.mkdir(path)
     files: dict[str, Any] = {}
-    for name, data, zdtype in (("prefix", prefixes[order], "uint64"), ("row", rows[order], "int64")):
+    rows = 0
+    for name, (data, zdtype) in arrays.items():
         shard = ShardFile(os.path.join(path, name), (), INTERNAL_DTYPES[zdtype], zdtype)
         shard.write(data)
-        # One inner chunk for the whole run: runs are read whole, by binary search.
+        rows = len(data)
         for rel, rec in shard.finish(max(1, len(data)) * 8).items():
             files[f"{name}/{rel}"] = rec
-    meta = group_document({SEGMENT_ATTR: {"rows": int(len(rows)), "values": {}, "files": files}})
+    meta = group_document({SEGMENT_ATTR: {"rows": rows, "values": {}, "files": files}})
     write_durable(os.path.join(path, "zarr.json"), meta)
     fsync_dir(path)
     fsync_dir(os.path.dirname(path))
-    return IndexRunInfo(run_id, int(len(rows)), blake3.blake3(meta).hexdigest())
+    return IndexRunInfo(obj_id, rows, blake3.blake3(meta).hexdigest())
+
+
+def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray) -> IndexRunInfo:
+    """Write a key-index run: prefixes sorted ascending, with their global rows."""
+    order = np.argsort(prefixes, kind="stable")
+    return write_object(root, INDEXES_DIR, {"prefix": (prefixes[order], "uint64"), "row": (rows[order], "int64")})
 
 
 def write_manifest(root: str, manifest: Manifest) -> None:
@@ -310,8 +322,8 @@ def remove_unreferenced(root: str, manifest: Manifest) -> list[str]:
     after writers that crashed before their commit point.
     """
     removed = []
-    keep = {s.id for s in manifest.segments} | {r.id for r in manifest.indexes}
-    for sub in (SEGMENTS_DIR, INDEXES_DIR):
+    keep = {s.id for s in manifest.segments} | {r.id for r in manifest.indexes} | {v.id for v in manifest.views.values()}
+    for sub in (SEGMENTS_DIR, INDEXES_DIR, VIEWS_DIR):
         d = os.path.join(root, sub)
         for name in os.listdir(d) if os.path.isdir(d) else ():
             if name != "zarr.json" and name not in keep:
