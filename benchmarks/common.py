@@ -1,0 +1,92 @@
+"""Small helpers shared by the benchmark scripts: timing, tables, machine info, page cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+__all__ = ["Table", "drop_page_cache", "machine", "timeit"]
+
+
+def timeit(fn: Callable[[], Any], *, repeat: int = 5, number: int = 1, warmup: int = 1) -> float:
+    """Median seconds per call of ``fn`` over ``repeat`` rounds of ``number`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - t0) / number)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    """One line describing this machine (for reports)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        mem = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+    except (ValueError, OSError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{mem}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def drop_page_cache(paths: Sequence[str]) -> None:
+    """Ask the kernel to drop cached pages of every file under ``paths`` (POSIX_FADV_DONTNEED)."""
+    for root in paths:
+        files = [root] if os.path.isfile(root) else [os.path.join(d, n) for d, _, ns in os.walk(root) for n in ns]
+        for path in files:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+class Table:
+    """Collect rows and print them as a Markdown table (and optionally save JSON)."""
+
+    def __init__(self, title: str, columns: Sequence[str]) -> None:
+        self.title = title
+        self.columns = list(columns)
+        self.rows: list[list[Any]] = []
+
+    def add(self, *row: Any) -> None:
+        self.rows.append(list(row))
+
+    def markdown(self) -> str:
+        def fmt(v: Any) -> str:
+            if isinstance(v, float):
+                return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+            return str(v)
+
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+    def print(self) -> None:
+        print(self.markdown(), flush=True)
+        print(flush=True)
+
+    def save_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump({"title": self.title, "columns": self.columns, "rows": self.rows, "machine": machine()}, f, indent=1)
