@@ -17,6 +17,7 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .format import FORMAT_VERSION, Field
+from .keys import fingerprint, key, keys
 from .ragged import RaggedBatch
 from .store import ActivationStore, create, open
 
@@ -36,5 +37,8 @@ __all__ = [
     "UnsupportedFormatError",
     "__version__",
     "create",
+    "fingerprint",
+    "key",
+    "keys",
     "open",
 ]
