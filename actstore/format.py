@@ -292,7 +292,7 @@ def parse_manifest(doc: Any, where: str) -> Manifest:
     if doc.get("format") != FORMAT_NAME:
         raise UnsupportedFormatError(f"{where}: unsupported format {doc.get('format')!r}. Expected {FORMAT_NAME!r}.")
     version = doc.get("version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # 1.0 and true equal 1 in Python
         raise UnsupportedFormatError(
             f"{where}: unsupported format version: got {version!r}. Expected {FORMAT_VERSION}. "
             "Upgrade actstore to read this store."
@@ -360,11 +360,16 @@ def _parse_run(doc: Any, where: str, lo: int = 1) -> IndexRunInfo:
 
 
 def check_name(name: object, where: str) -> str:
-    """A field name: letters, digits, ``_ . -``; no path separators, no leading dot."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in {".", ".."}:
+    """A field name: letters, digits, ``_ . -``; no path separators, no leading dot.
+
+    ``zarr.json`` (any case) would collide with the group document beside the
+    field's directory, and Zarr v3 reserves names starting with ``__``.
+    """
+    if (not isinstance(name, str) or not _NAME_RE.match(name) or name.lower() == "zarr.json"
+            or name.startswith("__")):
         raise CorruptStoreError(
             f"{where}: invalid name {name!r}; names use letters, digits, '_', '.', '-' "
-            "(at most 128, not starting with '.' or '-')"
+            "(at most 128, not starting with '.', '-' or '__', and not 'zarr.json')"
         )
     return name
 

@@ -9,6 +9,7 @@ used, and ``open`` costs the same for ten rows or a billion.
 from __future__ import annotations
 
 import os
+import stat
 from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +31,7 @@ from .format import (
     chunk_path,
 )
 
-__all__ = ["Snapshot", "map_rows"]
+__all__ = ["ReadCheck", "Snapshot", "map_rows"]
 
 
 def map_rows(path: str, rows: int, inner_shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
@@ -53,9 +54,12 @@ def map_rows(path: str, rows: int, inner_shape: tuple[int, ...], dtype: np.dtype
         return np.empty((0, *inner_shape), dtype)
     need = rows * int(np.prod(inner_shape, dtype=np.int64)) * dtype.itemsize
     try:
-        size = os.stat(path).st_size
+        st = os.stat(path)
     except FileNotFoundError as e:
         raise CorruptStoreError(f"{path}: data file is missing") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptStoreError(f"{path}: not a regular file")
+    size = st.st_size
     if size < need:
         raise CorruptStoreError(f"{path}: file is {size} bytes, shorter than the {need} bytes its rows need")
     mm = np.memmap(path, dtype=dtype, mode="c", shape=(rows, *inner_shape))
@@ -70,19 +74,69 @@ def as_tensor(array: np.ndarray, field: Field | None) -> torch.Tensor:
     return t
 
 
+def check_no_links(root: str, path: str) -> None:
+    """Refuse ``path`` if any part of it below ``root`` is a symbolic link.
+
+    A store never contains links; following one could read outside the store.
+    """
+    while len(path) > len(root):
+        if os.path.islink(path):
+            raise CorruptStoreError(f"{path}: is a symbolic link; stores never contain links (not following it)")
+        path = os.path.dirname(path)
+
+
+class ReadCheck:
+    """``verify_reads=True``: check each file against its commit when it is first mapped.
+
+    The object's ``zarr.json`` must have the BLAKE3 the manifest names, the
+    array's ``zarr.json`` must describe exactly the rows the manifest says, and
+    the data file must have the size and BLAKE3 recorded in the object's
+    metadata.  Each file is hashed once per store handle (committed files never
+    change); bytes changed after that are not noticed.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[str, dict[str, Any]] = {}
+        self._checked: set[str] = set()
+
+    def __call__(self, base: str, meta: str, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        data = f"{rel}/{chunk_path(len(inner) + 1)}"
+        if f"{base}/{data}" in self._checked:
+            return
+        from .verify import _expect_array, _inside, hash_file, object_files  # (verify imports this module)
+
+        try:
+            files = self._files.get(base)
+            if files is None:
+                files = self._files[base] = object_files(base, meta, base)[1]
+            _expect_array(base, rel, rows, inner, dtype.name, files)  # zdtype == numpy name for stored dtypes
+            for name in (f"{rel}/zarr.json", data) if rows else (f"{rel}/zarr.json",):
+                path, rec = _inside(base, name), files[name]
+                size = os.stat(path).st_size
+                if size != rec["size"] or hash_file(path, size) != rec["blake3"]:
+                    raise CorruptStoreError(f"{path}: checksum mismatch (the bytes on disk changed since the commit)")
+        except OSError as e:
+            raise CorruptStoreError(f"{base}/{rel}: cannot read ({e.strerror or e})") from e
+        self._checked.add(f"{base}/{data}")
+
+
 class SegmentReader:
     """Lazily mapped arrays of one committed segment."""
 
-    __slots__ = ("arrays", "fields", "info", "path")
+    __slots__ = ("arrays", "check", "fields", "info", "path")
 
-    def __init__(self, root: str, info: SegmentInfo, fields: dict[str, Field]) -> None:
+    def __init__(self, root: str, info: SegmentInfo, fields: dict[str, Field], check: ReadCheck | None = None) -> None:
         self.path = os.path.join(root, SEGMENTS_DIR, info.id)
         self.info = info
         self.fields = fields
         self.arrays: dict[str, np.ndarray] = {}
+        self.check = check
 
     def _map(self, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
         path = os.path.join(self.path, rel, *chunk_path(len(inner) + 1).split("/"))
+        check_no_links(os.path.dirname(os.path.dirname(self.path)), path)
+        if self.check is not None:
+            self.check(self.path, self.info.meta, rel, rows, inner, dtype)
         return map_rows(path, rows, inner, dtype)
 
     def keys(self) -> np.ndarray:
@@ -114,9 +168,15 @@ class SegmentReader:
         return v, self.arrays[name + "/offsets"]
 
 
-def map_object_array(root: str, directory: str, info: IndexRunInfo, name: str, zdtype: str) -> np.ndarray:
+def map_object_array(root: str, directory: str, info: IndexRunInfo, name: str, zdtype: str,
+                     check: ReadCheck | None = None) -> np.ndarray:
     """Map one 1-D array of a small object (index run or view).  Never copies."""
-    return map_rows(os.path.join(root, directory, info.id, name, "c", "0"), info.rows, (), INTERNAL_DTYPES[zdtype])
+    base = os.path.join(root, directory, info.id)
+    path = os.path.join(base, name, "c", "0")
+    check_no_links(root, path)
+    if check is not None:
+        check(base, info.meta, name, info.rows, (), INTERNAL_DTYPES[zdtype])
+    return map_rows(path, info.rows, (), INTERNAL_DTYPES[zdtype])
 
 
 class IndexRun:
@@ -124,9 +184,9 @@ class IndexRun:
 
     __slots__ = ("prefix", "row")
 
-    def __init__(self, root: str, info: IndexRunInfo) -> None:
-        self.prefix = map_object_array(root, INDEXES_DIR, info, "prefix", "uint64")
-        self.row = map_object_array(root, INDEXES_DIR, info, "row", "int64")
+    def __init__(self, root: str, info: IndexRunInfo, check: ReadCheck | None = None) -> None:
+        self.prefix = map_object_array(root, INDEXES_DIR, info, "prefix", "uint64", check)
+        self.row = map_object_array(root, INDEXES_DIR, info, "row", "int64", check)
 
 
 def key_prefixes(keys: np.ndarray) -> np.ndarray:
@@ -137,17 +197,17 @@ def key_prefixes(keys: np.ndarray) -> np.ndarray:
 class Snapshot:
     """One committed generation of a store, read through memory maps."""
 
-    def __init__(self, root: str, manifest: Manifest) -> None:
+    def __init__(self, root: str, manifest: Manifest, check: ReadCheck | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.fields = dict(manifest.fields)
-        self.segments = [SegmentReader(root, s, self.fields) for s in manifest.segments]
+        self.segments = [SegmentReader(root, s, self.fields, check) for s in manifest.segments]
         self.starts = np.cumsum([0] + [s.rows for s in manifest.segments], dtype=np.int64)
         self._starts_list = self.starts.tolist()
         self.rows = int(self.starts[-1])
         # Index runs are few (merged by the writer) and mapped now: a writer may
         # delete a superseded run later, and a map survives that.
-        self.runs = [IndexRun(root, r) for r in manifest.indexes]
+        self.runs = [IndexRun(root, r, check) for r in manifest.indexes]
 
     # -- rows -----------------------------------------------------------------
     def locate(self, row: int) -> tuple[SegmentReader, int]:
@@ -165,38 +225,62 @@ class Snapshot:
                 return np.empty(0, np.int64)
             raise TypeError(f"rows: expected integer row numbers, got an array of {idx.dtype}")
         idx = idx.astype(np.int64, copy=False).reshape(-1)
-        if idx.size and (idx.min() < -self.rows or idx.max() >= self.rows):
+        if not idx.size:
+            return idx
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -self.rows or hi >= self.rows:
             bad = idx[(idx < -self.rows) | (idx >= self.rows)][0]
             raise IndexError(f"row {bad} is out of range for a store of {self.rows} rows")
-        return np.where(idx < 0, idx + self.rows, idx) if idx.size and idx.min() < 0 else idx
+        return np.where(idx < 0, idx + self.rows, idx) if lo < 0 else idx
 
-    def split(self, rows: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """Group rows by segment: [(segment, positions in ``rows``, local rows)]."""
-        if len(self.segments) == 1:
-            return [(0, slice(None), rows)]  # type: ignore[list-item]
+    def split(self, rows: np.ndarray) -> tuple[np.ndarray | None, list[tuple[int, int, int, np.ndarray]]]:
+        """Group rows by segment with one stable sort.
+
+        Returns ``(order, parts)``: ``rows[order]`` lists the rows segment by
+        segment, and each part ``(segment, a, b, local)`` covers ``order[a:b]``
+        with ``local`` the rows within that segment.  ``order`` is None when all
+        rows lie in one segment (then ``a:b`` covers ``rows`` as given).
+        """
+        if len(self.segments) == 1 or not len(rows):
+            return None, [(0, 0, len(rows), rows)] if self.segments else []
         seg = np.searchsorted(self.starts, rows, side="right") - 1
-        out = []
-        for s in np.unique(seg):
-            pos = np.nonzero(seg == s)[0]
-            out.append((int(s), pos, rows[pos] - self.starts[s]))
-        return out
+        first, last = int(seg.min()), int(seg.max())
+        if first == last:
+            return None, [(first, 0, len(rows), rows - self.starts[first])]
+        order = np.argsort(seg, kind="stable")
+        sorted_seg = seg[order]
+        local = rows[order] - self.starts[sorted_seg]
+        bounds = np.searchsorted(sorted_seg, np.arange(first, last + 2))
+        parts = [
+            (s, int(a), int(b), local[a:b])
+            for s, a, b in zip(range(first, last + 1), bounds[:-1], bounds[1:], strict=True)
+            if b > a
+        ]
+        return order, parts
 
     def gather_fixed(self, rows: np.ndarray, source: Any, row_shape: tuple[int, ...], dtype: np.dtype[Any],
                      out: np.ndarray | None = None) -> np.ndarray:
-        """Gather ``rows`` of a fixed-size array into one new (or the given) array.
+        """Gather ``rows`` (already checked) of a fixed-size array into one new (or the given) array.
 
-        One copy when the rows lie in one segment; rows spread over several
-        segments are copied into ``out`` segment by segment (still one copy per
-        row, plus a small temporary per segment).
+        Always copies: once when the rows lie in one segment (straight from the
+        maps into ``out``); rows spread over several segments are gathered segment
+        by segment into a buffer and then put in order (twice).
         """
         if out is None:
             out = np.empty((len(rows), *row_shape), dtype)
-        parts = self.split(rows)
-        if len(parts) == 1 and isinstance(parts[0][1], slice):
-            np.take(source(self.segments[0]), rows, axis=0, out=out)
+        order, parts = self.split(rows)
+        # mode="clip": rows are bounds-checked already, and the default "raise"
+        # makes numpy gather into a temporary buffer and copy it again.
+        if not parts:
             return out
-        for s, pos, local in parts:
-            out[pos] = np.take(source(self.segments[s]), local, axis=0)
+        if order is None:
+            s, _, _, local = parts[0]
+            np.take(source(self.segments[s]), local, axis=0, out=out, mode="clip")
+            return out
+        buf = np.empty_like(out)
+        for s, a, b, local in parts:
+            np.take(source(self.segments[s]), local, axis=0, out=buf[a:b], mode="clip")
+        out[order] = buf
         return out
 
     def gather_keys(self, rows: np.ndarray) -> np.ndarray:
@@ -204,30 +288,46 @@ class Snapshot:
 
     # -- keys -----------------------------------------------------------------
     def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """Row of each key, or -1.  ``keys`` is an (n, 32) uint8 array."""
+        """Row of each key, or -1.  ``keys`` is an (n, 32) uint8 array.
+
+        Queries are sorted once so that each run is searched in order (binary
+        search with sorted needles is several times faster); a prefix match is
+        confirmed against the full stored key.
+        """
         out = np.full(len(keys), -1, np.int64)
         if not len(keys) or not self.runs:
             return out
-        prefix = key_prefixes(keys)
+        qorder = np.argsort(key_prefixes(keys))
+        skeys = keys[qorder]
+        prefix = key_prefixes(skeys)
+        found = np.full(len(keys), -1, np.int64)
         for run in self.runs:
             n = len(run.prefix)
             pos = np.searchsorted(run.prefix, prefix)
             posc = np.minimum(pos, n - 1)
-            cand = np.nonzero((pos < n) & (run.prefix[posc] == prefix) & (out < 0))[0]
+            cand = np.nonzero((pos < n) & (run.prefix[posc] == prefix) & (found < 0))[0]
             if not len(cand):
                 continue
-            rows = run.row[posc[cand]]
-            match = (self.gather_keys(rows) == keys[cand]).all(axis=1)
-            out[cand[match]] = rows[match]
+            rows = self._index_rows(run.row[posc[cand]])
+            match = (self.gather_keys(rows).view("<u8") == skeys[cand].view("<u8")).all(axis=1)
+            found[cand[match]] = rows[match]
             for i in cand[~match]:  # two keys share 8 bytes of prefix: scan the run
                 j = int(posc[i]) + 1
                 while j < n and run.prefix[j] == prefix[i]:
-                    r = int(run.row[j])
-                    if bytes(self.gather_keys(np.array([r]))[0]) == bytes(keys[i]):
-                        out[i] = r
+                    r = int(self._index_rows(run.row[j : j + 1])[0])
+                    if bytes(self.gather_keys(np.array([r]))[0]) == bytes(skeys[i]):
+                        found[i] = r
                         break
                     j += 1
+        out[qorder] = found
         return out
+
+    def _index_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows read from the key index, checked to lie in the store (a damaged index must not read elsewhere)."""
+        if rows.min() < 0 or rows.max() >= self.rows:
+            raise CorruptStoreError(f"{self.root}/{INDEXES_DIR}: the key index names rows outside [0, {self.rows}); "
+                                    "the store is damaged (run verify())")
+        return rows
 
     def row_key(self, row: int) -> bytes:
         seg, local = self.locate(row)

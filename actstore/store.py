@@ -30,7 +30,7 @@ from .format import (
     parse_root,
 )
 from .ragged import RaggedBatch
-from .reader import SegmentReader, Snapshot, as_tensor, map_object_array, normalize_keys
+from .reader import ReadCheck, SegmentReader, Snapshot, as_tensor, key_prefixes, map_object_array, normalize_keys
 from .validate import validate_batch
 from .verify import VerifyReport, verify_store
 from .writer import (
@@ -129,6 +129,12 @@ def create(
         checked[name] = f
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ValueError(f"chunk_bytes: expected a positive int, got {chunk_bytes!r}")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise TypeError(f"fingerprint: expected a str (actstore.fingerprint(model)) or None, got {type(fingerprint).__name__}")
+    try:
+        json.dumps(dict(attrs or {}), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"attrs: must be JSON-serialisable ({e})") from e
     if os.path.exists(os.path.join(root, "zarr.json")):
         if not exist_ok:
             raise StoreExistsError(f"{root}: a store already exists; open it with actstore.open(path, mode='a')")
@@ -142,11 +148,12 @@ def create(
     if os.path.exists(root) and (not os.path.isdir(root) or set(os.listdir(root)) - {SEGMENTS_DIR, INDEXES_DIR, VIEWS_DIR, LOCK_DIR}):
         raise StoreExistsError(f"{root}: exists and is not an empty directory")
     os.makedirs(root, exist_ok=True)
-    try:
-        json.dumps(dict(attrs or {}), allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"attrs: must be JSON-serialisable ({e})") from e
     lock = StoreLock(root)
+    if os.path.exists(os.path.join(root, "zarr.json")):
+        # Another process created the store between the check above and taking the
+        # lock: never overwrite its manifest (that would orphan its commits).
+        lock.release()
+        return create(root, checked, fingerprint=fingerprint, attrs=attrs, chunk_bytes=chunk_bytes, exist_ok=exist_ok)
     try:
         for sub in (SEGMENTS_DIR, INDEXES_DIR, VIEWS_DIR):
             os.makedirs(os.path.join(root, sub), exist_ok=True)
@@ -173,6 +180,7 @@ def open(  # noqa: A001 - mirrors zarr.open / builtins.open on purpose
     mode: str = "r",
     *,
     fingerprint: str | None = None,
+    verify_reads: bool = False,
 ) -> ActivationStore:
     """Open a store.
 
@@ -187,6 +195,10 @@ def open(  # noqa: A001 - mirrors zarr.open / builtins.open on purpose
     fingerprint
         If given, the store must have been computed by a model with this
         :func:`actstore.fingerprint`.
+    verify_reads
+        Check every file against its commit's BLAKE3 the first time this handle
+        maps it (one extra read of each file used): damaged bytes then raise
+        :class:`CorruptStoreError` instead of being returned.  Off by default.
 
     Raises
     ------
@@ -208,7 +220,7 @@ def open(  # noqa: A001 - mirrors zarr.open / builtins.open on purpose
             removed = remove_unreferenced(root, manifest)
             if removed:
                 log.info("%s: removed %d uncommitted leftovers of an interrupted writer", root, len(removed))
-        return ActivationStore(root, manifest, mode=mode, lock=lock)
+        return ActivationStore(root, manifest, mode=mode, lock=lock, verify_reads=verify_reads)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -240,15 +252,37 @@ class ActivationStore:
     reach the file (see :func:`actstore.reader.map_rows` for the lifetime rules).
     """
 
-    def __init__(self, root: str, manifest: Manifest, *, mode: str, lock: StoreLock | None = None) -> None:
+    def __init__(self, root: str, manifest: Manifest, *, mode: str, lock: StoreLock | None = None,
+                 verify_reads: bool = False) -> None:
         self.path = root
         self.mode = mode
         self._lock = lock
-        self._snap = Snapshot(root, manifest)
+        self._check = ReadCheck() if verify_reads else None
+        self._load(manifest)
         self._segment: SegmentWriter | None = None
         self._pending_views: dict[str, np.ndarray] = {}
-        self._views: dict[str, np.ndarray] = {}
         self._closed = False
+
+    def _load(self, manifest: Manifest) -> None:
+        """Make ``manifest`` this handle's snapshot: map its index runs and views now.
+
+        A writer deletes the index runs and views that its commit superseded, so a
+        reader whose manifest was replaced just before it mapped them finds them
+        gone: it then reads the manifest again and retries with the newer commit.
+        """
+        for _ in range(100):
+            try:
+                snap = Snapshot(self.path, manifest, self._check)
+                views = self._map_views(manifest)
+            except CorruptStoreError:
+                newer = None if self.mode == "a" else read_manifest(self.path)
+                if newer is None or _ids(newer) == _ids(manifest):
+                    raise
+                manifest = newer
+                continue
+            self._snap, self._views = snap, views
+            return
+        raise StoreError(f"{self.path}: the manifest changed 100 times while being opened; try again")
 
     # -- metadata -----------------------------------------------------------------
     @property
@@ -290,7 +324,7 @@ class ActivationStore:
         manifest = read_manifest(self.path)
         if manifest.generation == self.generation:
             return False
-        self._snap = Snapshot(self.path, manifest)
+        self._load(manifest)
         return True
 
     # -- keys ---------------------------------------------------------------------
@@ -332,7 +366,7 @@ class ActivationStore:
             raise KeyError(f"key {bytes(key).hex()[:16]}… is not in the store")
         return self[row]
 
-    def gather(self, rows: object, fields: list[str] | None = None) -> dict[str, torch.Tensor | RaggedBatch]:
+    def gather(self, rows: object, fields: str | list[str] | None = None) -> dict[str, torch.Tensor | RaggedBatch]:
         """Many rows at once: one batch tensor per fixed field, a :class:`RaggedBatch` per ragged one.
 
         Always copies, once per row (into a new batch tensor).
@@ -349,7 +383,7 @@ class ActivationStore:
                 out[name] = as_tensor(arr, f)
         return out
 
-    def _field_names(self, fields: list[str] | None) -> list[str]:
+    def _field_names(self, fields: str | list[str] | None) -> list[str]:
         if fields is None:
             return list(self.fields)
         if isinstance(fields, str):
@@ -360,25 +394,26 @@ class ActivationStore:
         return list(fields)
 
     def _gather_ragged(self, name: str, f: Field, idx: np.ndarray) -> RaggedBatch:
-        segs = self._snap.split(idx)
+        order, parts = self._snap.split(idx)
+        where = [slice(a, b) if order is None else order[a:b] for _, a, b, _ in parts]
         starts = np.empty(len(idx), np.int64)
         lengths = np.empty(len(idx), np.int64)
-        for s, pos, local in segs:
+        for (s, _, _, local), pos in zip(parts, where, strict=True):
             _, offsets = self._snap.segments[s].ragged(name)
             starts[pos] = offsets[local]
             lengths[pos] = offsets[local + 1] - offsets[local]
         out_offsets = np.zeros(len(idx) + 1, np.int64)
         np.cumsum(lengths, out=out_offsets[1:])
         values = np.empty((int(out_offsets[-1]), *f.inner_shape), f.spec.numpy)
-        for s, pos, _ in segs:
+        for (s, _, _, _), pos in zip(parts, where, strict=True):
             src, _ = self._snap.segments[s].ragged(name)
-            n, first = lengths[pos], starts[pos]
+            n = lengths[pos]
             within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
-            flat = np.repeat(first, n) + within  # every wanted element, in output order
-            if isinstance(pos, slice):  # one segment: straight into the batch
-                np.take(src, flat, axis=0, out=values)
+            flat = np.repeat(starts[pos], n) + within  # every wanted element, in output order
+            if order is None:  # one segment: straight into the batch, one copy
+                np.take(src, flat, axis=0, out=values, mode="clip")
             else:
-                values[np.repeat(out_offsets[:-1][pos], n) + within] = np.take(src, flat, axis=0)
+                values[np.repeat(out_offsets[:-1][pos], n) + within] = np.take(src, flat, axis=0, mode="clip")
         return RaggedBatch(as_tensor(values, f), torch.from_numpy(out_offsets))
 
     def iter_rows(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -453,8 +488,16 @@ class ActivationStore:
             info = self.manifest.views.get(name)
             if info is None:
                 raise KeyError(f"view {name!r} is not in the store; it has {self.views}")
-            v = self._views[name] = map_object_array(self.path, VIEWS_DIR, info, "row", "int64")
+            v = self._views[name] = map_object_array(self.path, VIEWS_DIR, info, "row", "int64", self._check)
         return v
+
+    def _map_views(self, manifest: Manifest) -> dict[str, np.ndarray]:
+        # Mapped with the snapshot (like index runs): a writer deletes a replaced
+        # view after its commit, and a map taken earlier survives that.
+        return {
+            name: map_object_array(self.path, VIEWS_DIR, info, "row", "int64", self._check)
+            for name, info in manifest.views.items()
+        }
 
     def set_view(self, name: str, rows: object) -> None:
         """Record (or replace) a named view of rows with the next commit.
@@ -523,14 +566,15 @@ class ActivationStore:
 
     def _new_rows(self, karr: np.ndarray) -> np.ndarray:
         new = self._snap.lookup(karr) < 0
-        if len(karr) > 1:  # first occurrence of keys repeated within the batch
+        prefixes = key_prefixes(karr)
+        if len(karr) > 1 and len(np.unique(prefixes)) < len(karr):
+            # Some prefixes repeat: keep the first occurrence of each whole key.
             _, first = np.unique(karr.view(np.dtype((np.void, 32))).ravel(), return_index=True)
             once = np.zeros(len(karr), bool)
             once[first] = True
             new &= once
-        if self._segment is not None and self._segment.keys_seen:
-            seen = self._segment.keys_seen
-            new &= np.fromiter((bytes(k) not in seen for k in karr), bool, len(karr))
+        if self._segment is not None:
+            new &= ~self._segment.keys_seen.contains(karr, prefixes)
         return new
 
     def commit(self) -> int:
@@ -543,6 +587,13 @@ class ActivationStore:
         seg, views = self._segment, self._pending_views
         if (seg is None or seg.rows == 0) and not views:
             return self.generation
+        rows_after = len(self) + (seg.rows if seg is not None else 0)
+        for name, rows in views.items():  # pending rows it named may have been dropped by a failed append
+            if rows.size and int(rows.max()) >= rows_after:
+                raise ValueError(
+                    f"view {name!r} names row {int(rows.max())}, but this commit holds only {rows_after} rows "
+                    "(pending rows were dropped by a failed append?); call set_view again"
+                )
         self._segment, self._pending_views = None, {}
         manifest = self.manifest
         superseded: list[str] = []
@@ -563,14 +614,32 @@ class ActivationStore:
                 manifest = replace(manifest, views=new_views, generation=self.generation + 1)
             write_manifest(self.path, manifest)
         except BaseException:
-            if seg is not None:
-                seg.discard()
+            self._after_failed_commit(seg, manifest)
             raise
-        self._snap = Snapshot(self.path, manifest)
-        self._views = {}
+        self._load(manifest)
         for rel in superseded:  # readers that mapped them earlier keep their maps
             shutil.rmtree(os.path.join(self.path, rel), ignore_errors=True)
         return manifest.generation
+
+    def _after_failed_commit(self, seg: SegmentWriter | None, manifest: Manifest) -> None:
+        """Keep whatever the manifest on disk references; discard the failed commit's segment otherwise.
+
+        An error after the rename (in the directory fsync, or an interrupt) leaves
+        the new manifest visible: its files must stay, and this handle adopts it
+        (durability is then unknown, which the caller learns from the error).
+        """
+        try:
+            on_disk = read_manifest(self.path)
+        except (StoreError, OSError):
+            on_disk = None  # unknown: delete nothing; the next open(mode="a") cleans up
+        if on_disk is not None and _ids(on_disk) == _ids(manifest):
+            self._load(manifest)
+        elif seg is not None:
+            if on_disk is None:
+                for shard in seg.arrays.values():
+                    shard.discard()  # close the files, keep them
+            else:
+                seg.discard()
 
     def _merge_runs(self, manifest: Manifest) -> tuple[Manifest, list[str]]:
         snap = Snapshot(self.path, manifest)
@@ -634,11 +703,16 @@ class ActivationStore:
                 "open it with mode='r' there"
             )
         # The snapshot travels with the handle: a worker reads the same commit.
-        return {"path": self.path, "manifest": self.manifest.to_json()}
+        return {"path": self.path, "manifest": self.manifest.to_json(), "verify_reads": self._check is not None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         manifest = parse_manifest(state["manifest"], "pickled store")
-        self.__init__(state["path"], manifest, mode="r")  # type: ignore[misc]
+        self.__init__(state["path"], manifest, mode="r", verify_reads=state.get("verify_reads", False))  # type: ignore[misc]
+
+
+def _ids(m: Manifest) -> tuple[Any, ...]:
+    """What identifies a commit: its generation and the ids of everything it references."""
+    return (m.generation, [s.id for s in m.segments], [r.id for r in m.indexes], sorted((k, v.id) for k, v in m.views.items()))
 
 
 def _select(cols: dict[str, Any], keep: np.ndarray, fields: Mapping[str, Field]) -> dict[str, Any]:

@@ -57,7 +57,8 @@ def _cast(t: torch.Tensor, field: Field, where: str, allow_nonfinite: bool) -> n
         )
     if src == "i" and dst == "i" and t.numel() and t.dtype != field.spec.torch:
         info = torch.iinfo(field.spec.torch)
-        lo, hi = int(t.min()), int(t.max())
+        arr = t.numpy()  # torch has no min/max for uint16/32/64 tensors; numpy does
+        lo, hi = int(arr.min()), int(arr.max())
         if lo < info.min or hi > info.max:
             raise ValueError(f"{where}: values in [{lo}, {hi}] do not fit {field.dtype} [{info.min}, {info.max}]")
     out = t.to(field.spec.torch)
@@ -120,10 +121,11 @@ def _ragged(v: Any, f: Field, n: int, where: str, allow_nonfinite: bool) -> tupl
                 raise ValueError(f"{where}[{i}]: expected a row of shape (length, {', '.join(map(str, f.inner_shape))})"
                                  f" — got {tuple(r.shape)}")
         lengths = np.array([len(r) for r in rows], np.int64)
-        dtypes = {r.dtype for r in rows}
+        dtypes = {r.dtype for r in rows if r.numel()}  # an empty row ([] is float64) has no say
         if len(dtypes) > 1:
             raise ValueError(f"{where}: rows have different dtypes {sorted(map(str, dtypes))}")
-        flat = torch.cat(list(rows)) if rows else torch.empty((0, *f.inner_shape))
+        dtype = dtypes.pop() if dtypes else f.spec.torch
+        flat = torch.cat([r.to(dtype) for r in rows]) if rows else torch.empty((0, *f.inner_shape), dtype=dtype)
     else:
         raise TypeError(f"{where}: a ragged field takes a list of per-row arrays or an actstore.RaggedBatch, "
                         f"got {type(v).__name__}")

@@ -9,7 +9,9 @@ was written wrong rather than damaged.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +78,24 @@ def _inside(base: str, rel: str) -> str:
     return path
 
 
+def read_document(path: str, limit: int = MAX_METADATA_BYTES) -> bytes:
+    """Read a metadata file (at most ``limit`` + 1 bytes, so that oversize is detectable).
+
+    Refuses a symbolic link or anything but a regular file (a FIFO would block
+    forever) with :class:`CorruptStoreError`; other ``OSError`` propagate.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CorruptStoreError(f"{path}: is a symbolic link; stores never contain links (not following it)") from e
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptStoreError(f"{path}: not a regular file")
+        return f.read(limit + 1)
+
+
 def object_files(base: str, info_meta: str, where: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """Read and check an object's ``zarr.json`` against the manifest's digest.
 
@@ -83,8 +103,7 @@ def object_files(base: str, info_meta: str, where: str) -> tuple[dict[str, Any],
     """
     meta_path = os.path.join(base, "zarr.json")
     try:
-        with open(meta_path, "rb") as f:
-            data = f.read(64 * 1024 * 1024 + 1)
+        data = read_document(meta_path)
     except OSError as e:
         raise CorruptStoreError(f"{meta_path}: cannot read ({e.strerror or e})") from e
     if blake3.blake3(data).hexdigest() != info_meta:
@@ -126,11 +145,10 @@ def _expect_array(base: str, rel: str, rows: int, inner: tuple[int, ...], zdtype
     path = os.path.join(base, rel, "zarr.json")
     if f"{rel}/zarr.json" not in files:
         raise CorruptStoreError(f"{path}: not listed in the segment metadata")
-    with open(path, "rb") as f:
-        doc = loads(f.read(1 << 20), path)
+    doc = loads(read_document(path, 1 << 20), path)
     try:
         inner_rows = int(doc["codecs"][0]["configuration"]["chunk_shape"][0])
-    except (KeyError, IndexError, TypeError, ValueError) as e:
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError) as e:  # (JSON 1e400 parses as inf)
         raise CorruptStoreError(f"{path}: not a single-shard array ({e})") from e
     if inner_rows < 1 or doc != array_metadata(rows, inner, zdtype, inner_rows):
         raise CorruptStoreError(f"{path}: metadata disagrees with the manifest (expected {rows} rows of {zdtype}{list(inner)})")
@@ -146,6 +164,7 @@ def verify_store(root: str, manifest: Manifest, progress: Callable[[int], None] 
     for i, seg in enumerate(manifest.segments):
         base = os.path.join(root, SEGMENTS_DIR, seg.id)
         try:
+            _inside(root, f"{SEGMENTS_DIR}/{seg.id}")  # no links on the way
             attrs, files = object_files(base, seg.meta, f"segments[{i}]")
             _check_segment(base, seg, attrs, files, manifest, report)
             _check_files(base, files, report)
@@ -158,6 +177,7 @@ def verify_store(root: str, manifest: Manifest, progress: Callable[[int], None] 
         for info in objs:
             base = os.path.join(root, directory, info.id)
             try:
+                _inside(root, f"{directory}/{info.id}")
                 _, files = object_files(base, info.meta, f"{directory}/{info.id}")
                 names = ("prefix", "row") if directory == INDEXES_DIR else ("row",)
                 for name in names:

@@ -62,6 +62,7 @@ from .format import (
     root_document,
     shard_layout,
 )
+from .reader import key_prefixes
 
 __all__ = ["SegmentWriter", "StoreLock", "atomic_write", "write_index_run", "write_manifest", "write_object"]
 
@@ -181,6 +182,7 @@ class ShardFile:
                 fsync_dir(d)
                 d = os.path.dirname(d)
         meta = dumps(array_metadata(self.rows, self.inner_shape, self.zarr_dtype, inner_rows))
+        os.makedirs(self.directory, exist_ok=True)  # an empty array has no shard file, so no directory yet
         write_durable(os.path.join(self.directory, "zarr.json"), meta)
         fsync_dir(self.directory)
         records["zarr.json"] = file_record(meta)
@@ -196,6 +198,47 @@ class ShardFile:
 # --- segments -------------------------------------------------------------------
 
 
+class PendingKeys:
+    """The keys of the uncommitted segment, for duplicate checks without Python objects per key.
+
+    Sorted runs of (prefix, key) merged like a binary counter: adding n keys in
+    batches costs O(n log n) in all, and a membership test is one binary search
+    per run (about log2(n) runs).
+    """
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __len__(self) -> int:
+        return sum(len(p) for p, _ in self.runs)
+
+    def add(self, keys: np.ndarray, prefixes: np.ndarray) -> None:
+        order = np.argsort(prefixes)
+        run = (prefixes[order], keys[order])
+        while self.runs and len(self.runs[-1][0]) <= len(run[0]):
+            p, k = self.runs.pop()
+            p, k = np.concatenate([p, run[0]]), np.concatenate([k, run[1]])
+            order = np.argsort(p)
+            run = (p[order], k[order])
+        self.runs.append(run)
+
+    def contains(self, keys: np.ndarray, prefixes: np.ndarray) -> np.ndarray:
+        """Bool mask: which of ``keys`` (with their ``prefixes``) were added."""
+        hit = np.zeros(len(keys), bool)
+        for p, k in self.runs:
+            pos = np.searchsorted(p, prefixes)
+            cand = np.nonzero(pos < len(p))[0]
+            cand = cand[p[pos[cand]] == prefixes[cand]]
+            same = (k[pos[cand]].view("<u8") == keys[cand].view("<u8")).all(axis=1)
+            hit[cand[same]] = True
+            for i in cand[~same]:  # another key shares the prefix: scan the equal run
+                j = int(pos[i]) + 1
+                while j < len(p) and p[j] == prefixes[i] and not hit[i]:
+                    hit[i] = bool((k[j] == keys[i]).all())
+                    j += 1
+        return hit
+
+
 class SegmentWriter:
     """The one uncommitted segment of a writer: keys and every field, streamed to disk."""
 
@@ -206,7 +249,7 @@ class SegmentWriter:
         self.path = os.path.join(root, SEGMENTS_DIR, self.id)
         os.mkdir(self.path)
         self.rows = 0
-        self.keys_seen: set[bytes] = set()
+        self.keys_seen = PendingKeys()
         self.prefixes: list[np.ndarray] = []
         self.arrays: dict[str, ShardFile] = {}
         self.fields = fields
@@ -237,10 +280,9 @@ class SegmentWriter:
             else:
                 self.arrays[name].write(col)
         self.arrays["keys"].write(keys)
-        self.keys_seen.update(bytes(k) for k in keys)  # bytes(k) of a uint8 row is its 32 bytes
-        from .reader import key_prefixes
-
-        self.prefixes.append(key_prefixes(keys))
+        prefixes = key_prefixes(keys)
+        self.keys_seen.add(keys, prefixes)
+        self.prefixes.append(prefixes)
         self.rows += len(keys)
 
     def finish(self) -> tuple[SegmentInfo, np.ndarray]:
@@ -297,7 +339,7 @@ def write_object(root: str, directory: str, arrays: Mapping[str, tuple[np.ndarra
 
 def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray) -> IndexRunInfo:
     """Write a key-index run: prefixes sorted ascending, with their global rows."""
-    order = np.argsort(prefixes, kind="stable")
+    order = np.argsort(prefixes)  # any order among equal prefixes serves lookup
     return write_object(root, INDEXES_DIR, {"prefix": (prefixes[order], "uint64"), "row": (rows[order], "int64")})
 
 
@@ -371,7 +413,8 @@ class StoreLock:
                 ) from e
             raise
         self.fd: int | None = fd
-        self._write({"writer": {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}})
+        self.pid = os.getpid()
+        self._write({"writer": {"pid": self.pid, "host": socket.gethostname(), "since": time.time()}})
 
     def _write(self, attributes: dict[str, Any]) -> None:
         if self.fd is None:
@@ -381,9 +424,15 @@ class StoreLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            with contextlib.suppress(OSError):
-                self._write({})
-            os.close(self.fd)  # closing the descriptor releases the flock
+            # A child forked while the lock was held shares it: closing our descriptor
+            # alone would leave the lock held by the child, so unlock explicitly, but
+            # only in the process that took the lock (a child must not drop it).
+            if os.getpid() == self.pid:
+                with contextlib.suppress(OSError):
+                    self._write({})
+                with contextlib.suppress(OSError):
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
             self.fd = None
 
 
