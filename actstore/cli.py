@@ -102,9 +102,8 @@ def _load_plugins() -> None:
     for module in ("actstore.precompute", "actstore.bench"):
         try:
             importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+        except Exception as e:  # a broken optional command must not take info/verify down with it
+            print(f"actstore: the commands of {module} are unavailable ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

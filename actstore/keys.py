@@ -1,7 +1,7 @@
 """Content keys for samples and fingerprints for models.
 
 A sample's key is the 32-byte BLAKE3 digest of a canonical, type-tagged
-encoding of its content (specified exactly in ``docs/KEYS.md``).  Equal content
+encoding of its content (specified exactly in ``docs/FORMAT.md (section 11)``).  Equal content
 gives equal keys whatever the memory layout, device or byte order: a numpy
 array and a torch tensor with the same dtype, shape and values share a key.
 Type, dtype and shape are part of the key, and the encoding is injective by
@@ -41,7 +41,7 @@ up to 0.7x when other processes hold the cores.  Set it to ``1 << 62`` to
 stay single-threaded (the digest is the same either way).
 """
 
-# One tag byte starts every encoded value (see docs/KEYS.md).
+# One tag byte starts every encoded value (see docs/FORMAT.md (section 11)).
 TAG_NONE = b"N"
 TAG_BOOL = b"?"
 TAG_INT = b"i"
@@ -313,7 +313,7 @@ def key(sample: Any) -> bytes:
     """Return the 32-byte content key of one sample.
 
     The key is the BLAKE3 digest of ``KEY_DOMAIN`` followed by the canonical
-    encoding of ``sample`` (``docs/KEYS.md``).  Contiguous arrays and tensors
+    encoding of ``sample`` (``docs/FORMAT.md (section 11)``).  Contiguous arrays and tensors
     on the CPU are hashed in place (never copied); strided or big-endian arrays
     are copied once, CUDA tensors are copied to the host.
 

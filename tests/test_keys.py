@@ -1,4 +1,4 @@
-"""Tests for actstore.keys: the spec in docs/KEYS.md, pinned byte for byte."""
+"""Tests for actstore.keys: the spec in docs/FORMAT.md section 11, pinned byte for byte."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ NUMPY_DTYPES = [
 ]
 
 
-# --- an independent reference encoder, written from docs/KEYS.md -----------
+# --- an independent reference encoder, written from docs/FORMAT.md section 11 -----------
 
 
 def u64(n: int) -> bytes:
@@ -89,7 +89,7 @@ def ref_key(x: Any) -> bytes:
     return blake3(DOMAIN + ref(x)).digest()
 
 
-# --- golden vectors (the same table is in docs/KEYS.md) ---------------------
+# --- golden vectors (the same table is in docs/FORMAT.md) ---------------------
 
 GOLDEN: list[tuple[Any, str]] = [
     ("hello", "8c6e82c306a19155ba5a7569f166fae0f4ad0ea9492f78c02b9dc7d50823ec2e"),
@@ -122,7 +122,7 @@ def test_golden_vectors_match_the_reference_encoder() -> None:
 
 
 def test_golden_vectors_are_documented() -> None:
-    doc = (ROOT / "docs" / "KEYS.md").read_text()
+    doc = (ROOT / "docs" / "FORMAT.md").read_text()
     for _, hexkey in GOLDEN:
         assert f"`{hexkey}`" in doc
     worked = bytes.fromhex("61637473746f72652d6b65792d76310073050000000000000068656c6c6f")
