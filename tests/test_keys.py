@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import copy
 import enum
 import inspect
@@ -311,8 +313,9 @@ def test_contiguous_arrays_are_hashed_without_a_copy() -> None:
 
 
 def test_threads_only_for_large_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
-    import actstore.keys as module
-
+    # ``actstore.keys`` is also the batch function re-exported by the package, so
+    # take the module from the import system rather than by attribute.
+    module = importlib.import_module("actstore.keys")
     real = module.blake3
     threads: list[int] = []
 
