@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-
 import copy
 import enum
+import importlib
 import inspect
 import math
 import os
