@@ -99,7 +99,7 @@ def _load_plugins() -> None:
     """Import modules that register more subcommands (kept out of import time of the package)."""
     import importlib
 
-    for module in ("actstore.precompute", "actstore.bench"):
+    for module in ("actstore.precompute", "actstore.bench", "actstore.remote"):
         try:
             importlib.import_module(module)
         except Exception as e:  # a broken optional command must not take info/verify down with it

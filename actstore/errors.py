@@ -9,6 +9,8 @@ from __future__ import annotations
 
 __all__ = [
     "CorruptStoreError",
+    "MissingDependencyError",
+    "RemoteError",
     "StaleStoreError",
     "StoreError",
     "StoreExistsError",
@@ -44,3 +46,11 @@ class StaleStoreError(StoreError, ValueError):
 
 class StoreLockedError(StoreError, BlockingIOError):
     """Another writer holds the store's lock."""
+
+
+class RemoteError(StoreError, OSError):
+    """Object storage refused a request or could not be reached (credentials, endpoint, network, timeout)."""
+
+
+class MissingDependencyError(StoreError, ImportError):
+    """An optional package is needed (for example s3fs for ``s3://`` URLs); the message names it."""

@@ -50,6 +50,8 @@ VIEWS_DIR = "views"
 FIELDS_DIR = "fields"
 #: The writer lock: a Zarr group whose attributes name the writer holding it.
 LOCK_DIR = "lock"
+#: Part stores of a distributed precompute in progress (ordinary stores, one per rank); not part of the store.
+PARTS_DIR = "parts"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -148,6 +150,8 @@ class Field:
                     f"shape: dimensions must be positive ints (a leading None for a ragged "
                     f"field), got {shape!r}"
                 )
+        if math.prod(int(d) for d in shape if d is not None) > MAX_DIM:  # (keeps byte counts far from 2**63)
+            raise ValueError(f"shape: at most {MAX_DIM} elements per row, got {shape!r}")
         object.__setattr__(self, "shape", tuple(None if d is None else int(d) for d in shape))
         object.__setattr__(self, "dtype", dtype_name(dtype))
 
@@ -268,8 +272,14 @@ def loads(data: bytes, where: str) -> Any:
     def no_constants(name: str) -> None:
         raise CorruptStoreError(f"{where}: invalid JSON constant {name}")
 
+    def finite(text: str) -> float:  # 1e400 would parse as inf
+        value = float(text)
+        if not math.isfinite(value):
+            raise CorruptStoreError(f"{where}: number {text[:40]} is out of range")
+        return value
+
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=no_constants)
+        return json.loads(data.decode("utf-8"), parse_constant=no_constants, parse_float=finite)
     except CorruptStoreError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

@@ -224,6 +224,8 @@ class Snapshot:
             if idx.size == 0:
                 return np.empty(0, np.int64)
             raise TypeError(f"rows: expected integer row numbers, got an array of {idx.dtype}")
+        if idx.dtype == np.uint64 and idx.size and int(idx.max()) >= self.rows:  # (would wrap to negative int64)
+            raise IndexError(f"row {int(idx.max())} is out of range for a store of {self.rows} rows")
         idx = idx.astype(np.int64, copy=False).reshape(-1)
         if not idx.size:
             return idx

@@ -20,6 +20,7 @@ from .format import (
     FORMAT_VERSION,
     INDEXES_DIR,
     LOCK_DIR,
+    PARTS_DIR,
     SEGMENTS_DIR,
     VIEWS_DIR,
     Field,
@@ -29,10 +30,11 @@ from .format import (
     parse_manifest,
     parse_root,
 )
+from .objects import is_url, local_path
 from .ragged import RaggedBatch
 from .reader import ReadCheck, SegmentReader, Snapshot, as_tensor, key_prefixes, map_object_array, normalize_keys
 from .validate import validate_batch
-from .verify import VerifyReport, verify_store
+from .verify import VerifyReport, read_document, verify_store
 from .writer import (
     MAX_INDEX_RUNS,
     SegmentWriter,
@@ -52,22 +54,18 @@ log = logging.getLogger("actstore")
 
 #: Default bytes per inner chunk (what a generic Zarr reader fetches at a time).
 DEFAULT_CHUNK_BYTES = 1 << 20
-_builtin_open = open
 
 
 def _fspath(path: str | os.PathLike[str]) -> str:
-    return os.path.abspath(os.fspath(path))
+    return os.path.abspath(local_path(os.fspath(path)))
 
 
 def read_manifest(root: str) -> Manifest:
     doc = os.path.join(root, "zarr.json")
     try:
-        with _builtin_open(doc, "rb") as f:
-            data = f.read(64 * 1024 * 1024 + 1)
+        data = read_document(doc)  # a regular file, not a link (never blocks on a FIFO), bounded in size
     except FileNotFoundError as e:
         raise StoreNotFoundError(f"{root}: no store here (no zarr.json); create one with actstore.create()") from e
-    except IsADirectoryError as e:
-        raise StoreNotFoundError(f"{root}: zarr.json is not a file") from e
     return parse_root(data, doc)
 
 
@@ -79,6 +77,9 @@ def create(
     attrs: Mapping[str, Any] | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     exist_ok: bool = False,
+    cache_dir: str | os.PathLike[str] | bool | None = None,
+    cache_bytes: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> ActivationStore:
     """Create an empty store and open it for appending.
 
@@ -98,6 +99,9 @@ def create(
         whole shards and does not care.
     exist_ok
         Open an existing store with the same fields instead of raising.
+    cache_dir, cache_bytes, storage_options
+        For a URL (``s3://bucket/prefix`` or any fsspec URL) only: see
+        :func:`actstore.remote.open_remote`.  Ignored for local paths.
 
     Raises
     ------
@@ -115,6 +119,12 @@ def create(
     >>> len(actstore.open(d + "/s"))
     1
     """
+    if is_url(path):
+        from .remote import create_remote
+
+        return create_remote(str(path), fields, fingerprint=fingerprint, attrs=attrs, chunk_bytes=chunk_bytes,
+                             exist_ok=exist_ok, cache_dir=cache_dir, cache_bytes=cache_bytes,
+                             storage_options=storage_options)
     root = _fspath(path)
     if not isinstance(fields, Mapping) or not fields:
         raise ValueError("fields: expected a non-empty dict of name -> actstore.Field")
@@ -145,7 +155,8 @@ def create(
                 f"{root}: a store with other fields exists ({_describe(store.fields)}; wanted {_describe(checked)})"
             )
         return store
-    if os.path.exists(root) and (not os.path.isdir(root) or set(os.listdir(root)) - {SEGMENTS_DIR, INDEXES_DIR, VIEWS_DIR, LOCK_DIR}):
+    if os.path.exists(root) and (not os.path.isdir(root) or set(os.listdir(root)) - {SEGMENTS_DIR, INDEXES_DIR, VIEWS_DIR,
+                                                                                      LOCK_DIR, PARTS_DIR}):
         raise StoreExistsError(f"{root}: exists and is not an empty directory")
     os.makedirs(root, exist_ok=True)
     lock = StoreLock(root)
@@ -181,13 +192,18 @@ def open(  # noqa: A001 - mirrors zarr.open / builtins.open on purpose
     *,
     fingerprint: str | None = None,
     verify_reads: bool = False,
+    cache_dir: str | os.PathLike[str] | bool | None = None,
+    cache_bytes: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> ActivationStore:
     """Open a store.
 
     Parameters
     ----------
     path
-        The store's directory.
+        The store's directory, or a URL (``s3://bucket/prefix`` or any fsspec
+        URL): the store is then read through a local chunk cache and written
+        through a local staging store (see :mod:`actstore.remote`).
     mode
         ``"r"`` to read a snapshot of the last commit, ``"a"`` to append (takes the
         writer lock and deletes files left by writers that crashed before
@@ -199,6 +215,11 @@ def open(  # noqa: A001 - mirrors zarr.open / builtins.open on purpose
         Check every file against its commit's BLAKE3 the first time this handle
         maps it (one extra read of each file used): damaged bytes then raise
         :class:`CorruptStoreError` instead of being returned.  Off by default.
+    cache_dir, cache_bytes, storage_options
+        URLs only (ignored for local paths): the chunk cache directory (``None``:
+        ``~/.cache/actstore/...``; ``False``: none, read through zarr-python),
+        its size limit in bytes, and options for the fsspec filesystem
+        (credentials, endpoint); see :func:`actstore.remote.open_remote`.
 
     Raises
     ------
@@ -209,6 +230,11 @@ def open(  # noqa: A001 - mirrors zarr.open / builtins.open on purpose
     """
     if mode not in ("r", "a"):
         raise ValueError(f"mode: expected 'r' or 'a', got {mode!r}")
+    if is_url(path):
+        from .remote import open_remote
+
+        return open_remote(str(path), mode, fingerprint=fingerprint, verify_reads=verify_reads, cache_dir=cache_dir,
+                           cache_bytes=cache_bytes, storage_options=storage_options)
     root = _fspath(path)
     if not os.path.isdir(root):
         raise StoreNotFoundError(f"{root}: no store here (not a directory)")
@@ -338,6 +364,7 @@ class ActivationStore:
 
     def key_at(self, rows: object) -> np.ndarray:
         """The keys of ``rows`` as an (n, 32) uint8 array.  Always copies."""
+        self._check_open()
         return self._snap.gather_keys(self._snap.check_rows(rows))
 
     # -- rows ---------------------------------------------------------------------
@@ -418,6 +445,7 @@ class ActivationStore:
 
     def iter_rows(self) -> Iterator[dict[str, torch.Tensor]]:
         """Every row in order, as views.  Never copies."""
+        self._check_open()
         for seg in self._snap.segments:
             for local in range(seg.info.rows):
                 yield self._row(seg, local)
@@ -648,6 +676,110 @@ class ActivationStore:
         merged = write_index_run(self.path, prefixes, rows)
         return replace(manifest, indexes=(merged,)), [f"{INDEXES_DIR}/{r.id}" for r in manifest.indexes]
 
+    def adopt(self, sources: object, *, copy: bool = False) -> int:
+        """Add the committed rows of other stores with the same fields, in one commit; returns the rows added.
+
+        A source segment whose keys are all new here is added whole: its
+        immutable files are hard-linked into this store (copied where links are
+        impossible, or with ``copy=True``) — no row is rewritten and nothing is
+        read but its keys.  A segment holding keys that this store (or an earlier
+        source) already has contributes only its new rows, copied through
+        :meth:`append`.  Segments this store already lists (a source made by
+        cloning this store) are skipped.  The new rows follow this store's rows,
+        source by source; sources' views are not adopted.  Used by distributed
+        precompute to merge the ranks' part stores.
+
+        Parameters
+        ----------
+        sources
+            Stores or paths (one, or a list).  Each must have this store's fields
+            and, when both record one, its fingerprint.
+
+        Raises
+        ------
+        StoreError
+            Rows are pending (commit or abort them first).
+        ValueError, StaleStoreError
+            A source with other fields, or another model's fingerprint.
+        """
+        self._check_writable()
+        if self.pending or self._pending_views:
+            raise StoreError(f"{self.path}: {self.pending} rows are pending; commit() or abort() them before adopt()")
+        from .verify import _inside, object_files
+        from .writer import PendingKeys, link_object
+
+        items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+        opened = [s if isinstance(s, ActivationStore) else open(s) for s in items]  # type: ignore[arg-type]
+        try:
+            for src in opened:
+                if dict(src.fields) != dict(self.fields):
+                    raise ValueError(f"{src.path}: other fields ({_describe(src.fields)}) than {self.path} "
+                                     f"({_describe(self.fields)}); only stores of the same fields can be adopted")
+                if src.fingerprint is not None and self.fingerprint is not None and src.fingerprint != self.fingerprint:
+                    raise StaleStoreError(f"{src.path}: computed by another model than {self.path}")
+            have = {s.id for s in self.manifest.segments}
+            seen = PendingKeys()
+            linked: list[Any] = []
+            prefixes: list[np.ndarray] = []
+            manifest = self.manifest
+            try:
+                for src in opened:
+                    for seg, start in zip(src._snap.segments, src._snap._starts_list, strict=False):
+                        if seg.info.id in have:
+                            continue
+                        have.add(seg.info.id)
+                        keys = np.ascontiguousarray(seg.keys())
+                        pre = key_prefixes(keys)
+                        new = self._snap.lookup(keys) < 0
+                        if len(seen):
+                            new &= ~seen.contains(keys, pre)
+                        seen.add(keys[new], pre[new])
+                        if new.all():
+                            _, files = object_files(seg.path, seg.info.meta, seg.path)
+                            for rel, rec in files.items():
+                                if os.stat(_inside(seg.path, rel)).st_size != rec["size"]:
+                                    raise CorruptStoreError(f"{seg.path}/{rel}: size differs from its record")
+                            link_object(seg.path, os.path.join(self.path, SEGMENTS_DIR, seg.info.id), files, copy=copy)
+                            linked.append(seg.info)
+                            prefixes.append(pre)
+                        elif new.any():
+                            rows = start + np.flatnonzero(new)
+                            for a in range(0, len(rows), 4096):
+                                part = rows[a : a + 4096]
+                                self.append(src.key_at(part), src.gather(part))
+                pending = self._segment
+                self._segment = None
+                if pending is not None and pending.rows:
+                    info, pre = pending.finish()
+                    linked.append(info)
+                    prefixes.append(pre)
+                if not linked:
+                    return 0
+                start, total = len(self), sum(i.rows for i in linked)
+                run = write_index_run(self.path, np.concatenate(prefixes), np.arange(start, start + total, dtype=np.int64))
+                m = self.manifest
+                manifest = replace(m, generation=m.generation + 1, segments=(*m.segments, *linked),
+                                   indexes=(*m.indexes, run))
+                superseded: list[str] = []
+                if len(manifest.indexes) > MAX_INDEX_RUNS:
+                    manifest, superseded = self._merge_runs(manifest)
+                write_manifest(self.path, manifest)
+            except BaseException:
+                if self._segment is not None:  # rows copied by append() before the failure
+                    self._segment.discard()
+                    self._segment = None
+                # linked or finished segments stay unreferenced: open(mode="a") deletes them
+                self._after_failed_commit(None, manifest)
+                raise
+            self._load(manifest)
+            for rel in superseded:
+                shutil.rmtree(os.path.join(self.path, rel), ignore_errors=True)
+            return total
+        finally:
+            for src, item in zip(opened, items, strict=True):
+                if src is not item:
+                    src.close()
+
     def abort(self) -> int:
         """Drop the pending rows; returns how many were dropped."""
         self._check_writable()
@@ -706,6 +838,11 @@ class ActivationStore:
         return {"path": self.path, "manifest": self.manifest.to_json(), "verify_reads": self._check is not None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "remote" in state:  # a store on object storage (also when made by ActivationStore.__new__)
+            from .remote import restore
+
+            restore(self, state)
+            return
         manifest = parse_manifest(state["manifest"], "pickled store")
         self.__init__(state["path"], manifest, mode="r", verify_reads=state.get("verify_reads", False))  # type: ignore[misc]
 

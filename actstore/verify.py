@@ -24,6 +24,7 @@ from .format import (
     FIELDS_DIR,
     INDEXES_DIR,
     KEY_BYTES,
+    MAX_METADATA_BYTES,
     SEGMENT_ATTR,
     SEGMENTS_DIR,
     VIEWS_DIR,
@@ -36,7 +37,7 @@ from .format import (
 )
 from .reader import Snapshot, key_prefixes, map_object_array
 
-__all__ = ["VerifyReport", "object_files", "verify_store"]
+__all__ = ["VerifyReport", "object_files", "read_document", "verify_store"]
 
 _HASH_THREADS_MIN = 1 << 22
 

@@ -32,7 +32,8 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -40,7 +41,7 @@ import blake3
 import google_crc32c
 import numpy as np
 
-from .errors import StoreLockedError
+from .errors import CorruptStoreError, StoreLockedError
 from .format import (
     FIELDS_DIR,
     INDEXES_DIR,
@@ -64,7 +65,8 @@ from .format import (
 )
 from .reader import key_prefixes
 
-__all__ = ["SegmentWriter", "StoreLock", "atomic_write", "write_index_run", "write_manifest", "write_object"]
+__all__ = ["SegmentWriter", "StoreLock", "atomic_write", "link_object", "write_index_run", "write_manifest",
+           "write_object"]
 
 #: Merge the key index into one run when a commit would leave more than this many.
 MAX_INDEX_RUNS = 8
@@ -357,6 +359,41 @@ def next_manifest(manifest: Manifest, segment: SegmentInfo, run: IndexRunInfo) -
     )
 
 
+def link_object(src: str, dst: str, files: Iterable[str], *, copy: bool = False) -> None:
+    """Put an immutable object's files (and its ``zarr.json``) at ``dst``, durably: hard links, or copies.
+
+    Committed files are never modified, so a hard link shares them safely
+    between stores (deleting the source store later leaves ``dst`` intact).
+    Where a link is impossible (another filesystem, a filesystem without hard
+    links) or ``copy`` is set, the bytes are copied and fsynced.  ``dst`` must
+    not exist; on failure it is left for :func:`remove_unreferenced`.
+    """
+    os.mkdir(dst)
+    dirs = {dst}
+    for rel in [*files, "zarr.json"]:
+        s, d = os.path.join(src, *rel.split("/")), os.path.join(dst, *rel.split("/"))
+        parent = os.path.dirname(d)
+        if parent not in dirs:
+            os.makedirs(parent, exist_ok=True)
+            while parent not in dirs and len(parent) > len(dst):
+                dirs.add(parent)
+                parent = os.path.dirname(parent)
+        if not copy:
+            try:
+                os.link(s, d, follow_symlinks=False)
+                continue
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+        with open(s, "rb") as fi, open(d, "wb") as fo:
+            shutil.copyfileobj(fi, fo, 1 << 22)
+            fo.flush()
+            os.fsync(fo.fileno())
+    for d in sorted(dirs, key=len, reverse=True):  # children first
+        fsync_dir(d)
+    fsync_dir(os.path.dirname(dst))
+
+
 def remove_unreferenced(root: str, manifest: Manifest) -> list[str]:
     """Delete segments, index runs and temp files that no commit references.
 
@@ -367,6 +404,8 @@ def remove_unreferenced(root: str, manifest: Manifest) -> list[str]:
     keep = {s.id for s in manifest.segments} | {r.id for r in manifest.indexes} | {v.id for v in manifest.views.values()}
     for sub in (SEGMENTS_DIR, INDEXES_DIR, VIEWS_DIR):
         d = os.path.join(root, sub)
+        if os.path.islink(d):  # deleting "unreferenced" entries there would delete outside the store
+            raise CorruptStoreError(f"{d}: is a symbolic link; stores never contain links (not cleaning up there)")
         for name in os.listdir(d) if os.path.isdir(d) else ():
             if name != "zarr.json" and name not in keep:
                 p = os.path.join(d, name)
@@ -400,7 +439,14 @@ class StoreLock:
     def __init__(self, root: str) -> None:
         directory = os.path.join(root, LOCK_DIR)
         os.makedirs(directory, exist_ok=True)
-        fd = os.open(os.path.join(directory, "zarr.json"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never follow a link: the lock file is truncated and rewritten
+            if os.path.islink(directory):
+                raise OSError(errno.ELOOP, "a symbolic link")
+            fd = os.open(os.path.join(directory, "zarr.json"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise CorruptStoreError(f"{directory}: the lock is a symbolic link; stores never contain links") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -414,6 +460,7 @@ class StoreLock:
             raise
         self.fd: int | None = fd
         self.pid = os.getpid()
+        _HELD.add(self)
         self._write({"writer": {"pid": self.pid, "host": socket.gethostname(), "since": time.time()}})
 
     def _write(self, attributes: dict[str, Any]) -> None:
@@ -434,6 +481,27 @@ class StoreLock:
                     fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+#: Locks held by this process, so that a forked child can drop its copies.
+_HELD: weakref.WeakSet[StoreLock] = weakref.WeakSet()
+
+
+def _forget_locks_in_child() -> None:
+    """After ``fork``: close the child's copies of the lock descriptors.
+
+    A child shares its parent's ``flock`` through the inherited descriptor; if it
+    kept it, a writer killed by ``SIGKILL`` would leave its store locked for as
+    long as its children (DataLoader workers, say) live.
+    """
+    for lock in list(_HELD):
+        if lock.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(lock.fd)
+            lock.fd = None
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 def _read_holder(fd: int) -> str:
