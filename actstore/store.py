@@ -595,7 +595,8 @@ class ActivationStore:
     def _new_rows(self, karr: np.ndarray) -> np.ndarray:
         new = self._snap.lookup(karr) < 0
         prefixes = key_prefixes(karr)
-        if len(karr) > 1 and len(np.unique(prefixes)) < len(karr):
+        sorted_prefixes = np.sort(prefixes)
+        if len(karr) > 1 and bool((sorted_prefixes[1:] == sorted_prefixes[:-1]).any()):
             # Some prefixes repeat: keep the first occurrence of each whole key.
             _, first = np.unique(karr.view(np.dtype((np.void, 32))).ravel(), return_index=True)
             once = np.zeros(len(karr), bool)

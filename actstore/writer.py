@@ -227,15 +227,20 @@ class PendingKeys:
     def contains(self, keys: np.ndarray, prefixes: np.ndarray) -> np.ndarray:
         """Bool mask: which of ``keys`` (with their ``prefixes``) were added."""
         hit = np.zeros(len(keys), bool)
+        if not self.runs or not len(keys):
+            return hit
+        order = np.argsort(prefixes)  # sorted needles make each binary search much cheaper
+        sp = prefixes[order]
         for p, k in self.runs:
-            pos = np.searchsorted(p, prefixes)
+            pos = np.searchsorted(p, sp)
             cand = np.nonzero(pos < len(p))[0]
-            cand = cand[p[pos[cand]] == prefixes[cand]]
-            same = (k[pos[cand]].view("<u8") == keys[cand].view("<u8")).all(axis=1)
-            hit[cand[same]] = True
-            for i in cand[~same]:  # another key shares the prefix: scan the equal run
-                j = int(pos[i]) + 1
-                while j < len(p) and p[j] == prefixes[i] and not hit[i]:
+            cand = cand[p[pos[cand]] == sp[cand]]
+            idx = order[cand]
+            same = (k[pos[cand]].view("<u8") == keys[idx].view("<u8")).all(axis=1)
+            hit[idx[same]] = True
+            for c, i in zip(cand[~same], idx[~same], strict=True):  # another key shares the prefix
+                j = int(pos[c]) + 1
+                while j < len(p) and p[j] == sp[c] and not hit[i]:
                     hit[i] = bool((k[j] == keys[i]).all())
                     j += 1
         return hit
