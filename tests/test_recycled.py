@@ -1,0 +1,330 @@
+"""CachedDataset (the dataset drop-in) and RecycledEncoder (the frozen-module drop-in)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import actstore
+from actstore import StaleStoreError, StoreError, StoreNotFoundError
+from actstore.data import ActivationCollate, DatasetMismatchError, MissingRowsError, PaddedBatch, collate
+from actstore.keys import fingerprint, key
+from actstore.recycled import CachedDataset, RecycledEncoder, output_rows
+from tests import data_helpers as h
+
+# --- CachedDataset --------------------------------------------------------------------------
+
+
+class NoInputs:
+    """A dataset whose items explode when read: proves CachedDataset does not read them."""
+
+    def __init__(self, data: list[Any]) -> None:
+        self.data = data
+        self.armed = False
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        self.reads += 1
+        if self.armed:
+            raise AssertionError(f"dataset[{i}] was read")
+        return self.data[i]
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict", "namedtuple", "bare"])
+def test_items_have_the_original_structure(tmp_path: Any, kind: str) -> None:
+    path = str(tmp_path / kind)
+    data = NoInputs(h.make_store(path, 50, kind=kind))
+    ds = CachedDataset(data, path)
+    data.armed = True  # from here on, no item of the original may be read
+    assert len(ds) == 50
+    for i in (0, 17, 49):
+        orig, item = data.data[i], ds[i]
+        acts = h.embed(h.text(i)).half()
+        if kind == "bare":
+            assert torch.equal(item, acts)
+            continue
+        assert type(item) is type(orig)
+        if kind == "dict":
+            assert list(item) == list(orig)
+            assert torch.equal(item["text"], acts)
+            assert item["label"] == orig["label"] and type(item["label"]) is int
+            assert item["score"] == orig["score"] and type(item["score"]) is float
+        else:
+            assert len(item) == len(orig) and torch.equal(item[0], acts)
+            assert item[1] == orig[1] and type(item[1]) is int
+    loader = DataLoader(ds, batch_size=16, shuffle=True, collate_fn=ActivationCollate(torch.float32))
+    n = 0
+    for batch in loader:
+        hb = batch if kind == "bare" else (batch["text"] if kind == "dict" else batch[0])
+        assert isinstance(hb, PaddedBatch) and hb.values.dtype == torch.float32
+        if kind == "namedtuple":
+            assert type(batch) is h.Pair and batch.label.dtype == torch.int64
+        n += len(hb.lengths)
+    assert n == 50
+
+
+def test_batch_matches_items(tmp_path: Any) -> None:
+    path = str(tmp_path / "s")
+    data = h.make_store(path, 40, kind="dict")
+    ds = CachedDataset(data, path)
+    idx = [5, 39, 0, 22]
+    batch = collate(ds.__getitems__(idx))
+    assert batch["label"].tolist() == [data[i]["label"] for i in idx]
+    assert batch["score"].tolist() == [data[i]["score"] for i in idx]
+    for j, i in enumerate(idx):
+        assert torch.equal(batch["text"].values[j, : batch["text"].lengths[j]], ds[i]["text"])
+
+
+def test_length_change_is_an_error(tmp_path: Any) -> None:
+    path = str(tmp_path / "s")
+    data = h.make_store(path, 30)
+    with pytest.raises(DatasetMismatchError, match="30"):
+        CachedDataset(data[:29], path)
+    with pytest.raises(DatasetMismatchError):
+        CachedDataset(data + [("extra", 1)], path)
+
+
+def test_changed_items_are_caught_by_the_spot_check(tmp_path: Any) -> None:
+    path = str(tmp_path / "s")
+    data = h.make_store(path, 30)
+    shuffled = data[::-1]  # same length, reordered
+    with pytest.raises(DatasetMismatchError, match="changed since precompute"):
+        CachedDataset(shuffled, path)
+    # matched by content instead of by position
+    ds = CachedDataset(shuffled, path, index="keys")
+    assert torch.equal(ds[0][0], h.embed(h.text(29)).half()) and ds[0][1] == 29 % 5
+
+
+def test_missing_rows_error_says_how_many_and_how_to_fill(tmp_path: Any) -> None:
+    path = str(tmp_path / "s")
+    data = h.make_store(path, 30, missing=(3, 7, 11))
+    with pytest.raises(MissingRowsError) as e:
+        CachedDataset(data, path)
+    msg = str(e.value)
+    assert "3 of 30" in msg and "actstore.precompute(" in msg and "actstore precompute" in msg and "[3, 7, 11]" in msg
+
+
+def test_fallback_computes_the_missing_rows(tmp_path: Any) -> None:
+    path = str(tmp_path / "s")
+    data = h.make_store(path, 30, missing=(3, 7, 11))
+    frozen = h.Frozen()
+    ds = CachedDataset(data, path, fallback=frozen)
+    assert ds.missing == 3
+    item = ds[7]
+    assert torch.equal(item[0], h.embed(h.text(7))) and item[1] == 7 % 5
+    batch = collate(ds.__getitems__([2, 3, 4, 11]))
+    assert frozen.calls == 2 and frozen.rows == 3  # one call per batch, only for the misses
+    hb = batch[0]
+    for j, i in enumerate([2, 3, 4, 11]):
+        assert torch.allclose(hb.values[j, : hb.lengths[j]].float(), h.embed(h.text(i)), atol=1e-2)
+    assert batch[1].tolist() == [2, 3, 4, 11 % 5]
+
+
+def test_cached_dataset_with_spawn_workers(tmp_path: Any) -> None:
+    path = str(tmp_path / "s")
+    data = h.make_store(path, 40, kind="dict")
+    ds = CachedDataset(data, path)
+    loader = DataLoader(ds, batch_size=10, num_workers=1, collate_fn=collate, timeout=120,
+                        multiprocessing_context=mp.get_context("spawn"))
+    labels = sorted(int(x) for b in loader for x in b["label"])
+    assert labels == sorted(d["label"] for d in data)
+
+
+# --- RecycledEncoder ------------------------------------------------------------------------
+
+
+def test_first_epoch_fills_later_epochs_read(tmp_path: Any) -> None:
+    path = str(tmp_path / "enc")
+    texts = [h.text(i) for i in range(40)]
+    frozen = h.PaddedFrozen()
+    enc = RecycledEncoder(frozen, path, append=True, commit_every=25)
+    assert enc.store is None  # created on the first miss
+    out = enc(texts[:20])
+    assert isinstance(out, PaddedBatch) and (enc.hits, enc.misses) == (0, 20)
+    for i, t in enumerate(texts[:20]):
+        assert torch.equal(out.values[i, : out.lengths[i]], h.embed(t))
+    out = enc(texts[10:30])  # 10 rows pending (not committed yet) + 10 new; commit at 25+
+    assert (enc.hits, enc.misses) == (10, 30) and frozen.rows == 30
+    assert enc.store is not None and len(enc.store) == 30 and enc.store.pending == 0
+    enc(texts)  # 30 stored, 10 new
+    assert (enc.hits, enc.misses) == (40, 40)
+    enc.close()
+    store = actstore.open(path)
+    assert len(store) == 40 and store.fingerprint == fingerprint(frozen)
+    assert torch.equal(store.get(key(texts[33]))["activations"], h.embed(texts[33]))
+
+    again = RecycledEncoder(h.PaddedFrozen(), path)  # read-only: a later epoch
+    out = again(list(reversed(texts)))
+    assert again.hit_rate == 1.0 and again.frozen.calls == 0
+    assert torch.equal(out.values[0, : out.lengths[0]], h.embed(texts[-1]))
+    keyed = again(keys=[key(t) for t in texts[:3]])  # keys alone are enough when every key is stored
+    assert keyed.values.shape[0] == 3
+    with pytest.raises(MissingRowsError, match="1 of 1"):
+        again(keys=[key("never seen")])
+
+
+def test_duplicates_in_a_batch_are_computed_once(tmp_path: Any) -> None:
+    frozen = h.Frozen()
+    enc = RecycledEncoder(frozen, str(tmp_path / "d"), append=True)
+    out = enc(["a b", "a b", "c"])
+    assert frozen.rows == 2 and enc.misses == 2 and enc.hits == 1
+    assert torch.equal(out.values[0], out.values[1])
+    enc.close()
+    assert len(actstore.open(str(tmp_path / "d"))) == 2
+
+
+def test_fixed_outputs_and_dtype(tmp_path: Any) -> None:
+    class Pool(torch.nn.Module):
+        def forward(self, texts: list[str]) -> torch.Tensor:
+            return torch.stack([h.pooled(t) for t in texts])
+
+    with RecycledEncoder(Pool(), str(tmp_path / "f"), append=True, store_dtype="float16", dtype=torch.float32) as enc:
+        a = enc([h.text(i) for i in range(5)])
+        enc.commit()
+        b = enc([h.text(i) for i in range(5)])
+    assert a.shape == b.shape == (5, h.HIDDEN) and b.dtype == torch.float32
+    assert torch.allclose(a, b, atol=0.05) and enc.hit_rate == 0.5
+    assert actstore.open(str(tmp_path / "f")).fields["activations"].dtype == "float16"
+
+
+def test_encoder_over_a_precomputed_store(tmp_path: Any) -> None:
+    path = str(tmp_path / "p")
+    h.make_store(path, 20, kind="tuple")  # fields h + label: the encoder serves h
+    frozen = h.Frozen()
+    enc = RecycledEncoder(frozen, path)
+    assert enc.names == ["h"]
+    out = enc([h.text(3), "not stored"])
+    assert (enc.hits, enc.misses) == (1, 1) and frozen.rows == 1
+    assert torch.equal(out.values[0, : out.lengths[0]], h.embed(h.text(3)).half())
+    with pytest.raises(StoreError, match="exactly"):
+        RecycledEncoder(frozen, path, append=True)  # cannot append rows without their labels
+
+
+def test_append_needs_a_writable_store_and_a_store_must_exist(tmp_path: Any) -> None:
+    path = str(tmp_path / "p")
+    h.make_fixed_store(path, 10)
+    with pytest.raises(StoreError, match="writable"):
+        RecycledEncoder(h.Frozen(), actstore.open(path), append=True)
+    with pytest.raises(StoreNotFoundError, match="append=True"):
+        RecycledEncoder(h.Frozen(), str(tmp_path / "nothing"))
+
+
+def test_stale_store_is_refused(tmp_path: Any) -> None:
+    path = str(tmp_path / "s")
+    with RecycledEncoder(h.Frozen(), path, append=True) as enc:
+        enc(["x y"])
+    other = h.Frozen()
+    with torch.no_grad():
+        other.scale.fill_(2.0)
+    with pytest.raises(StaleStoreError):
+        RecycledEncoder(other, path)
+    RecycledEncoder(other, path, check_fingerprint=False)
+
+
+def test_recycled_encoder_as_cached_dataset_fallback(tmp_path: Any) -> None:
+    path = str(tmp_path / "s")
+    texts = [h.text(i) for i in range(12)]
+    with RecycledEncoder(h.Frozen(), path, append=True) as enc:
+        enc(texts[:8])
+    data = [(t, i) for i, t in enumerate(texts)]
+    ds = CachedDataset(data, path, index="keys", input=0, side={}, fallback=RecycledEncoder(h.Frozen(), path))
+    assert ds.missing == 4
+    item = ds[10]
+    assert torch.equal(item[0], h.embed(texts[10])) and item[1] is None  # the label was not stored
+
+
+def test_output_rows_forms() -> None:
+    rows = [torch.ones(2, 3), torch.ones(4, 3)]
+    rb = actstore.RaggedBatch.from_list(rows)
+    padded, mask = rb.to_padded()
+    for form in (rows, rb, (padded, mask), PaddedBatch(padded, mask, rb.lengths)):
+        ragged: dict[str, bool] = {}
+        out = output_rows(form, ["h"], 2, ragged)
+        assert [r.shape for r in out["h"]] == [(2, 3), (4, 3)] and ragged["h"]
+    assert [r.shape for r in output_rows({"a": torch.zeros(2, 5)}, ["a"], 2)["a"]] == [(5,), (5,)]
+    with pytest.raises(ValueError, match="3 rows"):
+        output_rows(torch.zeros(3, 2), ["h"], 2)
+    with pytest.raises(TypeError, match="dict"):
+        output_rows(torch.zeros(2, 2), ["a", "b"], 2)
+    with pytest.raises(KeyError):
+        output_rows({"a": torch.zeros(2, 2)}, ["b"], 2)
+
+
+def test_training_step_through_the_encoder(tmp_path: Any) -> None:
+    """An nn.Sequential-like use: the head trains, the frozen part never does."""
+    frozen = h.Frozen()
+    enc = RecycledEncoder(frozen, str(tmp_path / "t"), append=True)
+    head = torch.nn.Linear(h.HIDDEN, 1)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    for _ in range(2):
+        enc.train()
+        assert not frozen.training
+        hidden, mask, _ = enc([h.text(i) for i in range(8)])
+        loss = head(hidden.float()).squeeze(-1)[mask].pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert enc.hits == 8 and enc.misses == 8 and frozen.scale.grad is None
+    assert np.isfinite(float(loss.detach()))
+
+
+# --- over stores made by actstore.precompute -------------------------------------------------
+
+
+def test_cached_dataset_over_a_precompute_store(tmp_path: Any) -> None:
+    from actstore.precompute import precompute
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, generator=gen), i % 3, f"id-{i}") for i in range(30)]
+    store = precompute(model, data, tmp_path / "t", layers=["1", "2"], progress=False)
+    ds = CachedDataset(data, store)
+    assert ds.fields == ["1", "2"]
+    item = ds[7]
+    with torch.no_grad():
+        assert torch.allclose(item[0]["1"], model[:2](data[7][0]), atol=1e-6)  # batched vs single: rounding
+        assert torch.allclose(item[0]["2"], model(data[7][0]), atol=1e-6)
+    assert item[1:] == (1, "id-7") and type(item) is tuple
+    batch = collate(ds.__getitems__([3, 4]))
+    assert batch[0]["2"].shape == (2, 2) and batch[1].tolist() == [0, 1] and batch[2] == ["id-3", "id-4"]
+    assert pickle.loads(pickle.dumps(ds)).dataset is None  # nothing missing: the original is not shipped
+
+    dicts = [{"x": torch.randn(4, generator=gen), "label": i, "junk": object()} for i in range(10)]
+    store2 = precompute(model, dicts, tmp_path / "d", layers="1", input="x", side_fields={"junk": None}, progress=False)
+    item = CachedDataset(dicts, store2)[4]
+    assert list(item) == ["x", "label", "junk"] and item["label"] == 4 and item["junk"] is None  # dropped column
+
+    def rounded(x: torch.Tensor) -> bytes:
+        return key(x.numpy().round(3))
+
+    store3 = precompute(model, data, tmp_path / "k", layers="1", key_fn=rounded, progress=False)
+    with pytest.raises(ValueError, match="key_fn"):
+        CachedDataset(data, store3)
+    assert len(CachedDataset(data, store3, key_fn=rounded)) == 30
+
+
+def test_encoder_reads_a_precompute_store_of_the_whole_model(tmp_path: Any) -> None:
+    from actstore.precompute import precompute
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(1))
+    store = precompute(model, [(x[i], i) for i in range(20)], tmp_path / "p", layers="1", progress=False)
+    frozen = model[:2]  # the frozen part: precompute fingerprinted the whole model
+    enc = RecycledEncoder(frozen, store)
+    assert enc.names == ["1"]
+    batch = torch.cat([x[:5], torch.randn(3, 4)])  # a tensor batch: rows keyed one by one
+    out = enc(batch)
+    assert (enc.hits, enc.misses) == (5, 3) and out.shape == (8, 8)
+    with torch.no_grad():
+        assert torch.allclose(out, frozen(batch), atol=1e-6)
+    with pytest.raises(StaleStoreError):
+        RecycledEncoder(frozen, store, check_fingerprint=True)
