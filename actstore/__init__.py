@@ -7,6 +7,8 @@ store with zero-copy reads.
 
 from __future__ import annotations
 
+from .capture import LayerCapture, capture
+from .data import ActivationCollate, ActivationDataset, DatasetMismatchError, MissingRowsError, PaddedBatch, collate
 from .errors import (
     CorruptStoreError,
     StaleStoreError,
@@ -18,17 +20,30 @@ from .errors import (
 )
 from .format import FORMAT_VERSION, Field
 from .keys import fingerprint, key, keys
+from .precompute import precompute
 from .ragged import RaggedBatch
+from .recycled import CachedDataset, RecycledEncoder
+from .sampler import ChunkShuffleSampler
+from .split import split, split_points
 from .store import ActivationStore, create, open
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "ActivationCollate",
+    "ActivationDataset",
     "ActivationStore",
+    "CachedDataset",
+    "ChunkShuffleSampler",
     "CorruptStoreError",
+    "DatasetMismatchError",
     "Field",
+    "LayerCapture",
+    "MissingRowsError",
+    "PaddedBatch",
     "RaggedBatch",
+    "RecycledEncoder",
     "StaleStoreError",
     "StoreError",
     "StoreExistsError",
@@ -36,9 +51,14 @@ __all__ = [
     "StoreNotFoundError",
     "UnsupportedFormatError",
     "__version__",
+    "capture",
+    "collate",
     "create",
     "fingerprint",
     "key",
     "keys",
     "open",
+    "precompute",
+    "split",
+    "split_points",
 ]
