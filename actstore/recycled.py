@@ -317,8 +317,9 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
                 "actstore.precompute from a dataset; pass index='keys' to match items by content instead"
             )
         rows = store.view(cfg.view)
-        recorded = cfg.length if cfg.length is not None else len(rows)
-        if n != recorded or n != len(rows):
+        # The view is rewritten by every precompute run; attrs keep the first run's length.
+        recorded = len(rows)
+        if n != recorded:
             raise DatasetMismatchError(
                 f"{where}: the dataset has {n} items but precompute recorded {recorded}: the dataset changed; "
                 "rerun precompute on it (it computes only the new rows) or pass index='keys'"

@@ -328,3 +328,15 @@ def test_encoder_reads_a_precompute_store_of_the_whole_model(tmp_path: Any) -> N
         assert torch.allclose(out, frozen(batch), atol=1e-6)
     with pytest.raises(StaleStoreError):
         RecycledEncoder(frozen, store, check_fingerprint=True)
+
+
+def test_cached_dataset_follows_a_grown_dataset_after_a_second_precompute(tmp_path: Any) -> None:
+    # attrs keep the first run's dataset length; the view written by the last run is what counts.
+    model = torch.nn.Linear(4, 3)
+    data = [torch.full((4,), float(i)) for i in range(10)]
+    actstore.precompute(model, data[:6], tmp_path / "s", progress=False)
+    actstore.precompute(model, data, tmp_path / "s", progress=False)
+    ds = actstore.CachedDataset(data, tmp_path / "s")
+    assert len(ds) == 10
+    with torch.no_grad():
+        torch.testing.assert_close(ds[9], model(data[9]), rtol=0, atol=0)
