@@ -62,7 +62,10 @@ def map_rows(path: str, rows: int, inner_shape: tuple[int, ...], dtype: np.dtype
     size = st.st_size
     if size < need:
         raise CorruptStoreError(f"{path}: file is {size} bytes, shorter than the {need} bytes its rows need")
-    mm = np.memmap(path, dtype=dtype, mode="c", shape=(rows, *inner_shape))
+    try:
+        mm = np.memmap(path, dtype=dtype, mode="c", shape=(rows, *inner_shape))
+    except FileNotFoundError as e:  # deleted since the stat (a superseded index run or view)
+        raise CorruptStoreError(f"{path}: data file is missing") from e
     return mm.view(np.ndarray)  # drop the memmap subclass: plain ndarray indexing is faster
 
 

