@@ -514,14 +514,7 @@ class _StoreHolder:
 
 
 def _check_fields(store: ActivationStore, fields: Any) -> list[str]:
-    if fields is None:
-        return list(store.fields)
-    if isinstance(fields, str):
-        fields = [fields]
-    unknown = [n for n in fields if n not in store.fields]
-    if unknown:
-        raise KeyError(f"fields {unknown} are not in the store {store.path}; it has {sorted(store.fields)}")
-    return list(fields)
+    return store._field_names(fields)
 
 
 def _positions(indices: Any, n: int) -> np.ndarray:

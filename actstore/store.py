@@ -411,13 +411,14 @@ class ActivationStore:
         return out
 
     def _field_names(self, fields: str | list[str] | None) -> list[str]:
+        """The named fields (all when None), checked: KeyError listing the store's fields."""
         if fields is None:
             return list(self.fields)
         if isinstance(fields, str):
             fields = [fields]
         unknown = [n for n in fields if n not in self.fields]
         if unknown:
-            raise KeyError(f"fields {unknown} are not in the store; it has {sorted(self.fields)}")
+            raise KeyError(f"fields {unknown} are not in the store {self.path}; it has {sorted(self.fields)}")
         return list(fields)
 
     def _gather_ragged(self, name: str, f: Field, idx: np.ndarray) -> RaggedBatch:
