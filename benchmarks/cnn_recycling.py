@@ -24,8 +24,8 @@ output): its cost is negligible next to the network's.
 
 Usage::
 
-    python benchmarks/cnn_recycling.py            # 256 images, ~20-40 minutes on 2 loaded cores
-    python benchmarks/cnn_recycling.py --quick    # 8 images at 112x112, well under a minute
+    python benchmarks/cnn_recycling.py            # 256 images, 16 minutes on 2 loaded cores
+    python benchmarks/cnn_recycling.py --quick    # 8 images at 112x112, under a minute
 """
 
 from __future__ import annotations

@@ -36,8 +36,9 @@ recomputing the prefix every epoch.
 
 Usage::
 
-    python benchmarks/qa_recycling.py --data /path/to/cloud_faq_dataset.jsonl           # ~1 hour on 2 cores
-    python benchmarks/qa_recycling.py --data /path/to/cloud_faq_dataset.jsonl --quick   # ~1-2 minutes
+    python benchmarks/qa_recycling.py --data /path/to/cloud_faq_dataset.jsonl           # 93 min on 2 loaded cores
+    python benchmarks/qa_recycling.py --data /path/to/cloud_faq_dataset.jsonl --quick   # a few minutes
+    python benchmarks/qa_recycling.py --data ... --timing-only --rows 50 --timing-rounds 6   # step timing only
 """
 
 from __future__ import annotations
