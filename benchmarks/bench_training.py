@@ -511,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="work directory (default: a temp dir under /tmp, removed afterwards)")
     ap.add_argument("--results", help="write the Markdown tables here")
     ap.add_argument("--skip", action="append", default=[], choices=["epochs", "memory", "cold", "cached"])
+    ap.add_argument("--cold-repeats", type=int, help="passes per order in the cold-cache table (default 3; --quick 1)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -560,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"building a {gb} GB token store")
                 m = build_token_store(ragged, gb)
                 notes.append(f"token store: {m:,} rows of 8–64 tokens × 384 float16 ({gb:g} GB)")
-                bench_cold(tables, [("fixed rows, 1.5 KB", fixed), ("token rows, ~28 KB", ragged)], repeats=1 if quick else 3)
+                bench_cold(tables, [("fixed rows, 1.5 KB", fixed), ("token rows, ~28 KB", ragged)], repeats=args.cold_repeats or (1 if quick else 3))
     finally:
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     layers, dtype = (None, None) if args.head == "mlp" else (TOKENS_LAYER, "float16")
     store = precompute(model, texts, args.store, layers=layers, collate_fn=Tokenize(model), store_dtype=dtype,
-                       batch_size=64, progress=True)
+                       batch_size=64, progress=sys.stderr.isatty())
     print(f"store {args.store}: {len(store):,} rows for {len(texts):,} texts, fields {sorted(store.fields)} "
           f"({time.perf_counter() - t0:.0f} s, rerun: resumes)")
 
