@@ -549,13 +549,14 @@ def _run(model: Any, data: Sequence[Any], collate_fn: Any, loss_fn: Any, depths:
 
     report = BenchReport(
         model=name, family=family, blocks=n_blocks, samples=n, batch_size=bs, steps_per_epoch=steps_per_epoch,
-        steps=n_steps, rounds=rounds, device=str(dev), store_dtype=store_dtype, machine=_machine(), rows=rows,
+        steps=n_steps, rounds=rounds, device=str(dev), store_dtype=store_dtype, machine=machine_description(), rows=rows,
         step_seconds=median, wall_seconds=time.perf_counter() - started,
         notes=[f"actstore {__version__}."])
     return report
 
 
-def _machine() -> str:
+def machine_description() -> str:
+    """One line describing this machine (CPU, cores, GPU, memory, Python, torch) for reports."""
     import os as _os
     import platform
 

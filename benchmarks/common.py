@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -27,24 +26,10 @@ def timeit(fn: Callable[[], Any], *, repeat: int = 5, number: int = 1, warmup: i
 
 
 def machine() -> str:
-    """One line describing this machine (for reports)."""
-    import torch
+    """One line describing this machine (for reports); the same line ``actstore bench`` prints."""
+    from actstore.bench import machine_description
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        mem = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
-    except (ValueError, OSError):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores{mem}, Python {platform.python_version()}, torch {torch.__version__}"
+    return machine_description()
 
 
 def drop_page_cache(paths: Sequence[str]) -> None:
