@@ -342,7 +342,7 @@ class Fetcher:
     fetch the file about to be mapped into the mirror, then run the wrapped
     :class:`~actstore.reader.ReadCheck` (``verify_reads``) if any.
 
-    Called as ``fetch(base, meta, rel, rows, inner, dtype)`` with ``base`` the
+    Called as ``fetch(base, meta, rel, rows, inner, dtype, codec)`` with ``base`` the
     object's directory in the mirror and ``rel`` the array inside it.
     """
 
@@ -351,15 +351,16 @@ class Fetcher:
         self.inner = inner
         self.segments = segments
 
-    def __call__(self, base: str, meta: str, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+    def __call__(self, base: str, meta: str, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any],
+                 codec: Any = None) -> None:
         obj = os.path.relpath(base, self.cache.root).replace(os.sep, "/")
         names = [f"{rel}/{chunk_path(len(inner) + 1)}"] if rows else []
-        if self.inner is not None:
+        if self.inner is not None or (codec is not None and rows):  # a compressed array's reader reads it
             names.append(f"{rel}/zarr.json")
         if names and (self.segments or not obj.startswith(SEGMENTS_DIR + "/")):
             self.cache.ensure(obj, meta, names)
         if self.inner is not None:
-            self.inner(base, meta, rel, rows, inner, dtype)
+            self.inner(base, meta, rel, rows, inner, dtype, codec)
 
 
 def _size(path: str) -> int:

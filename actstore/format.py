@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .compressed import CODECS, LEVELS, codec_json
 from .errors import CorruptStoreError, UnsupportedFormatError
 
 __all__ = [
@@ -132,8 +133,13 @@ class Field:
 
     shape: tuple[int | None, ...]
     dtype: str = "float32"
+    #: None (raw bytes, read zero-copy) or ``"zstd"`` (smaller, read by decompressing: always copies).
+    compression: str | None = None
+    #: zstd level (-7 fastest ... 22 smallest); only with ``compression``.
+    level: int = 3
 
-    def __init__(self, shape: Any = (), dtype: object = "float32") -> None:
+    def __init__(self, shape: Any = (), dtype: object = "float32", compression: str | None = None,
+                 level: int = 3) -> None:
         if isinstance(shape, int) or shape is None:
             shape = (shape,)
         try:
@@ -154,6 +160,12 @@ class Field:
             raise ValueError(f"shape: at most {MAX_DIM} elements per row, got {shape!r}")
         object.__setattr__(self, "shape", tuple(None if d is None else int(d) for d in shape))
         object.__setattr__(self, "dtype", dtype_name(dtype))
+        if compression is not None and compression not in CODECS:
+            raise ValueError(f"compression: expected None or one of {list(CODECS)}, got {compression!r}")
+        if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or int(level) not in LEVELS:
+            raise ValueError(f"level: expected an int in [{LEVELS[0]}, {LEVELS[-1]}], got {level!r}")
+        object.__setattr__(self, "compression", compression)
+        object.__setattr__(self, "level", int(level) if compression is not None else 3)
 
     @property
     def ragged(self) -> bool:
@@ -175,16 +187,33 @@ class Field:
         """Bytes of one element (one row for fixed fields, one token for ragged)."""
         return int(np.prod(self.inner_shape, dtype=np.int64)) * self.spec.numpy.itemsize
 
+    @property
+    def codec(self) -> dict[str, Any] | None:
+        """The Zarr codec entry of the field's inner chunks after ``bytes`` (None when uncompressed)."""
+        return codec_json(self.level) if self.compression is not None else None
+
     def to_json(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "dtype": self.dtype}
+        doc: dict[str, Any] = {"shape": list(self.shape), "dtype": self.dtype}
+        if self.compression is not None:  # absent for raw fields: their documents stay as they were
+            doc["compression"] = {"name": self.compression, "level": self.level}
+        return doc
 
     @classmethod
     def from_json(cls, doc: Any, where: str) -> Field:
         doc = _expect(doc, dict, where)
-        _only_keys(doc, {"shape", "dtype"}, where)
+        _only_keys(doc, {"shape", "dtype", "compression"}, where)
         shape = _expect(doc.get("shape"), list, f"{where}.shape")
+        comp: dict[str, Any] = {}
+        if "compression" in doc:
+            c = _expect(doc["compression"], dict, f"{where}.compression")
+            _only_keys(c, {"name", "level"}, f"{where}.compression")
+            name = _expect(c.get("name"), str, f"{where}.compression.name")
+            if name not in CODECS:
+                raise UnsupportedFormatError(f"{where}.compression: codec {name!r} is not supported by this "
+                                             f"version of actstore (it reads {list(CODECS)}); upgrade actstore")
+            comp = {"compression": name, "level": _expect(c.get("level"), int, f"{where}.compression.level")}
         try:
-            return cls(tuple(shape), _expect(doc.get("dtype"), str, f"{where}.dtype"))
+            return cls(tuple(shape), _expect(doc.get("dtype"), str, f"{where}.dtype"), **comp)
         except (TypeError, ValueError) as e:
             raise CorruptStoreError(f"{where}: {e}") from e
 
@@ -433,12 +462,17 @@ INTERNAL_DTYPES: dict[str, np.dtype[Any]] = {"uint8": np.dtype("u1"), "int64": n
 
 
 def array_metadata(
-    rows: int, inner_shape: tuple[int, ...], zarr_dtype: str, inner_rows: int, attributes: Mapping[str, Any] | None = None
+    rows: int, inner_shape: tuple[int, ...], zarr_dtype: str, inner_rows: int, attributes: Mapping[str, Any] | None = None,
+    codec: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``zarr.json`` of a single-shard array of ``rows`` rows.
 
     An empty array (``rows == 0``) gets a one-row chunk grid and no shard file.
+    ``codec`` (see :attr:`Field.codec`) compresses each inner chunk after ``bytes``.
     """
+    inner_codecs: list[Any] = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if codec is not None:
+        inner_codecs.append(dict(codec))
     shard_rows, _ = shard_layout(rows, inner_rows)
     fill: object = False if zarr_dtype == "bool" else 0
     return {
@@ -454,7 +488,7 @@ def array_metadata(
                 "name": "sharding_indexed",
                 "configuration": {
                     "chunk_shape": [inner_rows, *inner_shape],
-                    "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                    "codecs": inner_codecs,
                     "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
                     "index_location": "end",
                 },

@@ -95,7 +95,7 @@ class Run:
 
     def __init__(self, model: nn.Module, dataset: Any, root: str, *, layers: list[str], batch_size: int,
                  device: torch.device, collate_fn: Callable[[list[Any]], Any] | None, key_fn: Any,
-                 store_dtype: torch.dtype | None, num_workers: int, progress: bool, selector: Selector,
+                 store_dtype: torch.dtype | None, compression: str | None, num_workers: int, progress: bool, selector: Selector,
                  side_fields: dict[str, Field | None], lengths_fn: Any, autocast: torch.dtype | None,
                  commit_every_rows: int | None, commit_every_seconds: float | None, max_in_flight: int,
                  overwrite: bool) -> None:
@@ -106,7 +106,7 @@ class Run:
             raise ValueError(f"layers {layers} map to clashing field names {list(self.fields.values())}")
         self.collate_fn = collate_fn or default_collate
         self.key_fn = None if key_fn is content_key else key_fn
-        self.lengths_fn, self.store_dtype = lengths_fn, store_dtype
+        self.lengths_fn, self.store_dtype, self.compression = lengths_fn, store_dtype, compression
         self.num_workers, self.progress, self.selector = num_workers, progress, selector
         self.side_overrides, self.autocast, self.overwrite = side_fields, autocast, overwrite
         self.commit_every_rows, self.commit_every_seconds = commit_every_rows, commit_every_seconds
@@ -358,6 +358,8 @@ class Run:
                 if f.spec.torch.is_floating_point and f.dtype != dtype_name(self.store_dtype):
                     diffs.append("store_dtype")
                     break
+        if self.compression is not None and any(f.compression != self.compression for f in self.layer_fields.values()):
+            diffs.append("compression")
         if not diffs:
             return
         msg = (f"{self.root}: holds a store of this model and layers, but with another {', '.join(diffs)} "
@@ -453,7 +455,7 @@ class Run:
                 if dtype == torch.float64:
                     dtype = torch.float32
                 shape = (None, *t.shape[2:]) if ragged else tuple(t.shape[1:])
-                fields[name] = Field(shape, dtype)
+                fields[name] = Field(shape, dtype, compression=self.compression)
                 if ragged:
                     self.ragged.add(name)
             self.layer_fields = dict(fields)
@@ -539,7 +541,8 @@ class Run:
 
     def _record_view(self) -> None:
         if self.store is None:  # an empty dataset and no store: shapes are unknown, so fields are placeholders
-            fields = {f: Field((None,), dtype_name(self.store_dtype or torch.float32)) for f in self.fields.values()}
+            fields = {f: Field((None,), dtype_name(self.store_dtype or torch.float32), compression=self.compression)
+                      for f in self.fields.values()}
             config = {**self._config(), "placeholder": True, "sample": None}
             self.store = create_store(self.root, fields, fingerprint=self.fp, attrs={ATTR: config})
         codes = np.concatenate(self.view) if self.view else np.empty(0, np.int64)

@@ -69,6 +69,7 @@ def precompute(
     collate_fn: Callable[[list[Any]], Any] | None = None,
     key_fn: Callable[[Any], bytes] | None = None,
     store_dtype: str | torch.dtype | None = None,
+    compression: str | None = None,
     num_workers: int = 0,
     progress: bool = True,
     input: int | str | None = None,  # noqa: A002 - the natural name
@@ -112,6 +113,11 @@ def precompute(
     store_dtype
         ``"float16"``, ``"bfloat16"`` or ``"float32"`` for floating outputs on
         disk.  Default: the output's own dtype (bit-exact).
+    compression
+        ``"zstd"`` compresses the activation fields on disk (smaller; reads
+        decompress, so they copy and random access is slower: see
+        :class:`~actstore.Field`).  Default: raw, read zero-copy.  When
+        resuming, ``None`` keeps what the store has.
     num_workers
         DataLoader workers that read items, compute keys and collate.
     progress
@@ -187,7 +193,8 @@ def precompute(
     run_kwargs = dict(
         layers=resolve_layers(model, layers),
         batch_size=_positive("batch_size", batch_size), device=dev, collate_fn=collate_fn, key_fn=key_fn,
-        store_dtype=_store_dtype(store_dtype), num_workers=num_workers, progress=bool(progress),
+        store_dtype=_store_dtype(store_dtype), compression=_compression(compression), num_workers=num_workers,
+        progress=bool(progress),
         selector=Selector(input), side_fields=dict(side_fields or {}), lengths_fn=lengths_fn,
         autocast=_autocast_dtype(autocast, dev),
         commit_every_rows=_positive("commit_every_rows", commit_every_rows, True),
@@ -207,6 +214,12 @@ def _positive(name: str, value: Any, allow_none: bool = False, kind: type = int)
     if not ok:
         raise ValueError(f"{name}: expected a positive {kind.__name__}{' or None' if allow_none else ''}, got {value!r}")
     return value
+
+
+def _compression(value: Any) -> str | None:
+    if value is not None:
+        Field((), compression=value)  # raises ValueError naming the choices
+    return value  # type: ignore[no-any-return]
 
 
 def _store_dtype(value: Any) -> torch.dtype | None:
@@ -307,7 +320,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     try:
         store = precompute(
             model, dataset, args.out, layers=layers, batch_size=args.batch_size, device=args.device,
-            collate_fn=collate, store_dtype=args.dtype, num_workers=args.workers, progress=not args.quiet,
+            collate_fn=collate, store_dtype=args.dtype, compression=args.compression, num_workers=args.workers, progress=not args.quiet,
             input=input_sel, autocast=args.autocast, commit_every_rows=args.commit_every_rows,
             commit_every_seconds=args.commit_every_seconds, overwrite=args.overwrite)
     except (ValueError, TypeError) as e:
@@ -330,6 +343,7 @@ def _precompute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(STORE_DTYPES), help="dtype on disk (default: the output's)")
+    p.add_argument("--compression", choices=["zstd"], help="compress activations on disk (default: raw, zero-copy reads)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--input", help="tuple position or dict key of the model input in each item")
     p.add_argument("--autocast", action="store_true", help="run the model under autocast")

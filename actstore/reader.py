@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .compressed import CompressedRows
 from .errors import CorruptStoreError
 from .format import (
     FIELDS_DIR,
@@ -102,7 +103,8 @@ class ReadCheck:
         self._files: dict[str, dict[str, Any]] = {}
         self._checked: set[str] = set()
 
-    def __call__(self, base: str, meta: str, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+    def __call__(self, base: str, meta: str, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any],
+                 codec: Any = None) -> None:
         data = f"{rel}/{chunk_path(len(inner) + 1)}"
         if f"{base}/{data}" in self._checked:
             return
@@ -112,7 +114,7 @@ class ReadCheck:
             files = self._files.get(base)
             if files is None:
                 files = self._files[base] = object_files(base, meta, base)[1]
-            _expect_array(base, rel, rows, inner, dtype.name, files)  # zdtype == numpy name for stored dtypes
+            _expect_array(base, rel, rows, inner, dtype.name, files, codec)  # zdtype == numpy name for stored dtypes
             for name in (f"{rel}/zarr.json", data) if rows else (f"{rel}/zarr.json",):
                 path, rec = _inside(base, name), files[name]
                 size = os.stat(path).st_size
@@ -135,12 +137,24 @@ class SegmentReader:
         self.arrays: dict[str, np.ndarray] = {}
         self.check = check
 
-    def _map(self, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    def _map(self, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any], codec: Any = None) -> Any:
+        """The array ``rel``: a map (never copies), or :class:`CompressedRows` for a compressed field."""
         path = os.path.join(self.path, rel, *chunk_path(len(inner) + 1).split("/"))
         check_no_links(os.path.dirname(os.path.dirname(self.path)), path)
         if self.check is not None:
-            self.check(self.path, self.info.meta, rel, rows, inner, dtype)
-        return map_rows(path, rows, inner, dtype)
+            self.check(self.path, self.info.meta, rel, rows, inner, dtype, codec)
+        if codec is None or rows == 0:
+            return map_rows(path, rows, inner, dtype)
+        from .verify import array_inner_rows  # (verify imports this module)
+
+        inner_rows = array_inner_rows(os.path.join(self.path, rel, "zarr.json"), rows, inner, dtype.name, codec)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError as e:
+            raise CorruptStoreError(f"{path}: data file is missing") from e
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptStoreError(f"{path}: not a regular file")
+        return CompressedRows(path, rows, inner, dtype, inner_rows, st.st_size)
 
     def keys(self) -> np.ndarray:
         a = self.arrays.get("keys")
@@ -152,7 +166,8 @@ class SegmentReader:
         a = self.arrays.get(name)
         if a is None:
             f = self.fields[name]
-            a = self.arrays[name] = self._map(f"{FIELDS_DIR}/{name}", self.info.rows, f.inner_shape, f.spec.numpy)
+            a = self.arrays[name] = self._map(f"{FIELDS_DIR}/{name}", self.info.rows, f.inner_shape, f.spec.numpy,
+                                              f.codec)
         return a
 
     def ragged(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +182,8 @@ class SegmentReader:
                     f"{self.path}/{FIELDS_DIR}/{name}/offsets: offsets are not non-decreasing from 0 to {count}"
                 )
             self.arrays[name + "/offsets"] = offsets
-            v = self.arrays[name] = self._map(f"{FIELDS_DIR}/{name}/values", count, f.inner_shape, f.spec.numpy)
+            v = self.arrays[name] = self._map(f"{FIELDS_DIR}/{name}/values", count, f.inner_shape, f.spec.numpy,
+                                              f.codec)
         return v, self.arrays[name + "/offsets"]
 
 

@@ -486,7 +486,9 @@ class ActivationStore:
             "path": self.path,
             "format": f"actstore v{FORMAT_VERSION} (Zarr v3)",
             "rows": len(self),
-            "fields": {n: {"shape": list(f.shape), "dtype": f.dtype, "ragged": f.ragged} for n, f in self.fields.items()},
+            "fields": {n: {"shape": list(f.shape), "dtype": f.dtype, "ragged": f.ragged,
+                           "compression": f"{f.compression} level {f.level}" if f.compression else None}
+                       for n, f in self.fields.items()},
             "bytes_on_disk": size,
             "fingerprint": m.fingerprint,
             "created": m.created,
@@ -495,7 +497,9 @@ class ActivationStore:
             "index_runs": len(m.indexes),
             "views": {n: v.rows for n, v in m.views.items()},
             "chunk_bytes": m.chunk_bytes,
-            "layout": "one shard per array per segment; uncompressed little-endian rows from offset 0",
+            "layout": "one shard per array per segment; "
+                      + ("uncompressed little-endian rows from offset 0" if not any(f.compression for f in self.fields.values())
+                         else "compressed fields: one zstd frame per inner chunk; others: raw rows from offset 0"),
             "attrs": dict(m.attrs),
         }
 
@@ -662,12 +666,11 @@ class ActivationStore:
             on_disk = read_manifest(self.path)
         except (StoreError, OSError):
             on_disk = None  # unknown: delete nothing; the next open(mode="a") cleans up
-        if on_disk is not None and _ids(on_disk) == _ids(manifest):
-            self._load(manifest)
+        if on_disk is not None and manifest is not self.manifest and _ids(on_disk) == _ids(manifest):
+            self._load(manifest)  # the rename happened
         elif seg is not None:
             if on_disk is None:
-                for shard in seg.arrays.values():
-                    shard.discard()  # close the files, keep them
+                seg.close_files()  # keep them: the manifest on disk is unknown
             else:
                 seg.discard()
 
@@ -707,8 +710,9 @@ class ActivationStore:
         self._check_writable()
         if self.pending or self._pending_views:
             raise StoreError(f"{self.path}: {self.pending} rows are pending; commit() or abort() them before adopt()")
+        from .keyset import KeySet
         from .verify import _inside, object_files
-        from .writer import PendingKeys, link_object
+        from .writer import link_object
 
         items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
         opened = [s if isinstance(s, ActivationStore) else open(s) for s in items]  # type: ignore[arg-type]
@@ -720,7 +724,7 @@ class ActivationStore:
                 if src.fingerprint is not None and self.fingerprint is not None and src.fingerprint != self.fingerprint:
                     raise StaleStoreError(f"{src.path}: computed by another model than {self.path}")
             have = {s.id for s in self.manifest.segments}
-            seen = PendingKeys()
+            seen = KeySet()
             linked: list[Any] = []
             prefixes: list[np.ndarray] = []
             manifest = self.manifest

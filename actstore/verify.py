@@ -140,22 +140,31 @@ def _check_files(base: str, files: dict[str, dict[str, Any]], report: VerifyRepo
             report.problems.append(str(e))
 
 
-def _expect_array(base: str, rel: str, rows: int, inner: tuple[int, ...], zdtype: str,
-                  files: dict[str, Any]) -> None:
-    """The array's zarr.json must be exactly what the writer produces for these rows."""
-    path = os.path.join(base, rel, "zarr.json")
-    if f"{rel}/zarr.json" not in files:
-        raise CorruptStoreError(f"{path}: not listed in the segment metadata")
+def array_inner_rows(path: str, rows: int, inner: tuple[int, ...], zdtype: str, codec: Any = None) -> int:
+    """Rows per inner chunk from an array's ``zarr.json`` (``path``), which must be exactly
+    what the writer produces for these rows."""
     doc = loads(read_document(path, 1 << 20), path)
     try:
         inner_rows = int(doc["codecs"][0]["configuration"]["chunk_shape"][0])
     except (KeyError, IndexError, TypeError, ValueError, OverflowError) as e:  # (JSON 1e400 parses as inf)
         raise CorruptStoreError(f"{path}: not a single-shard array ({e})") from e
-    if inner_rows < 1 or doc != array_metadata(rows, inner, zdtype, inner_rows):
-        raise CorruptStoreError(f"{path}: metadata disagrees with the manifest (expected {rows} rows of {zdtype}{list(inner)})")
+    if inner_rows < 1 or doc != array_metadata(rows, inner, zdtype, inner_rows, codec=codec):
+        raise CorruptStoreError(f"{path}: metadata disagrees with the manifest (expected {rows} rows of {zdtype}{list(inner)}"
+                                f"{', ' + codec['name'] if codec else ''})")
+    return inner_rows
+
+
+def _expect_array(base: str, rel: str, rows: int, inner: tuple[int, ...], zdtype: str,
+                  files: dict[str, Any], codec: Any = None) -> int:
+    """The array's zarr.json must be listed and exactly what the writer produces; returns its inner rows."""
+    path = os.path.join(base, rel, "zarr.json")
+    if f"{rel}/zarr.json" not in files:
+        raise CorruptStoreError(f"{path}: not listed in the segment metadata")
+    inner_rows = array_inner_rows(path, rows, inner, zdtype, codec)
     data = f"{rel}/{chunk_path(len(inner) + 1)}"
     if rows and data not in files:
         raise CorruptStoreError(f"{os.path.join(base, data)}: not listed in the segment metadata")
+    return inner_rows
 
 
 def verify_store(root: str, manifest: Manifest, progress: Callable[[int], None] | None = None) -> VerifyReport:
@@ -199,10 +208,10 @@ def _check_segment(base: str, seg: SegmentInfo, attrs: dict[str, Any], files: di
     for name, f in manifest.fields.items():
         rel = f"{FIELDS_DIR}/{name}"
         if f.ragged:
-            _expect_array(base, f"{rel}/values", seg.values[name], f.inner_shape, f.spec.zarr, files)
+            _expect_array(base, f"{rel}/values", seg.values[name], f.inner_shape, f.spec.zarr, files, f.codec)
             _expect_array(base, f"{rel}/offsets", seg.rows + 1, (), "int64", files)
         else:
-            _expect_array(base, rel, seg.rows, f.inner_shape, f.spec.zarr, files)
+            _expect_array(base, rel, seg.rows, f.inner_shape, f.spec.zarr, files, f.codec)
 
 
 def _check_index(root: str, manifest: Manifest, starts: np.ndarray, report: VerifyReport) -> None:

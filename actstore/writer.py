@@ -34,6 +34,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -41,6 +42,7 @@ import blake3
 import google_crc32c
 import numpy as np
 
+from .compressed import ChunkEncoder
 from .errors import CorruptStoreError, StoreLockedError
 from .format import (
     FIELDS_DIR,
@@ -63,6 +65,7 @@ from .format import (
     root_document,
     shard_layout,
 )
+from .keyset import KeySet
 from .reader import key_prefixes
 
 __all__ = ["SegmentWriter", "StoreLock", "atomic_write", "link_object", "write_index_run", "write_manifest",
@@ -70,6 +73,12 @@ __all__ = ["SegmentWriter", "StoreLock", "atomic_write", "link_object", "write_i
 
 #: Merge the key index into one run when a commit would leave more than this many.
 MAX_INDEX_RUNS = 8
+#: A write at least this large is hashed on a helper thread while this thread writes it.
+PARALLEL_HASH_BYTES = 1 << 20
+#: Start write-back (``fdatasync`` on a helper thread) whenever this much data has been written
+#: since the last start, so that the disk works while rows arrive and commit's fsync finds
+#: little left to do.  It also keeps the dirty pages of a long append bounded.
+WRITEBACK_BYTES = 64 << 20
 
 
 # --- durable file primitives ---------------------------------------------------
@@ -134,29 +143,66 @@ class ShardFile:
     Rows go straight to the file as they arrive (the OS buffers them);
     :meth:`finish` pads the last inner chunk and appends the Zarr shard index.
     The BLAKE3 of the whole file is computed on the way, never by reading back.
+    With a ``codec`` (a compressed field), rows are cut into inner chunks of
+    about ``chunk_bytes`` and each is written as one compressed frame.
     """
 
-    def __init__(self, directory: str, inner_shape: tuple[int, ...], dtype: np.dtype[Any], zarr_dtype: str) -> None:
+    def __init__(self, directory: str, inner_shape: tuple[int, ...], dtype: np.dtype[Any], zarr_dtype: str,
+                 codec: Mapping[str, Any] | None = None, chunk_bytes: int = 0) -> None:
         self.directory = directory  # the array's directory
         self.inner_shape = inner_shape
         self.dtype = dtype
         self.zarr_dtype = zarr_dtype
         self.row_bytes = int(np.prod(inner_shape, dtype=np.int64)) * dtype.itemsize
         self.rows = 0
+        self.codec = codec
+        self._encoder: ChunkEncoder | None = None
+        if codec is not None:  # inner chunks as for a large array; finish() shrinks a small one's
+            inner = inner_rows_for(self.row_bytes, chunk_bytes, 2**62)
+            self._encoder = ChunkEncoder(int(codec["configuration"]["level"]), inner * self.row_bytes)
         self._file: Any = None
         self._hash = blake3.blake3()
         self._rel = chunk_path(len(inner_shape) + 1)
 
-    def write(self, rows: np.ndarray) -> None:
+    def write(self, rows: np.ndarray, hasher: ThreadPoolExecutor | None = None) -> int:
+        """Append ``rows``; returns the bytes written.
+
+        With ``hasher``, a large write is hashed there while this thread writes it
+        (BLAKE3 and the copy into the page cache then use two cores); both are
+        done when this returns, so the caller may reuse ``rows`` at once.
+        """
         if not len(rows):
-            return
+            return 0
         if self._file is None:
             os.makedirs(os.path.join(self.directory, os.path.dirname(self._rel)), exist_ok=True)
             self._file = open(os.path.join(self.directory, self._rel), "wb")  # noqa: SIM115
         data = memoryview(np.ascontiguousarray(rows)).cast("B")  # type: ignore[arg-type]
-        self._file.write(data)
-        self._hash.update(data)
         self.rows += len(rows)
+        if self._encoder is not None:
+            return self._write_frames(self._encoder.feed(data))
+        if hasher is not None and data.nbytes >= PARALLEL_HASH_BYTES:
+            hashed = hasher.submit(self._hash.update, data)
+            try:
+                self._file.write(data)
+            finally:
+                hashed.result()
+        else:
+            self._file.write(data)
+            self._hash.update(data)
+        return data.nbytes
+
+    def _write_frames(self, frames: list[bytes]) -> int:
+        for frame in frames:
+            self._file.write(frame)
+            self._hash.update(frame)
+        return sum(map(len, frames))
+
+    def flush(self) -> int | None:
+        """Hand buffered bytes to the kernel; returns the file descriptor (None before the first write)."""
+        if self._file is None:
+            return None
+        self._file.flush()
+        return int(self._file.fileno())
 
     def finish(self, chunk_bytes: int) -> dict[str, dict[str, Any]]:
         """Pad, append the shard index, fsync; write ``zarr.json``.  Returns file records."""
@@ -164,11 +210,20 @@ class ShardFile:
         records: dict[str, dict[str, Any]] = {}
         if self._file is not None:
             shard_rows, n_inner = shard_layout(self.rows, inner_rows)
-            tail = bytearray((shard_rows - self.rows) * self.row_bytes)
             inner_bytes = inner_rows * self.row_bytes
             index = np.empty((n_inner, 2), "<u8")
-            index[:, 0] = np.arange(n_inner, dtype=np.uint64) * np.uint64(inner_bytes)
-            index[:, 1] = inner_bytes
+            if self._encoder is not None:
+                self._write_frames(self._encoder.flush(inner_bytes))  # (a whole chunk already: never resized)
+                sizes = np.array(self._encoder.sizes, np.uint64)
+                if len(sizes) != n_inner:
+                    raise AssertionError(f"{self.directory}: wrote {len(sizes)} inner chunks for {n_inner}")
+                index[:, 1] = sizes
+                index[:, 0] = np.cumsum(sizes) - sizes
+                tail = bytearray()
+            else:
+                tail = bytearray((shard_rows - self.rows) * self.row_bytes)
+                index[:, 0] = np.arange(n_inner, dtype=np.uint64) * np.uint64(inner_bytes)
+                index[:, 1] = inner_bytes
             tail += index.tobytes()
             tail += np.uint32(google_crc32c.value(index.tobytes())).astype("<u4").tobytes()
             self._file.write(tail)
@@ -183,7 +238,7 @@ class ShardFile:
             while len(d) > len(self.directory):  # c/0 ... then c/
                 fsync_dir(d)
                 d = os.path.dirname(d)
-        meta = dumps(array_metadata(self.rows, self.inner_shape, self.zarr_dtype, inner_rows))
+        meta = dumps(array_metadata(self.rows, self.inner_shape, self.zarr_dtype, inner_rows, codec=self.codec))
         os.makedirs(self.directory, exist_ok=True)  # an empty array has no shard file, so no directory yet
         write_durable(os.path.join(self.directory, "zarr.json"), meta)
         fsync_dir(self.directory)
@@ -200,54 +255,15 @@ class ShardFile:
 # --- segments -------------------------------------------------------------------
 
 
-class PendingKeys:
-    """The keys of the uncommitted segment, for duplicate checks without Python objects per key.
-
-    Sorted runs of (prefix, key) merged like a binary counter: adding n keys in
-    batches costs O(n log n) in all, and a membership test is one binary search
-    per run (about log2(n) runs).
-    """
-
-    def __init__(self) -> None:
-        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def __len__(self) -> int:
-        return sum(len(p) for p, _ in self.runs)
-
-    def add(self, keys: np.ndarray, prefixes: np.ndarray) -> None:
-        order = np.argsort(prefixes)
-        run = (prefixes[order], keys[order])
-        while self.runs and len(self.runs[-1][0]) <= len(run[0]):
-            p, k = self.runs.pop()
-            p, k = np.concatenate([p, run[0]]), np.concatenate([k, run[1]])
-            order = np.argsort(p)
-            run = (p[order], k[order])
-        self.runs.append(run)
-
-    def contains(self, keys: np.ndarray, prefixes: np.ndarray) -> np.ndarray:
-        """Bool mask: which of ``keys`` (with their ``prefixes``) were added."""
-        hit = np.zeros(len(keys), bool)
-        if not self.runs or not len(keys):
-            return hit
-        order = np.argsort(prefixes)  # sorted needles make each binary search much cheaper
-        sp = prefixes[order]
-        for p, k in self.runs:
-            pos = np.searchsorted(p, sp)
-            cand = np.nonzero(pos < len(p))[0]
-            cand = cand[p[pos[cand]] == sp[cand]]
-            idx = order[cand]
-            same = (k[pos[cand]].view("<u8") == keys[idx].view("<u8")).all(axis=1)
-            hit[idx[same]] = True
-            for c, i in zip(cand[~same], idx[~same], strict=True):  # another key shares the prefix
-                j = int(pos[c]) + 1
-                while j < len(p) and p[j] == sp[c] and not hit[i]:
-                    hit[i] = bool((k[j] == keys[i]).all())
-                    j += 1
-        return hit
-
-
 class SegmentWriter:
-    """The one uncommitted segment of a writer: keys and every field, streamed to disk."""
+    """The one uncommitted segment of a writer: keys and every field, streamed to disk.
+
+    Two helper threads, started with the first large write: one hashes while
+    the caller's thread writes (:meth:`ShardFile.write`), one starts write-back
+    every :data:`WRITEBACK_BYTES`.  Neither outlives :meth:`finish` or
+    :meth:`discard`, and a write-back error surfaces at the next write or at
+    :meth:`finish` (it must: the kernel reports it only once).
+    """
 
     def __init__(self, root: str, fields: Mapping[str, Field], chunk_bytes: int) -> None:
         self.id = uuid.uuid4().hex
@@ -256,10 +272,14 @@ class SegmentWriter:
         self.path = os.path.join(root, SEGMENTS_DIR, self.id)
         os.mkdir(self.path)
         self.rows = 0
-        self.keys_seen = PendingKeys()
+        self.keys_seen = KeySet()
         self.prefixes: list[np.ndarray] = []
         self.arrays: dict[str, ShardFile] = {}
         self.fields = fields
+        self._hasher: ThreadPoolExecutor | None = None
+        self._flusher: ThreadPoolExecutor | None = None
+        self._writeback: Future[None] | None = None
+        self._unsynced = 0
         u8, i64 = INTERNAL_DTYPES["uint8"], INTERNAL_DTYPES["int64"]
         self.arrays["keys"] = ShardFile(os.path.join(self.path, "keys"), (KEY_BYTES,), u8, "uint8")
         self.value_counts: dict[str, int] = {}
@@ -267,33 +287,78 @@ class SegmentWriter:
             base = os.path.join(self.path, FIELDS_DIR, name)
             spec = f.spec
             if f.ragged:
-                self.arrays[name] = ShardFile(os.path.join(base, "values"), f.inner_shape, spec.numpy, spec.zarr)
+                self.arrays[name] = ShardFile(os.path.join(base, "values"), f.inner_shape, spec.numpy, spec.zarr,
+                                              f.codec, chunk_bytes)
                 self.arrays[name + "/offsets"] = ShardFile(os.path.join(base, "offsets"), (), i64, "int64")
                 self.arrays[name + "/offsets"].write(np.zeros(1, i64))
                 self.value_counts[name] = 0
             else:
-                self.arrays[name] = ShardFile(base, f.inner_shape, spec.numpy, spec.zarr)
+                self.arrays[name] = ShardFile(base, f.inner_shape, spec.numpy, spec.zarr, f.codec, chunk_bytes)
 
     def write(self, keys: np.ndarray, columns: Mapping[str, Any]) -> None:
         """Write validated rows (see :func:`actstore.validate.validate_batch`)."""
-        for name, f in self.fields.items():
-            col = columns[name]
-            if f.ragged:
-                values, lengths = col
-                offsets = self.value_counts[name] + np.cumsum(lengths, dtype=np.int64)
-                self.arrays[name].write(values)
-                self.arrays[name + "/offsets"].write(offsets)
-                self.value_counts[name] += int(len(values))
-            else:
-                self.arrays[name].write(col)
-        self.arrays["keys"].write(keys)
+        if self._writeback is not None and self._writeback.done():
+            self._end_writeback()  # raises the error of a failed write-back
+        if self._hasher is None and keys.nbytes * 8 >= PARALLEL_HASH_BYTES:  # rows are surely larger than keys
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="actstore-hash")
         prefixes = key_prefixes(keys)
-        self.keys_seen.add(keys, prefixes)
+        # The key set is updated on the helper thread too, while this one writes.
+        if self._hasher is not None:
+            added = self._hasher.submit(self.keys_seen.add, keys, prefixes)
+        else:
+            self.keys_seen.add(keys, prefixes)
+        written = 0
+        try:
+            for name, f in self.fields.items():
+                col = columns[name]
+                if f.ragged:
+                    values, lengths = col
+                    offsets = self.value_counts[name] + np.cumsum(lengths, dtype=np.int64)
+                    written += self.arrays[name].write(values, self._hasher)
+                    written += self.arrays[name + "/offsets"].write(offsets)
+                    self.value_counts[name] += int(len(values))
+                else:
+                    written += self.arrays[name].write(col, self._hasher)
+            written += self.arrays["keys"].write(keys)
+        finally:
+            if self._hasher is not None:
+                added.result()
         self.prefixes.append(prefixes)
         self.rows += len(keys)
+        self._unsynced += written
+        if self._unsynced >= WRITEBACK_BYTES and self._writeback is None:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        fds = [fd for shard in self.arrays.values() if (fd := shard.flush()) is not None]
+
+        def sync() -> None:
+            for fd in fds:
+                _fdatasync(fd)
+
+        if self._flusher is None:
+            self._flusher = ThreadPoolExecutor(1, thread_name_prefix="actstore-writeback")
+        self._unsynced = 0
+        self._writeback = self._flusher.submit(sync)
+
+    def _end_writeback(self) -> None:
+        """Wait for a running write-back; raise its error."""
+        running, self._writeback = self._writeback, None
+        if running is not None:
+            running.result()
+
+    def _stop_helpers(self) -> None:
+        for pool in (self._hasher, self._flusher):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._hasher = self._flusher = None
 
     def finish(self) -> tuple[SegmentInfo, np.ndarray]:
         """Finish every file durably; returns the segment's info and its key prefixes."""
+        try:
+            self._end_writeback()  # before any file closes: it syncs their descriptors
+        finally:
+            self._stop_helpers()
         files: dict[str, Any] = {}
         for shard in self.arrays.values():
             rel = os.path.relpath(shard.directory, self.path).replace(os.sep, "/")
@@ -313,11 +378,22 @@ class SegmentWriter:
         info = SegmentInfo(self.id, self.rows, dict(self.value_counts), blake3.blake3(meta).hexdigest())
         return info, np.concatenate(self.prefixes)
 
-    def discard(self) -> None:
-        """Drop the segment: close files and delete its directory."""
+    def close_files(self) -> None:
+        """Close every file (after the helpers stop), keeping them on disk."""
+        with contextlib.suppress(Exception):
+            self._end_writeback()
+        self._stop_helpers()
         for shard in self.arrays.values():
             shard.discard()
+
+    def discard(self) -> None:
+        """Drop the segment: close files and delete its directory."""
+        self.close_files()
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+#: ``fdatasync`` where the platform has it (macOS has only ``fsync``).
+_fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
 def write_object(root: str, directory: str, arrays: Mapping[str, tuple[np.ndarray, str]]) -> IndexRunInfo:

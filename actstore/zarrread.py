@@ -28,7 +28,7 @@ class ZarrSegmentReader(SegmentReader):
         super().__init__(root, info, fields, None)
         self.zroot = zroot
 
-    def _map(self, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any]) -> Any:
+    def _map(self, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any], codec: Any = None) -> Any:
         if rows == 0:
             return np.empty((0, *inner), dtype)
         import zarr

@@ -137,13 +137,14 @@ class Report:
         return t
 
     def row(self, t: Table, what: str, ours: float, peer: float, unit: str, *, higher_is_better: bool,
-            target: str, passed: bool) -> None:
-        """Add a row; ``ours``/``peer`` in ``unit``, ratio as actstore speed ÷ peer speed."""
+            target: str, passed: bool | None) -> None:
+        """Add a row; ``ours``/``peer`` in ``unit``, ratio as actstore speed ÷ peer speed (``passed``
+        None: a measurement without a target)."""
         ratio = ours / peer if higher_is_better else peer / ours
         t.add(what, f"{_num(ours)} {unit}", f"{_num(peer)} {unit}", fmt_ratio(ratio), target,
-              "PASS" if passed else "**FAIL**")
+              "—" if passed is None else "PASS" if passed else "**FAIL**")
         self.records.append({"table": t.title, "what": what, "actstore": ours, "peer": peer, "unit": unit,
-                             "ratio": ratio, "target": target, "pass": bool(passed)})
+                             "ratio": ratio, "target": target, "pass": passed})
 
     def note(self, t: Table, text: str) -> None:
         self.notes[t.title].append(text)
@@ -481,6 +482,51 @@ def bench_append(rep: Report, d: Data, rows: int, rounds: int) -> None:
                 + "; peer " + ", ".join(f"{x:.2f}" for x in times["peer"]))
 
 
+def bench_compressed(rep: Report, out: str, rows: int, rounds: int) -> None:
+    """A zstd field against the same rows raw: size, write and read speed (no targets: a trade-off)."""
+    t = rep.table(f"Compressed field (zstd level 3) vs raw ({rows:,} rows × {DIM} float16, standard normal)")
+    done = step(f"writing {rows:,} rows raw and zstd-compressed")
+    data = np.random.default_rng(SEED + 2).standard_normal((rows, DIM), dtype=np.float32).astype(DTYPE)
+    keys = make_keys(0, rows)
+    paths, write_s = {}, {}
+    for comp in (None, "zstd"):
+        paths[comp] = os.path.join(out, f"compressed-{comp}")
+        shutil.rmtree(paths[comp], ignore_errors=True)
+        t0 = time.perf_counter()
+        with actstore.create(paths[comp], {"h": actstore.Field((DIM,), "float16", compression=comp)}) as s:
+            for i in range(0, rows, APPEND_BATCH):
+                s.append(keys[i : i + APPEND_BATCH], {"h": data[i : i + APPEND_BATCH]})
+        write_s[comp] = time.perf_counter() - t0
+    done()
+    raw, comp = actstore.open(paths[None]), actstore.open(paths["zstd"])
+    size = {k: float(actstore.open(p).info()["bytes_on_disk"]) for k, p in paths.items()}
+    rep.row(t, "bytes on disk, zstd vs raw", size["zstd"] / 1e6, size[None] / 1e6, "MB", higher_is_better=False,
+            target="(smaller)", passed=None)
+    gb = rows * ROW_BYTES / 1e9
+    rep.row(t, "create + append + commit, zstd vs raw", gb / write_s["zstd"], gb / write_s[None], "GB/s",
+            higher_is_better=True, target="(report)", passed=None)
+    rng = np.random.default_rng(SEED + 3)
+    batches = [rng.choice(rows, BATCH, replace=False) for _ in range(16)]
+    cyc = {k: itertools.cycle(batches) for k in ("raw", "zstd")}
+    per = race({"raw": lambda: raw.gather(next(cyc["raw"])), "zstd": lambda: comp.gather(next(cyc["zstd"]))},
+               {"raw": 50, "zstd": 5}, rounds)
+    rep.row(t, f"random gather of {BATCH} rows, zstd vs raw (warm)", BATCH * 5 / per["zstd"], BATCH * 50 / per["raw"],
+            "rows/s", higher_is_better=True, target="(report)", passed=None)
+    seq = {k: itertools.cycle(range(0, rows - BATCH, BATCH)) for k in ("raw", "zstd")}
+    per = race({"raw": lambda: raw.gather(np.arange(a := next(seq["raw"]), a + BATCH)),
+                "zstd": lambda: comp.gather(np.arange(a := next(seq["zstd"]), a + BATCH))},
+               {"raw": 200, "zstd": 200}, rounds)
+    rep.row(t, f"in-order batches of {BATCH} rows, zstd vs raw (warm)", BATCH * 200 / per["zstd"],
+            BATCH * 200 / per["raw"], "rows/s", higher_is_better=True, target="(report)", passed=None)
+    rep.note(t, "no targets: compression is a trade of read speed for disk space. Random float16 activations "
+                "compress little (their mantissas are noise); reads of a compressed field decode whole inner "
+                f"chunks ({actstore.open(paths['zstd']).manifest.chunk_bytes // 1024} KiB), so random access "
+                "decodes one chunk per row and in-order reads decode each chunk once")
+    rep.note(t, f"write times (s): raw {write_s[None]:.2f}, zstd {write_s['zstd']:.2f} (one run each)")
+    for p in paths.values():
+        shutil.rmtree(p, ignore_errors=True)
+
+
 # --- main --------------------------------------------------------------------------
 
 
@@ -546,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         d.array = None  # type: ignore[assignment]  # free 0.8 GB before the write test
         gc.collect()
         bench_append(rep, d, append_rows, rounds=2 if args.quick else 5)
+        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
+        bench_compressed(rep, out, 20_000 if args.quick else 200_000, rounds=3 if args.quick else 5)
         print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
     finally:
         if not args.keep:

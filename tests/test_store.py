@@ -488,6 +488,69 @@ def test_abort(tmp_path: Path) -> None:
     assert on_disk == {seg.id for seg in s.manifest.segments}  # aborted segments are gone
 
 
+def test_helper_threads_hash_and_write_back_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every write hashed on the helper thread and write-back after every batch."""
+    import actstore.writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "PARALLEL_HASH_BYTES", 1)
+    monkeypatch.setattr(writer_mod, "WRITEBACK_BYTES", 1)
+    synced = []
+    real = writer_mod._fdatasync
+    monkeypatch.setattr(writer_mod, "_fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    path = tmp_path / "s"
+    batches = [basic_values(50, seed=i) for i in range(6)]
+    with actstore.create(path, BASIC) as w:
+        for i, v in enumerate(batches):
+            assert w.append(mkkeys(50, 50 * i), v) == 50
+        assert w.append(mkkeys(50, 100), batches[2]) == 0  # pending duplicates, found via the key set
+        w.commit()
+    assert synced, "write-back never ran"
+    s = actstore.open(path)
+    s.verify()  # every file's BLAKE3 (computed on the helper thread) matches its bytes
+    assert len(s) == 300
+    for i, v in enumerate(batches):
+        np.testing.assert_array_equal(s.gather(np.arange(50 * i, 50 * i + 50), "x")["x"].numpy(), v["x"])
+
+
+@pytest.mark.parametrize("at", ["append", "commit"])
+def test_write_back_error_reaches_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, at: str) -> None:
+    """A failed background fdatasync is raised (the kernel reports it once), and nothing of it is committed."""
+    import errno
+    import threading
+
+    import actstore.writer as writer_mod
+
+    path = tmp_path / "s"
+    with actstore.create(path, BASIC) as w:
+        w.append(mkkeys(5), basic_values(5))
+    monkeypatch.setattr(writer_mod, "WRITEBACK_BYTES", 1)
+    failed = threading.Event()
+
+    def fail(fd: int) -> None:
+        failed.set()
+        raise OSError(errno.EIO, "injected write-back error")
+
+    monkeypatch.setattr(writer_mod, "_fdatasync", fail)
+    w = actstore.open(path, mode="a")
+    w.append(mkkeys(5, 5), basic_values(5, seed=1))  # starts the failing write-back
+    with pytest.raises(OSError) as e:
+        if at == "append":
+            assert failed.wait(10)
+            import time
+
+            time.sleep(0.05)  # let the helper finish raising
+            w.append(mkkeys(5, 10), basic_values(5, seed=2))
+        else:
+            w.commit()
+    assert e.value.errno == errno.EIO
+    assert len(actstore.open(path)) == 5 and w.pending == 0
+    monkeypatch.undo()
+    w.append(mkkeys(5, 5), basic_values(5, seed=1))  # the handle goes on
+    w.close()
+    assert len(actstore.open(path)) == 10
+    assert set(os.listdir(path / "segments")) - {"zarr.json"} == {seg.id for seg in actstore.open(path).manifest.segments}
+
+
 # --- reading ---------------------------------------------------------------------------
 
 
@@ -907,9 +970,11 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def test_zarr_reads_everything_actstore_reads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_zarr_reads_everything_actstore_reads(tmp_path: Path, compression: str | None) -> None:
     path = tmp_path / "s"
-    with actstore.create(path, INTEROP, chunk_bytes=8) as w:  # many inner chunks, partial last ones
+    fields = {n: Field(f.shape, f.dtype, compression=compression) for n, f in INTEROP.items()}
+    with actstore.create(path, fields, chunk_bytes=8) as w:  # many inner chunks, partial last ones
         for c, n in enumerate((7, 1, 3)):
             w.append(mkkeys(n, 10 * c), _interop_values(n, seed=c, empty=(c == 1)))
             w.commit()
@@ -930,7 +995,7 @@ def test_zarr_reads_everything_actstore_reads(tmp_path: Path) -> None:
             keys = zarr.open_array(store=str(path), path=f"{base}/keys", mode="r")
             np.testing.assert_array_equal(keys[:], s.key_at(rows))
             assert isinstance(members[f"{base}/keys"], zarr.Array)
-            for name, f in INTEROP.items():
+            for name, f in fields.items():
                 if f.ragged:
                     rb = got[name]
                     assert isinstance(rb, RaggedBatch)

@@ -56,11 +56,11 @@ class Fault:
 
 
 def _shard_write(fault: Fault, original: Callable[..., Any]) -> Callable[..., Any]:
-    def write(self: writer_mod.ShardFile, rows: np.ndarray) -> None:
+    def write(self: writer_mod.ShardFile, rows: np.ndarray, *a: Any) -> int:
         if fault.hit("shard_write") and len(rows):
-            original(self, rows[: len(rows) // 2])  # part of the batch reached the file
+            original(self, rows[: len(rows) // 2], *a)  # part of the batch reached the file
             raise fault.error("ShardFile.write")
-        original(self, rows)
+        return int(original(self, rows, *a))
 
     return write
 

@@ -1,0 +1,249 @@
+"""Optional compression of field data: zstd inner chunks inside the Zarr shard.
+
+A field created with ``compression="zstd"`` stores each inner chunk of its shard
+as one zstd frame (Zarr v3 codecs ``bytes`` then ``zstd``; any Zarr v3 reader
+decodes it).  This trades the zero-copy read path for disk space: rows are read
+by decompressing whole inner chunks (:class:`CompressedRows`, which keeps a few
+decoded chunks), so every read copies, and random access costs one chunk
+decode per chunk touched.  Keys, offsets and indexes are never compressed.
+
+The codec comes from numcodecs, which zarr-python itself uses for ``zstd``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import OrderedDict
+from typing import Any
+
+import google_crc32c
+import numpy as np
+
+from .errors import CorruptStoreError
+
+__all__ = ["CODECS", "ChunkEncoder", "CompressedRows", "codec_json"]
+
+#: Supported codec names and the zstd levels a field may ask for.
+CODECS = ("zstd",)
+LEVELS = range(-7, 23)
+_MAGIC = 0xFD2FB528
+_EMPTY = 2**64 - 1  # a shard index entry for a chunk that was never written (all fill value)
+
+
+def codec_json(level: int) -> dict[str, Any]:
+    """The Zarr v3 codec entry of a zstd inner chunk (the form zarr-python writes)."""
+    return {"name": "zstd", "configuration": {"level": level, "checksum": False}}
+
+
+def _zstd(level: int = 3) -> Any:
+    from numcodecs.zstd import Zstd  # a dependency of zarr
+
+    return Zstd(level=level)
+
+
+class ChunkEncoder:
+    """Cuts a stream of row bytes into inner chunks of ``chunk_bytes`` and compresses each one."""
+
+    def __init__(self, level: int, chunk_bytes: int) -> None:
+        self.codec = _zstd(level)
+        self.chunk_bytes = chunk_bytes
+        self.sizes: list[int] = []  # compressed size of each chunk emitted
+        self._pending = bytearray()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def feed(self, data: memoryview) -> list[bytes]:
+        """Take ``data``; return the compressed chunks it completes."""
+        out = []
+        if self._pending:
+            take = min(len(data), self.chunk_bytes - len(self._pending))
+            self._pending += data[:take]
+            data = data[take:]
+            if len(self._pending) == self.chunk_bytes:
+                out.append(self._emit(self._pending))
+                self._pending = bytearray()
+        while len(data) >= self.chunk_bytes:
+            out.append(self._emit(data[: self.chunk_bytes]))
+            data = data[self.chunk_bytes :]
+        self._pending += data
+        return out
+
+    def flush(self, chunk_bytes: int | None = None) -> list[bytes]:
+        """The last chunk, padded with zeros to a whole chunk (of ``chunk_bytes`` when given)."""
+        if chunk_bytes is not None:
+            self.chunk_bytes = chunk_bytes
+        if not self._pending:
+            return []
+        self._pending += bytes(self.chunk_bytes - len(self._pending))
+        chunk, self._pending = self._emit(self._pending), bytearray()
+        return [chunk]
+
+    def _emit(self, raw: Any) -> bytes:
+        data = bytes(self.codec.encode(raw))
+        self.sizes.append(len(data))
+        return data
+
+
+def frame_content_size(frame: memoryview) -> int | None:
+    """The decompressed size a zstd frame declares (RFC 8878, 3.1.1.1), or None if it declares none."""
+    if len(frame) < 6 or struct.unpack_from("<I", frame)[0] != _MAGIC:
+        raise ValueError("not a zstd frame")
+    fhd = frame[4]
+    single = (fhd >> 5) & 1
+    fcs_flag = fhd >> 6
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
+    size = (1 if single else 0) if fcs_flag == 0 else (2, 4, 8)[fcs_flag - 1]
+    if not size:
+        return None
+    if len(frame) < pos + size:
+        raise ValueError("truncated zstd frame header")
+    value = int.from_bytes(frame[pos : pos + size], "little")
+    return value + 256 if size == 2 else value
+
+
+class CompressedRows:
+    """Rows of a compressed single-shard array, decoded chunk by chunk.  Always copies.
+
+    Supports what the read path uses: ``len``, ``shape``/``dtype``, indexing by
+    int, slice or ``(int, ...)``, and ``np.take`` along axis 0.  Keeps the last
+    few decoded chunks, so reading rows in order decodes each chunk once.
+    """
+
+    #: Decoded chunks kept per array.
+    CACHE_CHUNKS = 4
+
+    def __init__(self, path: str, rows: int, inner_shape: tuple[int, ...], dtype: np.dtype[Any],
+                 inner_rows: int, size: int) -> None:
+        self._file: Any = None
+        self.path = path
+        self.shape = (rows, *inner_shape)
+        self.ndim = len(self.shape)
+        self.dtype = dtype
+        self.inner_rows = inner_rows
+        self.row_bytes = int(np.prod(inner_shape, dtype=np.int64)) * dtype.itemsize
+        n_inner = -(-rows // inner_rows)
+        index_bytes = 16 * n_inner + 4
+        if size < index_bytes:
+            raise CorruptStoreError(f"{path}: {size} bytes is shorter than its {index_bytes}-byte shard index")
+        with open(path, "rb") as f:
+            f.seek(size - index_bytes)
+            raw = f.read(index_bytes)
+        if len(raw) != index_bytes:
+            raise CorruptStoreError(f"{path}: file shorter than its metadata says")
+        if google_crc32c.value(raw[:-4]) != struct.unpack("<I", raw[-4:])[0]:
+            raise CorruptStoreError(f"{path}: shard index checksum (CRC32C) mismatch")
+        index = np.frombuffer(raw[:-4], "<u8").reshape(n_inner, 2)
+        written = index[:, 0] != _EMPTY
+        end = index[written, 0] + index[written, 1]
+        if (index[written, 1] == 0).any() or (end > size - index_bytes).any() or (end < index[written, 0]).any():
+            raise CorruptStoreError(f"{path}: shard index points outside the file")
+        self._index = index.astype(np.int64, copy=True)
+        self._index[~written] = -1
+        self._codec = _zstd()
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("CompressedRows is per process; pickle the store instead")
+
+    def chunk(self, c: int) -> np.ndarray:
+        """Decoded inner chunk ``c`` as an (inner_rows, *inner_shape) array (shared: do not modify)."""
+        hit = self._cache.get(c)
+        if hit is not None:
+            self._cache.move_to_end(c)
+            return hit
+        want = self.inner_rows * self.row_bytes
+        offset, nbytes = (int(v) for v in self._index[c])
+        out = bytearray(want)
+        if offset >= 0:
+            if self._file is None:
+                self._file = open(self.path, "rb")  # noqa: SIM115 - closed with the object
+            frame = os.pread(self._file.fileno(), nbytes, offset)
+            try:
+                if len(frame) != nbytes or frame_content_size(memoryview(frame)) != want:
+                    raise ValueError(f"the frame does not hold the {want} bytes of an inner chunk")
+                self._codec.decode(frame, out)  # never writes beyond `out`
+            except (ValueError, RuntimeError) as e:
+                raise CorruptStoreError(f"{self.path}: inner chunk {c} cannot be decoded ({e})") from e
+        arr = np.frombuffer(out, self.dtype).reshape(self.inner_rows, *self.shape[1:])
+        arr.flags.writeable = False
+        self._cache[c] = arr
+        if len(self._cache) > self.CACHE_CHUNKS:
+            self._cache.popitem(last=False)
+        return arr
+
+    def __del__(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((max(0, stop - start), *self.shape[1:]), self.dtype)
+        r = start
+        while r < stop:
+            c, within = divmod(r, self.inner_rows)
+            n = min(stop - r, self.inner_rows - within)
+            out[r - start : r - start + n] = self.chunk(c)[within : within + n]
+            r += n
+        return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, tuple) and len(key) == 2 and key[1] is Ellipsis:
+            key = key[0]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            if step != 1:
+                return self._rows(0, self.shape[0])[key]
+            return self._rows(start, stop)
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            i = int(key) + (self.shape[0] if key < 0 else 0)
+            if not 0 <= i < self.shape[0]:
+                raise IndexError(f"row {int(key)} is out of range for {self.shape[0]} rows")
+            return self._rows(i, i + 1)[0]
+        return self._take(self, key)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self._rows(0, self.shape[0])
+        return whole if dtype is None else whole.astype(dtype)
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        if func is np.take:
+            return self._take(*args, **kwargs)
+
+        def conv(x: Any) -> Any:
+            return np.asarray(x) if isinstance(x, CompressedRows) else x
+
+        return func(*[conv(a) for a in args], **{k: conv(v) for k, v in kwargs.items()})
+
+    def _take(self, a: Any, indices: Any, axis: int | None = 0, out: np.ndarray | None = None,
+              mode: str = "raise") -> np.ndarray:
+        if axis != 0:
+            return np.take(np.asarray(self), indices, axis=axis, out=out, mode=mode)  # type: ignore[call-overload,no-any-return]
+        idx = np.asarray(indices, np.int64)
+        flat = idx.reshape(-1)
+        n = self.shape[0]
+        if mode == "wrap":
+            flat = flat % n
+        elif mode == "clip":
+            flat = np.clip(flat, 0, n - 1)
+        elif len(flat) and (flat.min() < -n or flat.max() >= n):
+            raise IndexError("index out of range")
+        else:
+            flat = np.where(flat < 0, flat + n, flat)
+        direct = out is not None and out.flags.c_contiguous
+        res = out.reshape(-1, *self.shape[1:]) if out is not None and direct else np.empty((len(flat), *self.shape[1:]), self.dtype)
+        chunk_of = flat // self.inner_rows
+        order = np.argsort(chunk_of, kind="stable")  # each chunk decoded once per call
+        bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
+        for group in np.split(order, bounds) if len(order) else []:
+            c = int(chunk_of[group[0]])
+            res[group] = self.chunk(c)[flat[group] - c * self.inner_rows]
+        if out is not None:
+            if not direct:
+                out[...] = res.reshape(out.shape)
+            return out
+        return res.reshape(idx.shape + self.shape[1:])

@@ -1,0 +1,55 @@
+"""The writer's in-memory key set: exact membership whatever the keys look like."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actstore.keyset import KeySet
+
+KEY = st.binary(min_size=32, max_size=32)
+
+
+def as_array(keys: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 32) if keys else np.empty((0, 32), np.uint8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(KEY, max_size=40), max_size=8), st.lists(KEY, max_size=40))
+def test_matches_a_python_set(batches: list[list[bytes]], queries: list[bytes]) -> None:
+    ks, ref = KeySet(), set()
+    for batch in batches:
+        new = [k for k in dict.fromkeys(batch) if k not in ref]  # add takes distinct, absent keys
+        ks.add(as_array(new))
+        ref.update(new)
+        probe = batch + queries
+        assert ks.contains(as_array(probe)).tolist() == [k in ref for k in probe]
+    assert len(ks) == len(ref)
+
+
+def test_keys_that_share_prefixes_or_words() -> None:
+    """Keys alike in their first 8 bytes, or whose words xor to the same hash, stay distinct."""
+    base = np.zeros((5000, 32), np.uint8)
+    base[:, -4:] = np.arange(5000, dtype=">u4").view(np.uint8).reshape(-1, 4)  # same prefix for all
+    swapped = base.copy()
+    swapped[:, 8:16], swapped[:, 24:32] = base[:, 24:32], base[:, 8:16]  # same xor of the words
+    ks = KeySet()
+    for i in range(0, 5000, 700):
+        assert not ks.contains(base[i : i + 700]).any()
+        ks.add(base[i : i + 700])
+    assert ks.contains(base).all()
+    assert not ks.contains(swapped[1:]).any()  # row 0 of swapped is row 0 of base
+    assert ks.contains(swapped[:1]).all()
+
+
+def test_many_random_keys_grow_the_bitmap() -> None:
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 256, (300_000, 32), dtype=np.uint8)
+    ks = KeySet()
+    for i in range(0, len(keys), 4096):
+        assert not ks.contains(keys[i : i + 4096]).any()
+        ks.add(keys[i : i + 4096])
+    assert ks.contains(keys[::97]).all()
+    other = rng.integers(0, 256, (20_000, 32), dtype=np.uint8)
+    assert not ks.contains(other).any()
