@@ -8,9 +8,11 @@ store with zero-copy reads.
 from __future__ import annotations
 
 from .capture import LayerCapture, capture
-from .data import ActivationCollate, ActivationDataset, DatasetMismatchError, MissingRowsError, PaddedBatch, collate
+from .data import ActivationCollate, ActivationDataset, PaddedBatch, collate
 from .errors import (
     CorruptStoreError,
+    DatasetMismatchError,
+    MissingRowsError,
     StaleStoreError,
     StoreError,
     StoreExistsError,

@@ -49,7 +49,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
-from .errors import StoreError
+from .errors import MissingRowsError, StoreError
 from .format import Field
 from .reader import SegmentReader, Snapshot, as_tensor
 from .store import ActivationStore
@@ -58,8 +58,6 @@ from .store import open as open_store
 __all__ = [
     "ActivationCollate",
     "ActivationDataset",
-    "DatasetMismatchError",
-    "MissingRowsError",
     "PaddedBatch",
     "PrecomputeConfig",
     "RowBatch",
@@ -72,14 +70,6 @@ __all__ = [
 
 #: Rows gathered at a time when a cast needs a bounce buffer (kept cache-sized).
 _BOUNCE_BYTES = 256 << 10
-
-
-class DatasetMismatchError(StoreError, ValueError):
-    """The wrapped dataset is not the one the store was computed from."""
-
-
-class MissingRowsError(StoreError, LookupError):
-    """Some dataset positions have no row in the store (and no fallback was given)."""
 
 
 class PaddedBatch(NamedTuple):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 __all__ = [
     "CorruptStoreError",
+    "DatasetMismatchError",
     "MissingDependencyError",
+    "MissingRowsError",
     "RemoteError",
     "StaleStoreError",
     "StoreError",
@@ -54,3 +56,11 @@ class RemoteError(StoreError, OSError):
 
 class MissingDependencyError(StoreError, ImportError):
     """An optional package is needed (for example s3fs for ``s3://`` URLs); the message names it."""
+
+
+class DatasetMismatchError(StoreError, ValueError):
+    """The wrapped dataset is not the one the store was computed from (``CachedDataset``)."""
+
+
+class MissingRowsError(StoreError, LookupError):
+    """Some dataset positions have no row in the store (and no fallback was given)."""

@@ -27,8 +27,6 @@ from torch.utils.data import Dataset
 
 from .data import (
     ActivationCollate,
-    DatasetMismatchError,
-    MissingRowsError,
     PaddedBatch,
     PrecomputeConfig,
     RowBatch,
@@ -38,7 +36,7 @@ from .data import (
     precompute_config,
     row_view,
 )
-from .errors import StaleStoreError, StoreError, StoreNotFoundError
+from .errors import DatasetMismatchError, MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
 from .format import Field, dtype_name
 from .keys import fingerprint as model_fingerprint
 from .keys import key as content_key

@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import actstore
-from actstore import StaleStoreError, StoreError, StoreNotFoundError
-from actstore.data import ActivationCollate, DatasetMismatchError, MissingRowsError, PaddedBatch, collate
+from actstore import DatasetMismatchError, MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
+from actstore.data import ActivationCollate, PaddedBatch, collate
 from actstore.keys import fingerprint, key
 from actstore.recycled import CachedDataset, RecycledEncoder, output_rows
 from tests import data_helpers as h
