@@ -42,7 +42,7 @@ import pickle
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from .errors import MissingRowsError, StoreError
 from .format import Field
+from .ragged import PaddedBatch
 from .reader import SegmentReader, Snapshot, as_tensor
 from .store import ActivationStore
 from .store import open as open_store
@@ -70,27 +71,6 @@ __all__ = [
 
 #: Rows gathered at a time when a cast needs a bounce buffer (kept cache-sized).
 _BOUNCE_BYTES = 256 << 10
-
-
-class PaddedBatch(NamedTuple):
-    """A ragged field as a padded batch: ``values`` ``(n, L, *inner)``, ``mask`` ``(n, L)``, ``lengths`` ``(n,)``.
-
-    Rows are right-padded; ``mask[i, t]`` is true for ``t < lengths[i]``.
-    Unpack it like a tuple: ``hidden, mask, lengths = batch["hidden"]``.
-    """
-
-    values: torch.Tensor
-    mask: torch.Tensor
-    lengths: torch.Tensor
-
-    def to(self, *args: Any, **kwargs: Any) -> PaddedBatch:
-        """Move (or cast) the values and move the mask and lengths.  Copies only if needed."""
-        device_kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
-        devices = [a for a in args if not isinstance(a, torch.dtype)]
-        return PaddedBatch(
-            self.values.to(*args, **kwargs), self.mask.to(*devices, **device_kwargs),
-            self.lengths.to(*devices, **device_kwargs),
-        )
 
 
 # -- allocation and gathers ---------------------------------------------------------
@@ -185,7 +165,7 @@ def gather_fixed(
 
 
 def row_view(seg: SegmentReader, local: int, name: str, field: Field) -> torch.Tensor:
-    """Row ``local`` of a segment's field as a tensor.  Never copies."""
+    """Row ``local`` of a segment's field as a tensor.  Never copies (a compressed field: decoded, a copy)."""
     if field.ragged:
         values, offsets = seg.ragged(name)
         return as_tensor(values[offsets[local] : offsets[local + 1]], field)
@@ -533,6 +513,13 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     is gathered in one copy: ``{field: tensor}``, ragged fields as
     :class:`PaddedBatch`.
 
+    Ordering: ``shuffle=True`` shuffles fully; for stores larger than the page
+    cache use :class:`~actstore.ChunkShuffleSampler` (chunk-local, seedable).
+    Under DistributedDataParallel give the DataLoader a sampler that splits by
+    rank — ``ChunkShuffleSampler`` (reads the process group itself) or
+    ``torch.utils.data.DistributedSampler`` — and call its ``set_epoch`` each
+    epoch; ``shuffle=True`` alone would give every rank the whole store.
+
     Examples
     --------
     >>> ds = ActivationDataset("faq.store", fields=["hidden", "label"])  # doctest: +SKIP
@@ -550,7 +537,7 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         return f"ActivationDataset({self.store.path!r}, rows={len(self)}, fields={self.fields})"
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        """Row ``i`` as ``{field: tensor}``.  Never copies."""
+        """Row ``i`` as ``{field: tensor}``: views of the maps (compressed fields: copies)."""
         store = self.store
         if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
             raise TypeError(f"index: expected an int, got {type(i).__name__}")

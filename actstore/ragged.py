@@ -1,13 +1,14 @@
-"""A batch of variable-length rows: one flat values tensor plus offsets."""
+"""Batches of variable-length rows: flat values plus offsets (:class:`RaggedBatch`), or padded (:class:`PaddedBatch`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["RaggedBatch"]
+__all__ = ["PaddedBatch", "RaggedBatch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +83,24 @@ class RaggedBatch:
         padded = self.values.new_full((len(self), width, *self.values.shape[1:]), pad_value)
         padded[mask] = self.values
         return padded, mask
+
+
+class PaddedBatch(NamedTuple):
+    """A ragged field as a padded batch: ``values`` ``(n, L, *inner)``, ``mask`` ``(n, L)``, ``lengths`` ``(n,)``.
+
+    Rows are right-padded; ``mask[i, t]`` is true for ``t < lengths[i]``.
+    Unpack it like a tuple: ``hidden, mask, lengths = batch["hidden"]``.
+    """
+
+    values: torch.Tensor
+    mask: torch.Tensor
+    lengths: torch.Tensor
+
+    def to(self, *args: Any, **kwargs: Any) -> PaddedBatch:
+        """Move (or cast) the values and move the mask and lengths.  Copies only if needed."""
+        device_kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
+        devices = [a for a in args if not isinstance(a, torch.dtype)]
+        return PaddedBatch(
+            self.values.to(*args, **kwargs), self.mask.to(*devices, **device_kwargs),
+            self.lengths.to(*devices, **device_kwargs),
+        )

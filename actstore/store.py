@@ -31,7 +31,7 @@ from .format import (
     parse_root,
 )
 from .objects import is_url, local_path
-from .ragged import RaggedBatch
+from .ragged import PaddedBatch, RaggedBatch
 from .reader import ReadCheck, SegmentReader, Snapshot, as_tensor, key_prefixes, map_object_array, normalize_keys
 from .validate import validate_batch
 from .verify import VerifyReport, read_document, verify_store
@@ -369,7 +369,8 @@ class ActivationStore:
 
     # -- rows ---------------------------------------------------------------------
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
-        """One row as ``{field: tensor}``.  Never copies: the tensors are views of the maps."""
+        """One row as ``{field: tensor}``.  Never copies: the tensors are views of the maps
+        (except compressed fields, which are decoded into a private copy)."""
         self._check_open()
         if not isinstance(row, (int, np.integer)) or isinstance(row, bool):
             raise TypeError(f"row: expected an int, got {type(row).__name__}; use gather() for many rows")
@@ -387,28 +388,59 @@ class ActivationStore:
         return out
 
     def get(self, key: bytes) -> dict[str, torch.Tensor]:
-        """The row stored under ``key``.  Never copies.  Raises ``KeyError`` if absent."""
+        """The row stored under ``key``, as ``store[row]`` (views).  Raises ``KeyError`` if absent."""
         row = int(self.lookup(key)[0])
         if row < 0:
             raise KeyError(f"key {bytes(key).hex()[:16]}… is not in the store")
         return self[row]
 
-    def gather(self, rows: object, fields: str | list[str] | None = None) -> dict[str, torch.Tensor | RaggedBatch]:
+    def gather(self, rows: object, fields: str | list[str] | None = None, *,
+               dtype: torch.dtype | None = None) -> dict[str, torch.Tensor | RaggedBatch]:
         """Many rows at once: one batch tensor per fixed field, a :class:`RaggedBatch` per ragged one.
 
-        Always copies, once per row (into a new batch tensor).
+        Always copies, once per row (into a new batch tensor).  ``dtype`` casts
+        floating fields on the way (for example ``torch.float32`` for a head
+        that trains in float32; a cast of a fixed field still copies each row
+        once); integer and bool fields keep their dtype.  For a ragged field as
+        a padded batch with its mask, see :meth:`gather_padded`.
         """
+        from .data import gather_fixed  # (data imports this module)
+
         self._check_open()
         idx = self._snap.check_rows(rows)
         out: dict[str, torch.Tensor | RaggedBatch] = {}
         for name in self._field_names(fields):
             f = self.fields[name]
             if f.ragged:
-                out[name] = self._gather_ragged(name, f, idx)
+                rb = self._gather_ragged(name, f, idx)
+                if dtype is not None and rb.values.is_floating_point() and rb.values.dtype != dtype:
+                    rb = RaggedBatch(rb.values.to(dtype), rb.offsets)
+                out[name] = rb
             else:
-                arr = self._snap.gather_fixed(idx, lambda s, n=name: s.fixed(n), f.inner_shape, f.spec.numpy)
-                out[name] = as_tensor(arr, f)
+                out[name] = gather_fixed(self._snap, name, f, idx, dtype=dtype)
         return out
+
+    def gather_padded(self, rows: object, field: str, *, dtype: torch.dtype | None = None,
+                      pad_to_multiple_of: int | None = None, pad_value: float = 0) -> PaddedBatch:
+        """A ragged field's rows as a right-padded batch: ``(values, mask, lengths)``.
+
+        ``values`` is ``(n, L, *inner)`` with ``L`` the longest row (rounded up to
+        ``pad_to_multiple_of``), ``mask`` ``(n, L)`` bool, ``lengths`` ``(n,)``.
+        Every row is copied once, from the map straight into its slot (cast to
+        ``dtype`` on the way for floating fields); only the padding is filled.
+        """
+        from .data import gather_padded  # (data imports this module)
+
+        self._check_open()
+        name = self._field_names(field)[0]
+        f = self.fields[name]
+        if not f.ragged:
+            raise ValueError(f"gather_padded: field {name!r} is not ragged (shape {f.shape}); use gather()")
+        if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or
+                                               not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+            raise ValueError(f"pad_to_multiple_of: expected a positive int or None, got {pad_to_multiple_of!r}")
+        return gather_padded(self._snap, name, f, self._snap.check_rows(rows), dtype=dtype,
+                             pad_to_multiple_of=pad_to_multiple_of, pad_value=pad_value)
 
     def _field_names(self, fields: str | list[str] | None) -> list[str]:
         """The named fields (all when None), checked: KeyError listing the store's fields."""
@@ -445,7 +477,7 @@ class ActivationStore:
         return RaggedBatch(as_tensor(values, f), torch.from_numpy(out_offsets))
 
     def iter_rows(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Every row in order, as views.  Never copies."""
+        """Every row in order, as ``store[row]`` gives them (views)."""
         self._check_open()
         for seg in self._snap.segments:
             for local in range(seg.info.rows):

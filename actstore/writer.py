@@ -303,6 +303,7 @@ class SegmentWriter:
             self._hasher = ThreadPoolExecutor(1, thread_name_prefix="actstore-hash")
         prefixes = key_prefixes(keys)
         # The key set is updated on the helper thread too, while this one writes.
+        added: Future[None] | None = None
         if self._hasher is not None:
             added = self._hasher.submit(self.keys_seen.add, keys, prefixes)
         else:
@@ -321,7 +322,7 @@ class SegmentWriter:
                     written += self.arrays[name].write(col, self._hasher)
             written += self.arrays["keys"].write(keys)
         finally:
-            if self._hasher is not None:
+            if added is not None:
                 added.result()
         self.prefixes.append(prefixes)
         self.rows += len(keys)

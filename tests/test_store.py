@@ -608,6 +608,42 @@ def test_gather(basic: actstore.ActivationStore) -> None:
     assert len(rows) == 5 and all(np.array_equal(r["x"].numpy(), v["x"][i]) for i, r in enumerate(rows))
 
 
+def test_gather_with_dtype_and_padded(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    lengths = [[2, 0, 3], [1], [4, 2]]
+    vals = [basic_values(len(ls), seed=10 + c, lengths=ls) for c, ls in enumerate(lengths)]
+    with actstore.create(path, BASIC) as w:
+        for c, v in enumerate(vals):  # three segments
+            w.append(mkkeys(len(lengths[c]), 10 * c), v)
+            w.commit()
+    s = actstore.open(path)
+    flat_t = [t for v in vals for t in v["t"]]
+    flat_x = np.concatenate([v["x"] for v in vals])
+    rows = [5, 0, 3, 2, 5]
+    out = s.gather(rows, dtype=torch.float64)
+    assert out["x"].dtype == torch.float64 and out["n"].dtype == torch.int16  # integers keep their dtype
+    np.testing.assert_array_equal(out["x"].numpy(), flat_x[rows].astype(np.float64))
+    t = out["t"]
+    assert isinstance(t, RaggedBatch) and t.values.dtype == torch.float64
+    np.testing.assert_array_equal(t.values.numpy(), np.concatenate([flat_t[r] for r in rows]).astype(np.float64))
+    pb = s.gather_padded(rows, "t", dtype=torch.float32, pad_to_multiple_of=8, pad_value=-1)
+    assert pb.values.shape == (5, 8, 2) and pb.values.dtype == torch.float32
+    assert pb.lengths.tolist() == [len(flat_t[r]) for r in rows]
+    for i, r in enumerate(rows):
+        np.testing.assert_array_equal(pb.values[i, : len(flat_t[r])].numpy(), flat_t[r].astype(np.float32))
+        assert (pb.values[i, len(flat_t[r]) :] == -1).all()
+        assert pb.mask[i].tolist() == [k < len(flat_t[r]) for k in range(8)]
+    assert s.gather_padded([], "t").values.shape == (0, 0, 2)
+    with pytest.raises(ValueError, match="not ragged"):
+        s.gather_padded([0], "x")
+    with pytest.raises(KeyError, match="nope"):
+        s.gather_padded([0], "nope")
+    with pytest.raises(IndexError):
+        s.gather_padded([6], "t")
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        s.gather_padded([0], "t", pad_to_multiple_of=0)
+
+
 def test_many_segments_and_index_runs(tmp_path: Path) -> None:
     """Gather across many segments equals a numpy reference; the key index stays right through run merges."""
     rng = np.random.default_rng(7)
