@@ -21,6 +21,7 @@ import google_crc32c
 import numpy as np
 
 from .errors import CorruptStoreError
+from .rows import CopiedRows
 
 __all__ = ["CODECS", "ChunkEncoder", "CompressedRows", "codec_json"]
 
@@ -104,7 +105,7 @@ def frame_content_size(frame: memoryview) -> int | None:
     return value + 256 if size == 2 else value
 
 
-class CompressedRows:
+class CompressedRows(CopiedRows):
     """Rows of a compressed single-shard array, decoded chunk by chunk.  Always copies.
 
     Supports what the read path uses: ``len``, ``shape``/``dtype``, indexing by
@@ -120,7 +121,6 @@ class CompressedRows:
         self._file: Any = None
         self.path = path
         self.shape = (rows, *inner_shape)
-        self.ndim = len(self.shape)
         self.dtype = dtype
         self.inner_rows = inner_rows
         self.row_bytes = int(np.prod(inner_shape, dtype=np.int64)) * dtype.itemsize
@@ -144,9 +144,6 @@ class CompressedRows:
         self._index[~written] = -1
         self._codec = _zstd()
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    def __len__(self) -> int:
-        return self.shape[0]
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("CompressedRows is per process; pickle the store instead")
@@ -181,7 +178,7 @@ class CompressedRows:
         if self._file is not None:
             self._file.close()
 
-    def _rows(self, start: int, stop: int) -> np.ndarray:
+    def rows(self, start: int, stop: int) -> np.ndarray:
         out = np.empty((max(0, stop - start), *self.shape[1:]), self.dtype)
         r = start
         while r < stop:
@@ -191,59 +188,12 @@ class CompressedRows:
             r += n
         return out
 
-    def __getitem__(self, key: Any) -> np.ndarray:
-        if isinstance(key, tuple) and len(key) == 2 and key[1] is Ellipsis:
-            key = key[0]
-        if isinstance(key, slice):
-            start, stop, step = key.indices(self.shape[0])
-            if step != 1:
-                return self._rows(0, self.shape[0])[key]
-            return self._rows(start, stop)
-        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-            i = int(key) + (self.shape[0] if key < 0 else 0)
-            if not 0 <= i < self.shape[0]:
-                raise IndexError(f"row {int(key)} is out of range for {self.shape[0]} rows")
-            return self._rows(i, i + 1)[0]
-        return self._take(self, key)
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        whole = self._rows(0, self.shape[0])
-        return whole if dtype is None else whole.astype(dtype)
-
-    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
-        if func is np.take:
-            return self._take(*args, **kwargs)
-
-        def conv(x: Any) -> Any:
-            return np.asarray(x) if isinstance(x, CompressedRows) else x
-
-        return func(*[conv(a) for a in args], **{k: conv(v) for k, v in kwargs.items()})
-
-    def _take(self, a: Any, indices: Any, axis: int | None = 0, out: np.ndarray | None = None,
-              mode: str = "raise") -> np.ndarray:
-        if axis != 0:
-            return np.take(np.asarray(self), indices, axis=axis, out=out, mode=mode)  # type: ignore[call-overload,no-any-return]
-        idx = np.asarray(indices, np.int64)
-        flat = idx.reshape(-1)
-        n = self.shape[0]
-        if mode == "wrap":
-            flat = flat % n
-        elif mode == "clip":
-            flat = np.clip(flat, 0, n - 1)
-        elif len(flat) and (flat.min() < -n or flat.max() >= n):
-            raise IndexError("index out of range")
-        else:
-            flat = np.where(flat < 0, flat + n, flat)
-        direct = out is not None and out.flags.c_contiguous
-        res = out.reshape(-1, *self.shape[1:]) if out is not None and direct else np.empty((len(flat), *self.shape[1:]), self.dtype)
+    def take_rows(self, flat: np.ndarray) -> np.ndarray:
+        res = np.empty((len(flat), *self.shape[1:]), self.dtype)
         chunk_of = flat // self.inner_rows
         order = np.argsort(chunk_of, kind="stable")  # each chunk decoded once per call
         bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
         for group in np.split(order, bounds) if len(order) else []:
             c = int(chunk_of[group[0]])
             res[group] = self.chunk(c)[flat[group] - c * self.inner_rows]
-        if out is not None:
-            if not direct:
-                out[...] = res.reshape(out.shape)
-            return out
-        return res.reshape(idx.shape + self.shape[1:])
+        return res

@@ -35,6 +35,17 @@ from .format import (
 __all__ = ["ReadCheck", "Snapshot", "map_rows"]
 
 
+def data_file_size(path: str) -> int:
+    """Size of a data file that must exist and be a regular file (else :class:`CorruptStoreError`)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise CorruptStoreError(f"{path}: data file is missing") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptStoreError(f"{path}: not a regular file")
+    return int(st.st_size)
+
+
 def map_rows(path: str, rows: int, inner_shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
     """Map the first ``rows`` rows of a shard file as an array.  Never copies.
 
@@ -54,13 +65,7 @@ def map_rows(path: str, rows: int, inner_shape: tuple[int, ...], dtype: np.dtype
     if rows == 0:
         return np.empty((0, *inner_shape), dtype)
     need = rows * int(np.prod(inner_shape, dtype=np.int64)) * dtype.itemsize
-    try:
-        st = os.stat(path)
-    except FileNotFoundError as e:
-        raise CorruptStoreError(f"{path}: data file is missing") from e
-    if not stat.S_ISREG(st.st_mode):
-        raise CorruptStoreError(f"{path}: not a regular file")
-    size = st.st_size
+    size = data_file_size(path)
     if size < need:
         raise CorruptStoreError(f"{path}: file is {size} bytes, shorter than the {need} bytes its rows need")
     try:
@@ -148,13 +153,7 @@ class SegmentReader:
         from .verify import array_inner_rows  # (verify imports this module)
 
         inner_rows = array_inner_rows(os.path.join(self.path, rel, "zarr.json"), rows, inner, dtype.name, codec)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError as e:
-            raise CorruptStoreError(f"{path}: data file is missing") from e
-        if not stat.S_ISREG(st.st_mode):
-            raise CorruptStoreError(f"{path}: not a regular file")
-        return CompressedRows(path, rows, inner, dtype, inner_rows, st.st_size)
+        return CompressedRows(path, rows, inner, dtype, inner_rows, data_file_size(path))
 
     def keys(self) -> np.ndarray:
         a = self.arrays.get("keys")

@@ -15,6 +15,7 @@ import numpy as np
 from .errors import CorruptStoreError
 from .format import SEGMENTS_DIR, Field
 from .reader import SegmentReader
+from .rows import CopiedRows
 
 __all__ = ["ZarrRows", "ZarrSegmentReader"]
 
@@ -46,61 +47,20 @@ class ZarrSegmentReader(SegmentReader):
         return ZarrRows(arr, dtype)
 
 
-class ZarrRows:
-    """An array whose rows are read by zarr-python on each access (indexing and ``np.take``).  Always copies.
-
-    Other numpy functions read the whole array first.
-    """
+class ZarrRows(CopiedRows):
+    """An array whose rows are read by zarr-python on each access (indexing and ``np.take``).  Always copies."""
 
     def __init__(self, arr: Any, dtype: np.dtype[Any]) -> None:
         self.arr = arr
         self.dtype = dtype
         self.shape = tuple(int(d) for d in arr.shape)
-        self.ndim = len(self.shape)
 
-    def __len__(self) -> int:
-        return self.shape[0]
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.arr[start:stop], self.dtype)
 
-    def __getitem__(self, key: Any) -> np.ndarray:
-        if isinstance(key, tuple) and len(key) == 2 and key[1] is Ellipsis:
-            key = key[0]
-        if isinstance(key, slice):
-            key = slice(*(None if v is None else int(v) for v in (key.start, key.stop, key.step)))
-        elif isinstance(key, np.integer):
-            key = int(key)
-        return np.asarray(self.arr[key], self.dtype)
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return np.asarray(self.arr[...], dtype or self.dtype)
-
-    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
-        if func is np.take:
-            return self._take(*args, **kwargs)
-
-        def conv(x: Any) -> Any:
-            return np.asarray(x) if isinstance(x, ZarrRows) else x
-
-        return func(*[conv(a) for a in args], **{k: conv(v) for k, v in kwargs.items()})
-
-    def _take(self, a: Any, indices: Any, axis: int | None = None, out: np.ndarray | None = None,
-              mode: str = "raise") -> np.ndarray:
-        if axis != 0:
-            return np.take(np.asarray(self), indices, axis=axis, out=out, mode=mode)  # type: ignore[call-overload,no-any-return]
-        idx = np.asarray(indices, np.int64)
-        flat = idx.reshape(-1)
-        if mode == "wrap":
-            flat = flat % self.shape[0]
-        elif mode == "clip":
-            flat = np.clip(flat, 0, self.shape[0] - 1)
-        elif len(flat) and (flat.min() < -self.shape[0] or flat.max() >= self.shape[0]):
-            raise IndexError("index out of range")
+    def take_rows(self, flat: np.ndarray) -> np.ndarray:
         uniq, inverse = np.unique(flat, return_inverse=True)
-        if len(uniq):
-            vals = np.asarray(self.arr.get_orthogonal_selection((uniq,) + (slice(None),) * (self.ndim - 1)), self.dtype)
-        else:
-            vals = np.empty((0, *self.shape[1:]), self.dtype)
-        res = vals[inverse.reshape(-1)].reshape(idx.shape + self.shape[1:])
-        if out is not None:
-            out[...] = res
-            return out
-        return res
+        if not len(uniq):
+            return np.empty((0, *self.shape[1:]), self.dtype)
+        vals = np.asarray(self.arr.get_orthogonal_selection((uniq,) + (slice(None),) * (self.ndim - 1)), self.dtype)
+        return vals[inverse.reshape(-1)]

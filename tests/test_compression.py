@@ -182,3 +182,12 @@ def test_precompute_writes_compressed_fields(tmp_path: Path) -> None:
         actstore.precompute(model, data[:60], tmp_path / "raw", layers="1", compression="zstd", progress=False)
     with pytest.raises(ValueError, match="compression"):
         actstore.precompute(model, data, tmp_path / "x", compression="lz4", progress=False)
+
+
+def test_scalar_compressed_field_rows_are_tensors(tmp_path: Path) -> None:
+    with actstore.create(tmp_path / "s", {"y": Field((), "int64", compression="zstd")}) as s:
+        s.append(keys(10), {"y": np.arange(10)})
+    s = actstore.open(tmp_path / "s")
+    row = s[3]["y"]
+    assert isinstance(row, torch.Tensor) and row.shape == () and int(row) == 3
+    assert s.gather([9, 0])["y"].tolist() == [9, 0]
