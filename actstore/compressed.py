@@ -30,6 +30,11 @@ CODECS = ("zstd",)
 LEVELS = range(-7, 23)
 _MAGIC = 0xFD2FB528
 _EMPTY = 2**64 - 1  # a shard index entry for a chunk that was never written (all fill value)
+#: The largest decoded inner chunk: writers refuse more, readers call more corrupt (never allocate it).
+MAX_INNER_CHUNK_BYTES = 1 << 30
+#: A frame declaring more than this many times its own size is refused before decoding (zstd's
+#: best case, a run of one byte, stays below ~45,000:1).
+MAX_RATIO = 1 << 16
 
 
 def codec_json(level: int) -> dict[str, Any]:
@@ -124,6 +129,9 @@ class CompressedRows(CopiedRows):
         self.dtype = dtype
         self.inner_rows = inner_rows
         self.row_bytes = int(np.prod(inner_shape, dtype=np.int64)) * dtype.itemsize
+        if not 1 <= inner_rows <= max(rows, 1) or inner_rows * self.row_bytes > MAX_INNER_CHUNK_BYTES:
+            raise CorruptStoreError(f"{path}: inner chunks of {inner_rows} rows ({inner_rows * self.row_bytes:,} bytes) "
+                                    f"for an array of {rows} rows: more than the format allows")
         n_inner = -(-rows // inner_rows)
         index_bytes = 16 * n_inner + 4
         if size < index_bytes:
@@ -156,14 +164,16 @@ class CompressedRows(CopiedRows):
             return hit
         want = self.inner_rows * self.row_bytes
         offset, nbytes = (int(v) for v in self._index[c])
-        out = bytearray(want)
-        if offset >= 0:
+        if offset < 0:
+            out = bytearray(want)  # never written: the fill value, zeros
+        else:
             if self._file is None:
                 self._file = open(self.path, "rb")  # noqa: SIM115 - closed with the object
             frame = os.pread(self._file.fileno(), nbytes, offset)
-            try:
-                if len(frame) != nbytes or frame_content_size(memoryview(frame)) != want:
+            try:  # every size is checked before anything is allocated for the decoded chunk
+                if len(frame) != nbytes or want > nbytes * MAX_RATIO or frame_content_size(memoryview(frame)) != want:
                     raise ValueError(f"the frame does not hold the {want} bytes of an inner chunk")
+                out = bytearray(want)
                 self._codec.decode(frame, out)  # never writes beyond `out`
             except (ValueError, RuntimeError) as e:
                 raise CorruptStoreError(f"{self.path}: inner chunk {c} cannot be decoded ({e})") from e

@@ -86,6 +86,12 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Te
     return elem.new(storage).resize_(shape)
 
 
+def check_float_dtype(dtype: Any) -> None:
+    """``dtype`` (what floating fields are cast to) must be a floating torch dtype or None."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+
+
 def _np_target(out: torch.Tensor, field: Field) -> np.ndarray | None:
     """A numpy view of ``out`` that numpy may assign stored values into, or None (use torch)."""
     if field.dtype == "bfloat16" or out.dtype == torch.bfloat16:
@@ -196,7 +202,7 @@ def _take_into(snap: Snapshot | None, name: str, field: Field, rows: np.ndarray,
             if tgt is not None:
                 tgt[dest[a : a + block]] = part
             else:
-                out[torch.from_numpy(dest[a : a + block])] = as_tensor(part, field)
+                out[torch.from_numpy(dest[a : a + block])] = as_tensor(part, field).to(out.dtype)
 
 
 def gather_padded(
@@ -316,8 +322,7 @@ class ActivationCollate:
 
     def __init__(self, dtype: torch.dtype | None = None, pad_to_multiple_of: int | None = None, *,
                  pad_value: float = 0, mask_dtype: torch.dtype = torch.bool) -> None:
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        check_float_dtype(dtype)
         if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
             raise ValueError(f"pad_to_multiple_of: expected a positive int or None, got {pad_to_multiple_of!r}")
         self.dtype = dtype

@@ -7,44 +7,59 @@ everything per batch.  Three layers, cheapest first:
 1. A bitmap indexed by bits of each key's hash.  A key whose bit is clear was
    never added; this settles almost every new key with one memory access.  The
    bitmap is kept at least 32 bits per key, so about 3% of new keys pass.
-2. Sorted runs of the keys' 8-byte prefixes, merged like a binary counter
-   (``np.sort``, never a per-batch sort of everything).  A key that passed the
-   bitmap is binary-searched there; a miss settles it.
-3. A prefix found in the runs is confirmed against the full 32-byte keys (kept
-   in insertion order).  Only real duplicates, and distinct keys that share an
-   8-byte prefix (about one in 2^64 per pair of random keys), get here.
+2. Sorted runs of *tags*, merged like a binary counter (``np.sort`` of two
+   sorted runs, never a per-batch sort of everything).  A tag is 32 bits of
+   the key's hash in the high half of a uint64 and the key's insertion number
+   in the low half, so a binary search for the hash finds the insertion numbers
+   of every added key with the same 32 hash bits.
+3. Those candidates are compared with the full 32-byte keys (a copy kept in
+   insertion order).  Only real duplicates, and the rare distinct keys whose
+   32 hash bits agree, get here.  The hash mixes all 32 bytes, so keys that
+   agree in most bytes (zero-padded ids, say) spread like random ones.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .reader import key_prefixes
-
 __all__ = ["KeySet"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads structured keys too
 _MIN_BITS = 20
 _BITS_PER_KEY = 32
+_LOW = np.uint64(0xFFFFFFFF)
+_HIGH = np.uint64(0xFFFFFFFF00000000)
+#: Insertion numbers live in 32 bits of a tag.
+MAX_KEYS = 1 << 32
 
 
 class KeySet:
-    """A growing set of 32-byte keys ((n, 32) uint8 arrays) with batch membership tests."""
+    """A growing set of 32-byte keys ((n, 32) uint8 arrays) with batch membership tests.
+
+    Keys are copied on :meth:`add`: the caller may reuse its buffer at once.
+    """
 
     def __init__(self) -> None:
         self._log2 = _MIN_BITS
         self._bitmap = np.zeros(1 << (_MIN_BITS - 3), np.uint8)
-        self._runs: list[np.ndarray] = []  # sorted prefixes, longest first
-        self._keys: list[np.ndarray] = []  # insertion order
+        self._runs: list[np.ndarray] = []  # sorted tags, longest first
+        self._keys = np.empty((0, 32), np.uint8)  # insertion order; capacity grows by doubling
         self._n = 0
 
     def __len__(self) -> int:
         return self._n
 
-    def _bits(self, keys: np.ndarray) -> np.ndarray:
-        words = np.ascontiguousarray(keys).view(np.uint64).reshape(-1, 4)
-        mixed = (words[:, 0] ^ words[:, 1] ^ words[:, 2] ^ words[:, 3]) * _GOLDEN
-        return (mixed >> np.uint64(64 - self._log2)).astype(np.intp)
+    @staticmethod
+    def _hash(keys: np.ndarray) -> np.ndarray:
+        """64 well-mixed bits of each key (not a checksum: only spreads keys evenly)."""
+        w = np.ascontiguousarray(keys).view(np.uint64).reshape(-1, 4)
+        h = (w[:, 0] * _GOLDEN) ^ w[:, 1]
+        h = (h * _GOLDEN) ^ w[:, 2]
+        h = (h * _GOLDEN) ^ w[:, 3]
+        return h * _GOLDEN
+
+    def _bits(self, hashes: np.ndarray) -> np.ndarray:
+        return (hashes >> np.uint64(64 - self._log2)).astype(np.intp)
 
     def _set(self, bits: np.ndarray) -> None:
         byte, mask = bits >> 3, np.left_shift(1, bits & 7).astype(np.uint8)
@@ -53,50 +68,58 @@ class KeySet:
         if len(lost):  # ... so set those again, unbuffered (rare: ufunc.at is slow)
             np.bitwise_or.at(self._bitmap, byte[lost], mask[lost])
 
-    def add(self, keys: np.ndarray, prefixes: np.ndarray | None = None) -> None:
+    def add(self, keys: np.ndarray) -> None:
         """Add ``keys``, which must be distinct and not in the set yet."""
-        if not len(keys):
+        m = len(keys)
+        if not m:
             return
-        keys = np.ascontiguousarray(keys)
-        self._keys.append(keys)
-        self._n += len(keys)
+        n = self._n
+        if n + m > MAX_KEYS:
+            raise ValueError(f"more than {MAX_KEYS:,} keys pending in one segment; commit more often")
+        if n + m > len(self._keys):
+            grown = np.empty((max(2 * len(self._keys), n + m, 1024), 32), np.uint8)
+            grown[:n] = self._keys[:n]
+            self._keys = grown
+        self._keys[n : n + m] = keys
+        self._n = n + m
+        h = self._hash(self._keys[n : n + m])
         if self._n * _BITS_PER_KEY > (1 << self._log2):
             self._log2 = int(self._n * _BITS_PER_KEY * 2 - 1).bit_length()
             self._bitmap = np.zeros(1 << (self._log2 - 3), np.uint8)
-            for k in self._keys:
-                self._set(self._bits(k))
+            self._set(self._bits(self._hash(self._keys[: self._n])))
         else:
-            self._set(self._bits(keys))
-        run = np.sort(key_prefixes(keys) if prefixes is None else prefixes)
+            self._set(self._bits(h))
+        run = (h & _HIGH) | np.arange(n, n + m, dtype=np.uint64)
+        run.sort()
         while self._runs and len(self._runs[-1]) <= len(run):
             run = np.concatenate([self._runs.pop(), run])
             run.sort()
         self._runs.append(run)
 
-    def contains(self, keys: np.ndarray, prefixes: np.ndarray | None = None) -> np.ndarray:
+    def contains(self, keys: np.ndarray) -> np.ndarray:
         """Bool mask: which of ``keys`` are in the set."""
         hit = np.zeros(len(keys), bool)
         if not self._n or not len(keys):
             return hit
-        bits = self._bits(keys)
+        h = self._hash(keys)
+        bits = self._bits(h)
         maybe = np.flatnonzero(self._bitmap[bits >> 3] & np.left_shift(1, bits & 7).astype(np.uint8))
         if not len(maybe):
             return hit
-        pre = (key_prefixes(keys) if prefixes is None else prefixes)[maybe]
+        lo_tag = h[maybe] & _HIGH
+        hi_tag = lo_tag | _LOW
+        words = np.ascontiguousarray(keys[maybe]).view(np.uint64).reshape(-1, 4)
+        stored = self._keys[: self._n].view(np.uint64).reshape(-1, 4)
         found = np.zeros(len(maybe), bool)
         for run in self._runs:
-            pos = np.minimum(np.searchsorted(run, pre), len(run) - 1)
-            found |= run[pos] == pre
-        maybe = maybe[found]
-        if len(maybe):
-            hit[maybe] = self._confirm(np.ascontiguousarray(keys[maybe]))
+            lo = np.searchsorted(run, lo_tag, side="left")
+            hi = np.searchsorted(run, hi_tag, side="right")
+            one = np.flatnonzero((hi - lo == 1) & ~found)  # the usual candidate: one key with these 4 bytes
+            if len(one):
+                idx = (run[lo[one]] & _LOW).astype(np.intp)
+                found[one[(stored[idx] == words[one]).all(axis=1)]] = True
+            for i in np.flatnonzero((hi - lo > 1) & ~found).tolist():  # several: compare each
+                idx = (run[lo[i] : hi[i]] & _LOW).astype(np.intp)
+                found[i] = bool((stored[idx] == words[i]).all(axis=1).any())
+        hit[maybe[found]] = True
         return hit
-
-    def _confirm(self, keys: np.ndarray) -> np.ndarray:
-        """Exact membership of ``keys`` whose prefixes are known to be in the set (rare path)."""
-        if len(self._keys) > 1:
-            self._keys = [np.concatenate(self._keys)]
-        stored = self._keys[0]
-        same_prefix = np.flatnonzero(np.isin(key_prefixes(stored), key_prefixes(keys)))
-        void = np.dtype((np.void, keys.shape[1]))
-        return np.isin(keys.view(void).ravel(), stored[same_prefix].view(void).ravel())

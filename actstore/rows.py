@@ -4,7 +4,9 @@ The read path indexes segment arrays with ``a[i, ...]``, ``a[i:j]`` and
 ``np.take(a, rows, axis=0, out=..., mode=...)``.  A memory map does all that
 natively; :class:`CopiedRows` gives the same surface to arrays that must be
 decoded or fetched first (compressed fields, zarr-python reads of a remote
-store).  Other numpy functions get the whole array.
+store).  Nothing more: other numpy functions raise ``TypeError`` (take
+``np.asarray(a)``, the whole array, first), and so do keys other than an int,
+a slice, ``(int, ...)`` or an array of row numbers.
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ class CopiedRows:
             if not 0 <= i < n:
                 raise IndexError(f"row {int(key)} is out of range for {n} rows")
             return self.rows(i, i + 1)[0, ...]  # a 0-d array for a scalar field, as a map's [i, ...] gives
-        return self._take(self, key)
+        idx = np.asarray(key)
+        if isinstance(key, tuple) or idx.dtype.kind not in "iu":
+            raise TypeError(f"{type(self).__name__}: index rows with an int, a slice, (int, ...) or an integer array, "
+                            f"got {type(key).__name__}" + (f" of {idx.dtype}" if not isinstance(key, tuple) else ""))
+        return self._take(self, idx, axis=0)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         whole = self.rows(0, self.shape[0])
@@ -58,17 +64,16 @@ class CopiedRows:
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         if func is np.take:
             return self._take(*args, **kwargs)
+        return NotImplemented  # numpy raises TypeError; np.asarray(self) first gives the whole array
 
-        def conv(x: Any) -> Any:
-            return np.asarray(x) if isinstance(x, CopiedRows) else x
-
-        return func(*[conv(a) for a in args], **{k: conv(v) for k, v in kwargs.items()})
-
-    def _take(self, a: Any, indices: Any, axis: int | None = 0, out: np.ndarray | None = None,
+    def _take(self, a: Any, indices: Any, axis: int | None = None, out: np.ndarray | None = None,
               mode: str = "raise") -> np.ndarray:
         if axis != 0:
             return np.take(np.asarray(self), indices, axis=axis, out=out, mode=mode)  # type: ignore[call-overload,no-any-return]
-        idx = np.asarray(indices, np.int64)
+        idx = np.asarray(indices)
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"indices: expected integers, got {idx.dtype}")
+        idx = idx.astype(np.int64, copy=False)
         flat = idx.reshape(-1)
         n = self.shape[0]
         if mode == "wrap":

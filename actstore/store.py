@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .compressed import MAX_INNER_CHUNK_BYTES
 from .errors import CorruptStoreError, StaleStoreError, StoreError, StoreExistsError, StoreNotFoundError
 from .format import (
     FORMAT_VERSION,
@@ -139,6 +140,10 @@ def create(
         checked[name] = f
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ValueError(f"chunk_bytes: expected a positive int, got {chunk_bytes!r}")
+    for name, f in checked.items():
+        if f.compression is not None and max(f.row_bytes, min(chunk_bytes, 1 << 62)) > MAX_INNER_CHUNK_BYTES:
+            raise ValueError(f"fields[{name!r}]: a compressed field's inner chunks (chunk_bytes, or one row of "
+                             f"{f.row_bytes:,} bytes) may hold at most {MAX_INNER_CHUNK_BYTES:,} bytes")
     if fingerprint is not None and not isinstance(fingerprint, str):
         raise TypeError(f"fingerprint: expected a str (actstore.fingerprint(model)) or None, got {type(fingerprint).__name__}")
     try:
@@ -404,9 +409,10 @@ class ActivationStore:
         once); integer and bool fields keep their dtype.  For a ragged field as
         a padded batch with its mask, see :meth:`gather_padded`.
         """
-        from .data import gather_fixed  # (data imports this module)
+        from .data import check_float_dtype, gather_fixed  # (data imports this module)
 
         self._check_open()
+        check_float_dtype(dtype)
         idx = self._snap.check_rows(rows)
         out: dict[str, torch.Tensor | RaggedBatch] = {}
         for name in self._field_names(fields):
@@ -429,9 +435,10 @@ class ActivationStore:
         Every row is copied once, from the map straight into its slot (cast to
         ``dtype`` on the way for floating fields); only the padding is filled.
         """
-        from .data import gather_padded  # (data imports this module)
+        from .data import check_float_dtype, gather_padded  # (data imports this module)
 
         self._check_open()
+        check_float_dtype(dtype)
         name = self._field_names(field)[0]
         f = self.fields[name]
         if not f.ragged:
@@ -640,7 +647,7 @@ class ActivationStore:
             once[first] = True
             new &= once
         if self._segment is not None:
-            new &= ~self._segment.keys_seen.contains(karr, prefixes)
+            new &= ~self._segment.keys_seen.contains(karr)
         return new
 
     def commit(self) -> int:
@@ -770,8 +777,8 @@ class ActivationStore:
                         pre = key_prefixes(keys)
                         new = self._snap.lookup(keys) < 0
                         if len(seen):
-                            new &= ~seen.contains(keys, pre)
-                        seen.add(keys[new], pre[new])
+                            new &= ~seen.contains(keys)
+                        seen.add(keys[new])
                         if new.all():
                             _, files = object_files(seg.path, seg.info.meta, seg.path)
                             for rel, rec in files.items():

@@ -299,15 +299,16 @@ class SegmentWriter:
         """Write validated rows (see :func:`actstore.validate.validate_batch`)."""
         if self._writeback is not None and self._writeback.done():
             self._end_writeback()  # raises the error of a failed write-back
-        if self._hasher is None and keys.nbytes * 8 >= PARALLEL_HASH_BYTES:  # rows are surely larger than keys
+        if self._hasher is None and any(
+                (columns[n][0] if f.ragged else columns[n]).nbytes >= PARALLEL_HASH_BYTES for n, f in self.fields.items()):
             self._hasher = ThreadPoolExecutor(1, thread_name_prefix="actstore-hash")
         prefixes = key_prefixes(keys)
         # The key set is updated on the helper thread too, while this one writes.
         added: Future[None] | None = None
         if self._hasher is not None:
-            added = self._hasher.submit(self.keys_seen.add, keys, prefixes)
+            added = self._hasher.submit(self.keys_seen.add, keys)
         else:
-            self.keys_seen.add(keys, prefixes)
+            self.keys_seen.add(keys)
         written = 0
         try:
             for name, f in self.fields.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +192,46 @@ def test_scalar_compressed_field_rows_are_tensors(tmp_path: Path) -> None:
     row = s[3]["y"]
     assert isinstance(row, torch.Tensor) and row.shape == () and int(row) == 3
     assert s.gather([9, 0])["y"].tolist() == [9, 0]
+
+
+def test_compressed_rows_refuse_what_they_do_not_support(tmp_path: Path) -> None:
+    s = build(tmp_path / "s", "zstd")
+    arr = s._snap.segments[0].fixed("h")  # the CompressedRows behind field h of segment 0 (40 rows)
+    assert np.array_equal(np.take(arr, [3, 1], axis=0), np.asarray(arr)[[3, 1]])
+    assert np.array_equal(np.take(arr, [3, 1]), np.asarray(arr).ravel()[[3, 1]])  # numpy's default: flattened
+    assert np.array_equal(arr[np.array([2, -1])], np.asarray(arr)[[2, -1]])
+    for bad in (np.ones(40, bool), (3, 2), 1.5, np.array([0.5])):
+        with pytest.raises(TypeError):
+            arr[bad]
+    with pytest.raises(TypeError):
+        np.concatenate([arr, arr])
+    with pytest.raises(IndexError):
+        arr[40]
+
+
+def test_hostile_chunk_sizes_are_refused_before_allocating(tmp_path: Path) -> None:
+    """A zarr.json claiming huge inner chunks, or a frame claiming a huge content size: CorruptStoreError."""
+    s = build(tmp_path / "s", "zstd")
+    seg = Path(s.path) / "segments" / s.manifest.segments[0].id / "fields" / "h"
+    doc = json.loads((seg / "zarr.json").read_text())
+    big = 10**12
+    doc["codecs"][0]["configuration"]["chunk_shape"][0] = big
+    doc["chunk_grid"]["configuration"]["chunk_shape"][0] = big
+    (seg / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptStoreError):
+        actstore.open(s.path).gather(np.arange(5), "h")
+    # A tiny frame that declares 1 GiB of content, placed where the index points.
+    s = build(tmp_path / "t", "zstd")
+    shard = Path(s.path) / "segments" / s.manifest.segments[0].id / "fields" / "h" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    header = struct.pack("<IB", 0xFD2FB528, 0b11100000) + (1 << 30).to_bytes(8, "little")
+    data[: len(header)] = header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptStoreError, match="cannot be decoded"):
+        actstore.open(s.path).gather(np.arange(5), "h")
+
+
+def test_create_refuses_inner_chunks_too_large_to_decode(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at most"):
+        actstore.create(tmp_path / "s", {"h": Field((4,), compression="zstd")}, chunk_bytes=1 << 31)
+    actstore.create(tmp_path / "raw", {"h": Field((4,))}, chunk_bytes=1 << 31).close()  # raw fields: no limit

@@ -53,3 +53,26 @@ def test_many_random_keys_grow_the_bitmap() -> None:
     assert ks.contains(keys[::97]).all()
     other = rng.integers(0, 256, (20_000, 32), dtype=np.uint8)
     assert not ks.contains(other).any()
+
+
+def test_added_keys_are_copied() -> None:
+    """The caller may refill its key buffer right after add (the writer passes the user's array through)."""
+    rng = np.random.default_rng(1)
+    buf = rng.integers(0, 256, (64, 32), dtype=np.uint8)
+    orig = buf.copy()
+    ks = KeySet()
+    ks.add(buf)
+    buf[:] = rng.integers(0, 256, (64, 32), dtype=np.uint8)
+    ks.add(rng.integers(0, 256, (300_000, 32), dtype=np.uint8))  # grows the bitmap: rebuilt from the stored keys
+    assert ks.contains(orig).all()
+    assert not ks.contains(buf).any()
+
+
+def test_keys_sharing_four_bytes() -> None:
+    """Several added keys with the same first 4 bytes: every one is found, others are not."""
+    keys = np.zeros((50, 32), np.uint8)
+    keys[:, 4:8] = np.arange(50, dtype=">u4").view(np.uint8).reshape(-1, 4)
+    ks = KeySet()
+    ks.add(keys[:25])
+    ks.add(keys[25:40])
+    assert ks.contains(keys).tolist() == [True] * 40 + [False] * 10

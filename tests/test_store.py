@@ -488,6 +488,20 @@ def test_abort(tmp_path: Path) -> None:
     assert on_disk == {seg.id for seg in s.manifest.segments}  # aborted segments are gone
 
 
+def test_append_copes_with_a_reused_key_buffer(tmp_path: Path) -> None:
+    """Appending from one key buffer refilled between calls: each key is stored once."""
+    buf = np.frombuffer(b"".join(mkkeys(8)), np.uint8).reshape(8, 32).copy()
+    orig = buf.copy()
+    with actstore.create(tmp_path / "s", BASIC) as w:
+        assert w.append(buf, basic_values(8)) == 8
+        buf[:] = np.frombuffer(b"".join(mkkeys(8, 100)), np.uint8).reshape(8, 32)
+        assert w.append(buf, basic_values(8, seed=1)) == 8
+        assert w.append(orig, basic_values(8, seed=2)) == 0
+    s = actstore.open(tmp_path / "s")
+    assert len(s) == 16
+    s.verify()
+
+
 def test_helper_threads_hash_and_write_back_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With every write hashed on the helper thread and write-back after every batch."""
     import actstore.writer as writer_mod
@@ -642,6 +656,30 @@ def test_gather_with_dtype_and_padded(tmp_path: Path) -> None:
         s.gather_padded([6], "t")
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
         s.gather_padded([0], "t", pad_to_multiple_of=0)
+    with pytest.raises(TypeError, match="floating"):
+        s.gather([0], dtype=torch.int32)  # would truncate the floats
+    with pytest.raises(TypeError, match="floating"):
+        s.gather_padded([0], "t", dtype="float32")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("stored", "want"), [("bfloat16", torch.float32), ("float32", torch.bfloat16),
+                                              ("float16", torch.bfloat16), ("bfloat16", torch.bfloat16)])
+def test_gather_casts_to_and_from_bfloat16(tmp_path: Path, stored: str, want: torch.dtype) -> None:
+    fields = {"a": Field((3,), stored), "t": Field((None, 2), stored)}
+    x = torch.randn(20, 3).to(TORCH_DTYPES[stored])
+    t = [torch.randn(k % 4, 2).to(TORCH_DTYPES[stored]) for k in range(20)]
+    with actstore.create(tmp_path / "s", fields) as w:
+        w.append(mkkeys(10), {"a": x[:10], "t": t[:10]})
+        w.commit()
+        w.append(mkkeys(10, 10), {"a": x[10:], "t": t[10:]})  # two segments: the bounce-buffer path too
+    s = actstore.open(tmp_path / "s")
+    rows = [13, 2, 19, 0]
+    got = s.gather(rows, "a", dtype=want)["a"]
+    assert got.dtype == want and torch.equal(got, x[rows].to(want))
+    pb = s.gather_padded(rows, "t", dtype=want)
+    assert pb.values.dtype == want
+    for i, r in enumerate(rows):
+        assert torch.equal(pb.values[i, : len(t[r])], t[r].to(want))
 
 
 def test_many_segments_and_index_runs(tmp_path: Path) -> None:
