@@ -226,6 +226,7 @@ class Snapshot:
         # Index runs are few (merged by the writer) and mapped now: a writer may
         # delete a superseded run later, and a map survives that.
         self.runs = [IndexRun(root, r, check) for r in manifest.indexes]
+        self._shared: dict[int, dict[bytes, int]] = {}
 
     # -- rows -----------------------------------------------------------------
     def locate(self, row: int) -> tuple[SegmentReader, int]:
@@ -321,7 +322,7 @@ class Snapshot:
         skeys = keys[qorder]
         prefix = key_prefixes(skeys)
         found = np.full(len(keys), -1, np.int64)
-        for run in self.runs:
+        for k, run in enumerate(self.runs):
             n = len(run.prefix)
             pos = np.searchsorted(run.prefix, prefix)
             posc = np.minimum(pos, n - 1)
@@ -331,16 +332,28 @@ class Snapshot:
             rows = self._index_rows(run.row[posc[cand]])
             match = (self.gather_keys(rows).view("<u8") == skeys[cand].view("<u8")).all(axis=1)
             found[cand[match]] = rows[match]
-            for i in cand[~match]:  # two keys share 8 bytes of prefix: scan the run
-                j = int(posc[i]) + 1
-                while j < n and run.prefix[j] == prefix[i]:
-                    r = int(self._index_rows(run.row[j : j + 1])[0])
-                    if bytes(self.gather_keys(np.array([r]))[0]) == bytes(skeys[i]):
-                        found[i] = r
-                        break
-                    j += 1
+            if not match.all():  # keys that share 8 bytes with another key of the run
+                shared = self._shared_prefix_rows(k, run)
+                for i in cand[~match].tolist():
+                    found[i] = shared.get(bytes(skeys[i]), -1)
         out[qorder] = found
         return out
+
+    def _shared_prefix_rows(self, k: int, run: IndexRun) -> dict[bytes, int]:
+        """Full key → row for the entries of run ``k`` whose 8-byte prefix is not unique in it.
+
+        Content keys (BLAKE3) practically never share a prefix; keys that do
+        (zero-padded ids as keys, say) are looked up here instead of by a scan
+        along equal prefixes, which was quadratic.  Built once per run and snapshot.
+        """
+        cached = self._shared.get(k)
+        if cached is None:
+            dup = np.flatnonzero(run.prefix[1:] == run.prefix[:-1])
+            idx = np.unique(np.concatenate([dup, dup + 1]))
+            rows = self._index_rows(run.row[idx]) if len(idx) else np.empty(0, np.int64)
+            keys = self.gather_keys(rows)
+            cached = self._shared[k] = {bytes(key): int(r) for key, r in zip(keys, rows.tolist(), strict=True)}
+        return cached
 
     def _index_rows(self, rows: np.ndarray) -> np.ndarray:
         """Rows read from the key index, checked to lie in the store (a damaged index must not read elsewhere)."""

@@ -682,6 +682,26 @@ def test_gather_casts_to_and_from_bfloat16(tmp_path: Path, stored: str, want: to
         assert torch.equal(pb.values[i, : len(t[r])], t[r].to(want))
 
 
+def test_keys_that_share_their_first_bytes(tmp_path: Path) -> None:
+    """Zero-padded ids as keys: every key shares its 8-byte index prefix with all the others."""
+    def ids(a: int, b: int) -> np.ndarray:
+        k = np.zeros((b - a, 32), np.uint8)
+        k[:, -4:] = np.arange(a, b, dtype=">u4").view(np.uint8).reshape(-1, 4)
+        return k
+
+    with actstore.create(tmp_path / "s", {"y": Field((), "int64")}) as w:
+        for c in range(12):  # 12 commits: index runs get merged on the way
+            assert w.append(ids(100 * c, 100 * c + 100), {"y": np.arange(100 * c, 100 * c + 100)}) == 100
+            w.commit()
+        assert w.append(ids(0, 1200), {"y": np.zeros(1200, np.int64)}) == 0  # all stored already
+        assert w.append(ids(1150, 1250), {"y": np.arange(1150, 1250)}) == 50
+    s = actstore.open(tmp_path / "s")
+    probe = np.concatenate([ids(0, 1250)[::-1], ids(5000, 5010)])
+    assert s.lookup(probe).tolist() == list(range(1249, -1, -1)) + [-1] * 10
+    assert s.gather(s.lookup(ids(7, 9)))["y"].tolist() == [7, 8]
+    s.verify()
+
+
 def test_many_segments_and_index_runs(tmp_path: Path) -> None:
     """Gather across many segments equals a numpy reference; the key index stays right through run merges."""
     rng = np.random.default_rng(7)
