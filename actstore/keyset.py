@@ -1,6 +1,8 @@
-"""The keys a writer has buffered since its last commit, for duplicate checks.
+"""A set of 32-byte keys with fast batch membership: for duplicate checks.
 
-Appending checks every batch against these keys, so the check must cost little
+The writer keeps the keys it has buffered since its last commit in one, and
+precompute the keys it has scheduled in its run.  Appending checks every batch
+against these keys, so the check must cost little
 more than reading the batch: no Python object per key and no sort of
 everything per batch.  Three layers, cheapest first:
 
@@ -98,28 +100,35 @@ class KeySet:
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         """Bool mask: which of ``keys`` are in the set."""
-        hit = np.zeros(len(keys), bool)
+        return self.find(keys) >= 0
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """Insertion number (0, 1, ... in the order keys were added) of each of ``keys``, or -1."""
+        out = np.full(len(keys), -1, np.int64)
         if not self._n or not len(keys):
-            return hit
+            return out
         h = self._hash(keys)
         bits = self._bits(h)
         maybe = np.flatnonzero(self._bitmap[bits >> 3] & np.left_shift(1, bits & 7).astype(np.uint8))
         if not len(maybe):
-            return hit
+            return out
         lo_tag = h[maybe] & _HIGH
         hi_tag = lo_tag | _LOW
         words = np.ascontiguousarray(keys[maybe]).view(np.uint64).reshape(-1, 4)
         stored = self._keys[: self._n].view(np.uint64).reshape(-1, 4)
-        found = np.zeros(len(maybe), bool)
+        found = np.full(len(maybe), -1, np.int64)
         for run in self._runs:
             lo = np.searchsorted(run, lo_tag, side="left")
             hi = np.searchsorted(run, hi_tag, side="right")
-            one = np.flatnonzero((hi - lo == 1) & ~found)  # the usual candidate: one key with these 4 bytes
+            one = np.flatnonzero((hi - lo == 1) & (found < 0))  # the usual candidate: one key with this hash
             if len(one):
-                idx = (run[lo[one]] & _LOW).astype(np.intp)
-                found[one[(stored[idx] == words[one]).all(axis=1)]] = True
-            for i in np.flatnonzero((hi - lo > 1) & ~found).tolist():  # several: compare each
-                idx = (run[lo[i] : hi[i]] & _LOW).astype(np.intp)
-                found[i] = bool((stored[idx] == words[i]).all(axis=1).any())
-        hit[maybe[found]] = True
-        return hit
+                idx = (run[lo[one]] & _LOW).astype(np.int64)
+                same = (stored[idx] == words[one]).all(axis=1)
+                found[one[same]] = idx[same]
+            for i in np.flatnonzero((hi - lo > 1) & (found < 0)).tolist():  # several: compare each
+                idx = (run[lo[i] : hi[i]] & _LOW).astype(np.int64)
+                same = np.flatnonzero((stored[idx] == words[i]).all(axis=1))
+                if len(same):
+                    found[i] = idx[same[0]]
+        out[maybe] = found
+        return out

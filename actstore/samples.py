@@ -20,6 +20,7 @@ from blake3 import blake3
 
 from .format import Field
 from .keys import key as content_key
+from .keyset import KeySet
 from .ragged import RaggedBatch
 
 __all__ = [
@@ -301,56 +302,43 @@ def field_name(layer: str) -> str:
 
 
 class KeyTable:
-    """A set of keys with one int64 code each, in sorted numpy runs (an LSM in miniature).
-
-    About 56 bytes a key (key, 8-byte prefix, code, digest), merged logarithmically so
-    that inserting n keys costs O(n log n) in all.
-    """
+    """A set of keys with one int64 code and one uint64 digest each (a :class:`~actstore.keyset.KeySet`
+    plus both, in insertion order): about 50 bytes a key."""
 
     def __init__(self) -> None:
-        self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # prefix, keys, code, digest
+        self._set = KeySet()
+        self._codes = np.empty(0, np.int64)
+        self._digests = np.empty(0, np.uint64)
 
     def __len__(self) -> int:
-        return sum(len(r[0]) for r in self._runs)
+        return len(self._set)
 
     def add(self, keys: np.ndarray, codes: np.ndarray, digests: np.ndarray | None = None) -> None:
-        if not len(keys):
+        """Add ``keys`` (distinct, not in the table yet) with their codes (and digests)."""
+        m = len(keys)
+        if not m:
             return
-        digests = np.zeros(len(keys), np.uint64) if digests is None else digests
-        run = (_prefix(keys), keys, codes.astype(np.int64), digests.astype(np.uint64))
-        self._runs.append(_sort_run(run))
-        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
-            b, a = self._runs.pop(), self._runs.pop()
-            self._runs.append(_sort_run(tuple(np.concatenate([x, y]) for x, y in zip(a, b, strict=True))))
+        n = len(self._set)
+        self._set.add(keys)
+        if n + m > len(self._codes):
+            cap = max(2 * len(self._codes), n + m, 1024)
+            self._codes = np.concatenate([self._codes[:n], np.empty(cap - n, np.int64)])
+            self._digests = np.concatenate([self._digests[:n], np.empty(cap - n, np.uint64)])
+        self._codes[n : n + m] = codes
+        self._digests[n : n + m] = 0 if digests is None else digests
 
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(code, digest) of each key; code is ``NOT_FOUND`` for absent keys."""
+        idx = self._set.find(keys)
+        hit = idx >= 0
         code = np.full(len(keys), NOT_FOUND, np.int64)
         digest = np.zeros(len(keys), np.uint64)
-        if not len(keys) or not self._runs:
-            return code, digest
-        prefix = _prefix(keys)
-        for pre, ks, cs, ds in self._runs:
-            lo = np.searchsorted(pre, prefix, side="left")
-            hi = np.searchsorted(pre, prefix, side="right")
-            for i in np.nonzero((hi > lo) & (code == NOT_FOUND))[0]:
-                for j in range(lo[i], hi[i]):  # almost always one candidate
-                    if np.array_equal(ks[j], keys[i]):
-                        code[i], digest[i] = cs[j], ds[j]
-                        break
+        code[hit] = self._codes[idx[hit]]
+        digest[hit] = self._digests[idx[hit]]
         return code, digest
 
 
 NOT_FOUND = np.iinfo(np.int64).min
-
-
-def _prefix(keys: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(keys[:, :8]).view(">u8").ravel().astype(np.uint64)
-
-
-def _sort_run(run: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    order = np.argsort(run[0], kind="stable")
-    return tuple(x[order] for x in run)  # type: ignore[return-value]
 
 
 # --- batches -------------------------------------------------------------------------

@@ -76,3 +76,14 @@ def test_keys_sharing_four_bytes() -> None:
     ks.add(keys[:25])
     ks.add(keys[25:40])
     assert ks.contains(keys).tolist() == [True] * 40 + [False] * 10
+
+
+def test_find_returns_insertion_numbers() -> None:
+    rng = np.random.default_rng(2)
+    keys = rng.integers(0, 256, (5000, 32), dtype=np.uint8)
+    ks = KeySet()
+    for i in range(0, 5000, 1000):
+        ks.add(keys[i : i + 1000])
+    order = rng.permutation(5000)
+    assert ks.find(keys[order]).tolist() == order.tolist()
+    assert ks.find(rng.integers(0, 256, (10, 32), dtype=np.uint8)).tolist() == [-1] * 10

@@ -400,7 +400,11 @@ def test_key_table_and_field_names() -> None:
         table.add(ks[i : i + 37], np.arange(i, min(i + 37, 1000)))
     codes, _ = table.lookup(np.concatenate([ks[::-1], keys_of(["absent"])]))
     assert codes[:-1].tolist() == list(range(999, -1, -1)) and codes[-1] == NOT_FOUND
-    assert len(table._runs) <= 10
+    assert len(table) == 1000
+    digests = np.arange(5, dtype=np.uint64) + 7
+    table.add(keys_of(["d0", "d1", "d2", "d3", "d4"]), np.arange(5) - 2, digests)
+    codes, got = table.lookup(keys_of(["d3", "d0", 5]))
+    assert codes.tolist() == [1, -2, 5] and got.tolist() == [10, 7, 0]
     assert field_name("") == "output" and field_name("blocks[0]/attn") == "blocks_0__attn"
     assert field_name(".x") == "_.x" and field_name("__y") == "_y"
 
