@@ -103,9 +103,9 @@ def dtype_name(dtype: object) -> str:
     elif isinstance(dtype, str) and dtype in DTYPES:
         name = dtype
     else:
-        try:
+        try:  # numpy parses some strings itself ("f4,i8" even goes through ast.literal_eval): any failure is ours
             name = np.dtype(dtype).name  # type: ignore[call-overload]
-        except TypeError:
+        except Exception:  # noqa: BLE001 - TypeError, ValueError, SyntaxError, ... for a string numpy cannot read
             name = None
         if name not in DTYPES or name == "bfloat16":
             name = name if name in DTYPES else None
@@ -212,8 +212,11 @@ class Field:
                 raise UnsupportedFormatError(f"{where}.compression: codec {name!r} is not supported by this "
                                              f"version of actstore (it reads {list(CODECS)}); upgrade actstore")
             comp = {"compression": name, "level": _expect(c.get("level"), int, f"{where}.compression.level")}
+        dtype = _expect(doc.get("dtype"), str, f"{where}.dtype")
+        if dtype not in DTYPES:  # stored names are canonical: nothing else is handed to numpy's parser
+            raise CorruptStoreError(f"{where}.dtype: {dtype[:40]!r} is not one of {sorted(DTYPES)}")
         try:
-            return cls(tuple(shape), _expect(doc.get("dtype"), str, f"{where}.dtype"), **comp)
+            return cls(tuple(shape), dtype, **comp)
         except (TypeError, ValueError) as e:
             raise CorruptStoreError(f"{where}: {e}") from e
 

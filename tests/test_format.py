@@ -334,6 +334,15 @@ MUTATIONS: list[tuple[str, Any]] = [
     ("field name zarr.json", lambda d: d["attributes"]["actstore"]["fields"].update({"zarr.json": {"shape": [1], "dtype": "int8"}})),
     ("field dtype float64", lambda d: d["attributes"]["actstore"]["fields"]["x"].update(dtype="float64")),
     ("field dtype an int", lambda d: d["attributes"]["actstore"]["fields"]["x"].update(dtype=3)),
+    ("field dtype a numpy comma string", lambda d: d["attributes"]["actstore"]["fields"]["x"].update(dtype=",loat32")),
+    ("field dtype a numpy code", lambda d: d["attributes"]["actstore"]["fields"]["x"].update(dtype="<f4")),
+    ("field compression a string", lambda d: d["attributes"]["actstore"]["fields"]["x"].update(compression="zstd")),
+    ("field compression level a bool", lambda d: d["attributes"]["actstore"]["fields"]["x"].update(
+        compression={"name": "zstd", "level": True})),
+    ("field compression level too high", lambda d: d["attributes"]["actstore"]["fields"]["x"].update(
+        compression={"name": "zstd", "level": 23})),
+    ("field compression extra key", lambda d: d["attributes"]["actstore"]["fields"]["x"].update(
+        compression={"name": "zstd", "level": 3, "dict": "x"})),
     ("field shape a string", lambda d: d["attributes"]["actstore"]["fields"]["x"].update(shape="2")),
     ("field shape 9 dims", lambda d: d["attributes"]["actstore"]["fields"]["x"].update(shape=[1] * 9)),
     ("field shape zero", lambda d: d["attributes"]["actstore"]["fields"]["x"].update(shape=[0])),
