@@ -135,38 +135,12 @@ def minilm(texts: list[str], tmp: str, batch: int, rounds: int) -> tuple[list[li
 # -- 1: a CNN over random images ---------------------------------------------------------------
 
 
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                     if stride != 1 or cin != cout else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return self.relu(out + (x if self.down is None else self.down(x)))
-
-
 def resnet18() -> nn.Module:
     """ResNet-18's layout (torchvision names), random weights."""
+    from tests.models import ResNet
+
     torch.manual_seed(0)
-    m = nn.Sequential()
-    m.add_module("conv1", nn.Conv2d(3, 64, 7, 2, 3, bias=False))
-    m.add_module("bn1", nn.BatchNorm2d(64))
-    m.add_module("relu", nn.ReLU(inplace=True))
-    m.add_module("maxpool", nn.MaxPool2d(3, 2, 1))
-    cin = 64
-    for i, cout in enumerate((64, 128, 256, 512)):
-        m.add_module(f"layer{i + 1}", nn.Sequential(Block(cin, cout, 1 if i == 0 else 2), Block(cout, cout, 1)))
-        cin = cout
-    m.add_module("avgpool", nn.AdaptiveAvgPool2d(1))
-    m.add_module("flatten", nn.Flatten())
-    m.add_module("fc", nn.Linear(512, 1000))
-    return m.eval()
+    return ResNet().eval()
 
 
 def cnn(n: int, size: int, tmp: str, batch: int, rounds: int) -> tuple[list[list[Any]], dict[str, list[float]]]:
@@ -174,7 +148,7 @@ def cnn(n: int, size: int, tmp: str, batch: int, rounds: int) -> tuple[list[list
     gen = torch.Generator().manual_seed(0)
     data = [(torch.randn(3, size, size, generator=gen), i % 10) for i in range(n)]
     loader = torch.utils.data.DataLoader(data, batch_size=batch)
-    truncated = model[: list(dict(model.named_children())).index("layer3") + 1]
+    truncated = nn.Sequential(*list(model.children())[: list(dict(model.named_children())).index("layer3") + 1])
 
     def bare(m: nn.Module) -> Callable[[], None]:
         def go() -> None:

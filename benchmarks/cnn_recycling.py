@@ -17,7 +17,7 @@ time = median step time x steps per epoch.
 Weights and images are random (seeded): the speed of a forward and backward
 pass does not depend on the weights' values or the pixels.  The model is
 torchvision's ``resnet34`` when torchvision is installed, else the equivalent
-ResNet-34 defined here (BasicBlock, [3, 4, 6, 3], torchvision's attribute
+ResNet-34 from tests/models.py (BasicBlock, [3, 4, 6, 3], torchvision's attribute
 names and forward, 1000 outputs).  The loss is ``actstore bench``'s default
 self-supervised target (mean square of a fixed random projection of the
 output): its cost is negligible next to the network's.
@@ -43,71 +43,17 @@ from benchmarks.common import machine  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def _basic_block() -> Any:
-    from torch import nn
-
-    class BasicBlock(nn.Module):
-        """torchvision's BasicBlock: two 3x3 convolutions and a shortcut."""
-
-        expansion = 1
-
-        def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(planes)
-            self.relu = nn.ReLU(inplace=True)
-            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-            self.downsample: nn.Module | None = None
-            if stride != 1 or inplanes != planes:
-                self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
-                                                nn.BatchNorm2d(planes))
-            self.stride = stride
-
-        def forward(self, x: Any) -> Any:
-            identity = x
-            out = self.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            if self.downsample is not None:
-                identity = self.downsample(x)
-            out += identity
-            return self.relu(out)
-
-    return BasicBlock
-
-
 def resnet34_local(num_classes: int = 1000) -> Any:
-    """ResNet-34 with torchvision's layout (so :func:`actstore.split.split` splits it), random weights."""
-    import torch
+    """ResNet-34 with torchvision's layout (so :func:`actstore.split.split` splits it) and init, random weights."""
     from torch import nn
 
-    block = _basic_block()
+    from tests.models import ResNet
 
-    class ResNet(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
-            self.relu = nn.ReLU(inplace=True)
-            self.maxpool = nn.MaxPool2d(3, 2, 1)
-            inplanes = 64
-            for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), strict=True), 1):
-                stride = 1 if i == 1 else 2
-                layers = [block(inplanes, planes, stride)] + [block(planes, planes) for _ in range(blocks - 1)]
-                setattr(self, f"layer{i}", nn.Sequential(*layers))
-                inplanes = planes
-            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-            self.fc = nn.Linear(512, num_classes)
-            for m in self.modules():
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            return self.fc(torch.flatten(self.avgpool(x), 1))
-
-    return ResNet()
+    model = ResNet((3, 4, 6, 3), num_classes=num_classes)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
 
 
 def resnet34(seed: int = 0) -> Any:

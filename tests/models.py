@@ -26,6 +26,7 @@ from torch import nn
 __all__ = [
     "VOCAB",
     "BasicBlock",
+    "ResNet",
     "TinyResNet",
     "bert_batch",
     "tiny_bert",
@@ -107,10 +108,12 @@ class BasicBlock(nn.Module):
         return self.relu(out)
 
 
-class TinyResNet(nn.Module):
-    """A ResNet with torchvision's attribute names and ``forward`` order."""
+class ResNet(nn.Module):
+    """A ResNet of :class:`BasicBlock` stages with torchvision's attribute names and ``forward`` order
+    (ResNet-18 is ``blocks=(2, 2, 2, 2)``, ResNet-34 ``(3, 4, 6, 3)``, widths 64-512).  Random weights."""
 
-    def __init__(self, widths: tuple[int, int, int, int] = (8, 16, 24, 32), num_classes: int = 5):
+    def __init__(self, blocks: tuple[int, int, int, int] = (2, 2, 2, 2),
+                 widths: tuple[int, int, int, int] = (64, 128, 256, 512), num_classes: int = 1000) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
@@ -118,9 +121,10 @@ class TinyResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         stages = []
         inplanes = widths[0]
-        for i, planes in enumerate(widths):
+        for i, (planes, n) in enumerate(zip(widths, blocks, strict=True)):
             stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(BasicBlock(inplanes, planes, stride), BasicBlock(planes, planes)))
+            stages.append(nn.Sequential(BasicBlock(inplanes, planes, stride),
+                                        *[BasicBlock(planes, planes) for _ in range(n - 1)]))
             inplanes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
@@ -138,6 +142,13 @@ class TinyResNet(nn.Module):
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.fc(x)
+
+
+class TinyResNet(ResNet):
+    """A small :class:`ResNet` (two blocks per stage) for tests."""
+
+    def __init__(self, widths: tuple[int, int, int, int] = (8, 16, 24, 32), num_classes: int = 5):
+        super().__init__((2, 2, 2, 2), widths, num_classes)
 
 
 def tiny_resnet(seed: int = 0) -> TinyResNet:
