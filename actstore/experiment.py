@@ -274,6 +274,13 @@ def SkipConnectionHead(dim: int) -> Any:  # noqa: N802 - a class factory (keeps 
 # -- loss and metrics ---------------------------------------------------------------------
 
 
+def _optimizer_step(opt: Any, loss: Any) -> None:
+    """One training step: clear the gradients, backpropagate ``loss``, update."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def mnrl_loss(q: Any, a: Any, scale: float = 20.0, symmetric: bool = True) -> Any:
     """Multiple-negatives ranking loss with in-batch negatives, as sentence-transformers computes it.
 
@@ -460,9 +467,7 @@ def train_full(model: Any, train: Pairs, val: Pairs, *, epochs: int, batch_size:
             q = model(tok([train.questions[i] for i in idx]))["sentence_embedding"]
             a = model(tok([train.answers[i] for i in idx]))["sentence_embedding"]
             loss = mnrl_loss(q, a)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _optimizer_step(opt, loss)
             sched.step()
             losses.append(float(loss.detach()))
         row.epoch_seconds.append(time.perf_counter() - t0)
@@ -577,9 +582,7 @@ def _train_from_store(head: Any, params: list[Any], gather: _StoreRows, all_pair
                              progress):
             qi, ai = step_inputs(idx)
             loss = mnrl_loss(run(qi), run(ai))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _optimizer_step(opt, loss)
             sched.step()
             losses.append(float(loss.detach()))
         row.epoch_seconds.append(time.perf_counter() - t0)
@@ -698,9 +701,7 @@ def time_steps(model_factory: Callable[[], Any], all_pairs: Pairs, train_idx: Se
         q = full_model(tok([qs[i] for i in idx]))["sentence_embedding"]
         a = full_model(tok([ans[i] for i in idx]))["sentence_embedding"]
         loss = mnrl_loss(q, a)
-        opt_full.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_full.step()
+        _optimizer_step(opt_full, loss)
 
     variants.append(_Variant("full", full_step))
 
@@ -722,9 +723,7 @@ def time_steps(model_factory: Callable[[], Any], all_pairs: Pairs, train_idx: Se
                     hidden = frozen(feats)
                 embs.append(head(hidden, feats["attention_mask"]))
             loss = mnrl_loss(*embs)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _optimizer_step(opt, loss)
 
         store = open_store(path)
         opened.append(store)
@@ -734,9 +733,7 @@ def time_steps(model_factory: Callable[[], Any], all_pairs: Pairs, train_idx: Se
             q = gather(idx)
             a = gather([n + i for i in idx])
             loss = mnrl_loss(head(q[0], q[1]), head(a[0], a[1]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _optimizer_step(opt, loss)
 
         variants.append(_Variant(f"recompute@{at:g}", recompute))
         variants.append(_Variant(f"recycled@{at:g}", recycled))
@@ -755,9 +752,7 @@ def time_steps(model_factory: Callable[[], Any], all_pairs: Pairs, train_idx: Se
                 q = model(tk([qs[i] for i in idx]))["sentence_embedding"]
                 a = model(tk([ans[i] for i in idx]))["sentence_embedding"]
             loss = mnrl_loss(skip(q), skip(a))
-            opt_h.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_h.step()
+            _optimizer_step(opt_h, loss)
 
         store = open_store(head_store)
         opened.append(store)
@@ -767,9 +762,7 @@ def time_steps(model_factory: Callable[[], Any], all_pairs: Pairs, train_idx: Se
             q = gather_h(idx)
             a = gather_h([n + i for i in idx])
             loss = mnrl_loss(skip(q), skip(a))
-            opt_h.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_h.step()
+            _optimizer_step(opt_h, loss)
 
         variants.append(_Variant("head-recompute", head_recompute))
         variants.append(_Variant("head-recycled", head_recycled))
