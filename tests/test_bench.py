@@ -19,13 +19,7 @@ from tests.models import VOCAB, tiny_mlp, tiny_resnet, tiny_sentence_transformer
 HERE = os.path.abspath(__file__)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny models on a shared machine: two threads mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # -- factories, also used through the command line (tests/test_bench.py:NAME) ---------------

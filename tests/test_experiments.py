@@ -21,13 +21,7 @@ from torch.nn import functional as F
 from actstore import experiment as ex
 from tests.models import VOCAB, tiny_sentence_transformer
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # -- loss and metrics ---------------------------------------------------------------------
