@@ -7,9 +7,8 @@ store with zero-copy reads.
 
 from __future__ import annotations
 
-from .capture import LayerCapture, capture
-from .data import ActivationCollate, ActivationDataset, PaddedBatch, collate
-from .errors import (
+from actstore.engine.ragged import RaggedBatch
+from actstore.errors import (
     CorruptStoreError,
     DatasetMismatchError,
     MissingRowsError,
@@ -20,14 +19,15 @@ from .errors import (
     StoreNotFoundError,
     UnsupportedFormatError,
 )
-from .format import FORMAT_VERSION, Field
-from .keys import fingerprint, key, keys
-from .precompute import precompute
-from .ragged import RaggedBatch
-from .recycled import CachedDataset, RecycledEncoder
-from .sampler import ChunkShuffleSampler
-from .split import split, split_points
-from .store import ActivationStore, create, open
+from actstore.format.manifest import FORMAT_VERSION, Field
+from actstore.hashing import fingerprint, key, keys
+from actstore.models.capture import LayerCapture, capture
+from actstore.models.split import split, split_points
+from actstore.precompute.api import precompute
+from actstore.store import ActivationStore, create, open
+from actstore.training.data import ActivationCollate, ActivationDataset, PaddedBatch, collate
+from actstore.training.recycled import CachedDataset, RecycledEncoder
+from actstore.training.sampler import ChunkShuffleSampler
 
 __version__ = "0.1.0"
 

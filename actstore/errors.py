@@ -8,10 +8,13 @@ caller code keeps working.
 from __future__ import annotations
 
 __all__ = [
+    "BenchError",
     "CorruptStoreError",
     "DatasetMismatchError",
+    "FactoryError",
     "MissingDependencyError",
     "MissingRowsError",
+    "PreconditionFailed",
     "RemoteError",
     "StaleStoreError",
     "StoreError",
@@ -64,3 +67,15 @@ class DatasetMismatchError(StoreError, ValueError):
 
 class MissingRowsError(StoreError, LookupError):
     """Some dataset positions have no row in the store (and no fallback was given)."""
+
+
+class PreconditionFailed(StoreError):
+    """A conditional write or delete on object storage found the object created or changed by someone else."""
+
+
+class FactoryError(StoreError, ValueError):
+    """A command-line ``MODULE:FACTORY`` argument could not be loaded or called."""
+
+
+class BenchError(StoreError, ValueError):
+    """``actstore bench`` cannot run (bad model, bad depth, out of memory at the smallest batch size)."""

@@ -6,7 +6,7 @@ manifest in the root ``zarr.json``, immutable ``segments/``, ``indexes/`` and
 store reads it too.
 
 **Reading** (:func:`open_remote`, mode ``"r"``).  The manifest is downloaded,
-and a local :class:`~actstore.chunkcache.ChunkCache` mirror serves the reads:
+and a local :class:`~actstore.storage.chunkcache.ChunkCache` mirror serves the reads:
 an ordinary :class:`~actstore.ActivationStore` over the mirror whose pre-map
 hook downloads each file whole (checked against its BLAKE3) the first time it
 is needed — index runs and views at open, segment files on first use — so
@@ -27,7 +27,7 @@ either the old commit or the new one, never part of one: each object PUT is
 atomic and the manifest is the commit point.  ``commit()`` returns only after
 the remote manifest is written.  An upload that fails leaves the remote store
 at its previous commit; the next ``commit()`` or ``close()`` uploads again.
-One writer at a time: :class:`~actstore.lease.RemoteLock`.
+One writer at a time: :class:`~actstore.storage.lease.RemoteLock`.
 """
 
 from __future__ import annotations
@@ -44,10 +44,12 @@ from typing import Any
 
 import numpy as np
 
-from .chunkcache import ChunkCache, Fetcher, default_cache_dir
-from .cli import command
-from .errors import CorruptStoreError, StoreError, StoreExistsError, StoreLockedError, StoreNotFoundError
-from .format import (
+from actstore.engine.reader import Snapshot
+from actstore.engine.verify import verify_store
+from actstore.engine.writer import StoreLock, remove_unreferenced
+from actstore.engine.zarrread import ZarrSegmentReader
+from actstore.errors import CorruptStoreError, StoreError, StoreExistsError, StoreLockedError, StoreNotFoundError
+from actstore.format.manifest import (
     FIELDS_DIR,
     INDEXES_DIR,
     LOCK_DIR,
@@ -59,14 +61,12 @@ from .format import (
     parse_root,
     root_document,
 )
-from .lease import DEFAULT_LEASE_SECONDS, RemoteLock
-from .objects import ObjectStore, PreconditionFailed, is_url
-from .reader import Snapshot
-from .store import ActivationStore, _check_fingerprint, _describe, _ids
-from .store import create as create_local
-from .verify import verify_store
-from .writer import StoreLock, atomic_write, remove_unreferenced
-from .zarrread import ZarrSegmentReader
+from actstore.storage.chunkcache import ChunkCache, Fetcher, default_cache_dir
+from actstore.storage.files import atomic_write
+from actstore.storage.lease import DEFAULT_LEASE_SECONDS, RemoteLock
+from actstore.storage.objects import ObjectStore, PreconditionFailed, is_url
+from actstore.store import ActivationStore, _check_fingerprint, _describe, _ids
+from actstore.store import create as create_local
 
 __all__ = ["Prefetch", "RemoteStore", "create_remote", "is_url", "open_remote", "push"]
 
@@ -287,7 +287,7 @@ def push(source: str | os.PathLike[str], url: str, *, cache_dir: str | os.PathLi
     precompute to a local or shared path (with ``torchrun`` for many GPUs),
     then ``actstore push PATH s3://bucket/store`` and train from the URL.
     """
-    from .store import open as open_local
+    from actstore.store import open as open_local
 
     src = open_local(source)
     try:
@@ -374,7 +374,7 @@ class RemoteStore(ActivationStore):
 
             opts = dict(self.objects.storage_options)
             if self.objects.is_s3:
-                from .objects import S3_DEFAULTS
+                from actstore.storage.objects import S3_DEFAULTS
 
                 opts["config_kwargs"] = {**S3_DEFAULTS["config_kwargs"], **opts.get("config_kwargs", {})}
             self._zroot = FsspecStore.from_url(self.url, storage_options=opts, read_only=True)
@@ -603,7 +603,7 @@ class RemoteStore(ActivationStore):
 
 def restore(store: ActivationStore, state: dict[str, Any]) -> None:
     """Unpickle a :class:`RemoteStore` (also into a bare ``ActivationStore`` made by ``__new__``)."""
-    from .format import parse_manifest
+    from actstore.format.manifest import parse_manifest
 
     r = state["remote"]
     objects = ObjectStore(r["objects"]["url"], r["objects"]["storage_options"])
@@ -658,22 +658,3 @@ def _prefetch_one(cache: ChunkCache, obj: str, meta: str, files: list[str], budg
             return 0
         budget[0] -= need  # (approximate under threads: a budget, not a guarantee)
     return cache.ensure(obj, meta, files)
-
-
-# --- the `actstore push` command -----------------------------------------------------------------
-
-
-def cmd_push(args: Any) -> int:
-    n = push(args.path, args.url, cache_dir=args.cache_dir)
-    print(f"pushed {n:,} new rows to {args.url}")
-    return 0
-
-
-def _push_args(p: Any) -> None:
-    p.add_argument("path", help="the local store")
-    p.add_argument("url", help="s3://bucket/prefix (credentials and endpoint from AWS_* environment variables)")
-    p.add_argument("--cache-dir", help="local staging/cache directory (default ~/.cache/actstore/...)")
-    p.set_defaults(func=cmd_push)
-
-
-command("push", "upload a local store to object storage (or add its rows to a remote store)")(_push_args)

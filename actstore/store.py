@@ -15,9 +15,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from .compressed import MAX_INNER_CHUNK_BYTES
-from .errors import CorruptStoreError, StaleStoreError, StoreError, StoreExistsError, StoreNotFoundError
-from .format import (
+from actstore.engine.gather import check_float_dtype, gather_fixed, gather_padded
+from actstore.engine.ragged import PaddedBatch, RaggedBatch
+from actstore.engine.reader import (
+    ReadCheck,
+    SegmentReader,
+    Snapshot,
+    as_tensor,
+    key_prefixes,
+    map_object_array,
+    normalize_keys,
+)
+from actstore.engine.validate import validate_batch
+from actstore.engine.verify import VerifyReport, read_document, verify_store
+from actstore.engine.writer import (
+    MAX_INDEX_RUNS,
+    SegmentWriter,
+    StoreLock,
+    next_manifest,
+    remove_unreferenced,
+    write_index_run,
+    write_manifest,
+    write_object,
+)
+from actstore.errors import CorruptStoreError, StaleStoreError, StoreError, StoreExistsError, StoreNotFoundError
+from actstore.format.codecs import MAX_INNER_CHUNK_BYTES
+from actstore.format.manifest import (
     FORMAT_VERSION,
     INDEXES_DIR,
     LOCK_DIR,
@@ -31,23 +54,8 @@ from .format import (
     parse_manifest,
     parse_root,
 )
-from .objects import is_url, local_path
-from .ragged import PaddedBatch, RaggedBatch
-from .reader import ReadCheck, SegmentReader, Snapshot, as_tensor, key_prefixes, map_object_array, normalize_keys
-from .validate import validate_batch
-from .verify import VerifyReport, read_document, verify_store
-from .writer import (
-    MAX_INDEX_RUNS,
-    SegmentWriter,
-    StoreLock,
-    fsync_dir,
-    next_manifest,
-    remove_unreferenced,
-    write_durable,
-    write_index_run,
-    write_manifest,
-    write_object,
-)
+from actstore.storage import files as fsio
+from actstore.storage.objects import is_url, local_path
 
 __all__ = ["ActivationStore", "create", "open"]
 
@@ -121,7 +129,7 @@ def create(
     1
     """
     if is_url(path):
-        from .remote import create_remote
+        from actstore.remote import create_remote
 
         return create_remote(str(path), fields, fingerprint=fingerprint, attrs=attrs, chunk_bytes=chunk_bytes,
                              exist_ok=exist_ok, cache_dir=cache_dir, cache_bytes=cache_bytes,
@@ -173,10 +181,10 @@ def create(
     try:
         for sub in (SEGMENTS_DIR, INDEXES_DIR, VIEWS_DIR):
             os.makedirs(os.path.join(root, sub), exist_ok=True)
-            write_durable(os.path.join(root, sub, "zarr.json"), group_document())
-            fsync_dir(os.path.join(root, sub))
-        fsync_dir(root)
-        fsync_dir(os.path.dirname(root))
+            fsio.write_durable(os.path.join(root, sub, "zarr.json"), group_document())
+            fsio.fsync_dir(os.path.join(root, sub))
+        fsio.fsync_dir(root)
+        fsio.fsync_dir(os.path.dirname(root))
         manifest = Manifest(
             fields=checked,
             fingerprint=fingerprint,
@@ -236,7 +244,7 @@ def open(  # noqa: A001 - mirrors zarr.open / builtins.open on purpose
     if mode not in ("r", "a"):
         raise ValueError(f"mode: expected 'r' or 'a', got {mode!r}")
     if is_url(path):
-        from .remote import open_remote
+        from actstore.remote import open_remote
 
         return open_remote(str(path), mode, fingerprint=fingerprint, verify_reads=verify_reads, cache_dir=cache_dir,
                            cache_bytes=cache_bytes, storage_options=storage_options)
@@ -280,7 +288,7 @@ class ActivationStore:
 
     Reads return ``torch.Tensor`` views of private copy-on-write memory maps:
     no copy is made, PyTorch sees a writable tensor, and writes to it never
-    reach the file (see :func:`actstore.reader.map_rows` for the lifetime rules).
+    reach the file (see :func:`actstore.engine.reader.map_rows` for the lifetime rules).
     """
 
     def __init__(self, root: str, manifest: Manifest, *, mode: str, lock: StoreLock | None = None,
@@ -409,8 +417,6 @@ class ActivationStore:
         once); integer and bool fields keep their dtype.  For a ragged field as
         a padded batch with its mask, see :meth:`gather_padded`.
         """
-        from .data import check_float_dtype, gather_fixed  # (data imports this module)
-
         self._check_open()
         check_float_dtype(dtype)
         idx = self._snap.check_rows(rows)
@@ -435,8 +441,6 @@ class ActivationStore:
         Every row is copied once, from the map straight into its slot (cast to
         ``dtype`` on the way for floating fields); only the padding is filled.
         """
-        from .data import check_float_dtype, gather_padded  # (data imports this module)
-
         self._check_open()
         check_float_dtype(dtype)
         name = self._field_names(field)[0]
@@ -499,7 +503,7 @@ class ActivationStore:
         CorruptStoreError
             Naming each damaged or missing file.
 
-        Returns the :class:`~actstore.verify.VerifyReport` when the store is sound.
+        Returns the :class:`~actstore.engine.verify.VerifyReport` when the store is sound.
         """
         self._check_open()
         from tqdm.auto import tqdm
@@ -516,8 +520,8 @@ class ActivationStore:
         """A summary: rows, fields, bytes on disk, fingerprint, layout."""
         self._check_open()
         size = 0
-        for dirpath, _, files in os.walk(self.path):
-            for name in files:
+        for dirpath, _, names in os.walk(self.path):
+            for name in names:
                 with contextlib.suppress(OSError):
                     size += os.lstat(os.path.join(dirpath, name)).st_size
         m = self.manifest
@@ -749,9 +753,9 @@ class ActivationStore:
         self._check_writable()
         if self.pending or self._pending_views:
             raise StoreError(f"{self.path}: {self.pending} rows are pending; commit() or abort() them before adopt()")
-        from .keyset import KeySet
-        from .verify import _inside, object_files
-        from .writer import link_object
+        from actstore.engine.keyset import KeySet
+        from actstore.engine.writer import link_object
+        from actstore.storage.files import inside, object_files
 
         items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
         opened = [s if isinstance(s, ActivationStore) else open(s) for s in items]  # type: ignore[arg-type]
@@ -782,7 +786,7 @@ class ActivationStore:
                         if new.all():
                             _, files = object_files(seg.path, seg.info.meta, seg.path)
                             for rel, rec in files.items():
-                                if os.stat(_inside(seg.path, rel)).st_size != rec["size"]:
+                                if os.stat(inside(seg.path, rel)).st_size != rec["size"]:
                                     raise CorruptStoreError(f"{seg.path}/{rel}: size differs from its record")
                             link_object(seg.path, os.path.join(self.path, SEGMENTS_DIR, seg.info.id), files, copy=copy)
                             linked.append(seg.info)
@@ -884,7 +888,7 @@ class ActivationStore:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "remote" in state:  # a store on object storage (also when made by ActivationStore.__new__)
-            from .remote import restore
+            from actstore.remote import restore
 
             restore(self, state)
             return

@@ -33,7 +33,7 @@ from blake3 import blake3
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from actstore.keys import fingerprint, key, keys  # noqa: E402
+from actstore.hashing import fingerprint, key, keys  # noqa: E402
 
 
 def best(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:
@@ -123,7 +123,7 @@ def main() -> None:
     row(f"fingerprint({layers} x Linear({width}, {width}))", model_gb / t["fp"], "GB/s", f"{ratio:.2f}x raw AUTO")
 
     mode = "quick" if args.quick else "full"
-    print(f"actstore.keys benchmark ({mode}; best of {repeat} interleaved rounds; {os.cpu_count()} CPUs)")
+    print(f"actstore.hashing benchmark ({mode}; best of {repeat} interleaved rounds; {os.cpu_count()} CPUs)")
     print(f"{'case':<40} {'rate':>12} {'unit':<7} {'vs peer':<30} target")
     print("-" * 100)
     for case, rate, unit, peer, target in rows:

@@ -12,7 +12,7 @@ Four questions, each answered against a peer measured in the same run:
 2. **Early stop.** precompute capturing MiniLM's middle block (layer 2 of 6)
    against capturing its last one.  Target ≤ 0.6×.
 3. **Write rate.** The writer stage alone (batches as the model thread hands
-   them over, through the :class:`~actstore.writer_thread.Writer` thread, to
+   them over, through the :class:`~actstore.precompute.background.Writer` thread, to
    the final commit), against the disk's sequential write rate (one file, 8 MB
    writes, fsync) in the same round.  Target ≥ 0.8×.  Also shown: precompute
    end to end with a model that does nothing (its output is the data), the
@@ -51,7 +51,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from actstore.precompute import precompute  # noqa: E402
+from actstore.precompute.api import precompute  # noqa: E402
 from benchmarks.common import Table, machine  # noqa: E402
 
 FAQ = "/work/shared/data/cloud_faq_dataset.jsonl"
@@ -92,7 +92,7 @@ def ratio(t: dict[str, list[float]], a: str, b: str) -> tuple[float, str]:
 
 
 def minilm(texts: list[str], tmp: str, batch: int, rounds: int) -> tuple[list[list[Any]], dict[str, list[float]]]:
-    from actstore.experiment import Tokenize, load_minilm
+    from actstore.examples.experiment import Tokenize, load_minilm
 
     model = load_minilm().eval()
     tokenize = Tokenize(model)
@@ -137,7 +137,7 @@ def minilm(texts: list[str], tmp: str, batch: int, rounds: int) -> tuple[list[li
 
 def resnet18() -> nn.Module:
     """ResNet-18's layout (torchvision names), random weights."""
-    from tests.models import ResNet
+    from actstore.testing.models import ResNet
 
     torch.manual_seed(0)
     return ResNet().eval()
@@ -198,8 +198,8 @@ def disk_rate(directory: str, nbytes: int, block: bytes) -> None:
 def write_rate(tmp: str, nbytes: int, rounds: int, width: int = 4096) -> list[list[Any]]:
     """The writer stage alone, and precompute of a do-nothing model, each paired with the disk."""
     import actstore
-    from actstore.samples import SideColumns
-    from actstore.writer_thread import Job, Writer
+    from actstore.precompute.background import Job, Writer
+    from actstore.precompute.items import SideColumns
 
     n = nbytes // (width * 4)
     batch = 256

@@ -74,7 +74,7 @@ def compute_model() -> nn.Module:
 
 def worker(out: str, n: int, batch: int, result: str) -> None:
     torch.set_num_threads(1)
-    from actstore.precompute import precompute
+    from actstore.precompute.api import precompute
 
     t0, c0 = time.perf_counter(), time.process_time()
     store = precompute(compute_model(), Vectors(n), out, batch_size=batch, progress=False)
@@ -155,9 +155,9 @@ def epoch(store: Any, rows: int, seed: int, batch: int = 256, limit: int | None 
 
 def bench_s3(rows: int, segments: int, work: str) -> tuple[list[Table], dict[str, Any]]:
     import actstore
-    from actstore.objects import ObjectStore
     from actstore.remote import push
-    from tests.s3_server import SeaweedS3
+    from actstore.storage.objects import ObjectStore
+    from actstore.testing.s3_server import SeaweedS3
 
     width = 384
     row_bytes = width * 4

@@ -6,9 +6,9 @@ tables give the ratio ``actstore ÷ peer`` as a speed (higher is better for
 actstore) next to the target and PASS/FAIL.
 
 Data: ``--rows`` rows × 384 float16 (random bits, finite, seed 0); the key of row ``i``
-is ``actstore.keys.keys([str(i)])`` (BLAKE3 of the row index as text, through
+is ``actstore.hashing.keys([str(i)])`` (BLAKE3 of the row index as text, through
 the package's type-tagged encoding), or ``blake3(str(i).encode())`` when
-``actstore.keys`` is missing.
+``actstore.hashing`` is missing.
 
 Peers:
 
@@ -54,7 +54,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `actstor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import actstore  # noqa: E402
-from actstore.format import FIELDS_DIR, SEGMENTS_DIR  # noqa: E402
+from actstore.format.manifest import FIELDS_DIR, SEGMENTS_DIR  # noqa: E402
 from benchmarks.common import Table, drop_page_cache, machine, timeit  # noqa: E402
 
 DIM = 384
@@ -69,7 +69,7 @@ COLUMNS = ["what", "actstore", "peer", "ratio", "target", "result"]
 
 _pkg_keys: Callable[[list[str]], np.ndarray] | None
 try:
-    from actstore.keys import keys as _pkg_keys
+    from actstore.hashing import keys as _pkg_keys
 except ImportError:  # pragma: no cover - the package without its keys module
     _pkg_keys = None
 
@@ -180,7 +180,7 @@ class Data:
         self.small = os.path.join(out, "store-small")
         self.hf_dir = os.path.join(out, "hf")
         self.meta = {"rows": rows, "dim": DIM, "dtype": "float16", "seed": SEED, "generator": "bits-v1",
-                     "keys": "actstore.keys" if _pkg_keys is not None else "blake3(str(i))"}
+                     "keys": "actstore.hashing" if _pkg_keys is not None else "blake3(str(i))"}
 
     def _cached(self, name: str) -> bool:
         """True if ``name`` in --out was built from the same data by an earlier run."""
@@ -573,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {machine()}",
         f"- actstore {actstore.__version__}, numpy {np.__version__}, command: `python benchmarks/bench_store.py "
         + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
-        f"- data: {rows:,} rows × {DIM} float16 (random, finite), keys: {'actstore.keys.keys' if _pkg_keys is not None else 'blake3'}"
+        f"- data: {rows:,} rows × {DIM} float16 (random, finite), keys: {'actstore.hashing.keys' if _pkg_keys is not None else 'blake3'}"
         " of str(row)",
         "- ratio = actstore speed ÷ peer speed (above 1: actstore is faster); every peer runs in the same process"
         " on the same bytes, interleaved with actstore",

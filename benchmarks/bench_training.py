@@ -7,7 +7,7 @@ Four questions, each answered against a peer measured in the same run:
    from tensors already in RAM (a ``randperm`` and tensor indexing — no
    DataLoader, the cheapest feed there is).  Two heads: a 2-layer MLP on cached
    sentence embeddings (all 16,996 FAQ texts), and MiniLM's last 3 blocks
-   (``actstore.split``) on cached per-token hidden states (float16 on disk,
+   (``actstore.models.split``) on cached per-token hidden states (float16 on disk,
    padded per batch, cast to float32; 1,024 texts, as 3 blocks forward and
    backward take seconds a batch on 2 cores); the RAM feed of the latter pads
    the same rows with the same collate.  Both with ``num_workers=0`` and ``2``
@@ -75,10 +75,10 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `actstor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import actstore  # noqa: E402
-from actstore.data import ActivationCollate, ActivationDataset, collate  # noqa: E402
-from actstore.experiment import Tokenize, load_minilm  # noqa: E402
-from actstore.keys import keys as make_keys  # noqa: E402
-from actstore.sampler import ChunkShuffleSampler  # noqa: E402
+from actstore.examples.experiment import Tokenize, load_minilm  # noqa: E402
+from actstore.hashing import keys as make_keys  # noqa: E402
+from actstore.training.data import ActivationCollate, ActivationDataset, collate  # noqa: E402
+from actstore.training.sampler import ChunkShuffleSampler  # noqa: E402
 from benchmarks.common import Table, drop_page_cache, machine  # noqa: E402
 
 HIDDEN = 384
@@ -112,7 +112,7 @@ def read_faq(path: str, limit: int | None) -> list[dict[str, Any]]:
 def build_minilm_stores(model: Any, items: list[dict[str, Any]], n_tokens: int, out: str) -> tuple[str, str, float, float]:
     """(tokens store of the first ``n_tokens`` items, embeddings store of all, seconds for each) via actstore.precompute."""
     try:
-        from actstore.precompute import precompute
+        from actstore.precompute.api import precompute
     except ImportError as e:
         raise SystemExit(f"actstore.precompute is not available ({e}); the MiniLM benchmarks need it") from None
     tokens, pooled = os.path.join(out, "faq-tokens.store"), os.path.join(out, "faq-pooled.store")
@@ -172,11 +172,11 @@ class MlpHead(nn.Module):
 
 
 class BlocksHead(nn.Module):
-    """MiniLM's blocks 3..5 + mean pooling + normalize (from actstore.split), then a linear classifier."""
+    """MiniLM's blocks 3..5 + mean pooling + normalize (from actstore.models.split), then a linear classifier."""
 
     def __init__(self, model: Any, classes: int) -> None:
         super().__init__()
-        from actstore.split import split
+        from actstore.models.split import split
 
         _, self.upper = split(copy.deepcopy(model), TOKENS_LAYER)
         self.cls = nn.Linear(HIDDEN, classes)
@@ -198,7 +198,7 @@ Feed = Iterator[tuple[tuple[Any, ...], torch.Tensor]]
 def feed_store(loader: DataLoader, field: str, label: str) -> Feed:
     for batch in loader:
         x = batch[field]
-        yield ((x.values, x.mask) if isinstance(x, actstore.data.PaddedBatch) else (x,)), batch[label]
+        yield ((x.values, x.mask) if isinstance(x, actstore.training.data.PaddedBatch) else (x,)), batch[label]
 
 
 def feed_ram_fixed(x: torch.Tensor, y: torch.Tensor, batch: int) -> Feed:
@@ -368,7 +368,7 @@ def _child_read(path: str, mode: str, batch: int) -> dict[str, Any]:
     nbytes = 0
     for b in DataLoader(ds, batch_size=batch, sampler=sampler, collate_fn=collate):
         for v in b.values():
-            nbytes += (v.lengths.sum().item() * v.values[0, 0].nbytes) if isinstance(v, actstore.data.PaddedBatch) else v.nbytes
+            nbytes += (v.lengths.sum().item() * v.values[0, 0].nbytes) if isinstance(v, actstore.training.data.PaddedBatch) else v.nbytes
     return {"seconds": time.perf_counter() - t0, "bytes": nbytes, "cpu0": cpu0}
 
 
@@ -438,8 +438,8 @@ def bench_cold(tables: list[Table], stores: list[tuple[str, str]], repeats: int)
 
 def bench_cached(tables: list[Table], model: Any, items: list[dict[str, Any]], tokens: str, classes: int,
                  n_data: int, n_train: int) -> None:
-    from actstore.recycled import CachedDataset
-    from actstore.split import split
+    from actstore.models.split import split
+    from actstore.training.recycled import CachedDataset
 
     frozen, _ = split(model, TOKENS_LAYER)
     tok = Tokenize(model)

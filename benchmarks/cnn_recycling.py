@@ -3,7 +3,7 @@
 
 For every recycling level — 0% (the stem: conv1..maxpool), 25% (after
 ``layer1``), 50% (``layer2``), 75% (``layer3``) and head only (``layer4``:
-``avgpool`` + ``fc`` trained) — it measures with :func:`actstore.bench.run_bench`:
+``avgpool`` + ``fc`` trained) — it measures with :func:`actstore.cli.bench.run_bench`:
 
 - the training epoch from the store (recycled),
 - the same with the frozen prefix recomputed every step under ``no_grad``,
@@ -44,10 +44,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def resnet34_local(num_classes: int = 1000) -> Any:
-    """ResNet-34 with torchvision's layout (so :func:`actstore.split.split` splits it) and init, random weights."""
+    """ResNet-34 with torchvision's layout (so :func:`actstore.models.split.split` splits it) and init, random weights."""
     from torch import nn
 
-    from tests.models import ResNet
+    from actstore.testing.models import ResNet
 
     model = ResNet((3, 4, 6, 3), num_classes=num_classes)
     for m in model.modules():
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> Any:
     args = parse_args(argv)
     import torch
 
-    from actstore.bench import run_bench, write
+    from actstore.cli.bench import run_bench, write
 
     torch.set_num_threads(args.threads)
     model = resnet34()

@@ -27,7 +27,7 @@ def timeit(fn: Callable[[], Any], *, repeat: int = 5, number: int = 1, warmup: i
 
 def machine() -> str:
     """One line describing this machine (for reports); the same line ``actstore bench`` prints."""
-    from actstore.bench import machine_description
+    from actstore.cli.bench import machine_description
 
     return machine_description()
 

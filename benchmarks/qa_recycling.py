@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     import torch
 
-    from actstore import experiment as ex
+    from actstore.examples import experiment as ex
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -218,7 +218,7 @@ def timing_only(args: argparse.Namespace, ex: Any, factory: Any, pairs: Any, tra
         model = factory()
         for tag, at in (("75", 0.75), ("50", 0.5)):
             if tag in wanted:
-                from actstore.split import split
+                from actstore.models.split import split
 
                 frozen, _ = split(model, at)
                 path = os.path.join(workdir, f"r{tag}")

@@ -79,7 +79,7 @@ class ImageFolder(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 def run(model: torch.nn.Module, dataset: Any, out: str, layers: list[str] | None, **kwargs: Any) -> Any:
     """Precompute ``layers`` of ``model`` over ``dataset``; the class index and path ride along."""
-    from actstore.precompute import precompute
+    from actstore.precompute.api import precompute
 
     return precompute(model, dataset, out, layers=layers, input=0, **kwargs)
 

@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
 
-    from actstore.experiment import Tokenize, load_minilm
-    from actstore.precompute import precompute
+    from actstore.examples.experiment import Tokenize, load_minilm
+    from actstore.precompute.api import precompute
 
     if not os.path.isfile(args.data):
         print(f"precompute_minilm: error: --data {args.data}: no such file", file=sys.stderr)

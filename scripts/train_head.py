@@ -17,7 +17,7 @@ Two heads (``--head``):
 ``blocks``
     Half of the encoder is recycled: the store holds the per-token hidden states
     after block 2 (float16, ragged), the head is blocks 3–5 + mean pooling +
-    normalize, split off the model with :func:`actstore.split`.
+    normalize, split off the model with :func:`actstore.models.split`.
 
 Metrics, over the validation pairs (questions → answers, every validation
 answer a candidate): RP@1, the share of questions whose nearest answer is
@@ -49,9 +49,9 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 if __package__ in (None, ""):  # run from a checkout: make `actstore` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from actstore.data import ActivationCollate, PaddedBatch  # noqa: E402
-from actstore.experiment import Tokenize, load_minilm, read_pairs  # noqa: E402
-from actstore.recycled import CachedDataset  # noqa: E402
+from actstore.examples.experiment import Tokenize, load_minilm, read_pairs  # noqa: E402
+from actstore.training.data import ActivationCollate, PaddedBatch  # noqa: E402
+from actstore.training.recycled import CachedDataset  # noqa: E402
 
 TOKENS_LAYER = "0.auto_model.encoder.layer.2"
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(args.data):
         p.error(f"--data {args.data}: no such file")
     try:
-        from actstore.precompute import precompute
+        from actstore.precompute.api import precompute
     except ImportError as e:
         raise SystemExit(f"actstore.precompute is not available ({e}): this script builds its store with it") from None
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         head: nn.Module = ResidualMLP()
         lr = args.lr or 1e-3
     else:
-        from actstore.split import split
+        from actstore.models.split import split
 
         _, head = split(model, TOKENS_LAYER)
         lr = args.lr or 2e-5

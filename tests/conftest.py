@@ -5,7 +5,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tests.s3_server import s3_server, s3_url  # noqa: F401 - fixtures: a SeaweedFS S3 server on loopback
+from actstore.testing.s3_server import s3_server, s3_url  # noqa: F401 - fixtures: a SeaweedFS S3 server on loopback
 
 
 @pytest.fixture

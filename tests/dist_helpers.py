@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.models import tiny_mlp
+from actstore.testing.models import tiny_mlp
 from tests.precompute_helpers import vectors
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.models import VOCAB, tiny_bert, tiny_mlp
+from actstore.testing.models import VOCAB, tiny_bert, tiny_mlp
 
 
 def token_lists(n: int, seed: int = 0, lo: int = 3, hi: int = 12) -> list[list[int]]:
@@ -85,7 +85,7 @@ class SlowMLP(nn.Module):
 
 def child(path: str, n: int) -> None:
     """Run precompute slowly, committing every 8 rows (killed by the test midway)."""
-    from actstore.precompute import precompute
+    from actstore.precompute.api import precompute
 
     precompute(SlowMLP(), vectors(n), path, layers="net.1", batch_size=4, commit_every_rows=8, progress=False)
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from actstore.bench import BenchError, BenchReport, _parse_depths, default_loss, is_oom, run_bench
 from actstore.cli import main as cli_main
-from tests.models import VOCAB, tiny_mlp, tiny_resnet, tiny_sentence_transformer
+from actstore.cli.bench import BenchError, BenchReport, _parse_depths, default_loss, is_oom, run_bench
+from actstore.testing.models import VOCAB, tiny_mlp, tiny_resnet, tiny_sentence_transformer
 
 HERE = os.path.abspath(__file__)
 
@@ -126,7 +126,7 @@ def test_sequential_has_no_stem_and_keeps_a_trainable_head() -> None:
 
 
 def test_sentence_transformer_ragged_store_and_param_free_head(tmp_path: Any) -> None:
-    from actstore.experiment import Tokenize
+    from actstore.examples.experiment import Tokenize
 
     model = tiny_sentence_transformer(tmp_path / "st")
     words = VOCAB[5:]
@@ -287,7 +287,7 @@ def test_module_is_light_at_import() -> None:
     import subprocess
 
     code = ("import sys, actstore; before = set(sys.modules); "
-            "import actstore.bench, actstore.demo, actstore.experiment; "
+            "import actstore.cli.bench, actstore.examples.demo, actstore.examples.experiment; "
             "heavy = ('transformers', 'sentence_transformers', 'matplotlib', 'tqdm', 'torchvision'); "
             "bad = sorted(m for m in set(sys.modules) - before if m.split('.')[0] in heavy); "
             "print(bad); sys.exit(1 if bad else 0)")

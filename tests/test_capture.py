@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from actstore.capture import (
+from actstore.models.capture import (
     FINAL_OUTPUT,
     LayerCapture,
     canonical_name,
@@ -20,7 +20,7 @@ from actstore.capture import (
     reduce_output,
     resolve_layers,
 )
-from tests.models import bert_batch, tiny_bert, tiny_mlp, tiny_resnet, tiny_sentence_transformer
+from actstore.testing.models import bert_batch, tiny_bert, tiny_mlp, tiny_resnet, tiny_sentence_transformer
 
 
 @contextmanager

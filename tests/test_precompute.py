@@ -20,12 +20,12 @@ from torch import nn
 
 import actstore
 from actstore.cli import main as cli_main
-from actstore.keys import key
-from actstore.keys import keys as keys_of
-from actstore.pipeline import ATTR
-from actstore.precompute import field_name, precompute
-from actstore.samples import NOT_FOUND, KeyTable
-from tests.models import tiny_bert, tiny_mlp, tiny_resnet
+from actstore.hashing import key
+from actstore.hashing import keys as keys_of
+from actstore.precompute.api import field_name, precompute
+from actstore.precompute.items import NOT_FOUND, KeyTable
+from actstore.precompute.run import ATTR
+from actstore.testing.models import tiny_bert, tiny_mlp, tiny_resnet
 from tests.precompute_helpers import pad_collate, token_lists, vectors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -463,7 +463,7 @@ def test_minilm_script_real_tokenizer(tmp_path: Any) -> None:
                      "--out", str(out), "--side", "source", "-q"]) == 0
     s = actstore.open(out)
     assert len(s) == 3 and s.view("dataset")[0] == s.view("dataset")[2]
-    from actstore.experiment import Tokenize, load_minilm
+    from actstore.examples.experiment import Tokenize, load_minilm
 
     model = load_minilm().eval()
     feats = Tokenize(model)(texts[:2])

@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader
 
 import actstore
 from actstore import DatasetMismatchError, MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
-from actstore.data import ActivationCollate, PaddedBatch, collate
-from actstore.keys import fingerprint, key
-from actstore.recycled import CachedDataset, RecycledEncoder, output_rows
+from actstore.hashing import fingerprint, key
+from actstore.training.data import ActivationCollate, PaddedBatch, collate
+from actstore.training.recycled import CachedDataset, RecycledEncoder, output_rows
 from tests import data_helpers as h
 
 # --- CachedDataset --------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def test_training_step_through_the_encoder(tmp_path: Any) -> None:
 
 
 def test_cached_dataset_over_a_precompute_store(tmp_path: Any) -> None:
-    from actstore.precompute import precompute
+    from actstore.precompute.api import precompute
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
     gen = torch.Generator().manual_seed(0)
@@ -313,7 +313,7 @@ def test_cached_dataset_over_a_precompute_store(tmp_path: Any) -> None:
 
 
 def test_encoder_reads_a_precompute_store_of_the_whole_model(tmp_path: Any) -> None:
-    from actstore.precompute import precompute
+    from actstore.precompute.api import precompute
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
     x = torch.randn(20, 4, generator=torch.Generator().manual_seed(1))

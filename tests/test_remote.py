@@ -19,12 +19,12 @@ import torch
 import actstore
 import actstore.remote
 from actstore import Field
-from actstore.chunkcache import ChunkCache
 from actstore.cli import main as cli_main
 from actstore.errors import MissingDependencyError, RemoteError, StoreLockedError
-from actstore.objects import ObjectStore
 from actstore.remote import RemoteStore, open_remote
-from tests.s3_server import SeaweedS3, free_ports
+from actstore.storage.chunkcache import ChunkCache
+from actstore.storage.objects import ObjectStore
+from actstore.testing.s3_server import SeaweedS3, free_ports
 
 FIELDS = {"h": Field((4,), "float32"), "tok": Field((None, 3), "float16"), "label": Field((), "int64")}
 
@@ -137,7 +137,7 @@ def test_read_through_zarr_without_a_cache(s3_url: str, tmp_path: Path, opts: di
 
 
 def test_pickled_to_a_worker(s3_url: str, tmp_path: Path, opts: dict[str, Any]) -> None:
-    from actstore.data import ActivationDataset
+    from actstore.training.data import ActivationDataset
 
     make(s3_url, tmp_path, opts, [(0, 20)]).close()
     store = actstore.open(s3_url, cache_dir=tmp_path / "c", storage_options=opts)
@@ -214,7 +214,7 @@ def test_killed_writer_between_uploads(s3_url: str, tmp_path: Path, opts: dict[s
         import os, signal, sys
         sys.path.insert(0, {os.getcwd()!r})
         import actstore
-        from actstore.objects import ObjectStore
+        from actstore.storage.objects import ObjectStore
         from actstore.remote import open_remote
         from tests.test_remote import batch
         real = ObjectStore.upload

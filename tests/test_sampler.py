@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from actstore.data import ActivationDataset, collate
-from actstore.recycled import CachedDataset
-from actstore.sampler import ChunkShuffleSampler
+from actstore.training.data import ActivationDataset, collate
+from actstore.training.recycled import CachedDataset
+from actstore.training.sampler import ChunkShuffleSampler
 from tests import data_helpers as h
 
 N = 1000

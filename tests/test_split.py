@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from actstore.capture import capture
-from actstore.split import split as _split
-from actstore.split import split_points
-from tests.models import (
+from actstore.models.capture import capture
+from actstore.models.split import split as _split
+from actstore.models.split import split_points
+from actstore.testing.models import (
     bert_batch,
     tiny_bert,
     tiny_mlp,
@@ -25,7 +25,7 @@ from tests.models import (
 
 
 def split(model: Any, at: Any) -> tuple[Any, Any]:
-    """``actstore.split.split`` typed loosely: the parts' classes depend on the family."""
+    """``actstore.models.split.split`` typed loosely: the parts' classes depend on the family."""
     return _split(model, at)
 
 

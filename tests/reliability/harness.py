@@ -315,15 +315,16 @@ def allowed_counts(lines: Sequence[str], initial: int) -> tuple[int, set[int]]:
 
 #: Where a writer child can be paused: name -> (object, attribute).
 def _pause_targets() -> dict[str, tuple[Any, str]]:
+    import actstore.engine.writer as writer_mod
+    import actstore.storage.files as files_mod
     import actstore.store as store_mod
-    import actstore.writer as writer_mod
 
     return {
         "append": (writer_mod.ShardFile, "write"),  # buffering rows into shard files
         "finish": (writer_mod.ShardFile, "finish"),  # padding, shard index, fsync
-        "write_durable": (writer_mod, "write_durable"),  # metadata documents and the manifest temp file
+        "write_durable": (files_mod, "write_durable"),  # metadata documents and the manifest temp file
         "fsync": (os, "fsync"),  # every fsync, files and directories
-        "fsync_dir": (writer_mod, "fsync_dir"),
+        "fsync_dir": (files_mod, "fsync_dir"),
         "mkdir": (os, "mkdir"),
         "index_run": (store_mod, "write_index_run"),
         "replace": (os, "replace"),  # the commit point
@@ -399,7 +400,8 @@ def powerloss_child(path: str, log_path: str, journal_path: str, saved_dir: str,
     kills itself just before it, as a power cut would stop it.  With ``cut_at``
     None the child runs to the end and logs how many operations there were.
     """
-    import actstore.writer as writer_mod
+    import actstore.engine.writer as writer_mod
+    import actstore.storage.files as files_mod
 
     log = Log(log_path)
     jfd = os.open(journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -460,8 +462,8 @@ def powerloss_child(path: str, log_path: str, journal_path: str, saved_dir: str,
         op(["delete", os.path.abspath(p)], lambda: real["rmtree"](p, *args, **kwargs))
 
     if mutate == "no_root_dir_fsync":  # a broken writer, to show that the model catches it
-        real_fsync_dir = writer_mod.fsync_dir
-        writer_mod.fsync_dir = lambda d: None if os.path.abspath(d) == os.path.abspath(path) else real_fsync_dir(d)
+        real_fsync_dir = files_mod.fsync_dir
+        files_mod.fsync_dir = lambda d: None if os.path.abspath(d) == os.path.abspath(path) else real_fsync_dir(d)
     elif mutate == "no_file_fsync":
         real_fsync_file = jfsync
 
@@ -469,7 +471,8 @@ def powerloss_child(path: str, log_path: str, journal_path: str, saved_dir: str,
             if fd_path.get(fd) and os.path.isdir(fd_path[fd]):
                 real_fsync_file(fd)
 
-    writer_mod.open = jopen  # type: ignore[attr-defined]  # shadows the builtin inside actstore.writer only
+    writer_mod.open = jopen  # type: ignore[attr-defined]  # shadows the builtin inside the writing modules only
+    files_mod.open = jopen  # type: ignore[attr-defined]
     os.open, os.fsync, os.mkdir, os.replace, os.unlink = jos_open, jfsync, jmkdir, jreplace, junlink  # type: ignore[assignment]
     shutil.rmtree = jrmtree  # type: ignore[assignment]
     store = actstore.open(path, mode="a")

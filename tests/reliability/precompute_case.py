@@ -16,7 +16,7 @@ from torch import nn
 
 import actstore
 import actstore.store as store_mod
-from actstore.precompute import precompute
+from actstore.precompute.api import precompute
 
 N = 240
 LAYERS = ["1", "2"]

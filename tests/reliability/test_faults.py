@@ -29,8 +29,9 @@ import numpy as np
 import pytest
 
 import actstore
+import actstore.engine.writer as writer_mod
+import actstore.storage.files as files_mod
 import actstore.store as store_mod
-import actstore.writer as writer_mod
 
 from . import harness as h
 
@@ -120,7 +121,7 @@ def injected(fault: Fault) -> Iterator[Fault]:
     mp.setattr(os, "mkdir", mkdir)
     mp.setattr(writer_mod.ShardFile, "write", _shard_write(fault, writer_mod.ShardFile.write))
     mp.setattr(writer_mod.ShardFile, "finish", finish_wrapper(writer_mod.ShardFile.finish))
-    mp.setattr(writer_mod, "write_durable", _write_durable(fault, writer_mod.write_durable))
+    mp.setattr(files_mod, "write_durable", _write_durable(fault, files_mod.write_durable))
     mp.setattr(store_mod, "write_index_run", index_wrapper(store_mod.write_index_run))
     try:
         yield fault

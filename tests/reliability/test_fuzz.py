@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import actstore
-from actstore.format import MAX_METADATA_BYTES, parse_root
+from actstore.format.manifest import MAX_METADATA_BYTES, parse_root
 
 from . import harness as h
 
@@ -442,7 +442,7 @@ import sys
 import atheris
 import numpy, torch  # (not instrumented: only actstore's own code is)
 with atheris.instrument_imports(include=["actstore"]):
-    import actstore.format as fmt
+    import actstore.format.manifest as fmt
     from actstore.errors import StoreError
 
 def one(data):
@@ -473,7 +473,7 @@ def test_atheris_parse_root(tmp_path: Path, template: Path, runs: int) -> None:
 
 @pytest.mark.parametrize("number", ["1e400", "-1e400", "NaN", "Infinity"])
 def test_nonfinite_numbers_in_metadata_are_refused(number: str) -> None:
-    from actstore.format import loads
+    from actstore.format.manifest import loads
 
     with pytest.raises(actstore.CorruptStoreError):
         loads(f'{{"a": {number}}}'.encode(), "zarr.json")

@@ -1,0 +1,389 @@
+"""The zero-copy read path: memory maps over shard files, and row gathers.
+
+Everything here reads a committed snapshot (a :class:`~actstore.format.manifest.Manifest`)
+and never writes.  Maps are created lazily, the first time a segment's array is
+touched, so a process that forks (DataLoader workers) inherits nothing it has not
+used, and ``open`` costs the same for ten rows or a billion.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from bisect import bisect_right
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from actstore.engine.compressed import CompressedRows
+from actstore.errors import CorruptStoreError
+from actstore.format.manifest import (
+    FIELDS_DIR,
+    INDEXES_DIR,
+    INTERNAL_DTYPES,
+    KEY_BYTES,
+    SEGMENTS_DIR,
+    Field,
+    IndexRunInfo,
+    Manifest,
+    SegmentInfo,
+    chunk_path,
+)
+from actstore.storage.files import array_inner_rows, expect_array, hash_file, inside, object_files
+
+__all__ = ["ReadCheck", "Snapshot", "map_rows"]
+
+
+def data_file_size(path: str) -> int:
+    """Size of a data file that must exist and be a regular file (else :class:`CorruptStoreError`)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise CorruptStoreError(f"{path}: data file is missing") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptStoreError(f"{path}: not a regular file")
+    return int(st.st_size)
+
+
+def map_rows(path: str, rows: int, inner_shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """Map the first ``rows`` rows of a shard file as an array.  Never copies.
+
+    The map is private and copy-on-write (``MAP_PRIVATE``): writing to the array,
+    or to a tensor made from it with ``torch.from_numpy``, changes a private copy
+    of the page and never the file, and PyTorch sees a writable buffer (no
+    non-writable warning).
+
+    SAFETY: every view of the result holds a reference to the ``mmap`` object, so
+    the mapping stays valid while any view is alive, even after the store is
+    closed or its files are deleted.  The file size is checked before mapping, so
+    a short file raises :class:`CorruptStoreError` rather than ``SIGBUS``; a file
+    truncated by another program *after* it was mapped can still kill the process
+    with ``SIGBUS`` when the missing pages are touched — no mmap-based reader can
+    prevent that, and it is outside actstore's guarantees (``verify`` detects it).
+    """
+    if rows == 0:
+        return np.empty((0, *inner_shape), dtype)
+    need = rows * int(np.prod(inner_shape, dtype=np.int64)) * dtype.itemsize
+    size = data_file_size(path)
+    if size < need:
+        raise CorruptStoreError(f"{path}: file is {size} bytes, shorter than the {need} bytes its rows need")
+    try:
+        mm = np.memmap(path, dtype=dtype, mode="c", shape=(rows, *inner_shape))
+    except FileNotFoundError as e:  # deleted since the stat (a superseded index run or view)
+        raise CorruptStoreError(f"{path}: data file is missing") from e
+    return mm.view(np.ndarray)  # drop the memmap subclass: plain ndarray indexing is faster
+
+
+def as_tensor(array: np.ndarray, field: Field | None) -> torch.Tensor:
+    """Wrap a numpy array as a tensor of the field's dtype.  Never copies."""
+    t = torch.from_numpy(array)
+    if field is not None and field.dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t
+
+
+def check_no_links(root: str, path: str) -> None:
+    """Refuse ``path`` if any part of it below ``root`` is a symbolic link.
+
+    A store never contains links; following one could read outside the store.
+    """
+    while len(path) > len(root):
+        if os.path.islink(path):
+            raise CorruptStoreError(f"{path}: is a symbolic link; stores never contain links (not following it)")
+        path = os.path.dirname(path)
+
+
+class ReadCheck:
+    """``verify_reads=True``: check each file against its commit when it is first mapped.
+
+    The object's ``zarr.json`` must have the BLAKE3 the manifest names, the
+    array's ``zarr.json`` must describe exactly the rows the manifest says, and
+    the data file must have the size and BLAKE3 recorded in the object's
+    metadata.  Each file is hashed once per store handle (committed files never
+    change); bytes changed after that are not noticed.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[str, dict[str, Any]] = {}
+        self._checked: set[str] = set()
+
+    def __call__(self, base: str, meta: str, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any],
+                 codec: Any = None) -> None:
+        data = f"{rel}/{chunk_path(len(inner) + 1)}"
+        if f"{base}/{data}" in self._checked:
+            return
+        try:
+            files = self._files.get(base)
+            if files is None:
+                files = self._files[base] = object_files(base, meta, base)[1]
+            expect_array(base, rel, rows, inner, dtype.name, files, codec)  # zdtype == numpy name for stored dtypes
+            for name in (f"{rel}/zarr.json", data) if rows else (f"{rel}/zarr.json",):
+                path, rec = inside(base, name), files[name]
+                size = os.stat(path).st_size
+                if size != rec["size"] or hash_file(path, size) != rec["blake3"]:
+                    raise CorruptStoreError(f"{path}: checksum mismatch (the bytes on disk changed since the commit)")
+        except OSError as e:
+            raise CorruptStoreError(f"{base}/{rel}: cannot read ({e.strerror or e})") from e
+        self._checked.add(f"{base}/{data}")
+
+
+class SegmentReader:
+    """Lazily mapped arrays of one committed segment."""
+
+    __slots__ = ("arrays", "check", "fields", "info", "path")
+
+    def __init__(self, root: str, info: SegmentInfo, fields: dict[str, Field], check: ReadCheck | None = None) -> None:
+        self.path = os.path.join(root, SEGMENTS_DIR, info.id)
+        self.info = info
+        self.fields = fields
+        self.arrays: dict[str, np.ndarray] = {}
+        self.check = check
+
+    def _map(self, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any], codec: Any = None) -> Any:
+        """The array ``rel``: a map (never copies), or :class:`CompressedRows` for a compressed field."""
+        path = os.path.join(self.path, rel, *chunk_path(len(inner) + 1).split("/"))
+        check_no_links(os.path.dirname(os.path.dirname(self.path)), path)
+        if self.check is not None:
+            self.check(self.path, self.info.meta, rel, rows, inner, dtype, codec)
+        if codec is None or rows == 0:
+            return map_rows(path, rows, inner, dtype)
+        inner_rows = array_inner_rows(os.path.join(self.path, rel, "zarr.json"), rows, inner, dtype.name, codec)
+        return CompressedRows(path, rows, inner, dtype, inner_rows, data_file_size(path))
+
+    def keys(self) -> np.ndarray:
+        a = self.arrays.get("keys")
+        if a is None:
+            a = self.arrays["keys"] = self._map("keys", self.info.rows, (KEY_BYTES,), INTERNAL_DTYPES["uint8"])
+        return a
+
+    def fixed(self, name: str) -> np.ndarray:
+        a = self.arrays.get(name)
+        if a is None:
+            f = self.fields[name]
+            a = self.arrays[name] = self._map(f"{FIELDS_DIR}/{name}", self.info.rows, f.inner_shape, f.spec.numpy,
+                                              f.codec)
+        return a
+
+    def ragged(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(values, offsets) of a ragged field; offsets are checked once, when mapped."""
+        v = self.arrays.get(name)
+        if v is None:
+            f = self.fields[name]
+            count = self.info.values[name]
+            offsets = self._map(f"{FIELDS_DIR}/{name}/offsets", self.info.rows + 1, (), INTERNAL_DTYPES["int64"])
+            if offsets[0] != 0 or offsets[-1] != count or np.any(np.diff(offsets) < 0):
+                raise CorruptStoreError(
+                    f"{self.path}/{FIELDS_DIR}/{name}/offsets: offsets are not non-decreasing from 0 to {count}"
+                )
+            self.arrays[name + "/offsets"] = offsets
+            v = self.arrays[name] = self._map(f"{FIELDS_DIR}/{name}/values", count, f.inner_shape, f.spec.numpy,
+                                              f.codec)
+        return v, self.arrays[name + "/offsets"]
+
+
+def map_object_array(root: str, directory: str, info: IndexRunInfo, name: str, zdtype: str,
+                     check: ReadCheck | None = None) -> np.ndarray:
+    """Map one 1-D array of a small object (index run or view).  Never copies."""
+    base = os.path.join(root, directory, info.id)
+    path = os.path.join(base, name, "c", "0")
+    check_no_links(root, path)
+    if check is not None:
+        check(base, info.meta, name, info.rows, (), INTERNAL_DTYPES[zdtype])
+    return map_rows(path, info.rows, (), INTERNAL_DTYPES[zdtype])
+
+
+class IndexRun:
+    """A sorted key-index run: key prefixes (uint64, ascending) and global rows."""
+
+    __slots__ = ("prefix", "row")
+
+    def __init__(self, root: str, info: IndexRunInfo, check: ReadCheck | None = None) -> None:
+        self.prefix = map_object_array(root, INDEXES_DIR, info, "prefix", "uint64", check)
+        self.row = map_object_array(root, INDEXES_DIR, info, "row", "int64", check)
+
+
+def key_prefixes(keys: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each key as a native uint64 that sorts like the bytes."""
+    return np.ascontiguousarray(keys[:, :8]).view(">u8").ravel().astype(np.uint64)
+
+
+class Snapshot:
+    """One committed generation of a store, read through memory maps."""
+
+    def __init__(self, root: str, manifest: Manifest, check: ReadCheck | None = None) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.fields = dict(manifest.fields)
+        self.segments = [SegmentReader(root, s, self.fields, check) for s in manifest.segments]
+        self.starts = np.cumsum([0] + [s.rows for s in manifest.segments], dtype=np.int64)
+        self._starts_list = self.starts.tolist()
+        self.rows = int(self.starts[-1])
+        # Index runs are few (merged by the writer) and mapped now: a writer may
+        # delete a superseded run later, and a map survives that.
+        self.runs = [IndexRun(root, r, check) for r in manifest.indexes]
+        self._shared: dict[int, dict[bytes, int]] = {}
+
+    # -- rows -----------------------------------------------------------------
+    def locate(self, row: int) -> tuple[SegmentReader, int]:
+        if row < 0:
+            row += self.rows
+        if not 0 <= row < self.rows:
+            raise IndexError(f"row {row} is out of range for a store of {self.rows} rows")
+        s = bisect_right(self._starts_list, row) - 1
+        return self.segments[s], row - self._starts_list[s]
+
+    def check_rows(self, rows: object) -> np.ndarray:
+        idx = np.asarray(rows)
+        if idx.dtype.kind not in "iu":
+            if idx.size == 0:
+                return np.empty(0, np.int64)
+            raise TypeError(f"rows: expected integer row numbers, got an array of {idx.dtype}")
+        if idx.dtype == np.uint64 and idx.size and int(idx.max()) >= self.rows:  # (would wrap to negative int64)
+            raise IndexError(f"row {int(idx.max())} is out of range for a store of {self.rows} rows")
+        idx = idx.astype(np.int64, copy=False).reshape(-1)
+        if not idx.size:
+            return idx
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -self.rows or hi >= self.rows:
+            bad = idx[(idx < -self.rows) | (idx >= self.rows)][0]
+            raise IndexError(f"row {bad} is out of range for a store of {self.rows} rows")
+        return np.where(idx < 0, idx + self.rows, idx) if lo < 0 else idx
+
+    def split(self, rows: np.ndarray) -> tuple[np.ndarray | None, list[tuple[int, int, int, np.ndarray]]]:
+        """Group rows by segment with one stable sort.
+
+        Returns ``(order, parts)``: ``rows[order]`` lists the rows segment by
+        segment, and each part ``(segment, a, b, local)`` covers ``order[a:b]``
+        with ``local`` the rows within that segment.  ``order`` is None when all
+        rows lie in one segment (then ``a:b`` covers ``rows`` as given).
+        """
+        if len(self.segments) == 1 or not len(rows):
+            return None, [(0, 0, len(rows), rows)] if self.segments else []
+        seg = np.searchsorted(self.starts, rows, side="right") - 1
+        first, last = int(seg.min()), int(seg.max())
+        if first == last:
+            return None, [(first, 0, len(rows), rows - self.starts[first])]
+        order = np.argsort(seg, kind="stable")
+        sorted_seg = seg[order]
+        local = rows[order] - self.starts[sorted_seg]
+        bounds = np.searchsorted(sorted_seg, np.arange(first, last + 2))
+        parts = [
+            (s, int(a), int(b), local[a:b])
+            for s, a, b in zip(range(first, last + 1), bounds[:-1], bounds[1:], strict=True)
+            if b > a
+        ]
+        return order, parts
+
+    def gather_fixed(self, rows: np.ndarray, source: Any, row_shape: tuple[int, ...], dtype: np.dtype[Any],
+                     out: np.ndarray | None = None) -> np.ndarray:
+        """Gather ``rows`` (already checked) of a fixed-size array into one new (or the given) array.
+
+        Always copies: once when the rows lie in one segment (straight from the
+        maps into ``out``); rows spread over several segments are gathered segment
+        by segment into a buffer and then put in order (twice).
+        """
+        if out is None:
+            out = np.empty((len(rows), *row_shape), dtype)
+        order, parts = self.split(rows)
+        # mode="clip": rows are bounds-checked already, and the default "raise"
+        # makes numpy gather into a temporary buffer and copy it again.
+        if not parts:
+            return out
+        if order is None:
+            s, _, _, local = parts[0]
+            np.take(source(self.segments[s]), local, axis=0, out=out, mode="clip")
+            return out
+        buf = np.empty_like(out)
+        for s, a, b, local in parts:
+            np.take(source(self.segments[s]), local, axis=0, out=buf[a:b], mode="clip")
+        out[order] = buf
+        return out
+
+    def gather_keys(self, rows: np.ndarray) -> np.ndarray:
+        return self.gather_fixed(rows, SegmentReader.keys, (KEY_BYTES,), np.dtype("u1"))
+
+    # -- keys -----------------------------------------------------------------
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Row of each key, or -1.  ``keys`` is an (n, 32) uint8 array.
+
+        Queries are sorted once so that each run is searched in order (binary
+        search with sorted needles is several times faster); a prefix match is
+        confirmed against the full stored key.
+        """
+        out = np.full(len(keys), -1, np.int64)
+        if not len(keys) or not self.runs:
+            return out
+        qorder = np.argsort(key_prefixes(keys))
+        skeys = keys[qorder]
+        prefix = key_prefixes(skeys)
+        found = np.full(len(keys), -1, np.int64)
+        for k, run in enumerate(self.runs):
+            n = len(run.prefix)
+            pos = np.searchsorted(run.prefix, prefix)
+            posc = np.minimum(pos, n - 1)
+            cand = np.nonzero((pos < n) & (run.prefix[posc] == prefix) & (found < 0))[0]
+            if not len(cand):
+                continue
+            rows = self._index_rows(run.row[posc[cand]])
+            match = (self.gather_keys(rows).view("<u8") == skeys[cand].view("<u8")).all(axis=1)
+            found[cand[match]] = rows[match]
+            if not match.all():  # keys that share 8 bytes with another key of the run
+                shared = self._shared_prefix_rows(k, run)
+                for i in cand[~match].tolist():
+                    found[i] = shared.get(bytes(skeys[i]), -1)
+        out[qorder] = found
+        return out
+
+    def _shared_prefix_rows(self, k: int, run: IndexRun) -> dict[bytes, int]:
+        """Full key → row for the entries of run ``k`` whose 8-byte prefix is not unique in it.
+
+        Content keys (BLAKE3) practically never share a prefix; keys that do
+        (zero-padded ids as keys, say) are looked up here instead of by a scan
+        along equal prefixes, which was quadratic.  Built once per run and snapshot.
+        """
+        cached = self._shared.get(k)
+        if cached is None:
+            dup = np.flatnonzero(run.prefix[1:] == run.prefix[:-1])
+            idx = np.unique(np.concatenate([dup, dup + 1]))
+            rows = self._index_rows(run.row[idx]) if len(idx) else np.empty(0, np.int64)
+            keys = self.gather_keys(rows)
+            cached = self._shared[k] = {bytes(key): int(r) for key, r in zip(keys, rows.tolist(), strict=True)}
+        return cached
+
+    def _index_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Rows read from the key index, checked to lie in the store (a damaged index must not read elsewhere)."""
+        if rows.min() < 0 or rows.max() >= self.rows:
+            raise CorruptStoreError(f"{self.root}/{INDEXES_DIR}: the key index names rows outside [0, {self.rows}); "
+                                    "the store is damaged (run verify())")
+        return rows
+
+    def row_key(self, row: int) -> bytes:
+        seg, local = self.locate(row)
+        return bytes(seg.keys()[local])
+
+
+def normalize_keys(keys: object) -> np.ndarray:
+    """Keys as an (n, 32) uint8 array from bytes, a sequence of bytes, or an array."""
+    if isinstance(keys, (bytes, bytearray, memoryview)):
+        keys = [bytes(keys)]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.detach().cpu().numpy()
+    if isinstance(keys, np.ndarray):
+        if keys.dtype != np.uint8 or keys.ndim != 2 or keys.shape[1] != KEY_BYTES:
+            raise ValueError(f"keys: expected an (n, {KEY_BYTES}) uint8 array, got {keys.shape} {keys.dtype}")
+        return np.ascontiguousarray(keys)
+    if isinstance(keys, str) or not isinstance(keys, Sequence):
+        raise TypeError(
+            f"keys: expected a sequence of {KEY_BYTES}-byte keys (bytes) or an (n, {KEY_BYTES}) uint8 array, "
+            f"got {type(keys).__name__}; make keys with actstore.key(sample)"
+        )
+    buf = bytearray()
+    for i, k in enumerate(keys):
+        if not isinstance(k, (bytes, bytearray, memoryview)):
+            raise TypeError(f"keys[{i}]: expected bytes, got {type(k).__name__}; make keys with actstore.key(sample)")
+        if len(k) != KEY_BYTES:
+            raise ValueError(f"keys[{i}]: expected {KEY_BYTES} bytes, got {len(k)}")
+        buf += k
+    return np.frombuffer(bytes(buf), np.uint8).reshape(-1, KEY_BYTES)

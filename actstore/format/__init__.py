@@ -1,0 +1,7 @@
+"""The on-disk format in code (docs/FORMAT.md): documents, names, codecs; no file I/O."""
+
+from __future__ import annotations
+
+from actstore.format.manifest import FORMAT_NAME, FORMAT_VERSION, Field, IndexRunInfo, Manifest, SegmentInfo
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Field", "IndexRunInfo", "Manifest", "SegmentInfo"]

@@ -1,0 +1,244 @@
+"""Precompute: run a frozen model over a dataset once and store its layers' outputs.
+
+:func:`precompute` is the write side of layer recycling.  One pass over the
+dataset, in order::
+
+    DataLoader workers: item -> (input, side columns) -> key -> collate (speculative)
+    main thread:        look keys up (store + this run) -> batch the misses -> model,
+                        hooks capture the layers, the forward stops after the last one
+    writer thread:      trim padding, cast, append, commit every N rows / seconds
+
+Rows are keyed by content, so a rerun computes only what is missing (a killed
+run resumes where its last commit ended) and a sample repeated in the dataset
+is computed once.  The dataset's order is recorded as the view ``"dataset"``.
+
+How items are read (the store's ``attrs["precompute"]`` records all of this):
+
+- **Input.** A bare item (str, tensor, list, image ...) is the model input.  A
+  tuple's element ``input`` (default 0) or a dict's key ``input`` (default: the
+  first of ``input, inputs, text, image, x``) is the input; the key is computed
+  on that raw input, before ``collate_fn``.
+- **Side columns.** The other elements of a tuple or dict are stored beside the
+  activations, one field each: tuple element ``j`` becomes field ``item_j``, a
+  dict key its own (sanitised) name.  Scalars become shape ``()`` fields (bool,
+  int → int64, float → float32), arrays and tensors keep their shape (float64 →
+  float32), str and bytes become ragged uint8 fields (UTF-8).  Shapes and
+  dtypes are inferred from the first item; ``side_fields`` overrides a field or
+  drops a column (``None``).
+- **Layer fields.** One per layer, named after the registered module name with
+  characters outside ``[A-Za-z0-9_.-]`` replaced by ``_`` (the final output,
+  ``layers=None``, is field ``output``).  An output of shape (batch, tokens,
+  ...) with a token mask — ``attention_mask`` in a dict batch, or
+  ``lengths_fn(batch)`` — is stored ragged, trimmed to each sample's tokens;
+  anything else is a fixed-shape field.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from actstore.format.manifest import Field
+from actstore.models.capture import resolve_layers
+from actstore.precompute.distributed import precompute_run
+from actstore.precompute.items import Selector, field_name
+from actstore.precompute.run import STORE_DTYPES
+from actstore.store import ActivationStore
+
+__all__ = ["field_name", "precompute"]
+
+def precompute(
+    model: nn.Module,
+    dataset: Any,
+    path: str | os.PathLike[str],
+    *,
+    layers: str | Iterable[str] | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    key_fn: Callable[[Any], bytes] | None = None,
+    store_dtype: str | torch.dtype | None = None,
+    compression: str | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    input: int | str | None = None,  # noqa: A002 - the natural name
+    side_fields: Mapping[str, Field | None] | None = None,
+    lengths_fn: Callable[[Any], Any] | None = None,
+    autocast: bool | str | torch.dtype = False,
+    commit_every_rows: int | None = None,
+    commit_every_seconds: float | None = 60.0,
+    max_in_flight: int = 4,
+    overwrite: bool = False,
+) -> ActivationStore:
+    """Compute the outputs of ``layers`` of a frozen ``model`` for every sample of ``dataset`` into a store.
+
+    Parameters
+    ----------
+    model
+        The frozen network.  It is put in eval mode for the run (its mode is
+        restored afterwards), moved to ``device`` and run under
+        ``torch.inference_mode()``; its weights are never changed.
+    dataset
+        A map-style dataset (``len`` and ``[i]``, e.g. a list) or an iterable of
+        raw samples; see the module docstring for how an item is split into the
+        model input and side columns.
+    path
+        The store's directory: created if absent, resumed if it holds a store of
+        the same model and configuration.
+    layers
+        Module names of ``model.named_modules()`` (all captured in one forward,
+        which stops right after the last of them), or ``None`` for the output.
+    batch_size
+        Samples per forward.
+    device
+        Default: ``cuda`` when available, else the CPU.
+    collate_fn
+        Turns a list of raw inputs into what the model eats (a tokenizer call,
+        for instance).  Default: ``torch.utils.data.default_collate``.  A dict
+        result is passed as keyword arguments (see
+        :func:`actstore.models.capture.model_arguments`).
+    key_fn
+        Content key of one raw input (32 bytes).  Default :func:`actstore.key`.
+    store_dtype
+        ``"float16"``, ``"bfloat16"`` or ``"float32"`` for floating outputs on
+        disk.  Default: the output's own dtype (bit-exact).
+    compression
+        ``"zstd"`` compresses the activation fields on disk (smaller; reads
+        decompress, so they copy and random access is slower: see
+        :class:`~actstore.Field`).  Default: raw, read zero-copy.  When
+        resuming, ``None`` keeps what the store has.
+    num_workers
+        DataLoader workers that read items, compute keys and collate.
+    progress
+        Show a progress bar and print a final summary; ``False`` prints nothing.
+    input
+        Which part of a tuple (int) or dict (str) item is the model input.
+    side_fields
+        Side column name (tuple position as a str, or dict key) → the
+        :class:`~actstore.Field` to store it as, or ``None`` to not store it.
+    lengths_fn
+        ``lengths_fn(batch) -> lengths`` of each sample, for token-level outputs
+        of batches without an ``attention_mask`` (right padding); every output
+        with three or more dimensions is then stored ragged.
+    autocast
+        ``True`` (float16 on CUDA, bfloat16 on the CPU) or a dtype.
+    commit_every_rows, commit_every_seconds
+        Commit after this many new rows or seconds (whichever first); a killed
+        run loses at most that much.  Always commits at the end.
+    max_in_flight
+        Computed batches waiting for the writer thread; bounds memory.
+    overwrite
+        Replace a store at ``path`` that cannot be resumed (another model, other
+        layers, dtype or item structure).  A matching store is always resumed;
+        only a directory that is an actstore store is ever deleted.
+
+    Returns
+    -------
+    ActivationStore
+        The store, opened for reading.
+
+    Raises
+    ------
+    ValueError
+        Unknown layer (with close matches); a fixed-shape output whose shape
+        changes between batches (naming the layer and both shapes).
+    TypeError
+        A sample that cannot be keyed (naming its dataset index).
+    StaleStoreError
+        The store was computed by another model (unless ``overwrite``).
+    StoreExistsError
+        ``path`` holds something else: other files, or a store of other layers
+        or configuration (unless ``overwrite``).
+
+    Errors raised by the model, the dataset or the writer thread propagate;
+    everything committed before them stays valid, and a rerun resumes there.
+
+    Launched by ``torchrun --nproc-per-node N [--nnodes M]``, each rank computes
+    every N-th block of ``batch_size`` samples on its own device into a part
+    store under ``path/parts/``, and rank 0 merges the parts into ``path`` at
+    the end (same keys and values as one process; rows in another order).  See
+    :mod:`actstore.precompute.distributed`.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> data = [(torch.randn(4), i % 2) for i in range(10)]
+    >>> store = precompute(model, data, tempfile.mkdtemp() + "/s", layers="1", progress=False)
+    >>> len(store), sorted(store.fields), store.view("dataset")[:3].tolist()
+    (10, ['1', 'item_1'], [0, 1, 2])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers: expected an int >= 0, got {num_workers!r}")
+    if input is not None and (isinstance(input, bool) or not isinstance(input, (int, str))):
+        raise TypeError(f"input: expected an int (tuple items), a str (dict items) or None, got {input!r}")
+    for name, f in (side_fields or {}).items():
+        if f is not None and not isinstance(f, Field):
+            raise TypeError(f"side_fields[{name!r}]: expected an actstore.Field or None, got {type(f).__name__}")
+    dev = _device(device)
+    run_kwargs = dict(
+        layers=resolve_layers(model, layers),
+        batch_size=_positive("batch_size", batch_size), device=dev, collate_fn=collate_fn, key_fn=key_fn,
+        store_dtype=_store_dtype(store_dtype), compression=_compression(compression), num_workers=num_workers,
+        progress=bool(progress),
+        selector=Selector(input), side_fields=dict(side_fields or {}), lengths_fn=lengths_fn,
+        autocast=_autocast_dtype(autocast, dev),
+        commit_every_rows=_positive("commit_every_rows", commit_every_rows, True),
+        commit_every_seconds=_positive("commit_every_seconds", commit_every_seconds, True, float),
+        max_in_flight=_positive("max_in_flight", max_in_flight), overwrite=bool(overwrite))
+    # In this process, or - launched by torchrun - one disjoint part per rank (see actstore.distributed).
+    return precompute_run(model, dataset, os.fspath(path), run_kwargs)
+
+
+# --- argument checking --------------------------------------------------------------
+
+
+def _positive(name: str, value: Any, allow_none: bool = False, kind: type = int) -> Any:
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool) and value > 0
+    if not ok:
+        raise ValueError(f"{name}: expected a positive {kind.__name__}{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def _compression(value: Any) -> str | None:
+    if value is not None:
+        Field((), compression=value)  # raises ValueError naming the choices
+    return value  # type: ignore[no-any-return]
+
+
+def _store_dtype(value: Any) -> torch.dtype | None:
+    if value is None:
+        return None
+    name = value if isinstance(value, str) else str(value).replace("torch.", "")
+    if name not in STORE_DTYPES:
+        raise ValueError(f"store_dtype: expected one of {sorted(STORE_DTYPES)} or None, got {value!r}")
+    return STORE_DTYPES[name]
+
+
+def _device(value: Any) -> torch.device:
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {value!r} is not a torch device ({e})") from e
+
+
+def _autocast_dtype(value: Any, device: torch.device) -> torch.dtype | None:
+    if value is False or value is None:
+        return None
+    if value is True:
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    name = value if isinstance(value, str) else str(value).replace("torch.", "")
+    if name not in ("float16", "bfloat16"):
+        raise ValueError(f"autocast: expected True, False, 'float16' or 'bfloat16', got {value!r}")
+    return STORE_DTYPES[name]

@@ -1,0 +1,600 @@
+"""Distributed precompute: ``torchrun`` starts N processes, each computes a disjoint part of the dataset.
+
+:func:`actstore.precompute` comes here.  Launched by ``torchrun`` (``RANK`` and
+``WORLD_SIZE`` in the environment, or a process group already initialised),
+with ``WORLD_SIZE`` > 1::
+
+    all ranks   check they agree (world size, dataset length, model fingerprint,
+                layers, path) — an error on every rank before anything is written
+    rank 0      adopts leftover parts of an interrupted run into the store at PATH
+    every rank  clones PATH (hard links) into PATH/parts/<run>-<rank> and runs the
+                ordinary single-process pipeline there, on its blocks of the
+                dataset (block b = positions [b*B, (b+1)*B) with B the batch
+                size, for b ≡ rank mod world size) — no coordination per batch; the clone
+                makes it skip every key PATH already has, and its commits make a
+                killed rank's work resumable
+    rank 0      (after all ranks finished) adopts the parts' new segments into
+                PATH in one commit (hard links, one key-index run), writes the
+                whole dataset's "dataset" view, deletes the parts
+    every rank  returns PATH opened for reading
+
+**Partition by whole batches, dedupe by key.**  A rank reads only its own
+items: items are loaded and decoded once in all, not once per rank, which
+partitioning by key would need (the key is a hash of the loaded item).  Blocks
+of exactly one batch make every batch a rank computes a batch one process would
+compute, which matters: on the CPU a sample's output can differ in the last bit
+with the batch's shape (measured here: a Linear layer computes a row
+differently in a batch of fewer than 4 rows).  Keys still decide what is done:
+each rank skips keys the store already has, so a resumed run with another world
+size recomputes nothing, and a sample that appears in two ranks' blocks is
+computed by both but stored once (adoption keeps the first part's row).  A fresh
+run therefore stores the same keys and the same values, bit for bit, as one
+process; rows computed in batches that one process would have formed
+differently (repeated samples, a resumed run) have the same keys and values
+equal up to such last-bit differences — exactly as a resumed single-process run
+does.  The row *order* differs (rank by rank); the ``"dataset"`` view hides it.
+
+**Processes.**  Collectives are a few ``all_gather_object`` /
+``broadcast_object_list`` calls on a gloo group (this module initialises the
+default group with gloo from ``env://`` if torchrun's workers have none, and
+destroys it at the end; with a user's NCCL group it adds a gloo group).  Each
+rank computes on ``cuda:LOCAL_RANK`` when CUDA is available (``LOCAL_RANK`` modulo
+the GPUs of the node; or the device given), else the CPU.  PATH must be one filesystem every rank sees (local for
+one node; a shared filesystem for several), and a local path: to publish to
+object storage, ``actstore push PATH s3://...`` afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from actstore.errors import StaleStoreError, StoreError, StoreExistsError, StoreLockedError
+from actstore.format.manifest import INDEXES_DIR, PARTS_DIR, SEGMENTS_DIR, VIEWS_DIR, Manifest
+from actstore.storage.objects import is_url
+
+__all__ = ["DistInfo", "detect", "precompute_run"]
+
+log = logging.getLogger("actstore")
+
+#: Seconds a rank waits for the others to join and to agree (a launch whose ranks disagree fails after this).
+TIMEOUT_SECONDS = float(os.environ.get("ACTSTORE_DIST_TIMEOUT", 900))
+#: Seconds a rank that finished its part waits for the slowest one (torchrun stops every rank when one dies).
+WAIT_SECONDS = float(os.environ.get("ACTSTORE_DIST_WAIT", 7 * 86400))
+_ERRORS: dict[str, type[BaseException]] = {e.__name__: e for e in (
+    StoreError, StoreExistsError, StoreLockedError, StaleStoreError, ValueError, TypeError, KeyError, IndexError)}
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a distributed launch."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+
+def detect() -> DistInfo | None:
+    """The launch this process belongs to (torchrun's environment, or an initialised group), or None."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        try:
+            return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local)
+        except ValueError as e:
+            raise ValueError(f"RANK={os.environ['RANK']!r}, WORLD_SIZE={os.environ['WORLD_SIZE']!r}: not integers") from e
+    return None
+
+
+# --- the dataset, split by position --------------------------------------------------------
+
+
+class RankSlice(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Rank ``rank``'s blocks of a map-style dataset: blocks ``b ≡ rank (mod world)`` of ``block`` positions each.
+
+    With ``block`` = the batch size, every batch a rank computes is a batch one
+    process would compute (same samples, same shape), so outputs match bit for
+    bit even where a kernel's result depends on the batch shape.
+    """
+
+    def __init__(self, dataset: Any, rank: int, world: int, block: int = 1) -> None:
+        self.dataset, self.rank, self.world, self.block = dataset, rank, world, block
+        total = len(dataset)
+        mine = range(rank, math.ceil(total / block), world)
+        self.n = sum(min(block, total - b * block) for b in mine)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range for rank {self.rank}'s {self.n} items")
+        return self.dataset[global_position(i, self.rank, self.world, self.block)]
+
+
+def global_position(i: Any, rank: int, world: int, block: int) -> Any:
+    """Dataset position of a rank's ``i``-th item (ints or int arrays)."""
+    return ((i // block) * world + rank) * block + i % block
+
+
+class RankIterable(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """Rank ``rank``'s blocks of an iterable (every rank still iterates the whole source, skipping the others')."""
+
+    def __init__(self, iterable: Any, rank: int, world: int, block: int = 1) -> None:
+        self.iterable, self.rank, self.world, self.block = iterable, rank, world, block
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, item in enumerate(self.iterable):
+            if (i // self.block) % self.world == self.rank:
+                yield item
+
+
+def _slice(dataset: Any, rank: int, world: int, block: int) -> Any:
+    try:
+        len(dataset)
+        map_style = hasattr(dataset, "__getitem__")
+    except TypeError:
+        map_style = False
+    return RankSlice(dataset, rank, world, block) if map_style else RankIterable(dataset, rank, world, block)
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+
+def precompute_run(model: torch.nn.Module, dataset: Any, root: str, kwargs: dict[str, Any]) -> Any:
+    """Run precompute into ``root``: distributed when launched so, else in this process.
+
+    ``kwargs`` are :class:`~actstore.precompute.run.Run`'s keyword arguments.
+    """
+    from actstore.precompute.run import Run
+    from actstore.store import open as open_store
+
+    if is_url(root):
+        raise ValueError(f"path: precompute writes a local (or shared-filesystem) store, got the URL {root!r}; "
+                         "precompute to a path, then upload it with `actstore push PATH URL`")
+    root = os.path.abspath(root)
+    info = detect()
+    if info is None or info.world == 1:
+        from actstore.hashing import fingerprint
+
+        parts = os.path.join(root, PARTS_DIR)
+        if os.path.isdir(parts):  # leftovers of an interrupted distributed run
+            lock = _parts_lock(parts)
+            try:
+                adopt_leftovers(root, fingerprint(model), list(kwargs["layers"]), kwargs["overwrite"], len_of(dataset))
+            finally:
+                lock.release()
+            _remove_parts_dir(root)
+        return Run(model, dataset, root, **kwargs).run()
+    with _Group() as quick:
+        return _Ranks(model, dataset, root, kwargs, info, quick).run(open_store)
+
+
+class _Group:
+    """The gloo group for joining, agreeing and merging (``TIMEOUT_SECONDS``; the wait for the slowest rank's part
+    uses a second one, made after the ranks agree, with ``WAIT_SECONDS``).  The default group is initialised here
+    from ``env://`` (and destroyed at the end) if torchrun's workers have none."""
+
+    def __enter__(self) -> Any:
+        dist = torch.distributed
+        self.owned = not dist.is_initialized()
+        quick = datetime.timedelta(seconds=TIMEOUT_SECONDS)
+        try:
+            if self.owned:
+                dist.init_process_group("gloo", timeout=quick)
+                q = None
+            else:
+                q = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=quick)
+        except (RuntimeError, ValueError) as e:
+            self.__exit__()
+            raise RuntimeError(_join_hint(e)) from e
+        return q
+
+    def __exit__(self, *exc: object) -> None:
+        if self.owned and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _join_hint(e: BaseException) -> str:
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return (f"precompute: the ranks did not all join within {TIMEOUT_SECONDS:.0f} s (this process: "
+            f"{', '.join(f'{k}={v}' for k, v in env.items())}); nothing was written.  Check that every rank was "
+            "launched with the same world size (torchrun --nnodes/--nproc-per-node on every node) and can reach "
+            f"MASTER_ADDR, or raise ACTSTORE_DIST_TIMEOUT.  ({type(e).__name__}: {str(e)[:300]})")
+
+
+class _Ranks:
+    def __init__(self, model: torch.nn.Module, dataset: Any, root: str, kwargs: dict[str, Any], info: DistInfo,
+                 quick: Any) -> None:
+        self.model, self.dataset, self.root, self.kwargs = model, dataset, root, kwargs
+        self.rank, self.world, self.group = info.rank, info.world, quick
+        self.slow: Any = None
+        self.local_rank = info.local_rank
+        self.parts = os.path.join(root, PARTS_DIR)
+
+    # -- collectives -----------------------------------------------------------------------
+    def gather(self, obj: Any, slow: bool = False) -> list[Any]:
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj, group=self.slow if slow else self.group)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def settle(self, error: BaseException | None, what: str, slow: bool = False) -> None:
+        """Every rank learns whether any failed at ``what``; all raise if one did."""
+        statuses = self.gather(None if error is None else (type(error).__name__, str(error)), slow)
+        if error is not None:
+            raise error
+        for r, st in enumerate(statuses):
+            if st is not None:
+                kind = _ERRORS.get(st[0], RuntimeError)
+                raise kind(f"rank {r} failed {what}: {st[0]}: {st[1]}")
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self, open_store: Any) -> Any:
+        from actstore.hashing import fingerprint
+
+        fp = fingerprint(self.model)
+        self.check_agreement(fp)
+        self.slow = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=WAIT_SECONDS))
+        lock = None
+        run_id = None
+        err: BaseException | None = None
+        if self.rank == 0:
+            try:
+                lock = _parts_lock(self.parts)
+                adopt_leftovers(self.root, fp, list(self.kwargs["layers"]), self.kwargs["overwrite"],
+                                len_of(self.dataset))
+                run_id = uuid.uuid4().hex[:12]
+            except BaseException as e:
+                err = e
+        try:
+            self.settle(err, f"preparing {self.root}")
+            run_id = self.broadcast(run_id)
+            part = os.path.join(self.parts, f"{run_id}-{self.rank:05d}")
+            err = None
+            try:
+                self.compute(part)
+            except BaseException as e:
+                err = e
+            self.settle(err, "computing its part (committed rows stay in PATH/parts and are adopted on the next run)",
+                        slow=True)
+            err = None
+            if self.rank == 0:
+                try:
+                    self.merge(fp, run_id)
+                except BaseException as e:
+                    err = e
+            self.settle(err, f"merging the parts into {self.root}")
+        finally:
+            if lock is not None:
+                lock.release()
+        if self.rank == 0:
+            _remove_parts_dir(self.root)
+        return open_store(self.root)
+
+    def check_agreement(self, fp: str) -> None:
+        try:
+            length: int | None = len(self.dataset)
+        except TypeError:
+            length = None
+        mine = {"world": self.world, "WORLD_SIZE": os.environ.get("WORLD_SIZE"), "dataset_length": length,
+                "fingerprint": fp, "layers": list(self.kwargs["layers"]), "path": self.root,
+                "batch_size": self.kwargs["batch_size"]}
+        try:
+            every = self.gather(mine)
+            ranks_seen = self.gather(self.rank)
+        except RuntimeError as e:
+            raise RuntimeError(_join_hint(e)) from e
+        problems = []
+        if sorted(ranks_seen) != list(range(self.world)):
+            problems.append(f"ranks {sorted(ranks_seen)} are not 0..{self.world - 1}")
+        for key in mine:
+            values = [e[key] for e in every]
+            if any(v != values[0] for v in values):
+                shown = ", ".join(f"rank {r}: {v!r}"[:120] for r, v in enumerate(values))
+                problems.append(f"{key} differs between ranks ({shown})")
+        if problems:
+            raise ValueError("precompute: the ranks of this launch disagree, nothing was written: " + "; ".join(problems))
+
+    def compute(self, part: str) -> None:
+        from actstore.precompute.run import Run
+
+        kw = dict(self.kwargs)
+        dev: torch.device = kw["device"]
+        if dev.type == "cuda" and dev.index is None:  # (more ranks than GPUs on a node: they share them)
+            kw["device"] = torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
+            torch.cuda.set_device(kw["device"])
+        kw["progress"] = bool(kw["progress"]) and self.rank == 0
+        os.makedirs(self.parts, exist_ok=True)
+        if os.path.exists(os.path.join(self.root, "zarr.json")):
+            clone_store(self.root, part)  # the pipeline then skips every key the store has
+        store = Run(self.model, _slice(self.dataset, self.rank, self.world, kw["batch_size"]), part, **kw).run()
+        store.close()
+
+    def merge(self, fp: str, run_id: str) -> None:
+        from actstore.precompute.run import ATTR, VIEW
+        from actstore.store import open as open_store
+
+        names = sorted(n for n in os.listdir(self.parts) if n.startswith(run_id + "-"))
+        if len(names) != self.world:
+            raise StoreError(f"{self.parts}: expected {self.world} parts of run {run_id}, found {len(names)}")
+        parts = [open_store(os.path.join(self.parts, n)) for n in names]
+        try:
+            main = _open_or_create_main(self.root, parts, fp, self.kwargs["overwrite"], len_of(self.dataset))
+            try:
+                main.adopt([p for p in parts if not _placeholder(p)])
+                n = len_of(self.dataset)
+                keys_at = np.zeros((0 if n is None else n, 32), np.uint8)
+                have = np.zeros(len(keys_at), bool)
+                for r, p in enumerate(parts):
+                    if VIEW not in p.views:
+                        continue
+                    v = np.asarray(p.view(VIEW))
+                    pos = global_position(np.arange(len(v)), r, self.world, self.kwargs["batch_size"])
+                    if n is None and len(pos):  # an iterable: the length is known only now
+                        need = int(pos.max()) + 1
+                        if need > len(keys_at):
+                            keys_at = np.concatenate([keys_at, np.zeros((need - len(keys_at), 32), np.uint8)])
+                            have = np.concatenate([have, np.zeros(need - len(have), bool)])
+                    ok = v >= 0
+                    keys_at[pos[ok]] = p.key_at(v[ok])
+                    have[pos[ok]] = True
+                if n is None:
+                    last = np.flatnonzero(have)
+                    end = int(last[-1]) + 1 if len(last) else 0
+                    keys_at, have = keys_at[:end], have[:end]
+                view = np.full(len(keys_at), -1, np.int64)
+                if have.any():
+                    view[have] = main.lookup(keys_at[have])
+                main.set_view(VIEW, view)
+                main.commit()
+                _record_length(main, n)
+                rows = len(main)
+            finally:
+                main.close()
+        finally:
+            for p in parts:
+                p.close()
+        for name in names:
+            _delete_part(os.path.join(self.parts, name))
+        cfg = dict(parts[0].attrs.get(ATTR) or {})
+        if self.kwargs["progress"]:
+            print(f"precompute: {self.world} ranks -> {self.root}: {rows:,} rows ({cfg.get('dataset_class')})",
+                  flush=True)
+
+
+# --- parts -------------------------------------------------------------------------------------------
+
+
+def len_of(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+def _placeholder(store: Any) -> bool:
+    from actstore.precompute.run import ATTR
+
+    cfg = store.attrs.get(ATTR)
+    return len(store) == 0 and isinstance(cfg, Mapping) and bool(cfg.get("placeholder"))
+
+
+def _parts_lock(parts: str) -> Any:
+    """Rank 0 holds this while a distributed run uses PATH/parts: a second run on the same PATH is refused."""
+    from actstore.engine.writer import StoreLock
+
+    os.makedirs(parts, exist_ok=True)
+    try:
+        return StoreLock(parts)
+    except StoreLockedError as e:
+        raise StoreLockedError(f"{parts}: another distributed precompute is writing to this store ({e}); "
+                               "wait for it, or write to another path") from e
+
+
+def _part_names(parts: str) -> list[str]:
+    """Complete leftover part stores (with a manifest), oldest run first; incomplete ones are deleted."""
+    out = []
+    for name in sorted(os.listdir(parts)) if os.path.isdir(parts) else []:
+        p = os.path.join(parts, name)
+        if name == "lock" or not os.path.isdir(p):
+            continue
+        if name.startswith(".deleting-") or not os.path.exists(os.path.join(p, "zarr.json")):
+            shutil.rmtree(p, ignore_errors=True)  # a clone or delete cut short: holds nothing committed
+            continue
+        out.append(name)
+    return out
+
+
+def _delete_part(path: str) -> None:
+    """Rename first, so that a delete cut short never leaves a half part that looks complete."""
+    trash = os.path.join(os.path.dirname(path), f".deleting-{os.path.basename(path)}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_parts_dir(root: str) -> None:
+    parts = os.path.join(root, PARTS_DIR)
+    lock = _parts_lock(parts)
+    try:
+        if not _part_names(parts):
+            shutil.rmtree(os.path.join(parts, "lock"), ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(parts)
+    finally:
+        lock.release()
+
+
+def adopt_leftovers(root: str, fp: str, layers: list[str], overwrite: bool, length: int | None = None) -> int:
+    """Adopt the committed rows of parts left by an interrupted distributed run into ``root``; returns the rows added.
+
+    A leftover part of another model or other layers is an error (``overwrite``
+    deletes it instead, and a store at ``root`` that this run cannot resume).
+    """
+    from actstore.store import open as open_store
+
+    parts = os.path.join(root, PARTS_DIR)
+    names = _part_names(parts)
+    main_exists = os.path.exists(os.path.join(root, "zarr.json"))
+    if overwrite and main_exists and _incompatible(_manifest(root), fp, layers):
+        _delete_main(root)
+        main_exists = False
+    usable = []
+    for name in names:
+        p = os.path.join(parts, name)
+        problem = _incompatible(_manifest(p), fp, layers)
+        if problem:
+            if not overwrite:
+                raise StoreExistsError(f"{p}: a leftover part of an interrupted run holds {problem}; pass "
+                                       "overwrite=True (--overwrite) to delete it, or delete it yourself")
+            _delete_part(p)
+            continue
+        usable.append(p)
+    if not usable:
+        return 0
+    stores = [open_store(p) for p in usable]
+    try:
+        real = [s for s in stores if not _placeholder(s)]
+        if not real:
+            added = 0
+        else:
+            main = _open_or_create_main(root, real, fp, overwrite, length)
+            try:
+                added = main.adopt(real)
+            finally:
+                main.close()
+    finally:
+        for s in stores:
+            s.close()
+    for p in usable:
+        _delete_part(p)
+    log.info("%s: adopted %d rows left by an interrupted distributed precompute", root, added)
+    return added
+
+
+def _manifest(root: str) -> Manifest:
+    from actstore.store import read_manifest
+
+    return read_manifest(root)
+
+
+def _incompatible(m: Manifest, fp: str, layers: list[str]) -> str | None:
+    from actstore.precompute.run import ATTR
+
+    cfg = m.attrs.get(ATTR) if isinstance(m.attrs, Mapping) else None
+    if m.fingerprint != fp:
+        return f"another model's activations (fingerprint {str(m.fingerprint)[:16]}…)"
+    if not isinstance(cfg, Mapping):
+        return "a store precompute did not write"
+    have = sorted(str(d.get("layer")) for d in cfg.get("layers", []) if isinstance(d, Mapping))
+    if not cfg.get("placeholder") and have != sorted(layers):
+        return f"other layers ({have})"
+    return None
+
+
+def _delete_main(root: str) -> None:
+    from actstore.precompute.run import _delete_store
+
+    parts = os.path.join(root, PARTS_DIR)
+    moved = None
+    if os.path.isdir(parts):  # _delete_store refuses directories it does not know
+        moved = f"{root}.parts-{uuid.uuid4().hex[:8]}"
+        os.rename(parts, moved)
+    try:
+        _delete_store(root)
+    finally:
+        if moved is not None:
+            os.makedirs(root, exist_ok=True)
+            os.rename(moved, parts)
+
+
+def _open_or_create_main(root: str, parts: list[Any], fp: str, overwrite: bool, length: int | None) -> Any:
+    """The store at ``root`` for appending, created from the parts' fields and configuration if absent."""
+    from actstore.precompute.run import ATTR
+    from actstore.store import create as create_store
+    from actstore.store import open as open_store
+
+    real = [p for p in parts if not _placeholder(p)] or parts
+    first = real[0]
+    cfg = dict(first.attrs.get(ATTR) or {})
+    if os.path.exists(os.path.join(root, "zarr.json")):
+        main = open_store(root, mode="a")
+        have = main.attrs.get(ATTR) or {}
+        placeholder = len(main) == 0 and bool(have.get("placeholder"))
+        same = dict(main.fields) == dict(first.fields) and all(
+            have.get(k) == cfg.get(k) for k in ("sample", "key_fn", "store_dtype"))
+        if same:
+            return main
+        main.close()
+        if not (overwrite or placeholder):
+            raise StoreExistsError(f"{root}: holds a store of this model, but with other fields or configuration "
+                                   f"({_describe(main.fields)}) than this run's ({_describe(first.fields)}); pass "
+                                   "overwrite=True (--overwrite) to replace it, or write to another path")
+        _delete_main(root)
+    if length is not None:
+        cfg["dataset_length"] = length
+    cfg.pop("dataset_class", None)
+    attrs = {**dict(first.attrs), ATTR: cfg}
+    return create_store(root, dict(first.fields), fingerprint=fp, attrs=attrs, chunk_bytes=first.manifest.chunk_bytes)
+
+
+def _record_length(main: Any, length: int | None) -> None:
+    """Make the store's recorded dataset length this run's (CachedDataset checks it against the dataset)."""
+    from dataclasses import replace
+
+    from actstore.engine.writer import write_manifest
+    from actstore.precompute.run import ATTR
+
+    cfg = dict(main.attrs.get(ATTR) or {})
+    if not cfg or cfg.get("dataset_length") == length:
+        return
+    cfg["dataset_length"] = length
+    m = main.manifest
+    manifest = replace(m, attrs={**dict(m.attrs), ATTR: cfg}, generation=m.generation + 1)
+    write_manifest(main.path, manifest)  # (attrs have no public setter; the lock is held, nothing is pending)
+    main._load(manifest)
+
+
+def _describe(fields: Mapping[str, Any]) -> str:
+    return ", ".join(f"{n}: {f.dtype}{list(f.shape)}" for n, f in fields.items())
+
+
+def clone_store(src: str, dst: str) -> None:
+    """A copy of the committed store ``src`` at ``dst`` made of hard links (copies where links fail).
+
+    The manifest is written last: a clone cut short has none, and is not a store.
+    """
+    from actstore.engine.writer import link_object
+    from actstore.storage.files import atomic_write, object_files
+    from actstore.store import read_manifest
+
+    manifest = read_manifest(src)
+    os.makedirs(dst)
+    for sub in (SEGMENTS_DIR, INDEXES_DIR, VIEWS_DIR):
+        os.makedirs(os.path.join(dst, sub))
+        shutil.copyfile(os.path.join(src, sub, "zarr.json"), os.path.join(dst, sub, "zarr.json"))
+    objects = [(SEGMENTS_DIR, s.id, s.meta) for s in manifest.segments]
+    objects += [(INDEXES_DIR, r.id, r.meta) for r in manifest.indexes]
+    objects += [(VIEWS_DIR, v.id, v.meta) for v in manifest.views.values()]
+    for sub, obj, meta in objects:
+        base = os.path.join(src, sub, obj)
+        _, files = object_files(base, meta, base)
+        link_object(base, os.path.join(dst, sub, obj), files)
+    with open(os.path.join(src, "zarr.json"), "rb") as f:
+        atomic_write(os.path.join(dst, "zarr.json"), f.read())

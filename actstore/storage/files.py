@@ -1,0 +1,155 @@
+"""Files of a local store, read and written safely.
+
+Bounded metadata reads that refuse links and special files, file names from
+metadata kept inside their directory, BLAKE3 of whole files, checks of an
+object's ``zarr.json`` against the digest its parent names, and durable and
+atomic writes (temp file, fsync, rename, fsync of the directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import uuid
+from typing import Any
+
+import blake3
+
+from actstore.errors import CorruptStoreError
+from actstore.format.manifest import MAX_METADATA_BYTES, SEGMENT_ATTR, array_metadata, chunk_path, loads
+
+__all__ = ["array_inner_rows", "atomic_write", "expect_array", "fsync_dir", "hash_file", "inside", "object_files",
+           "read_document", "write_durable"]
+
+_HASH_THREADS_MIN = 1 << 22
+
+
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: str, data: bytes) -> None:
+    """Write a new file and fsync it (not atomic: for files no reader follows yet)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically: temp file, fsync, rename, fsync dir.
+
+    The temporary file is removed if anything fails, so a failed write leaves the
+    old file as it was.
+    """
+    directory = os.path.dirname(path) or "."
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        write_durable(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def hash_file(path: str, size: int) -> str:
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= _HASH_THREADS_MIN else 1)
+    if size:
+        h.update_mmap(path)
+    return h.hexdigest()
+
+
+def inside(base: str, rel: str) -> str:
+    """``base/rel`` if it stays inside ``base`` (no '..', no absolute, no symlinks)."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
+        raise CorruptStoreError(f"{base}: invalid file name {rel!r:.80} in metadata")
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise CorruptStoreError(f"{base}: file name {rel!r:.80} in metadata leaves its directory")
+    path = os.path.join(base, *parts)
+    probe = base
+    for p in parts:
+        probe = os.path.join(probe, p)
+        if os.path.islink(probe):
+            raise CorruptStoreError(f"{path}: is a symbolic link; stores never contain links")
+    return path
+
+
+def read_document(path: str, limit: int = MAX_METADATA_BYTES) -> bytes:
+    """Read a metadata file (at most ``limit`` + 1 bytes, so that oversize is detectable).
+
+    Refuses a symbolic link or anything but a regular file (a FIFO would block
+    forever) with :class:`CorruptStoreError`; other ``OSError`` propagate.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CorruptStoreError(f"{path}: is a symbolic link; stores never contain links (not following it)") from e
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptStoreError(f"{path}: not a regular file")
+        return f.read(limit + 1)
+
+
+def object_files(base: str, info_meta: str, where: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Read and check an object's ``zarr.json`` against the manifest's digest.
+
+    Returns (the object's attributes, file name → {size, blake3}).
+    """
+    meta_path = os.path.join(base, "zarr.json")
+    try:
+        data = read_document(meta_path)
+    except OSError as e:
+        raise CorruptStoreError(f"{meta_path}: cannot read ({e.strerror or e})") from e
+    if blake3.blake3(data).hexdigest() != info_meta:
+        raise CorruptStoreError(f"{meta_path}: checksum does not match the manifest ({where})")
+    doc = loads(data, meta_path)
+    try:
+        attrs = doc["attributes"][SEGMENT_ATTR]
+        files = attrs["files"]
+        if not isinstance(files, dict):
+            raise TypeError
+        for rel, rec in files.items():
+            if not (isinstance(rec, dict) and isinstance(rec.get("size"), int) and isinstance(rec.get("blake3"), str)):
+                raise TypeError(rel)
+    except (KeyError, TypeError) as e:
+        raise CorruptStoreError(f"{meta_path}: malformed segment metadata ({e})") from e
+    return attrs, files
+
+
+def array_inner_rows(path: str, rows: int, inner: tuple[int, ...], zdtype: str, codec: Any = None) -> int:
+    """Rows per inner chunk from an array's ``zarr.json`` (``path``), which must be exactly
+    what the writer produces for these rows."""
+    doc = loads(read_document(path, 1 << 20), path)
+    try:
+        inner_rows = int(doc["codecs"][0]["configuration"]["chunk_shape"][0])
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError) as e:  # (JSON 1e400 parses as inf)
+        raise CorruptStoreError(f"{path}: not a single-shard array ({e})") from e
+    if inner_rows < 1 or doc != array_metadata(rows, inner, zdtype, inner_rows, codec=codec):
+        raise CorruptStoreError(f"{path}: metadata disagrees with the manifest (expected {rows} rows of {zdtype}{list(inner)}"
+                                f"{', ' + codec['name'] if codec else ''})")
+    return inner_rows
+
+
+def expect_array(base: str, rel: str, rows: int, inner: tuple[int, ...], zdtype: str,
+                  files: dict[str, Any], codec: Any = None) -> int:
+    """The array's zarr.json must be listed and exactly what the writer produces; returns its inner rows."""
+    path = os.path.join(base, rel, "zarr.json")
+    if f"{rel}/zarr.json" not in files:
+        raise CorruptStoreError(f"{path}: not listed in the segment metadata")
+    inner_rows = array_inner_rows(path, rows, inner, zdtype, codec)
+    data = f"{rel}/{chunk_path(len(inner) + 1)}"
+    if rows and data not in files:
+        raise CorruptStoreError(f"{os.path.join(base, data)}: not listed in the segment metadata")
+    return inner_rows
