@@ -92,7 +92,7 @@ def ratio(t: dict[str, list[float]], a: str, b: str) -> tuple[float, str]:
 
 
 def minilm(texts: list[str], tmp: str, batch: int, rounds: int) -> tuple[list[list[Any]], dict[str, list[float]]]:
-    from actstore.examples.experiment import Tokenize, load_minilm
+    from actstore.examples.faq.model import Tokenize, load_minilm
 
     model = load_minilm().eval()
     tokenize = Tokenize(model)

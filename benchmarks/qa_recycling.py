@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     import torch
 
-    from actstore.examples import experiment as ex
+    from actstore.examples import faq as ex
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
 
-    from actstore.examples.experiment import Tokenize, load_minilm
+    from actstore.examples.faq.model import Tokenize, load_minilm
     from actstore.precompute.api import precompute
 
     if not os.path.isfile(args.data):

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 if __package__ in (None, ""):  # run from a checkout: make `actstore` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from actstore.examples.experiment import Tokenize, load_minilm, read_pairs  # noqa: E402
+from actstore.examples.faq import Tokenize, load_minilm, read_pairs  # noqa: E402
 from actstore.training.data import ActivationCollate, PaddedBatch  # noqa: E402
 from actstore.training.recycled import CachedDataset  # noqa: E402
 

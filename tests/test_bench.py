@@ -126,7 +126,7 @@ def test_sequential_has_no_stem_and_keeps_a_trainable_head() -> None:
 
 
 def test_sentence_transformer_ragged_store_and_param_free_head(tmp_path: Any) -> None:
-    from actstore.examples.experiment import Tokenize
+    from actstore.examples.faq import Tokenize
 
     model = tiny_sentence_transformer(tmp_path / "st")
     words = VOCAB[5:]
@@ -287,7 +287,7 @@ def test_module_is_light_at_import() -> None:
     import subprocess
 
     code = ("import sys, actstore; before = set(sys.modules); "
-            "import actstore.cli.bench, actstore.examples.demo, actstore.examples.experiment; "
+            "import actstore.cli.bench, actstore.examples.demo, actstore.examples.experiment, actstore.examples.faq; "
             "heavy = ('transformers', 'sentence_transformers', 'matplotlib', 'tqdm', 'torchvision'); "
             "bad = sorted(m for m in set(sys.modules) - before if m.split('.')[0] in heavy); "
             "print(bad); sys.exit(1 if bad else 0)")

@@ -1,4 +1,4 @@
-"""Tests for the experiment machinery (actstore.experiment), the demo and the benchmark scripts' quick modes.
+"""Tests for the experiment machinery (actstore.examples.faq), the demo and the benchmark scripts' quick modes.
 
 The fast tests run the QA script and the demo end to end on a tiny
 sentence-transformers model; the ``slow`` ones run the real quick modes
@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from actstore.examples import experiment as ex
+from actstore.examples import faq as ex
 from actstore.testing.models import VOCAB, tiny_sentence_transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -42,7 +42,7 @@ __all__ = ["main", "minilm", "stdlib_texts"]
 
 def minilm() -> tuple[Any, Any]:
     """``actstore bench`` factory: all-MiniLM-L6-v2 (offline) and its tokenising collate_fn."""
-    from actstore.examples.experiment import Tokenize, load_minilm
+    from actstore.examples.faq.model import Tokenize, load_minilm
 
     model = load_minilm()
     return model, Tokenize(model)
@@ -50,7 +50,7 @@ def minilm() -> tuple[Any, Any]:
 
 def stdlib_texts(n: int = 256) -> list[str]:
     """``actstore bench`` data factory: ``n`` texts from the standard library's docstrings."""
-    from actstore.examples.experiment import stdlib_pairs
+    from actstore.examples.faq.data import stdlib_pairs
 
     pairs = stdlib_pairs()
     texts = [t for pair in zip(pairs.questions, pairs.answers, strict=True) for t in pair]
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from actstore.examples import experiment as ex
+    from actstore.examples import faq as ex
 
     if args.threads:
         torch.set_num_threads(args.threads)
