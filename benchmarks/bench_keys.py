@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from blake3 import blake3
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if __package__ in (None, ""):  # run as a script: make `actstore` importable
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from actstore.hashing import fingerprint, key, keys  # noqa: E402
 

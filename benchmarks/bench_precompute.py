@@ -49,7 +49,8 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `actstore` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from actstore.precompute.api import precompute  # noqa: E402
 from benchmarks.common import Table, machine  # noqa: E402

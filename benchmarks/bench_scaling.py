@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `actstore` importable
+    sys.path.insert(0, ROOT)
 
 from benchmarks.common import Table, machine  # noqa: E402
 
