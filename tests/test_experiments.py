@@ -209,3 +209,83 @@ def test_demo_quick(capsys: pytest.CaptureFixture[str]) -> None:
     assert demo.main(["--quick", "-q"]) == 0
     out = capsys.readouterr().out
     assert "standard-library modules" in out and "| 50% recycling |" in out
+
+
+# -- the examples leaf ------------------------------------------------------------------------
+
+
+def _imported_modules(path: str, package: str) -> set[str]:
+    """Every module an actstore source file imports, at any level of the file (function bodies too)."""
+    import ast
+
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the file's package
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out.update(f"{mod}.{alias.name}" for alias in node.names)
+    return out
+
+
+def test_no_library_module_imports_the_examples() -> None:
+    import actstore
+
+    root = os.path.dirname(actstore.__file__)
+    checked = 0
+    offenders = []
+    for dirpath, _, names in os.walk(root):
+        rel = os.path.relpath(dirpath, os.path.dirname(root))
+        package = rel.replace(os.sep, ".")
+        if package == "actstore.examples" or package.startswith("actstore.examples."):
+            continue
+        for name in names:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, name)
+            mods = _imported_modules(path, package)
+            checked += 1
+            offenders += [f"{path}: {m}" for m in sorted(mods) if m == "actstore.examples"
+                          or m.startswith("actstore.examples.")]
+    assert checked > 30  # the walk found the package's modules
+    assert offenders == []
+
+
+def test_import_actstore_and_its_command_line_load_no_example() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, actstore, actstore.cli; actstore.cli.build_parser(); "
+            "bad = sorted(m for m in sys.modules if m.startswith(('actstore.examples', 'benchmarks'))); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_bootstrap_intervals() -> None:
+    ranks = [1] * 60 + [2] * 20 + [5] * 20
+    got = ex.bootstrap(ranks, resamples=500)
+    assert math.isclose(got["rp1"].value, 0.6) and math.isclose(got["rrk"].value, (60 + 10 + 4) / 100)
+    assert got["rp1"].low < 0.6 < got["rp1"].high and got["rp1"].high - got["rp1"].low < 0.25
+    assert "rp1_gain" not in got
+    same = ex.bootstrap(ranks, ranks, resamples=500)
+    assert same["rp1_gain"] == ex.Interval(0.0, 0.0, 0.0)  # paired: identical rows differ by exactly nothing
+    better = [1] * 80 + [2] * 20  # 20 questions moved from rank 5 to rank 1
+    gain = ex.bootstrap(better, ranks, resamples=500)["rp1_gain"]
+    assert math.isclose(gain.value, 0.2) and gain.excludes_zero() and gain.low > 0.1
+    assert ex.bootstrap(ranks, resamples=500) == ex.bootstrap(ranks, resamples=500)  # seeded
+    with pytest.raises(ValueError, match="reference"):
+        ex.bootstrap(ranks, ranks[:-1])
+    with pytest.raises(ValueError, match="ranks"):
+        ex.bootstrap([0, 1])
+    with pytest.raises(ValueError, match="ranks"):
+        ex.bootstrap([])
