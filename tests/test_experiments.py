@@ -235,7 +235,10 @@ def _imported_modules(path: str, package: str) -> set[str]:
     return out
 
 
-def test_no_library_module_imports_the_examples() -> None:
+LEAVES = ("actstore.examples", "actstore.testing")  # packages that use the library and that it never imports
+
+
+def test_no_library_module_imports_examples_or_testing() -> None:
     import actstore
 
     root = os.path.dirname(actstore.__file__)
@@ -244,7 +247,7 @@ def test_no_library_module_imports_the_examples() -> None:
     for dirpath, _, names in os.walk(root):
         rel = os.path.relpath(dirpath, os.path.dirname(root))
         package = rel.replace(os.sep, ".")
-        if package == "actstore.examples" or package.startswith("actstore.examples."):
+        if any(package == leaf or package.startswith(leaf + ".") for leaf in LEAVES):
             continue
         for name in names:
             if not name.endswith(".py"):
@@ -252,18 +255,18 @@ def test_no_library_module_imports_the_examples() -> None:
             path = os.path.join(dirpath, name)
             mods = _imported_modules(path, package)
             checked += 1
-            offenders += [f"{path}: {m}" for m in sorted(mods) if m == "actstore.examples"
-                          or m.startswith("actstore.examples.")]
+            offenders += [f"{path}: {m}" for m in sorted(mods)
+                          if any(m == leaf or m.startswith(leaf + ".") for leaf in LEAVES)]
     assert checked > 30  # the walk found the package's modules
     assert offenders == []
 
 
-def test_import_actstore_and_its_command_line_load_no_example() -> None:
+def test_import_actstore_and_its_command_line_load_no_leaf() -> None:
     import subprocess
     import sys
 
     code = ("import sys, actstore, actstore.cli; actstore.cli.build_parser(); "
-            "bad = sorted(m for m in sys.modules if m.startswith(('actstore.examples', 'benchmarks'))); "
+            "bad = sorted(m for m in sys.modules if m.startswith(('actstore.examples', 'actstore.testing', 'benchmarks'))); "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
