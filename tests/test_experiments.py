@@ -144,6 +144,29 @@ def test_demo_on_a_tiny_model(tmp_path: Any, tiny_model_dir: str, capsys: pytest
                       "-q"]) == 0
     out = capsys.readouterr().out
     assert "| 50% recycling |" in out and "| head only |" in out and "| baseline (no training) |" in out
+    # the stores' directory is named at the start and at the end, and said to be deleted
+    first = out.splitlines()[1]
+    assert first.startswith("stores in ") and "deleted at the end" in first
+    workdir = first.split()[2]
+    assert f"The stores in {workdir} were deleted." in out and not os.path.exists(workdir)
+    # every row carries an interval, every trained row its gain over the baseline and a verdict
+    rows = [line for line in out.splitlines() if line.startswith(("| baseline", "| 50% recycling |", "| head only |"))]
+    assert len(rows) == 5  # baseline once, the two trained rows in both tables
+    assert all(row.count("[") == 4 for row in rows[1:3]) and rows[0].count("[") == 2
+    assert out.count("training helped") + out.count("training hurt") + out.count("can resolve") == 2
+
+
+def test_demo_keeps_its_stores_where_told(tmp_path: Any, tiny_model_dir: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from actstore.examples import demo
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    keep = tmp_path / "kept"
+    assert demo.main(["--data", data, "--model", tiny_model_dir, "--quick", "--limit", "40", "--batch-size", "8",
+                      "--head-epochs", "2", "-q", "--store", str(keep)]) == 0
+    out = capsys.readouterr().out
+    assert f"stores in {keep} (kept)" in out and f"The stores are kept in {keep}." in out
+    assert sorted(os.listdir(keep)) == ["blocks", "pooled"]
 
 
 def test_demo_bad_data(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:

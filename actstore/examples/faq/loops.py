@@ -23,7 +23,7 @@ from actstore.examples.faq.losses import mnrl_loss
 from actstore.examples.faq.metrics import RowResult
 from actstore.examples.faq.model import SkipConnectionHead, Tokenize, blocks_frozen, embedding_dim
 
-__all__ = ["StoreRows", "evaluate_model", "layer_field", "precompute_texts", "train_full", "train_head_only",
+__all__ = ["StoreRows", "apply_head", "evaluate_model", "layer_field", "precompute_texts", "train_full", "train_head_only",
            "train_recycled"]
 
 
@@ -70,6 +70,18 @@ def optimizer_step(opt: Any, loss: Any) -> None:
     opt.step()
 
 
+def _epoch(batches: list[list[int]], loss_of: Callable[[list[int]], Any], opt: Any, sched: Any, *,
+           progress_bar_desc: str, progress: bool) -> list[float]:
+    """One epoch: a step on each batch of pair indices; returns the losses."""
+    losses = []
+    for idx in progress_bar(batches, progress_bar_desc, progress):
+        loss = loss_of(idx)
+        optimizer_step(opt, loss)
+        sched.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 # -- encoding and evaluation --------------------------------------------------------------
 
 
@@ -114,18 +126,17 @@ def train_full(model: Any, train: Pairs, val: Pairs, *, epochs: int, batch_size:
     steps = epochs * len(epoch_batches(len(train), batch_size, random.Random(0)))
     opt, sched = optimizer(params, lr, steps)
     row = RowResult(name, frozen_blocks=0, epochs=epochs, trainable_params=count_params(params))
+
+    def pair_loss(idx: list[int]) -> Any:
+        q = model(tok([train.questions[i] for i in idx]))["sentence_embedding"]
+        a = model(tok([train.answers[i] for i in idx]))["sentence_embedding"]
+        return mnrl_loss(q, a)
+
     for epoch in range(epochs):
         model.train()
         t0 = time.perf_counter()
-        losses = []
-        batches = epoch_batches(len(train), batch_size, rng)
-        for idx in progress_bar(batches, f"{name} epoch {epoch + 1}/{epochs}", progress):
-            q = model(tok([train.questions[i] for i in idx]))["sentence_embedding"]
-            a = model(tok([train.answers[i] for i in idx]))["sentence_embedding"]
-            loss = mnrl_loss(q, a)
-            optimizer_step(opt, loss)
-            sched.step()
-            losses.append(float(loss.detach()))
+        losses = _epoch(epoch_batches(len(train), batch_size, rng), pair_loss, opt, sched,
+                        progress_bar_desc=f"{name} epoch {epoch + 1}/{epochs}", progress=progress)
         row.epoch_seconds.append(time.perf_counter() - t0)
         if eval_each_epoch or epoch == epochs - 1:
             evaluate_model(model, val, row)
@@ -173,6 +184,13 @@ class StoreRows:
         return batch[self.field]
 
 
+def apply_head(head: Any, got: Any) -> Any:
+    """Run ``head`` on what :class:`StoreRows` gathered: ``(values, mask)`` of a padded batch, or one tensor."""
+    if isinstance(got, tuple):  # PaddedBatch: values, mask, lengths
+        return head(got[0], got[1])
+    return head(got)
+
+
 def layer_field(store: Any) -> str:
     names = [n for n in store.fields if not n.startswith("item_")]
     if len(names) != 1:
@@ -196,10 +214,7 @@ def _encode_from_store(head: Any, gather: StoreRows, positions: Sequence[int], b
     with torch.inference_mode():
         for i in range(0, len(positions), batch_size):
             got = gather(positions[i : i + batch_size])
-            if isinstance(got, tuple):  # PaddedBatch: values, mask, lengths
-                out.append(head(got[0], got[1]))
-            else:
-                out.append(head(got))
+            out.append(apply_head(head, got))
     head.train(was)
     return torch.cat(out)
 
@@ -219,23 +234,15 @@ def _train_from_store(head: Any, params: list[Any], gather: StoreRows, all_pairs
     first_answer = {a: val_idx[i] for i, a in reversed(list(enumerate(val.answers)))}
     corpus_pos = [n + first_answer[a] for a in answers]
 
-    def step_inputs(idx: list[int]) -> tuple[Any, Any]:
-        return gather([train_idx[i] for i in idx]), gather([n + train_idx[i] for i in idx])
-
-    def run(head_in: Any) -> Any:
-        return head(head_in[0], head_in[1]) if isinstance(head_in, tuple) else head(head_in)
+    def pair_loss(idx: list[int]) -> Any:
+        qi, ai = gather([train_idx[i] for i in idx]), gather([n + train_idx[i] for i in idx])
+        return mnrl_loss(apply_head(head, qi), apply_head(head, ai))
 
     for epoch in range(epochs):
         head.train()
         t0 = time.perf_counter()
-        losses = []
-        batches = epoch_batches(len(train_idx), batch_size, rng)
-        for idx in progress_bar(batches, f"{row.name} epoch {epoch + 1}/{epochs}", progress):
-            qi, ai = step_inputs(idx)
-            loss = mnrl_loss(run(qi), run(ai))
-            optimizer_step(opt, loss)
-            sched.step()
-            losses.append(float(loss.detach()))
+        losses = _epoch(epoch_batches(len(train_idx), batch_size, rng), pair_loss, opt, sched,
+                        progress_bar_desc=f"{row.name} epoch {epoch + 1}/{epochs}", progress=progress)
         row.epoch_seconds.append(time.perf_counter() - t0)
         t1 = time.perf_counter()
         q = _encode_from_store(head, gather, list(val_idx))

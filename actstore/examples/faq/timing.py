@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actstore.examples.faq.data import Pairs
-from actstore.examples.faq.loops import StoreRows, layer_field, optimizer_step, progress_bar
+from actstore.examples.faq.loops import StoreRows, apply_head, layer_field, optimizer_step, progress_bar
 from actstore.examples.faq.losses import mnrl_loss
 from actstore.examples.faq.model import SkipConnectionHead, Tokenize, embedding_dim
 
@@ -20,6 +20,17 @@ __all__ = ["time_steps"]
 class _Variant:
     name: str
     step: Callable[[list[int]], None]
+
+
+def _from_store(gather: StoreRows, n_pairs: int, head: Any, opt: Any) -> Callable[[list[int]], None]:
+    """A training step of ``head`` on pairs ``idx`` read from the store (questions first, then answers)."""
+
+    def step(idx: list[int]) -> None:
+        q = gather(idx)
+        a = gather([n_pairs + i for i in idx])
+        optimizer_step(opt, mnrl_loss(apply_head(head, q), apply_head(head, a)))
+
+    return step
 
 
 def time_steps(model_factory: Callable[[], Any], all_pairs: Pairs, train_idx: Sequence[int], *,
@@ -88,14 +99,8 @@ def time_steps(model_factory: Callable[[], Any], all_pairs: Pairs, train_idx: Se
         opened.append(store)
         gather = StoreRows(store, layer_field(store))
 
-        def recycled(idx: list[int]) -> None:
-            q = gather(idx)
-            a = gather([n + i for i in idx])
-            loss = mnrl_loss(head(q[0], q[1]), head(a[0], a[1]))
-            optimizer_step(opt, loss)
-
         variants.append(_Variant(f"recompute@{at:g}", recompute))
-        variants.append(_Variant(f"recycled@{at:g}", recycled))
+        variants.append(_Variant(f"recycled@{at:g}", _from_store(gather, n, head, opt)))
 
     for at, path in stores.items():
         make(at, path)
@@ -117,14 +122,8 @@ def time_steps(model_factory: Callable[[], Any], all_pairs: Pairs, train_idx: Se
         opened.append(store)
         gather_h = StoreRows(store, layer_field(store))
 
-        def head_recycled(idx: list[int]) -> None:
-            q = gather_h(idx)
-            a = gather_h([n + i for i in idx])
-            loss = mnrl_loss(skip(q), skip(a))
-            optimizer_step(opt_h, loss)
-
         variants.append(_Variant("head-recompute", head_recompute))
-        variants.append(_Variant("head-recycled", head_recycled))
+        variants.append(_Variant("head-recycled", _from_store(gather_h, n, skip, opt_h)))
 
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     try:
