@@ -89,8 +89,13 @@ def _split_docstring(doc: str, max_answer_chars: int) -> tuple[str, str] | None:
 
 
 def stdlib_pairs(modules: Sequence[str] = DEFAULT_STDLIB_MODULES, limit: int | None = None,
-                 max_answer_chars: int = 600) -> Pairs:
+                 max_answer_chars: int = 600, question: str = "summary") -> Pairs:
     """Pairs from the standard library's docstrings: first line (question) -> the rest (answer).
+
+    With ``question="name"`` the question is instead the object's dotted name
+    (``json.JSONEncoder.encode``) and the answer its whole docstring, first line
+    included: a search from identifiers to descriptions, further from what the
+    pretrained model learnt than summary -> body.
 
     Walks the public classes and functions (and their public methods) of each
     module that imports, in sorted order; the module name is the pair's group.
@@ -101,14 +106,19 @@ def stdlib_pairs(modules: Sequence[str] = DEFAULT_STDLIB_MODULES, limit: int | N
     import importlib
     import inspect
 
+    if question not in ("summary", "name"):
+        raise ValueError(f"question: expected 'summary' or 'name', got {question!r}")
     seen: set[str] = set()
     pairs = Pairs([], [], [])
 
-    def add(obj: Any, group: str) -> None:
+    def add(obj: Any, group: str, dotted: str) -> None:
         doc = obj.__doc__ if isinstance(getattr(obj, "__doc__", None), str) else None
         got = _split_docstring(doc, max_answer_chars) if doc else None
         if got is None or got[0] in seen or got[1] in seen:
             return
+        if question == "name":
+            seen.update(got)
+            got = (dotted, f"{got[0]} {got[1]}"[:max_answer_chars])
         seen.update(got)
         pairs.questions.append(got[0])
         pairs.answers.append(got[1])
@@ -119,18 +129,18 @@ def stdlib_pairs(modules: Sequence[str] = DEFAULT_STDLIB_MODULES, limit: int | N
             module = importlib.import_module(name)
         except Exception:  # noqa: BLE001 - a module missing on this platform (e.g. no tkinter) is skipped
             continue
-        add(module, name)
+        add(module, name, name)
         for attr in sorted(vars(module)):
             if attr.startswith("_"):
                 continue
             obj = getattr(module, attr, None)
             if not (inspect.isclass(obj) or inspect.isfunction(obj)) or getattr(obj, "__module__", None) != name:
                 continue
-            add(obj, name)
+            add(obj, name, f"{name}.{attr}")
             if inspect.isclass(obj):
                 for meth in sorted(vars(obj)):
                     if not meth.startswith("_") and inspect.isfunction(vars(obj)[meth]):
-                        add(vars(obj)[meth], name)
+                        add(vars(obj)[meth], name, f"{name}.{attr}.{meth}")
             if limit is not None and len(pairs) >= limit:
                 return pairs
     return pairs
