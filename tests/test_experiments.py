@@ -74,6 +74,18 @@ def test_stdlib_pairs_are_deterministic_and_plentiful() -> None:
     assert len(set(a.questions)) == len(a) and all(len(t) >= 40 for t in a.answers)
 
 
+def test_stdlib_api_search_pairs() -> None:
+    pairs = ex.stdlib_pairs(limit=300, question="name", max_answer_chars=120)
+    assert pairs == ex.stdlib_pairs(limit=300, question="name", max_answer_chars=120) and len(pairs) >= 300
+    assert pairs.questions[0] == "argparse"
+    assert all(q == g or q.startswith(g + ".") for q, g in zip(pairs.questions, pairs.groups, strict=True))
+    assert all(40 <= len(a) <= 120 for a in pairs.answers) and len(set(pairs.answers)) == len(pairs)
+    summary = ex.stdlib_pairs(limit=300, max_answer_chars=120)
+    assert pairs.answers[1].startswith(summary.questions[1])  # the answer is the whole docstring, first line first
+    with pytest.raises(ValueError, match="question"):
+        ex.stdlib_pairs(question="title")
+
+
 def test_read_pairs(tmp_path: Any) -> None:
     path = tmp_path / "p.jsonl"
     rows = [{"q": f"question {i}", "a": f"answer {i}", "source": "s"} for i in range(5)]
