@@ -46,8 +46,8 @@ from typing import Any
 import blake3
 
 from actstore.errors import CorruptStoreError, StoreError
-from actstore.format.manifest import INDEXES_DIR, SEGMENTS_DIR, VIEWS_DIR, group_document
-from actstore.storage.files import hash_file, object_files
+from actstore.format.manifest import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR, group_document
+from actstore.storage.files import atomic_write, hash_file, object_files
 from actstore.storage.objects import ObjectStore
 
 __all__ = ["ChunkCache", "default_cache_dir"]
@@ -116,7 +116,7 @@ class ChunkCache:
             d = os.path.join(self.root, sub)
             os.makedirs(d, exist_ok=True)
             if not os.path.exists(os.path.join(d, "zarr.json")):
-                _atomic(os.path.join(d, "zarr.json"), group_document(), self._tmp())
+                atomic_write(os.path.join(d, "zarr.json"), group_document(), durable=False, tmp=self._tmp())
         now = time.time()
         for name in os.listdir(os.path.join(self.dir, "tmp")):
             p = os.path.join(self.dir, "tmp", name)
@@ -128,8 +128,10 @@ class ChunkCache:
         return os.path.join(self.dir, "tmp", uuid.uuid4().hex)
 
     def wipe(self) -> None:
-        """Delete the mirror's contents (a new store is being created at this URL)."""
+        """Delete the mirror's contents (a new store is being created at this URL), except the writer's lock."""
         for sub in os.listdir(self.root):
+            if sub == LOCK_DIR:  # held by the writer that is creating the store
+                continue
             p = os.path.join(self.root, sub)
             if os.path.isdir(p) and not os.path.islink(p):
                 shutil.rmtree(p, ignore_errors=True)
@@ -162,7 +164,7 @@ class ChunkCache:
             if blake3.blake3(data).hexdigest() != meta:
                 raise CorruptStoreError(f"{self.objects.where(obj)}/zarr.json: checksum does not match the manifest")
             os.makedirs(base, exist_ok=True)
-            _atomic(doc, data, self._tmp())
+            atomic_write(doc, data, durable=False, tmp=self._tmp())
         _, files = object_files(base, meta, obj)
         self._records[(obj, meta)] = files
         return files
@@ -346,14 +348,3 @@ def _size(path: str) -> int:
         return os.stat(path).st_size
     except OSError:
         return -1
-
-
-def _atomic(path: str, data: bytes, tmp: str) -> None:
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
