@@ -149,7 +149,7 @@ def test_pickled_to_a_worker(s3_url: str, tmp_path: Path, opts: dict[str, Any]) 
     assert torch.equal(ds[7]["h"], store[7]["h"])
     checked = actstore.open(s3_url, cache_dir=tmp_path / "c", storage_options=opts, verify_reads=True)
     assert_same(checked, store)
-    assert pickle.loads(pickle.dumps(checked))._check.inner is not None  # verify_reads travels to workers
+    assert pickle.loads(pickle.dumps(checked))._check is not None  # verify_reads travels to workers
 
 
 # --- the chunk cache ------------------------------------------------------------------------------
@@ -264,8 +264,8 @@ def test_second_writer_is_refused_and_a_lost_lease_cannot_commit(s3_url: str, tm
     time.sleep(4.5)  # a keeps renewing (every second): still locked after its lease time
     with pytest.raises(StoreLockedError):
         open_remote(s3_url, "a", cache_dir=tmp_path / "b", storage_options=opts)
-    assert a._lease is not None
-    a._lease._stop.set()  # a freezes: no more renewals
+    assert a._lock is not None
+    a._lock.lease._stop.set()  # a freezes: no more renewals
     time.sleep(3)
     deadline = time.monotonic() + 30
     while True:  # takes over the expired lease (3 s + 1 s slack, on the server's 1 s-resolution clock)

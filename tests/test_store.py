@@ -196,21 +196,21 @@ def test_create_refuses_existing(tmp_path: Path) -> None:
 
 def test_create_never_overwrites_a_store_created_concurrently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process creates (and fills) the store between create()'s check and its taking the lock."""
-    import actstore.store
+    import actstore.storage.local
 
-    real = actstore.store.StoreLock
+    real = actstore.storage.local.StoreLock
 
     def racing(root: str) -> Any:
-        monkeypatch.setattr(actstore.store, "StoreLock", real)
+        monkeypatch.setattr(actstore.storage.local, "StoreLock", real)
         with actstore.create(root, BASIC) as other:
             other.append(mkkeys(2), basic_values(2))
         return real(root)
 
-    monkeypatch.setattr(actstore.store, "StoreLock", racing)
+    monkeypatch.setattr(actstore.storage.local, "StoreLock", racing)
     with pytest.raises(StoreExistsError):
         actstore.create(tmp_path / "a", BASIC)
     assert len(actstore.open(tmp_path / "a")) == 2
-    monkeypatch.setattr(actstore.store, "StoreLock", racing)
+    monkeypatch.setattr(actstore.storage.local, "StoreLock", racing)
     with actstore.create(tmp_path / "b", BASIC, exist_ok=True) as again:
         assert len(again) == 2
     assert len(actstore.open(tmp_path / "b")) == 2
@@ -504,7 +504,7 @@ def test_append_copes_with_a_reused_key_buffer(tmp_path: Path) -> None:
 
 def test_helper_threads_hash_and_write_back_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With every write hashed on the helper thread and write-back after every batch."""
-    import actstore.engine.writer as writer_mod
+    import actstore.engine.segments as writer_mod
 
     monkeypatch.setattr(writer_mod, "PARALLEL_HASH_BYTES", 1)
     monkeypatch.setattr(writer_mod, "WRITEBACK_BYTES", 1)
@@ -532,7 +532,7 @@ def test_write_back_error_reaches_the_caller(tmp_path: Path, monkeypatch: pytest
     import errno
     import threading
 
-    import actstore.engine.writer as writer_mod
+    import actstore.engine.segments as writer_mod
 
     path = tmp_path / "s"
     with actstore.create(path, BASIC) as w:

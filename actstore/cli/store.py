@@ -67,7 +67,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_push(args: Any) -> int:
-    from actstore.remote import push
+    from actstore.store import push
 
     n = push(args.path, args.url, cache_dir=args.cache_dir)
     print(f"pushed {n:,} new rows to {args.url}")

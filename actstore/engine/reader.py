@@ -31,6 +31,7 @@ from actstore.format.manifest import (
     SegmentInfo,
     chunk_path,
 )
+from actstore.storage.base import FileProvider
 from actstore.storage.files import array_inner_rows, expect_array, hash_file, inside, object_files
 
 __all__ = ["ReadCheck", "Snapshot", "map_rows"]
@@ -129,22 +130,38 @@ class ReadCheck:
         self._checked.add(f"{base}/{data}")
 
 
+def wanted_files(rel: str, rows: int, inner: tuple[int, ...], codec: Any, check: ReadCheck | None) -> list[str]:
+    """The files of array ``rel`` that mapping it reads (what a file provider must make present)."""
+    names = [f"{rel}/{chunk_path(len(inner) + 1)}"] if rows else []
+    if check is not None or (codec is not None and rows):  # a compressed array's reader reads its zarr.json
+        names.append(f"{rel}/zarr.json")
+    return names
+
+
 class SegmentReader:
-    """Lazily mapped arrays of one committed segment."""
+    """Lazily mapped arrays of one committed segment.
 
-    __slots__ = ("arrays", "check", "fields", "info", "path")
+    ``provide`` (the backend's file hook, :data:`actstore.storage.base.FileProvider`)
+    is called before each array is mapped, to make its files present locally.
+    """
 
-    def __init__(self, root: str, info: SegmentInfo, fields: dict[str, Field], check: ReadCheck | None = None) -> None:
+    __slots__ = ("arrays", "check", "fields", "info", "path", "provide")
+
+    def __init__(self, root: str, info: SegmentInfo, fields: dict[str, Field], check: ReadCheck | None = None,
+                 provide: FileProvider | None = None) -> None:
         self.path = os.path.join(root, SEGMENTS_DIR, info.id)
         self.info = info
         self.fields = fields
         self.arrays: dict[str, np.ndarray] = {}
         self.check = check
+        self.provide = provide
 
     def _map(self, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any], codec: Any = None) -> Any:
         """The array ``rel``: a map (never copies), or :class:`CompressedRows` for a compressed field."""
         path = os.path.join(self.path, rel, *chunk_path(len(inner) + 1).split("/"))
         check_no_links(os.path.dirname(os.path.dirname(self.path)), path)
+        if self.provide is not None:
+            self.provide(self.path, self.info.meta, wanted_files(rel, rows, inner, codec, self.check))
         if self.check is not None:
             self.check(self.path, self.info.meta, rel, rows, inner, dtype, codec)
         if codec is None or rows == 0:
@@ -184,11 +201,13 @@ class SegmentReader:
 
 
 def map_object_array(root: str, directory: str, info: IndexRunInfo, name: str, zdtype: str,
-                     check: ReadCheck | None = None) -> np.ndarray:
+                     check: ReadCheck | None = None, provide: FileProvider | None = None) -> np.ndarray:
     """Map one 1-D array of a small object (index run or view).  Never copies."""
     base = os.path.join(root, directory, info.id)
     path = os.path.join(base, name, "c", "0")
     check_no_links(root, path)
+    if provide is not None:
+        provide(base, info.meta, wanted_files(name, info.rows, (), None, check))
     if check is not None:
         check(base, info.meta, name, info.rows, (), INTERNAL_DTYPES[zdtype])
     return map_rows(path, info.rows, (), INTERNAL_DTYPES[zdtype])
@@ -199,9 +218,10 @@ class IndexRun:
 
     __slots__ = ("prefix", "row")
 
-    def __init__(self, root: str, info: IndexRunInfo, check: ReadCheck | None = None) -> None:
-        self.prefix = map_object_array(root, INDEXES_DIR, info, "prefix", "uint64", check)
-        self.row = map_object_array(root, INDEXES_DIR, info, "row", "int64", check)
+    def __init__(self, root: str, info: IndexRunInfo, check: ReadCheck | None = None,
+                 provide: FileProvider | None = None) -> None:
+        self.prefix = map_object_array(root, INDEXES_DIR, info, "prefix", "uint64", check, provide)
+        self.row = map_object_array(root, INDEXES_DIR, info, "row", "int64", check, provide)
 
 
 def key_prefixes(keys: np.ndarray) -> np.ndarray:
@@ -212,17 +232,18 @@ def key_prefixes(keys: np.ndarray) -> np.ndarray:
 class Snapshot:
     """One committed generation of a store, read through memory maps."""
 
-    def __init__(self, root: str, manifest: Manifest, check: ReadCheck | None = None) -> None:
+    def __init__(self, root: str, manifest: Manifest, check: ReadCheck | None = None,
+                 provide: FileProvider | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.fields = dict(manifest.fields)
-        self.segments = [SegmentReader(root, s, self.fields, check) for s in manifest.segments]
+        self.segments = [SegmentReader(root, s, self.fields, check, provide) for s in manifest.segments]
         self.starts = np.cumsum([0] + [s.rows for s in manifest.segments], dtype=np.int64)
         self._starts_list = self.starts.tolist()
         self.rows = int(self.starts[-1])
         # Index runs are few (merged by the writer) and mapped now: a writer may
         # delete a superseded run later, and a map survives that.
-        self.runs = [IndexRun(root, r, check) for r in manifest.indexes]
+        self.runs = [IndexRun(root, r, check, provide) for r in manifest.indexes]
         self._shared: dict[int, dict[bytes, int]] = {}
 
     # -- rows -----------------------------------------------------------------

@@ -28,10 +28,10 @@ from actstore.format.manifest import (
     Manifest,
     SegmentInfo,
 )
+from actstore.storage.base import Backend
 from actstore.storage.files import expect_array, hash_file, inside, object_files, read_document
 
-__all__ = ["VerifyReport", "object_files", "read_document", "verify_store"]
-
+__all__ = ["VerifyReport", "object_files", "read_document", "verify_snapshot", "verify_store"]
 
 
 @dataclass
@@ -145,3 +145,26 @@ def _check_index(root: str, manifest: Manifest, starts: np.ndarray, report: Veri
 def snap_view(root: str, info: IndexRunInfo) -> np.ndarray:
     return map_object_array(root, VIEWS_DIR, info, "row", "int64")
 
+
+
+def verify_snapshot(backend: Backend, manifest: Manifest, *, progress: bool = False) -> VerifyReport:
+    """:meth:`ActivationStore.verify`: check the snapshot's files as the backend has them now; raise on damage.
+
+    On object storage every file is downloaded again first (see
+    :meth:`~actstore.storage.base.Backend.fresh_files`).
+    """
+    from tqdm.auto import tqdm
+
+    with tqdm(total=manifest.rows, unit="row", desc="verify", disable=not progress) as bar, \
+            backend.fresh_files(manifest, bar.update) as (root, fetch_problems):
+        if fetch_problems is None:  # the files are the store's own
+            report: VerifyReport | None = verify_store(root, manifest, bar.update)
+            problems = report.problems if report is not None else []
+        else:
+            report = verify_store(root, manifest) if not fetch_problems else None
+            problems = fetch_problems if report is None else [p.replace(root, backend.url) for p in report.problems]
+    if problems or report is None:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise CorruptStoreError(f"{backend.url}: {len(problems)} problem(s):\n  {shown}{more}")
+    return report

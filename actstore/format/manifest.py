@@ -1,7 +1,7 @@
 """The on-disk format in code: names, versions, dtypes and the manifest.
 
 This module is the executable half of ``docs/FORMAT.md``.  It never touches the
-disk; :mod:`actstore.store` and :mod:`actstore.engine.writer` do the I/O.  Everything
+disk; :mod:`actstore.engine.segments`, :mod:`actstore.engine.commit` and :mod:`actstore.storage` do the I/O.  Everything
 parsed from disk goes through :func:`parse_manifest` and friends, which accept
 only the documented shapes and raise :class:`~actstore.errors.CorruptStoreError`
 or :class:`~actstore.errors.UnsupportedFormatError` otherwise — never another

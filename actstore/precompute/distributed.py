@@ -61,10 +61,11 @@ import numpy as np
 import torch
 
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError, StoreLockedError
-from actstore.format.manifest import INDEXES_DIR, PARTS_DIR, SEGMENTS_DIR, VIEWS_DIR, Manifest
+from actstore.format.manifest import PARTS_DIR, Manifest
 from actstore.storage.objects import is_url
+from actstore.store import clone_store
 
-__all__ = ["DistInfo", "detect", "precompute_run"]
+__all__ = ["DistInfo", "adopt_leftovers", "clone_store", "detect", "precompute_run"]
 
 log = logging.getLogger("actstore")
 
@@ -398,7 +399,7 @@ def _placeholder(store: Any) -> bool:
 
 def _parts_lock(parts: str) -> Any:
     """Rank 0 holds this while a distributed run uses PATH/parts: a second run on the same PATH is refused."""
-    from actstore.engine.writer import StoreLock
+    from actstore.storage.local import StoreLock
 
     os.makedirs(parts, exist_ok=True)
     try:
@@ -509,15 +510,15 @@ def _incompatible(m: Manifest, fp: str, layers: list[str]) -> str | None:
 
 
 def _delete_main(root: str) -> None:
-    from actstore.precompute.run import _delete_store
+    from actstore.store import delete_store
 
     parts = os.path.join(root, PARTS_DIR)
     moved = None
-    if os.path.isdir(parts):  # _delete_store refuses directories it does not know
+    if os.path.isdir(parts):  # delete_store refuses directories it does not know
         moved = f"{root}.parts-{uuid.uuid4().hex[:8]}"
         os.rename(parts, moved)
     try:
-        _delete_store(root)
+        delete_store(root)
     finally:
         if moved is not None:
             os.makedirs(root, exist_ok=True)
@@ -556,45 +557,15 @@ def _open_or_create_main(root: str, parts: list[Any], fp: str, overwrite: bool, 
 
 def _record_length(main: Any, length: int | None) -> None:
     """Make the store's recorded dataset length this run's (CachedDataset checks it against the dataset)."""
-    from dataclasses import replace
-
-    from actstore.engine.writer import write_manifest
     from actstore.precompute.run import ATTR
 
     cfg = dict(main.attrs.get(ATTR) or {})
     if not cfg or cfg.get("dataset_length") == length:
         return
     cfg["dataset_length"] = length
-    m = main.manifest
-    manifest = replace(m, attrs={**dict(m.attrs), ATTR: cfg}, generation=m.generation + 1)
-    write_manifest(main.path, manifest)  # (attrs have no public setter; the lock is held, nothing is pending)
-    main._load(manifest)
+    main.update_attrs({ATTR: cfg})
+    main.commit()
 
 
 def _describe(fields: Mapping[str, Any]) -> str:
     return ", ".join(f"{n}: {f.dtype}{list(f.shape)}" for n, f in fields.items())
-
-
-def clone_store(src: str, dst: str) -> None:
-    """A copy of the committed store ``src`` at ``dst`` made of hard links (copies where links fail).
-
-    The manifest is written last: a clone cut short has none, and is not a store.
-    """
-    from actstore.engine.writer import link_object
-    from actstore.storage.files import atomic_write, object_files
-    from actstore.store import read_manifest
-
-    manifest = read_manifest(src)
-    os.makedirs(dst)
-    for sub in (SEGMENTS_DIR, INDEXES_DIR, VIEWS_DIR):
-        os.makedirs(os.path.join(dst, sub))
-        shutil.copyfile(os.path.join(src, sub, "zarr.json"), os.path.join(dst, sub, "zarr.json"))
-    objects = [(SEGMENTS_DIR, s.id, s.meta) for s in manifest.segments]
-    objects += [(INDEXES_DIR, r.id, r.meta) for r in manifest.indexes]
-    objects += [(VIEWS_DIR, v.id, v.meta) for v in manifest.views.values()]
-    for sub, obj, meta in objects:
-        base = os.path.join(src, sub, obj)
-        _, files = object_files(base, meta, base)
-        link_object(base, os.path.join(dst, sub, obj), files)
-    with open(os.path.join(src, "zarr.json"), "rb") as f:
-        atomic_write(os.path.join(dst, "zarr.json"), f.read())

@@ -19,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -29,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from actstore.engine.writer import StoreLock
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError
 from actstore.format.manifest import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR, Field, dtype_name
 from actstore.hashing import fingerprint
@@ -54,6 +51,7 @@ from actstore.precompute.items import (
 )
 from actstore.store import ActivationStore, read_manifest
 from actstore.store import create as create_store
+from actstore.store import delete_store as _delete_store
 from actstore.store import open as open_store
 
 __all__ = ["ATTR", "STORE_DTYPES", "VIEW", "Run"]
@@ -69,26 +67,6 @@ STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 
 
 # --- existing stores -----------------------------------------------------------------
-
-_STORE_ENTRIES = {"zarr.json", SEGMENTS_DIR, INDEXES_DIR, VIEWS_DIR, LOCK_DIR}
-
-
-def _delete_store(root: str) -> None:
-    """Delete the actstore store at ``root``, refusing anything that is not one."""
-    read_manifest(root)  # raises unless root is a store
-    extra = [n for n in os.listdir(root) if n not in _STORE_ENTRIES and not n.startswith(".zarr.json.")]
-    if extra:
-        raise StoreExistsError(f"{root}: holds files that are not part of the store ({', '.join(sorted(extra)[:5])}); "
-                               "refusing to delete it — move them, or delete the directory yourself")
-    lock = StoreLock(root)  # no writer may be using it
-    try:
-        trash = f"{root}.deleting-{uuid.uuid4().hex[:8]}"
-        os.rename(root, trash)  # the store disappears atomically
-    finally:
-        lock.release()
-    shutil.rmtree(trash, ignore_errors=True)
-    log.info("%s: deleted the old store (overwrite=True)", root)
-
 
 class Run:
     """One precompute run: its state, and the steps of :func:`precompute`."""

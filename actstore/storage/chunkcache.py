@@ -3,8 +3,9 @@
 The mirror has the store's own layout (``zarr.json``, ``segments/<id>/...``,
 ``indexes/...``, ``views/...``), so an ordinary local
 :class:`~actstore.ActivationStore` reads it with zero-copy memory maps.  Files
-arrive on demand through :class:`Fetcher`, the hook the reader calls just
-before it maps a file:
+arrive on demand through the object backend's file hook
+(:meth:`actstore.storage.remote.ObjectBackend.provider`), which the reader calls
+just before it maps a file:
 
 1. The object's ``zarr.json`` (a segment, index run or view) is fetched and
    checked against the BLAKE3 the manifest names; it lists the size and BLAKE3
@@ -43,14 +44,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import blake3
-import numpy as np
 
 from actstore.errors import CorruptStoreError, StoreError
-from actstore.format.manifest import INDEXES_DIR, SEGMENTS_DIR, VIEWS_DIR, chunk_path, group_document
-from actstore.storage.files import hash_file, object_files
+from actstore.format.manifest import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR, group_document
+from actstore.storage.files import atomic_write, hash_file, object_files
 from actstore.storage.objects import ObjectStore
 
-__all__ = ["ChunkCache", "Fetcher", "default_cache_dir"]
+__all__ = ["ChunkCache", "default_cache_dir"]
 
 log = logging.getLogger("actstore")
 
@@ -116,7 +116,7 @@ class ChunkCache:
             d = os.path.join(self.root, sub)
             os.makedirs(d, exist_ok=True)
             if not os.path.exists(os.path.join(d, "zarr.json")):
-                _atomic(os.path.join(d, "zarr.json"), group_document(), self._tmp())
+                atomic_write(os.path.join(d, "zarr.json"), group_document(), durable=False, tmp=self._tmp())
         now = time.time()
         for name in os.listdir(os.path.join(self.dir, "tmp")):
             p = os.path.join(self.dir, "tmp", name)
@@ -128,8 +128,10 @@ class ChunkCache:
         return os.path.join(self.dir, "tmp", uuid.uuid4().hex)
 
     def wipe(self) -> None:
-        """Delete the mirror's contents (a new store is being created at this URL)."""
+        """Delete the mirror's contents (a new store is being created at this URL), except the writer's lock."""
         for sub in os.listdir(self.root):
+            if sub == LOCK_DIR:  # held by the writer that is creating the store
+                continue
             p = os.path.join(self.root, sub)
             if os.path.isdir(p) and not os.path.islink(p):
                 shutil.rmtree(p, ignore_errors=True)
@@ -162,10 +164,14 @@ class ChunkCache:
             if blake3.blake3(data).hexdigest() != meta:
                 raise CorruptStoreError(f"{self.objects.where(obj)}/zarr.json: checksum does not match the manifest")
             os.makedirs(base, exist_ok=True)
-            _atomic(doc, data, self._tmp())
+            atomic_write(doc, data, durable=False, tmp=self._tmp())
         _, files = object_files(base, meta, obj)
         self._records[(obj, meta)] = files
         return files
+
+    def forget_records(self, obj: str, meta: str) -> None:
+        """Read the object's file records again next time (``verify`` checks the remote copy)."""
+        self._records.pop((obj, meta), None)
 
     def path(self, obj: str, name: str) -> str:
         return os.path.join(self.root, *obj.split("/"), *name.split("/"))
@@ -337,45 +343,8 @@ class ChunkCache:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-class Fetcher:
-    """The reader's pre-map hook (the ``check`` slot of :class:`~actstore.engine.reader.SegmentReader`):
-    fetch the file about to be mapped into the mirror, then run the wrapped
-    :class:`~actstore.engine.reader.ReadCheck` (``verify_reads``) if any.
-
-    Called as ``fetch(base, meta, rel, rows, inner, dtype, codec)`` with ``base`` the
-    object's directory in the mirror and ``rel`` the array inside it.
-    """
-
-    def __init__(self, cache: ChunkCache, inner: Any = None, segments: bool = True) -> None:
-        self.cache = cache
-        self.inner = inner
-        self.segments = segments
-
-    def __call__(self, base: str, meta: str, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any],
-                 codec: Any = None) -> None:
-        obj = os.path.relpath(base, self.cache.root).replace(os.sep, "/")
-        names = [f"{rel}/{chunk_path(len(inner) + 1)}"] if rows else []
-        if self.inner is not None or (codec is not None and rows):  # a compressed array's reader reads it
-            names.append(f"{rel}/zarr.json")
-        if names and (self.segments or not obj.startswith(SEGMENTS_DIR + "/")):
-            self.cache.ensure(obj, meta, names)
-        if self.inner is not None:
-            self.inner(base, meta, rel, rows, inner, dtype, codec)
-
-
 def _size(path: str) -> int:
     try:
         return os.stat(path).st_size
     except OSError:
         return -1
-
-
-def _atomic(path: str, data: bytes, tmp: str) -> None:
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -43,22 +43,29 @@ def write_durable(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str, data: bytes, *, durable: bool = True, tmp: str | None = None) -> None:
     """Replace ``path`` with ``data`` atomically: temp file, fsync, rename, fsync dir.
 
-    The temporary file is removed if anything fails, so a failed write leaves the
-    old file as it was.
+    The temporary file (``tmp``, by default a hidden name beside ``path``) is
+    removed if anything fails, so a failed write leaves the old file as it was.
+    ``durable=False`` skips both fsyncs (a cache, which can be fetched again).
     """
     directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    if tmp is None:
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
-        write_durable(tmp, data)
+        if durable:
+            write_durable(tmp, data)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
 def hash_file(path: str, size: int) -> str:

@@ -44,7 +44,6 @@ import threading
 import time
 import uuid
 import weakref
-from typing import Any
 
 from actstore.errors import RemoteError, StoreLockedError
 from actstore.format.manifest import LOCK_DIR, group_document
@@ -180,13 +179,3 @@ def _describe(data: bytes) -> tuple[str, float]:
         return f"pid {int(w['pid'])} on host {str(w['host'])[:64]!r} since {since}", lease
     except (ValueError, KeyError, TypeError):
         return "holder unknown", DEFAULT_LEASE_SECONDS
-
-
-def lock_holder(objects: ObjectStore) -> dict[str, Any] | None:
-    """The lock document's ``writer`` attributes, or None when no writer holds the lock."""
-    try:
-        return dict(json.loads(objects.read(LOCK_KEY))["attributes"]["writer"])
-    except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, TypeError):
-        return {}

@@ -315,9 +315,9 @@ def allowed_counts(lines: Sequence[str], initial: int) -> tuple[int, set[int]]:
 
 #: Where a writer child can be paused: name -> (object, attribute).
 def _pause_targets() -> dict[str, tuple[Any, str]]:
-    import actstore.engine.writer as writer_mod
+    import actstore.engine.commit as commit_mod
+    import actstore.engine.segments as writer_mod
     import actstore.storage.files as files_mod
-    import actstore.store as store_mod
 
     return {
         "append": (writer_mod.ShardFile, "write"),  # buffering rows into shard files
@@ -326,7 +326,7 @@ def _pause_targets() -> dict[str, tuple[Any, str]]:
         "fsync": (os, "fsync"),  # every fsync, files and directories
         "fsync_dir": (files_mod, "fsync_dir"),
         "mkdir": (os, "mkdir"),
-        "index_run": (store_mod, "write_index_run"),
+        "index_run": (commit_mod, "write_index_run"),
         "replace": (os, "replace"),  # the commit point
         "rmtree": (shutil, "rmtree"),  # deleting superseded index runs and views
     }
@@ -400,8 +400,9 @@ def powerloss_child(path: str, log_path: str, journal_path: str, saved_dir: str,
     kills itself just before it, as a power cut would stop it.  With ``cut_at``
     None the child runs to the end and logs how many operations there were.
     """
-    import actstore.engine.writer as writer_mod
+    import actstore.engine.segments as writer_mod
     import actstore.storage.files as files_mod
+    import actstore.storage.local as local_mod
 
     log = Log(log_path)
     jfd = os.open(journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -473,6 +474,7 @@ def powerloss_child(path: str, log_path: str, journal_path: str, saved_dir: str,
 
     writer_mod.open = jopen  # type: ignore[attr-defined]  # shadows the builtin inside the writing modules only
     files_mod.open = jopen  # type: ignore[attr-defined]
+    local_mod.open = jopen  # type: ignore[attr-defined]  # (copies made by link_object)
     os.open, os.fsync, os.mkdir, os.replace, os.unlink = jos_open, jfsync, jmkdir, jreplace, junlink  # type: ignore[assignment]
     shutil.rmtree = jrmtree  # type: ignore[assignment]
     store = actstore.open(path, mode="a")

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import actstore
-import actstore.store as store_mod
+import actstore.engine.commit as commit_mod
+from actstore.storage.local import LocalBackend
 
 from . import harness as h
 
@@ -49,7 +50,7 @@ def run_readers_during_writes(tmp_path: Path, commits: int, readers: int, pause:
     h.count("rows_checked", total["rows_checked"])
     h.count("writer_commits", commits)
     with actstore.open(path) as s:
-        assert len(s.manifest.indexes) <= store_mod.MAX_INDEX_RUNS
+        assert len(s.manifest.indexes) <= commit_mod.MAX_INDEX_RUNS
     return {**total, "seen": len(seen)}
 
 
@@ -72,19 +73,19 @@ def test_reader_survives_run_merge_between_manifest_and_map(tmp_path: Path, monk
             h.append_range(s, lo, lo + 10)
             s.set_view("order", np.arange(lo + 10))
             s.commit()
-    stale = store_mod.read_manifest(str(path))
+    stale = LocalBackend(str(path)).read_manifest()
     with actstore.open(path, mode="a") as w:  # the 9th commit merges, deletes the 8 runs and the old view
         h.append_range(w, 80, 90)
         w.set_view("order", np.arange(90))
         w.commit()
-    real = store_mod.read_manifest
+    real = LocalBackend.read_manifest
     calls = []
 
-    def first_stale(root: str) -> Any:
-        calls.append(root)
-        return stale if len(calls) == 1 else real(root)
+    def first_stale(backend: LocalBackend) -> Any:
+        calls.append(backend.root)
+        return stale if len(calls) == 1 else real(backend)
 
-    monkeypatch.setattr(store_mod, "read_manifest", first_stale)
+    monkeypatch.setattr(LocalBackend, "read_manifest", first_stale)
     with actstore.open(path) as r:
         assert len(r) == 90
         h.assert_rows(r, 90)

@@ -29,9 +29,9 @@ import numpy as np
 import pytest
 
 import actstore
-import actstore.engine.writer as writer_mod
+import actstore.engine.commit as commit_mod
+import actstore.engine.segments as writer_mod
 import actstore.storage.files as files_mod
-import actstore.store as store_mod
 
 from . import harness as h
 
@@ -122,7 +122,7 @@ def injected(fault: Fault) -> Iterator[Fault]:
     mp.setattr(writer_mod.ShardFile, "write", _shard_write(fault, writer_mod.ShardFile.write))
     mp.setattr(writer_mod.ShardFile, "finish", finish_wrapper(writer_mod.ShardFile.finish))
     mp.setattr(files_mod, "write_durable", _write_durable(fault, files_mod.write_durable))
-    mp.setattr(store_mod, "write_index_run", index_wrapper(store_mod.write_index_run))
+    mp.setattr(commit_mod, "write_index_run", index_wrapper(commit_mod.write_index_run))
     try:
         yield fault
     finally:

@@ -1,41 +1,19 @@
-"""Appending rows and the commit protocol.
+"""Writing segments: shard files streamed to disk, and the small immutable objects (index runs, views).
 
-A store changes only by *adding* immutable segments and then atomically
-replacing the manifest (the root ``zarr.json``).  The steps of one commit:
-
-1. The pending segment's shard files are finished (padding, shard index,
-   CRC32C), flushed and fsynced.
-2. Each array's ``zarr.json`` and the segment's ``zarr.json`` (which records the
-   size and BLAKE3 of every file in the segment) are written and fsynced, and so
-   are the directories that hold them.
-3. A key-index run for the new rows is written the same way (and, when runs pile
-   up, all runs are merged into one).
-4. The new manifest — naming the segment by id and the BLAKE3 of its
-   ``zarr.json`` — is written to a temporary file, fsynced, renamed over
-   ``zarr.json`` and the store directory is fsynced.  **This rename is the
-   commit point.**
-
-A crash before step 4 leaves the old manifest in place, and the next writer
-deletes the unreferenced files.  Readers only ever follow the manifest, so they
-never see a half-written segment.  Only one writer may work at a time
-(:class:`StoreLock`).
+Every file here is new (no reader follows it until a manifest names it), is
+hashed (BLAKE3) on the way and fsynced with its directory before the function
+that writes it returns; :mod:`actstore.engine.commit` then publishes the
+manifest that names them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import json
 import os
 import shutil
-import socket
-import time
 import uuid
-import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 import blake3
@@ -45,35 +23,27 @@ import numpy as np
 from actstore.engine.compressed import ChunkEncoder
 from actstore.engine.keyset import KeySet
 from actstore.engine.reader import key_prefixes
-from actstore.errors import CorruptStoreError, StoreLockedError
 from actstore.format.manifest import (
     FIELDS_DIR,
     INDEXES_DIR,
     INTERNAL_DTYPES,
     KEY_BYTES,
-    LOCK_DIR,
     SEGMENT_ATTR,
     SEGMENTS_DIR,
-    VIEWS_DIR,
     Field,
     IndexRunInfo,
-    Manifest,
     SegmentInfo,
     array_metadata,
     chunk_path,
     dumps,
     group_document,
     inner_rows_for,
-    root_document,
     shard_layout,
 )
 from actstore.storage import files as fsio
 
-__all__ = ["SegmentWriter", "StoreLock", "link_object", "write_index_run", "write_manifest",
-           "write_object"]
+__all__ = ["SegmentWriter", "ShardFile", "write_index_run", "write_object"]
 
-#: Merge the key index into one run when a commit would leave more than this many.
-MAX_INDEX_RUNS = 8
 #: A write at least this large is hashed on a helper thread while this thread writes it.
 PARALLEL_HASH_BYTES = 1 << 20
 #: Start write-back (``fdatasync`` on a helper thread) whenever this much data has been written
@@ -83,17 +53,6 @@ WRITEBACK_BYTES = 64 << 20
 
 
 # --- durable file primitives ---------------------------------------------------
-
-
-def makedirs_durable(root: str, rel: str) -> str:
-    """Create ``root/rel`` (all parts) and fsync each new directory's parent."""
-    path = root
-    for part in rel.split("/"):
-        parent, path = path, os.path.join(path, part)
-        if not os.path.isdir(path):
-            os.mkdir(path)
-            fsio.fsync_dir(parent)
-    return path
 
 
 def file_record(data: bytes) -> dict[str, Any]:
@@ -392,180 +351,3 @@ def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray) -> IndexR
     """Write a key-index run: prefixes sorted ascending, with their global rows."""
     order = np.argsort(prefixes)  # any order among equal prefixes serves lookup
     return write_object(root, INDEXES_DIR, {"prefix": (prefixes[order], "uint64"), "row": (rows[order], "int64")})
-
-
-def write_manifest(root: str, manifest: Manifest) -> None:
-    """The commit point: atomically replace the root ``zarr.json``."""
-    fsio.atomic_write(os.path.join(root, "zarr.json"), root_document(manifest))
-
-
-def next_manifest(manifest: Manifest, segment: SegmentInfo, run: IndexRunInfo) -> Manifest:
-    return replace(
-        manifest,
-        generation=manifest.generation + 1,
-        segments=(*manifest.segments, segment),
-        indexes=(*manifest.indexes, run),
-    )
-
-
-def link_object(src: str, dst: str, files: Iterable[str], *, copy: bool = False) -> None:
-    """Put an immutable object's files (and its ``zarr.json``) at ``dst``, durably: hard links, or copies.
-
-    Committed files are never modified, so a hard link shares them safely
-    between stores (deleting the source store later leaves ``dst`` intact).
-    Where a link is impossible (another filesystem, a filesystem without hard
-    links) or ``copy`` is set, the bytes are copied and fsynced.  ``dst`` must
-    not exist; on failure it is left for :func:`remove_unreferenced`.
-    """
-    os.mkdir(dst)
-    dirs = {dst}
-    for rel in [*files, "zarr.json"]:
-        s, d = os.path.join(src, *rel.split("/")), os.path.join(dst, *rel.split("/"))
-        parent = os.path.dirname(d)
-        if parent not in dirs:
-            os.makedirs(parent, exist_ok=True)
-            while parent not in dirs and len(parent) > len(dst):
-                dirs.add(parent)
-                parent = os.path.dirname(parent)
-        if not copy:
-            try:
-                os.link(s, d, follow_symlinks=False)
-                continue
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
-                    raise
-        with open(s, "rb") as fi, open(d, "wb") as fo:
-            shutil.copyfileobj(fi, fo, 1 << 22)
-            fo.flush()
-            os.fsync(fo.fileno())
-    for d in sorted(dirs, key=len, reverse=True):  # children first
-        fsio.fsync_dir(d)
-    fsio.fsync_dir(os.path.dirname(dst))
-
-
-def remove_unreferenced(root: str, manifest: Manifest) -> list[str]:
-    """Delete segments, index runs and temp files that no commit references.
-
-    Called with the lock held, when a store is opened for appending: it cleans up
-    after writers that crashed before their commit point.
-    """
-    removed = []
-    keep = {s.id for s in manifest.segments} | {r.id for r in manifest.indexes} | {v.id for v in manifest.views.values()}
-    for sub in (SEGMENTS_DIR, INDEXES_DIR, VIEWS_DIR):
-        d = os.path.join(root, sub)
-        if os.path.islink(d):  # deleting "unreferenced" entries there would delete outside the store
-            raise CorruptStoreError(f"{d}: is a symbolic link; stores never contain links (not cleaning up there)")
-        for name in os.listdir(d) if os.path.isdir(d) else ():
-            if name != "zarr.json" and name not in keep:
-                p = os.path.join(d, name)
-                if os.path.isdir(p) and not os.path.islink(p):
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        os.unlink(p)
-                removed.append(f"{sub}/{name}")
-    for name in os.listdir(root):
-        if name.startswith(".zarr.json.") and name.endswith(".tmp"):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(root, name))
-            removed.append(name)
-    return removed
-
-
-# --- the writer lock ------------------------------------------------------------
-
-
-class StoreLock:
-    """One writer per store, enforced with ``flock`` on ``lock/zarr.json``.
-
-    The kernel drops the lock when its holder dies (even by ``SIGKILL``), so a
-    stale lock never blocks a new writer.  The file is a valid Zarr group
-    document whose attributes name the holder (pid, host, start time), only so
-    that a refused writer can say who holds the lock.  ``flock`` is not reliable
-    on network filesystems such as NFS: keep writers on one host there.
-    """
-
-    def __init__(self, root: str) -> None:
-        directory = os.path.join(root, LOCK_DIR)
-        os.makedirs(directory, exist_ok=True)
-        try:  # never follow a link: the lock file is truncated and rewritten
-            if os.path.islink(directory):
-                raise OSError(errno.ELOOP, "a symbolic link")
-            fd = os.open(os.path.join(directory, "zarr.json"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise
-            raise CorruptStoreError(f"{directory}: the lock is a symbolic link; stores never contain links") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = _read_holder(fd)
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise StoreLockedError(
-                    f"{root}: another writer holds the lock ({holder}); wait for it to finish, "
-                    "or open the store with mode='r' to read"
-                ) from e
-            raise
-        self.fd: int | None = fd
-        self.pid = os.getpid()
-        _HELD.add(self)
-        self._write({"writer": {"pid": self.pid, "host": socket.gethostname(), "since": time.time()}})
-
-    def _write(self, attributes: dict[str, Any]) -> None:
-        if self.fd is None:
-            return
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, group_document(attributes), 0)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            # A child forked while the lock was held shares it: closing our descriptor
-            # alone would leave the lock held by the child, so unlock explicitly, but
-            # only in the process that took the lock (a child must not drop it).
-            if os.getpid() == self.pid:
-                with contextlib.suppress(OSError):
-                    self._write({})
-                with contextlib.suppress(OSError):
-                    fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
-#: Locks held by this process, so that a forked child can drop its copies.
-_HELD: weakref.WeakSet[StoreLock] = weakref.WeakSet()
-
-
-def _forget_locks_in_child() -> None:
-    """After ``fork``: close the child's copies of the lock descriptors.
-
-    A child shares its parent's ``flock`` through the inherited descriptor; if it
-    kept it, a writer killed by ``SIGKILL`` would leave its store locked for as
-    long as its children (DataLoader workers, say) live.
-    """
-    for lock in list(_HELD):
-        if lock.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(lock.fd)
-            lock.fd = None
-
-
-os.register_at_fork(after_in_child=_forget_locks_in_child)
-
-
-def _read_holder(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")["attributes"]["writer"]
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
-        return f"pid {int(info['pid'])} on host {str(info['host'])[:64]!r} since {since}"
-    except (ValueError, KeyError, TypeError, OSError):
-        return "holder unknown"
-
-
-@contextlib.contextmanager
-def locked(root: str) -> Iterator[StoreLock]:
-    lock = StoreLock(root)
-    try:
-        yield lock
-    finally:
-        lock.release()

@@ -1,0 +1,221 @@
+"""The commit protocol: the one place a manifest is published.
+
+A store changes only by *adding* immutable segments and then atomically
+replacing the manifest (the root ``zarr.json``).  The steps of one commit:
+
+1. The pending segment's shard files are finished (padding, shard index,
+   CRC32C), flushed and fsynced.
+2. Each array's ``zarr.json`` and the segment's ``zarr.json`` (which records the
+   size and BLAKE3 of every file in the segment) are written and fsynced, and so
+   are the directories that hold them.
+3. A key-index run for the new rows is written the same way (and, when runs pile
+   up, all runs are merged into one); so is each view set since the last commit.
+4. The new manifest — naming the segment by id and the BLAKE3 of its
+   ``zarr.json`` — is published through the store's backend over the manifest
+   this writer started from: in a local directory it is written to a temporary
+   file, fsynced, renamed over ``zarr.json`` and the store directory is
+   fsynced; on object storage the new objects are uploaded first and the
+   manifest last, with ``If-Match`` on its predecessor.  **This is the commit
+   point.**
+5. Index runs and views the new manifest no longer names are deleted (readers
+   that mapped them keep their maps).
+
+A crash before step 4 leaves the old manifest in place, and the next writer
+deletes the unreferenced files.  Readers only ever follow the manifest, so they
+never see a half-written segment.  Only one writer may work at a time (the
+backend's lock).  Everything that changes a store — :meth:`commit`, ``adopt``,
+``update_attrs``, ``create``, ``clone_store``, ``push`` — goes through
+:func:`commit` or :func:`publish` here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from actstore.engine.reader import Snapshot
+from actstore.engine.segments import SegmentWriter, write_index_run, write_object
+from actstore.errors import StoreError
+from actstore.format.manifest import (
+    INDEXES_DIR,
+    VIEWS_DIR,
+    IndexRunInfo,
+    Manifest,
+    SegmentInfo,
+    parse_root,
+    root_document,
+)
+from actstore.storage.base import Backend, WriterLock, objects_of
+
+__all__ = ["MAX_INDEX_RUNS", "Change", "Head", "check_views", "commit", "ids", "merge_runs", "publish"]
+
+log = logging.getLogger("actstore")
+
+#: Merge the key index into one run when a commit would leave more than this many.
+MAX_INDEX_RUNS = 8
+
+
+@dataclass
+class Head:
+    """What the backend shows, as far as this writer knows: the last published manifest and its version token.
+
+    Behind the handle's own snapshot only on object storage, after a failed
+    upload (the commit is staged locally and published again later).
+    """
+
+    manifest: Manifest | None
+    token: str | None
+
+
+@dataclass
+class Change:
+    """What one commit adds."""
+
+    #: The pending segment, finished in step 1.
+    segment: SegmentWriter | None = None
+    #: Segments already complete under the backend's root (adopted by hard links), with their key prefixes.
+    added: list[tuple[SegmentInfo, np.ndarray]] = field(default_factory=list)
+    #: View name -> rows, to record (or replace).
+    views: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: New attributes (all of them), or None to keep them.
+    attrs: Mapping[str, Any] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return (self.segment is None or self.segment.rows == 0) and not self.added and not self.views \
+            and self.attrs is None
+
+
+def ids(m: Manifest | None) -> tuple[Any, ...]:
+    """What identifies a commit: its generation and the ids of everything it references."""
+    if m is None:
+        return ()
+    return (m.generation, [s.id for s in m.segments], [r.id for r in m.indexes],
+            sorted((k, v.id) for k, v in m.views.items()))
+
+
+def commit(backend: Backend, lock: WriterLock | None, head: Head, current: Manifest, change: Change,
+           show: Callable[[Manifest], None]) -> Manifest:
+    """Commit ``change`` on top of ``current`` (the handle's snapshot); returns the new manifest.
+
+    ``show`` makes a manifest the handle's snapshot; it is called with the new
+    one once it is published (or staged, on object storage), before superseded
+    objects are deleted.  With nothing to add, only a commit staged earlier is
+    published.  On failure nothing the backend shows is lost: the new segment
+    is deleted unless the manifest that names it became visible (then it is
+    shown, and the error still raised: its durability is unknown).
+    """
+    if lock is not None:
+        lock.check()  # a lost lease: never publish
+    if change.empty:
+        if ids(head.manifest) != ids(current):
+            publish(backend, head, current)
+        return current
+    manifest = current
+    prepared = False
+    try:
+        manifest, discarded = _next_manifest(backend.root, current, change)  # steps 1-3
+        prepared = True
+        publish(backend, head, manifest, show, discarded)  # steps 4-5
+    except BaseException:
+        _after_failure(backend, head, current, manifest, change.segment, show, prepared)
+        raise
+    return manifest
+
+
+def check_views(current: Manifest, change: Change) -> None:
+    """Refuse views naming rows this commit will not hold (before anything is written)."""
+    rows_after = current.rows + (change.segment.rows if change.segment is not None else 0) + \
+        sum(i.rows for i, _ in change.added)
+    for name, rows in change.views.items():  # pending rows it named may have been dropped by a failed append
+        if rows.size and int(rows.max()) >= rows_after:
+            raise ValueError(
+                f"view {name!r} names row {int(rows.max())}, but this commit holds only {rows_after} rows "
+                "(pending rows were dropped by a failed append?); call set_view again")
+
+
+def _next_manifest(root: str, current: Manifest, change: Change) -> tuple[Manifest, list[str]]:
+    """The next manifest, and the objects written or named before that it no longer needs (merged runs)."""
+    added = list(change.added)
+    discarded: list[str] = []
+    if change.segment is not None and change.segment.rows:
+        added.append(change.segment.finish())
+    manifest = current
+    if added:
+        start, total = current.rows, sum(i.rows for i, _ in added)
+        run = write_index_run(root, np.concatenate([p for _, p in added]),
+                              np.arange(start, start + total, dtype=np.int64))
+        manifest = replace(manifest, segments=(*manifest.segments, *(i for i, _ in added)),
+                           indexes=(*manifest.indexes, run))
+        if len(manifest.indexes) > MAX_INDEX_RUNS:
+            discarded = [f"{INDEXES_DIR}/{r.id}" for r in manifest.indexes]
+            manifest = replace(manifest, indexes=(merge_runs(root, manifest),))
+    if change.views:
+        views: dict[str, IndexRunInfo] = dict(manifest.views)
+        for name, rows in change.views.items():
+            views[name] = write_object(root, VIEWS_DIR, {"row": (rows, "int64")})
+        manifest = replace(manifest, views=views)
+    if change.attrs is not None:
+        manifest = replace(manifest, attrs=dict(change.attrs))
+    return replace(manifest, generation=current.generation + 1), discarded
+
+
+def merge_runs(root: str, manifest: Manifest) -> IndexRunInfo:
+    """One key-index run holding every entry of the manifest's runs."""
+    snap = Snapshot(root, manifest)
+    prefixes = np.concatenate([r.prefix for r in snap.runs])
+    rows = np.concatenate([r.row for r in snap.runs])
+    return write_index_run(root, prefixes, rows)
+
+
+def publish(backend: Backend, head: Head, manifest: Manifest, show: Callable[[Manifest], None] | None = None,
+            discarded: Sequence[str] = ()) -> None:
+    """Steps 4 and 5: publish ``manifest`` over ``head`` (updated), show it, then delete what it superseded.
+
+    Superseded: the objects of the previously published manifest that
+    ``manifest`` does not name, and ``discarded`` (written for this commit, then
+    merged away).
+    """
+    before = set(objects_of(head.manifest)) if head.manifest is not None else set()
+    now = objects_of(manifest)
+    head.token = backend.publish(root_document(manifest), head.token, [o for o in now if o not in before])
+    head.manifest = manifest
+    if show is not None:
+        show(manifest)
+    for obj in sorted((before | set(discarded)) - set(now)):  # readers that mapped them earlier keep their maps
+        sub, _, name = obj.partition("/")
+        try:
+            backend.delete_object(sub, name)
+        except OSError as e:
+            log.warning("%s: could not delete superseded %s (%s)", backend.url, obj, e)
+
+
+def _after_failure(backend: Backend, head: Head, current: Manifest, manifest: Manifest, seg: SegmentWriter | None,
+                   show: Callable[[Manifest], None], prepared: bool) -> None:
+    """Keep whatever the backend shows; discard the failed commit's segment otherwise.
+
+    An error after the rename (in the directory fsync, or an interrupt) leaves
+    the new manifest visible: its files must stay, and the handle shows it
+    (durability is then unknown, which the caller learns from the error).  On
+    object storage a failed upload leaves the commit staged: the handle shows
+    it and the next commit or close publishes it.
+    """
+    try:
+        data, token = backend.read_manifest()
+        on_disk: Manifest | None = parse_root(data, f"{backend.url}/zarr.json")
+    except (StoreError, OSError):
+        on_disk, token = None, None  # unknown: delete nothing; the next open(mode="a") cleans up
+    if manifest is not current and on_disk is not None and ids(on_disk) == ids(manifest):
+        head.manifest, head.token = manifest, token  # the publish happened
+        show(manifest)
+    elif prepared and backend.stages:
+        show(manifest)
+    elif seg is not None:
+        if on_disk is None:
+            seg.close_files()  # keep them: the manifest on disk is unknown
+        else:
+            seg.discard()

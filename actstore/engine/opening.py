@@ -1,0 +1,110 @@
+"""Opening and creating stores on a backend: the steps before a handle exists.
+
+:func:`actstore.store.open` and :func:`actstore.store.create` check their
+arguments, pick the backend, and call these; the handle is built from what
+they return (the manifest, its version token and the writer lock).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from actstore.engine.commit import Head, publish
+from actstore.errors import StaleStoreError, StoreError, StoreNotFoundError
+from actstore.format.codecs import MAX_INNER_CHUNK_BYTES
+from actstore.format.manifest import Field, Manifest, check_name, parse_root
+from actstore.storage.base import Backend, WriterLock, remove_unreferenced
+
+__all__ = ["check_fingerprint", "check_new", "create_new", "open_parts", "read_head"]
+
+log = logging.getLogger("actstore")
+
+
+def read_head(backend: Backend) -> tuple[Manifest, str]:
+    """The backend's manifest and its version token (:class:`StoreNotFoundError` when there is none)."""
+    try:
+        data, token = backend.read_manifest()
+    except FileNotFoundError as e:
+        raise StoreNotFoundError(f"{backend.url}: no store here (no zarr.json); create one with actstore.create()") \
+            from e
+    return parse_root(data, f"{backend.url}/zarr.json"), token
+
+
+def check_fingerprint(where: str, manifest: Manifest, want: str | None) -> None:
+    if want is not None and manifest.fingerprint != want:
+        raise StaleStoreError(
+            f"{where}: the store was computed by model {manifest.fingerprint!r:.20}…, not by the given model "
+            f"{want!r:.20}…; recompute it into a new path, or delete the store to overwrite it"
+        )
+
+
+def open_parts(backend: Backend, mode: str, fingerprint: str | None) -> tuple[Manifest, str, WriterLock | None]:
+    """Read the manifest (writers: take the lock first, then delete what no commit references)."""
+    lock = backend.lock() if mode == "a" else None
+    try:
+        manifest, token = read_head(backend)
+        check_fingerprint(backend.url, manifest, fingerprint)
+        if lock is not None:
+            removed = remove_unreferenced(backend, manifest)
+            if removed:
+                log.info("%s: removed %d uncommitted leftovers of an interrupted writer", backend.url, len(removed))
+        return manifest, token, lock
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def create_new(backend: Backend, manifest: Manifest) -> tuple[str, WriterLock] | None:
+    """Publish ``manifest`` as the first commit of a new store; returns (its token, the writer lock).
+
+    None when a store is there already — also one another process created
+    between the check and the lock: its manifest is never overwritten (that
+    would orphan its commits).
+    """
+    if backend.exists():
+        return None
+    backend.before_create()
+    lock = backend.lock()
+    try:
+        if backend.exists():
+            lock.release()
+            return None
+        backend.initialize()
+        head = Head(None, None)
+        publish(backend, head, manifest)
+    except BaseException:
+        lock.release()
+        raise
+    return str(head.token), lock
+
+
+def check_new(fields: Any, chunk_bytes: Any, fingerprint: Any, attrs: Any) -> dict[str, Field]:
+    """The arguments of :func:`actstore.create`, checked; returns the fields."""
+    if not isinstance(fields, Mapping) or not fields:
+        raise ValueError("fields: expected a non-empty dict of name -> actstore.Field")
+    checked: dict[str, Field] = {}
+    for name, f in fields.items():
+        try:
+            check_name(name, "fields")
+        except StoreError as e:
+            raise ValueError(str(e)) from None
+        if not isinstance(f, Field):
+            raise TypeError(f"fields[{name!r}]: expected an actstore.Field, got {type(f).__name__}")
+        checked[name] = f
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes: expected a positive int, got {chunk_bytes!r}")
+    for name, f in checked.items():
+        if f.compression is not None and max(f.row_bytes, min(chunk_bytes, 1 << 62)) > MAX_INNER_CHUNK_BYTES:
+            raise ValueError(f"fields[{name!r}]: a compressed field's inner chunks (chunk_bytes, or one row of "
+                             f"{f.row_bytes:,} bytes) may hold at most {MAX_INNER_CHUNK_BYTES:,} bytes")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise TypeError(f"fingerprint: expected a str (actstore.fingerprint(model)) or None, got {type(fingerprint).__name__}")
+    try:
+        json.dumps(dict(attrs or {}), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"attrs: must be JSON-serialisable ({e})") from e
+    return checked
