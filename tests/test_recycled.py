@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 import actstore
 from actstore import DatasetMismatchError, MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
 from actstore.hashing import fingerprint, key
-from actstore.training.data import ActivationCollate, PaddedBatch, collate
+from actstore.training.collate import ActivationCollate, PaddedBatch, collate
 from actstore.training.recycled import CachedDataset, RecycledEncoder, output_rows
 from tests import data_helpers as h
 

@@ -42,11 +42,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from actstore.format.manifest import Field
+from actstore.environment import environment
+from actstore.format.manifest import PARTS_DIR, Field
 from actstore.models.capture import resolve_layers
 from actstore.precompute.distributed import precompute_run
 from actstore.precompute.items import Selector, field_name
-from actstore.precompute.run import STORE_DTYPES
+from actstore.precompute.run import STORE_DTYPES, Run
+from actstore.storage.objects import is_url
 from actstore.store import ActivationStore
 
 __all__ = ["field_name", "precompute"]
@@ -193,8 +195,16 @@ def precompute(
         commit_every_rows=_positive("commit_every_rows", commit_every_rows, True),
         commit_every_seconds=_positive("commit_every_seconds", commit_every_seconds, True, float),
         max_in_flight=_positive("max_in_flight", max_in_flight), overwrite=bool(overwrite))
-    # In this process, or - launched by torchrun - one disjoint part per rank (see actstore.distributed).
-    return precompute_run(model, dataset, os.fspath(path), run_kwargs)
+    root = os.fspath(path)
+    if is_url(root):
+        raise ValueError(f"path: precompute writes a local (or shared-filesystem) store, got the URL {root!r}; "
+                         "precompute to a path, then upload it with `actstore push PATH URL`")
+    root = os.path.abspath(root)
+    env = environment()
+    if (env.launched and env.world > 1) or os.path.isdir(os.path.join(root, PARTS_DIR)):
+        # launched by torchrun: one disjoint part per rank; or an interrupted distributed run's parts to adopt first
+        return precompute_run(model, dataset, root, run_kwargs)
+    return Run(model, dataset, root, **run_kwargs).run()
 
 
 # --- argument checking --------------------------------------------------------------

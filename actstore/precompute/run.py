@@ -32,6 +32,7 @@ from torch import nn
 from actstore.engine.writer import StoreLock
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError
 from actstore.format.manifest import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR, Field, dtype_name
+from actstore.format.record import RECORD_ATTR, ItemRecord, LayerRecord, PrecomputeRecord, read_record
 from actstore.hashing import fingerprint
 from actstore.hashing import key as content_key
 from actstore.models.capture import LayerCapture
@@ -60,11 +61,10 @@ __all__ = ["ATTR", "STORE_DTYPES", "VIEW", "Run"]
 
 log = logging.getLogger("actstore")
 
-#: Key of the precompute configuration in the store's attrs.
-ATTR = "precompute"
+#: Key of the precompute record in the store's attrs (actstore.format.record).
+ATTR = RECORD_ATTR
 #: The view that maps dataset positions to rows.
 VIEW = "dataset"
-CONFIG_VERSION = 1
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -123,6 +123,7 @@ class Run:
         self.writer: Writer | None = None
         self.capture: LayerCapture | None = None
         self.structure: dict[str, Any] | None = None
+        self.item: ItemRecord | None = None  # the items' layout, as recorded
         self.side = SideColumns([])
         self.layer_fields: dict[str, Field] = {}
         self.ragged: set[str] = set()
@@ -180,22 +181,26 @@ class Run:
                                        "pick another path (nothing there is deleted, even with overwrite=True)")
             return
         manifest = read_manifest(root)
-        config = manifest.attrs.get(ATTR) if isinstance(manifest.attrs, Mapping) else None
-        if isinstance(config, Mapping) and config.get("placeholder") and manifest.rows == 0:
+        problem: StoreError | None = None
+        config: PrecomputeRecord | None = None
+        try:
+            config = read_record(manifest.attrs, root)
+        except StoreError as e:  # another version's record, or a damaged one
+            problem = e
+        if config is not None and config.placeholder and manifest.rows == 0:
             _delete_store(root)  # an empty store of an empty dataset: nothing to lose
             return
-        problem: StoreError | None = None
         if manifest.fingerprint != fp:
             problem = StaleStoreError(
                 f"{root}: the store was computed by another model (fingerprint {str(manifest.fingerprint)[:16]}…, "
                 f"this model's is {fp[:16]}…); pass overwrite=True (--overwrite) to delete and recompute it, "
                 "or write to another path")
-        elif not isinstance(config, Mapping):
+        elif problem is None and config is None:
             problem = StoreExistsError(f"{root}: holds a store that precompute did not write; pass overwrite=True "
                                        "to replace it, or write to another path")
-        else:
+        elif config is not None:
             want = {layer: f for layer, f in self.fields.items()}
-            have = {d.get("layer"): d.get("field") for d in config.get("layers", []) if isinstance(d, Mapping)}
+            have = {d.layer: d.field for d in config.layers}
             if have != want:
                 problem = StoreExistsError(
                     f"{root}: holds a store of other layers ({sorted(map(str, have))}, fields "
@@ -327,28 +332,29 @@ class Run:
         self.side = SideColumns(columns)
         self.structure["side"] = [c.to_json() for c in columns]
         self.structure["dropped"] = dropped
+        self.item = ItemRecord.from_json(self.structure, "the first item")
         if self.store is not None:
             self._check_config()
 
-    def _config(self) -> dict[str, Any]:
-        return {
-            "version": CONFIG_VERSION,
-            "layers": [{"layer": layer, "field": f, "ragged": f in self.ragged} for layer, f in self.fields.items()],
-            "sample": self.structure,
-            "view": VIEW,
-            "dataset_length": self.length,
-            "dataset_class": qualname(self.dataset),
-            "model_class": qualname(self.model),
-            "store_dtype": None if self.store_dtype is None else dtype_name(self.store_dtype),
-            "key_fn": qualname(self.key_fn) or "actstore.key",
-            "collate_fn": qualname(self.collate_fn),
-        }
+    def _record(self, placeholder: bool = False) -> PrecomputeRecord:
+        return PrecomputeRecord(
+            layers=tuple(LayerRecord(layer, f, f in self.ragged) for layer, f in self.fields.items()),
+            item=None if placeholder else self.item,
+            view=VIEW,
+            dataset_length=self.length,
+            dataset_class=qualname(self.dataset),
+            model_class=qualname(self.model),
+            store_dtype=None if self.store_dtype is None else dtype_name(self.store_dtype),
+            key_fn=qualname(self.key_fn) or "actstore.key",
+            collate_fn=qualname(self.collate_fn),
+            placeholder=placeholder,
+        )
 
     def _check_config(self) -> None:
         assert self.store is not None
-        have = self.store.attrs.get(ATTR, {})
-        mine = self._config()
-        diffs = [k for k in ("sample", "key_fn") if have.get(k) != mine[k]]
+        have = read_record(self.store.attrs, self.root) or PrecomputeRecord(item=None)
+        mine = self._record()
+        diffs = [k for k, a, b in (("sample", have.item, mine.item), ("key_fn", have.key_fn, mine.key_fn)) if a != b]
         side = {c.field: c.spec for c in self.side.columns}
         if any(self.store.fields.get(f) != spec for f, spec in side.items()) or set(self.store.fields) != set(
                 side) | set(self.fields.values()):
@@ -363,7 +369,8 @@ class Run:
         if not diffs:
             return
         msg = (f"{self.root}: holds a store of this model and layers, but with another {', '.join(diffs)} "
-               f"(stored: {have.get('sample')}, store dtype {have.get('store_dtype')}; now: {mine['sample']})")
+               f"(stored: {None if have.item is None else have.item.to_json()}, store dtype {have.store_dtype}; "
+               f"now: {None if mine.item is None else mine.item.to_json()})")
         if not self.overwrite:
             raise StoreExistsError(msg + "; pass overwrite=True (--overwrite) to replace it, or use another path")
         assert self.reader is not None
@@ -460,7 +467,7 @@ class Run:
                     self.ragged.add(name)
             self.layer_fields = dict(fields)
             fields.update({c.field: c.spec for c in self.side.columns})
-            self.store = create_store(self.root, fields, fingerprint=self.fp, attrs={ATTR: self._config()})
+            self.store = create_store(self.root, fields, fingerprint=self.fp, attrs={ATTR: self._record().to_json()})
         self.writer = Writer(self.store, self.layer_fields, self.side, max_in_flight=self.max_in_flight,
                              commit_every_rows=self.commit_every_rows, commit_every_seconds=self.commit_every_seconds)
         self.writer.start()
@@ -543,7 +550,7 @@ class Run:
         if self.store is None:  # an empty dataset and no store: shapes are unknown, so fields are placeholders
             fields = {f: Field((None,), dtype_name(self.store_dtype or torch.float32), compression=self.compression)
                       for f in self.fields.values()}
-            config = {**self._config(), "placeholder": True, "sample": None}
+            config = self._record(placeholder=True).to_json()
             self.store = create_store(self.root, fields, fingerprint=self.fp, attrs={ATTR: config})
         codes = np.concatenate(self.view) if self.view else np.empty(0, np.int64)
         sched = codes < 0

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from actstore.engine.ragged import RaggedBatch
+from actstore.engine.gather import row_view
+from actstore.engine.ragged import PaddedBatch, RaggedBatch
 from actstore.engine.reader import normalize_keys
 from actstore.errors import DatasetMismatchError, MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
 from actstore.format.manifest import Field, dtype_name
@@ -33,16 +34,13 @@ from actstore.hashing import fingerprint as model_fingerprint
 from actstore.hashing import key as content_key
 from actstore.store import ActivationStore, create
 from actstore.store import open as open_store
-from actstore.training.data import (
-    ActivationCollate,
-    PaddedBatch,
+from actstore.training.collate import ActivationCollate, RowBatch
+from actstore.training.datasets import (
     PrecomputeConfig,
-    RowBatch,
     _check_fields,
     _positions,
     _StoreHolder,
     precompute_config,
-    row_view,
 )
 
 __all__ = ["CachedDataset", "RecycledEncoder", "output_rows"]
@@ -352,7 +350,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
             value = {n: acts[n][0] for n in self.fields}
             side_vals = {k: side[k][0] for k in t.side}  # the item's own parts, as they are
         else:
-            seg, local = store._snap.locate(row)
+            seg, local = store.snapshot.locate(row)
             value, side_vals = {}, {}
             for name in (*self.fields, *t.side.values()):
                 v = row_view(seg, local, name, store.fields[name])
@@ -393,7 +391,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
 
     def _collate(self, batch: RowBatch, opts: ActivationCollate, shared: bool) -> Any:
         store, t = self.store, self._template
-        snap = store._snap
+        snap = store.snapshot
         acts = {n: opts.gather(snap, n, store.fields[n], batch.rows, shared=shared, extra=batch.computed.get(n))
                 for n in self.fields}
         side: dict[Any, Any] = {}
