@@ -57,23 +57,6 @@ class RaggedBatch:
         torch.cumsum(lengths, 0, out=offsets[1:])
         return cls(torch.cat(list(rows)) if len(rows) else torch.empty(0), offsets)
 
-    @classmethod
-    def from_padded(cls, padded: torch.Tensor, lengths: torch.Tensor | Sequence[int]) -> RaggedBatch:
-        """Trim a padded ``(batch, max_len, *inner)`` tensor to each row's length.
-
-        Padding must be at the end of each row (right padding).  Always copies,
-        once; works on any device.
-        """
-        lengths = torch.as_tensor(lengths, dtype=torch.int64, device=padded.device)
-        if lengths.ndim != 1 or len(lengths) != len(padded):
-            raise ValueError(f"lengths: expected {len(padded)} lengths, got shape {tuple(lengths.shape)}")
-        if len(lengths) and (int(lengths.min()) < 0 or int(lengths.max()) > padded.shape[1]):
-            raise ValueError(f"lengths: must lie in [0, {padded.shape[1]}]")
-        mask = torch.arange(padded.shape[1], device=padded.device)[None, :] < lengths[:, None]
-        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-        torch.cumsum(lengths.cpu(), 0, out=offsets[1:])
-        return cls(padded[mask], offsets)
-
     def to_padded(self, pad_to: int | None = None, pad_value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(padded, mask): ``(n, L, *inner)`` values and an ``(n, L)`` bool mask.  Always copies."""
         lengths = self.lengths

@@ -1,4 +1,4 @@
-"""The precompute record: what :func:`actstore.precompute` writes to ``attrs["precompute"]`` (docs/FORMAT.md §8).
+"""The precompute record: what :func:`actstore.precompute` writes to ``attrs["precompute"]`` (docs/FORMAT.md §14).
 
 :class:`~actstore.training.recycled.CachedDataset` depends on it to rebuild
 the user's items: which layers were captured into which fields, how an item
@@ -104,7 +104,7 @@ class ItemRecord:
 
 @dataclass(frozen=True, slots=True)
 class PrecomputeRecord:
-    """``attrs["precompute"]``, version :data:`RECORD_VERSION` (docs/FORMAT.md §8).
+    """``attrs["precompute"]``, version :data:`RECORD_VERSION` (docs/FORMAT.md §14).
 
     Examples
     --------
@@ -163,8 +163,8 @@ class PrecomputeRecord:
         """
         d = _mapping(doc, where)
         version = d.get("version")
-        if version != RECORD_VERSION:
-            if isinstance(version, int) and not isinstance(version, bool):
+        if type(version) is not int or version != RECORD_VERSION:  # (True == 1 and 1.0 == 1 in Python)
+            if type(version) is int:
                 raise UnsupportedFormatError(
                     f"Unsupported precompute record version: got {version}. Expected {RECORD_VERSION} ({where}); "
                     "this store was written by another actstore version: upgrade actstore, or rerun precompute "
