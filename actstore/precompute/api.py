@@ -46,7 +46,8 @@ from actstore.environment import environment
 from actstore.format.manifest import PARTS_DIR, Field
 from actstore.models.capture import resolve_layers
 from actstore.precompute.distributed import precompute_run
-from actstore.precompute.items import Selector, field_name
+from actstore.precompute.items import Selector
+from actstore.precompute.loader import field_name
 from actstore.precompute.run import STORE_DTYPES, Run
 from actstore.storage.objects import is_url
 from actstore.store import ActivationStore

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from actstore.engine.validate import field_of
 from actstore.engine.writer import StoreLock
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError
 from actstore.format.manifest import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR, Field, dtype_name
@@ -37,22 +38,9 @@ from actstore.hashing import fingerprint
 from actstore.hashing import key as content_key
 from actstore.models.capture import LayerCapture
 from actstore.precompute.background import Job, Writer, convert_output
-from actstore.precompute.items import (
-    NOT_FOUND,
-    Group,
-    IterableWrapper,
-    KeyTable,
-    Prepare,
-    Selector,
-    SideColumn,
-    SideColumns,
-    default_collate,
-    field_name,
-    qualname,
-    row_digests,
-    side_kind,
-    to_device,
-)
+from actstore.precompute.items import Selector, SideColumn, SideColumns, encode_side
+from actstore.precompute.keys import NOT_FOUND, KeyTable, row_digests
+from actstore.precompute.loader import Group, IterableWrapper, Prepare, default_collate, field_name, qualname, to_device
 from actstore.store import ActivationStore, read_manifest
 from actstore.store import create as create_store
 from actstore.store import open as open_store
@@ -316,7 +304,7 @@ class Run:
             if override is None:
                 dropped.append(name)
                 continue
-            kind, spec = side_kind(name, value)
+            kind, spec = encode_side(name, value)
             if isinstance(override, Field):
                 spec = override
                 kind = kind if kind in ("str", "bytes") and spec == Field((None,), "uint8") else "array"
@@ -458,11 +446,7 @@ class Run:
             fields: dict[str, Field] = {}
             for name, t in outputs.items():
                 ragged = self._is_token_level(t, mask)
-                dtype = self.store_dtype if (self.store_dtype is not None and t.is_floating_point()) else t.dtype
-                if dtype == torch.float64:
-                    dtype = torch.float32
-                shape = (None, *t.shape[2:]) if ragged else tuple(t.shape[1:])
-                fields[name] = Field(shape, dtype, compression=self.compression)
+                fields[name] = field_of(t[0], ragged=ragged, dtype=self.store_dtype, compression=self.compression)
                 if ragged:
                     self.ragged.add(name)
             self.layer_fields = dict(fields)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,7 @@ from actstore.errors import DatasetMismatchError, MissingRowsError, StaleStoreEr
 from actstore.format.manifest import Field, dtype_name
 from actstore.hashing import fingerprint as model_fingerprint
 from actstore.hashing import key as content_key
+from actstore.precompute.items import ItemLayout, decode_item, decode_side, item_part
 from actstore.store import ActivationStore, create
 from actstore.store import open as open_store
 from actstore.training.collate import ActivationCollate, RowBatch
@@ -126,86 +126,6 @@ def _samples(inputs: Any) -> list[Any]:
 
 # -- the drop-in ------------------------------------------------------------------------------
 
-def _part(item: Any, k: Any) -> Any:
-    return item if k is None else item[k]
-
-
-def _kind_of(value: Any) -> str:
-    """How a side value comes back: a python scalar, str, bytes, numpy array or tensor."""
-    if isinstance(value, (bool, np.bool_)):
-        return "bool"
-    if isinstance(value, (int, np.integer)):
-        return "int"
-    if isinstance(value, (float, np.floating)):
-        return "float"
-    if isinstance(value, str):
-        return "str"
-    if isinstance(value, (bytes, bytearray)):
-        return "bytes"
-    return "array" if isinstance(value, np.ndarray) else "tensor"
-
-
-def _side_item(v: torch.Tensor, kind: str) -> Any:
-    """A stored side value (a view) as the dataset item held it."""
-    if kind in ("bool", "int", "float"):
-        return {"bool": bool, "int": int, "float": float}[kind](v.item())
-    if kind == "str":
-        return bytes(v.numpy()).decode("utf-8", "surrogatepass")
-    if kind == "bytes":
-        return bytes(v.numpy())
-    return v.numpy() if kind == "array" else v
-
-
-@dataclass(frozen=True)
-class _Template:
-    """The structure of ``dataset[i]``: its type, parts, which part is the input, which are side fields."""
-
-    kind: str  # "bare", "mapping", "namedtuple", "sequence"
-    type: type
-    parts: tuple[Any, ...]
-    input: Any
-    side: Mapping[Any, str]  # part -> field
-    kinds: Mapping[Any, str]  # part -> how its value comes back (see _kind_of)
-
-    @classmethod
-    def of(cls, item: Any, input: Any, side: Mapping[Any, str], store: ActivationStore, where: str) -> _Template:
-        unknown = [f for f in side.values() if f not in store.fields]
-        if unknown:
-            raise KeyError(f"side fields {unknown} are not in the store; it has {sorted(store.fields)}")
-        if input is None or item is None:
-            if side and item is not None:
-                raise ValueError(f"{where}: side fields {dict(side)} need items with parts, but the input is the whole item")
-            return cls("bare", type(item), (), None, {}, {})
-        if isinstance(item, Mapping):
-            kind, parts = "mapping", tuple(item.keys())
-        elif isinstance(item, tuple):
-            kind, parts = ("namedtuple" if hasattr(item, "_fields") else "sequence"), tuple(range(len(item)))
-            side = {int(k): v for k, v in side.items()}
-            input = int(input) % max(len(item), 1)
-        else:
-            raise DatasetMismatchError(f"{where}: items are {type(item).__name__}, but precompute recorded "
-                                       f"input part {input!r} of a tuple or dict item")
-        if input not in parts or any(k not in parts for k in side):
-            raise DatasetMismatchError(f"{where}: items have parts {list(parts)}; the store records input {input!r} "
-                                       f"and side columns {list(side)}")
-        return cls(kind, type(item), parts, input, dict(side), {k: _kind_of(item[k]) for k in side})
-
-    def build(self, value: Any, side: Mapping[Any, Any]) -> Any:
-        """An item (or batch) of this structure; parts that were not stored are None."""
-        if self.kind == "bare":
-            return value
-        vals = [value if k == self.input else side.get(k) for k in self.parts]
-        if self.kind == "mapping":
-            d = dict(zip(self.parts, vals, strict=True))
-            try:
-                return d if self.type is dict else self.type(d)
-            except Exception:  # a mapping type that cannot be built from a dict
-                return d
-        if self.kind == "namedtuple":
-            return self.type(*vals)
-        return self.type(vals)
-
-
 _UNSET: Any = object()
 
 
@@ -275,7 +195,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         if index == "view":
             rows = self._view_rows(store, cfg, n, where)
         elif index == "keys":
-            rows = store.lookup([self.key_fn(_part(dataset[i], self.input)) for i in range(n)]) if n else np.empty(0, np.int64)
+            rows = store.lookup([self.key_fn(item_part(dataset[i], self.input)) for i in range(n)]) if n else np.empty(0, np.int64)
         else:
             raise ValueError(f"index: expected 'view' or 'keys', got {index!r}")
         self.rows = np.ascontiguousarray(rows, dtype=np.int64)
@@ -283,9 +203,13 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         gen = np.random.default_rng(seed)
         checked = gen.choice(present, size=min(check, len(present)), replace=False) if len(present) else present
         first = dataset[int(checked[0])] if len(checked) else (dataset[0] if n else None)
-        self._template = _Template.of(first, self.input, self.side if n else {}, store, where)
+        unknown = [f for f in self.side.values() if f not in store.fields]
+        if unknown:
+            raise KeyError(f"side fields {unknown} are not in the store; it has {sorted(store.fields)}")
+        recorded = cfg.record.item if cfg.record is not None else None
+        self._template = ItemLayout.of(first, self.input, self.side if n else {}, where, recorded)
         for p in np.asarray(checked, dtype=np.int64).tolist():
-            k = self.key_fn(_part(dataset[p], self.input))
+            k = self.key_fn(item_part(dataset[p], self.input))
             stored = bytes(store.key_at([self.rows[p]])[0])
             if bytes(k) != stored:
                 raise DatasetMismatchError(
@@ -358,8 +282,8 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
                     value[name] = v
                 for k, fn in t.side.items():
                     if fn == name:
-                        side_vals[k] = _side_item(v, t.kinds[k])
-        return t.build(value[self.fields[0]] if len(self.fields) == 1 else value, side_vals)
+                        side_vals[k] = decode_side(v, t.kinds[k])
+        return decode_item(t, value[self.fields[0]] if len(self.fields) == 1 else value, side_vals)
 
     def __getitems__(self, indices: Sequence[int]) -> RowBatch:
         """The rows of a batch (computing missing ones with the fallback).  Never copies stored rows."""
@@ -379,14 +303,14 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         if self.fallback is None or self.dataset is None:
             raise MissingRowsError(f"positions {positions[:5]} have no row in the store and no fallback was given")
         items = [self.dataset[p] for p in positions]
-        inputs = [_part(it, self.input) for it in items]
+        inputs = [item_part(it, self.input) for it in items]
         if hasattr(self.fallback, "encode_rows"):
             acts = self.fallback.encode_rows(inputs, self.fields)
         else:
             with torch.no_grad():
                 out = self.fallback(inputs)
             acts = output_rows(out, self.fields, len(inputs))
-        side = {k: [_part(it, k) for it in items] for k in self._template.side}
+        side = {k: [item_part(it, k) for it in items] for k in self._template.side}
         return acts, side
 
     def _collate(self, batch: RowBatch, opts: ActivationCollate, shared: bool) -> Any:
@@ -398,12 +322,12 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         for k, fn in t.side.items():
             raw = batch.computed.get(f"side:{k}", {})
             if t.kinds[k] in ("str", "bytes"):  # a list, as default_collate gives for strings
-                side[k] = [raw[p] if r < 0 else _side_item(row_view(*snap.locate(r), fn, store.fields[fn]), t.kinds[k])
+                side[k] = [raw[p] if r < 0 else decode_side(row_view(*snap.locate(r), fn, store.fields[fn]), t.kinds[k])
                            for p, r in enumerate(batch.rows.tolist())]
             else:
                 extra = {p: torch.as_tensor(v) for p, v in raw.items()}
                 side[k] = opts.gather(snap, fn, store.fields[fn], batch.rows, shared=shared, extra=extra)
-        return t.build(acts[self.fields[0]] if len(self.fields) == 1 else acts, side)
+        return decode_item(t, acts[self.fields[0]] if len(self.fields) == 1 else acts, side)
 
 
 class RecycledEncoder(nn.Module):
