@@ -68,16 +68,34 @@ class RaggedBatch:
         return padded, mask
 
 
-class PaddedBatch(NamedTuple):
-    """A ragged field as a padded batch: ``values`` ``(n, L, *inner)``, ``mask`` ``(n, L)``, ``lengths`` ``(n,)``.
-
-    Rows are right-padded; ``mask[i, t]`` is true for ``t < lengths[i]``.
-    Unpack it like a tuple: ``hidden, mask, lengths = batch["hidden"]``.
-    """
-
+class _Padded(NamedTuple):
     values: torch.Tensor
     mask: torch.Tensor
     lengths: torch.Tensor
+
+
+class PaddedBatch(_Padded):
+    """A ragged field as a padded batch: ``values`` ``(n, L, *inner)``, ``mask`` ``(n, L)``, ``lengths`` ``(n,)``.
+
+    Rows are right-padded; ``mask[i, t]`` is true for ``t < lengths[i]``.
+    Unpack it like a tuple: ``hidden, mask, lengths = batch["hidden"]``.  It
+    can also be rebuilt from one iterable of its three parts, as
+    ``transformers.Trainer`` rebuilds tuples (``type(x)(generator)``); the
+    ``type(x)(*parts)`` of ``accelerate`` and ``pin_memory`` works as for any
+    named tuple.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, values: Any, mask: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> PaddedBatch:
+        if mask is None and lengths is None and not isinstance(values, torch.Tensor):
+            parts = tuple(values)  # rebuilt from an iterable of (values, mask, lengths)
+            if len(parts) != 3:
+                raise TypeError(f"PaddedBatch: expected (values, mask, lengths), got {len(parts)} parts")
+            values, mask, lengths = parts
+        if mask is None or lengths is None:
+            raise TypeError("PaddedBatch: expected values, mask and lengths")
+        return super().__new__(cls, values, mask, lengths)
 
     def to(self, *args: Any, **kwargs: Any) -> PaddedBatch:
         """Move (or cast) the values and move the mask and lengths.  Copies only if needed."""
