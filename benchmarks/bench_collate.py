@@ -93,7 +93,7 @@ def main() -> None:
     scale = 10 if args.quick else 1
     with tempfile.TemporaryDirectory() as tmp:
         fixed, ragged, ram = build(tmp, 200_000 // scale, 20_000 // scale)
-        print(f"| store | workers | default collate (s) | actstore.collate (s) | default ÷ ours | RAM tensor (s) |")
+        print("| store | workers | default collate (s) | actstore.collate (s) | default ÷ ours | RAM tensor (s) |")
         print("|---|---|---|---|---|---|")
         for name, path in (("fixed float16×384", fixed), ("ragged float16×384, 8–64 tokens", ragged)):
             ds = actstore.ActivationDataset(path)
