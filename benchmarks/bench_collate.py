@@ -16,7 +16,7 @@ field only). Target: default ÷ ours ≤ 1.15 (median of the epochs).
 
 Run::
 
-    python benchmarks/bench_collate.py            # 200,000 fixed rows, 20,000 ragged rows
+    python benchmarks/bench_collate.py            # 200,000 fixed rows, 10,000 ragged rows
     python benchmarks/bench_collate.py --quick    # a tenth of that
 """
 
@@ -92,7 +92,7 @@ def main() -> None:
     torch.set_num_threads(1)
     scale = 10 if args.quick else 1
     with tempfile.TemporaryDirectory() as tmp:
-        fixed, ragged, ram = build(tmp, 200_000 // scale, 20_000 // scale)
+        fixed, ragged, ram = build(tmp, 200_000 // scale, 10_000 // scale)
         print("| store | workers | default collate (s) | actstore.collate (s) | default ÷ ours | RAM tensor (s) |")
         print("|---|---|---|---|---|---|")
         for name, path in (("fixed float16×384", fixed), ("ragged float16×384, 8–64 tokens", ragged)):

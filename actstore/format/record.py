@@ -77,7 +77,7 @@ class ItemRecord:
     """
 
     type: str = "bare"
-    input: int | str | None = None
+    input: int | str | tuple[str, ...] | None = None
     length: int | None = None
     keys: tuple[str, ...] | None = None
     side: tuple[SideRecord, ...] = ()
@@ -97,7 +97,7 @@ class ItemRecord:
         if self.type == "tuple":
             doc.update(length=self.length, input=self.input)
         elif self.type == "dict":
-            doc.update(keys=list(self.keys or ()), input=self.input)
+            doc.update(keys=list(self.keys or ()), input=list(self.input) if isinstance(self.input, tuple) else self.input)
         doc.update(side=[s.to_json() for s in self.side], dropped=list(self.dropped))
         return doc
 
@@ -281,11 +281,18 @@ def _item(doc: Any, where: str) -> ItemRecord:
             raise CorruptStoreError(f"{where}.side: a bare item has no side columns")
         return ItemRecord(dropped=dropped)
     if kind == "tuple":
-        inp = _int(d.get("input"), f"{where}.input")
+        pos = _int(d.get("input"), f"{where}.input")
         length = _int(d.get("length"), f"{where}.length")
-        if inp >= length:
-            raise CorruptStoreError(f"{where}.input: position {inp} is outside a tuple of {length}")
-        return ItemRecord("tuple", inp, length, None, tuple(side), dropped)
+        if pos >= length:
+            raise CorruptStoreError(f"{where}.input: position {pos} is outside a tuple of {length}")
+        return ItemRecord("tuple", pos, length, None, tuple(side), dropped)
     keys = tuple(_name(x, f"{where}.keys[{i}]") for i, x in enumerate(_list(d.get("keys"), f"{where}.keys")))
-    inp_s = _name(d.get("input"), f"{where}.input")
-    return ItemRecord("dict", inp_s, None, keys, tuple(side), dropped)
+    raw = d.get("input")
+    inp: str | tuple[str, ...]
+    if isinstance(raw, list):  # the model's keyword arguments
+        inp = tuple(_name(x, f"{where}.input[{i}]") for i, x in enumerate(raw))
+        if not inp:
+            raise CorruptStoreError(f"{where}.input: expected a key or a non-empty list of keys")
+    else:
+        inp = _name(raw, f"{where}.input")
+    return ItemRecord("dict", inp, None, keys, tuple(side), dropped)

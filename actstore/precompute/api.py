@@ -35,6 +35,7 @@ How items are read (the store's ``attrs["precompute"]`` records all of this):
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -191,7 +192,7 @@ def precompute(
         batch_size=_positive("batch_size", batch_size), device=dev, collate_fn=collate_fn, key_fn=key_fn,
         store_dtype=_store_dtype(store_dtype), compression=_compression(compression), num_workers=num_workers,
         progress=bool(progress),
-        selector=Selector(input), side_fields=dict(side_fields or {}), lengths_fn=lengths_fn,
+        selector=Selector(input, _forward_args(model)), side_fields=dict(side_fields or {}), lengths_fn=lengths_fn,
         autocast=_autocast_dtype(autocast, dev),
         commit_every_rows=_positive("commit_every_rows", commit_every_rows, True),
         commit_every_seconds=_positive("commit_every_seconds", commit_every_seconds, True, float),
@@ -209,6 +210,16 @@ def precompute(
 
 
 # --- argument checking --------------------------------------------------------------
+
+
+def _forward_args(model: nn.Module) -> frozenset[str]:
+    """Names of the keyword arguments of ``model.forward`` (the keys a dict item may give it)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return frozenset()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(n for n, p in params.items() if p.kind in kinds)
 
 
 def _positive(name: str, value: Any, allow_none: bool = False, kind: type = int) -> Any:

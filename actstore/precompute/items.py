@@ -27,6 +27,7 @@ from actstore.format.record import ItemRecord
 
 __all__ = [
     "DEFAULT_INPUT_KEYS",
+    "NOT_MODEL_INPUTS",
     "ItemLayout",
     "Selector",
     "SideColumn",
@@ -36,25 +37,69 @@ __all__ = [
     "encode_item",
     "encode_side",
     "item_part",
+    "item_layout",
+    "model_input",
+    "model_input_keys",
     "side_kind",
     "value_kind",
 ]
 
 #: Dict keys tried, in order, for the model input of a dict item when ``input=`` is not given.
 DEFAULT_INPUT_KEYS = ("input", "inputs", "text", "image", "x")
+#: Arguments of a model's ``forward`` that are never taken from an item as model input (they are side columns).
+NOT_MODEL_INPUTS = frozenset({"labels", "label", "return_dict", "return_loss", "output_attentions",
+                              "output_hidden_states", "use_cache", "self"})
+
+
+def model_input_keys(item: Mapping[Any, Any], model_args: frozenset[str] | None) -> tuple[str, ...]:
+    """The keys of a dict item that are arguments of the model's ``forward`` (in item order), or ``()``."""
+    if not model_args:
+        return ()
+    return tuple(k for k in item if isinstance(k, str) and k in model_args and k not in NOT_MODEL_INPUTS)
+
+
+def model_input(item: Mapping[Any, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The model's keyword arguments taken from a dict item, trimmed to its real tokens.  May copy.
+
+    Values become tensors.  With an ``attention_mask`` (one row of a tokeniser's
+    output, padded to a fixed length or not), every value whose first dimension
+    is the mask's length keeps only the positions the mask marks, so the same
+    text padded two ways gives the same input, and the same content key.
+    Raises ``ValueError`` for a mask with no token.
+    """
+    x = {k: item[k] if isinstance(item[k], torch.Tensor) else torch.as_tensor(np.asarray(item[k])) for k in keys}
+    mask = x.get("attention_mask")
+    if mask is None:
+        return x
+    if mask.ndim != 1:
+        raise ValueError(f"attention_mask: expected one item's 1-D mask, got shape {tuple(mask.shape)}; give precompute "
+                         "items one at a time (not batches)")
+    keep = mask.bool()
+    if not bool(keep.any()):
+        raise ValueError("attention_mask is all zeros: the item has no token to compute; drop it from the dataset")
+    if bool(keep.all()):
+        return x
+    n = len(mask)
+    return {k: v[keep] if v.ndim >= 1 and v.shape[0] == n else v for k, v in x.items()}
 
 
 # --- items: encode ------------------------------------------------------------------------
 
 
-def encode_item(item: Any, input: int | str | None = None) -> tuple[Any, dict[str, Any] | None]:  # noqa: A002
+def encode_item(item: Any, input: int | str | tuple[str, ...] | None = None,  # noqa: A002
+                model_args: frozenset[str] | None = None) -> tuple[Any, dict[str, Any] | None]:
     """Split a raw item into (model input, side values by column name); side is None for a bare item.
 
     ``input=None``: a tuple item's element 0; a dict item's first key among
-    :data:`DEFAULT_INPUT_KEYS`; anything else (a str, tensor, list, PIL image
-    ...) is the input itself.  An int picks a tuple element, a str a dict key.
+    :data:`DEFAULT_INPUT_KEYS`, else — as a Hugging Face tokeniser or
+    ``datasets.Dataset`` makes them — its keys that are arguments of the model's
+    ``forward`` (``model_args``: ``input_ids``, ``attention_mask``,
+    ``token_type_ids``, ``pixel_values`` ...), which become one dict of keyword
+    arguments trimmed by the item's own mask (:func:`model_input`); anything
+    else (a str, tensor, list, PIL image ...) is the input itself.  An int picks
+    a tuple element, a str a dict key, a tuple of str several dict keys.
     Everything else in a tuple or dict is a side column, named by its position
-    (``"1"``, ``"2"`` ...) or its key.  Never copies.
+    (``"1"``, ``"2"`` ...) or its key.  Never copies, except to trim.
     """
     if isinstance(item, tuple):
         i = 0 if input is None else input
@@ -69,11 +114,19 @@ def encode_item(item: Any, input: int | str | None = None) -> tuple[Any, dict[st
         if name is None:
             name = next((k for k in DEFAULT_INPUT_KEYS if k in item), None)
             if name is None:
+                name = model_input_keys(item, model_args) or None
+            if name is None:
                 raise KeyError(
                     f"cannot tell which key of a dict item is the model input (keys: {sorted(map(str, item))}); "
-                    f"pass input='<key>' (default keys tried: {', '.join(DEFAULT_INPUT_KEYS)})"
+                    f"pass input='<key>' (default keys tried: {', '.join(DEFAULT_INPUT_KEYS)}, then the arguments "
+                    "of the model's forward)"
                 )
-        elif not isinstance(name, str):
+        if isinstance(name, tuple):
+            missing = [k for k in name if k not in item]
+            if missing:
+                raise KeyError(f"input={name!r}: the item has no keys {missing} (keys: {sorted(map(str, item))})")
+            return model_input(item, name), {str(k): v for k, v in item.items() if k not in name}
+        if not isinstance(name, str):
             raise TypeError(f"input={name!r} selects a tuple element, but the item is a dict; pass input='<key>'")
         if name not in item:
             raise KeyError(f"input={name!r}: the item has no such key (keys: {sorted(map(str, item))})")
@@ -83,30 +136,36 @@ def encode_item(item: Any, input: int | str | None = None) -> tuple[Any, dict[st
     return item, None
 
 
-def item_layout(item: Any, input: int | str | None = None) -> dict[str, Any]:  # noqa: A002
-    """The item's layout as the record's ``sample`` holds it, side columns aside (``type``, ``length``/``keys``, ``input``)."""
+def item_layout(item: Any, input: int | str | tuple[str, ...] | None = None,  # noqa: A002
+                model_args: frozenset[str] | None = None) -> dict[str, Any]:
+    """The item's layout as the record's ``sample`` holds it, side columns aside (``type``, ``length``/``keys``,
+    ``input``: a list of keys for keyword-argument inputs)."""
     if isinstance(item, tuple):
-        i = (0 if input is None else int(input)) % len(item)
+        i = (0 if input is None else int(input)) % len(item)  # type: ignore[arg-type]
         return {"type": "tuple", "length": len(item), "input": i}
     if isinstance(item, Mapping):
-        name = input if input is not None else next(k for k in DEFAULT_INPUT_KEYS if k in item)
-        return {"type": "dict", "keys": [str(k) for k in item], "input": name}
+        name: Any = input
+        if name is None:
+            name = next((k for k in DEFAULT_INPUT_KEYS if k in item), None) or model_input_keys(item, model_args)
+        return {"type": "dict", "keys": [str(k) for k in item], "input": list(name) if isinstance(name, tuple) else name}
     return {"type": "bare"}
 
 
 @dataclass(frozen=True)
 class Selector:
-    """Where the model input sits in a dataset item (``input=`` of :func:`actstore.precompute`)."""
+    """Where the model input sits in a dataset item (``input=`` of :func:`actstore.precompute`), and the model's
+    ``forward`` arguments (for dict items that are keyword arguments)."""
 
-    input: int | str | None = None
+    input: int | str | tuple[str, ...] | None = None
+    model_args: frozenset[str] | None = None
 
     def split(self, item: Any) -> tuple[Any, dict[str, Any] | None]:
         """:func:`encode_item` with this selector's ``input``."""
-        return encode_item(item, self.input)
+        return encode_item(item, self.input, self.model_args)
 
     def structure(self, item: Any) -> dict[str, Any]:
         """:func:`item_layout` with this selector's ``input``."""
-        return item_layout(item, self.input)
+        return item_layout(item, self.input, self.model_args)
 
 
 # --- side values: encode and decode -------------------------------------------------------
@@ -230,8 +289,12 @@ class SideColumns:
 
 
 def item_part(item: Any, k: Any) -> Any:
-    """Part ``k`` of an item (None: the whole item)."""
-    return item if k is None else item[k]
+    """Part ``k`` of an item (None: the whole item; a tuple of keys: the model's keyword arguments, trimmed)."""
+    if k is None:
+        return item
+    if isinstance(k, tuple):
+        return model_input(item, k)
+    return item[k]
 
 
 @dataclass(frozen=True)
@@ -260,6 +323,10 @@ class ItemLayout:
             return cls("bare", type(item), (), None, {}, {})
         if isinstance(item, Mapping):
             kind, parts = "mapping", tuple(item.keys())
+            if isinstance(input, (tuple, list)):  # keyword-argument inputs: activations under the first key
+                extra = set(input[1:])
+                parts = tuple(k for k in parts if k not in extra)
+                input = input[0] if input else None
         elif isinstance(item, tuple):
             kind, parts = ("namedtuple" if hasattr(item, "_fields") else "sequence"), tuple(range(len(item)))
             side = {int(k): v for k, v in side.items()}

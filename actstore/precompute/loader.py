@@ -20,7 +20,7 @@ from actstore.hashing import key as content_key
 from actstore.precompute.items import Selector
 from actstore.precompute.keys import check_key
 
-__all__ = ["Group", "IterableWrapper", "Prepare", "default_collate", "field_name", "qualname", "to_device"]
+__all__ = ["Group", "IterableWrapper", "Prepare", "default_collate", "field_name", "pad_collate", "qualname", "to_device"]
 
 
 @dataclass
@@ -119,10 +119,32 @@ class IterableWrapper(torch.utils.data.IterableDataset):  # type: ignore[type-ar
 
 
 def default_collate(inputs: list[Any]) -> Any:
+    """Batch raw model inputs: torch's ``default_collate``, except that dicts of keyword arguments with an
+    ``attention_mask`` (token rows of different lengths, trimmed by :func:`~actstore.precompute.items.model_input`)
+    are right-padded to the batch's longest row, with zeros (the mask hides them)."""
     if inputs and isinstance(inputs[0], str):
         raise TypeError("the model inputs are str: pass collate_fn= (for example a tokenizer call) to turn a list of "
                         "them into tensors")
+    if inputs and isinstance(inputs[0], Mapping) and isinstance(inputs[0].get("attention_mask"), torch.Tensor):
+        return pad_collate(inputs)
     return torch.utils.data.default_collate(inputs)
+
+
+def pad_collate(inputs: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Right-pad and stack dicts of per-token tensors (each as long as its ``attention_mask``).  Always copies."""
+    lengths = [len(x["attention_mask"]) for x in inputs]
+    width = max(lengths)
+    out: dict[str, torch.Tensor] = {}
+    for k in inputs[0]:
+        vals = [x[k] for x in inputs]
+        if all(v.ndim >= 1 and v.shape[0] == n for v, n in zip(vals, lengths, strict=True)):
+            batch = vals[0].new_zeros((len(vals), width, *vals[0].shape[1:]))
+            for i, v in enumerate(vals):
+                batch[i, : len(v)] = v
+            out[k] = batch
+        else:
+            out[k] = torch.utils.data.default_collate(vals)
+    return out
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
