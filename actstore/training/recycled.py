@@ -129,6 +129,23 @@ def _samples(inputs: Any) -> list[Any]:
 _UNSET: Any = object()
 
 
+#: Elements of an array input that still count as cheap to key at construction.
+_CHEAP_ELEMENTS = 4096
+
+
+def _cheap_to_key(x: Any) -> bool:
+    """Whether keying every item like ``x`` at construction is cheap (about a second per million short strings)."""
+    if isinstance(x, (str, bytes, bytearray, int, float, bool, np.number)):
+        return True
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return int(np.prod(x.shape)) <= _CHEAP_ELEMENTS
+    if isinstance(x, Mapping):
+        return all(_cheap_to_key(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return len(x) <= _CHEAP_ELEMENTS and all(isinstance(v, (int, float, bool, str)) for v in x)
+    return False
+
+
 class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     """The user's dataset with each item's input replaced by its cached activations.
 
@@ -151,8 +168,13 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     fields
         Activation fields to serve (default: precompute's layers).
     check
-        How many seeded-random positions to verify at construction by keying
-        ``dataset[i]``'s input with ``key_fn`` and comparing with the stored key.
+        Which items to verify at construction by keying ``dataset[i]``'s input
+        with ``key_fn`` and comparing with the stored key: ``"auto"`` (default)
+        checks every item when inputs are cheap to key (str, bytes, numbers,
+        token ids and arrays of at most 4,096 elements, dicts of those) and 8
+        seeded-random positions otherwise; ``"all"`` every item; an int that
+        many seeded-random positions (spot checks).  ``.checked`` says how many
+        positions were checked, ``.check_mode`` whether all or a spot check.
     index
         ``"view"`` (default): positions map to rows through the store's view;
         ``"keys"``: key every input once now and look the keys up (for stores
@@ -175,7 +197,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     """
 
     def __init__(self, dataset: Any, store_or_path: Any, *, input: Any = _UNSET, side: Mapping[Any, str] | None = None,
-                 fields: Sequence[str] | str | None = None, check: int = 8, seed: int = 0, index: str = "view",
+                 fields: Sequence[str] | str | None = None, check: int | str = "auto", seed: int = 0, index: str = "view",
                  fallback: Callable[[list[Any]], Any] | None = None, key_fn: Callable[[Any], bytes] | None = None) -> None:
         self._hold(store_or_path)
         store = self.store
@@ -200,24 +222,33 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
             raise ValueError(f"index: expected 'view' or 'keys', got {index!r}")
         self.rows = np.ascontiguousarray(rows, dtype=np.int64)
         present = np.nonzero(self.rows >= 0)[0]
-        gen = np.random.default_rng(seed)
-        checked = gen.choice(present, size=min(check, len(present)), replace=False) if len(present) else present
-        first = dataset[int(checked[0])] if len(checked) else (dataset[0] if n else None)
+        first = dataset[int(present[0])] if len(present) else (dataset[0] if n else None)
         unknown = [f for f in self.side.values() if f not in store.fields]
         if unknown:
             raise KeyError(f"side fields {unknown} are not in the store; it has {sorted(store.fields)}")
         recorded = cfg.record.item if cfg.record is not None else None
         self._template = ItemLayout.of(first, self.input, self.side if n else {}, where, recorded)
-        for p in np.asarray(checked, dtype=np.int64).tolist():
-            k = self.key_fn(item_part(dataset[p], self.input))
-            stored = bytes(store.key_at([self.rows[p]])[0])
-            if bytes(k) != stored:
-                raise DatasetMismatchError(
-                    f"{where}: dataset[{p}]'s input has key {bytes(k).hex()[:16]}…, but the store's row "
-                    f"{self.rows[p]} for that position holds {stored.hex()[:16]}…: the dataset changed since "
-                    "precompute (edited or reordered); rerun precompute on this dataset (it computes only new "
-                    "rows), or pass index='keys' to match items by content"
-                )
+        if check == "auto":
+            full = n > 0 and _cheap_to_key(item_part(first, self.input))
+            spot = 8
+        elif check == "all":
+            full, spot = True, 0
+        elif isinstance(check, int) and not isinstance(check, bool) and check >= 0:
+            full, spot = False, check
+        else:
+            raise ValueError(f"check: expected 'auto', 'all' or a number of spot checks >= 0, got {check!r}")
+        if index == "keys":  # every item was keyed to find its row: nothing left to check
+            positions, full = present[:0], True
+        elif full:
+            positions = present
+        else:
+            gen = np.random.default_rng(seed)
+            positions = np.sort(gen.choice(present, size=min(spot, len(present)), replace=False)) if len(present) \
+                else present
+        self._check_keys(dataset, positions, first, where)
+        #: dataset positions whose key was checked at construction, and how ("all", "spot" or "keys")
+        self.checked = len(present) if index == "keys" else len(positions)
+        self.check_mode = "keys" if index == "keys" else "all" if full else "spot"
         missing = int((self.rows < 0).sum())
         if missing and fallback is None:
             first_missing = np.nonzero(self.rows < 0)[0][:5].tolist()
@@ -228,6 +259,35 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
                 "fallback=frozen_module to compute them on the fly"
             )
         self.missing = missing
+
+    def _check_keys(self, dataset: Any, positions: np.ndarray, first: Any, where: str) -> None:
+        """Key ``dataset[p]``'s input for each position and compare with the stored keys (one gather)."""
+        if not len(positions):
+            return
+        store = self.store
+        first_type = type(first)
+        buf = bytearray()
+        for p in positions.tolist():
+            item = dataset[p]
+            if type(item) is not first_type:
+                raise ValueError(f"{where}: dataset[{p}] is a {type(item).__name__}, but dataset[{int(positions[0])}] "
+                                 f"is a {first_type.__name__}: items must all have one type")
+            k = self.key_fn(item_part(item, self.input))
+            if not isinstance(k, (bytes, bytearray, memoryview)) or len(k) != 32:
+                raise TypeError(f"key_fn must return 32 bytes (like actstore.key), got {type(k).__name__}")
+            buf += k
+        keys = np.frombuffer(bytes(buf), np.uint8).reshape(-1, 32)
+        stored = store.key_at(self.rows[positions])
+        bad = np.flatnonzero((keys != stored).any(axis=1))
+        if len(bad):
+            p = int(positions[bad[0]])
+            more = f" ({len(bad) - 1} more of the {len(positions)} checked positions differ too)" if len(bad) > 1 else ""
+            raise DatasetMismatchError(
+                f"{where}: dataset[{p}]'s input has key {keys[bad[0]].tobytes().hex()[:16]}…, but the store's row "
+                f"{self.rows[p]} for that position holds {stored[bad[0]].tobytes().hex()[:16]}…{more}: the dataset "
+                "changed since precompute (edited or reordered); rerun precompute on this dataset (it computes only "
+                "new rows), or pass index='keys' to match items by content"
+            )
 
     @staticmethod
     def _view_rows(store: ActivationStore, cfg: PrecomputeConfig, n: int, where: str) -> np.ndarray:
@@ -250,7 +310,8 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         return len(self.rows)
 
     def __repr__(self) -> str:
-        return f"CachedDataset({self.store.path!r}, items={len(self)}, fields={self.fields}, missing={self.missing})"
+        return (f"CachedDataset({self.store.path!r}, items={len(self)}, fields={self.fields}, missing={self.missing}, "
+                f"checked={self.checked} ({self.check_mode}))")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
