@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actstore.engine.gather import check_float_dtype, gather_fixed, gather_padded, gather_ragged, row_view
+from actstore.engine.gather import Row, check_float_dtype, gather_fixed, gather_padded, gather_ragged, row_view
 from actstore.engine.ragged import PaddedBatch, RaggedBatch
 from actstore.engine.reader import (
     ReadCheck,
@@ -401,7 +401,7 @@ class ActivationStore:
         return self._row(seg, local)
 
     def _row(self, seg: SegmentReader, local: int) -> dict[str, torch.Tensor]:
-        return {name: row_view(seg, local, name, f) for name, f in self.fields.items()}
+        return Row({name: row_view(seg, local, name, f) for name, f in self.fields.items()}, self._snap.aliases)
 
     def get(self, key: bytes) -> dict[str, torch.Tensor]:
         """The row stored under ``key``, as ``store[row]`` (views).  Raises ``KeyError`` if absent."""

@@ -38,6 +38,7 @@ from actstore.errors import MissingRowsError
 from actstore.format.manifest import Field
 
 __all__ = [
+    "Row",
     "Rows",
     "alloc",
     "as_tensor",
@@ -75,6 +76,27 @@ class Rows(Protocol):
     @property
     def starts_list(self) -> list[int]:
         """``starts`` as Python ints (bisect is faster on a list)."""
+
+
+class Row(dict):  # type: ignore[type-arg]
+    """One row as ``{field: tensor}``: a dict whose ``KeyError`` for a missing field lists the fields.
+
+    ``aliases`` maps other names of a field to it (a layer's registered module
+    name when its field is named after an alias or by ``name=``): ``row[alias]``
+    finds the field, while iteration shows the stored names only.
+    """
+
+    __slots__ = ("aliases",)
+
+    def __init__(self, data: Any = (), aliases: Mapping[str, str] | None = None) -> None:
+        super().__init__(data)
+        self.aliases = aliases or {}
+
+    def __missing__(self, key: Any) -> Any:
+        name = self.aliases.get(key)
+        if name is not None and dict.__contains__(self, name):
+            return self[name]
+        raise KeyError(f"no field {key!r} in this row; its fields are {sorted(self)}")
 
 
 # -- small helpers --------------------------------------------------------------------

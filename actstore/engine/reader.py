@@ -19,7 +19,7 @@ import torch
 
 from actstore.engine.compressed import CompressedRows
 from actstore.engine.gather import as_tensor, take_rows
-from actstore.errors import CorruptStoreError
+from actstore.errors import CorruptStoreError, StoreError
 from actstore.format.manifest import (
     FIELDS_DIR,
     INDEXES_DIR,
@@ -32,6 +32,7 @@ from actstore.format.manifest import (
     SegmentInfo,
     chunk_path,
 )
+from actstore.format.record import read_record
 from actstore.storage.files import array_inner_rows, expect_array, hash_file, inside, object_files
 
 __all__ = ["ReadCheck", "Snapshot", "as_tensor", "map_rows"]
@@ -218,6 +219,7 @@ class Snapshot:
         # delete a superseded run later, and a map survives that.
         self.runs = [IndexRun(root, r, check) for r in manifest.indexes]
         self._shared: dict[int, dict[bytes, int]] = {}
+        self.aliases = field_aliases(manifest)
 
     # -- rows -----------------------------------------------------------------
     def locate(self, row: int) -> tuple[SegmentReader, int]:
@@ -305,6 +307,22 @@ class Snapshot:
             raise CorruptStoreError(f"{self.root}/{INDEXES_DIR}: the key index names rows outside [0, {self.rows}); "
                                     "the store is damaged (run verify())")
         return rows
+
+
+def field_aliases(manifest: Manifest) -> dict[str, str]:
+    """Other names of fields: a captured layer's module name → its field, where they differ (the precompute record).
+
+    A record that does not parse gives no aliases here; readers of the record
+    (``CachedDataset``, a resumed precompute) report it.
+    """
+    try:
+        rec = read_record(manifest.attrs)
+    except StoreError:
+        return {}
+    if rec is None:
+        return {}
+    return {d.layer: d.field for d in rec.layers if d.layer != d.field and d.layer not in manifest.fields
+            and d.field in manifest.fields}
 
 
 def normalize_keys(keys: object) -> np.ndarray:

@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from actstore.environment import environment
-from actstore.format.manifest import PARTS_DIR, Field
+from actstore.errors import CorruptStoreError
+from actstore.format.manifest import PARTS_DIR, Field, check_name
 from actstore.models.capture import resolve_layers
 from actstore.precompute.distributed import precompute_run
 from actstore.precompute.items import Selector
@@ -60,7 +61,7 @@ def precompute(
     dataset: Any,
     path: str | os.PathLike[str],
     *,
-    layers: str | Iterable[str] | None = None,
+    layers: str | Iterable[str] | Mapping[str, str] | None = None,
     batch_size: int = 64,
     device: str | torch.device | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
@@ -96,6 +97,10 @@ def precompute(
     layers
         Module names of ``model.named_modules()`` (all captured in one forward,
         which stops right after the last of them), or ``None`` for the output.
+        Each layer is stored in a field named as written here (an alias such
+        as sentence-transformers' ``0.auto_model.encoder.layer.2`` for
+        ``0.model.encoder.layer.2`` included); a mapping module name → field
+        name names the fields yourself (``{"encoder.layer.2": "hidden"}``).
     batch_size
         Samples per forward.
     device
@@ -187,8 +192,9 @@ def precompute(
         if f is not None and not isinstance(f, Field):
             raise TypeError(f"side_fields[{name!r}]: expected an actstore.Field or None, got {type(f).__name__}")
     dev = _device(device)
+    resolved, names = _layers(model, layers)
     run_kwargs = dict(
-        layers=resolve_layers(model, layers),
+        layers=resolved, field_names=names,
         batch_size=_positive("batch_size", batch_size), device=dev, collate_fn=collate_fn, key_fn=key_fn,
         store_dtype=_store_dtype(store_dtype), compression=_compression(compression), num_workers=num_workers,
         progress=bool(progress),
@@ -210,6 +216,33 @@ def precompute(
 
 
 # --- argument checking --------------------------------------------------------------
+
+
+def _layers(model: nn.Module, layers: Any) -> tuple[list[str], dict[str, str]]:
+    """(registered module names, module → field name): each field named as the user wrote the layer."""
+    if layers is None or isinstance(layers, str):
+        wanted: list[tuple[Any, str | None]] = [(layers, None)]
+    elif isinstance(layers, Mapping):
+        wanted = list(layers.items())
+        for _, f in wanted:
+            if not isinstance(f, str):
+                raise TypeError(f"layers: field names must be str, got {f!r}")
+            try:
+                check_name(f, "layers: field name")
+            except CorruptStoreError as e:  # (the store's own check; here it is an argument)
+                raise ValueError(str(e)) from e
+    else:
+        wanted = [(x, None) for x in layers]
+    resolved: list[str] = []
+    names: dict[str, str] = {}
+    for written, f in wanted:
+        for canonical in resolve_layers(model, written):
+            if canonical not in names:
+                resolved.append(canonical)
+                names[canonical] = f or field_name(written if isinstance(written, str) else canonical)
+    if not resolved:
+        resolve_layers(model, [])  # raises: no layer
+    return resolved, names
 
 
 def _forward_args(model: nn.Module) -> frozenset[str]:

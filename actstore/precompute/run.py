@@ -82,6 +82,7 @@ class Run:
     """One precompute run: its state, and the steps of :func:`precompute`."""
 
     def __init__(self, model: nn.Module, dataset: Any, root: str, *, layers: list[str], batch_size: int,
+                 field_names: dict[str, str] | None = None,
                  device: torch.device, collate_fn: Callable[[list[Any]], Any] | None, key_fn: Any,
                  store_dtype: torch.dtype | None, compression: str | None, num_workers: int, progress: bool, selector: Selector,
                  side_fields: dict[str, Field | None], lengths_fn: Any, autocast: torch.dtype | None,
@@ -89,7 +90,7 @@ class Run:
                  overwrite: bool) -> None:
         self.model, self.dataset, self.root = model, dataset, root
         self.layers, self.batch_size, self.device = layers, batch_size, device
-        self.fields = {layer: field_name(layer) for layer in layers}
+        self.fields = {layer: (field_names or {}).get(layer) or field_name(layer) for layer in layers}
         if len(set(self.fields.values())) != len(self.fields):
             raise ValueError(f"layers {layers} map to clashing field names {list(self.fields.values())}")
         self.collate_fn = collate_fn or default_collate

@@ -20,7 +20,7 @@ from torch.utils.data import get_worker_info
 from torch.utils.data._utils.collate import collate as torch_collate
 from torch.utils.data._utils.collate import default_collate, default_collate_fn_map
 
-from actstore.engine.gather import Rows, alloc, check_float_dtype, gather_fixed, gather_padded
+from actstore.engine.gather import Row, Rows, alloc, check_float_dtype, gather_fixed, gather_padded
 from actstore.engine.ragged import PaddedBatch
 from actstore.format.manifest import Field
 
@@ -71,7 +71,7 @@ class RowBatch(Sequence):  # type: ignore[type-arg]
 # taken out of a batch) is collated as the plain types would be.
 
 
-class RowDict(dict):  # type: ignore[type-arg]
+class RowDict(Row):
     """A :class:`RowBatch` item that is a dict (a plain dict otherwise)."""
 
     __slots__ = ("_actstore_rows",)
@@ -101,8 +101,8 @@ def _row_namedtuple(t: type) -> type:
 def _mark(item: Any, rows: RowBatch) -> Any:
     t = type(item)
     m: Any
-    if t is dict:
-        m = RowDict(item)
+    if t is dict or t is Row:
+        m = RowDict(item, getattr(item, "aliases", None))
     elif t is tuple:
         m = RowTuple(item)
     elif isinstance(item, tuple) and hasattr(item, "_fields"):

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from actstore.engine.gather import row_view
+from actstore.engine.gather import Row, row_view
 from actstore.errors import StoreError
 from actstore.format.record import PrecomputeRecord, read_record
 from actstore.store import ActivationStore
@@ -202,7 +202,7 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
             raise TypeError(f"index: expected an int, got {type(i).__name__}")
         seg, local = store.snapshot.locate(int(i))
-        return {name: row_view(seg, local, name, store.fields[name]) for name in self.fields}
+        return Row({name: row_view(seg, local, name, store.fields[name]) for name in self.fields}, store.snapshot.aliases)
 
     def __getitems__(self, indices: Sequence[int]) -> RowBatch:
         """The rows of a batch, gathered later by the collate function.  Never copies."""
