@@ -25,7 +25,8 @@ from actstore.models.capture import LayerCapture, capture
 from actstore.models.split import split, split_points
 from actstore.precompute.api import precompute
 from actstore.store import ActivationStore, create, open
-from actstore.training.data import ActivationCollate, ActivationDataset, PaddedBatch, collate
+from actstore.training.collate import ActivationCollate, PaddedBatch, collate
+from actstore.training.datasets import ActivationDataset
 from actstore.training.recycled import CachedDataset, RecycledEncoder
 from actstore.training.sampler import ChunkShuffleSampler
 

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from actstore.engine.commit import Head, ids
-from actstore.engine.gather import check_float_dtype, gather_fixed, gather_padded
+from actstore.engine.gather import Row, check_float_dtype, gather_fixed, gather_padded, gather_ragged, row_view
 from actstore.engine.info import describe_store
 from actstore.engine.opening import check_new, create_new, open_parts, read_head
 from actstore.engine.prefetch import forget_on_evict, prefetch
 from actstore.engine.ragged import PaddedBatch, RaggedBatch
-from actstore.engine.reader import ReadCheck, SegmentReader, Snapshot, as_tensor, map_object_array, normalize_keys
+from actstore.engine.reader import ReadCheck, SegmentReader, Snapshot, map_object_array, normalize_keys
 from actstore.engine.storeops import clone_store, delete_store
 from actstore.engine.verify import VerifyReport, verify_snapshot
 from actstore.engine.writing import WriterRole, describe_fields
@@ -256,6 +256,17 @@ class ActivationStore(WriterRole):
 
     # -- metadata -----------------------------------------------------------------
     @property
+    def snapshot(self) -> Snapshot:
+        """The committed snapshot this handle reads: for the read path's own layers (gathers, samplers).
+
+        Internal but public: :mod:`actstore.training` and :mod:`actstore.precompute`
+        read rows through it with :mod:`actstore.engine.gather`.  It changes on
+        :meth:`refresh` and :meth:`commit`; hold the store, not the snapshot.
+        """
+        self._check_open()
+        return self._snap
+
+    @property
     def manifest(self) -> Manifest:
         return self._snap.manifest
 
@@ -344,14 +355,7 @@ class ActivationStore(WriterRole):
         return self._row(seg, local)
 
     def _row(self, seg: SegmentReader, local: int) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, f in self.fields.items():
-            if f.ragged:
-                values, offsets = seg.ragged(name)
-                out[name] = as_tensor(values[offsets[local] : offsets[local + 1]], f)
-            else:
-                out[name] = as_tensor(seg.fixed(name)[local, ...], f)  # [i, ...] keeps a 0-d view
-        return out
+        return Row({name: row_view(seg, local, name, f) for name, f in self.fields.items()}, self._snap.aliases)
 
     def get(self, key: bytes) -> dict[str, torch.Tensor]:
         """The row stored under ``key``, as ``store[row]`` (views).  Raises ``KeyError`` if absent."""
@@ -377,7 +381,7 @@ class ActivationStore(WriterRole):
         for name in self._field_names(fields):
             f = self.fields[name]
             if f.ragged:
-                rb = self._gather_ragged(name, f, idx)
+                rb = gather_ragged(self._snap, name, f, idx)
                 if dtype is not None and rb.values.is_floating_point() and rb.values.dtype != dtype:
                     rb = RaggedBatch(rb.values.to(dtype), rb.offsets)
                 out[name] = rb
@@ -416,29 +420,6 @@ class ActivationStore(WriterRole):
         if unknown:
             raise KeyError(f"fields {unknown} are not in the store {self.path}; it has {sorted(self.fields)}")
         return list(fields)
-
-    def _gather_ragged(self, name: str, f: Field, idx: np.ndarray) -> RaggedBatch:
-        order, parts = self._snap.split(idx)
-        where = [slice(a, b) if order is None else order[a:b] for _, a, b, _ in parts]
-        starts = np.empty(len(idx), np.int64)
-        lengths = np.empty(len(idx), np.int64)
-        for (s, _, _, local), pos in zip(parts, where, strict=True):
-            _, offsets = self._snap.segments[s].ragged(name)
-            starts[pos] = offsets[local]
-            lengths[pos] = offsets[local + 1] - offsets[local]
-        out_offsets = np.zeros(len(idx) + 1, np.int64)
-        np.cumsum(lengths, out=out_offsets[1:])
-        values = np.empty((int(out_offsets[-1]), *f.inner_shape), f.spec.numpy)
-        for (s, _, _, _), pos in zip(parts, where, strict=True):
-            src, _ = self._snap.segments[s].ragged(name)
-            n = lengths[pos]
-            within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
-            flat = np.repeat(starts[pos], n) + within  # every wanted element, in output order
-            if order is None:  # one segment: straight into the batch, one copy
-                np.take(src, flat, axis=0, out=values, mode="clip")
-            else:
-                values[np.repeat(out_offsets[:-1][pos], n) + within] = np.take(src, flat, axis=0, mode="clip")
-        return RaggedBatch(as_tensor(values, f), torch.from_numpy(out_offsets))
 
     def iter_rows(self) -> Iterator[dict[str, torch.Tensor]]:
         """Every row in order, as ``store[row]`` gives them (views)."""

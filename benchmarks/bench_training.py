@@ -77,7 +77,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `actstor
 import actstore  # noqa: E402
 from actstore.examples.experiment import Tokenize, load_minilm  # noqa: E402
 from actstore.hashing import keys as make_keys  # noqa: E402
-from actstore.training.data import ActivationCollate, ActivationDataset, collate  # noqa: E402
+from actstore.training.collate import ActivationCollate, collate  # noqa: E402
+from actstore.training.datasets import ActivationDataset  # noqa: E402
 from actstore.training.sampler import ChunkShuffleSampler  # noqa: E402
 from benchmarks.common import Table, drop_page_cache, machine  # noqa: E402
 
@@ -198,7 +199,7 @@ Feed = Iterator[tuple[tuple[Any, ...], torch.Tensor]]
 def feed_store(loader: DataLoader, field: str, label: str) -> Feed:
     for batch in loader:
         x = batch[field]
-        yield ((x.values, x.mask) if isinstance(x, actstore.training.data.PaddedBatch) else (x,)), batch[label]
+        yield ((x.values, x.mask) if isinstance(x, actstore.PaddedBatch) else (x,)), batch[label]
 
 
 def feed_ram_fixed(x: torch.Tensor, y: torch.Tensor, batch: int) -> Feed:
@@ -368,7 +369,7 @@ def _child_read(path: str, mode: str, batch: int) -> dict[str, Any]:
     nbytes = 0
     for b in DataLoader(ds, batch_size=batch, sampler=sampler, collate_fn=collate):
         for v in b.values():
-            nbytes += (v.lengths.sum().item() * v.values[0, 0].nbytes) if isinstance(v, actstore.training.data.PaddedBatch) else v.nbytes
+            nbytes += (v.lengths.sum().item() * v.values[0, 0].nbytes) if isinstance(v, actstore.PaddedBatch) else v.nbytes
     return {"seconds": time.perf_counter() - t0, "bytes": nbytes, "cpu0": cpu0}
 
 

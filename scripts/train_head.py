@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run from a checkout: make `actstore` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from actstore.examples.faq import Tokenize, load_minilm, read_pairs  # noqa: E402
-from actstore.training.data import ActivationCollate, PaddedBatch  # noqa: E402
+from actstore.training.collate import ActivationCollate, PaddedBatch  # noqa: E402
 from actstore.training.recycled import CachedDataset  # noqa: E402
 
 TOKENS_LAYER = "0.auto_model.encoder.layer.2"

@@ -16,7 +16,7 @@ from torch import nn
 import actstore
 from actstore import Field
 from actstore.hashing import key
-from actstore.training.data import ActivationDataset
+from actstore.training.datasets import ActivationDataset
 
 HIDDEN = 4
 
@@ -87,7 +87,7 @@ def dataset(n: int, kind: str = "tuple") -> list[Any]:
 
 
 def precompute_attrs(n: int, kind: str = "tuple") -> dict[str, Any]:
-    """The attrs ``actstore.precompute`` records for :func:`dataset` (see ``actstore.training.data.precompute_config``)."""
+    """The attrs ``actstore.precompute`` records for :func:`dataset` (see ``actstore.training.datasets.precompute_config``)."""
     if kind in ("tuple", "namedtuple"):
         sample = {"type": "tuple", "length": 2, "input": 0, "side": [{"name": "1", "field": "label", "kind": "int"}],
                   "dropped": []}
@@ -159,7 +159,7 @@ class CountingDataset(ActivationDataset):
 
 def worker_pid_collate(batch: Any) -> Any:
     """A collate function (importable by spawn workers) that records the worker's pid."""
-    from actstore.training.data import collate
+    from actstore.training.collate import collate
 
     out = collate(batch)
     out["pid"] = torch.tensor([os.getpid()])

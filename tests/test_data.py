@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 import actstore
 from actstore import CorruptStoreError, Field
 from actstore.hashing import key
-from actstore.training.data import ActivationCollate, ActivationDataset, PaddedBatch, RowBatch, collate
+from actstore.training.collate import ActivationCollate, PaddedBatch, RowBatch, collate
+from actstore.training.datasets import ActivationDataset
 from tests import data_helpers as h
 
 # --- items ----------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def test_collate_is_one_copy(tmp_path: Any) -> None:
 
 
 def test_collate_in_worker_allocates_shared_memory(store_path: str, monkeypatch: Any) -> None:
-    import actstore.training.data as data
+    import actstore.training.collate as data
 
     monkeypatch.setattr(data, "get_worker_info", lambda: object())
     batch = collate(ActivationDataset(store_path).__getitems__([1, 2, 3]))

@@ -409,3 +409,99 @@ def test_manifest_round_trips(golden: Path) -> None:
     manifest = parse_root(data, "zarr.json")
     assert actstore.format.manifest.root_document(manifest) == data
     assert manifest.rows == 3 and manifest.fields["t"].ragged and manifest.generation == 2
+
+
+# --- §6: equal key prefixes keep their input order ---------------------------------------------
+
+
+def test_index_run_sorts_equal_prefixes_stably(tmp_path: Path) -> None:
+    # Keys that share their first 8 bytes (zero-padded ids, say), around keys of other prefixes: the run lists
+    # the shared-prefix keys in row order (numpy's default, unstable sort scrambles them).
+    shared = [bytes(8) + i.to_bytes(24, "big") for i in range(20)]
+    keys = shared[:10] + [bytes([9]) * 32, bytes([3]) * 32, bytes(7) + b"\x05" + bytes(24)] + shared[10:]
+    with actstore.create(tmp_path / "s", {"x": Field((), "int64")}) as w:
+        w.append(keys, {"x": np.arange(len(keys))})
+        w.commit()
+    s = actstore.open(tmp_path / "s")
+    run_id = s.manifest.indexes[0].id
+    rows = np.frombuffer((tmp_path / "s" / "indexes" / run_id / "row/c/0").read_bytes()[: 8 * len(keys)], "<i8")
+    assert rows.tolist() == [*range(10), *range(13, 23), 12, 11, 10]
+    assert s.lookup(keys).tolist() == list(range(len(keys)))
+
+
+# --- §14: the precompute record ----------------------------------------------------------------
+
+from actstore.format.record import (  # noqa: E402
+    ItemRecord,
+    LayerRecord,
+    PrecomputeRecord,
+    SideRecord,
+)
+
+# What precompute writes for a list of (text, label) tuples captured at one token-level layer.
+RECORD_JSON = (
+    '{"version": 1, "layers": [{"layer": "encoder.layer.2", "field": "encoder.layer.2", "ragged": true}], '
+    '"sample": {"type": "tuple", "length": 2, "input": 0, "side": [{"name": "1", "field": "item_1", '
+    '"kind": "int"}], "dropped": []}, "view": "dataset", "dataset_length": 10, "dataset_class": "builtins.list", '
+    '"model_class": "m.M", "store_dtype": "float16", "key_fn": "actstore.key", "collate_fn": "c.f"}'
+)
+
+
+def test_precompute_record_golden() -> None:
+    rec = PrecomputeRecord(
+        layers=(LayerRecord("encoder.layer.2", "encoder.layer.2", True),),
+        item=ItemRecord("tuple", 0, 2, None, (SideRecord("1", "item_1", "int"),), ()),
+        dataset_length=10, dataset_class="builtins.list", model_class="m.M", store_dtype="float16", collate_fn="c.f",
+    )
+    assert json.dumps(rec.to_json()) == RECORD_JSON
+    assert PrecomputeRecord.from_json(json.loads(RECORD_JSON)) == rec
+    assert rec.side_fields == {1: "item_1"} and rec.layer_fields == ("encoder.layer.2",)
+    d = {"version": 1, "layers": [], "sample": {"type": "dict", "keys": ["text", "y"], "input": "text",
+                                                 "side": [{"name": "y", "field": "y", "kind": "str"}], "dropped": []}}
+    assert PrecomputeRecord.from_json(d).side_fields == {"y": "y"}
+    placeholder = PrecomputeRecord(item=None, placeholder=True)
+    assert PrecomputeRecord.from_json(placeholder.to_json()) == placeholder
+    assert placeholder.to_json()["sample"] is None and placeholder.to_json()["placeholder"] is True
+    # a record that omits what readers may default (as older writers and tests write it)
+    assert PrecomputeRecord.from_json({"version": 1, "layers": []}).item == ItemRecord()
+
+
+def test_precompute_record_other_versions_are_unsupported() -> None:
+    doc = json.loads(RECORD_JSON)
+    doc["version"] = 3
+    with pytest.raises(UnsupportedFormatError, match=r"Unsupported precompute record version: got 3\. Expected 1"):
+        PrecomputeRecord.from_json(doc)
+    for bad in ("1", None, True, 1.0):
+        doc["version"] = bad
+        with pytest.raises(CorruptStoreError, match=r"attrs\.precompute\.version"):
+            PrecomputeRecord.from_json(doc)
+
+
+@pytest.mark.parametrize(("mutate", "where"), [
+    (lambda d: d.update(layers={}), r"attrs\.precompute\.layers: expected a JSON array"),
+    (lambda d: d["layers"][0].update(field=3), r"attrs\.precompute\.layers\[0\]\.field"),
+    (lambda d: d["layers"][0].update(ragged="yes"), r"attrs\.precompute\.layers\[0\]\.ragged"),
+    (lambda d: d["layers"][0].update(extra=1), r"attrs\.precompute\.layers\[0\]: unknown keys \['extra'\]"),
+    (lambda d: d.update(surprise=1), r"attrs\.precompute: unknown keys \['surprise'\]"),
+    (lambda d: d["sample"].update(type="list"), r"attrs\.precompute\.sample\.type"),
+    (lambda d: d["sample"].update(input=2), r"attrs\.precompute\.sample\.input: position 2"),
+    (lambda d: d["sample"]["side"][0].update(kind="pickle"), r"attrs\.precompute\.sample\.side\[0\]\.kind"),
+    (lambda d: d["sample"]["side"][0].update(name="x"), r"attrs\.precompute\.sample\.side\[0\]\.name"),
+    (lambda d: d.update(dataset_length=-1), r"attrs\.precompute\.dataset_length"),
+    (lambda d: d.update(view=""), r"attrs\.precompute\.view"),
+], ids=["layers", "field", "ragged", "layer key", "top key", "type", "input", "kind", "tuple name", "length", "view"])
+def test_precompute_record_malformed(mutate: Any, where: str) -> None:
+    doc = json.loads(RECORD_JSON)
+    mutate(doc)
+    with pytest.raises(CorruptStoreError, match=where):
+        PrecomputeRecord.from_json(doc)
+
+
+def test_precompute_record_as_written_by_precompute(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    data = [(torch.ones(2) * i, i % 2) for i in range(4)]
+    store = actstore.precompute(model, data, tmp_path / "s", layers="0", progress=False)
+    rec = PrecomputeRecord.from_json(store.attrs["precompute"])
+    assert rec.to_json() == store.attrs["precompute"]
+    assert rec.item == ItemRecord("tuple", 0, 2, None, (SideRecord("1", "item_1", "int"),), ())
+    assert rec.layers == (LayerRecord("0", "0", False),) and rec.dataset_length == 4

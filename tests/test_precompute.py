@@ -23,7 +23,7 @@ from actstore.cli import main as cli_main
 from actstore.hashing import key
 from actstore.hashing import keys as keys_of
 from actstore.precompute.api import field_name, precompute
-from actstore.precompute.items import NOT_FOUND, KeyTable
+from actstore.precompute.keys import NOT_FOUND, KeyTable
 from actstore.precompute.run import ATTR
 from actstore.testing.models import tiny_bert, tiny_mlp, tiny_resnet
 from tests.precompute_helpers import pad_collate, token_lists, vectors
@@ -493,3 +493,32 @@ def test_cnn_script_core_without_torchvision(tmp_path: Any) -> None:
     except ImportError:
         with pytest.raises(SystemExit, match="torchvision is not installed"):
             mod.main(["--images", str(tmp_path / "img"), "--out", str(tmp_path / "t")])
+
+
+def test_items_encode_and_decode_mirror_each_other() -> None:
+    from collections import namedtuple
+
+    from actstore.engine.validate import field_of
+    from actstore.format.record import ItemRecord, SideRecord
+    from actstore.precompute.items import ItemLayout, decode_item, decode_side, encode_item, encode_side
+
+    P = namedtuple("P", "x y")
+    acts = torch.ones(2)
+    for item, input, part in [(("t", 3), None, 1), (P("t", 3), 0, 1), ({"text": "t", "y": 3}, None, "y")]:
+        x, side = encode_item(item, input)
+        assert x == "t" and side == {str(part): 3}
+        layout = ItemLayout.of(item, 0 if isinstance(item, tuple) else "text", {part: "y"}, "here")
+        back = decode_item(layout, acts, {part: 3})
+        assert type(back) is type(item) and back[part] == 3 and back[0 if isinstance(item, tuple) else "text"] is acts
+    for value in (True, 7, 2.5, "héllo", b"\x00\x01", np.arange(3, dtype=np.int16), torch.tensor([1.5, 2.0])):
+        kind, f = encode_side("c", value)
+        stored = torch.tensor(list(value.encode() if isinstance(value, str) else value), dtype=torch.uint8) \
+            if isinstance(value, (str, bytes)) else torch.as_tensor(np.asarray(value, f.spec.numpy))
+        back = decode_side(stored, kind)
+        assert type(back) is type(value) and (np.array_equal(back, value) if kind in ("array", "tensor") else back == value)
+    # the recorded kind wins over the value's own: a label recorded as an int comes back as an int
+    rec = ItemRecord("tuple", 0, 2, None, (SideRecord("1", "y", "int"),))
+    assert ItemLayout.of(("t", np.int64(3)), 0, {1: "y"}, "here", rec).kinds == {1: "int"}
+    assert field_of(torch.zeros(5, 3, dtype=torch.float64), ragged=True) == actstore.Field((None, 3), "float32")
+    with pytest.raises(TypeError, match="cannot store an array of uint32"):
+        encode_side("c", np.zeros(2, np.uint32))

@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import DataLoader
 
 import actstore
-from actstore import DatasetMismatchError, MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
+from actstore import DatasetMismatchError, Field, MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
 from actstore.hashing import fingerprint, key
-from actstore.training.data import ActivationCollate, PaddedBatch, collate
+from actstore.training.collate import ActivationCollate, PaddedBatch, collate
 from actstore.training.recycled import CachedDataset, RecycledEncoder, output_rows
 from tests import data_helpers as h
 
@@ -340,3 +340,45 @@ def test_cached_dataset_follows_a_grown_dataset_after_a_second_precompute(tmp_pa
     assert len(ds) == 10
     with torch.no_grad():
         torch.testing.assert_close(ds[9], model(data[9]), rtol=0, atol=0)
+
+
+def test_every_cheap_item_is_checked_at_construction(tmp_path: Any) -> None:
+    path = str(tmp_path / "s")
+    data = h.make_store(path, 40)
+    ds = CachedDataset(data, path)
+    assert ds.checked == 40 and ds.check_mode == "all" and "checked=40 (all)" in repr(ds)
+    edited = list(data)
+    edited[17] = (data[17][0] + " (edited)", data[17][1])  # one item, wherever a spot check would miss it
+    with pytest.raises(DatasetMismatchError, match=r"dataset\[17\]'s input has key .* changed since precompute"):
+        CachedDataset(edited, path)
+    spot = CachedDataset(edited, path, check=0)  # asked explicitly: no check (and the edit goes unnoticed)
+    assert spot.checked == 0 and spot.check_mode == "spot"
+    assert CachedDataset(data, path, check=5).checked == 5
+    assert CachedDataset(data, path, index="keys").check_mode == "keys"
+    with pytest.raises(ValueError, match="check: expected"):
+        CachedDataset(data, path, check="some")
+
+
+def test_items_that_change_type_are_named(tmp_path: Any) -> None:
+    path = str(tmp_path / "s")
+    data = h.make_store(path, 12)
+    changed = list(data)
+    changed[6] = list(data[6])  # a list among tuples
+    with pytest.raises(ValueError, match=r"dataset\[6\] is a list, but dataset\[0\] is a tuple"):
+        CachedDataset(changed, path)
+
+
+def test_expensive_items_get_spot_checks(tmp_path: Any) -> None:
+    path = str(tmp_path / "s")
+    big = [(torch.full((5000,), float(i)), i % 2) for i in range(20)]
+    attrs = {"precompute": {"version": 1, "layers": [{"layer": "l", "field": "h", "ragged": False}],
+                            "sample": {"type": "tuple", "length": 2, "input": 0,
+                                       "side": [{"name": "1", "field": "label", "kind": "int"}], "dropped": []},
+                            "dataset_length": 20}}
+    with actstore.create(path, {"h": Field((2,), "float32"), "label": Field((), "int64")}, attrs=attrs) as w:
+        w.append([actstore.key(x) for x, _ in big], {"h": torch.zeros(20, 2), "label": torch.tensor([y for _, y in big])})
+        w.set_view("dataset", np.arange(20))
+        w.commit()
+    ds = CachedDataset(big, path)
+    assert ds.check_mode == "spot" and ds.checked == 8
+    assert CachedDataset(big, path, check="all").checked == 20

@@ -137,7 +137,7 @@ def test_read_through_zarr_without_a_cache(s3_url: str, tmp_path: Path, opts: di
 
 
 def test_pickled_to_a_worker(s3_url: str, tmp_path: Path, opts: dict[str, Any]) -> None:
-    from actstore.training.data import ActivationDataset
+    from actstore.training.datasets import ActivationDataset
 
     make(s3_url, tmp_path, opts, [(0, 20)]).close()
     store = actstore.open(s3_url, cache_dir=tmp_path / "c", storage_options=opts)

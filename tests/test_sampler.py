@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from torch.utils.data import DataLoader
 
-from actstore.training.data import ActivationDataset, collate
+from actstore.training.collate import collate
+from actstore.training.datasets import ActivationDataset
 from actstore.training.recycled import CachedDataset
 from actstore.training.sampler import ChunkShuffleSampler
 from tests import data_helpers as h

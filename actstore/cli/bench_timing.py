@@ -266,7 +266,8 @@ def _run(model: Any, data: Sequence[Any], collate_fn: Any, loss_fn: Any, depths:
 
     from actstore.models.split import split
     from actstore.precompute.api import precompute
-    from actstore.training.data import ActivationCollate, ActivationDataset
+    from actstore.training.collate import ActivationCollate
+    from actstore.training.datasets import ActivationDataset
 
     started = time.perf_counter()
     collate = collate_fn or default_collate

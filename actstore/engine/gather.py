@@ -1,10 +1,25 @@
-"""Gathers: copy rows of a snapshot's fields into new tensors, once.
+"""Gathers: the read path's one copy, from a snapshot's memory maps into new arrays or tensors.
 
-The read side's one copy.  :func:`gather_fixed` for fixed-size fields and
-:func:`gather_padded` for ragged ones (right-padded, with mask and lengths);
-:func:`row_view` for one row without a copy.  Rows are grouped by segment with
-:func:`split_by_segment`.  Used by :class:`~actstore.store.ActivationStore` and
-the training side alike.
+Every read of many rows goes through here, for every kind of field:
+
+- :func:`split_by_segment` — the one segment splitter: a batch of global rows
+  as ``(segment, positions, local rows)`` groups (two bisections and no sort
+  when the batch lies in one segment, the usual case with chunk-local sampling).
+- :func:`take_rows` — the one row gather: rows of one array per segment into a
+  numpy output (keys, fixed fields).  Used by the snapshot's key lookup too.
+- :func:`gather_fixed`, :func:`gather_padded`, :func:`gather_ragged` — a fixed
+  field as one ``(n, *shape)`` tensor, a ragged field right-padded with mask and
+  lengths, or back to back as a :class:`~actstore.engine.ragged.RaggedBatch`.
+- :func:`row_view` — one row without a copy.
+
+Fast paths kept on purpose: ``np.take(..., mode="wrap")`` straight into the
+output (rows were range-checked; numpy's default ``"raise"`` gathers into a
+temporary and copies again), a cache-sized bounce buffer for casts and for rows
+spread over segments (memory still sees one copy), and shared-memory outputs
+inside DataLoader workers (as ``default_collate`` does).
+
+This module knows snapshots only through :class:`Rows` (``segments`` and
+``starts``), so :mod:`actstore.engine.reader` can use it without a cycle.
 """
 
 from __future__ import annotations
@@ -12,24 +27,87 @@ from __future__ import annotations
 import functools
 import math
 from bisect import bisect_right
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
 
-from actstore.engine.ragged import PaddedBatch
-from actstore.engine.reader import SegmentReader, Snapshot, as_tensor
+from actstore.engine.ragged import PaddedBatch, RaggedBatch
 from actstore.errors import MissingRowsError
 from actstore.format.manifest import Field
 
-__all__ = ["alloc", "check_float_dtype", "gather_fixed", "gather_padded", "row_view", "split_by_segment"]
+__all__ = [
+    "Row",
+    "Rows",
+    "alloc",
+    "as_tensor",
+    "check_float_dtype",
+    "gather_fixed",
+    "gather_padded",
+    "gather_ragged",
+    "row_view",
+    "split_by_segment",
+    "take_rows",
+]
 
 #: Rows gathered at a time when a cast needs a bounce buffer (kept cache-sized).
 _BOUNCE_BYTES = 256 << 10
 
 
-# -- allocation and gathers ---------------------------------------------------------
+class Segment(Protocol):
+    """What a gather reads of one segment (:class:`~actstore.engine.reader.SegmentReader`)."""
+
+    def fixed(self, name: str) -> Any: ...
+
+    def ragged(self, name: str) -> tuple[Any, np.ndarray]: ...
+
+
+class Rows(Protocol):
+    """What a gather reads of a snapshot (:class:`~actstore.engine.reader.Snapshot`)."""
+
+    @property
+    def segments(self) -> Sequence[Any]: ...
+
+    @property
+    def starts(self) -> np.ndarray:
+        """First global row of each segment, then the total (int64, one more entry than segments)."""
+
+    @property
+    def starts_list(self) -> list[int]:
+        """``starts`` as Python ints (bisect is faster on a list)."""
+
+
+class Row(dict):  # type: ignore[type-arg]
+    """One row as ``{field: tensor}``: a dict whose ``KeyError`` for a missing field lists the fields.
+
+    ``aliases`` maps other names of a field to it (a layer's registered module
+    name when its field is named after an alias or by ``name=``): ``row[alias]``
+    finds the field, while iteration shows the stored names only.
+    """
+
+    __slots__ = ("aliases",)
+
+    def __init__(self, data: Any = (), aliases: Mapping[str, str] | None = None) -> None:
+        super().__init__(data)
+        self.aliases = aliases or {}
+
+    def __missing__(self, key: Any) -> Any:
+        name = self.aliases.get(key)
+        if name is not None and dict.__contains__(self, name):
+            return self[name]
+        raise KeyError(f"no field {key!r} in this row; its fields are {sorted(self)}")
+
+
+# -- small helpers --------------------------------------------------------------------
+
+
+def as_tensor(array: np.ndarray, field: Field | None) -> torch.Tensor:
+    """Wrap a numpy array as a tensor of the field's dtype.  Never copies."""
+    t = torch.from_numpy(array)
+    if field is not None and field.dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t
 
 
 def alloc(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
@@ -75,13 +153,28 @@ def _present(rows: np.ndarray) -> np.ndarray | None:
     return np.flatnonzero(rows >= 0)
 
 
-def split_by_segment(snap: Snapshot, rows: np.ndarray) -> list[tuple[int, np.ndarray | None, np.ndarray]]:
+def _no_extra(p: int) -> torch.Tensor:
+    raise MissingRowsError(f"batch position {p} has no row in the store and nothing computed for it")
+
+
+def _need(snap: Rows | None, rows: np.ndarray, name: str) -> Rows:
+    if snap is None:
+        raise MissingRowsError(f"no store to read {len(rows)} rows of {name!r} from")
+    return snap
+
+
+# -- the splitter and the row gather ----------------------------------------------------------
+
+
+def split_by_segment(snap: Rows, rows: np.ndarray) -> list[tuple[int, np.ndarray | None, np.ndarray]]:
     """Group rows by segment: ``[(segment, positions in rows or None for all, local rows)]``.
 
-    Like ``Snapshot.split`` but cheap when a batch falls in one segment, the
-    usual case with chunk-local sampling (two bisections, no sort).
+    ``rows`` are checked global rows (``0 <= row < total``).  Positions within a
+    segment keep batch order (a stable sort).  Never copies row data.
     """
-    starts = snap._starts_list
+    starts = snap.starts_list
+    if not len(rows):
+        return []
     if len(starts) == 2:
         return [(0, None, rows)]
     lo = bisect_right(starts, int(rows.min())) - 1
@@ -101,51 +194,20 @@ def split_by_segment(snap: Snapshot, rows: np.ndarray) -> list[tuple[int, np.nda
     return out
 
 
-def gather_fixed(
-    snap: Snapshot | None, name: str, field: Field, rows: np.ndarray, *, dtype: torch.dtype | None = None,
-    shared: bool = False, extra: Mapping[int, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Gather a fixed-size field into a new ``(n, *shape)`` tensor.  Always copies, once.
+def take_rows(snap: Rows, source: Callable[[Any], Any], rows: np.ndarray, out: np.ndarray | torch.Tensor,
+              outpos: np.ndarray | None = None, *, row_bytes: int = 1, field: Field | None = None) -> None:
+    """Copy ``rows`` (checked global rows) of the array ``source(segment)`` into ``out[outpos]``.  Always copies, once.
 
-    ``rows`` are committed rows (already range-checked) or -1 for positions taken
-    from ``extra`` (position → row tensor).  Floating fields are cast to ``dtype``
-    on the way; a cast, or rows spread over several segments, go through a
-    cache-sized bounce buffer, so memory still sees one copy.  ``shared``
-    allocates the result in shared memory.
+    ``out`` is a numpy array, or a tensor when values are cast on the way
+    (``field`` then says how the stored bytes read); ``outpos`` the output
+    positions (None: ``0..n-1``).  A same-dtype batch from one segment goes
+    straight from the map into ``out``; anything else through a cache-sized
+    bounce buffer of ``_BOUNCE_BYTES`` (``row_bytes`` per row).
     """
-    out = alloc((len(rows), *_meta(field)[0]), _out_dtype(field, dtype), shared)
-    present = _present(rows)
-    if present is None:
-        if len(rows):
-            _take_into(snap, name, field, rows, out, None)
-    else:
-        if len(present):
-            _take_into(snap, name, field, rows[present], out, present)
-        for p in np.flatnonzero(rows < 0).tolist():
-            out[p].copy_(extra[p] if extra is not None else _no_extra(p))
-    return out
-
-
-def row_view(seg: SegmentReader, local: int, name: str, field: Field) -> torch.Tensor:
-    """Row ``local`` of a segment's field as a tensor.  Never copies (a compressed field: decoded, a copy)."""
-    if field.ragged:
-        values, offsets = seg.ragged(name)
-        return as_tensor(values[offsets[local] : offsets[local + 1]], field)
-    return as_tensor(seg.fixed(name)[local, ...], field)  # [i, ...] keeps a 0-d view
-
-
-def _no_extra(p: int) -> torch.Tensor:
-    raise MissingRowsError(f"batch position {p} has no row in the store and nothing computed for it")
-
-
-def _take_into(snap: Snapshot | None, name: str, field: Field, rows: np.ndarray, out: torch.Tensor,
-               outpos: np.ndarray | None) -> None:
-    if snap is None:
-        raise MissingRowsError(f"no store to read {len(rows)} rows of {name!r} from")
-    tgt = _np_target(out, field)
-    block = max(1, _BOUNCE_BYTES // max(_meta(field)[1], 1))
+    tgt = out if not isinstance(out, torch.Tensor) else _np_target(out, field) if field is not None else out.numpy()
+    block = max(1, _BOUNCE_BYTES // max(row_bytes, 1))
     for s, pos, local in split_by_segment(snap, rows):
-        src = snap.segments[s].fixed(name)
+        src = source(snap.segments[s])
         dest = pos if outpos is None else (outpos if pos is None else outpos[pos])
         if dest is None and tgt is not None and tgt.dtype == src.dtype:
             # rows were range-checked: 'wrap' skips numpy's buffered bounds check (2x faster)
@@ -157,12 +219,74 @@ def _take_into(snap: Snapshot | None, name: str, field: Field, rows: np.ndarray,
             part = np.take(src, local[a : a + block], axis=0, mode="wrap")
             if tgt is not None:
                 tgt[dest[a : a + block]] = part
-            else:
-                out[torch.from_numpy(dest[a : a + block])] = as_tensor(part, field).to(out.dtype)
+            else:  # a cast numpy cannot do (to or from bfloat16)
+                t_out = cast(torch.Tensor, out)  # (tgt is None only for tensor outputs)
+                t_out[torch.from_numpy(dest[a : a + block])] = as_tensor(part, field).to(t_out.dtype)
+
+
+# -- fields ---------------------------------------------------------------------------------------
+
+
+def row_view(seg: Segment, local: int, name: str, field: Field) -> torch.Tensor:
+    """Row ``local`` of a segment's field as a tensor.  Never copies (a compressed field: decoded, a copy)."""
+    if field.ragged:
+        values, offsets = seg.ragged(name)
+        return as_tensor(values[offsets[local] : offsets[local + 1]], field)
+    return as_tensor(seg.fixed(name)[local, ...], field)  # [i, ...] keeps a 0-d view
+
+
+def gather_fixed(
+    snap: Rows | None, name: str, field: Field, rows: np.ndarray, *, dtype: torch.dtype | None = None,
+    shared: bool = False, extra: Mapping[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Gather a fixed-size field into a new ``(n, *shape)`` tensor.  Always copies, once.
+
+    ``rows`` are committed rows (already range-checked) or -1 for positions taken
+    from ``extra`` (position → row tensor).  Floating fields are cast to ``dtype``
+    on the way.  ``shared`` allocates the result in shared memory.
+    """
+    out = alloc((len(rows), *_meta(field)[0]), _out_dtype(field, dtype), shared)
+    present = _present(rows)
+    row_bytes = _meta(field)[1]
+
+    def source(seg: Segment) -> Any:
+        return seg.fixed(name)
+
+    if present is None:
+        if len(rows):
+            take_rows(_need(snap, rows, name), source, rows, out, row_bytes=row_bytes, field=field)
+    else:
+        if len(present):
+            take_rows(_need(snap, rows, name), source, rows[present], out, present, row_bytes=row_bytes, field=field)
+        for p in np.flatnonzero(rows < 0).tolist():
+            out[p].copy_(extra[p] if extra is not None else _no_extra(p))
+    return out
+
+
+def _spans(snap: Rows | None, name: str, rows: np.ndarray, extra: Mapping[int, torch.Tensor] | None,
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(segment, start in its values, length) of each row of a ragged field; segment -1 for ``extra`` rows."""
+    n = len(rows)
+    starts = np.zeros(n, np.int64)
+    lengths = np.zeros(n, np.int64)
+    seg_of = np.full(n, -1, np.int64)
+    present = _present(rows)
+    idx = rows if present is None else rows[present]
+    if len(idx):
+        s_snap = _need(snap, idx, name)
+        for s, pos, local in split_by_segment(s_snap, idx):
+            p = (slice(None) if pos is None else pos) if present is None else (present if pos is None else present[pos])
+            offsets = s_snap.segments[s].ragged(name)[1]
+            starts[p] = offsets[local]
+            lengths[p] = offsets[local + 1] - offsets[local]
+            seg_of[p] = s
+    for p in np.flatnonzero(rows < 0).tolist():
+        lengths[p] = len(extra[p]) if extra is not None else len(_no_extra(p))
+    return seg_of, starts, lengths
 
 
 def gather_padded(
-    snap: Snapshot | None, name: str, field: Field, rows: np.ndarray, *, dtype: torch.dtype | None = None,
+    snap: Rows | None, name: str, field: Field, rows: np.ndarray, *, dtype: torch.dtype | None = None,
     pad_to_multiple_of: int | None = None, pad_value: float = 0, mask_dtype: torch.dtype = torch.bool,
     shared: bool = False, extra: Mapping[int, torch.Tensor] | None = None,
 ) -> PaddedBatch:
@@ -173,22 +297,7 @@ def gather_padded(
     written once.  ``rows``/``extra``/``shared`` as in :func:`gather_fixed`.
     """
     n = len(rows)
-    starts = np.zeros(n, np.int64)
-    lengths = np.zeros(n, np.int64)
-    seg_of = np.full(n, -1, np.int64)
-    present = _present(rows)
-    idx = rows if present is None else rows[present]
-    if len(idx):
-        if snap is None:
-            raise MissingRowsError(f"no store to read {len(idx)} rows of {name!r} from")
-        for s, pos, local in split_by_segment(snap, idx):
-            p = (slice(None) if pos is None else pos) if present is None else (present if pos is None else present[pos])
-            offsets = snap.segments[s].ragged(name)[1]
-            starts[p] = offsets[local]
-            lengths[p] = offsets[local + 1] - offsets[local]
-            seg_of[p] = s
-    for p in np.flatnonzero(rows < 0).tolist():
-        lengths[p] = len(extra[p]) if extra is not None else len(_no_extra(p))
+    seg_of, starts, lengths = _spans(snap, name, rows, extra)
     width = int(lengths.max()) if n else 0
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
@@ -215,3 +324,24 @@ def gather_padded(
     torch.lt(torch.arange(width)[None, :], lens[:, None], out=mask) if mask_dtype == torch.bool else \
         mask.copy_(torch.arange(width)[None, :] < lens[:, None])
     return PaddedBatch(out, mask, lens)
+
+
+def gather_ragged(snap: Rows, name: str, field: Field, rows: np.ndarray) -> RaggedBatch:
+    """Gather a ragged field's rows (checked) back to back, as a :class:`RaggedBatch`.  Always copies, once."""
+    seg_of, starts, lengths = _spans(snap, name, rows, None)
+    out_offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lengths, out=out_offsets[1:])
+    values = np.empty((int(out_offsets[-1]), *field.inner_shape), field.spec.numpy)
+    groups = [(s, None) for s in np.unique(seg_of).tolist()] if len(rows) else []
+    one = len(groups) == 1
+    for s, _ in groups:
+        pos = slice(None) if one else np.flatnonzero(seg_of == s)
+        src = snap.segments[s].ragged(name)[0]
+        n = lengths[pos]
+        within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+        flat = np.repeat(starts[pos], n) + within  # every wanted element, in output order
+        if one:  # one segment: straight into the batch, one copy
+            np.take(src, flat, axis=0, out=values, mode="wrap")
+        else:
+            values[np.repeat(out_offsets[:-1][pos], n) + within] = np.take(src, flat, axis=0, mode="wrap")
+    return RaggedBatch(as_tensor(values, field), torch.from_numpy(out_offsets))

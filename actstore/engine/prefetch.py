@@ -43,7 +43,7 @@ class Prefetch:
 def prefetch(store: Any, rows: Any, names: list[str], keys: bool) -> Prefetch:
     """Queue the downloads of the files that reading ``rows`` of fields ``names`` will need (see the method)."""
     cache: ChunkCache | None = getattr(store.backend, "cache", None)
-    snap = store._snap
+    snap = store.snapshot
     if cache is None or getattr(store.backend, "lazy", False) or not snap.segments:
         return Prefetch([])
     if rows is None:
@@ -96,7 +96,7 @@ def forget_on_evict(store: Any) -> Any:
             field = name[len(FIELDS_DIR) + 1:]
             base = field.rsplit("/", 1)[0] if field.endswith(("/values", "/offsets")) else field
             keys = [base, base + "/offsets"]
-        for seg in s._snap.segments:
+        for seg in s.snapshot.segments:
             if seg.info.id == seg_id:
                 for k in keys:
                     seg.arrays.pop(k, None)

@@ -57,23 +57,6 @@ class RaggedBatch:
         torch.cumsum(lengths, 0, out=offsets[1:])
         return cls(torch.cat(list(rows)) if len(rows) else torch.empty(0), offsets)
 
-    @classmethod
-    def from_padded(cls, padded: torch.Tensor, lengths: torch.Tensor | Sequence[int]) -> RaggedBatch:
-        """Trim a padded ``(batch, max_len, *inner)`` tensor to each row's length.
-
-        Padding must be at the end of each row (right padding).  Always copies,
-        once; works on any device.
-        """
-        lengths = torch.as_tensor(lengths, dtype=torch.int64, device=padded.device)
-        if lengths.ndim != 1 or len(lengths) != len(padded):
-            raise ValueError(f"lengths: expected {len(padded)} lengths, got shape {tuple(lengths.shape)}")
-        if len(lengths) and (int(lengths.min()) < 0 or int(lengths.max()) > padded.shape[1]):
-            raise ValueError(f"lengths: must lie in [0, {padded.shape[1]}]")
-        mask = torch.arange(padded.shape[1], device=padded.device)[None, :] < lengths[:, None]
-        offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-        torch.cumsum(lengths.cpu(), 0, out=offsets[1:])
-        return cls(padded[mask], offsets)
-
     def to_padded(self, pad_to: int | None = None, pad_value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(padded, mask): ``(n, L, *inner)`` values and an ``(n, L)`` bool mask.  Always copies."""
         lengths = self.lengths
@@ -85,16 +68,34 @@ class RaggedBatch:
         return padded, mask
 
 
-class PaddedBatch(NamedTuple):
-    """A ragged field as a padded batch: ``values`` ``(n, L, *inner)``, ``mask`` ``(n, L)``, ``lengths`` ``(n,)``.
-
-    Rows are right-padded; ``mask[i, t]`` is true for ``t < lengths[i]``.
-    Unpack it like a tuple: ``hidden, mask, lengths = batch["hidden"]``.
-    """
-
+class _Padded(NamedTuple):
     values: torch.Tensor
     mask: torch.Tensor
     lengths: torch.Tensor
+
+
+class PaddedBatch(_Padded):
+    """A ragged field as a padded batch: ``values`` ``(n, L, *inner)``, ``mask`` ``(n, L)``, ``lengths`` ``(n,)``.
+
+    Rows are right-padded; ``mask[i, t]`` is true for ``t < lengths[i]``.
+    Unpack it like a tuple: ``hidden, mask, lengths = batch["hidden"]``.  It
+    can also be rebuilt from one iterable of its three parts, as
+    ``transformers.Trainer`` rebuilds tuples (``type(x)(generator)``); the
+    ``type(x)(*parts)`` of ``accelerate`` and ``pin_memory`` works as for any
+    named tuple.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, values: Any, mask: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> PaddedBatch:
+        if mask is None and lengths is None and not isinstance(values, torch.Tensor):
+            parts = tuple(values)  # rebuilt from an iterable of (values, mask, lengths)
+            if len(parts) != 3:
+                raise TypeError(f"PaddedBatch: expected (values, mask, lengths), got {len(parts)} parts")
+            values, mask, lengths = parts
+        if mask is None or lengths is None:
+            raise TypeError("PaddedBatch: expected values, mask and lengths")
+        return super().__new__(cls, values, mask, lengths)
 
     def to(self, *args: Any, **kwargs: Any) -> PaddedBatch:
         """Move (or cast) the values and move the mask and lengths.  Copies only if needed."""

@@ -1,4 +1,4 @@
-"""The zero-copy read path: memory maps over shard files, and row gathers.
+"""The zero-copy read path: memory maps over shard files, segments and the snapshot (gathers: engine/gather.py).
 
 Everything here reads a committed snapshot (a :class:`~actstore.format.manifest.Manifest`)
 and never writes.  Maps are created lazily, the first time a segment's array is
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from actstore.engine.compressed import CompressedRows
-from actstore.errors import CorruptStoreError
+from actstore.engine.gather import as_tensor, take_rows
+from actstore.errors import CorruptStoreError, StoreError
 from actstore.format.manifest import (
     FIELDS_DIR,
     INDEXES_DIR,
@@ -31,10 +32,11 @@ from actstore.format.manifest import (
     SegmentInfo,
     chunk_path,
 )
+from actstore.format.record import read_record
 from actstore.storage.base import FileProvider
 from actstore.storage.files import array_inner_rows, expect_array, hash_file, inside, object_files
 
-__all__ = ["ReadCheck", "Snapshot", "map_rows"]
+__all__ = ["ReadCheck", "Snapshot", "as_tensor", "map_rows"]
 
 
 def data_file_size(path: str) -> int:
@@ -75,14 +77,6 @@ def map_rows(path: str, rows: int, inner_shape: tuple[int, ...], dtype: np.dtype
     except FileNotFoundError as e:  # deleted since the stat (a superseded index run or view)
         raise CorruptStoreError(f"{path}: data file is missing") from e
     return mm.view(np.ndarray)  # drop the memmap subclass: plain ndarray indexing is faster
-
-
-def as_tensor(array: np.ndarray, field: Field | None) -> torch.Tensor:
-    """Wrap a numpy array as a tensor of the field's dtype.  Never copies."""
-    t = torch.from_numpy(array)
-    if field is not None and field.dtype == "bfloat16":
-        t = t.view(torch.bfloat16)
-    return t
 
 
 def check_no_links(root: str, path: str) -> None:
@@ -239,12 +233,13 @@ class Snapshot:
         self.fields = dict(manifest.fields)
         self.segments = [SegmentReader(root, s, self.fields, check, provide) for s in manifest.segments]
         self.starts = np.cumsum([0] + [s.rows for s in manifest.segments], dtype=np.int64)
-        self._starts_list = self.starts.tolist()
+        self.starts_list: list[int] = self.starts.tolist()
         self.rows = int(self.starts[-1])
         # Index runs are few (merged by the writer) and mapped now: a writer may
         # delete a superseded run later, and a map survives that.
         self.runs = [IndexRun(root, r, check, provide) for r in manifest.indexes]
         self._shared: dict[int, dict[bytes, int]] = {}
+        self.aliases = field_aliases(manifest)
 
     # -- rows -----------------------------------------------------------------
     def locate(self, row: int) -> tuple[SegmentReader, int]:
@@ -252,8 +247,8 @@ class Snapshot:
             row += self.rows
         if not 0 <= row < self.rows:
             raise IndexError(f"row {row} is out of range for a store of {self.rows} rows")
-        s = bisect_right(self._starts_list, row) - 1
-        return self.segments[s], row - self._starts_list[s]
+        s = bisect_right(self.starts_list, row) - 1
+        return self.segments[s], row - self.starts_list[s]
 
     def check_rows(self, rows: object) -> np.ndarray:
         idx = np.asarray(rows)
@@ -272,58 +267,11 @@ class Snapshot:
             raise IndexError(f"row {bad} is out of range for a store of {self.rows} rows")
         return np.where(idx < 0, idx + self.rows, idx) if lo < 0 else idx
 
-    def split(self, rows: np.ndarray) -> tuple[np.ndarray | None, list[tuple[int, int, int, np.ndarray]]]:
-        """Group rows by segment with one stable sort.
-
-        Returns ``(order, parts)``: ``rows[order]`` lists the rows segment by
-        segment, and each part ``(segment, a, b, local)`` covers ``order[a:b]``
-        with ``local`` the rows within that segment.  ``order`` is None when all
-        rows lie in one segment (then ``a:b`` covers ``rows`` as given).
-        """
-        if len(self.segments) == 1 or not len(rows):
-            return None, [(0, 0, len(rows), rows)] if self.segments else []
-        seg = np.searchsorted(self.starts, rows, side="right") - 1
-        first, last = int(seg.min()), int(seg.max())
-        if first == last:
-            return None, [(first, 0, len(rows), rows - self.starts[first])]
-        order = np.argsort(seg, kind="stable")
-        sorted_seg = seg[order]
-        local = rows[order] - self.starts[sorted_seg]
-        bounds = np.searchsorted(sorted_seg, np.arange(first, last + 2))
-        parts = [
-            (s, int(a), int(b), local[a:b])
-            for s, a, b in zip(range(first, last + 1), bounds[:-1], bounds[1:], strict=True)
-            if b > a
-        ]
-        return order, parts
-
-    def gather_fixed(self, rows: np.ndarray, source: Any, row_shape: tuple[int, ...], dtype: np.dtype[Any],
-                     out: np.ndarray | None = None) -> np.ndarray:
-        """Gather ``rows`` (already checked) of a fixed-size array into one new (or the given) array.
-
-        Always copies: once when the rows lie in one segment (straight from the
-        maps into ``out``); rows spread over several segments are gathered segment
-        by segment into a buffer and then put in order (twice).
-        """
-        if out is None:
-            out = np.empty((len(rows), *row_shape), dtype)
-        order, parts = self.split(rows)
-        # mode="clip": rows are bounds-checked already, and the default "raise"
-        # makes numpy gather into a temporary buffer and copy it again.
-        if not parts:
-            return out
-        if order is None:
-            s, _, _, local = parts[0]
-            np.take(source(self.segments[s]), local, axis=0, out=out, mode="clip")
-            return out
-        buf = np.empty_like(out)
-        for s, a, b, local in parts:
-            np.take(source(self.segments[s]), local, axis=0, out=buf[a:b], mode="clip")
-        out[order] = buf
-        return out
-
     def gather_keys(self, rows: np.ndarray) -> np.ndarray:
-        return self.gather_fixed(rows, SegmentReader.keys, (KEY_BYTES,), np.dtype("u1"))
+        """The keys of ``rows`` (checked) as an (n, 32) uint8 array.  Always copies, once."""
+        out = np.empty((len(rows), KEY_BYTES), np.uint8)
+        take_rows(self, SegmentReader.keys, rows, out, row_bytes=KEY_BYTES)
+        return out
 
     # -- keys -----------------------------------------------------------------
     def lookup(self, keys: np.ndarray) -> np.ndarray:
@@ -380,9 +328,21 @@ class Snapshot:
                                     "the store is damaged (run verify())")
         return rows
 
-    def row_key(self, row: int) -> bytes:
-        seg, local = self.locate(row)
-        return bytes(seg.keys()[local])
+
+def field_aliases(manifest: Manifest) -> dict[str, str]:
+    """Other names of fields: a captured layer's module name → its field, where they differ (the precompute record).
+
+    A record that does not parse gives no aliases here; readers of the record
+    (``CachedDataset``, a resumed precompute) report it.
+    """
+    try:
+        rec = read_record(manifest.attrs)
+    except StoreError:
+        return {}
+    if rec is None:
+        return {}
+    return {d.layer: d.field for d in rec.layers if d.layer != d.field and d.layer not in manifest.fields
+            and d.field in manifest.fields}
 
 
 def normalize_keys(keys: object) -> np.ndarray:

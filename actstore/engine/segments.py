@@ -349,5 +349,5 @@ def write_object(root: str, directory: str, arrays: Mapping[str, tuple[np.ndarra
 
 def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray) -> IndexRunInfo:
     """Write a key-index run: prefixes sorted ascending, with their global rows."""
-    order = np.argsort(prefixes)  # any order among equal prefixes serves lookup
+    order = np.argsort(prefixes, kind="stable")  # equal prefixes keep their input order (FORMAT.md §6)
     return write_object(root, INDEXES_DIR, {"prefix": (prefixes[order], "uint64"), "row": (rows[order], "int64")})

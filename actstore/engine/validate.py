@@ -15,11 +15,37 @@ import torch
 
 from actstore.engine.ragged import RaggedBatch
 from actstore.engine.reader import normalize_keys
-from actstore.format.manifest import Field
+from actstore.format.manifest import Field, dtype_name
 
-__all__ = ["validate_batch"]
+__all__ = ["field_of", "validate_batch"]
 
 Column = "np.ndarray | tuple[np.ndarray, np.ndarray]"
+
+
+def field_of(row: Any, *, ragged: bool = False, dtype: Any = None, compression: str | None = None) -> Field:
+    """The :class:`Field` that stores rows like ``row`` (one row: a tensor or array; Python scalars are shape ``()``).
+
+    The one place a field is inferred from data.  ``ragged``: the row's first
+    dimension varies between rows (tokens).  ``dtype`` replaces a floating
+    dtype (the store dtype); float64 is stored as float32.  Raises
+    ``TypeError`` for a dtype no field can hold.
+    """
+    dt: Any
+    if isinstance(row, torch.Tensor):
+        shape, dt, floating = tuple(row.shape), row.dtype, row.is_floating_point()
+    else:
+        arr = np.asarray(row)
+        shape, dt, floating = arr.shape, arr.dtype, arr.dtype.kind == "f"
+    if dtype is not None and floating:
+        name = dtype_name(dtype)
+    else:  # float64 has no field dtype: stored as float32
+        name = "float32" if dt in (torch.float64, np.dtype("float64")) else dtype_name(dt)
+    out: tuple[int | None, ...] = shape
+    if ragged:
+        if not shape:
+            raise TypeError("a ragged field needs rows of at least one dimension (the varying one)")
+        out = (None, *shape[1:])
+    return Field(out, name, compression=compression)
 
 
 def _as_tensor(value: Any, where: str) -> torch.Tensor:

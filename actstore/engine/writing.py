@@ -259,7 +259,7 @@ class WriterRole:
         seen = KeySet()
         linked: list[tuple[SegmentInfo, np.ndarray]] = []
         for src in sources:
-            for seg, start in zip(src._snap.segments, src._snap._starts_list, strict=False):
+            for seg, start in zip(src.snapshot.segments, src.snapshot.starts_list, strict=False):
                 if seg.info.id in have:
                     continue
                 have.add(seg.info.id)

@@ -35,6 +35,7 @@ How items are read (the store's ``attrs["precompute"]`` records all of this):
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -42,11 +43,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from actstore.format.manifest import Field
+from actstore.environment import environment
+from actstore.errors import CorruptStoreError
+from actstore.format.manifest import PARTS_DIR, Field, check_name
 from actstore.models.capture import resolve_layers
 from actstore.precompute.distributed import precompute_run
-from actstore.precompute.items import Selector, field_name
-from actstore.precompute.run import STORE_DTYPES
+from actstore.precompute.items import Selector
+from actstore.precompute.loader import field_name
+from actstore.precompute.run import STORE_DTYPES, Run
+from actstore.storage.objects import is_url
 from actstore.store import ActivationStore
 
 __all__ = ["field_name", "precompute"]
@@ -56,7 +61,7 @@ def precompute(
     dataset: Any,
     path: str | os.PathLike[str],
     *,
-    layers: str | Iterable[str] | None = None,
+    layers: str | Iterable[str] | Mapping[str, str] | None = None,
     batch_size: int = 64,
     device: str | torch.device | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
@@ -92,6 +97,10 @@ def precompute(
     layers
         Module names of ``model.named_modules()`` (all captured in one forward,
         which stops right after the last of them), or ``None`` for the output.
+        Each layer is stored in a field named as written here (an alias such
+        as sentence-transformers' ``0.auto_model.encoder.layer.2`` for
+        ``0.model.encoder.layer.2`` included); a mapping module name → field
+        name names the fields yourself (``{"encoder.layer.2": "hidden"}``).
     batch_size
         Samples per forward.
     device
@@ -183,21 +192,67 @@ def precompute(
         if f is not None and not isinstance(f, Field):
             raise TypeError(f"side_fields[{name!r}]: expected an actstore.Field or None, got {type(f).__name__}")
     dev = _device(device)
+    resolved, names = _layers(model, layers)
     run_kwargs = dict(
-        layers=resolve_layers(model, layers),
+        layers=resolved, field_names=names,
         batch_size=_positive("batch_size", batch_size), device=dev, collate_fn=collate_fn, key_fn=key_fn,
         store_dtype=_store_dtype(store_dtype), compression=_compression(compression), num_workers=num_workers,
         progress=bool(progress),
-        selector=Selector(input), side_fields=dict(side_fields or {}), lengths_fn=lengths_fn,
+        selector=Selector(input, _forward_args(model)), side_fields=dict(side_fields or {}), lengths_fn=lengths_fn,
         autocast=_autocast_dtype(autocast, dev),
         commit_every_rows=_positive("commit_every_rows", commit_every_rows, True),
         commit_every_seconds=_positive("commit_every_seconds", commit_every_seconds, True, float),
         max_in_flight=_positive("max_in_flight", max_in_flight), overwrite=bool(overwrite))
-    # In this process, or - launched by torchrun - one disjoint part per rank (see actstore.distributed).
-    return precompute_run(model, dataset, os.fspath(path), run_kwargs)
+    root = os.fspath(path)
+    if is_url(root):
+        raise ValueError(f"path: precompute writes a local (or shared-filesystem) store, got the URL {root!r}; "
+                         "precompute to a path, then upload it with `actstore push PATH URL`")
+    root = os.path.abspath(root)
+    env = environment()
+    if (env.launched and env.world > 1) or os.path.isdir(os.path.join(root, PARTS_DIR)):
+        # launched by torchrun: one disjoint part per rank; or an interrupted distributed run's parts to adopt first
+        return precompute_run(model, dataset, root, run_kwargs)
+    return Run(model, dataset, root, **run_kwargs).run()
 
 
 # --- argument checking --------------------------------------------------------------
+
+
+def _layers(model: nn.Module, layers: Any) -> tuple[list[str], dict[str, str]]:
+    """(registered module names, module → field name): each field named as the user wrote the layer."""
+    if layers is None or isinstance(layers, str):
+        wanted: list[tuple[Any, str | None]] = [(layers, None)]
+    elif isinstance(layers, Mapping):
+        wanted = list(layers.items())
+        for _, f in wanted:
+            if not isinstance(f, str):
+                raise TypeError(f"layers: field names must be str, got {f!r}")
+            try:
+                check_name(f, "layers: field name")
+            except CorruptStoreError as e:  # (the store's own check; here it is an argument)
+                raise ValueError(str(e)) from e
+    else:
+        wanted = [(x, None) for x in layers]
+    resolved: list[str] = []
+    names: dict[str, str] = {}
+    for written, f in wanted:
+        for canonical in resolve_layers(model, written):
+            if canonical not in names:
+                resolved.append(canonical)
+                names[canonical] = f or field_name(written if isinstance(written, str) else canonical)
+    if not resolved:
+        resolve_layers(model, [])  # raises: no layer
+    return resolved, names
+
+
+def _forward_args(model: nn.Module) -> frozenset[str]:
+    """Names of the keyword arguments of ``model.forward`` (the keys a dict item may give it)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return frozenset()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(n for n, p in params.items() if p.kind in kinds)
 
 
 def _positive(name: str, value: Any, allow_none: bool = False, kind: type = int) -> Any:

@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from actstore.environment import environment
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError, StoreLockedError
 from actstore.format.manifest import PARTS_DIR, Manifest
 from actstore.storage.objects import is_url
@@ -88,15 +89,8 @@ class DistInfo:
 
 def detect() -> DistInfo | None:
     """The launch this process belongs to (torchrun's environment, or an initialised group), or None."""
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        try:
-            return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local)
-        except ValueError as e:
-            raise ValueError(f"RANK={os.environ['RANK']!r}, WORLD_SIZE={os.environ['WORLD_SIZE']!r}: not integers") from e
-    return None
+    env = environment()
+    return DistInfo(env.rank, env.world, env.local_rank) if env.launched else None
 
 
 # --- the dataset, split by position --------------------------------------------------------
@@ -155,9 +149,11 @@ def _slice(dataset: Any, rank: int, world: int, block: int) -> Any:
 
 
 def precompute_run(model: torch.nn.Module, dataset: Any, root: str, kwargs: dict[str, Any]) -> Any:
-    """Run precompute into ``root``: distributed when launched so, else in this process.
+    """Run precompute into ``root``: distributed when launched so; else adopt an interrupted run's parts, then run.
 
     ``kwargs`` are :class:`~actstore.precompute.run.Run`'s keyword arguments.
+    :func:`actstore.precompute` calls this only under a launcher or when
+    ``root/parts`` holds an interrupted distributed run's leftovers.
     """
     from actstore.precompute.run import Run
     from actstore.store import open as open_store

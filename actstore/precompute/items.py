@@ -1,180 +1,192 @@
-"""Dataset items: the model input, its content key, and the side columns stored beside it.
+"""Dataset items, both ways: :func:`encode_item` splits an item for precompute, :func:`decode_item` rebuilds it.
 
-:class:`Selector` splits a raw item into the model input and its side columns
-(labels, ids); :class:`Prepare` does that for a whole DataLoader batch inside
-the DataLoader workers, computes the content keys there and, optionally,
-collates the inputs; :class:`SideColumns` turns side values into store fields.
+The mirrored pair behind ``attrs["precompute"]["sample"]`` (an
+:class:`~actstore.format.record.ItemRecord`): precompute calls
+:func:`encode_item` on every raw item (model input + side values) and records
+the layout and each side column's kind; :class:`~actstore.CachedDataset` reads
+that record and calls :func:`decode_item` to give back items of the same
+structure, the input replaced by its activations.  Side values go the same way:
+:func:`encode_side` (kind and field of a value; :class:`SideColumns` for a
+batch of them) and :func:`decode_side`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from blake3 import blake3
 
-from actstore.engine.keyset import KeySet
 from actstore.engine.ragged import RaggedBatch
+from actstore.engine.validate import field_of
+from actstore.errors import DatasetMismatchError
 from actstore.format.manifest import Field
-from actstore.hashing import key as content_key
+from actstore.format.record import ItemRecord
 
 __all__ = [
     "DEFAULT_INPUT_KEYS",
-    "NOT_FOUND",
-    "Group",
-    "IterableWrapper",
-    "KeyTable",
-    "Prepare",
+    "NOT_MODEL_INPUTS",
+    "ItemLayout",
     "Selector",
     "SideColumn",
     "SideColumns",
-    "default_collate",
-    "field_name",
-    "qualname",
-    "row_digests",
+    "decode_item",
+    "decode_side",
+    "encode_item",
+    "encode_side",
+    "item_part",
+    "item_layout",
+    "model_input",
+    "model_input_keys",
     "side_kind",
-    "to_device",
+    "value_kind",
 ]
 
 #: Dict keys tried, in order, for the model input of a dict item when ``input=`` is not given.
 DEFAULT_INPUT_KEYS = ("input", "inputs", "text", "image", "x")
+#: Arguments of a model's ``forward`` that are never taken from an item as model input (they are side columns).
+NOT_MODEL_INPUTS = frozenset({"labels", "label", "return_dict", "return_loss", "output_attentions",
+                              "output_hidden_states", "use_cache", "self"})
 
 
-# --- items: input part and side columns --------------------------------------------
+def model_input_keys(item: Mapping[Any, Any], model_args: frozenset[str] | None) -> tuple[str, ...]:
+    """The keys of a dict item that are arguments of the model's ``forward`` (in item order), or ``()``."""
+    if not model_args:
+        return ()
+    return tuple(k for k in item if isinstance(k, str) and k in model_args and k not in NOT_MODEL_INPUTS)
+
+
+def model_input(item: Mapping[Any, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The model's keyword arguments taken from a dict item, trimmed to its real tokens.  May copy.
+
+    Values become tensors.  With an ``attention_mask`` (one row of a tokeniser's
+    output, padded to a fixed length or not), every value whose first dimension
+    is the mask's length keeps only the positions the mask marks, so the same
+    text padded two ways gives the same input, and the same content key.
+    Raises ``ValueError`` for a mask with no token.
+    """
+    x = {k: item[k] if isinstance(item[k], torch.Tensor) else torch.as_tensor(np.asarray(item[k])) for k in keys}
+    mask = x.get("attention_mask")
+    if mask is None:
+        return x
+    if mask.ndim != 1:
+        raise ValueError(f"attention_mask: expected one item's 1-D mask, got shape {tuple(mask.shape)}; give precompute "
+                         "items one at a time (not batches)")
+    keep = mask.bool()
+    if not bool(keep.any()):
+        raise ValueError("attention_mask is all zeros: the item has no token to compute; drop it from the dataset")
+    if bool(keep.all()):
+        return x
+    n = len(mask)
+    return {k: v[keep] if v.ndim >= 1 and v.shape[0] == n else v for k, v in x.items()}
+
+
+# --- items: encode ------------------------------------------------------------------------
+
+
+def encode_item(item: Any, input: int | str | tuple[str, ...] | None = None,  # noqa: A002
+                model_args: frozenset[str] | None = None) -> tuple[Any, dict[str, Any] | None]:
+    """Split a raw item into (model input, side values by column name); side is None for a bare item.
+
+    ``input=None``: a tuple item's element 0; a dict item's first key among
+    :data:`DEFAULT_INPUT_KEYS`, else — as a Hugging Face tokeniser or
+    ``datasets.Dataset`` makes them — its keys that are arguments of the model's
+    ``forward`` (``model_args``: ``input_ids``, ``attention_mask``,
+    ``token_type_ids``, ``pixel_values`` ...), which become one dict of keyword
+    arguments trimmed by the item's own mask (:func:`model_input`); anything
+    else (a str, tensor, list, PIL image ...) is the input itself.  An int picks
+    a tuple element, a str a dict key, a tuple of str several dict keys.
+    Everything else in a tuple or dict is a side column, named by its position
+    (``"1"``, ``"2"`` ...) or its key.  Never copies, except to trim.
+    """
+    if isinstance(item, tuple):
+        i = 0 if input is None else input
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TypeError(f"input={input!r} selects a dict key, but the item is a tuple; pass input=<int>")
+        if not -len(item) <= i < len(item):
+            raise IndexError(f"input={i} is out of range for a tuple item of {len(item)} elements")
+        i %= len(item)
+        return item[i], {str(j): v for j, v in enumerate(item) if j != i}
+    if isinstance(item, Mapping):
+        name = input
+        if name is None:
+            name = next((k for k in DEFAULT_INPUT_KEYS if k in item), None)
+            if name is None:
+                name = model_input_keys(item, model_args) or None
+            if name is None:
+                raise KeyError(
+                    f"cannot tell which key of a dict item is the model input (keys: {sorted(map(str, item))}); "
+                    f"pass input='<key>' (default keys tried: {', '.join(DEFAULT_INPUT_KEYS)}, then the arguments "
+                    "of the model's forward)"
+                )
+        if isinstance(name, tuple):
+            missing = [k for k in name if k not in item]
+            if missing:
+                raise KeyError(f"input={name!r}: the item has no keys {missing} (keys: {sorted(map(str, item))})")
+            return model_input(item, name), {str(k): v for k, v in item.items() if k not in name}
+        if not isinstance(name, str):
+            raise TypeError(f"input={name!r} selects a tuple element, but the item is a dict; pass input='<key>'")
+        if name not in item:
+            raise KeyError(f"input={name!r}: the item has no such key (keys: {sorted(map(str, item))})")
+        return item[name], {str(k): v for k, v in item.items() if k != name}
+    if input is not None:
+        raise TypeError(f"input={input!r} given, but the item is a {type(item).__name__}, not a tuple or dict")
+    return item, None
+
+
+def item_layout(item: Any, input: int | str | tuple[str, ...] | None = None,  # noqa: A002
+                model_args: frozenset[str] | None = None) -> dict[str, Any]:
+    """The item's layout as the record's ``sample`` holds it, side columns aside (``type``, ``length``/``keys``,
+    ``input``: a list of keys for keyword-argument inputs)."""
+    if isinstance(item, tuple):
+        i = (0 if input is None else int(input)) % len(item)  # type: ignore[arg-type]
+        return {"type": "tuple", "length": len(item), "input": i}
+    if isinstance(item, Mapping):
+        name: Any = input
+        if name is None:
+            name = next((k for k in DEFAULT_INPUT_KEYS if k in item), None) or model_input_keys(item, model_args)
+        return {"type": "dict", "keys": [str(k) for k in item], "input": list(name) if isinstance(name, tuple) else name}
+    return {"type": "bare"}
 
 
 @dataclass(frozen=True)
 class Selector:
-    """Where the model input sits in a dataset item.
+    """Where the model input sits in a dataset item (``input=`` of :func:`actstore.precompute`), and the model's
+    ``forward`` arguments (for dict items that are keyword arguments)."""
 
-    ``input=None`` (the default): a tuple item's element 0; a dict item's first
-    key among :data:`DEFAULT_INPUT_KEYS`; anything else (a str, tensor, list,
-    PIL image ...) is the input itself.  An int picks a tuple element, a str a
-    dict key.  Everything else in a tuple or dict is a side column, named by its
-    position (``"1"``, ``"2"`` ...) or its key.
-    """
-
-    input: int | str | None = None
+    input: int | str | tuple[str, ...] | None = None
+    model_args: frozenset[str] | None = None
 
     def split(self, item: Any) -> tuple[Any, dict[str, Any] | None]:
-        """(model input, side values by column name); side is None for a bare item."""
-        if isinstance(item, tuple):
-            i = 0 if self.input is None else self.input
-            if not isinstance(i, int) or isinstance(i, bool):
-                raise TypeError(f"input={self.input!r} selects a dict key, but the item is a tuple; pass input=<int>")
-            if not -len(item) <= i < len(item):
-                raise IndexError(f"input={i} is out of range for a tuple item of {len(item)} elements")
-            i %= len(item)
-            return item[i], {str(j): v for j, v in enumerate(item) if j != i}
-        if isinstance(item, Mapping):
-            name = self.input
-            if name is None:
-                name = next((k for k in DEFAULT_INPUT_KEYS if k in item), None)
-                if name is None:
-                    raise KeyError(
-                        f"cannot tell which key of a dict item is the model input (keys: {sorted(map(str, item))}); "
-                        f"pass input='<key>' (default keys tried: {', '.join(DEFAULT_INPUT_KEYS)})"
-                    )
-            elif not isinstance(name, str):
-                raise TypeError(f"input={name!r} selects a tuple element, but the item is a dict; pass input='<key>'")
-            if name not in item:
-                raise KeyError(f"input={name!r}: the item has no such key (keys: {sorted(map(str, item))})")
-            return item[name], {str(k): v for k, v in item.items() if k != name}
-        if self.input is not None:
-            raise TypeError(f"input={self.input!r} given, but the item is a {type(item).__name__}, not a tuple or dict")
-        return item, None
+        """:func:`encode_item` with this selector's ``input``."""
+        return encode_item(item, self.input, self.model_args)
 
     def structure(self, item: Any) -> dict[str, Any]:
-        """The item's shape as recorded in the store's attrs (see :func:`actstore.precompute`)."""
-        if isinstance(item, tuple):
-            i = (0 if self.input is None else int(self.input)) % len(item)
-            return {"type": "tuple", "length": len(item), "input": i}
-        if isinstance(item, Mapping):
-            name = self.input if self.input is not None else next(k for k in DEFAULT_INPUT_KEYS if k in item)
-            return {"type": "dict", "keys": [str(k) for k in item], "input": name}
-        return {"type": "bare"}
+        """:func:`item_layout` with this selector's ``input``."""
+        return item_layout(item, self.input, self.model_args)
 
 
-@dataclass
-class Group:
-    """One DataLoader batch after :class:`Prepare`: keys, inputs, side values, maybe collated."""
+# --- side values: encode and decode -------------------------------------------------------
 
-    keys: np.ndarray  # (n, 32) uint8
-    inputs: list[Any] | None  # raw model inputs; None when `collated` covers them (refetch if needed)
-    sides: list[dict[str, Any] | None]
-    structure: dict[str, Any] | None  # of the first item (Selector.structure), recorded in the store's attrs
-    collated: Any = None
-    error: tuple[int, BaseException] | None = None  # (offset in the batch, exception)
-    collate_error: BaseException | None = None
-
-    def __len__(self) -> int:
-        return len(self.sides)
-
-    def pin_memory(self) -> Group:  # called by DataLoader(pin_memory=True)
-        if self.collated is not None:
-            from torch.utils.data._utils.pin_memory import pin_memory
-
-            self.collated = pin_memory(self.collated)
-        return self
+_SIDE_FLOATS = {"float64": "float32", "float32": "float32", "float16": "float16"}
+_SIDE_INTS = ("int8", "int16", "int32", "int64", "uint8", "bool")
 
 
-class Prepare:
-    """The DataLoader ``collate_fn``: split items, key the inputs, collate speculatively.
-
-    Runs in the DataLoader workers (or the main thread with ``num_workers=0``).
-    Errors are caught and returned in the :class:`Group` with the item's offset,
-    so that the main thread can name the dataset index.
-    """
-
-    def __init__(self, selector: Selector, key_fn: Callable[[Any], bytes] | None, collate_fn: Callable[[list[Any]], Any],
-                 speculative: bool, keep_inputs: bool) -> None:
-        self.selector = selector
-        self.key_fn = key_fn
-        self.collate_fn = collate_fn
-        self.speculative = speculative
-        self.keep_inputs = keep_inputs
-
-    def __call__(self, items: Sequence[Any]) -> Group:
-        inputs: list[Any] = []
-        sides: list[dict[str, Any] | None] = []
-        buf = bytearray()
-        for j, item in enumerate(items):
-            try:
-                x, side = self.selector.split(item)
-                k = content_key(x) if self.key_fn is None else check_key(self.key_fn(x))
-            except Exception as e:  # reported with its dataset index by the main thread
-                return Group(np.empty((0, 32), np.uint8), None, [], None, error=(j, e))
-            inputs.append(x)
-            sides.append(side)
-            buf += k
-        keys = np.frombuffer(bytes(buf), np.uint8).reshape(-1, 32)
-        group = Group(keys, inputs, sides, self.selector.structure(items[0]) if len(items) else None)
-        if self.speculative:
-            try:
-                group.collated = self.collate_fn(inputs)
-            except Exception as e:  # the main thread collates again and raises there
-                group.collate_error = e
-            if group.collated is not None and not self.keep_inputs:
-                group.inputs = None
-        return group
-
-
-def check_key(k: Any) -> bytes:
-    if not isinstance(k, (bytes, bytearray, memoryview)) or len(k) != 32:
-        raise TypeError(f"key_fn must return 32 bytes (like actstore.key), got {type(k).__name__} "
-                        f"of length {len(k) if hasattr(k, '__len__') else '?'}")
-    return bytes(k)
-
-
-# --- side columns -------------------------------------------------------------------
-
-_FLOATS = {np.dtype("float64"): "float32", np.dtype("float32"): "float32", np.dtype("float16"): "float16"}
-_INTS = {np.dtype(t): t for t in ("int8", "int16", "int32", "int64", "uint8", "bool")}
+def value_kind(value: Any) -> str:
+    """How a side value comes back (a record ``kind``): a Python scalar, str, bytes, numpy array or tensor."""
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, (int, np.integer)):
+        return "int"
+    if isinstance(value, (float, np.floating)):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, (bytes, bytearray)):
+        return "bytes"
+    return "array" if isinstance(value, np.ndarray) else "tensor"
 
 
 def _array(value: Any) -> np.ndarray:
@@ -186,30 +198,39 @@ def _array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def side_kind(name: str, value: Any) -> tuple[str, Field]:
+def encode_side(name: str, value: Any) -> tuple[str, Field]:
     """The kind and field of a side value: scalars → shape (), arrays → their shape, str/bytes → ragged uint8."""
-    if isinstance(value, (bool, np.bool_)):
-        return "bool", Field((), "bool")
-    if isinstance(value, (int, np.integer)):
-        return "int", Field((), "int64")
-    if isinstance(value, (float, np.floating)):
-        return "float", Field((), "float32")
-    if isinstance(value, str):
-        return "str", Field((None,), "uint8")
-    if isinstance(value, (bytes, bytearray)):
-        return "bytes", Field((None,), "uint8")
+    kind = value_kind(value)
+    if kind in ("bool", "int", "float"):
+        return kind, Field((), {"bool": "bool", "int": "int64", "float": "float32"}[kind])
+    if kind in ("str", "bytes"):
+        return kind, Field((None,), "uint8")
     if isinstance(value, (np.ndarray, torch.Tensor, list, tuple)):
         arr = _array(value)
-        dtype = _FLOATS.get(arr.dtype) or _INTS.get(arr.dtype)
+        dtype = _SIDE_FLOATS.get(arr.dtype.name) or (arr.dtype.name if arr.dtype.name in _SIDE_INTS else None)
         if dtype is None:
             raise TypeError(f"side column {name!r}: cannot store an array of {arr.dtype}; convert it, or drop the "
                             f"column with side_fields={{{name!r}: None}}")
-        kind = "tensor" if isinstance(value, torch.Tensor) else "array"
-        return kind, Field(arr.shape, dtype)
+        return ("tensor" if isinstance(value, torch.Tensor) else "array"), field_of(arr, dtype=dtype)
     raise TypeError(
         f"side column {name!r}: cannot store a {type(value).__name__} (store bool, int, float, str, bytes, arrays or "
         f"tensors); drop it with side_fields={{{name!r}: None}} or pick the input with input=..."
     )
+
+
+#: The older name of :func:`encode_side`.
+side_kind = encode_side
+
+
+def decode_side(v: torch.Tensor, kind: str) -> Any:
+    """A stored side value (a view) as the dataset item held it (the mirror of :func:`encode_side`)."""
+    if kind in ("bool", "int", "float"):
+        return {"bool": bool, "int": int, "float": float}[kind](v.item())
+    if kind == "str":
+        return bytes(v.numpy()).decode("utf-8", "surrogatepass")
+    if kind == "bytes":
+        return bytes(v.numpy())
+    return v.numpy() if kind == "array" else v
 
 
 @dataclass
@@ -221,6 +242,13 @@ class SideColumn:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "field": self.field, "kind": self.kind}
+
+
+class _Missing:
+    pass
+
+
+_MISSING = _Missing()
 
 
 class SideColumns:
@@ -257,128 +285,75 @@ class SideColumns:
         return out
 
 
-class _Missing:
-    pass
+# --- items: decode ------------------------------------------------------------------------
 
 
-_MISSING = _Missing()
+def item_part(item: Any, k: Any) -> Any:
+    """Part ``k`` of an item (None: the whole item; a tuple of keys: the model's keyword arguments, trimmed)."""
+    if k is None:
+        return item
+    if isinstance(k, tuple):
+        return model_input(item, k)
+    return item[k]
 
 
-def row_digests(columns: dict[str, Any], fields: Sequence[str], n: int) -> np.ndarray:
-    """An 8-byte digest per row of the stored form of ``fields`` (to spot conflicting duplicates)."""
-    hashers = [blake3() for _ in range(n)]
-    for name in fields:
-        col = columns[name]
-        if isinstance(col, RaggedBatch):
-            vals = col.values.numpy()
-            off = col.offsets.numpy()
-            for i in range(n):
-                hashers[i].update(np.ascontiguousarray(vals[off[i]:off[i + 1]]).tobytes() + b"|")
-        elif isinstance(col, list):
-            for i in range(n):
-                hashers[i].update(np.ascontiguousarray(col[i]).tobytes() + b"|")
+@dataclass(frozen=True)
+class ItemLayout:
+    """The structure of ``dataset[i]`` for :func:`decode_item`: its type, parts, input part and side fields."""
+
+    kind: str  # "bare", "mapping", "namedtuple", "sequence"
+    type: type
+    parts: tuple[Any, ...]
+    input: Any
+    side: Mapping[Any, str]  # part -> field
+    kinds: Mapping[Any, str]  # part -> how its value comes back (see decode_side)
+
+    @classmethod
+    def of(cls, item: Any, input: Any, side: Mapping[Any, str], where: str,  # noqa: A002
+           record: ItemRecord | None = None) -> ItemLayout:
+        """The layout of ``item`` (the dataset's first item) with the input part and side fields given.
+
+        Side kinds come from ``record`` (what precompute recorded) for the
+        columns it names, else from the item's own values.  Raises
+        :class:`DatasetMismatchError` when the item does not have the parts.
+        """
+        if input is None or item is None:
+            if side and item is not None:
+                raise ValueError(f"{where}: side fields {dict(side)} need items with parts, but the input is the whole item")
+            return cls("bare", type(item), (), None, {}, {})
+        if isinstance(item, Mapping):
+            kind, parts = "mapping", tuple(item.keys())
+            if isinstance(input, (tuple, list)):  # keyword-argument inputs: activations under the first key
+                extra = set(input[1:])
+                parts = tuple(k for k in parts if k not in extra)
+                input = input[0] if input else None
+        elif isinstance(item, tuple):
+            kind, parts = ("namedtuple" if hasattr(item, "_fields") else "sequence"), tuple(range(len(item)))
+            side = {int(k): v for k, v in side.items()}
+            input = int(input) % max(len(item), 1)
         else:
-            arr = col.numpy() if isinstance(col, torch.Tensor) else col
-            for i in range(n):
-                hashers[i].update(np.ascontiguousarray(arr[i]).tobytes() + b"|")
-    return np.array([int.from_bytes(h.digest(8), "little") for h in hashers], np.uint64)
+            raise DatasetMismatchError(f"{where}: items are {type(item).__name__}, but precompute recorded "
+                                       f"input part {input!r} of a tuple or dict item")
+        if input not in parts or any(k not in parts for k in side):
+            raise DatasetMismatchError(f"{where}: items have parts {list(parts)}; the store records input {input!r} "
+                                       f"and side columns {list(side)}")
+        recorded = {} if record is None else {record.part(s.name): (s.field, s.kind) for s in record.side}
+        kinds = {k: recorded[k][1] if recorded.get(k, ("",))[0] == f else value_kind(item[k]) for k, f in side.items()}
+        return cls(kind, type(item), parts, input, dict(side), kinds)
 
 
-def field_name(layer: str) -> str:
-    """The store field of a layer: ``""`` → ``"output"``, other characters than ``[A-Za-z0-9_.-]`` → ``_``."""
-    if layer == "":
-        return "output"
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", layer)
-    if name[0] in ".-":
-        name = "_" + name
-    while name.startswith("__"):
-        name = name[1:]
-    if name.lower() == "zarr.json":
-        name += "_"
-    return name[:128]
-
-
-# --- keys scheduled during this run ---------------------------------------------------
-
-
-class KeyTable:
-    """A set of keys with one int64 code and one uint64 digest each (a :class:`~actstore.engine.keyset.KeySet`
-    plus both, in insertion order): about 50 bytes a key."""
-
-    def __init__(self) -> None:
-        self._set = KeySet()
-        self._codes = np.empty(0, np.int64)
-        self._digests = np.empty(0, np.uint64)
-
-    def __len__(self) -> int:
-        return len(self._set)
-
-    def add(self, keys: np.ndarray, codes: np.ndarray, digests: np.ndarray | None = None) -> None:
-        """Add ``keys`` (distinct, not in the table yet) with their codes (and digests)."""
-        m = len(keys)
-        if not m:
-            return
-        n = len(self._set)
-        self._set.add(keys)
-        if n + m > len(self._codes):
-            cap = max(2 * len(self._codes), n + m, 1024)
-            self._codes = np.concatenate([self._codes[:n], np.empty(cap - n, np.int64)])
-            self._digests = np.concatenate([self._digests[:n], np.empty(cap - n, np.uint64)])
-        self._codes[n : n + m] = codes
-        self._digests[n : n + m] = 0 if digests is None else digests
-
-    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(code, digest) of each key; code is ``NOT_FOUND`` for absent keys."""
-        idx = self._set.find(keys)
-        hit = idx >= 0
-        code = np.full(len(keys), NOT_FOUND, np.int64)
-        digest = np.zeros(len(keys), np.uint64)
-        code[hit] = self._codes[idx[hit]]
-        digest[hit] = self._digests[idx[hit]]
-        return code, digest
-
-
-NOT_FOUND = np.iinfo(np.int64).min
-
-
-# --- batches -------------------------------------------------------------------------
-
-
-def qualname(obj: Any) -> str | None:
-    if obj is None:
-        return None
-    t = obj if isinstance(obj, type) else type(obj)
-    if callable(obj) and hasattr(obj, "__qualname__") and not isinstance(obj, type):
-        return f"{getattr(obj, '__module__', '?')}.{obj.__qualname__}"
-    return f"{t.__module__}.{t.__qualname__}"
-
-
-class IterableWrapper(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
-    def __init__(self, iterable: Iterable[Any]) -> None:
-        self.iterable = iterable
-
-    def __iter__(self) -> Any:
-        return iter(self.iterable)
-
-
-def default_collate(inputs: list[Any]) -> Any:
-    if inputs and isinstance(inputs[0], str):
-        raise TypeError("the model inputs are str: pass collate_fn= (for example a tokenizer call) to turn a list of "
-                        "them into tensors")
-    return torch.utils.data.default_collate(inputs)
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        moved = {k: to_device(v, device) for k, v in batch.items()}
-        if type(batch) is not dict:
-            with contextlib.suppress(Exception):  # keep a BatchEncoding a BatchEncoding
-                return type(batch)(moved)  # type: ignore[call-arg]
-        return moved
-    if isinstance(batch, tuple):
-        return tuple(to_device(v, device) for v in batch)
-    if isinstance(batch, list):
-        return [to_device(v, device) for v in batch]
-    return batch
+def decode_item(layout: ItemLayout, value: Any, side: Mapping[Any, Any]) -> Any:
+    """An item (or batch) of ``layout``'s structure: ``value`` as the input part, ``side`` values by part; parts that
+    were not stored are None.  The mirror of :func:`encode_item`."""
+    if layout.kind == "bare":
+        return value
+    vals = [value if k == layout.input else side.get(k) for k in layout.parts]
+    if layout.kind == "mapping":
+        d = dict(zip(layout.parts, vals, strict=True))
+        try:
+            return d if layout.type is dict else layout.type(d)
+        except Exception:  # a mapping type that cannot be built from a dict
+            return d
+    if layout.kind == "namedtuple":
+        return layout.type(*vals)
+    return layout.type(vals)

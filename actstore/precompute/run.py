@@ -27,28 +27,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from actstore.engine.validate import field_of
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError
 from actstore.format.manifest import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR, Field, dtype_name
+from actstore.format.record import RECORD_ATTR, ItemRecord, LayerRecord, PrecomputeRecord, read_record
 from actstore.hashing import fingerprint
 from actstore.hashing import key as content_key
 from actstore.models.capture import LayerCapture
 from actstore.precompute.background import Job, Writer, convert_output
-from actstore.precompute.items import (
-    NOT_FOUND,
-    Group,
-    IterableWrapper,
-    KeyTable,
-    Prepare,
-    Selector,
-    SideColumn,
-    SideColumns,
-    default_collate,
-    field_name,
-    qualname,
-    row_digests,
-    side_kind,
-    to_device,
-)
+from actstore.precompute.items import Selector, SideColumn, SideColumns, encode_side
+from actstore.precompute.keys import NOT_FOUND, KeyTable, row_digests
+from actstore.precompute.loader import Group, IterableWrapper, Prepare, default_collate, field_name, qualname, to_device
 from actstore.store import ActivationStore, read_manifest
 from actstore.store import create as create_store
 from actstore.store import delete_store as _delete_store
@@ -58,11 +47,10 @@ __all__ = ["ATTR", "STORE_DTYPES", "VIEW", "Run"]
 
 log = logging.getLogger("actstore")
 
-#: Key of the precompute configuration in the store's attrs.
-ATTR = "precompute"
+#: Key of the precompute record in the store's attrs (actstore.format.record).
+ATTR = RECORD_ATTR
 #: The view that maps dataset positions to rows.
 VIEW = "dataset"
-CONFIG_VERSION = 1
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -72,6 +60,7 @@ class Run:
     """One precompute run: its state, and the steps of :func:`precompute`."""
 
     def __init__(self, model: nn.Module, dataset: Any, root: str, *, layers: list[str], batch_size: int,
+                 field_names: dict[str, str] | None = None,
                  device: torch.device, collate_fn: Callable[[list[Any]], Any] | None, key_fn: Any,
                  store_dtype: torch.dtype | None, compression: str | None, num_workers: int, progress: bool, selector: Selector,
                  side_fields: dict[str, Field | None], lengths_fn: Any, autocast: torch.dtype | None,
@@ -79,7 +68,7 @@ class Run:
                  overwrite: bool) -> None:
         self.model, self.dataset, self.root = model, dataset, root
         self.layers, self.batch_size, self.device = layers, batch_size, device
-        self.fields = {layer: field_name(layer) for layer in layers}
+        self.fields = {layer: (field_names or {}).get(layer) or field_name(layer) for layer in layers}
         if len(set(self.fields.values())) != len(self.fields):
             raise ValueError(f"layers {layers} map to clashing field names {list(self.fields.values())}")
         self.collate_fn = collate_fn or default_collate
@@ -101,6 +90,7 @@ class Run:
         self.writer: Writer | None = None
         self.capture: LayerCapture | None = None
         self.structure: dict[str, Any] | None = None
+        self.item: ItemRecord | None = None  # the items' layout, as recorded
         self.side = SideColumns([])
         self.layer_fields: dict[str, Field] = {}
         self.ragged: set[str] = set()
@@ -158,22 +148,26 @@ class Run:
                                        "pick another path (nothing there is deleted, even with overwrite=True)")
             return
         manifest = read_manifest(root)
-        config = manifest.attrs.get(ATTR) if isinstance(manifest.attrs, Mapping) else None
-        if isinstance(config, Mapping) and config.get("placeholder") and manifest.rows == 0:
+        problem: StoreError | None = None
+        config: PrecomputeRecord | None = None
+        try:
+            config = read_record(manifest.attrs, root)
+        except StoreError as e:  # another version's record, or a damaged one
+            problem = e
+        if config is not None and config.placeholder and manifest.rows == 0:
             _delete_store(root)  # an empty store of an empty dataset: nothing to lose
             return
-        problem: StoreError | None = None
         if manifest.fingerprint != fp:
             problem = StaleStoreError(
                 f"{root}: the store was computed by another model (fingerprint {str(manifest.fingerprint)[:16]}…, "
                 f"this model's is {fp[:16]}…); pass overwrite=True (--overwrite) to delete and recompute it, "
                 "or write to another path")
-        elif not isinstance(config, Mapping):
+        elif problem is None and config is None:
             problem = StoreExistsError(f"{root}: holds a store that precompute did not write; pass overwrite=True "
                                        "to replace it, or write to another path")
-        else:
+        elif config is not None:
             want = {layer: f for layer, f in self.fields.items()}
-            have = {d.get("layer"): d.get("field") for d in config.get("layers", []) if isinstance(d, Mapping)}
+            have = {d.layer: d.field for d in config.layers}
             if have != want:
                 problem = StoreExistsError(
                     f"{root}: holds a store of other layers ({sorted(map(str, have))}, fields "
@@ -289,7 +283,7 @@ class Run:
             if override is None:
                 dropped.append(name)
                 continue
-            kind, spec = side_kind(name, value)
+            kind, spec = encode_side(name, value)
             if isinstance(override, Field):
                 spec = override
                 kind = kind if kind in ("str", "bytes") and spec == Field((None,), "uint8") else "array"
@@ -305,28 +299,29 @@ class Run:
         self.side = SideColumns(columns)
         self.structure["side"] = [c.to_json() for c in columns]
         self.structure["dropped"] = dropped
+        self.item = ItemRecord.from_json(self.structure, "the first item")
         if self.store is not None:
             self._check_config()
 
-    def _config(self) -> dict[str, Any]:
-        return {
-            "version": CONFIG_VERSION,
-            "layers": [{"layer": layer, "field": f, "ragged": f in self.ragged} for layer, f in self.fields.items()],
-            "sample": self.structure,
-            "view": VIEW,
-            "dataset_length": self.length,
-            "dataset_class": qualname(self.dataset),
-            "model_class": qualname(self.model),
-            "store_dtype": None if self.store_dtype is None else dtype_name(self.store_dtype),
-            "key_fn": qualname(self.key_fn) or "actstore.key",
-            "collate_fn": qualname(self.collate_fn),
-        }
+    def _record(self, placeholder: bool = False) -> PrecomputeRecord:
+        return PrecomputeRecord(
+            layers=tuple(LayerRecord(layer, f, f in self.ragged) for layer, f in self.fields.items()),
+            item=None if placeholder else self.item,
+            view=VIEW,
+            dataset_length=self.length,
+            dataset_class=qualname(self.dataset),
+            model_class=qualname(self.model),
+            store_dtype=None if self.store_dtype is None else dtype_name(self.store_dtype),
+            key_fn=qualname(self.key_fn) or "actstore.key",
+            collate_fn=qualname(self.collate_fn),
+            placeholder=placeholder,
+        )
 
     def _check_config(self) -> None:
         assert self.store is not None
-        have = self.store.attrs.get(ATTR, {})
-        mine = self._config()
-        diffs = [k for k in ("sample", "key_fn") if have.get(k) != mine[k]]
+        have = read_record(self.store.attrs, self.root) or PrecomputeRecord(item=None)
+        mine = self._record()
+        diffs = [k for k, a, b in (("sample", have.item, mine.item), ("key_fn", have.key_fn, mine.key_fn)) if a != b]
         side = {c.field: c.spec for c in self.side.columns}
         if any(self.store.fields.get(f) != spec for f, spec in side.items()) or set(self.store.fields) != set(
                 side) | set(self.fields.values()):
@@ -341,7 +336,8 @@ class Run:
         if not diffs:
             return
         msg = (f"{self.root}: holds a store of this model and layers, but with another {', '.join(diffs)} "
-               f"(stored: {have.get('sample')}, store dtype {have.get('store_dtype')}; now: {mine['sample']})")
+               f"(stored: {None if have.item is None else have.item.to_json()}, store dtype {have.store_dtype}; "
+               f"now: {None if mine.item is None else mine.item.to_json()})")
         if not self.overwrite:
             raise StoreExistsError(msg + "; pass overwrite=True (--overwrite) to replace it, or use another path")
         assert self.reader is not None
@@ -429,16 +425,12 @@ class Run:
             fields: dict[str, Field] = {}
             for name, t in outputs.items():
                 ragged = self._is_token_level(t, mask)
-                dtype = self.store_dtype if (self.store_dtype is not None and t.is_floating_point()) else t.dtype
-                if dtype == torch.float64:
-                    dtype = torch.float32
-                shape = (None, *t.shape[2:]) if ragged else tuple(t.shape[1:])
-                fields[name] = Field(shape, dtype, compression=self.compression)
+                fields[name] = field_of(t[0], ragged=ragged, dtype=self.store_dtype, compression=self.compression)
                 if ragged:
                     self.ragged.add(name)
             self.layer_fields = dict(fields)
             fields.update({c.field: c.spec for c in self.side.columns})
-            self.store = create_store(self.root, fields, fingerprint=self.fp, attrs={ATTR: self._config()})
+            self.store = create_store(self.root, fields, fingerprint=self.fp, attrs={ATTR: self._record().to_json()})
         self.writer = Writer(self.store, self.layer_fields, self.side, max_in_flight=self.max_in_flight,
                              commit_every_rows=self.commit_every_rows, commit_every_seconds=self.commit_every_seconds)
         self.writer.start()
@@ -521,7 +513,7 @@ class Run:
         if self.store is None:  # an empty dataset and no store: shapes are unknown, so fields are placeholders
             fields = {f: Field((None,), dtype_name(self.store_dtype or torch.float32), compression=self.compression)
                       for f in self.fields.values()}
-            config = {**self._config(), "placeholder": True, "sample": None}
+            config = self._record(placeholder=True).to_json()
             self.store = create_store(self.root, fields, fingerprint=self.fp, attrs={ATTR: config})
         codes = np.concatenate(self.view) if self.view else np.empty(0, np.int64)
         sched = codes < 0

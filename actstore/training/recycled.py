@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,24 +24,23 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from actstore.engine.ragged import RaggedBatch
+from actstore.engine.gather import row_view
+from actstore.engine.ragged import PaddedBatch, RaggedBatch
 from actstore.engine.reader import normalize_keys
 from actstore.errors import DatasetMismatchError, MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
 from actstore.format.manifest import Field, dtype_name
 from actstore.hashing import fingerprint as model_fingerprint
 from actstore.hashing import key as content_key
+from actstore.precompute.items import ItemLayout, decode_item, decode_side, item_part
 from actstore.store import ActivationStore, create
 from actstore.store import open as open_store
-from actstore.training.data import (
-    ActivationCollate,
-    PaddedBatch,
+from actstore.training.collate import ActivationCollate, RowBatch
+from actstore.training.datasets import (
     PrecomputeConfig,
-    RowBatch,
     _check_fields,
     _positions,
     _StoreHolder,
     precompute_config,
-    row_view,
 )
 
 __all__ = ["CachedDataset", "RecycledEncoder", "output_rows"]
@@ -128,87 +126,24 @@ def _samples(inputs: Any) -> list[Any]:
 
 # -- the drop-in ------------------------------------------------------------------------------
 
-def _part(item: Any, k: Any) -> Any:
-    return item if k is None else item[k]
-
-
-def _kind_of(value: Any) -> str:
-    """How a side value comes back: a python scalar, str, bytes, numpy array or tensor."""
-    if isinstance(value, (bool, np.bool_)):
-        return "bool"
-    if isinstance(value, (int, np.integer)):
-        return "int"
-    if isinstance(value, (float, np.floating)):
-        return "float"
-    if isinstance(value, str):
-        return "str"
-    if isinstance(value, (bytes, bytearray)):
-        return "bytes"
-    return "array" if isinstance(value, np.ndarray) else "tensor"
-
-
-def _side_item(v: torch.Tensor, kind: str) -> Any:
-    """A stored side value (a view) as the dataset item held it."""
-    if kind in ("bool", "int", "float"):
-        return {"bool": bool, "int": int, "float": float}[kind](v.item())
-    if kind == "str":
-        return bytes(v.numpy()).decode("utf-8", "surrogatepass")
-    if kind == "bytes":
-        return bytes(v.numpy())
-    return v.numpy() if kind == "array" else v
-
-
-@dataclass(frozen=True)
-class _Template:
-    """The structure of ``dataset[i]``: its type, parts, which part is the input, which are side fields."""
-
-    kind: str  # "bare", "mapping", "namedtuple", "sequence"
-    type: type
-    parts: tuple[Any, ...]
-    input: Any
-    side: Mapping[Any, str]  # part -> field
-    kinds: Mapping[Any, str]  # part -> how its value comes back (see _kind_of)
-
-    @classmethod
-    def of(cls, item: Any, input: Any, side: Mapping[Any, str], store: ActivationStore, where: str) -> _Template:
-        unknown = [f for f in side.values() if f not in store.fields]
-        if unknown:
-            raise KeyError(f"side fields {unknown} are not in the store; it has {sorted(store.fields)}")
-        if input is None or item is None:
-            if side and item is not None:
-                raise ValueError(f"{where}: side fields {dict(side)} need items with parts, but the input is the whole item")
-            return cls("bare", type(item), (), None, {}, {})
-        if isinstance(item, Mapping):
-            kind, parts = "mapping", tuple(item.keys())
-        elif isinstance(item, tuple):
-            kind, parts = ("namedtuple" if hasattr(item, "_fields") else "sequence"), tuple(range(len(item)))
-            side = {int(k): v for k, v in side.items()}
-            input = int(input) % max(len(item), 1)
-        else:
-            raise DatasetMismatchError(f"{where}: items are {type(item).__name__}, but precompute recorded "
-                                       f"input part {input!r} of a tuple or dict item")
-        if input not in parts or any(k not in parts for k in side):
-            raise DatasetMismatchError(f"{where}: items have parts {list(parts)}; the store records input {input!r} "
-                                       f"and side columns {list(side)}")
-        return cls(kind, type(item), parts, input, dict(side), {k: _kind_of(item[k]) for k in side})
-
-    def build(self, value: Any, side: Mapping[Any, Any]) -> Any:
-        """An item (or batch) of this structure; parts that were not stored are None."""
-        if self.kind == "bare":
-            return value
-        vals = [value if k == self.input else side.get(k) for k in self.parts]
-        if self.kind == "mapping":
-            d = dict(zip(self.parts, vals, strict=True))
-            try:
-                return d if self.type is dict else self.type(d)
-            except Exception:  # a mapping type that cannot be built from a dict
-                return d
-        if self.kind == "namedtuple":
-            return self.type(*vals)
-        return self.type(vals)
-
-
 _UNSET: Any = object()
+
+
+#: Elements of an array input that still count as cheap to key at construction.
+_CHEAP_ELEMENTS = 4096
+
+
+def _cheap_to_key(x: Any) -> bool:
+    """Whether keying every item like ``x`` at construction is cheap (about a second per million short strings)."""
+    if isinstance(x, (str, bytes, bytearray, int, float, bool, np.number)):
+        return True
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return int(np.prod(x.shape)) <= _CHEAP_ELEMENTS
+    if isinstance(x, Mapping):
+        return all(_cheap_to_key(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return len(x) <= _CHEAP_ELEMENTS and all(isinstance(v, (int, float, bool, str)) for v in x)
+    return False
 
 
 class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
@@ -233,8 +168,13 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     fields
         Activation fields to serve (default: precompute's layers).
     check
-        How many seeded-random positions to verify at construction by keying
-        ``dataset[i]``'s input with ``key_fn`` and comparing with the stored key.
+        Which items to verify at construction by keying ``dataset[i]``'s input
+        with ``key_fn`` and comparing with the stored key: ``"auto"`` (default)
+        checks every item when inputs are cheap to key (str, bytes, numbers,
+        token ids and arrays of at most 4,096 elements, dicts of those) and 8
+        seeded-random positions otherwise; ``"all"`` every item; an int that
+        many seeded-random positions (spot checks).  ``.checked`` says how many
+        positions were checked, ``.check_mode`` whether all or a spot check.
     index
         ``"view"`` (default): positions map to rows through the store's view;
         ``"keys"``: key every input once now and look the keys up (for stores
@@ -257,7 +197,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     """
 
     def __init__(self, dataset: Any, store_or_path: Any, *, input: Any = _UNSET, side: Mapping[Any, str] | None = None,
-                 fields: Sequence[str] | str | None = None, check: int = 8, seed: int = 0, index: str = "view",
+                 fields: Sequence[str] | str | None = None, check: int | str = "auto", seed: int = 0, index: str = "view",
                  fallback: Callable[[list[Any]], Any] | None = None, key_fn: Callable[[Any], bytes] | None = None) -> None:
         self._hold(store_or_path)
         store = self.store
@@ -277,25 +217,38 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         if index == "view":
             rows = self._view_rows(store, cfg, n, where)
         elif index == "keys":
-            rows = store.lookup([self.key_fn(_part(dataset[i], self.input)) for i in range(n)]) if n else np.empty(0, np.int64)
+            rows = store.lookup([self.key_fn(item_part(dataset[i], self.input)) for i in range(n)]) if n else np.empty(0, np.int64)
         else:
             raise ValueError(f"index: expected 'view' or 'keys', got {index!r}")
         self.rows = np.ascontiguousarray(rows, dtype=np.int64)
         present = np.nonzero(self.rows >= 0)[0]
-        gen = np.random.default_rng(seed)
-        checked = gen.choice(present, size=min(check, len(present)), replace=False) if len(present) else present
-        first = dataset[int(checked[0])] if len(checked) else (dataset[0] if n else None)
-        self._template = _Template.of(first, self.input, self.side if n else {}, store, where)
-        for p in np.asarray(checked, dtype=np.int64).tolist():
-            k = self.key_fn(_part(dataset[p], self.input))
-            stored = bytes(store.key_at([self.rows[p]])[0])
-            if bytes(k) != stored:
-                raise DatasetMismatchError(
-                    f"{where}: dataset[{p}]'s input has key {bytes(k).hex()[:16]}…, but the store's row "
-                    f"{self.rows[p]} for that position holds {stored.hex()[:16]}…: the dataset changed since "
-                    "precompute (edited or reordered); rerun precompute on this dataset (it computes only new "
-                    "rows), or pass index='keys' to match items by content"
-                )
+        first = dataset[int(present[0])] if len(present) else (dataset[0] if n else None)
+        unknown = [f for f in self.side.values() if f not in store.fields]
+        if unknown:
+            raise KeyError(f"side fields {unknown} are not in the store; it has {sorted(store.fields)}")
+        recorded = cfg.record.item if cfg.record is not None else None
+        self._template = ItemLayout.of(first, self.input, self.side if n else {}, where, recorded)
+        if check == "auto":
+            full = n > 0 and _cheap_to_key(item_part(first, self.input))
+            spot = 8
+        elif check == "all":
+            full, spot = True, 0
+        elif isinstance(check, int) and not isinstance(check, bool) and check >= 0:
+            full, spot = False, check
+        else:
+            raise ValueError(f"check: expected 'auto', 'all' or a number of spot checks >= 0, got {check!r}")
+        if index == "keys":  # every item was keyed to find its row: nothing left to check
+            positions, full = present[:0], True
+        elif full:
+            positions = present
+        else:
+            gen = np.random.default_rng(seed)
+            positions = np.sort(gen.choice(present, size=min(spot, len(present)), replace=False)) if len(present) \
+                else present
+        self._check_keys(dataset, positions, first, where)
+        #: dataset positions whose key was checked at construction, and how ("all", "spot" or "keys")
+        self.checked = len(present) if index == "keys" else len(positions)
+        self.check_mode = "keys" if index == "keys" else "all" if full else "spot"
         missing = int((self.rows < 0).sum())
         if missing and fallback is None:
             first_missing = np.nonzero(self.rows < 0)[0][:5].tolist()
@@ -306,6 +259,35 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
                 "fallback=frozen_module to compute them on the fly"
             )
         self.missing = missing
+
+    def _check_keys(self, dataset: Any, positions: np.ndarray, first: Any, where: str) -> None:
+        """Key ``dataset[p]``'s input for each position and compare with the stored keys (one gather)."""
+        if not len(positions):
+            return
+        store = self.store
+        first_type = type(first)
+        buf = bytearray()
+        for p in positions.tolist():
+            item = dataset[p]
+            if type(item) is not first_type:
+                raise ValueError(f"{where}: dataset[{p}] is a {type(item).__name__}, but dataset[{int(positions[0])}] "
+                                 f"is a {first_type.__name__}: items must all have one type")
+            k = self.key_fn(item_part(item, self.input))
+            if not isinstance(k, (bytes, bytearray, memoryview)) or len(k) != 32:
+                raise TypeError(f"key_fn must return 32 bytes (like actstore.key), got {type(k).__name__}")
+            buf += k
+        keys = np.frombuffer(bytes(buf), np.uint8).reshape(-1, 32)
+        stored = store.key_at(self.rows[positions])
+        bad = np.flatnonzero((keys != stored).any(axis=1))
+        if len(bad):
+            p = int(positions[bad[0]])
+            more = f" ({len(bad) - 1} more of the {len(positions)} checked positions differ too)" if len(bad) > 1 else ""
+            raise DatasetMismatchError(
+                f"{where}: dataset[{p}]'s input has key {keys[bad[0]].tobytes().hex()[:16]}…, but the store's row "
+                f"{self.rows[p]} for that position holds {stored[bad[0]].tobytes().hex()[:16]}…{more}: the dataset "
+                "changed since precompute (edited or reordered); rerun precompute on this dataset (it computes only "
+                "new rows), or pass index='keys' to match items by content"
+            )
 
     @staticmethod
     def _view_rows(store: ActivationStore, cfg: PrecomputeConfig, n: int, where: str) -> np.ndarray:
@@ -328,7 +310,8 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         return len(self.rows)
 
     def __repr__(self) -> str:
-        return f"CachedDataset({self.store.path!r}, items={len(self)}, fields={self.fields}, missing={self.missing})"
+        return (f"CachedDataset({self.store.path!r}, items={len(self)}, fields={self.fields}, missing={self.missing}, "
+                f"checked={self.checked} ({self.check_mode}))")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -352,7 +335,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
             value = {n: acts[n][0] for n in self.fields}
             side_vals = {k: side[k][0] for k in t.side}  # the item's own parts, as they are
         else:
-            seg, local = store._snap.locate(row)
+            seg, local = store.snapshot.locate(row)
             value, side_vals = {}, {}
             for name in (*self.fields, *t.side.values()):
                 v = row_view(seg, local, name, store.fields[name])
@@ -360,8 +343,8 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
                     value[name] = v
                 for k, fn in t.side.items():
                     if fn == name:
-                        side_vals[k] = _side_item(v, t.kinds[k])
-        return t.build(value[self.fields[0]] if len(self.fields) == 1 else value, side_vals)
+                        side_vals[k] = decode_side(v, t.kinds[k])
+        return decode_item(t, value[self.fields[0]] if len(self.fields) == 1 else value, side_vals)
 
     def __getitems__(self, indices: Sequence[int]) -> RowBatch:
         """The rows of a batch (computing missing ones with the fallback).  Never copies stored rows."""
@@ -381,31 +364,31 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         if self.fallback is None or self.dataset is None:
             raise MissingRowsError(f"positions {positions[:5]} have no row in the store and no fallback was given")
         items = [self.dataset[p] for p in positions]
-        inputs = [_part(it, self.input) for it in items]
+        inputs = [item_part(it, self.input) for it in items]
         if hasattr(self.fallback, "encode_rows"):
             acts = self.fallback.encode_rows(inputs, self.fields)
         else:
             with torch.no_grad():
                 out = self.fallback(inputs)
             acts = output_rows(out, self.fields, len(inputs))
-        side = {k: [_part(it, k) for it in items] for k in self._template.side}
+        side = {k: [item_part(it, k) for it in items] for k in self._template.side}
         return acts, side
 
     def _collate(self, batch: RowBatch, opts: ActivationCollate, shared: bool) -> Any:
         store, t = self.store, self._template
-        snap = store._snap
+        snap = store.snapshot
         acts = {n: opts.gather(snap, n, store.fields[n], batch.rows, shared=shared, extra=batch.computed.get(n))
                 for n in self.fields}
         side: dict[Any, Any] = {}
         for k, fn in t.side.items():
             raw = batch.computed.get(f"side:{k}", {})
             if t.kinds[k] in ("str", "bytes"):  # a list, as default_collate gives for strings
-                side[k] = [raw[p] if r < 0 else _side_item(row_view(*snap.locate(r), fn, store.fields[fn]), t.kinds[k])
+                side[k] = [raw[p] if r < 0 else decode_side(row_view(*snap.locate(r), fn, store.fields[fn]), t.kinds[k])
                            for p, r in enumerate(batch.rows.tolist())]
             else:
                 extra = {p: torch.as_tensor(v) for p, v in raw.items()}
                 side[k] = opts.gather(snap, fn, store.fields[fn], batch.rows, shared=shared, extra=extra)
-        return t.build(acts[self.fields[0]] if len(self.fields) == 1 else acts, side)
+        return decode_item(t, acts[self.fields[0]] if len(self.fields) == 1 else acts, side)
 
 
 class RecycledEncoder(nn.Module):

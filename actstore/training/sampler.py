@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Sampler
 
+from actstore.environment import environment
 from actstore.format.manifest import FIELDS_DIR, chunk_path
 from actstore.store import ActivationStore
 from actstore.store import open as open_store
@@ -42,10 +42,10 @@ DEFAULT_BLOCK_BYTES = 4 << 20
 
 
 def dist_info() -> tuple[int, int]:
-    """(rank, world_size) of the default process group, or (0, 1) outside distributed training."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    """(rank, world_size) of this process (see :func:`actstore.environment.environment`), or (0, 1) outside
+    distributed training."""
+    env = environment()
+    return env.rank, env.world
 
 
 def _row_bytes(store: ActivationStore) -> float:
@@ -140,7 +140,7 @@ class ChunkShuffleSampler(Sampler[int]):
         self._rank, self._world = rank, world_size
         self.block_rows = block_rows or max(1, int(block_bytes // _row_bytes(store)))
         self._rows = rows
-        self._order, self._block_starts, self._block_seg = self._blocks(store._snap.starts, rows)
+        self._order, self._block_starts, self._block_seg = self._blocks(store.snapshot.starts, rows)
         self._hints = _ReadAhead(store) if readahead and len(store) else None
 
     def _blocks(self, starts: np.ndarray, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -253,7 +253,7 @@ class _ReadAhead:
     """
 
     def __init__(self, store: ActivationStore) -> None:
-        self.snap = store._snap
+        self.snap = store.snapshot
         self.fields = dict(store.fields)
         self.enabled = hasattr(os, "posix_fadvise")
 

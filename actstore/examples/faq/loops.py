@@ -171,7 +171,8 @@ class StoreRows:
     def __init__(self, store: Any, field_name: str) -> None:
         import torch
 
-        from actstore.training.data import ActivationCollate, ActivationDataset
+        from actstore.training.collate import ActivationCollate
+        from actstore.training.datasets import ActivationDataset
 
         self.store = store
         self.rows = store.view("dataset")

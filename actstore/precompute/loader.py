@@ -1,0 +1,163 @@
+"""The DataLoader side of a precompute run: per-batch preparation in the workers, collation, device moves.
+
+:class:`Prepare` (the DataLoader's ``collate_fn``) encodes each item
+(:func:`~actstore.precompute.items.encode_item`), computes the content keys in
+the workers and, optionally, collates the inputs; the result is a :class:`Group`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from actstore.hashing import key as content_key
+from actstore.precompute.items import Selector
+from actstore.precompute.keys import check_key
+
+__all__ = ["Group", "IterableWrapper", "Prepare", "default_collate", "field_name", "pad_collate", "qualname", "to_device"]
+
+
+@dataclass
+class Group:
+    """One DataLoader batch after :class:`Prepare`: keys, inputs, side values, maybe collated."""
+
+    keys: np.ndarray  # (n, 32) uint8
+    inputs: list[Any] | None  # raw model inputs; None when `collated` covers them (refetch if needed)
+    sides: list[dict[str, Any] | None]
+    structure: dict[str, Any] | None  # of the first item (Selector.structure), recorded in the store's attrs
+    collated: Any = None
+    error: tuple[int, BaseException] | None = None  # (offset in the batch, exception)
+    collate_error: BaseException | None = None
+
+    def __len__(self) -> int:
+        return len(self.sides)
+
+    def pin_memory(self) -> Group:  # called by DataLoader(pin_memory=True)
+        if self.collated is not None:
+            from torch.utils.data._utils.pin_memory import pin_memory
+
+            self.collated = pin_memory(self.collated)
+        return self
+
+
+class Prepare:
+    """The DataLoader ``collate_fn``: split items, key the inputs, collate speculatively.
+
+    Runs in the DataLoader workers (or the main thread with ``num_workers=0``).
+    Errors are caught and returned in the :class:`Group` with the item's offset,
+    so that the main thread can name the dataset index.
+    """
+
+    def __init__(self, selector: Selector, key_fn: Callable[[Any], bytes] | None, collate_fn: Callable[[list[Any]], Any],
+                 speculative: bool, keep_inputs: bool) -> None:
+        self.selector = selector
+        self.key_fn = key_fn
+        self.collate_fn = collate_fn
+        self.speculative = speculative
+        self.keep_inputs = keep_inputs
+
+    def __call__(self, items: Sequence[Any]) -> Group:
+        inputs: list[Any] = []
+        sides: list[dict[str, Any] | None] = []
+        buf = bytearray()
+        for j, item in enumerate(items):
+            try:
+                x, side = self.selector.split(item)
+                k = content_key(x) if self.key_fn is None else check_key(self.key_fn(x))
+            except Exception as e:  # reported with its dataset index by the main thread
+                return Group(np.empty((0, 32), np.uint8), None, [], None, error=(j, e))
+            inputs.append(x)
+            sides.append(side)
+            buf += k
+        keys = np.frombuffer(bytes(buf), np.uint8).reshape(-1, 32)
+        group = Group(keys, inputs, sides, self.selector.structure(items[0]) if len(items) else None)
+        if self.speculative:
+            try:
+                group.collated = self.collate_fn(inputs)
+            except Exception as e:  # the main thread collates again and raises there
+                group.collate_error = e
+            if group.collated is not None and not self.keep_inputs:
+                group.inputs = None
+        return group
+
+
+def field_name(layer: str) -> str:
+    """The store field of a layer: ``""`` → ``"output"``, other characters than ``[A-Za-z0-9_.-]`` → ``_``."""
+    if layer == "":
+        return "output"
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", layer)
+    if name[0] in ".-":
+        name = "_" + name
+    while name.startswith("__"):
+        name = name[1:]
+    if name.lower() == "zarr.json":
+        name += "_"
+    return name[:128]
+
+
+def qualname(obj: Any) -> str | None:
+    if obj is None:
+        return None
+    t = obj if isinstance(obj, type) else type(obj)
+    if callable(obj) and hasattr(obj, "__qualname__") and not isinstance(obj, type):
+        return f"{getattr(obj, '__module__', '?')}.{obj.__qualname__}"
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+class IterableWrapper(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    def __init__(self, iterable: Iterable[Any]) -> None:
+        self.iterable = iterable
+
+    def __iter__(self) -> Any:
+        return iter(self.iterable)
+
+
+def default_collate(inputs: list[Any]) -> Any:
+    """Batch raw model inputs: torch's ``default_collate``, except that dicts of keyword arguments with an
+    ``attention_mask`` (token rows of different lengths, trimmed by :func:`~actstore.precompute.items.model_input`)
+    are right-padded to the batch's longest row, with zeros (the mask hides them)."""
+    if inputs and isinstance(inputs[0], str):
+        raise TypeError("the model inputs are str: pass collate_fn= (for example a tokenizer call) to turn a list of "
+                        "them into tensors")
+    if inputs and isinstance(inputs[0], Mapping) and isinstance(inputs[0].get("attention_mask"), torch.Tensor):
+        return pad_collate(inputs)
+    return torch.utils.data.default_collate(inputs)
+
+
+def pad_collate(inputs: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Right-pad and stack dicts of per-token tensors (each as long as its ``attention_mask``).  Always copies."""
+    lengths = [len(x["attention_mask"]) for x in inputs]
+    width = max(lengths)
+    out: dict[str, torch.Tensor] = {}
+    for k in inputs[0]:
+        vals = [x[k] for x in inputs]
+        if all(v.ndim >= 1 and v.shape[0] == n for v, n in zip(vals, lengths, strict=True)):
+            batch = vals[0].new_zeros((len(vals), width, *vals[0].shape[1:]))
+            for i, v in enumerate(vals):
+                batch[i, : len(v)] = v
+            out[k] = batch
+        else:
+            out[k] = torch.utils.data.default_collate(vals)
+    return out
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        moved = {k: to_device(v, device) for k, v in batch.items()}
+        if type(batch) is not dict:
+            with contextlib.suppress(Exception):  # keep a BatchEncoding a BatchEncoding
+                return type(batch)(moved)  # type: ignore[call-arg]
+        return moved
+    if isinstance(batch, tuple):
+        return tuple(to_device(v, device) for v in batch)
+    if isinstance(batch, list):
+        return [to_device(v, device) for v in batch]
+    return batch

@@ -1,0 +1,219 @@
+"""Training from a store: map-style datasets over its rows.
+
+- :class:`ActivationDataset` — the store's rows as a ``torch.utils.data.Dataset``.
+- :class:`~actstore.training.collate.ActivationCollate` / ``collate`` — one copy
+  from the memory maps into the batch (see :mod:`actstore.training.collate`).
+
+How a batch is made.  The datasets define ``__getitems__``, so a DataLoader with
+a ``batch_size`` calls it once per batch; it returns a :class:`RowBatch` (the
+rows, nothing copied yet).  The collate function then gathers every field from
+the maps into freshly allocated batch tensors — in a worker process those are
+allocated in shared memory, so the batch reaches the training process without a
+second copy.  ``RowBatch`` is also a sequence of per-row items, so
+``default_collate`` and other collate functions that iterate over samples keep
+working (they copy per row).
+
+Worker processes.  Datasets pickle as (path, committed manifest): a worker
+started with ``spawn`` or ``forkserver`` re-opens exactly the snapshot the main
+process saw, and maps files lazily on first use; under ``fork`` it inherits the
+parent's maps.  Nothing on the read path touches zarr or asyncio.
+
+SAFETY: items returned by ``dataset[i]`` are views of private copy-on-write maps
+(never copies); they stay valid while referenced, even after the store's files
+are deleted.  A store deleted under a running DataLoader keeps serving the pages
+already mapped; a file not mapped yet raises :class:`~actstore.CorruptStoreError`
+("data file is missing") in the worker, which the DataLoader re-raises — it never
+hangs.  A file *truncated* by another program under a live map can kill the
+process with ``SIGBUS``; that is outside actstore's guarantees (``verify`` finds it).
+
+:class:`~actstore.training.recycled.CachedDataset` (the drop-in for the user's dataset)
+builds on the same batches; :class:`~actstore.training.sampler.ChunkShuffleSampler`
+orders them for locality.  Rows are read through
+``store.snapshot`` with :mod:`actstore.engine.gather`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from actstore.engine.gather import Row, row_view
+from actstore.errors import StoreError
+from actstore.format.record import PrecomputeRecord, read_record
+from actstore.store import ActivationStore
+from actstore.store import open as open_store
+from actstore.training.collate import ActivationCollate, RowBatch
+
+__all__ = ["ActivationDataset", "PrecomputeConfig", "precompute_config"]
+
+
+# -- what precompute recorded -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """The training side's reading of the precompute record (see :func:`precompute_config`)."""
+
+    input: Any = None  #: the part of ``dataset[i]`` that was the input (None: the whole item)
+    side: dict[Any, str] | None = None  #: item part -> side field
+    layers: tuple[str, ...] = ()  #: activation fields (one per captured layer)
+    length: int | None = None  #: len(dataset) at precompute time (None: an iterable)
+    view: str = "dataset"  #: the view mapping dataset position -> row
+    key_fn: str | None = None  #: qualified name of the key function ("actstore.key" by default)
+    record: PrecomputeRecord | None = None  #: the record itself (None: precompute did not make the store)
+
+
+def precompute_config(store: ActivationStore) -> PrecomputeConfig:
+    """Read ``store.attrs["precompute"]`` through :class:`~actstore.format.record.PrecomputeRecord`.
+
+    A store that precompute did not make gives an empty config: every field is
+    an activation field and items are the input alone.  Raises
+    :class:`~actstore.UnsupportedFormatError` for a record of another version and
+    :class:`~actstore.CorruptStoreError` for a malformed one.
+    """
+    rec = read_record(store.attrs, store.path)
+    if rec is None:
+        return PrecomputeConfig(layers=tuple(store.fields))
+    side = rec.side_fields
+    layers = [f for f in rec.layer_fields if f in store.fields]
+    item = rec.item
+    return PrecomputeConfig(
+        input=None if item is None or item.type == "bare" else item.input,
+        side=side,
+        layers=tuple(layers) or tuple(n for n in store.fields if n not in set(side.values())),
+        length=rec.dataset_length,
+        view=rec.view,
+        key_fn=rec.key_fn,
+        record=rec,
+    )
+
+
+# -- datasets -----------------------------------------------------------------------------
+
+
+def _open_read(store_or_path: Any) -> ActivationStore:
+    if isinstance(store_or_path, ActivationStore):
+        if store_or_path.mode == "r":
+            return store_or_path
+        if hasattr(store_or_path, "url"):  # a remote writer: its path is only the local staging mirror
+            raise TypeError(f"{store_or_path.url}: a store open for appending cannot be read as a dataset; "
+                            "open the URL again with mode='r'")
+        return open_store(store_or_path.path)  # a writer's handle: read its last commit
+    return open_store(store_or_path)
+
+
+class _StoreHolder:
+    """Holds a read-only store; pickles it whole and unpickles it lazily, on first use.
+
+    A worker started with ``spawn`` or ``forkserver`` thus re-opens the parent's
+    snapshot when it first reads (errors, such as a deleted store, surface
+    through the DataLoader's normal error path) and maps only what it touches.
+    """
+
+    _store: ActivationStore | None
+    _store_blob: bytes | None
+
+    def _hold(self, store_or_path: Any) -> None:
+        self._store = _open_read(store_or_path)
+        self._store_blob = None
+
+    @property
+    def store(self) -> ActivationStore:
+        """The read-only store (re-opened lazily in a worker process)."""
+        s = self._store
+        if s is None:
+            if self._store_blob is None:
+                raise StoreError("the dataset holds no store")
+            s = self._store = pickle.loads(self._store_blob)  # the same committed snapshot as the parent's
+        return s
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_store_blob"] = self._store_blob if self._store is None else pickle.dumps(self._store)
+        state["_store"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def _check_fields(store: ActivationStore, fields: Any) -> list[str]:
+    return store._field_names(fields)
+
+
+def _positions(indices: Any, n: int) -> np.ndarray:
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if len(idx) and (idx.min() < -n or idx.max() >= n):
+        bad = idx[(idx < -n) | (idx >= n)][0]
+        raise IndexError(f"index {bad} is out of range for a dataset of {n} items")
+    return np.where(idx < 0, idx + n, idx)
+
+
+class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
+    """The rows of a store as a map-style dataset: ``ds[i]`` is ``{field: tensor}``.
+
+    Parameters
+    ----------
+    store_or_path
+        A store or its path.  It is read as of its last commit (a store still
+        being written shows what was committed before the dataset was made).
+    fields
+        The fields in each item (default: all, side columns such as labels and
+        ids included).  An unknown name raises ``KeyError`` listing the fields.
+
+    ``ds[i]`` never copies (views of the maps).  A DataLoader with a
+    ``batch_size`` calls ``__getitems__`` once per batch; with
+    ``collate_fn=actstore.collate`` (or an :class:`ActivationCollate`) the batch
+    is gathered in one copy: ``{field: tensor}``, ragged fields as
+    :class:`PaddedBatch`.
+
+    Ordering: ``shuffle=True`` shuffles fully; for stores larger than the page
+    cache use :class:`~actstore.ChunkShuffleSampler` (chunk-local, seedable).
+    Under DistributedDataParallel give the DataLoader a sampler that splits by
+    rank — ``ChunkShuffleSampler`` (reads the process group itself) or
+    ``torch.utils.data.DistributedSampler`` — and call its ``set_epoch`` each
+    epoch; ``shuffle=True`` alone would give every rank the whole store.
+
+    Examples
+    --------
+    >>> ds = ActivationDataset("faq.store", fields=["hidden", "label"])  # doctest: +SKIP
+    >>> loader = DataLoader(ds, batch_size=256, shuffle=True, collate_fn=actstore.collate)  # doctest: +SKIP
+    """
+
+    def __init__(self, store_or_path: Any, fields: Sequence[str] | str | None = None) -> None:
+        self._hold(store_or_path)
+        self.fields = _check_fields(self.store, fields)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __repr__(self) -> str:
+        return f"ActivationDataset({self.store.path!r}, rows={len(self)}, fields={self.fields})"
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """Row ``i`` as ``{field: tensor}``: views of the maps (compressed fields: copies)."""
+        store = self.store
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
+            raise TypeError(f"index: expected an int, got {type(i).__name__}")
+        seg, local = store.snapshot.locate(int(i))
+        return Row({name: row_view(seg, local, name, store.fields[name]) for name in self.fields}, store.snapshot.aliases)
+
+    def __getitems__(self, indices: Sequence[int]) -> RowBatch:
+        """The rows of a batch, gathered later by the collate function.  Never copies."""
+        rows = _positions(indices, len(self.store))
+        return RowBatch(self, rows, rows)
+
+    def _collate(self, batch: RowBatch, opts: ActivationCollate, shared: bool) -> dict[str, Any]:
+        store = self.store
+        snap = store.snapshot
+        return {n: opts.gather(snap, n, store.fields[n], batch.rows, shared=shared) for n in self.fields}
+
+    def sampler_layout(self) -> tuple[ActivationStore, np.ndarray | None]:
+        """(store, row of each position or None for the identity) — for :class:`ChunkShuffleSampler`."""
+        return self.store, None
