@@ -82,6 +82,14 @@ def _epoch(batches: list[list[int]], loss_of: Callable[[list[int]], Any], opt: A
     return losses
 
 
+def _record_epoch(row: RowResult, losses: list[float], log: Callable[[str], None]) -> None:
+    """Append the epoch just evaluated to ``row.history`` and log it."""
+    row.history.append({"epoch": len(row.history) + 1, "loss": sum(losses) / len(losses), "rp1": row.rp1,
+                        "rrk": row.rrk})
+    log(f"  {row.name}: epoch {len(row.history)} {row.epoch_seconds[-1]:.1f} s, loss {row.history[-1]['loss']:.4f}, "
+        f"RP@1 {row.rp1:.4f}, RRK {row.rrk:.4f}")
+
+
 # -- encoding and evaluation --------------------------------------------------------------
 
 
@@ -140,9 +148,7 @@ def train_full(model: Any, train: Pairs, val: Pairs, *, epochs: int, batch_size:
         row.epoch_seconds.append(time.perf_counter() - t0)
         if eval_each_epoch or epoch == epochs - 1:
             evaluate_model(model, val, row)
-        row.history.append({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "rp1": row.rp1, "rrk": row.rrk})
-        log(f"  {name}: epoch {epoch + 1} {row.epoch_seconds[-1]:.1f} s, loss {row.history[-1]['loss']:.4f}, "
-            f"RP@1 {row.rp1:.4f}, RRK {row.rrk:.4f}")
+        _record_epoch(row, losses, log)
     model.eval()
     return row
 
@@ -250,9 +256,7 @@ def _train_from_store(head: Any, params: list[Any], gather: StoreRows, all_pairs
         a = _encode_from_store(head, gather, corpus_pos)
         row.set_metrics(q, a[relevant], a, relevant)
         row.eval_seconds += time.perf_counter() - t1
-        row.history.append({"epoch": epoch + 1, "loss": sum(losses) / len(losses), "rp1": row.rp1, "rrk": row.rrk})
-        log(f"  {row.name}: epoch {epoch + 1} {row.epoch_seconds[-1]:.1f} s, loss {row.history[-1]['loss']:.4f}, "
-            f"RP@1 {row.rp1:.4f}, RRK {row.rrk:.4f}")
+        _record_epoch(row, losses, log)
     head.eval()
     return row
 
