@@ -25,7 +25,8 @@ def load_factory(spec: str, option: str) -> Callable[[], Any]:
         if not os.path.isfile(path):
             raise FactoryError(f"{option}: no such file {path}")
         mod_spec = importlib.util.spec_from_file_location(f"_actstore_factory_{uuid.uuid4().hex[:8]}", path)
-        assert mod_spec is not None and mod_spec.loader is not None
+        if mod_spec is None or mod_spec.loader is None:
+            raise FactoryError(f"{option}: {path} cannot be imported as a Python module")
         module = importlib.util.module_from_spec(mod_spec)
         try:
             mod_spec.loader.exec_module(module)
