@@ -54,7 +54,7 @@ class SplitStates(torch.Tensor):
     then). Never copies: it shares the states' storage.
     """
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
     attention_mask: torch.Tensor | None = None
 
     @staticmethod
@@ -160,6 +160,9 @@ def stand_ins(base: nn.Module, family: Family, k: int, states: torch.Tensor) -> 
 
     Raises :class:`SplitError` (from inside the call) when the stream entering a
     block after the first stand-in is not the states the previous one returned.
+    The parameters of the family's ``shared`` modules (frozen-part modules the
+    call reads) do not require grad during the call, so the head's backward
+    leaves them alone.
     """
     ctx: dict[str, Any] = {}
     blocks = family.block_list(base)
@@ -187,10 +190,16 @@ def stand_ins(base: nn.Module, family: Family, k: int, states: torch.Tensor) -> 
                 raise _branch_error(base, family.blocks, k + 1)
 
         handle = blocks[k + 1].register_forward_pre_hook(check, with_kwargs=True)
+    # Frozen modules the head's call reads (rotary, relative embeddings) take no gradient from the head.
+    frozen_params = [p for name in family.shared for p in _get(base, name).parameters() if p.requires_grad]
     try:
+        for p in frozen_params:
+            p.requires_grad_(False)
         with _patched(patches):
             yield
     finally:
+        for p in frozen_params:
+            p.requires_grad_(True)
         if handle is not None:
             handle.remove()
 

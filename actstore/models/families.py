@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -153,7 +153,7 @@ def detect_family(model: nn.Module) -> Family | str:
     if mtype == "t5" and _has(model, "encoder.block"):
         if _has(model, "decoder"):
             return "it is an encoder-decoder T5; split its encoder (transformers.T5EncoderModel) instead"
-        return Family("t5", "encoder.block", "shared", (), "inputs_embeds",
+        return Family("t5", "encoder.block", "encoder.embed_tokens", (), "inputs_embeds",
                       shared=("encoder.block.0.layer.0.SelfAttention.relative_attention_bias",),
                       tail=("encoder.final_layer_norm",), extras=_t5_extras, positions_from_mask=True)
     if mtype == "vit" and _has(model, "embeddings"):
@@ -173,7 +173,7 @@ def custom_family(model: nn.Module, blocks: str, stem: str | None, tail: tuple[s
     if not _has(model, blocks) or not isinstance(_get(model, blocks), (nn.ModuleList, nn.Sequential)):
         raise TypeError(f"blocks={blocks!r}: {type(model).__name__} has no nn.ModuleList or nn.Sequential of that name; "
                         "name the container whose children forward() calls in order on the residual stream")
-    if len(_get(model, blocks)) == 0:
+    if len(cast(nn.ModuleList, _get(model, blocks))) == 0:
         raise ValueError(f"blocks={blocks!r} is empty: nothing to split")
     if stem is not None and not _has(model, stem):
         raise TypeError(f"stem={stem!r}: {type(model).__name__} has no module of that name; name the module whose "

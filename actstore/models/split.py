@@ -20,7 +20,7 @@ Hugging Face base models: BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, DeBERTa-v
     Blocks are the model's layer list (``encoder.layer.k``, ``h.k``,
     ``layers.k``, ``encoder.block.k``, ``transformer.layer.k``); the stem
     split point (``"embeddings"``, ``"drop"``, ``"embed_tokens"``,
-    ``"shared"``) splits before block 0. One mechanism serves them all
+    ``"encoder.embed_tokens"``) splits before block 0. One mechanism serves them all
     (:mod:`actstore.models.blocks`): the frozen part is the model's own
     forward stopped after block ``k``; the head is the model's own forward
     with the stem and blocks ``0..k`` standing in for the cached states, so
