@@ -241,6 +241,7 @@ class Frozen(nn.Module):
         self.layer = nn.ModuleDict({str(i): blocks[i] for i in range(k + 1)})
         self.parts = nn.ModuleDict({name.replace(".", "__"): m for name, m in owned.items()})
         self.__dict__["base"] = base  # not registered: its head-side modules are not the frozen part's
+        self.training = base.training  # the model's mode, as its modules have it
         self._point = point
         self._accepted = _accepted(base.forward)
 
@@ -330,6 +331,7 @@ class Head(nn.Module):
         self.layer = nn.ModuleDict({str(i): blocks[i] for i in range(k + 1, len(blocks))})
         self.tail = nn.ModuleDict({name.replace(".", "__"): m for name, m in tail.items()})
         self.__dict__["base"] = base
+        self.training = base.training
 
     @property
     def config(self) -> Any:

@@ -50,8 +50,8 @@ these models) and default position ids, a sample's states do not depend on
 how its batch was padded, so recycled rows are batch-independent. Left
 padding shifts the positions of the real tokens: ``head(frozen(x))`` still
 equals ``model(x)`` for that batch, but the rows differ from the unpadded
-sample's, so :func:`check_padding` (used by precompute) refuses left-padded
-batches for such families.
+sample's, so :func:`check_padding` (used by precompute and RecycledEncoder)
+refuses left-padded batches for causal decoders.
 
 ``at`` is a split point name (see :func:`split_points`) or a fraction in
 ``(0, 1]`` of the family's blocks to freeze: the first
@@ -208,15 +208,17 @@ def _check_sentence_transformer_module(first: nn.Module) -> None:
 
 
 def check_padding(model: nn.Module, attention_mask: torch.Tensor | None) -> None:
-    """Refuse a left-padded batch where left padding changes a sample's states.
+    """Refuse a left-padded batch for a causal decoder, whose states then depend on the padding.
 
-    Causal decoders (GPT-2, Llama, Mistral, Qwen2) and encoders with absolute
-    positions counted from the first token (BERT, DistilBERT, DeBERTa-v2) give
-    a sample different states when padding precedes it; rows recycled from
-    such a batch would differ from the sample's own. Right padding (every
-    tokenizer's default for them; ``tokenizer.padding_side = "right"``) keeps
-    them independent of the batch. RoBERTa-family and T5 encoders, whose
-    positions come from the mask or are relative, accept either side.
+    GPT-2, Llama, Mistral and Qwen2 count position ids from the first token of
+    the batch row (the default ``position_ids``): padding before a sample
+    shifts its positions, so rows recycled from a left-padded batch would
+    differ from the sample's own and from the same sample in another batch.
+    With right padding (the tokenizer's ``padding_side = "right"``) causal
+    attention never sees the padding and the rows are the sample's own.
+    Encoders are not refused here (BERT-style absolute positions shift too,
+    but bidirectional encoders are conventionally right-padded; RoBERTa and
+    T5 are unaffected).
 
     Raises
     ------
@@ -225,11 +227,14 @@ def check_padding(model: nn.Module, attention_mask: torch.Tensor | None) -> None
     """
     if attention_mask is None or attention_mask.ndim != 2 or attention_mask.shape[1] < 2:
         return
-    try:
-        plan = _plan(model)
-    except (TypeError, ValueError):
-        return
-    if plan.spec is None or plan.spec.left_padding_ok:
+    if isinstance(model, Frozen):
+        spec: Family | None = model.family
+    else:
+        try:
+            spec = _plan(model).spec
+        except (TypeError, ValueError):
+            return
+    if spec is None or not spec.causal:
         return
     real = attention_mask != 0
     bad = (~real[:, :-1] & real[:, 1:]).any(dim=1)
@@ -237,7 +242,7 @@ def check_padding(model: nn.Module, attention_mask: torch.Tensor | None) -> None
         rows = bad.nonzero().flatten()[:5].tolist()
         raise LeftPaddingError(
             f"the batch is left-padded (rows {rows} have padding before real tokens): for a "
-            f"{plan.spec.name} model that shifts the positions of the real tokens, so their recycled states "
+            f"{spec.name} model that shifts the positions of the real tokens, so their recycled states "
             "would depend on the batch. Pad on the right (tokenizer.padding_side = 'right', the default for "
             "these models); the stored rows are then the samples' own."
         )
@@ -437,6 +442,7 @@ def _split_blocks(root: nn.Module, base: nn.Module, family: Family, prefix: str,
     tail = _tail(base, family)
     owned = _walk(base, family, tail)
     frozen = Frozen(base, family, k, name, local, owned)
+    frozen.__dict__["root"] = root  # the model that was split (for the fingerprint of older stores)
     head = Head(base, family, k, name, {t: _get(base, t) for t in tail})
     _check_untied(frozen, head, untie)
     return frozen, head
