@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from family_models import DECODERS, TEXT_FAMILIES, image_batch, tiny, token_batch  # noqa: E402
-
-from actstore.engine.ragged import PaddedBatch  # noqa: E402
-from actstore.errors import LeftPaddingError, SplitError  # noqa: E402
-from actstore.models.capture import capture  # noqa: E402
-from actstore.models.split import SplitStates, check_padding, split, split_points  # noqa: E402
+from actstore.engine.ragged import PaddedBatch
+from actstore.errors import LeftPaddingError, SplitError
+from actstore.models.capture import capture
+from actstore.models.split import SplitStates, check_padding, split, split_points
+from tests.family_models import DECODERS, TEXT_FAMILIES, image_batch, tiny, token_batch
 
 pytest.importorskip("transformers")
 

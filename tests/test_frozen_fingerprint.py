@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from family_models import tiny  # noqa: E402
-
-import actstore  # noqa: E402
-from actstore.errors import LeftPaddingError, StaleStoreError  # noqa: E402
-from actstore.hashing import fingerprint  # noqa: E402
-from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint  # noqa: E402
-from actstore.models.split import split  # noqa: E402
-from actstore.precompute.api import precompute  # noqa: E402
-from actstore.testing.models import tiny_mlp  # noqa: E402
-from tests.precompute_helpers import pad_collate, token_lists, vectors  # noqa: E402
+import actstore
+from actstore.errors import LeftPaddingError, StaleStoreError
+from actstore.hashing import fingerprint
+from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
+from actstore.models.split import split
+from actstore.precompute.api import precompute
+from actstore.testing.models import tiny_mlp
+from tests.family_models import tiny
+from tests.precompute_helpers import pad_collate, token_lists, vectors
 
 
 def bump(module: torch.nn.Module) -> None:

@@ -34,7 +34,7 @@ from actstore.engine.writer import StoreLock
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError
 from actstore.format.manifest import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR, Field, dtype_name
 from actstore.hashing import key as content_key
-from actstore.models.capture import LayerCapture
+from actstore.models.capture import LayerCapture, train_mode_matters
 from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
 from actstore.models.split import check_padding
 from actstore.precompute.background import Job, Writer, convert_output
@@ -143,7 +143,7 @@ class Run:
         self._open_existing(fp)
         self.fp = fp
         was_training = self.model.training
-        if was_training:
+        if train_mode_matters(self.model):
             warnings.warn("precompute runs the model in eval mode (no dropout in the stored rows); it was in "
                           "train mode and is put back in it afterwards", stacklevel=4)
         self.model.eval()
