@@ -26,7 +26,8 @@ from actstore.models.split import split, split_points
 from actstore.precompute.api import precompute
 from actstore.store import ActivationStore, create, open
 from actstore.training.data import ActivationCollate, ActivationDataset, PaddedBatch, collate
-from actstore.training.recycled import CachedDataset, RecycledEncoder
+from actstore.training.encoder import RecycledEncoder
+from actstore.training.recycled import CachedDataset
 from actstore.training.sampler import ChunkShuffleSampler
 
 __version__ = "0.1.0"

@@ -328,3 +328,18 @@ def test_tied_weights_between_the_parts() -> None:
     assert model.out.weight is not model.embed.weight and head.tail["out"].weight is model.out.weight
     with torch.no_grad():
         torch.testing.assert_close(head(frozen(x)), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("family", "at", "pattern"), [
+    ("llama", "layers.1.mlp", "inside block 'layers.1'"),
+    ("llama", "norm", "not a block boundary"),
+    ("gpt2", "h.9", "no module named 'h.9'"),
+    ("t5", "encoder.final_layer_norm", "not a block boundary"),
+    ("vit", "layers.3.attention", "inside block 'layers.3'"),
+    ("distilbert", "transformer.layer.0.ffn", "inside block 'transformer.layer.0'"),
+])
+def test_bad_split_points_list_the_valid_ones(family: str, at: str, pattern: str) -> None:
+    model = model_of(family)
+    with pytest.raises(ValueError, match=pattern) as info:
+        split(model, at)
+    assert str(split_points(model)) in str(info.value)
