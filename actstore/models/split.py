@@ -563,7 +563,8 @@ def split(model: nn.Module, at: str | float, *, blocks: str | None = None, stem:
         n = plan.blocks.index(name) + 1 if name in plan.blocks else 0
         frozen_names = (*_RESNET_STEM, *_RESNET_STAGES[:n])
         return ResNetPart(model, frozen_names, name), ResNetPart(model, (*_RESNET_STAGES[n:], "avgpool", "fc"), name)
-    assert plan.spec is not None and plan.base is not None  # noqa: S101 - set for every block family
+    if plan.spec is None or plan.base is None:  # every other family carries its table entry
+        raise RuntimeError(f"split: no block layout recorded for the {plan.family} family")
     frozen, head = _split_blocks(model, plan.base, plan.spec, plan.prefix, name, untie_weights)
     if plan.family == "sentence-transformers":
         return frozen, SentenceTransformerHead(model, head, name)
