@@ -567,5 +567,8 @@ def split(model: nn.Module, at: str | float, *, blocks: str | None = None, stem:
         raise RuntimeError(f"split: no block layout recorded for the {plan.family} family")
     frozen, head = _split_blocks(model, plan.base, plan.spec, plan.prefix, name, untie_weights)
     if plan.family == "sentence-transformers":
+        # The sentence embedding comes from the token states: an encoder pooler is in neither part.
+        if "pooler" in head.tail:
+            del head.tail["pooler"]
         return frozen, SentenceTransformerHead(model, head, name)
     return frozen, head
