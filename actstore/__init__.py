@@ -27,7 +27,8 @@ from actstore.precompute.api import precompute
 from actstore.store import ActivationStore, create, open
 from actstore.training.collate import ActivationCollate, PaddedBatch, collate
 from actstore.training.datasets import ActivationDataset
-from actstore.training.recycled import CachedDataset, RecycledEncoder
+from actstore.training.encoder import RecycledEncoder
+from actstore.training.recycled import CachedDataset
 from actstore.training.sampler import ChunkShuffleSampler
 
 __version__ = "0.1.0"

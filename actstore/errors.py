@@ -12,10 +12,12 @@ __all__ = [
     "CorruptStoreError",
     "DatasetMismatchError",
     "FactoryError",
+    "LeftPaddingError",
     "MissingDependencyError",
     "MissingRowsError",
     "PreconditionFailed",
     "RemoteError",
+    "SplitError",
     "StaleStoreError",
     "StoreError",
     "StoreExistsError",
@@ -79,3 +81,11 @@ class FactoryError(StoreError, ValueError):
 
 class BenchError(StoreError, ValueError):
     """``actstore bench`` cannot run (bad model, bad depth, out of memory at the smallest batch size)."""
+
+
+class SplitError(StoreError, TypeError):
+    """A model cannot be split as asked (unknown layout, blocks that do not return the stream, tied weights)."""
+
+
+class LeftPaddingError(StoreError, ValueError):
+    """A left-padded batch for a model whose states depend on the padding side; pad on the right."""

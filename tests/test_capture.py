@@ -19,6 +19,7 @@ from actstore.models.capture import (
     model_arguments,
     reduce_output,
     resolve_layers,
+    train_mode_matters,
 )
 from actstore.testing.models import bert_batch, tiny_bert, tiny_mlp, tiny_resnet, tiny_sentence_transformer
 
@@ -323,3 +324,15 @@ def test_sentence_transformer_capture_through_alias(tmp_path: Any) -> None:
     torch.testing.assert_close(out["0.model.encoder.layer.1"], hidden[2], rtol=0, atol=0)
     assert counts == dict.fromkeys(later, 0)
     torch.testing.assert_close(sentence, expected, rtol=0, atol=0)
+
+
+def test_train_mode_matters_only_with_dropout_or_batch_norm() -> None:
+    mlp = tiny_mlp().train()
+    assert not train_mode_matters(mlp)  # Linear and ReLU compute the same either way
+    assert train_mode_matters(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)).train())
+    assert train_mode_matters(tiny_resnet().train())  # batch norm
+    assert not train_mode_matters(tiny_resnet().eval())
+    bert = tiny_bert().train()
+    assert train_mode_matters(bert)
+    bert.eval()
+    assert not train_mode_matters(bert)

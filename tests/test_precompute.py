@@ -90,7 +90,7 @@ def test_fixed_fields_bit_exact_with_labels_view_and_attrs(tmp_path: Any) -> Non
     assert cfg["sample"]["type"] == "tuple" and cfg["sample"]["input"] == 0
     assert [d["layer"] for d in cfg["layers"]] == ["3", "1"]
     assert cfg["dataset_length"] == 50 and cfg["model_class"].endswith("Sequential")
-    assert store.fingerprint == actstore.fingerprint(model)
+    assert store.fingerprint == actstore.fingerprint(model[:4])  # the frozen part only: blocks up to layer 3
     assert store.lookup(keys_of([v for v, _ in data])).tolist() == rows.tolist()  # keys are on the raw input
     store.verify()
 
@@ -305,7 +305,7 @@ def test_fingerprint_mismatch_and_overwrite(tmp_path: Any) -> None:
     with pytest.raises(actstore.StaleStoreError, match="overwrite=True"):
         run(other, data, tmp_path / "s", layers="1")
     s = run(other, data, tmp_path / "s", layers="1", overwrite=True)
-    assert s.fingerprint == actstore.fingerprint(other) and len(s) == 12
+    assert s.fingerprint == actstore.fingerprint(other[:2]) and len(s) == 12  # the frozen part only
     s.close()
     with pytest.raises(actstore.StoreExistsError, match="other layers"):
         run(other, data, tmp_path / "s", layers="3")

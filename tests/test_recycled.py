@@ -318,7 +318,7 @@ def test_encoder_reads_a_precompute_store_of_the_whole_model(tmp_path: Any) -> N
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).eval()
     x = torch.randn(20, 4, generator=torch.Generator().manual_seed(1))
     store = precompute(model, [(x[i], i) for i in range(20)], tmp_path / "p", layers="1", progress=False)
-    frozen = model[:2]  # the frozen part: precompute fingerprinted the whole model
+    frozen = model[:2]  # the frozen part: precompute fingerprinted exactly these modules
     enc = RecycledEncoder(frozen, store)
     assert enc.names == ["1"]
     batch = torch.cat([x[:5], torch.randn(3, 4)])  # a tensor batch: rows keyed one by one
@@ -326,8 +326,12 @@ def test_encoder_reads_a_precompute_store_of_the_whole_model(tmp_path: Any) -> N
     assert (enc.hits, enc.misses) == (5, 3) and out.shape == (8, 8)
     with torch.no_grad():
         assert torch.allclose(out, frozen(batch), atol=1e-6)
+        model[2].weight.add_(1.0)  # training the head: the store stays fresh
+    RecycledEncoder(frozen, store, check_fingerprint=True)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # a frozen weight: stale, by default
     with pytest.raises(StaleStoreError):
-        RecycledEncoder(frozen, store, check_fingerprint=True)
+        RecycledEncoder(frozen, store)
 
 
 def test_cached_dataset_follows_a_grown_dataset_after_a_second_precompute(tmp_path: Any) -> None:
@@ -382,3 +386,74 @@ def test_expensive_items_get_spot_checks(tmp_path: Any) -> None:
     ds = CachedDataset(big, path)
     assert ds.check_mode == "spot" and ds.checked == 8
     assert CachedDataset(big, path, check="all").checked == 20
+
+
+# --- RecycledEncoder over split's frozen part, on raw inputs -----------------------------------------
+
+
+def test_encoder_on_raw_texts_of_a_sentence_transformer(tmp_path: Any) -> None:
+    pytest.importorskip("sentence_transformers")
+    from actstore.models.split import split
+    from actstore.testing.models import tiny_sentence_transformer
+
+    model = tiny_sentence_transformer(tmp_path / "st")
+    frozen, head = split(model, 0.5)
+    texts = ["the cat sat", "a small green bird flew over the big tree", "dog", "the red log"]
+    with torch.no_grad():
+        want = model.encode(texts, convert_to_tensor=True, batch_size=len(texts))
+    enc = RecycledEncoder(frozen, str(tmp_path / "s"), append=True)  # texts go through the model's tokenizer
+    with torch.no_grad():
+        first = head(enc(texts[:2]))
+        second = head(enc(list(reversed(texts))))  # two stored (other batch, other padding), two computed
+    assert (enc.hits, enc.misses) == (2, 4) and enc.hit_rate == pytest.approx(1 / 3)
+    torch.testing.assert_close(first, want[:2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, want.flip(0), rtol=1e-5, atol=1e-5)
+    enc.close()
+    again = RecycledEncoder(frozen, str(tmp_path / "s"))  # the frozen part's fingerprint matches
+    with torch.no_grad():
+        torch.testing.assert_close(head(again(texts)), want, rtol=1e-5, atol=1e-5)
+    assert again.hit_rate == 1.0
+
+
+def test_encoder_on_token_lists_of_a_decoder_with_a_collate(tmp_path: Any) -> None:
+    from actstore.errors import LeftPaddingError
+    from actstore.models.split import split
+    from tests.family_models import tiny
+    from tests.precompute_helpers import pad_collate, token_lists
+
+    model = tiny("llama")
+    model.train()  # dropout-free, so no warning: the mode does not matter for llama
+    frozen, head = split(model, 0.5)
+    seqs = token_lists(6)
+    enc = RecycledEncoder(frozen, str(tmp_path / "d"), append=True, collate=pad_collate)
+    out = enc(seqs)
+    assert isinstance(out, PaddedBatch) and out.lengths.tolist() == [len(q) for q in seqs]
+    model.eval()
+    with torch.no_grad():
+        got = head(out).last_hidden_state
+        want = model(**pad_collate(seqs)).last_hidden_state
+    mask = out.mask
+    torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-5)
+    left = RecycledEncoder(frozen, str(tmp_path / "l"), append=True, collate=lambda b: pad_collate(b, left=True))
+    with pytest.raises(LeftPaddingError):
+        left(seqs)
+    with pytest.raises(TypeError, match="collate="):
+        RecycledEncoder(frozen, str(tmp_path / "t"), append=True)(["raw text"])
+
+
+def test_encoder_on_images_and_train_mode_warning(tmp_path: Any) -> None:
+    from actstore.models.split import split
+    from tests.family_models import image_batch, tiny
+
+    model = tiny("vit").train()
+    frozen, head = split(model, 0.5)
+    with pytest.warns(UserWarning, match="eval mode"):
+        enc = RecycledEncoder(frozen, str(tmp_path / "v"), append=True)
+    assert not frozen.training
+    pixels = image_batch(3)
+    out = enc(list(pixels))  # a list of image tensors, keyed one by one
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(head(out).pooler_output, model(pixel_values=pixels).pooler_output,
+                                   rtol=1e-5, atol=1e-5)
+    assert out.shape == (3, 17, 32)

@@ -44,6 +44,7 @@ __all__ = [
     "model_arguments",
     "reduce_output",
     "resolve_layers",
+    "train_mode_matters",
 ]
 
 FINAL_OUTPUT = ""
@@ -167,6 +168,19 @@ def resolve_layers(model: nn.Module, layers: str | Iterable[str] | None) -> list
         if canonical not in resolved:
             resolved.append(canonical)
     return resolved
+
+
+def train_mode_matters(module: nn.Module) -> bool:
+    """Whether ``module`` is in train mode and holds a layer that computes differently there.
+
+    Dropout and batch normalisation layers (``torch.nn``'s, which Hugging Face
+    models use) make train-mode outputs differ from eval-mode ones; a module
+    with neither gives the same numbers either way.
+    """
+    if not module.training:
+        return False
+    kinds = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+    return any(isinstance(m, kinds) and m.training for m in module.modules())
 
 
 def _first_tensor(values: Iterable[Any]) -> torch.Tensor | None:

@@ -5,9 +5,9 @@
 including the block ``at``, ``head`` runs the rest. Both hold the original
 submodules (parameters are shared, never copied), so training ``head`` trains
 ``model``'s upper layers, and the output of ``frozen`` is what a store of
-recycled activations holds.
+recycled activations holds (``precompute(model, ..., layers=frozen.at)``).
 
-Supported families (detected from the module layout):
+Supported families (detected from the module layout and ``config.model_type``):
 
 ``nn.Sequential`` (its own ``forward``)
     Blocks are the top-level children; ``at`` is a child name (``"3"``) or a
@@ -15,32 +15,50 @@ Supported families (detected from the module layout):
     are ``nn.Sequential`` keeping the children's names.
 torchvision-style ResNet (``conv1, bn1, relu, maxpool, layer1..layer4, avgpool, fc``)
     Blocks are the stages ``layer1``..``layer4``; ``"maxpool"`` splits after
-    the stem. The head replays torchvision's ``ResNet.forward`` order: the
-    remaining stages, ``avgpool``, ``flatten(1)``, ``fc``.
-Hugging Face BERT-style encoders (``BertModel``, ``RobertaModel``, ``XLMRobertaModel``, ``CamembertModel``)
-    Blocks are ``encoder.layer.k``; ``"embeddings"`` splits after the
-    embeddings. ``frozen(input_ids, attention_mask, token_type_ids, ...)``
-    returns the per-token hidden states ``(batch, tokens, hidden)``;
-    ``head(hidden_states, attention_mask)`` rebuilds the attention mask from
-    the 0/1 padding mask exactly as the model does and returns the model's
-    output type (``last_hidden_state``, ``pooler_output``).
+    the stem. The head replays torchvision's ``ResNet.forward`` order.
+Hugging Face base models: BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, DeBERTa-v2, GPT-2, Llama, Mistral, Qwen2, the T5 encoder (``T5EncoderModel``), ViT
+    Blocks are the model's layer list (``encoder.layer.k``, ``h.k``,
+    ``layers.k``, ``encoder.block.k``, ``transformer.layer.k``); the stem
+    split point (``"embeddings"``, ``"drop"``, ``"embed_tokens"``,
+    ``"encoder.embed_tokens"``) splits before block 0. One mechanism serves them all
+    (:mod:`actstore.models.blocks`): the frozen part is the model's own
+    forward stopped after block ``k``; the head is the model's own forward
+    with the stem and blocks ``0..k`` standing in for the cached states, so
+    the model itself builds its causal / padding masks, rotary embeddings,
+    T5's relative position bias and ViT's layout. ``frozen(**batch)`` returns
+    :class:`~actstore.models.blocks.SplitStates` (the states, carrying the
+    batch's ``attention_mask``); ``head(states)`` / ``head(states, mask)`` /
+    ``head(padded_batch)`` / ``head({"hidden_states": ..., "attention_mask":
+    ...})`` returns the model's own output type.
 sentence-transformers models whose first module wraps such an encoder
-    Blocks are ``0.model.encoder.layer.k`` (``0.auto_model.encoder.layer.k``
-    is accepted too). ``frozen`` also takes the features dict of
-    ``model.tokenize(texts)``; ``head(hidden_states, attention_mask)`` runs the
-    remaining layers and the model's later modules (pooling, normalize, ...)
-    and returns the sentence embedding tensor.
+    Blocks are ``0.model.<blocks>.k`` (``0.auto_model...`` is accepted too).
+    ``frozen`` also takes the features dict of ``model.tokenize(texts)``;
+    the head runs the remaining layers and the model's later modules
+    (pooling, normalize, ...) and returns the sentence embedding tensor.
+Any other module, by protocol: ``split(model, at, blocks="layers", stem="embed")``
+    ``blocks`` names the ``nn.ModuleList`` whose children ``model.forward``
+    calls in order, each taking the residual stream as its first argument
+    and returning it (or a tuple that starts with it); ``stem`` names the
+    module whose output enters block 0 (the head's call replaces it, so the
+    head is ``model.forward(states)``); ``tail`` names the modules after the
+    blocks (default: the other top-level children). A forward that adds a
+    block's output to the stream itself (blocks returning the branch) is
+    detected and refused, never captured silently wrong.
+
+Causal models and padding: with right padding (every tokenizer's default for
+these models) and default position ids, a sample's states do not depend on
+how its batch was padded, so recycled rows are batch-independent. Left
+padding shifts the positions of the real tokens: ``head(frozen(x))`` still
+equals ``model(x)`` for that batch, but the rows differ from the unpadded
+sample's, so :func:`check_padding` (used by precompute and RecycledEncoder)
+refuses left-padded batches for causal decoders.
 
 ``at`` is a split point name (see :func:`split_points`) or a fraction in
 ``(0, 1]`` of the family's blocks to freeze: the first
 ``floor(at * n_blocks + 0.5)`` blocks (rounded half up) are frozen, so
-``at=0.5`` recycles half of the encoder layers (or ResNet stages, or
-Sequential children) and ``at=1.0`` freezes every block, leaving a head made
-of the pooler / pooling modules / ``avgpool`` and ``fc`` only (for a plain
-``nn.Sequential`` the head is then empty, the identity).
-
-Any other model: write the two modules by hand, or capture the layer to
-recycle with hooks (:mod:`actstore.models.capture`, precompute's ``layers=``).
+``at=0.5`` recycles half of the layers and ``at=1.0`` freezes every block,
+leaving a head made of the final norm / pooler / pooling modules only (for a
+plain ``nn.Sequential`` the head is then empty, the identity).
 """
 
 from __future__ import annotations
@@ -55,44 +73,53 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from actstore.errors import LeftPaddingError
+from actstore.models.blocks import Frozen, Head, SplitError, SplitStates, head_inputs
 from actstore.models.capture import canonical_name
+from actstore.models.families import KNOWN_MODEL_TYPES, Family, _get, custom_family, detect_family
 
 __all__ = [
     "BertFrozen",
     "BertHead",
+    "Frozen",
+    "Head",
     "ResNetPart",
     "SentenceTransformerHead",
+    "SplitError",
+    "SplitStates",
+    "check_padding",
     "split",
     "split_points",
 ]
-
-# Hugging Face model types whose base model computes
-# ``layer_k(hidden, mask)`` for every layer after the embeddings, with a
-# bidirectional mask built from the 0/1 padding mask and nothing else between
-# layers (checked in transformers 5.x's modeling files; RoBERTa-family
-# embeddings derive position ids from padding, which ``frozen`` reproduces by
-# calling the model's own embeddings).
-_BERT_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert"})
 
 _RESNET_STEM = ("conv1", "bn1", "relu", "maxpool")
 _RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 _RESNET_ATTRS = (*_RESNET_STEM, *_RESNET_STAGES, "avgpool", "fc")
 
 _FAMILIES = (
-    "nn.Sequential; torchvision-style ResNet (conv1, bn1, relu, maxpool, layer1..layer4, "
-    "avgpool, fc); Hugging Face BERT-style encoders (model types "
-    f"{', '.join(sorted(_BERT_MODEL_TYPES))}, not decoders); sentence-transformers "
-    "models whose first module wraps such an encoder"
+    "nn.Sequential; torchvision-style ResNet (conv1, bn1, relu, maxpool, layer1..layer4, avgpool, fc); "
+    f"Hugging Face base models of types {', '.join(KNOWN_MODEL_TYPES)}; sentence-transformers models whose "
+    "first module wraps such an encoder"
+)
+
+_PROTOCOL = (
+    "To split another module, name its block container: split(model, at, blocks='layers', stem='embed') "
+    "(blocks: the nn.ModuleList that forward() runs in order on the residual stream; stem: the module whose "
+    "output enters the first block), or write the frozen and head modules by hand, or capture the layer to "
+    "recycle with hooks (actstore.models.capture.capture / LayerCapture, precompute's layers=)."
 )
 
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """How a model splits: its family, stem split points and block split points."""
+    """How a model splits: its family, stem split points and block split points (full names)."""
 
     family: str
     stems: tuple[str, ...]
     blocks: tuple[str, ...]
+    spec: Family | None = None
+    base: nn.Module | None = None
+    prefix: str = ""
 
     @property
     def points(self) -> list[str]:
@@ -102,26 +129,8 @@ class _Plan:
 # -- family detection ------------------------------------------------------------
 
 
-def _bert_rejection(module: Any) -> str | None:
-    """Why ``module`` is not a supported BERT-style encoder; ``None`` if it is."""
-    layers = getattr(getattr(module, "encoder", None), "layer", None)
-    if not (isinstance(module, nn.Module) and hasattr(module, "embeddings")):
-        return "it has no `embeddings` module"
-    if not isinstance(layers, nn.ModuleList):
-        return "it has no `encoder.layer` ModuleList"
-    config = getattr(module, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _BERT_MODEL_TYPES:
-        return (
-            f"its model_type {model_type!r} has a BERT-like layout but is not known to run its layers exactly like BERT"
-        )
-    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
-        return "it is configured as a decoder (causal or cross-attention masks are not supported)"
-    return None
-
-
 def _sentence_transformer_encoder(model: Any) -> Any:
-    """The BERT-style encoder of a sentence-transformers model, else ``None``."""
+    """The Hugging Face encoder of a sentence-transformers model, else ``None``."""
     if not isinstance(model, nn.Sequential) or type(model).forward is nn.Sequential.forward:
         return None
     if len(model) == 0:
@@ -142,39 +151,38 @@ def _unsupported(model: nn.Module, reason: str = "") -> TypeError:
         prefix = getattr(model, "base_model_prefix", "") or "base_model"
         hint = f" It wraps a base model ({type(base).__name__}): split model.{prefix} and apply the task head yourself."
     why = f" ({reason})" if reason else ""
-    return TypeError(
-        f"split() does not know how to split a {type(model).__name__}{why}. Supported families: "
-        f"{_FAMILIES}.{hint} To split another model, write the frozen and head modules by hand, "
-        "or capture the layer to recycle with hooks (actstore.models.capture.capture / LayerCapture, "
-        "precompute's layers=)."
-    )
+    return SplitError(f"split() does not know how to split a {type(model).__name__}{why}. Supported families: "
+                      f"{_FAMILIES}.{hint} {_PROTOCOL}")
 
 
-def _plan(obj: object) -> _Plan:
+def _block_plan(model: nn.Module, spec: Family, base: nn.Module, prefix: str) -> _Plan:
+    n = len(spec.block_list(base))
+    stems = (f"{prefix}{spec.stem_point}",) if spec.stem_point else ()
+    name = "sentence-transformers" if prefix else spec.name
+    return _Plan(name, stems, tuple(f"{prefix}{spec.blocks}.{i}" for i in range(n)), spec, base, prefix)
+
+
+def _plan(obj: object, blocks: str | None = None, stem: str | None = None, tail: tuple[str, ...] = ()) -> _Plan:
     if not isinstance(obj, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(obj).__name__}")
     model: Any = obj  # layouts are duck-typed: attribute access is dynamic
+    if blocks is not None:
+        return _block_plan(model, custom_family(model, blocks, stem, tail), model, "")
     encoder = _sentence_transformer_encoder(model)
     if encoder is not None:
-        reason = _bert_rejection(encoder)
-        if reason is not None:
-            raise _unsupported(model, f"its first module's auto_model is not split-able: {reason}")
+        spec = detect_family(encoder)
+        if isinstance(spec, str) or spec.feed != "inputs_embeds":
+            raise _unsupported(model, f"its first module's auto_model is not split-able: {spec}")
         _check_sentence_transformer_module(model[0])
         prefix = canonical_name(model, "0.auto_model")
         if prefix is None:
             raise _unsupported(model, "its encoder is not a registered submodule")
-        n = len(encoder.encoder.layer)
-        return _Plan(
-            "sentence-transformers",
-            (f"{prefix}.embeddings",),
-            tuple(f"{prefix}.encoder.layer.{i}" for i in range(n)),
-        )
-    if hasattr(model, "embeddings") and hasattr(model, "encoder"):
-        reason = _bert_rejection(model)
-        if reason is not None:
-            raise _unsupported(model, reason)
-        n = len(model.encoder.layer)
-        return _Plan("bert", ("embeddings",), tuple(f"encoder.layer.{i}" for i in range(n)))
+        return _block_plan(model, spec, encoder, prefix + ".")
+    if getattr(getattr(model, "config", None), "model_type", None) is not None:
+        spec = detect_family(model)
+        if isinstance(spec, str):
+            raise _unsupported(model, spec)
+        return _block_plan(model, spec, model, "")
     if all(isinstance(getattr(model, a, None), nn.Module) for a in _RESNET_ATTRS):
         return _Plan("resnet", ("maxpool",), _RESNET_STAGES)
     if _plain_sequential(model):
@@ -196,6 +204,47 @@ def _check_sentence_transformer_module(first: nn.Module) -> None:
             "encoder's last_hidden_state to 'token_embeddings'; this one writes "
             f"{method_output!r} to {output_name!r}. Capture a layer with hooks instead "
             "(actstore.capture)."
+        )
+
+
+def check_padding(model: nn.Module, attention_mask: torch.Tensor | None) -> None:
+    """Refuse a left-padded batch for a causal decoder, whose states then depend on the padding.
+
+    GPT-2, Llama, Mistral and Qwen2 count position ids from the first token of
+    the batch row (the default ``position_ids``): padding before a sample
+    shifts its positions, so rows recycled from a left-padded batch would
+    differ from the sample's own and from the same sample in another batch.
+    With right padding (the tokenizer's ``padding_side = "right"``) causal
+    attention never sees the padding and the rows are the sample's own.
+    Encoders are not refused here (BERT-style absolute positions shift too,
+    but bidirectional encoders are conventionally right-padded; RoBERTa and
+    T5 are unaffected).
+
+    Raises
+    ------
+    LeftPaddingError
+        A row of ``attention_mask`` has a padding token before a real one.
+    """
+    if attention_mask is None or attention_mask.ndim != 2 or attention_mask.shape[1] < 2:
+        return
+    if isinstance(model, Frozen):
+        spec: Family | None = model.family
+    else:
+        try:
+            spec = _plan(model).spec
+        except (TypeError, ValueError):
+            return
+    if spec is None or not spec.causal:
+        return
+    real = attention_mask != 0
+    bad = (~real[:, :-1] & real[:, 1:]).any(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()[:5].tolist()
+        raise LeftPaddingError(
+            f"the batch is left-padded (rows {rows} have padding before real tokens): for a "
+            f"{spec.name} model that shifts the positions of the real tokens, so their recycled states "
+            "would depend on the batch. Pad on the right (tokenizer.padding_side = 'right', the default for "
+            "these models); the stored rows are then the samples' own."
         )
 
 
@@ -289,153 +338,38 @@ def _from_fraction(plan: _Plan, fraction: float) -> str:
     return plan.blocks[k - 1]
 
 
-# -- BERT-style encoders -------------------------------------------------------------
+# -- transformers: the generic mechanism (actstore.models.blocks) -------------------------------
 
 
-def _attention_mask(config: Any, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> Any:
-    """Build the mask the encoder layers take, as the model's forward does.
+BertFrozen = Frozen
+"""The frozen part of every transformer family (kept under its former name)."""
 
-    transformers 5.x builds it with ``masking_utils.create_bidirectional_mask``,
-    whose format depends on ``config._attn_implementation`` (an additive float
-    mask for eager attention, a boolean mask or ``None`` for SDPA). Older
-    versions take the additive ``(batch, 1, 1, tokens)`` extended mask.
-    """
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(
-            "attention_mask must be the 0/1 padding mask of shape (batch, tokens) = "
-            f"{tuple(hidden.shape[:2])}; got shape {tuple(attention_mask.shape)}"
-        )
-    try:
-        from transformers.masking_utils import create_bidirectional_mask
-    except ImportError:  # transformers 4.x (not exercised by the tests here)
-        if attention_mask is None:
-            return None
-        extended = attention_mask[:, None, None, :].to(hidden.dtype)
-        return (1.0 - extended) * torch.finfo(hidden.dtype).min
-    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
-
-
-def _run_layers(layers: nn.ModuleDict, hidden: torch.Tensor, mask: Any) -> torch.Tensor:
-    for layer in layers.values():
-        out = layer(hidden, mask)
-        hidden = out[0] if isinstance(out, tuple) else out  # 4.x layers return a tuple
-    return hidden
-
-
-def _layer_dict(encoder: Any, indices: range) -> nn.ModuleDict:
-    """The shared layers ``indices`` keyed by their original index."""
-    return nn.ModuleDict({str(i): encoder.encoder.layer[i] for i in indices})
-
-
-_FEATURE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
-
-
-class BertFrozen(nn.Module):
-    """Embeddings and encoder layers ``0..k`` of a BERT-style encoder (shared).
-
-    Attributes
-    ----------
-    embeddings : torch.nn.Module
-        The model's embeddings module.
-    layer : torch.nn.ModuleDict
-        The frozen layers, keyed by their index in ``encoder.layer``.
-    at : str
-        The split point: the module whose output ``forward`` returns.
-    """
-
-    def __init__(self, encoder: Any, k: int, at: str) -> None:
-        super().__init__()
-        self.embeddings: nn.Module = encoder.embeddings
-        self.layer = _layer_dict(encoder, range(k + 1))
-        self.config = encoder.config
-        self.at = at
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | Mapping[str, Any] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Return the hidden states after block ``at``, shape (batch, tokens, hidden).
-
-        ``input_ids`` may instead be a mapping holding these arguments (a
-        tokenizer's ``BatchEncoding`` or sentence-transformers' features
-        dict); other keys are ignored.
-        """
-        if isinstance(input_ids, Mapping):
-            features = input_ids
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds = (
-                features.get(key) for key in _FEATURE_KEYS
-            )
-        hidden = self.embeddings(
-            input_ids=input_ids,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-        )
-        mask = _attention_mask(self.config, hidden, attention_mask)
-        return _run_layers(self.layer, hidden, mask)
-
-
-class BertHead(nn.Module):
-    """Encoder layers ``k+1..`` (and the pooler) of a BERT-style encoder (shared).
-
-    ``forward(hidden_states, attention_mask=None)`` rebuilds the attention mask
-    from the 0/1 padding mask as the model does, runs the remaining layers and
-    the pooler, and returns a ``BaseModelOutputWithPoolingAndCrossAttentions``
-    like the model (``pooler_output`` is ``None`` without a pooler).
-    ``hidden_states`` of another floating dtype (a float16 store) is cast to
-    the dtype of the head's parameters (if it has any).
-    """
-
-    def __init__(self, encoder: Any, k: int, at: str, pooler: bool = True) -> None:
-        super().__init__()
-        self.layer = _layer_dict(encoder, range(k + 1, len(encoder.encoder.layer)))
-        self.pooler: nn.Module | None = getattr(encoder, "pooler", None) if pooler else None
-        self.config = encoder.config
-        self.at = at
-
-    def _cast(self, hidden: torch.Tensor) -> torch.Tensor:
-        param = next(self.parameters(), None)
-        if param is not None and hidden.is_floating_point() and hidden.dtype != param.dtype:
-            return hidden.to(param.dtype)
-        return hidden
-
-    def encode(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the remaining layers; return the last hidden states (no pooler)."""
-        hidden = self._cast(hidden_states)
-        mask = _attention_mask(self.config, hidden, attention_mask)
-        return _run_layers(self.layer, hidden, mask)
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
-        from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
-
-        last = self.encode(hidden_states, attention_mask)
-        pooled = self.pooler(last) if self.pooler is not None else None
-        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=last, pooler_output=pooled)
+BertHead = Head
+"""The head of every transformer family (kept under its former name)."""
 
 
 class SentenceTransformerHead(nn.Module):
     """The upper encoder layers plus a sentence-transformers model's later modules.
 
-    ``forward(hidden_states, attention_mask=None)`` runs encoder layers
-    ``k+1..``, then every module after the first (pooling, normalize, dense,
-    ...) on the features dict ``{"token_embeddings", "attention_mask"}``, and
-    returns ``features["sentence_embedding"]``. Features the model's first
-    module would add besides these (a ``prompt_length`` for pooling that
-    excludes prompts, ``all_layer_embeddings``) are not available.
+    ``forward`` takes the states in any form the transformer head takes (see
+    :func:`actstore.models.blocks.head_inputs`), runs encoder layers ``k+1..``,
+    then every module after the first (pooling, normalize, dense, ...) on the
+    features dict ``{"token_embeddings", "attention_mask"}``, and returns
+    ``features["sentence_embedding"]``. Features the model's first module
+    would add besides these (a ``prompt_length`` for pooling that excludes
+    prompts, ``all_layer_embeddings``) are not available.
     """
 
-    def __init__(self, model: Any, k: int, at: str) -> None:
+    def __init__(self, model: Any, encoder: Head, at: str) -> None:
         super().__init__()
-        self.encoder = BertHead(model[0].auto_model, k, at, pooler=False)
+        self.encoder = encoder
         self.modules_after = nn.Sequential(OrderedDict(list(model.named_children())[1:]))
         self.at = at
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        features: dict[str, Any] = {"token_embeddings": self.encoder.encode(hidden_states, attention_mask)}
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        states, attention_mask = head_inputs(args, kwargs)
+        out = self.encoder.run(states, attention_mask)
+        features: dict[str, Any] = {"token_embeddings": out.last_hidden_state}
         if attention_mask is not None:
             features["attention_mask"] = attention_mask
         for module in self.modules_after:
@@ -446,6 +380,72 @@ class SentenceTransformerHead(nn.Module):
                 "the sentence-transformers modules after the encoder produced no 'sentence_embedding' tensor"
             )
         return embedding
+
+
+def _walk(base: nn.Module, family: Family, tail: tuple[str, ...]) -> dict[str, nn.Module]:
+    """The modules of ``base`` outside the blocks and the tail, shallowest names (the frozen part's own)."""
+    owned: dict[str, nn.Module] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if path == family.blocks or path in tail:
+                continue
+            if family.blocks.startswith(path + ".") or any(t.startswith(path + ".") for t in tail):
+                visit(child, path + ".")
+            else:
+                owned[path] = child
+
+    visit(base, "")
+    return owned
+
+
+def _tail(base: nn.Module, family: Family) -> tuple[str, ...]:
+    if family.name != "custom" or family.tail:
+        return tuple(t for t in family.tail if isinstance(_try_get(base, t), nn.Module))
+    top = family.blocks.split(".")[0]
+    return tuple(n for n, _ in base.named_children() if n != top and n != family.stem_point)
+
+
+def _try_get(module: nn.Module, path: str) -> Any:
+    try:
+        return _get(module, path)
+    except AttributeError:
+        return None
+
+
+def _check_untied(frozen: nn.Module, head: nn.Module, untie: bool) -> None:
+    """Weights shared by both parts: copy them into the head (``untie``) or refuse."""
+    frozen_params = {id(p): n for n, p in frozen.named_parameters()}
+    tied = [(n, p) for n, p in head.named_parameters(remove_duplicate=False) if id(p) in frozen_params]
+    if not tied:
+        return
+    if not untie:
+        names = ", ".join(f"{n} = frozen {frozen_params[id(p)]}" for n, p in tied[:5])
+        raise SplitError(
+            f"the head and the frozen part share weights ({names}): training the head would change the frozen "
+            "part and make its stored activations stale. Pass untie_weights=True to give the head its own copy "
+            "(the model is untied), or freeze those weights."
+        )
+    for name, param in tied:
+        owner_name, _, attr = name.rpartition(".")
+        owner = head.get_submodule(owner_name)
+        setattr(owner, attr, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+
+
+def _split_blocks(root: nn.Module, base: nn.Module, family: Family, prefix: str, name: str,
+                  untie: bool) -> tuple[Frozen, Head]:
+    """Frozen part and head of a block-structured model at the full split point ``name``."""
+    local = name[len(prefix):] if prefix else name
+    blocks = family.blocks
+    k = int(local[len(blocks) + 1:]) if local.startswith(blocks + ".") else -1
+    tail = _tail(base, family)
+    owned = _walk(base, family, tail)
+    frozen = Frozen(base, family, k, name, local, owned)
+    frozen.__dict__["root"] = root  # the model that was split (for the fingerprint of older stores)
+    head = Head(base, family, k, name, {t: _get(base, t) for t in tail})
+    _check_untied(frozen, head, untie)
+    return frozen, head
 
 
 # -- ResNet ----------------------------------------------------------------------------
@@ -499,29 +499,38 @@ def _split_sequential(seq: nn.Sequential, path: list[str]) -> tuple[nn.Sequentia
 # -- entry point -----------------------------------------------------------------------
 
 
-def split(model: nn.Module, at: str | float) -> tuple[nn.Module, nn.Module]:
+def split(model: nn.Module, at: str | float, *, blocks: str | None = None, stem: str | None = None,
+          tail: tuple[str, ...] | list[str] = (), untie_weights: bool = False) -> tuple[nn.Module, nn.Module]:
     """Split ``model`` into ``(frozen, head)`` at a block boundary.
 
     Parameters
     ----------
     model : torch.nn.Module
-        A model of a supported family (see the module docstring).
+        A model of a supported family (see the module docstring), or any
+        module when ``blocks`` is given.
     at : str or float
         A split point from :func:`split_points` (the last frozen block; for
         sentence-transformers the ``auto_model`` alias is accepted), or a
         fraction in ``(0, 1]`` of the blocks to freeze: the first
         ``floor(at * n_blocks + 0.5)`` blocks, at least one. ``1.0`` freezes
-        every block and leaves a pooling/classifier-only head.
+        every block and leaves a norm/pooler/classifier-only head.
+    blocks, stem, tail : optional
+        The protocol for a module split does not know (module docstring):
+        the block container's name, the module whose output enters block 0,
+        and the modules after the blocks.
+    untie_weights : bool
+        When the head shares a weight with the frozen part (an LM head tied
+        to the input embedding), give the head its own copy (the model is
+        untied) instead of raising :class:`SplitError`.
 
     Returns
     -------
     (frozen, head) : tuple of torch.nn.Module
-        ``head(frozen(x))`` equals ``model(x)`` to float tolerance. For
-        BERT-style encoders the call is ``head(frozen(**batch),
-        batch["attention_mask"])``. Both share ``model``'s submodules and
-        parameters (never copied) and carry the resolved split name as
-        ``.at`` (``nn.Sequential`` parts excepted). Neither is put in eval
-        mode or frozen for you.
+        ``head(frozen(x))`` equals ``model(x)`` to float tolerance, padded
+        batches included (the frozen part's output carries the mask). Both
+        share ``model``'s submodules and parameters (never copied) and carry
+        the resolved split name as ``.at`` (``nn.Sequential`` parts excepted).
+        Neither is put in eval mode or frozen for you.
 
     Raises
     ------
@@ -529,9 +538,12 @@ def split(model: nn.Module, at: str | float) -> tuple[nn.Module, nn.Module]:
         ``at`` names no module, names a module inside a block or otherwise
         off a block boundary, or is a fraction outside ``(0, 1]`` or too small
         to freeze one block; the message lists the valid split points.
+    SplitError
+        ``model`` belongs to no supported family (a ``TypeError``; the message
+        gives the protocol), the head would share weights with the frozen part,
+        or (raised by the parts when run) the blocks do not return the stream.
     TypeError
-        ``model`` belongs to no supported family (the message says how to
-        split by hand), or ``at`` is neither a str nor a float.
+        ``at`` is neither a str nor a float.
 
     Examples
     --------
@@ -543,7 +555,7 @@ def split(model: nn.Module, at: str | float) -> tuple[nn.Module, nn.Module]:
     >>> torch.allclose(head(frozen(x)), model(x))
     True
     """
-    plan = _plan(model)
+    plan = _plan(model, blocks, stem, tuple(tail))
     name = _resolve_at(model, plan, at)
     if plan.family == "sequential":
         return _split_sequential(cast(nn.Sequential, model), name.split("."))
@@ -551,8 +563,12 @@ def split(model: nn.Module, at: str | float) -> tuple[nn.Module, nn.Module]:
         n = plan.blocks.index(name) + 1 if name in plan.blocks else 0
         frozen_names = (*_RESNET_STEM, *_RESNET_STAGES[:n])
         return ResNetPart(model, frozen_names, name), ResNetPart(model, (*_RESNET_STAGES[n:], "avgpool", "fc"), name)
-    k = plan.blocks.index(name) if name in plan.blocks else -1
-    if plan.family == "bert":
-        return BertFrozen(model, k, name), BertHead(model, k, name)
-    st = cast(nn.Sequential, model)
-    return BertFrozen(st[0].auto_model, k, name), SentenceTransformerHead(st, k, name)
+    if plan.spec is None or plan.base is None:  # every other family carries its table entry
+        raise RuntimeError(f"split: no block layout recorded for the {plan.family} family")
+    frozen, head = _split_blocks(model, plan.base, plan.spec, plan.prefix, name, untie_weights)
+    if plan.family == "sentence-transformers":
+        # The sentence embedding comes from the token states: an encoder pooler is in neither part.
+        if "pooler" in head.tail:
+            del head.tail["pooler"]
+        return frozen, SentenceTransformerHead(model, head, name)
+    return frozen, head

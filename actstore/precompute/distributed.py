@@ -164,13 +164,13 @@ def precompute_run(model: torch.nn.Module, dataset: Any, root: str, kwargs: dict
     root = os.path.abspath(root)
     info = detect()
     if info is None or info.world == 1:
-        from actstore.hashing import fingerprint
+        from actstore.models.fingerprint import frozen_fingerprint
 
         parts = os.path.join(root, PARTS_DIR)
         if os.path.isdir(parts):  # leftovers of an interrupted distributed run
             lock = _parts_lock(parts)
             try:
-                adopt_leftovers(root, fingerprint(model), list(kwargs["layers"]), kwargs["overwrite"], len_of(dataset))
+                adopt_leftovers(root, frozen_fingerprint(model, kwargs["layers"]), list(kwargs["layers"]), kwargs["overwrite"], len_of(dataset))
             finally:
                 lock.release()
             _remove_parts_dir(root)
@@ -244,9 +244,9 @@ class _Ranks:
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self, open_store: Any) -> Any:
-        from actstore.hashing import fingerprint
+        from actstore.models.fingerprint import frozen_fingerprint
 
-        fp = fingerprint(self.model)
+        fp = frozen_fingerprint(self.model, self.kwargs["layers"])
         self.check_agreement(fp)
         self.slow = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=WAIT_SECONDS))
         lock = None

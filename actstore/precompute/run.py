@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -31,9 +32,10 @@ from actstore.engine.validate import field_of
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError
 from actstore.format.manifest import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR, Field, dtype_name
 from actstore.format.record import RECORD_ATTR, ItemRecord, LayerRecord, PrecomputeRecord, read_record
-from actstore.hashing import fingerprint
 from actstore.hashing import key as content_key
-from actstore.models.capture import LayerCapture
+from actstore.models.capture import LayerCapture, train_mode_matters
+from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
+from actstore.models.split import check_padding
 from actstore.precompute.background import Job, Writer, convert_output
 from actstore.precompute.items import Selector, SideColumn, SideColumns, encode_side
 from actstore.precompute.keys import NOT_FOUND, KeyTable, row_digests
@@ -105,10 +107,13 @@ class Run:
 
     # -- the run ------------------------------------------------------------------------
     def run(self) -> ActivationStore:
-        fp = fingerprint(self.model)
+        fp = frozen_fingerprint(self.model, self.layers)  # the frozen part only: the head may train
         self._open_existing(fp)
         self.fp = fp
         was_training = self.model.training
+        if train_mode_matters(self.model):
+            warnings.warn("precompute runs the model in eval mode (no dropout in the stored rows); it was in "
+                          "train mode and is put back in it afterwards", stacklevel=4)
         self.model.eval()
         self.t0 = time.perf_counter()
         from tqdm.auto import tqdm
@@ -157,7 +162,10 @@ class Run:
         if config is not None and config.placeholder and manifest.rows == 0:
             _delete_store(root)  # an empty store of an empty dataset: nothing to lose
             return
-        if manifest.fingerprint != fp:
+        want = {layer: f for layer, f in self.fields.items()}
+        have = {d.layer: d.field for d in config.layers} if config is not None else None
+        # Other layers have another frozen part, hence another fingerprint: name the layers, the clearer cause.
+        if (have is None or have == want) and not fingerprint_matches(manifest.fingerprint, fp, self.model):
             problem = StaleStoreError(
                 f"{root}: the store was computed by another model (fingerprint {str(manifest.fingerprint)[:16]}…, "
                 f"this model's is {fp[:16]}…); pass overwrite=True (--overwrite) to delete and recompute it, "
@@ -165,14 +173,11 @@ class Run:
         elif problem is None and config is None:
             problem = StoreExistsError(f"{root}: holds a store that precompute did not write; pass overwrite=True "
                                        "to replace it, or write to another path")
-        elif config is not None:
-            want = {layer: f for layer, f in self.fields.items()}
-            have = {d.layer: d.field for d in config.layers}
-            if have != want:
-                problem = StoreExistsError(
-                    f"{root}: holds a store of other layers ({sorted(map(str, have))}, fields "
-                    f"{_describe(manifest.fields)}) than requested ({sorted(want)}); pass overwrite=True "
-                    "(--overwrite) to replace it, or write to another path")
+        elif problem is None and have != want:
+            problem = StoreExistsError(
+                f"{root}: holds a store of other layers ({sorted(map(str, have or {}))}, fields "
+                f"{_describe(manifest.fields)}) than requested ({sorted(want)}); pass overwrite=True "
+                "(--overwrite) to replace it, or write to another path")
         if problem is not None:
             if not self.overwrite:
                 raise problem
@@ -399,6 +404,7 @@ class Run:
         if self.lengths_fn is not None:
             return torch.as_tensor(self.lengths_fn(batch), dtype=torch.int64).cpu()
         if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
+            check_padding(self.model, batch["attention_mask"])  # left padding would make rows batch-dependent
             return batch["attention_mask"].cpu().bool()
         return None
 

@@ -1,0 +1,366 @@
+"""One split mechanism for every block-structured model, driven by the model's own forward.
+
+``Frozen`` runs ``base(**inputs)`` — the model's own forward, unchanged — with a
+forward hook on the split point that records its output and aborts the
+forward there (:class:`actstore.models.capture.LayerCapture`). It returns the
+states as :class:`SplitStates`, a tensor that also carries the batch's
+``attention_mask``, so ``head(frozen(x))`` needs no mask plumbing.
+
+``Head`` runs ``base(inputs_embeds=states, attention_mask=mask)`` — again the
+model's own forward — inside :func:`stand_ins`, which for that one call
+replaces the ``forward`` of the stem modules and of blocks ``0..k`` by
+stand-ins that return the cached states (in the block's output structure).
+Everything else is the model's code: it builds the causal or padding mask from
+``attention_mask`` in its own format (eager, SDPA), computes rotary or
+relative position embeddings, runs blocks ``k+1..`` and the final norm or
+pooler, and returns its own output type. Nothing of transformers' internals
+is copied, so a new release that changes how masks are built changes both
+parts alike. The stand-ins cost nothing: the head's time is the time of the
+blocks it runs (see ``benchmarks/bench_split.py``).
+
+The stand-ins check that the stream reaching the next block is the states
+they returned: a model whose forward adds a block's output to the stream
+(``x = x + block(x)``, blocks returning the branch) is refused rather than
+split wrongly; the frozen part checks the same between the blocks it runs.
+
+Not thread-safe: the stand-ins patch the shared modules for the duration of a
+head call, so do not run the full model in another thread meanwhile.
+``torch.compile`` of the head is not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from actstore.engine.ragged import PaddedBatch
+from actstore.errors import SplitError
+from actstore.models.capture import LayerCapture, model_arguments, reduce_output
+from actstore.models.families import Family, _get
+
+__all__ = ["Frozen", "Head", "SplitError", "SplitStates", "head_inputs", "stand_ins"]
+
+
+class SplitStates(torch.Tensor):
+    """Hidden states ``(batch, tokens, hidden)`` with the batch's ``attention_mask`` attached.
+
+    A plain tensor in every other respect (any operation on it returns a plain
+    ``torch.Tensor``, without the mask: pass the mask to the head yourself
+    then). Never copies: it shares the states' storage.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+    attention_mask: torch.Tensor | None = None
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SplitStates:
+        out = torch.Tensor._make_subclass(cls, data, data.requires_grad)
+        out.attention_mask = attention_mask
+        return out
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # workers pickle tensors: send a plain one
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+
+_STATE_KEYS = ("hidden_states", "states", "values", "activations")
+_MASK_KEYS = ("attention_mask", "mask")
+
+
+def head_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``(states, attention_mask)`` a head was called with, in any accepted form.
+
+    Accepted: ``head(states)``, ``head(states, attention_mask)``, a
+    :class:`~actstore.PaddedBatch` ``(values, mask, lengths)`` or a ``(states,
+    mask)`` tuple (what a store's collate gives for a ragged field), a dict
+    with ``hidden_states`` and ``attention_mask``, and :class:`SplitStates`
+    (the frozen part's output, which carries its mask).
+    """
+    kwargs = dict(kwargs)
+    mask = kwargs.pop("attention_mask", None)
+    if "hidden_states" in kwargs:
+        states = kwargs.pop("hidden_states")
+    elif args:
+        states, args = args[0], args[1:]
+    else:
+        raise TypeError("the head takes the cached states: head(states, attention_mask=None), a PaddedBatch, "
+                        "a (states, mask) tuple or a dict with 'hidden_states' and 'attention_mask'")
+    if args:
+        if mask is not None or len(args) > 1:
+            raise TypeError(f"the head takes (states, attention_mask); got {len(args) + 1} positional arguments")
+        mask = args[0]
+    if kwargs:
+        raise TypeError(f"the head got unexpected arguments {sorted(kwargs)}; it takes (states, attention_mask)")
+    if isinstance(states, PaddedBatch) or (isinstance(states, tuple) and len(states) in (2, 3)):
+        values, inner = states[0], states[1]
+        states, mask = values, inner if mask is None else mask
+    elif isinstance(states, Mapping):
+        key = next((k for k in _STATE_KEYS if k in states), None)
+        if key is None:
+            raise KeyError(f"the head's dict input has no states under {list(_STATE_KEYS)}; it has {sorted(states)}")
+        inner = next((states[k] for k in _MASK_KEYS if k in states), None)
+        states, mask = states[key], inner if mask is None else mask
+    if isinstance(states, PaddedBatch):
+        states = states.values
+    if not isinstance(states, torch.Tensor):
+        raise TypeError(f"the head's states must be a tensor; got {type(states).__name__}")
+    if mask is None:
+        mask = getattr(states, "attention_mask", None)
+    if isinstance(states, SplitStates):
+        states = states.as_subclass(torch.Tensor)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor; got {type(mask).__name__}")
+        if tuple(mask.shape) != tuple(states.shape[:2]):
+            raise ValueError(
+                "attention_mask must be the 0/1 padding mask of shape (batch, tokens) = "
+                f"{tuple(states.shape[:2])}; got shape {tuple(mask.shape)}"
+            )
+    return states, mask
+
+
+def _identical(a: Any, b: torch.Tensor) -> bool:
+    if a is b:
+        return True
+    return isinstance(a, torch.Tensor) and a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b))
+
+
+def _branch_error(model: nn.Module, blocks: str, j: int) -> SplitError:
+    return SplitError(
+        f"{type(model).__name__}: the stream entering block {blocks}.{j} is not what block {blocks}.{j - 1} returned "
+        "(its forward adds the block's output to the stream, or changes it between blocks). A hook on a block "
+        "would see the branch, not the residual stream, so split refuses to cut there. Make the blocks return "
+        "the stream (x + branch), or write the frozen and head modules yourself."
+    )
+
+
+@contextlib.contextmanager
+def _patched(modules: list[tuple[nn.Module, Any]]) -> Iterator[None]:
+    saved = []
+    try:
+        for module, forward in modules:
+            saved.append((module, module.__dict__.get("forward")))
+            module.forward = forward  # an instance attribute shadows the class's forward for this call
+        yield
+    finally:
+        for module, old in reversed(saved):
+            if old is None:
+                del module.forward
+            else:
+                module.forward = old
+
+
+@contextlib.contextmanager
+def stand_ins(base: nn.Module, family: Family, k: int, states: torch.Tensor) -> Iterator[None]:
+    """Replace the stem and blocks ``0..k`` of ``base`` by stand-ins returning ``states``, for one call.
+
+    Raises :class:`SplitError` (from inside the call) when the stream entering a
+    block after the first stand-in is not the states the previous one returned.
+    The parameters of the family's ``shared`` modules (frozen-part modules the
+    call reads) do not require grad during the call, so the head's backward
+    leaves them alone.
+    """
+    ctx: dict[str, Any] = {}
+    blocks = family.block_list(base)
+
+    def stem(*args: Any, **kwargs: Any) -> Any:
+        return states
+
+    def block(j: int) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if j > 0:
+                first = args[0] if args else next(iter(kwargs.values()), None)
+                if not _identical(first, states):
+                    raise _branch_error(base, family.blocks, j)
+            return family.extras(base, states, ctx)
+
+        return forward
+
+    patches: list[tuple[nn.Module, Any]] = [(_get(base, name), stem) for name in family.stubs]
+    patches += [(blocks[j], block(j)) for j in range(k + 1)]
+    handle = None
+    if 0 <= k + 1 < len(blocks):
+        def check(module: nn.Module, args: Any, kwargs: Any) -> None:
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            if not _identical(first, states):
+                raise _branch_error(base, family.blocks, k + 1)
+
+        handle = blocks[k + 1].register_forward_pre_hook(check, with_kwargs=True)
+    # Frozen modules the head's call reads (rotary, relative embeddings) take no gradient from the head.
+    frozen_params = [p for name in family.shared for p in _get(base, name).parameters() if p.requires_grad]
+    try:
+        for p in frozen_params:
+            p.requires_grad_(False)
+        with _patched(patches):
+            yield
+    finally:
+        for p in frozen_params:
+            p.requires_grad_(True)
+        if handle is not None:
+            handle.remove()
+
+
+def _accepted(forward: Any) -> set[str] | None:
+    """Keyword names ``forward`` accepts (``None``: any, it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+class Frozen(nn.Module):
+    """The model up to and including the split point: stem, blocks ``0..k`` and the modules they use (shared).
+
+    ``forward`` takes what the model takes — keyword tensors, a tokenizer's
+    ``BatchEncoding`` / a features dict (keys the model does not take are
+    ignored), or a tensor — runs the model's own forward and stops after the
+    split point. Returns :class:`SplitStates` (the states plus the batch's
+    ``attention_mask``).
+
+    Attributes
+    ----------
+    at : str
+        The split point (a module name of the model that was split).
+    layer : torch.nn.ModuleDict
+        The frozen blocks, keyed by their index.
+    """
+
+    def __init__(self, base: nn.Module, family: Family, k: int, at: str, point: str, owned: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.at = at
+        self.family = family
+        self.k = k
+        blocks = family.block_list(base)
+        self.layer = nn.ModuleDict({str(i): blocks[i] for i in range(k + 1)})
+        self.parts = nn.ModuleDict({name.replace(".", "__"): m for name, m in owned.items()})
+        self.__dict__["base"] = base  # not registered: its head-side modules are not the frozen part's
+        self.training = base.training  # the model's mode, as its modules have it
+        self._point = point
+        self._accepted = _accepted(base.forward)
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.__dict__["base"], "config", None)
+
+    def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        base = self.__dict__["base"]
+        if len(args) == 1 and not kwargs and isinstance(args[0], Mapping):
+            args, kwargs = model_arguments(base, args[0])
+        if self._accepted is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in self._accepted}
+        if self.family.use_cache:
+            kwargs.setdefault("use_cache", False)
+        return args, kwargs
+
+    def forward(self, *args: Any, **kwargs: Any) -> SplitStates:
+        base = self.__dict__["base"]
+        args, kwargs = self._arguments(args, kwargs)
+        mask = kwargs.get("attention_mask")
+        blocks = self.family.blocks
+        # Custom models: also watch the next block's input: the stream must be what the split point returned.
+        n = len(self.family.block_list(base))
+        nxt = f"{blocks}.{self.k + 1}" if self.k + 1 < n else None
+        states = _run_checked(base, self._point, nxt, args, kwargs, self.family)
+        return SplitStates(states, mask if isinstance(mask, torch.Tensor) else None)
+
+
+def _run_checked(base: nn.Module, point: str, nxt: str | None, args: Any, kwargs: Any, family: Family) -> torch.Tensor:
+    if nxt is None or family.name != "custom":
+        return LayerCapture(base, point, clone=False).run(*args, **kwargs)[point]
+    out: dict[str, torch.Tensor] = {}
+    modules = dict(base.named_modules())
+
+    def stop(module: nn.Module, a: Any, kw: Any) -> None:
+        first = a[0] if a else next(iter(kw.values()), None)
+        if "states" not in out or not _identical(first, out["states"]):
+            raise _branch_error(base, family.blocks, int(nxt.rsplit(".", 1)[1]))
+        raise _Stop
+
+    def record(module: nn.Module, a: Any, output: Any) -> None:
+        out.setdefault("states", reduce_output(output, point))
+
+    handles = [modules[point].register_forward_hook(record), modules[nxt].register_forward_pre_hook(stop, with_kwargs=True)]
+    try:
+        base(*args, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if "states" not in out:
+        raise RuntimeError(f"{point!r} did not run in {type(base).__name__}'s forward")
+    return out["states"]
+
+
+class _Stop(BaseException):
+    """Ends the frozen part's forward at the next block (not an Exception: model code cannot swallow it)."""
+
+
+class Head(nn.Module):
+    """The model after the split point: blocks ``k+1..`` and the tail (final norm, pooler), shared.
+
+    ``forward`` takes the cached states in any form :func:`head_inputs`
+    accepts and returns the model's own output (for a Hugging Face model its
+    ``ModelOutput``, e.g. ``last_hidden_state`` and ``pooler_output``), equal
+    to the full model's on the same batch. States of another floating dtype
+    (a float16 store) are cast to the head's parameter dtype.
+
+    Attributes
+    ----------
+    at : str
+        The split point.
+    layer : torch.nn.ModuleDict
+        The head's blocks, keyed by their index.
+    tail : torch.nn.ModuleDict
+        The modules after the blocks (names with ``__`` for ``.``).
+    """
+
+    def __init__(self, base: nn.Module, family: Family, k: int, at: str, tail: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.at = at
+        self.family = family
+        self.k = k
+        blocks = family.block_list(base)
+        self.layer = nn.ModuleDict({str(i): blocks[i] for i in range(k + 1, len(blocks))})
+        self.tail = nn.ModuleDict({name.replace(".", "__"): m for name, m in tail.items()})
+        self.__dict__["base"] = base
+        self.training = base.training
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.__dict__["base"], "config", None)
+
+    def _cast(self, states: torch.Tensor) -> torch.Tensor:
+        param = next(self.parameters(), None)
+        if param is not None and states.is_floating_point() and states.dtype != param.dtype:
+            return states.to(param.dtype)
+        return states
+
+    def run(self, states: torch.Tensor, mask: torch.Tensor | None) -> Any:
+        """The model's forward on ``states`` after the split point (the generic mechanism)."""
+        base = self.__dict__["base"]
+        states = self._cast(states)
+        kwargs: dict[str, Any] = {}
+        if self.family.feed == "inputs_embeds":
+            kwargs["inputs_embeds"] = states
+        elif self.family.feed == "pixel_values":
+            kwargs["pixel_values"] = states.new_zeros((states.shape[0], 1, 1, 1))
+        if mask is not None:
+            kwargs["attention_mask"] = mask.to(device=states.device, dtype=torch.long)
+        if self.family.use_cache:
+            kwargs["use_cache"] = False
+        with stand_ins(base, self.family, self.k, states):
+            if self.family.feed is None:  # a custom forward: the states stand in for its input
+                return base(states, **kwargs)
+            return base(**kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        states, mask = head_inputs(args, kwargs)
+        return self.run(states, mask)

@@ -1,0 +1,106 @@
+"""The fingerprint of what stored activations depend on: the frozen part only.
+
+A store of recycled activations is valid as long as the modules that compute
+them are unchanged: the stem and the blocks up to the deepest captured layer.
+Training the head (the blocks above, the final norm, a pooler) must leave the
+store fresh; changing any frozen weight must make it stale.
+
+:func:`frozen_fingerprint` is :func:`actstore.fingerprint` (BLAKE3 over module
+names, classes, parameters and buffers) of the frozen part that
+:func:`actstore.models.split.split` cuts at the deepest captured layer, so
+``frozen_fingerprint(model, [frozen.at]) == frozen_fingerprint(frozen)`` for
+``frozen, head = split(model, at)``. For a layer that is not a split point
+(a module inside a block) the block containing it is the cut (more than
+needed, never less). When ``split`` does not know the model, or the model's
+final output is captured, it is the whole model's fingerprint, as before.
+
+Stores written before this change record the whole model's fingerprint;
+:func:`fingerprint_matches` accepts it too, as long as it matches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from actstore.hashing import fingerprint
+from actstore.models.blocks import Frozen
+from actstore.models.capture import FINAL_OUTPUT, canonical_name
+from actstore.models.split import _plan, split
+
+__all__ = ["frozen_fingerprint", "fingerprint_matches", "frozen_part"]
+
+
+def frozen_part(model: nn.Module, layers: str | Iterable[str] | None) -> nn.Module:
+    """The frozen part whose outputs ``layers`` are (``model`` itself when no cut applies).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model precompute runs, or a frozen part from ``split`` (returned as is).
+    layers : str, iterable of str, or None
+        Captured module names; ``None`` or ``""`` is the final output.
+    """
+    if isinstance(model, Frozen) or layers is None:
+        return model
+    names = [layers] if isinstance(layers, str) else list(layers)
+    if not names or FINAL_OUTPUT in names:
+        return model
+    try:
+        plan = _plan(model)
+    except (TypeError, ValueError):
+        return model
+    points = plan.points
+    deepest = -1
+    for name in names:
+        canonical = canonical_name(model, name)
+        if canonical is None:
+            return model
+        inside = [i for i, p in enumerate(points) if canonical == p or canonical.startswith(p + ".")]
+        if not inside:
+            return model  # not on the main path (a pooler, a tail module): no cut below the whole model
+        deepest = max(deepest, inside[-1])
+    return split(model, points[deepest])[0]
+
+
+def frozen_fingerprint(model: nn.Module, layers: str | Iterable[str] | None = None) -> str:
+    """Fingerprint of the modules that compute ``layers`` of ``model`` (64 hex digits).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The full model, or a frozen part from :func:`actstore.models.split.split`.
+    layers : str, iterable of str, or None
+        The captured layers (precompute's ``layers=``); ignored for a frozen part.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from actstore.models.split import split
+    >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    >>> frozen, head = split(model, "1")
+    >>> frozen_fingerprint(model, ["1"]) == frozen_fingerprint(frozen)
+    True
+    >>> with torch.no_grad():
+    ...     _ = head[0].weight.add_(1.0)  # training the head leaves the frozen part's fingerprint alone
+    >>> frozen_fingerprint(model, ["1"]) == frozen_fingerprint(frozen)
+    True
+    """
+    return fingerprint(frozen_part(model, layers))
+
+
+def fingerprint_matches(recorded: str | None, fp: str, model: nn.Module) -> bool:
+    """Whether a store's ``recorded`` fingerprint is ``fp`` or, for older stores, the whole model's.
+
+    ``fp`` is the :func:`frozen_fingerprint` the caller computed; ``model`` is
+    the full model (for a frozen part from ``split``, the model it was cut from).
+    A store recording no fingerprint matches nothing.
+    """
+    if recorded is None:
+        return False
+    if recorded == fp:
+        return True
+    whole = model.__dict__.get("root", model) if isinstance(model, Frozen) else model
+    return recorded == fingerprint(whole)
