@@ -15,7 +15,8 @@ import actstore
 from actstore import DatasetMismatchError, Field, MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
 from actstore.hashing import fingerprint, key
 from actstore.training.collate import ActivationCollate, PaddedBatch, collate
-from actstore.training.recycled import CachedDataset, RecycledEncoder, output_rows
+from actstore.training.encoder import RecycledEncoder, output_rows
+from actstore.training.recycled import CachedDataset
 from tests import data_helpers as h
 
 # --- CachedDataset --------------------------------------------------------------------------
