@@ -96,11 +96,24 @@ class ObjectBackend(Backend):
         self.url = objects.url
         self.lazy = cache_dir is False
         self.lease_seconds = lease_seconds
-        self.cache, self._tmp = make_cache(objects, cache_dir, cache_bytes)
-        self.root = self.cache.root
+        self._cache_args = (cache_dir, cache_bytes)
+        self._cache: ChunkCache | None = None
         self._lease: RemoteLock | None = None
         self._zroot: Any = None
-        self._finalizer = weakref.finalize(self, _drop, self.cache, self._tmp)
+        self._finalizer: Any = None
+
+    @property
+    def cache(self) -> ChunkCache:
+        """The chunk cache, made on first use (so that a missing store leaves no cache directory behind)."""
+        if self._cache is None:
+            cache, tmp = make_cache(self.objects, *self._cache_args)
+            self._cache = cache
+            self._finalizer = weakref.finalize(self, _drop, cache, tmp)
+        return self._cache
+
+    @property
+    def root(self) -> str:  # type: ignore[override]
+        return self.cache.root
 
     # -- the manifest ----------------------------------------------------------------------
     def read_manifest(self) -> tuple[bytes, str]:
@@ -207,7 +220,7 @@ class ObjectBackend(Backend):
 
     def state(self) -> dict[str, Any]:
         return {"kind": "object", "objects": self.objects.__getstate__(), "lazy": self.lazy,
-                "cache_dir": None if self.lazy else self.cache.dir, "cache_bytes": self.cache.cache_bytes,
+                "cache_dir": None if self.lazy else self.cache.dir, "cache_bytes": self._cache_args[1],
                 "lease_seconds": self.lease_seconds}
 
     @classmethod
@@ -217,7 +230,8 @@ class ObjectBackend(Backend):
                    state["cache_bytes"], lease_seconds=state.get("lease_seconds", DEFAULT_LEASE_SECONDS))
 
     def close(self) -> None:
-        self._finalizer()
+        if self._finalizer is not None:
+            self._finalizer()
 
     # -- verify ----------------------------------------------------------------------------
     @contextlib.contextmanager
