@@ -160,8 +160,10 @@ class ObjectBackend(Backend):
 
         return provide
 
-    def zarr_root(self) -> Any:
-        """A read-only zarr-python store over the remote prefix (``cache_dir=False``)."""
+    def segment_store(self) -> Any:
+        """``cache_dir=False``: a read-only zarr-python store over the remote prefix; else None (files are cached)."""
+        if not self.lazy:
+            return None
         if self._zroot is None:
             from zarr.storage import FsspecStore
 
@@ -172,6 +174,9 @@ class ObjectBackend(Backend):
                 opts["config_kwargs"] = {**S3_DEFAULTS["config_kwargs"], **opts.get("config_kwargs", {})}
             self._zroot = FsspecStore.from_url(self.url, storage_options=opts, read_only=True)
         return self._zroot
+
+    def on_evict(self, callback: Any) -> None:
+        self.cache.on_evict.append(callback)
 
     def initialize(self) -> None:
         others = set(self.objects.listdir("")) - {*OBJECT_DIRS, LOCK_DIR}
