@@ -227,8 +227,7 @@ class ActivationStore(WriterRole):
         self._pending_views = {}
         self._pending_attrs = None
         self._closed = False
-        if getattr(backend, "cache", None) is not None:  # evicted files: drop this handle's maps of them
-            backend.cache.on_evict.append(forget_on_evict(self))  # type: ignore[attr-defined]
+        backend.on_evict(forget_on_evict(self))  # evicted cache files: drop this handle's maps of them
 
     def _load(self, manifest: Manifest) -> None:
         """Make ``manifest`` this handle's snapshot: map its index runs and views now.
@@ -237,12 +236,12 @@ class ActivationStore(WriterRole):
         reader whose manifest was replaced just before it mapped them finds them
         gone: it then reads the manifest again and retries with the newer commit.
         """
-        zarr_root = getattr(self._backend, "zarr_root", None) if getattr(self._backend, "lazy", False) else None
+        zroot = self._backend.segment_store()
         for _ in range(100):
             try:
                 snap = Snapshot(self.path, manifest, self._check, self._provide)
-                if zarr_root is not None:  # cache_dir=False: segment rows through zarr-python
-                    snap.segments = [ZarrSegmentReader(zarr_root(), self.path, s, snap.fields) for s in manifest.segments]
+                if zroot is not None:  # cache_dir=False: segment rows through zarr-python
+                    snap.segments = [ZarrSegmentReader(zroot, self.path, s, snap.fields) for s in manifest.segments]
                 views = self._map_views(manifest)
             except CorruptStoreError:
                 newer = None if self.mode == "a" else read_head(self._backend)[0]

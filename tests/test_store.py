@@ -7,6 +7,7 @@ Every test works in ``tmp_path`` and checks the store's observable behaviour
 from __future__ import annotations
 
 import gc
+import json
 import os
 import pickle
 import shutil
@@ -1207,3 +1208,24 @@ TestStoreModel = StoreModel.TestCase
 TestStoreModel.settings = settings(
     max_examples=30, stateful_step_count=12, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+
+
+def test_update_attrs_commits_through_the_one_commit(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    with actstore.create(path, BASIC, attrs={"a": 1, "b": {"c": 2}}) as w:
+        w.append(mkkeys(3), basic_values(3))
+        w.commit()
+        reader = actstore.open(path)
+        w.update_attrs({"b": [1, 2]}, d="x")
+        assert dict(w.attrs) == {"a": 1, "b": {"c": 2}}  # pending until the commit
+        assert w.commit() == 2
+        assert dict(w.attrs) == {"a": 1, "b": [1, 2], "d": "x"}
+        with pytest.raises(TypeError, match="JSON"):
+            w.update_attrs(e=object())
+        w.update_attrs(a=5)
+        assert w.abort() == 0 and w.commit() == 2  # abort dropped the pending attribute
+    assert reader.refresh() and dict(reader.attrs) == {"a": 1, "b": [1, 2], "d": "x"} and len(reader) == 3
+    with pytest.raises(StoreError, match="read-only"):
+        reader.update_attrs(a=2)
+    on_disk = json.loads((path / "zarr.json").read_text())
+    assert on_disk["attributes"]["actstore"]["attrs"]["d"] == "x"

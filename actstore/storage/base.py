@@ -93,6 +93,13 @@ class Backend(abc.ABC):
         """The reader's file hook, or None when every file is already under :attr:`root`."""
         return None
 
+    def segment_store(self) -> Any:
+        """A read-only zarr-python store to read segment rows through instead of maps (no local copy), or None."""
+        return None
+
+    def on_evict(self, callback: Callable[[str], None]) -> None:  # noqa: B027 - only caches evict
+        """Call ``callback(local_path)`` whenever a file under :attr:`root` is evicted (a size-bounded cache)."""
+
     @abc.abstractmethod
     def initialize(self) -> None:
         """Lay out an empty store (the object directories' group documents) before its first manifest.

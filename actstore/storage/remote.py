@@ -96,11 +96,24 @@ class ObjectBackend(Backend):
         self.url = objects.url
         self.lazy = cache_dir is False
         self.lease_seconds = lease_seconds
-        self.cache, self._tmp = make_cache(objects, cache_dir, cache_bytes)
-        self.root = self.cache.root
+        self._cache_args = (cache_dir, cache_bytes)
+        self._cache: ChunkCache | None = None
         self._lease: RemoteLock | None = None
         self._zroot: Any = None
-        self._finalizer = weakref.finalize(self, _drop, self.cache, self._tmp)
+        self._finalizer: Any = None
+
+    @property
+    def cache(self) -> ChunkCache:
+        """The chunk cache, made on first use (so that a missing store leaves no cache directory behind)."""
+        if self._cache is None:
+            cache, tmp = make_cache(self.objects, *self._cache_args)
+            self._cache = cache
+            self._finalizer = weakref.finalize(self, _drop, cache, tmp)
+        return self._cache
+
+    @property
+    def root(self) -> str:  # type: ignore[override]
+        return self.cache.root
 
     # -- the manifest ----------------------------------------------------------------------
     def read_manifest(self) -> tuple[bytes, str]:
@@ -147,8 +160,10 @@ class ObjectBackend(Backend):
 
         return provide
 
-    def zarr_root(self) -> Any:
-        """A read-only zarr-python store over the remote prefix (``cache_dir=False``)."""
+    def segment_store(self) -> Any:
+        """``cache_dir=False``: a read-only zarr-python store over the remote prefix; else None (files are cached)."""
+        if not self.lazy:
+            return None
         if self._zroot is None:
             from zarr.storage import FsspecStore
 
@@ -159,6 +174,9 @@ class ObjectBackend(Backend):
                 opts["config_kwargs"] = {**S3_DEFAULTS["config_kwargs"], **opts.get("config_kwargs", {})}
             self._zroot = FsspecStore.from_url(self.url, storage_options=opts, read_only=True)
         return self._zroot
+
+    def on_evict(self, callback: Any) -> None:
+        self.cache.on_evict.append(callback)
 
     def initialize(self) -> None:
         others = set(self.objects.listdir("")) - {*OBJECT_DIRS, LOCK_DIR}
@@ -207,7 +225,7 @@ class ObjectBackend(Backend):
 
     def state(self) -> dict[str, Any]:
         return {"kind": "object", "objects": self.objects.__getstate__(), "lazy": self.lazy,
-                "cache_dir": None if self.lazy else self.cache.dir, "cache_bytes": self.cache.cache_bytes,
+                "cache_dir": None if self.lazy else self.cache.dir, "cache_bytes": self._cache_args[1],
                 "lease_seconds": self.lease_seconds}
 
     @classmethod
@@ -217,7 +235,8 @@ class ObjectBackend(Backend):
                    state["cache_bytes"], lease_seconds=state.get("lease_seconds", DEFAULT_LEASE_SECONDS))
 
     def close(self) -> None:
-        self._finalizer()
+        if self._finalizer is not None:
+            self._finalizer()
 
     # -- verify ----------------------------------------------------------------------------
     @contextlib.contextmanager
