@@ -312,6 +312,10 @@ class Head(nn.Module):
     to the full model's on the same batch. States of another floating dtype
     (a float16 store) are cast to the head's parameter dtype.
 
+    The call also reads modules of the frozen part (the family's ``shared``
+    ones: rotary or relative position embeddings), which it never trains:
+    keep the model on one device (``model.to(device)``), not just the head.
+
     Attributes
     ----------
     at : str

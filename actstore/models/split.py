@@ -150,9 +150,23 @@ def _unsupported(model: nn.Module, reason: str = "") -> TypeError:
     if isinstance(base, nn.Module) and base is not model:
         prefix = getattr(model, "base_model_prefix", "") or "base_model"
         hint = f" It wraps a base model ({type(base).__name__}): split model.{prefix} and apply the task head yourself."
+        if _tied_output(model):
+            hint += (" Its output layer shares its weight with the input embedding, which belongs to the frozen "
+                     "part: give the task head its own copy (out = model.get_output_embeddings(); out.weight = "
+                     "torch.nn.Parameter(out.weight.detach().clone())) or keep it frozen, or training it makes "
+                     "the stored activations stale.")
     why = f" ({reason})" if reason else ""
     return SplitError(f"split() does not know how to split a {type(model).__name__}{why}. Supported families: "
                       f"{_FAMILIES}.{hint} {_PROTOCOL}")
+
+
+def _tied_output(model: Any) -> bool:
+    """Whether a task model's output layer shares its weight with its input embedding (GPT-2's LM head)."""
+    try:
+        out, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return False
+    return out is not None and emb is not None and getattr(out, "weight", None) is getattr(emb, "weight", 0)
 
 
 def _block_plan(model: nn.Module, spec: Family, base: nn.Module, prefix: str) -> _Plan:
