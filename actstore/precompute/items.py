@@ -307,6 +307,7 @@ class ItemLayout:
     input: Any
     side: Mapping[Any, str]  # part -> field
     kinds: Mapping[Any, str]  # part -> how its value comes back (see decode_side)
+    input_name: Any = None  # the key the input part gets in a rebuilt mapping (None: its own)
 
     @classmethod
     def of(cls, item: Any, input: Any, side: Mapping[Any, str], where: str,  # noqa: A002
@@ -349,7 +350,9 @@ def decode_item(layout: ItemLayout, value: Any, side: Mapping[Any, Any]) -> Any:
         return value
     vals = [value if k == layout.input else side.get(k) for k in layout.parts]
     if layout.kind == "mapping":
-        d = dict(zip(layout.parts, vals, strict=True))
+        keys = layout.parts if layout.input_name is None else \
+            [layout.input_name if k == layout.input else k for k in layout.parts]
+        d = dict(zip(keys, vals, strict=True))
         try:
             return d if layout.type is dict else layout.type(d)
         except Exception:  # a mapping type that cannot be built from a dict
