@@ -76,6 +76,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `actstor
 
 import actstore  # noqa: E402
 from actstore.examples.experiment import Tokenize, load_minilm  # noqa: E402
+from actstore.format.record import read_record  # noqa: E402
 from actstore.hashing import keys as make_keys  # noqa: E402
 from actstore.training.collate import ActivationCollate, collate  # noqa: E402
 from actstore.training.datasets import ActivationDataset  # noqa: E402
@@ -127,7 +128,10 @@ def build_minilm_stores(model: Any, items: list[dict[str, Any]], n_tokens: int, 
 
 
 def layer_field(store: actstore.ActivationStore) -> str:
-    return next(d["field"] for d in store.attrs["precompute"]["layers"])
+    record = read_record(store.attrs)
+    if record is None or not record.layers:
+        raise ValueError(f"{store.path}: not a precompute store (no layers recorded)")
+    return record.layers[0].field
 
 
 def build_fixed_store(path: str, gb: float) -> int:

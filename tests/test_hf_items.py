@@ -93,3 +93,28 @@ def test_a_datasets_dataset_in_torch_format(tmp_path: Any) -> None:
                                    rtol=1e-4, atol=1e-5)
     cached = CachedDataset(ds, store)
     assert len(cached) == 10 and int(cached[4]["labels"]) == items[4]["labels"]
+
+
+def test_bad_items_are_named(tmp_path: Any) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    mixed = [(torch.ones(2) * i, i) for i in range(6)]
+    mixed[4] = (torch.ones(2) * 4, 4.5)  # a float label among ints: would be cast silently
+    with pytest.raises(ValueError, match=r"dataset\[4\]: side column '1' is a float .* the first item's is a int"):
+        actstore.precompute(model, mixed, tmp_path / "a", layers="0", batch_size=2, progress=False)
+    changing: list[Any] = [(torch.ones(2) * i, i) for i in range(3)] + [{"x": torch.ones(2), "y": 3}]
+    with pytest.raises(TypeError, match=r"dataset\[3\]: the item is a dict, but the items before it are tuple"):
+        actstore.precompute(model, changing, tmp_path / "b", layers="0", batch_size=2, progress=False)
+    with pytest.raises(TypeError, match=r"dataset\[2\]: the item is a dict"):  # within one batch too
+        actstore.precompute(model, changing[:2] + changing[3:], tmp_path / "c", layers="0", batch_size=8,
+                            progress=False)
+
+
+def test_a_zero_token_row_in_a_plain_dict_batch_is_named(tmp_path: Any) -> None:
+    path = tmp_path / "s"
+    with actstore.create(path, {"t": actstore.Field((None, 2), "float32")}) as w:
+        w.append([actstore.key(i) for i in range(3)], {"t": [np.ones((2, 2)), np.ones((0, 2)), np.ones((1, 2))]})
+        w.commit()
+    ds = actstore.ActivationDataset(path)
+    assert actstore.collate(ds.__getitems__([0, 1]))["t"].lengths.tolist() == [2, 0]  # PaddedBatch: allowed
+    with pytest.raises(ValueError, match=r"dataset\[1\]: field 't' has a row of zero tokens"):
+        actstore.ActivationCollate(names={})(ds.__getitems__([2, 1]))

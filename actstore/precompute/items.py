@@ -244,6 +244,10 @@ class SideColumn:
         return {"name": self.name, "field": self.field, "kind": self.kind}
 
 
+#: Side kinds whose values must all be of that kind (arrays and tensors are checked by shape instead).
+_SCALAR_KINDS = frozenset({"bool", "int", "float", "str", "bytes"})
+
+
 class _Missing:
     pass
 
@@ -264,6 +268,11 @@ class SideColumns:
             for v, p in zip(values, positions, strict=True):
                 if v is _MISSING:
                     raise ValueError(f"dataset[{p}]: side column {c.name!r} is missing (the first item had it)")
+                if c.kind in _SCALAR_KINDS and value_kind(v) != c.kind:
+                    raise ValueError(f"dataset[{p}]: side column {c.name!r} is a {value_kind(v)} "
+                                     f"({type(v).__name__} {v!r:.40}), but the first item's is a {c.kind}: a column "
+                                     "must hold one type (convert it in the dataset, or drop it with "
+                                     f"side_fields={{{c.name!r}: None}})")
             if c.kind in ("str", "bytes"):
                 parts = [v.encode("utf-8", "surrogatepass") if isinstance(v, str) else bytes(v)  # type: ignore[arg-type]
                          for v in values]
@@ -307,6 +316,7 @@ class ItemLayout:
     input: Any
     side: Mapping[Any, str]  # part -> field
     kinds: Mapping[Any, str]  # part -> how its value comes back (see decode_side)
+    input_name: Any = None  # the key the input part gets in a rebuilt mapping (None: its own)
 
     @classmethod
     def of(cls, item: Any, input: Any, side: Mapping[Any, str], where: str,  # noqa: A002
@@ -349,7 +359,9 @@ def decode_item(layout: ItemLayout, value: Any, side: Mapping[Any, Any]) -> Any:
         return value
     vals = [value if k == layout.input else side.get(k) for k in layout.parts]
     if layout.kind == "mapping":
-        d = dict(zip(layout.parts, vals, strict=True))
+        keys = layout.parts if layout.input_name is None else \
+            [layout.input_name if k == layout.input else k for k in layout.parts]
+        d = dict(zip(keys, vals, strict=True))
         try:
             return d if layout.type is dict else layout.type(d)
         except Exception:  # a mapping type that cannot be built from a dict

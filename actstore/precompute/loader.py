@@ -34,6 +34,7 @@ class Group:
     collated: Any = None
     error: tuple[int, BaseException] | None = None  # (offset in the batch, exception)
     collate_error: BaseException | None = None
+    item_type: type | None = None  # the type of every item of the group
 
     def __len__(self) -> int:
         return len(self.sides)
@@ -66,8 +67,13 @@ class Prepare:
         inputs: list[Any] = []
         sides: list[dict[str, Any] | None] = []
         buf = bytearray()
+        first_type = type(items[0]) if len(items) else None
         for j, item in enumerate(items):
             try:
+                if type(item) is not first_type:
+                    raise TypeError(f"the item is a {type(item).__name__}, but the items before it are "
+                                    f"{first_type.__name__ if first_type else '?'}: a dataset's items must all have "
+                                    "one type")
                 x, side = self.selector.split(item)
                 k = content_key(x) if self.key_fn is None else check_key(self.key_fn(x))
             except Exception as e:  # reported with its dataset index by the main thread
@@ -76,7 +82,8 @@ class Prepare:
             sides.append(side)
             buf += k
         keys = np.frombuffer(bytes(buf), np.uint8).reshape(-1, 32)
-        group = Group(keys, inputs, sides, self.selector.structure(items[0]) if len(items) else None)
+        group = Group(keys, inputs, sides, self.selector.structure(items[0]) if len(items) else None,
+                      item_type=first_type)
         if self.speculative:
             try:
                 group.collated = self.collate_fn(inputs)

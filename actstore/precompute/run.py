@@ -93,6 +93,7 @@ class Run:
         self.capture: LayerCapture | None = None
         self.structure: dict[str, Any] | None = None
         self.item: ItemRecord | None = None  # the items' layout, as recorded
+        self.item_type: type | None = None  # every item's type (the first item's)
         self.side = SideColumns([])
         self.layer_fields: dict[str, Field] = {}
         self.ragged: set[str] = set()
@@ -224,6 +225,11 @@ class Run:
             j, e = g.error
             kind = type(e) if isinstance(e, (TypeError, ValueError, KeyError, IndexError)) else RuntimeError
             raise kind(f"dataset[{pos0 + j}]: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from e
+        if self.item_type is None:
+            self.item_type = g.item_type
+        elif g.item_type is not None and g.item_type is not self.item_type:
+            raise TypeError(f"dataset[{pos0}]: the item is a {g.item_type.__name__}, but the items before it are "
+                            f"{self.item_type.__name__}: a dataset's items must all have one type")
         self.seen += n
         if self.structure is None:
             self._init_structure(g)

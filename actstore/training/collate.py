@@ -211,7 +211,24 @@ class ActivationCollate:
 
     def __call__(self, batch: Any) -> Any:
         out = self._collate(batch)
-        return out if self.names is None or not isinstance(out, Mapping) else self.flatten(out)
+        if self.names is None or not isinstance(out, Mapping):
+            return out
+        self._check_tokens(batch, out)
+        return self.flatten(out)
+
+    @staticmethod
+    def _check_tokens(batch: Any, out: Mapping[str, Any]) -> None:
+        """Plain-dict batches carry an attention mask: a row with no token would make attention divide by zero."""
+        for k, v in out.items():
+            parts = v.items() if isinstance(v, Mapping) and not isinstance(v, PaddedBatch) else [(k, v)]
+            for name, x in parts:
+                if isinstance(x, PaddedBatch) and len(x.lengths) and int(x.lengths.min()) == 0:
+                    i = int(torch.nonzero(x.lengths == 0)[0])
+                    pos = int(batch.positions[i]) if isinstance(batch, RowBatch) else i
+                    where = f"dataset[{pos}]" if isinstance(batch, RowBatch) else f"batch item {i}"
+                    raise ValueError(f"{where}: field {name!r} has a row of zero tokens, which an attention mask "
+                                     "cannot hold (attention over no token is undefined); drop that item from the "
+                                     "dataset, or collate without names= to get PaddedBatch values")
 
     def _collate(self, batch: Any) -> Any:
         shared = get_worker_info() is not None

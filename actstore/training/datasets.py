@@ -169,9 +169,12 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
 
     ``ds[i]`` never copies (views of the maps).  A DataLoader with a
     ``batch_size`` calls ``__getitems__`` once per batch; with
-    ``collate_fn=actstore.collate`` (or an :class:`ActivationCollate`) the batch
-    is gathered in one copy: ``{field: tensor}``, ragged fields as
-    :class:`PaddedBatch`.
+    ``collate_fn=actstore.collate`` (or an :class:`ActivationCollate`), or with
+    no ``collate_fn`` at all (torch's ``default_collate`` hands actstore's batches
+    to :data:`~actstore.collate`), the batch is gathered in one copy:
+    ``{field: tensor}``, ragged fields as :class:`PaddedBatch`
+    (``ActivationCollate(names={...})`` for plain dicts of tensors with an
+    ``attention_mask``).
 
     Ordering: ``shuffle=True`` shuffles fully; for stores larger than the page
     cache use :class:`~actstore.ChunkShuffleSampler` (chunk-local, seedable).

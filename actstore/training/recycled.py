@@ -12,6 +12,7 @@ would depend on the batch it was padded in.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -89,6 +90,10 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         ``"view"`` (default): positions map to rows through the store's view;
         ``"keys"``: key every input once now and look the keys up (for stores
         filled by :class:`~actstore.RecycledEncoder`, which records no view).
+    input_name
+        For dict items: the key the activations get (e.g. ``"hidden_states"``,
+        an argument of the head's ``forward``, which ``transformers.Trainer``
+        keeps); default the input's own key.
     fallback
         A frozen module (or :class:`~actstore.RecycledEncoder`) that computes the
         activations of positions with no row: called on a list of inputs, it
@@ -108,7 +113,8 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
 
     def __init__(self, dataset: Any, store_or_path: Any, *, input: Any = _UNSET, side: Mapping[Any, str] | None = None,
                  fields: Sequence[str] | str | None = None, check: int | str = "auto", seed: int = 0, index: str = "view",
-                 fallback: Callable[[list[Any]], Any] | None = None, key_fn: Callable[[Any], bytes] | None = None) -> None:
+                 fallback: Callable[[list[Any]], Any] | None = None, key_fn: Callable[[Any], bytes] | None = None,
+                 input_name: str | None = None) -> None:
         self._hold(store_or_path)
         store = self.store
         cfg = precompute_config(store)
@@ -138,6 +144,11 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
             raise KeyError(f"side fields {unknown} are not in the store; it has {sorted(store.fields)}")
         recorded = cfg.record.item if cfg.record is not None else None
         self._template = ItemLayout.of(first, self.input, self.side if n else {}, where, recorded)
+        if input_name is not None:
+            if self._template.kind != "mapping":
+                raise ValueError(f"input_name={input_name!r}: renames the input key of dict items, but the items are "
+                                 f"{self._template.kind}")
+            self._template = replace(self._template, input_name=input_name)
         if check == "auto":
             full = n > 0 and _cheap_to_key(item_part(first, self.input))
             spot = 8
