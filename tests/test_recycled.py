@@ -344,7 +344,8 @@ def test_cached_dataset_follows_a_grown_dataset_after_a_second_precompute(tmp_pa
     ds = actstore.CachedDataset(data, tmp_path / "s")
     assert len(ds) == 10
     with torch.no_grad():
-        torch.testing.assert_close(ds[9], model(data[9]), rtol=0, atol=0)
+        # a batched forward and a one-row forward may round differently (BLAS kernels): float tolerance
+        torch.testing.assert_close(ds[9], model(data[9]), rtol=1e-6, atol=1e-6)
 
 
 def test_every_cheap_item_is_checked_at_construction(tmp_path: Any) -> None:
