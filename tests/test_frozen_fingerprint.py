@@ -126,3 +126,28 @@ def test_precompute_refuses_left_padded_decoder_batches_and_warns_about_train_mo
     with torch.no_grad():
         want = model.eval()(**pad_collate(seqs[:1]), output_hidden_states=True).hidden_states[2]
     torch.testing.assert_close(store[int(store.view("dataset")[0])]["h.1"], want[0], rtol=0, atol=0)
+
+
+def test_datasets_given_a_model_check_its_frozen_part(tmp_path: Any) -> None:
+    """ActivationDataset / CachedDataset(model=...) accept a store after head training, refuse it after a frozen change."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    frozen, head = actstore.split(model, "1")
+    data = [torch.randn(3) for _ in range(6)]
+    actstore.precompute(model, data, tmp_path / "s", layers=["1"], progress=False).close()
+    with torch.no_grad():
+        head[0].weight.add_(1.0)  # training the head: the store stays valid
+    assert len(actstore.ActivationDataset(tmp_path / "s", model=frozen)) == 6
+    assert len(actstore.CachedDataset(data, tmp_path / "s", model=model)) == 6
+    fp = actstore.open(tmp_path / "s").fingerprint
+    assert len(actstore.CachedDataset(data, tmp_path / "s", fingerprint=fp)) == 6
+    with torch.no_grad():
+        model[0].bias.add_(1.0)  # a frozen weight changed: the stored rows are stale
+    with pytest.raises(actstore.StaleStoreError, match="another frozen part"):
+        actstore.ActivationDataset(tmp_path / "s", model=frozen)
+    with pytest.raises(actstore.StaleStoreError, match="overwrite=True"):
+        actstore.CachedDataset(data, tmp_path / "s", model=model)
+    with pytest.raises(actstore.StaleStoreError):
+        actstore.ActivationDataset(tmp_path / "s", fingerprint="0" * 64)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        actstore.ActivationDataset(tmp_path / "s", model="not a model")

@@ -44,8 +44,9 @@ import torch
 from torch.utils.data import Dataset
 
 from actstore.engine.gather import Row, row_view
-from actstore.errors import StoreError
+from actstore.errors import StaleStoreError, StoreError
 from actstore.format.record import PrecomputeRecord, read_record
+from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
 from actstore.store import ActivationStore
 from actstore.store import open as open_store
 from actstore.training.collate import ActivationCollate, RowBatch
@@ -92,6 +93,34 @@ def precompute_config(store: ActivationStore) -> PrecomputeConfig:
         key_fn=rec.key_fn,
         record=rec,
     )
+
+
+def check_frozen(store: ActivationStore, model: Any = None, fingerprint: str | None = None, *, where: str) -> None:
+    """Refuse a store whose activations were not computed by ``model``'s frozen part (or have another ``fingerprint``).
+
+    ``model`` is a frozen part from :func:`actstore.split` or the full model (its
+    frozen part is then the modules that run up to the recorded layers); the
+    store's fingerprint must be that part's, or — for stores written before
+    actstore recorded the frozen part only — the whole model's.  Nothing is
+    checked when both are None.  Raises :class:`~actstore.StaleStoreError`.
+    """
+    if model is None and fingerprint is None:
+        return
+    if fingerprint is not None:
+        ok, want = store.fingerprint == fingerprint, fingerprint
+    else:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module (a frozen part from actstore.split, or the full "
+                            f"model), got {type(model).__name__}")
+        rec = read_record(store.attrs, store.path)
+        layers = [d.layer for d in rec.layers] if rec is not None else None
+        want = frozen_fingerprint(model, layers)
+        ok = fingerprint_matches(store.fingerprint, want, model)
+    if not ok:
+        raise StaleStoreError(
+            f"{where}: the store's activations were computed by another frozen part (store fingerprint "
+            f"{str(store.fingerprint)[:16]}…, the given model's {want[:16]}…): a frozen weight changed since precompute; "
+            "run actstore.precompute(model, dataset, path, overwrite=True) to recompute the store")
 
 
 # -- datasets -----------------------------------------------------------------------------
@@ -166,6 +195,11 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     fields
         The fields in each item (default: all, side columns such as labels and
         ids included).  An unknown name raises ``KeyError`` listing the fields.
+    model, fingerprint
+        When given, the store must hold what this model's frozen part computes (a
+        frozen part from :func:`actstore.split`, or the full model), or carry this
+        fingerprint; otherwise :class:`~actstore.StaleStoreError`.  Training the
+        head leaves a store valid; changing a frozen weight does not.
 
     ``ds[i]`` never copies (views of the maps).  A DataLoader with a
     ``batch_size`` calls ``__getitems__`` once per batch; with
@@ -189,9 +223,11 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     >>> loader = DataLoader(ds, batch_size=256, shuffle=True, collate_fn=actstore.collate)  # doctest: +SKIP
     """
 
-    def __init__(self, store_or_path: Any, fields: Sequence[str] | str | None = None) -> None:
+    def __init__(self, store_or_path: Any, fields: Sequence[str] | str | None = None, *, model: Any = None,
+                 fingerprint: str | None = None) -> None:
         self._hold(store_or_path)
         self.fields = _check_fields(self.store, fields)
+        check_frozen(self.store, model, fingerprint, where=f"ActivationDataset({self.store.path})")
 
     def __len__(self) -> int:
         return len(self.store)

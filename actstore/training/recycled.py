@@ -30,6 +30,7 @@ from actstore.training.datasets import (
     _check_fields,
     _positions,
     _StoreHolder,
+    check_frozen,
     precompute_config,
 )
 from actstore.training.encoder import output_rows
@@ -100,6 +101,11 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         returns a tensor batch, a list of per-row tensors, a
         :class:`~actstore.RaggedBatch`, a ``(padded, mask)`` pair or a dict of
         those per field.  Without one, missing rows raise :class:`MissingRowsError`.
+    model, fingerprint
+        When given, the store must hold what this model's frozen part computes
+        (a frozen part from :func:`actstore.split`, or the full model), or carry
+        this fingerprint.  Otherwise :class:`~actstore.StaleStoreError` (training the
+        head leaves a store valid; changing a frozen weight does not).
 
     Raises
     ------
@@ -114,9 +120,10 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     def __init__(self, dataset: Any, store_or_path: Any, *, input: Any = _UNSET, side: Mapping[Any, str] | None = None,
                  fields: Sequence[str] | str | None = None, check: int | str = "auto", seed: int = 0, index: str = "view",
                  fallback: Callable[[list[Any]], Any] | None = None, key_fn: Callable[[Any], bytes] | None = None,
-                 input_name: str | None = None) -> None:
+                 input_name: str | None = None, model: Any = None, fingerprint: str | None = None) -> None:
         self._hold(store_or_path)
         store = self.store
+        check_frozen(store, model, fingerprint, where=f"CachedDataset({store.path})")
         cfg = precompute_config(store)
         self.input = cfg.input if input is _UNSET else input
         self.side = dict(cfg.side or {}) if side is None else dict(side)
