@@ -240,7 +240,7 @@ class ActivationStore(WriterRole):
         zarr_root = getattr(self._backend, "zarr_root", None) if getattr(self._backend, "lazy", False) else None
         for _ in range(100):
             try:
-                snap = Snapshot(self.path, manifest, self._check, self._provide)
+                snap = Snapshot(self.path, manifest, self._check, self._provide, self._newest_manifest)
                 if zarr_root is not None:  # cache_dir=False: segment rows through zarr-python
                     snap.segments = [ZarrSegmentReader(zarr_root(), self.path, s, snap.fields) for s in manifest.segments]
                 views = self._map_views(manifest)
@@ -253,6 +253,10 @@ class ActivationStore(WriterRole):
             self._snap, self._views = snap, views
             return
         raise StoreError(f"{self._backend.url}: the manifest changed 100 times while being opened; try again")
+
+    def _newest_manifest(self) -> Manifest:
+        """The backend's manifest now (a reader of an older commit relocating a compacted segment)."""
+        return read_head(self._backend)[0]
 
     # -- metadata -----------------------------------------------------------------
     @property
