@@ -317,3 +317,24 @@ def test_a_failed_automatic_merge_keeps_the_commit(tmp_path: Path, monkeypatch: 
     assert [seg.rows for seg in s.manifest.segments] == [2, 8]
     assert_rows(s, 10)
     s.close()
+
+
+def test_compaction_on_object_storage(s3_url: str, tmp_path: Path, s3_server: Any) -> None:
+    opts = s3_server.storage_options
+    w = actstore.create(s3_url, FIELDS, cache_dir=tmp_path / "writer-cache", storage_options=opts)
+    w.merge_policy = None
+    for lo, hi in ((0, 3), (3, 7), (7, 12)):
+        w.append(*batch(lo, hi))
+        w.commit()
+    reader = actstore.open(s3_url, cache_dir=tmp_path / "reader-cache", storage_options=opts)  # nothing mapped yet
+    old = {seg.id for seg in w.manifest.segments}
+    report = w.compact()
+    assert report.segments_after == 1
+    assert w.objects.exists(f"segments/{w.manifest.segments[0].id}/zarr.json")
+    assert not any(w.objects.exists(f"segments/{i}/zarr.json") for i in old)  # deleted from the bucket after the swap  # superseded segments deleted from the bucket after the swap
+    assert_rows(w, 12)
+    w.close()
+    assert_rows(reader, 12)  # the older commit's rows, from the merged segment
+    fresh = actstore.open(s3_url, cache_dir=tmp_path / "fresh-cache", storage_options=opts)
+    assert len(fresh.manifest.segments) == 1 and fresh.verify().rows == 12
+    assert_rows(fresh, 12)
