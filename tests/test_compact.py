@@ -338,3 +338,12 @@ def test_compaction_on_object_storage(s3_url: str, tmp_path: Path, s3_server: An
     fresh = actstore.open(s3_url, cache_dir=tmp_path / "fresh-cache", storage_options=opts)
     assert len(fresh.manifest.segments) == 1 and fresh.verify().rows == 12
     assert_rows(fresh, 12)
+
+
+def test_a_deleted_store_reports_its_missing_files(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    make(path, [3, 4]).close()
+    r = actstore.open(path)
+    shutil.rmtree(path)  # no manifest to relocate through: the reader names the missing file
+    with pytest.raises(CorruptStoreError, match="missing"):
+        r.gather([5])

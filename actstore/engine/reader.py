@@ -163,7 +163,10 @@ class SegmentReader:
 
     def _moved(self, error: Exception) -> tuple[SegmentReader, int]:
         """Where this segment's rows are now (after a compaction), or raise ``error`` (the files are just missing)."""
-        found = self.relocate(self.info) if self.relocate is not None else None
+        try:
+            found = self.relocate(self.info) if self.relocate is not None else None
+        except (StoreError, OSError):  # no readable newer manifest (the store was deleted, say): report the files
+            found = None
         if found is None:
             raise error
         return found
