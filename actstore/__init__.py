@@ -7,6 +7,7 @@ store with zero-copy reads.
 
 from __future__ import annotations
 
+from actstore.engine.compaction import TieredMerge
 from actstore.engine.ragged import RaggedBatch
 from actstore.errors import (
     CorruptStoreError,
@@ -53,6 +54,7 @@ __all__ = [
     "StoreExistsError",
     "StoreLockedError",
     "StoreNotFoundError",
+    "TieredMerge",
     "UnsupportedFormatError",
     "__version__",
     "capture",

@@ -239,7 +239,7 @@ class ActivationStore(WriterRole):
         zroot = self._backend.segment_store()
         for _ in range(100):
             try:
-                snap = Snapshot(self.path, manifest, self._check, self._provide)
+                snap = Snapshot(self.path, manifest, self._check, self._provide, self._newest_manifest)
                 if zroot is not None:  # cache_dir=False: segment rows through zarr-python
                     snap.segments = [ZarrSegmentReader(zroot, self.path, s, snap.fields) for s in manifest.segments]
                 views = self._map_views(manifest)
@@ -252,6 +252,10 @@ class ActivationStore(WriterRole):
             self._snap, self._views = snap, views
             return
         raise StoreError(f"{self._backend.url}: the manifest changed 100 times while being opened; try again")
+
+    def _newest_manifest(self) -> Manifest:
+        """The backend's manifest now (a reader of an older commit relocating a compacted segment)."""
+        return read_head(self._backend)[0]
 
     # -- metadata -----------------------------------------------------------------
     @property

@@ -66,6 +66,7 @@ from benchmarks.store_common import (  # noqa: E402
     SEGMENTS,
     SMALL_ROWS,
     Report,
+    bench_many_commits,
     fmt_ratio,
     make_keys,
     make_rows,
@@ -221,11 +222,12 @@ def bench_gather(rep: Report, d: Data, s1: actstore.ActivationStore, s20: actsto
     hf = d.hf_dataset()
     z = d.zarr_array(s1)
     # Each method gets the same sequence of batches.
-    cyc = {k: itertools.cycle(range(len(batches))) for k in ("one", "twenty", "numpy", "hf", "zarr")}
+    cyc = {k: itertools.cycle(range(len(batches))) for k in ("one", "twenty", "numpy", "take", "hf", "zarr")}
     fns = {
         "one": lambda: s1.gather(batches[next(cyc["one"])])["h"],
         "twenty": lambda: s20.gather(batches[next(cyc["twenty"])])["h"],
         "numpy": lambda: torch.from_numpy(mm[batches[next(cyc["numpy"])]]),
+        "take": lambda: torch.from_numpy(np.take(mm, batches[next(cyc["take"])], axis=0)),
         "hf": lambda: hf[lists[next(cyc["hf"])]]["h"],
         "zarr": lambda: torch.from_numpy(z.oindex[batches[next(cyc["zarr"])]]),
     }
@@ -235,16 +237,19 @@ def bench_gather(rep: Report, d: Data, s1: actstore.ActivationStore, s20: actsto
         got = fns[name]()
         if not torch.equal(got.to(torch.float16), want):
             raise SystemExit(f"{name}: gather returned other rows than numpy")
-    numbers = {"one": 200, "twenty": 200, "numpy": 200, "hf": 5, "zarr": 1}
+    numbers = {"one": 200, "twenty": 200, "numpy": 200, "take": 200, "hf": 5, "zarr": 1}
     if quick:
         numbers = {k: max(1, v // 4) for k, v in numbers.items()}
     done = step("gather race")
     sec = race(fns, numbers, rounds)
     done()
     rps = {k: BATCH / v for k, v in sec.items()}
-    np_peer = "numpy fancy index on np.load mmap + torch.from_numpy"
+    np_peer = "numpy fancy indexing mm[rows] on np.load mmap + torch.from_numpy"
     rep.row(t, f"1 segment vs {np_peer}", rps["one"], rps["numpy"], "rows/s",
             higher_is_better=True, target="≥ 0.8×", passed=rps["one"] / rps["numpy"] >= 0.8)
+    rep.row(t, "1 segment vs np.take(mm, rows, axis=0) into a fresh array (numpy's fastest gather: the limit)",
+            rps["one"], rps["take"], "rows/s", higher_is_better=True, target="≥ 0.9×",
+            passed=rps["one"] / rps["take"] >= 0.9)
     # The target is for a store as one writer commits it (1 segment); many commits are reported.
     rep.row(t, f"{SEGMENTS} segments vs {np_peer}", rps["twenty"], rps["numpy"], "rows/s",
             higher_is_better=True, target="(report; ≥ 0.8× is for 1 segment)", passed=None)
@@ -279,7 +284,7 @@ def bench_single(rep: Report, d: Data, s1: actstore.ActivationStore, s20: actsto
     rps = {k: len(rows) / v for k, v in sec.items()}
     peer_name = "loop of torch.from_numpy(mm[i]) on np.load mmap"
     rep.row(t, f"store[i], 1 segment vs {peer_name}", rps["one"], rps["numpy"], "rows/s",
-            higher_is_better=True, target="≥ 0.5×", passed=rps["one"] / rps["numpy"] >= 0.5)
+            higher_is_better=True, target="≥ 0.8×", passed=rps["one"] / rps["numpy"] >= 0.8)
     rep.row(t, f"store[i], {SEGMENTS} segments vs {peer_name}", rps["twenty"], rps["numpy"], "rows/s",
             higher_is_better=True, target="≥ 0.5×", passed=rps["twenty"] / rps["numpy"] >= 0.5)
     rep.note(t, f"median over {rounds} interleaved rounds; store[i] returns a dict {{'h': tensor}}, the peer a bare tensor")
@@ -520,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         bench_append(rep, d, append_rows, rounds=2 if args.quick else 5)
         print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
         bench_compressed(rep, out, 20_000 if args.quick else 200_000, rounds=3 if args.quick else 5)
+        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
+        many = 50_000 if args.quick else 500_000
+        bench_many_commits(rep, out, make_rows(many, SEED + 1), make_keys(0, many), rounds)
         print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
     finally:
         if not args.keep:

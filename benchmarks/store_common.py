@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -13,7 +15,7 @@ import numpy as np
 from benchmarks.common import Table, timeit
 
 __all__ = ["APPEND_BATCH", "BATCH", "COLUMNS", "DIM", "DTYPE", "ROW_BYTES", "SEED", "SEGMENTS", "SMALL_ROWS",
-           "Report", "fmt_ratio", "make_keys", "make_rows", "package_keys", "race", "step"]
+           "Report", "bench_many_commits", "fmt_ratio", "make_keys", "make_rows", "package_keys", "race", "step"]
 
 DIM = 384
 DTYPE = np.float16
@@ -116,3 +118,93 @@ def _num(v: float) -> str:
     if v >= 1000:
         return f"{v:,.0f}"
     return f"{v:.3g}"
+
+
+# --- many commits: automatic merging and compaction ---------------------------------------------
+
+COMMITS = 64  # a one-hour precompute at the default commit every 60 s
+
+
+def _write(path: str, keys: np.ndarray, rows: np.ndarray, commits: int, policy: Any) -> None:
+    import actstore
+
+    per = -(-len(rows) // commits)
+    with actstore.create(path, {"h": actstore.Field((DIM,), "float16")}) as s:
+        s.merge_policy = policy
+        for c in range(commits):
+            s.append(keys[c * per : (c + 1) * per], {"h": rows[c * per : (c + 1) * per]})
+            s.commit()
+
+
+def _copy_rate(src: str, dst: str) -> float:
+    """Seconds to copy ``src`` to ``dst`` sequentially and fsync it (the machine's sequential copy)."""
+    t0 = time.perf_counter()
+    shutil.copyfile(src, dst)
+    fd = os.open(dst, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    return time.perf_counter() - t0
+
+
+def bench_many_commits(rep: Report, out: str, rows: np.ndarray, keys: np.ndarray, rounds: int) -> None:
+    """A store written in 64 commits: its gathers before and after the automatic merge, and compaction speed."""
+    import torch
+
+    import actstore
+
+    n = len(rows)
+    t = rep.table(f"A store written in {COMMITS} commits ({n:,} rows × {DIM} float16, {BATCH} random rows a gather)")
+    paths = {k: os.path.join(out, f"commits-{k}") for k in ("one", "raw", "merged")}
+    for p in paths.values():
+        shutil.rmtree(p, ignore_errors=True)
+    done = step(f"{COMMITS}-commit stores, with and without the automatic merge")
+    _write(paths["one"], keys, rows, 1, None)
+    _write(paths["raw"], keys, rows, COMMITS, None)
+    _write(paths["merged"], keys, rows, COMMITS, actstore.TieredMerge())
+    done()
+    stores = {k: actstore.open(p) for k, p in paths.items()}
+    for s in stores.values():
+        s.gather(np.arange(n))  # warm
+    rng = np.random.default_rng(21)
+    batches = [rng.choice(n, BATCH, replace=False).astype(np.int64) for _ in range(64)]
+    npy = os.path.join(out, "commits.npy")
+    np.save(npy, rows)
+    mm = np.load(npy, mmap_mode="r")
+    np.take(mm, np.arange(n), axis=0)
+    cyc = {k: iter(range(10**9)) for k in (*stores, "take")}
+    fns: dict[str, Callable[[], Any]] = {k: (lambda s=s, k=k: s.gather(batches[next(cyc[k]) % 64])["h"])
+                                         for k, s in stores.items()}
+    fns["take"] = lambda: torch.from_numpy(np.take(mm, batches[next(cyc["take"]) % 64], axis=0))
+    sec = race(fns, {k: 200 for k in fns}, rounds)
+    rps = {k: BATCH / v for k, v in sec.items()}
+    segs = {k: len(s.manifest.segments) for k, s in stores.items()}
+    rep.row(t, f"{COMMITS} commits, automatic merge ({segs['merged']} segments) vs one commit", rps["merged"],
+            rps["one"], "rows/s", higher_is_better=True, target="≥ 0.8×", passed=rps["merged"] / rps["one"] >= 0.8)
+    rep.row(t, f"{COMMITS} commits, no merge ({segs['raw']} segments) vs one commit", rps["raw"], rps["one"],
+            "rows/s", higher_is_better=True, target="(report)", passed=None)
+    rep.row(t, "one commit vs np.take on np.load mmap (the limit)", rps["one"], rps["take"], "rows/s",
+            higher_is_better=True, target="≥ 0.9×", passed=rps["one"] / rps["take"] >= 0.9)
+    for s in stores.values():
+        s.close()
+    # Compaction of the unmerged store vs a sequential copy of the same bytes, interleaved.
+    data = os.path.join(out, "commits-copy")
+    comp, copy = [], []
+    nbytes = n * ROW_BYTES
+    for r in range(max(2, rounds // 2)):
+        work = os.path.join(out, f"commits-work{r}")
+        shutil.copytree(paths["raw"], work)
+        with actstore.open(work, mode="a") as w:
+            t0 = time.perf_counter()
+            w.compact()
+            comp.append(time.perf_counter() - t0)
+        shutil.rmtree(work)
+        copy.append(_copy_rate(npy, data))
+        os.unlink(data)
+    c, p = nbytes / statistics.median(comp), nbytes / statistics.median(copy)
+    rep.row(t, f"compact() of the {COMMITS}-segment store vs copyfile + fsync of the same bytes", c / 1e6, p / 1e6,
+            "MB/s", higher_is_better=True, target="≥ 0.5×", passed=c / p >= 0.5)
+    rep.note(t, f"gathers: median over {rounds} interleaved rounds of 200 calls; compaction: median of "
+                f"{max(2, rounds // 2)} runs each (page cache warm for both; both fsync)")
+    for p_ in paths.values():
+        shutil.rmtree(p_, ignore_errors=True)
+    os.unlink(npy)

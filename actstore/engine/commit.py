@@ -10,6 +10,9 @@ replacing the manifest (the root ``zarr.json``).  The steps of one commit:
    are the directories that hold them.
 3. A key-index run for the new rows is written the same way (and, when runs pile
    up, all runs are merged into one); so is each view set since the last commit.
+   A compaction's merged segments are finished here too; each replaces a
+   contiguous range of segments holding the same rows in the same order, so
+   global row numbers, the key index and views stay valid unchanged.
 4. The new manifest — naming the segment by id and the BLAKE3 of its
    ``zarr.json`` — is published through the store's backend over the manifest
    this writer started from: in a local directory it is written to a temporary
@@ -17,8 +20,10 @@ replacing the manifest (the root ``zarr.json``).  The steps of one commit:
    fsynced; on object storage the new objects are uploaded first and the
    manifest last, with ``If-Match`` on its predecessor.  **This is the commit
    point.**
-5. Index runs and views the new manifest no longer names are deleted (readers
-   that mapped them keep their maps).
+5. Index runs, views and (after a compaction) segments the new manifest no
+   longer names are deleted (readers that mapped them keep their maps; a
+   reader's segment that was not mapped yet is found in the merged segment
+   holding its rows, :meth:`actstore.engine.reader.Snapshot.relocate`).
 
 A crash before step 4 leaves the old manifest in place, and the next writer
 deletes the unreferenced files.  Readers only ever follow the manifest, so they
@@ -83,11 +88,17 @@ class Change:
     views: Mapping[str, np.ndarray] = field(default_factory=dict)
     #: New attributes (all of them), or None to keep them.
     attrs: Mapping[str, Any] | None = None
+    #: Compaction: ``(lo, hi, writer)``, a segment holding the rows of current segments ``lo .. hi-1``, in order.
+    merged: Sequence[tuple[int, int, SegmentWriter]] = ()
 
     @property
     def empty(self) -> bool:
         return (self.segment is None or self.segment.rows == 0) and not self.added and not self.views \
-            and self.attrs is None
+            and self.attrs is None and not self.merged
+
+    def writers(self) -> list[SegmentWriter]:
+        """The segments this change writes (discarded when it fails before its commit point)."""
+        return ([self.segment] if self.segment is not None else []) + [w for _, _, w in self.merged]
 
 
 def ids(m: Manifest | None) -> tuple[Any, ...]:
@@ -122,7 +133,7 @@ def commit(backend: Backend, lock: WriterLock | None, head: Head, current: Manif
         prepared = True
         publish(backend, head, manifest, show, discarded)  # steps 4-5
     except BaseException:
-        _after_failure(backend, head, current, manifest, change.segment, show, prepared)
+        _after_failure(backend, head, current, manifest, change.writers(), show, prepared)
         raise
     return manifest
 
@@ -145,6 +156,8 @@ def _next_manifest(root: str, current: Manifest, change: Change) -> tuple[Manife
     if change.segment is not None and change.segment.rows:
         added.append(change.segment.finish())
     manifest = current
+    if change.merged:
+        manifest = replace(manifest, segments=_merged_segments(current, change.merged))
     if added:
         start, total = current.rows, sum(i.rows for i, _ in added)
         run = write_index_run(root, np.concatenate([p for _, p in added]),
@@ -162,6 +175,25 @@ def _next_manifest(root: str, current: Manifest, change: Change) -> tuple[Manife
     if change.attrs is not None:
         manifest = replace(manifest, attrs=dict(change.attrs))
     return replace(manifest, generation=current.generation + 1), discarded
+
+
+def _merged_segments(current: Manifest, merged: Sequence[tuple[int, int, SegmentWriter]]) -> tuple[SegmentInfo, ...]:
+    """``current``'s segments with each merged range replaced by its one segment (checked to hold the same rows)."""
+    segments = list(current.segments)
+    last = len(segments)
+    for lo, hi, writer in sorted(merged, key=lambda m: m[0], reverse=True):  # back to front: indices stay valid
+        if not 0 <= lo < hi <= last:
+            raise ValueError(f"merged segments {lo}..{hi - 1}: not a range of the {len(segments)} segments, "
+                             "or overlapping another merged range")
+        last = lo
+        info, _ = writer.finish()
+        old = segments[lo:hi]
+        values = {n: sum(s.values[n] for s in old) for n in info.values}
+        if info.rows != sum(s.rows for s in old) or values != dict(info.values):
+            raise StoreError(f"merged segment {info.id}: holds {info.rows} rows {info.values}, not the "
+                             f"{sum(s.rows for s in old)} rows {values} of the segments it replaces")
+        segments[lo:hi] = [info]
+    return tuple(segments)
 
 
 def merge_runs(root: str, manifest: Manifest) -> IndexRunInfo:
@@ -194,7 +226,7 @@ def publish(backend: Backend, head: Head, manifest: Manifest, show: Callable[[Ma
             log.warning("%s: could not delete superseded %s (%s)", backend.url, obj, e)
 
 
-def _after_failure(backend: Backend, head: Head, current: Manifest, manifest: Manifest, seg: SegmentWriter | None,
+def _after_failure(backend: Backend, head: Head, current: Manifest, manifest: Manifest, segs: list[SegmentWriter],
                    show: Callable[[Manifest], None], prepared: bool) -> None:
     """Keep whatever the backend shows; discard the failed commit's segment otherwise.
 
@@ -214,8 +246,9 @@ def _after_failure(backend: Backend, head: Head, current: Manifest, manifest: Ma
         show(manifest)
     elif prepared and backend.stages:
         show(manifest)
-    elif seg is not None:
-        if on_disk is None:
-            seg.close_files()  # keep them: the manifest on disk is unknown
-        else:
-            seg.discard()
+    else:
+        for seg in segs:
+            if on_disk is None:
+                seg.close_files()  # keep them: the manifest on disk is unknown
+            else:
+                seg.discard()

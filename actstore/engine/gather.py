@@ -206,6 +206,9 @@ def take_rows(snap: Rows, source: Callable[[Any], Any], rows: np.ndarray, out: n
     """
     tgt = out if not isinstance(out, torch.Tensor) else _np_target(out, field) if field is not None else out.numpy()
     block = max(1, _BOUNCE_BYTES // max(row_bytes, 1))
+    if tgt is not None and len(rows) and len(snap.starts_list) > 2 and len(rows) * row_bytes <= _BOUNCE_BYTES and \
+            _take_sorted(snap, source, rows, tgt, outpos):
+        return
     for s, pos, local in split_by_segment(snap, rows):
         src = source(snap.segments[s])
         dest = pos if outpos is None else (outpos if pos is None else outpos[pos])
@@ -222,6 +225,37 @@ def take_rows(snap: Rows, source: Callable[[Any], Any], rows: np.ndarray, out: n
             else:  # a cast numpy cannot do (to or from bfloat16)
                 t_out = cast(torch.Tensor, out)  # (tgt is None only for tensor outputs)
                 t_out[torch.from_numpy(dest[a : a + block])] = as_tensor(part, field).to(t_out.dtype)
+
+
+def _take_sorted(snap: Rows, source: Callable[[Any], Any], rows: np.ndarray, tgt: np.ndarray,
+                 outpos: np.ndarray | None) -> bool:
+    """A batch across segments in one pass: rows grouped by segment (one stable sort), each group taken
+    straight into its slice of one buffer, then one scatter into ``tgt``.  False (nothing written) when a
+    segment's array is not a same-dtype map (compressed, or a cast): the caller's general path runs."""
+    starts = snap.starts
+    seg = np.searchsorted(starts, rows, side="right") - 1
+    lo, hi = int(seg.min()), int(seg.max())
+    if lo == hi:
+        return False  # one segment: the direct path writes into ``tgt`` without a buffer
+    srcs = [source(snap.segments[s]) for s in range(lo, hi + 1)]
+    if any(not isinstance(a, np.ndarray) or a.dtype != tgt.dtype for a in srcs):
+        return False
+    order = np.argsort(seg, kind="stable")
+    local = rows[order] - starts[seg[order]]
+    ends = np.cumsum(np.bincount(seg - lo, minlength=hi - lo + 1)).tolist()
+    buf = np.empty((len(rows), *tgt.shape[1:]), tgt.dtype)
+    begin = 0
+    for src, end in zip(srcs, ends, strict=True):
+        if end > begin:  # rows were range-checked: 'wrap' skips the bounds check
+            np.take(src, local[begin:end], axis=0, out=buf[begin:end], mode="wrap")
+        begin = end
+    if outpos is None:  # the inverse permutation, then a take: faster than a scatter by fancy assignment
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        np.take(buf, inverse, axis=0, out=tgt, mode="wrap")
+    else:
+        tgt[outpos[order]] = buf
+    return True
 
 
 # -- fields ---------------------------------------------------------------------------------------

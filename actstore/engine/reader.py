@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import stat
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -132,23 +133,43 @@ def wanted_files(rel: str, rows: int, inner: tuple[int, ...], codec: Any, check:
     return names
 
 
+#: ``relocate(info)``: the segment of a newer commit holding the rows of the compacted segment ``info``, and the
+#: local row where they start there; None when ``info`` was not compacted away.
+Relocate = Callable[[SegmentInfo], "tuple[SegmentReader, int] | None"]
+
+
 class SegmentReader:
     """Lazily mapped arrays of one committed segment.
 
     ``provide`` (the backend's file hook, :data:`actstore.storage.base.FileProvider`)
     is called before each array is mapped, to make its files present locally.
+    ``relocate`` (set by :class:`Snapshot`) finds the segment's rows after a
+    compaction deleted its files before this reader mapped them: its arrays are
+    then views of the rows' range in the merged segment (never copies, except a
+    ragged field's offsets, rebased).
     """
 
-    __slots__ = ("arrays", "check", "fields", "info", "path", "provide")
+    __slots__ = ("arrays", "check", "fields", "info", "path", "provide", "relocate")
 
     def __init__(self, root: str, info: SegmentInfo, fields: dict[str, Field], check: ReadCheck | None = None,
-                 provide: FileProvider | None = None) -> None:
+                 provide: FileProvider | None = None, relocate: Relocate | None = None) -> None:
         self.path = os.path.join(root, SEGMENTS_DIR, info.id)
         self.info = info
         self.fields = fields
         self.arrays: dict[str, np.ndarray] = {}
         self.check = check
         self.provide = provide
+        self.relocate = relocate
+
+    def _moved(self, error: Exception) -> tuple[SegmentReader, int]:
+        """Where this segment's rows are now (after a compaction), or raise ``error`` (the files are just missing)."""
+        try:
+            found = self.relocate(self.info) if self.relocate is not None else None
+        except (StoreError, OSError):  # no readable newer manifest (the store was deleted, say): report the files
+            found = None
+        if found is None:
+            raise error
+        return found
 
     def _map(self, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any], codec: Any = None) -> Any:
         """The array ``rel``: a map (never copies), or :class:`CompressedRows` for a compressed field."""
@@ -166,15 +187,24 @@ class SegmentReader:
     def keys(self) -> np.ndarray:
         a = self.arrays.get("keys")
         if a is None:
-            a = self.arrays["keys"] = self._map("keys", self.info.rows, (KEY_BYTES,), INTERNAL_DTYPES["uint8"])
+            try:
+                a = self._map("keys", self.info.rows, (KEY_BYTES,), INTERNAL_DTYPES["uint8"])
+            except CorruptStoreError as e:
+                seg, at = self._moved(e)
+                a = seg.keys()[at : at + self.info.rows]
+            self.arrays["keys"] = a
         return a
 
     def fixed(self, name: str) -> np.ndarray:
         a = self.arrays.get(name)
         if a is None:
             f = self.fields[name]
-            a = self.arrays[name] = self._map(f"{FIELDS_DIR}/{name}", self.info.rows, f.inner_shape, f.spec.numpy,
-                                              f.codec)
+            try:
+                a = self._map(f"{FIELDS_DIR}/{name}", self.info.rows, f.inner_shape, f.spec.numpy, f.codec)
+            except CorruptStoreError as e:
+                seg, at = self._moved(e)
+                a = _rows_of(seg.fixed(name), at, at + self.info.rows, self.path, e)
+            self.arrays[name] = a
         return a
 
     def ragged(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +213,19 @@ class SegmentReader:
         if v is None:
             f = self.fields[name]
             count = self.info.values[name]
-            offsets = self._map(f"{FIELDS_DIR}/{name}/offsets", self.info.rows + 1, (), INTERNAL_DTYPES["int64"])
+            try:
+                offsets = self._map(f"{FIELDS_DIR}/{name}/offsets", self.info.rows + 1, (), INTERNAL_DTYPES["int64"])
+            except CorruptStoreError as e:
+                seg, at = self._moved(e)
+                values, moved = seg.ragged(name)
+                part = moved[at : at + self.info.rows + 1]
+                base, end = int(part[0]), int(part[-1])
+                if end - base != count:
+                    raise CorruptStoreError(f"{self.path}: its rows in segment {seg.info.id} hold {end - base} values "
+                                            f"of {name!r}, not {count}") from e
+                self.arrays[name + "/offsets"] = part - base
+                v = self.arrays[name] = _rows_of(values, base, end, self.path, e)
+                return v, self.arrays[name + "/offsets"]
             if offsets[0] != 0 or offsets[-1] != count or np.any(np.diff(offsets) < 0):
                 raise CorruptStoreError(
                     f"{self.path}/{FIELDS_DIR}/{name}/offsets: offsets are not non-decreasing from 0 to {count}"
@@ -192,6 +234,14 @@ class SegmentReader:
             v = self.arrays[name] = self._map(f"{FIELDS_DIR}/{name}/values", count, f.inner_shape, f.spec.numpy,
                                               f.codec)
         return v, self.arrays[name + "/offsets"]
+
+
+def _rows_of(array: Any, start: int, stop: int, where: str, error: Exception) -> np.ndarray:
+    """Rows ``start .. stop-1`` of a relocated segment's array: a view of its map."""
+    if not isinstance(array, np.ndarray):  # a compressed array has no cheap view of a row range
+        raise StoreError(f"{where}: this commit's segment was merged by a compaction; call refresh() on the store "
+                         "(or open it again) to read the newer commit") from error
+    return array[start:stop]
 
 
 def map_object_array(root: str, directory: str, info: IndexRunInfo, name: str, zdtype: str,
@@ -227,19 +277,57 @@ class Snapshot:
     """One committed generation of a store, read through memory maps."""
 
     def __init__(self, root: str, manifest: Manifest, check: ReadCheck | None = None,
-                 provide: FileProvider | None = None) -> None:
+                 provide: FileProvider | None = None, latest: Callable[[], Manifest] | None = None) -> None:
         self.root = root
         self.manifest = manifest
         self.fields = dict(manifest.fields)
-        self.segments = [SegmentReader(root, s, self.fields, check, provide) for s in manifest.segments]
+        self.check, self.provide, self.latest = check, provide, latest
         self.starts = np.cumsum([0] + [s.rows for s in manifest.segments], dtype=np.int64)
         self.starts_list: list[int] = self.starts.tolist()
+        self.segments = [SegmentReader(root, s, self.fields, check, provide, partial(self.relocate, start))
+                         for s, start in zip(manifest.segments, self.starts_list, strict=False)]
+        self._moved: dict[str, SegmentReader] = {}
         self.rows = int(self.starts[-1])
         # Index runs are few (merged by the writer) and mapped now: a writer may
         # delete a superseded run later, and a map survives that.
         self.runs = [IndexRun(root, r, check, provide) for r in manifest.indexes]
         self._shared: dict[int, dict[bytes, int]] = {}
         self.aliases = field_aliases(manifest)
+
+    def relocate(self, start: int, info: SegmentInfo) -> tuple[SegmentReader, int] | None:
+        """The segment of the newest commit that holds segment ``info``'s rows (global ``start ..``), or None.
+
+        A compaction replaces a range of segments by one segment holding the
+        same rows in the same order and deletes the old files after its commit:
+        a reader of an older commit that had not mapped them reads the same
+        rows from the merged segment.  None (the caller reports the missing
+        files) when there is no newer manifest, when it belongs to another
+        store (another creation time or fields) or still names ``info``.
+        """
+        if self.latest is None:
+            return None
+        newest = self.latest()
+        if (newest.created != self.manifest.created or newest.fields != self.manifest.fields
+                or newest.generation < self.manifest.generation or newest.rows < self.rows
+                or any(s.id == info.id for s in newest.segments)):
+            return None
+        ends = np.cumsum([s.rows for s in newest.segments], dtype=np.int64).tolist()
+        j = bisect_right(ends, start)
+        if j >= len(ends) or ends[j] < start + info.rows:
+            return None
+        first = ends[j] - newest.segments[j].rows
+        seg = self._moved.get(newest.segments[j].id)
+        if seg is None:  # (its own relocate: a later compaction may merge it too before it is mapped)
+            seg = SegmentReader(self.root, newest.segments[j], self.fields, self.check, self.provide,
+                                partial(self.relocate, first))
+        # The rows must be this snapshot's: their keys' prefixes must be the ones its key index lists for them.
+        keys = seg.keys()[start - first : start - first + info.rows]
+        for run in self.runs:
+            mine = (run.row >= start) & (run.row < start + info.rows)
+            if not np.array_equal(key_prefixes(keys[run.row[mine] - start]), run.prefix[mine]):
+                return None
+        self._moved[newest.segments[j].id] = seg
+        return seg, start - first
 
     # -- rows -----------------------------------------------------------------
     def locate(self, row: int) -> tuple[SegmentReader, int]:

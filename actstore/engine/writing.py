@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from actstore.engine.commit import Change, Head, check_views, commit
+from actstore.engine.compaction import CompactReport, TieredMerge, compact_snapshot
 from actstore.engine.keyset import KeySet
 from actstore.engine.reader import Snapshot, key_prefixes
 from actstore.engine.segments import SegmentWriter
@@ -44,6 +46,9 @@ class WriterRole:
     _segment: SegmentWriter | None
     _pending_views: dict[str, np.ndarray]
     _pending_attrs: dict[str, Any] | None
+    #: The automatic merge after each commit (:class:`~actstore.engine.compaction.TieredMerge`), or None for none.
+    #: Set it on a writer: ``store.merge_policy = actstore.TieredMerge(fanout=8)``.
+    merge_policy: TieredMerge | None = TieredMerge()
 
     if TYPE_CHECKING:
         @property
@@ -174,7 +179,49 @@ class WriterRole:
         change = Change(segment=self._segment, views=self._pending_views, attrs=self._pending_attrs)
         check_views(self.manifest, change)
         self._segment, self._pending_views, self._pending_attrs = None, {}, None
-        return commit(self._backend, self._lock, self._head, self.manifest, change, self._load).generation
+        commit(self._backend, self._lock, self._head, self.manifest, change, self._load)
+        self._merge_by_policy()
+        return self.manifest.generation
+
+    def compact(self) -> CompactReport:
+        """Merge all segments into one, in one commit; returns what it did (a no-op for at most one segment).
+
+        Pending rows, views and attributes are committed first.  The merged
+        segment holds the same rows in the same order, so **row numbers do not
+        change**: lookups, views and datasets built on the store stay right.
+        The merged segment is written, hashed and fsynced, the manifest is
+        replaced through the one commit, and the old segments' files are
+        deleted only after that; readers of the older commit keep their maps
+        and find rows they had not mapped yet in the merged segment.  Needs
+        free space for one more copy of the rows.
+
+        Raises
+        ------
+        StoreError
+            Opened read-only (compaction takes the writer lock: ``open(path, mode="a")``,
+            which raises :class:`~actstore.errors.StoreLockedError` naming the holder).
+        OSError
+            Writing failed (for example ENOSPC): the last commit is intact and the
+            partial segment is deleted.
+        """
+        self._check_writable()
+        if self._segment is not None or self._pending_views or self._pending_attrs is not None:
+            self.commit()
+        return compact_snapshot(self._backend, self._lock, self._head, self._snap, self._load)
+
+    def _merge_by_policy(self) -> None:
+        """After a commit: the merge :attr:`merge_policy` asks for, if any (its failure keeps the commit: a warning)."""
+        if self.merge_policy is None:
+            return
+        span = self.merge_policy.plan([s.rows for s in self.manifest.segments])
+        if span is None:
+            return
+        try:
+            compact_snapshot(self._backend, self._lock, self._head, self._snap, self._load, [span])
+        except (OSError, StoreError) as e:
+            warnings.warn(f"{self.path}: the automatic merge of segments {span[0]}..{span[1] - 1} failed ({e}); "
+                          "the commit stands, reads span more segments until a later merge or compact()",
+                          RuntimeWarning, stacklevel=3)
 
     def adopt(self, sources: object, *, copy: bool = False) -> int:
         """Add the committed rows of other stores with the same fields, in one commit; returns the rows added.

@@ -1,0 +1,189 @@
+"""Compaction: merge runs of adjacent segments into one, through the one commit.
+
+A store written in many commits has many segments; every gather that spans
+them pays per segment.  Compaction copies the rows of a contiguous range of
+segments, in order, into one new segment (written, hashed and fsynced like any
+other), then publishes a manifest that names the new segment in place of the
+range (:func:`actstore.engine.commit.commit`, ``Change.merged``) and deletes the
+superseded files after that commit point.  Because the merged segment holds
+the same rows in the same order at the same place, **global row numbers do not
+change**: the key index, views (dataset position → row), ``CachedDataset`` and
+any row number a program kept stay valid.  Readers of an older commit keep
+the maps they hold and find rows of segments they had not mapped yet in the
+merged segment (:meth:`actstore.engine.reader.Snapshot.relocate`).
+
+:class:`TieredMerge` is the writer's automatic policy (as in log-structured
+stores): segments are put in size tiers, a factor ``fanout`` apart, and
+whenever the newest ``fanout`` segments share a tier they are merged into one
+segment of the next tier.  Each row is then rewritten at most once per tier,
+``log_fanout(rows / min_rows)`` times in all, and a store keeps at most
+``fanout - 1`` segments per tier when its commits are of similar size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from actstore.engine.commit import Change, Head, commit
+from actstore.engine.reader import SegmentReader, Snapshot
+from actstore.engine.segments import SegmentWriter
+from actstore.format.manifest import Manifest
+from actstore.storage.base import Backend, WriterLock
+
+__all__ = ["COPY_BYTES", "CompactReport", "TieredMerge", "compact_snapshot", "merge_range"]
+
+log = logging.getLogger("actstore")
+
+#: Rows are copied into the merged segment in blocks of about this many bytes.
+COPY_BYTES = 32 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class TieredMerge:
+    """The writer's automatic merge policy: a tiered merge of the newest segments.
+
+    Parameters
+    ----------
+    fanout
+        Segments per tier before they merge (≥ 2).  A gather touches at most
+        ``fanout - 1`` segments per tier.
+    min_rows
+        Segments of fewer rows than this all count as the lowest tier.
+
+    A segment of ``r`` rows is in tier ``floor(log_fanout(max(r, min_rows) / min_rows))``.
+    After each commit the writer merges the newest ``fanout`` segments while
+    they share one tier; the merged segment lands in a higher tier and may
+    cascade.  Only the newest segments are merged, so a merge never rewrites
+    rows that are already in a larger segment.
+    """
+
+    fanout: int = 16
+    min_rows: int = 1
+
+    def __post_init__(self) -> None:
+        for name, value, least in (("fanout", self.fanout, 2), ("min_rows", self.min_rows, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"TieredMerge: {name} must be an int >= {least}, got {value!r}")
+
+    def tier(self, rows: int) -> int:
+        t, bound = 0, self.min_rows * self.fanout
+        while bound <= rows:
+            t, bound = t + 1, bound * self.fanout
+        return t
+
+    def plan(self, rows: Sequence[int]) -> tuple[int, int] | None:
+        """The range ``(lo, hi)`` of segments (of these sizes) to merge now, cascades included; None: no merge."""
+        spans = [(i, i + 1, r) for i, r in enumerate(rows)]  # (first segment, end, rows)
+        merged = False
+        while len(spans) >= self.fanout:
+            tail = spans[-self.fanout :]
+            t = self.tier(tail[-1][2])
+            if any(self.tier(r) != t for _, _, r in tail):
+                break
+            spans[-self.fanout :] = [(tail[0][0], tail[-1][1], sum(r for _, _, r in tail))]
+            merged = True
+        return (spans[-1][0], spans[-1][1]) if merged else None
+
+
+@dataclass(frozen=True, slots=True)
+class CompactReport:
+    """What a compaction did: segments before and after, rows and bytes copied (0 for a no-op)."""
+
+    segments_before: int
+    segments_after: int
+    rows_copied: int
+    bytes_copied: int
+    generation: int
+
+    @property
+    def noop(self) -> bool:
+        return self.segments_before == self.segments_after
+
+    def __str__(self) -> str:
+        if self.noop:
+            return (f"nothing to compact: {self.segments_before} segment"
+                    f"{'' if self.segments_before == 1 else 's'} (a store with at most one segment is compact)")
+        return (f"merged {self.segments_before} segments into {self.segments_after} "
+                f"({self.rows_copied:,} rows, {self.bytes_copied:,} bytes copied); generation {self.generation}")
+
+
+def _copy_segment(seg: SegmentReader, out: SegmentWriter, fields: Any) -> int:
+    """Append every row of ``seg`` to ``out`` in large blocks, straight from the maps; returns bytes written."""
+    rows = seg.info.rows
+    row_bytes = 32 + sum(f.spec.numpy.itemsize * int(np.prod(f.inner_shape, dtype=np.int64)) for f in fields.values())
+    ragged = {n: seg.ragged(n) for n, f in fields.items() if f.ragged}
+    if ragged:  # a block also holds each row's values: size blocks by the average row
+        row_bytes += sum(int(fields[n].spec.numpy.itemsize * np.prod(fields[n].inner_shape, dtype=np.int64) *
+                             (int(o[-1]) / max(rows, 1))) for n, (_, o) in ragged.items())
+    block = max(1, COPY_BYTES // max(row_bytes, 1))
+    keys = seg.keys()
+    before = out.rows
+    for a in range(0, rows, block):
+        b = min(rows, a + block)
+        cols: dict[str, Any] = {}
+        for name, f in fields.items():
+            if f.ragged:
+                values, offsets = ragged[name]
+                lo, hi = int(offsets[a]), int(offsets[b])
+                cols[name] = (_rows(values, lo, hi), np.diff(offsets[a : b + 1]))
+            else:
+                cols[name] = _rows(seg.fixed(name), a, b)
+        out.write(np.ascontiguousarray(keys[a:b]), cols)
+    if out.rows - before != rows:
+        raise AssertionError(f"{seg.path}: copied {out.rows - before} of its {rows} rows")
+    return rows * row_bytes
+
+
+def _rows(array: Any, start: int, stop: int) -> np.ndarray:
+    """Rows ``start .. stop-1`` of a map (a view) or of compressed rows (decoded)."""
+    return array[start:stop] if isinstance(array, np.ndarray) else array.rows(start, stop)
+
+
+def merge_range(root: str, snap: Snapshot, lo: int, hi: int) -> tuple[SegmentWriter, int]:
+    """Write one segment holding the rows of ``snap``'s segments ``lo .. hi-1`` in order (not yet finished).
+
+    Returns the writer (its :meth:`~SegmentWriter.finish` is step 1 of the commit)
+    and the bytes copied.  On failure the partial segment is deleted.
+    """
+    out = SegmentWriter(root, snap.fields, snap.manifest.chunk_bytes)
+    copied = 0
+    try:
+        for seg in snap.segments[lo:hi]:
+            copied += _copy_segment(seg, out, snap.fields)
+    except BaseException:
+        out.discard()
+        raise
+    return out, copied
+
+
+def compact_snapshot(backend: Backend, lock: WriterLock | None, head: Head, snap: Snapshot,
+                     show: Callable[[Manifest], None], ranges: Sequence[tuple[int, int]] | None = None) -> CompactReport:
+    """Merge segment ranges of ``snap`` (default: all segments into one) and commit; a no-op for ≤ 1 segment.
+
+    ``ranges`` are ``(lo, hi)`` pairs of segment indices, disjoint, each of at
+    least two segments.  The caller holds the writer lock and has nothing pending.
+    """
+    n = len(snap.segments)
+    todo = [(0, n)] if ranges is None else [r for r in ranges if r[1] - r[0] >= 2]
+    if n <= 1 or not todo:
+        return CompactReport(n, n, 0, 0, snap.manifest.generation)
+    merged: list[tuple[int, int, SegmentWriter]] = []
+    copied = rows = 0
+    try:
+        for lo, hi in todo:
+            writer, nbytes = merge_range(backend.root, snap, lo, hi)
+            merged.append((lo, hi, writer))
+            copied += nbytes
+            rows += writer.rows
+    except BaseException:
+        for _, _, w in merged:
+            w.discard()
+        raise
+    manifest = commit(backend, lock, head, snap.manifest, Change(merged=merged), show)
+    log.info("%s: merged %d segments into %d", backend.url, n, len(manifest.segments))
+    return CompactReport(n, len(manifest.segments), rows, copied, manifest.generation)
