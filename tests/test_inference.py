@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,17 +141,18 @@ def test_infer_unknown_field_lists_the_fields(setup: Any) -> None:
         actstore.infer(MeanPool(head), store, frozen=frozen, keys=[b"\0" * 32], progress=False)
 
 
-def test_infer_command(setup: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_infer_command(setup: Any, tmp_path: Any) -> None:
     model, frozen, head, data, store = setup
     factory = tmp_path / "heads.py"
+    here = str(Path(__file__).parent)
     factory.write_text(
-        "import torch, sys\n"
-        "sys.path.insert(0, %r)\n"
+        "import sys\n"
+        f"sys.path.insert(0, {here!r})\n"
         "from test_inference import MeanPool, _llama\n"
         "import actstore\n"
         "def task():\n"
         "    frozen, head = actstore.split(_llama(), 0.5)\n"
-        "    return MeanPool(head), frozen\n" % str(__import__("pathlib").Path(__file__).parent))
+        "    return MeanPool(head), frozen\n")
     rc = cli_main(["infer", "--head", f"{factory}:task", "--store", str(store.path), "--out", str(tmp_path / "o"),
                    "-q"])
     assert rc == 0
