@@ -26,9 +26,11 @@ from actstore.models.capture import LayerCapture, capture
 from actstore.models.split import split, split_points
 from actstore.precompute.api import precompute
 from actstore.store import ActivationStore, create, open
+from actstore.training.adapters import lora, trainable_parameters
 from actstore.training.collate import ActivationCollate, PaddedBatch, collate
 from actstore.training.datasets import ActivationDataset
 from actstore.training.encoder import RecycledEncoder
+from actstore.training.inference import infer
 from actstore.training.recycled import CachedDataset
 from actstore.training.sampler import ChunkShuffleSampler
 
@@ -61,10 +63,13 @@ __all__ = [
     "collate",
     "create",
     "fingerprint",
+    "infer",
     "key",
     "keys",
+    "lora",
     "open",
     "precompute",
     "split",
     "split_points",
+    "trainable_parameters",
 ]

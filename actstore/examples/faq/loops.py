@@ -21,7 +21,7 @@ from typing import Any
 from actstore.examples.faq.data import Pairs, corpus
 from actstore.examples.faq.losses import mnrl_loss
 from actstore.examples.faq.metrics import RowResult
-from actstore.examples.faq.model import SkipConnectionHead, Tokenize, blocks_frozen, embedding_dim
+from actstore.examples.faq.model import LoraSpec, SkipConnectionHead, Tokenize, blocks_frozen, embedding_dim
 
 __all__ = ["StoreRows", "apply_head", "evaluate_model", "layer_field", "precompute_texts", "train_full", "train_head_only",
            "train_recycled"]
@@ -123,13 +123,19 @@ def evaluate_model(model: Any, val: Pairs, row: RowResult, batch_size: int = 128
 
 def train_full(model: Any, train: Pairs, val: Pairs, *, epochs: int, batch_size: int, lr: float, seed: int = 0,
                progress: bool = True, name: str = "full fine-tuning", eval_each_epoch: bool = False,
-               log: Callable[[str], None] = print) -> RowResult:
-    """Fine-tune every layer of ``model`` on the training pairs; evaluate after the last epoch (or each)."""
+               lora: LoraSpec | None = None, log: Callable[[str], None] = print) -> RowResult:
+    """Fine-tune every layer of ``model`` on the training pairs; evaluate after the last epoch (or each).
+
+    With ``lora`` (a :class:`LoraSpec`), LoRA adapters go on the whole
+    transformer and only they train.
+    """
     import torch
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tok = Tokenize(model)
+    if lora is not None:
+        lora.apply(model[0].auto_model)
     params = [p for p in model.parameters() if p.requires_grad]
     steps = epochs * len(epoch_batches(len(train), batch_size, random.Random(0)))
     opt, sched = optimizer(params, lr, steps)
@@ -157,17 +163,18 @@ def train_full(model: Any, train: Pairs, val: Pairs, *, epochs: int, batch_size:
 
 
 def precompute_texts(model: Any, texts: Sequence[str], path: str, layer: str | None, *, store_dtype: str | None,
-                     batch_size: int = 128, progress: bool = True) -> tuple[Any, float]:
+                     batch_size: int = 128, progress: bool = True, overwrite: bool = True) -> tuple[Any, float]:
     """Precompute ``layer`` (None: the sentence embedding) of ``model`` over ``texts`` into a new store.
 
-    Returns the store and the wall time of the precompute.
+    ``overwrite=False`` resumes a store already at ``path`` (texts it holds are
+    not recomputed). Returns the store and the wall time of the precompute.
     """
     from actstore.precompute.api import precompute
 
     t0 = time.perf_counter()
     store = precompute(model, list(texts), path, layers=None if layer is None else [layer],
                        collate_fn=Tokenize(model), batch_size=batch_size, store_dtype=store_dtype,
-                       progress=progress, overwrite=True)
+                       progress=progress, overwrite=overwrite)
     return store, time.perf_counter() - t0
 
 
@@ -263,11 +270,15 @@ def _train_from_store(head: Any, params: list[Any], gather: StoreRows, all_pairs
 
 def train_recycled(model: Any, all_pairs: Pairs, train_idx: list[int], val_idx: list[int], at: float, store_path: str,
                    *, epochs: int, batch_size: int, lr: float, store_dtype: str = "float16", seed: int = 0,
-                   progress: bool = True, name: str | None = None, log: Callable[[str], None] = print) -> RowResult:
+                   progress: bool = True, name: str | None = None, lora: LoraSpec | None = None,
+                   reuse: bool = False, log: Callable[[str], None] = print) -> RowResult:
     """Recycle the first ``at`` of the encoder blocks: precompute their per-token output, train the rest from it.
 
     The store holds every question and answer of ``all_pairs`` (training and
-    validation): validation is evaluated from the store too.
+    validation): validation is evaluated from the store too. With ``lora``,
+    LoRA adapters go on the head and only they train. With ``reuse``, a store
+    already at ``store_path`` (same model, split and texts) is resumed, so
+    nothing is recomputed.
     """
     from actstore.models.split import split
 
@@ -276,12 +287,14 @@ def train_recycled(model: Any, all_pairs: Pairs, train_idx: list[int], val_idx: 
     row = RowResult(name or f"{round(at * 100)}% recycling", frozen_blocks=k, epochs=epochs)
     texts = all_pairs.questions + all_pairs.answers
     store, row.precompute_seconds = precompute_texts(model, texts, store_path, str(frozen.at), store_dtype=store_dtype,
-                                                     progress=progress)
+                                                     progress=progress, overwrite=not reuse)
     row.disk_bytes = store_bytes(store)
     log(f"  {row.name}: precomputed {len(texts):,} texts at {frozen.at} in {row.precompute_seconds:.1f} s, "
         f"{row.disk_bytes / 1e6:.1f} MB on disk")
     for p in frozen.parameters():
         p.requires_grad_(False)
+    if lora is not None:
+        head = lora.apply(head)
     params = [p for p in head.parameters() if p.requires_grad]
     row.trainable_params = count_params(params)
     gather = StoreRows(store, layer_field(store))
@@ -294,14 +307,15 @@ def train_recycled(model: Any, all_pairs: Pairs, train_idx: list[int], val_idx: 
 
 def train_head_only(model: Any, all_pairs: Pairs, train_idx: list[int], val_idx: list[int], store_path: str, *,
                     epochs: int, batch_size: int, lr: float, store_dtype: str = "float32", seed: int = 0,
-                    progress: bool = True, name: str = "head only", log: Callable[[str], None] = print) -> RowResult:
-    """Cache the whole model's sentence embedding; train a skip-connection head on it."""
+                    progress: bool = True, name: str = "head only", reuse: bool = False,
+                    log: Callable[[str], None] = print) -> RowResult:
+    """Cache the whole model's sentence embedding; train a skip-connection head on it (``reuse``: see train_recycled)."""
     import torch
 
     row = RowResult(name, frozen_blocks=blocks_frozen(model, 1.0), epochs=epochs)
     texts = all_pairs.questions + all_pairs.answers
     store, row.precompute_seconds = precompute_texts(model, texts, store_path, None, store_dtype=store_dtype,
-                                                     progress=progress)
+                                                     progress=progress, overwrite=not reuse)
     row.disk_bytes = store_bytes(store)
     log(f"  {name}: precomputed {len(texts):,} sentence embeddings in {row.precompute_seconds:.1f} s, "
         f"{row.disk_bytes / 1e6:.1f} MB on disk")

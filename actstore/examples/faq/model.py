@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SkipConnectionHead", "Tokenize", "blocks_frozen", "embedding_dim", "load_minilm"]
+__all__ = ["LoraSpec", "SkipConnectionHead", "Tokenize", "blocks_frozen", "embedding_dim", "load_minilm"]
 
 
 def load_minilm(model_dir: str | None = None) -> Any:
@@ -76,3 +77,18 @@ def SkipConnectionHead(dim: int) -> Any:  # noqa: N802 - a class factory (keeps 
     """A skip-connection head ``normalize(x + sigmoid(g) * (W x + b))`` over a ``dim``-dim embedding."""
     return _make_skip_head(dim)
 
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The LoRA adapters of the study's LoRA rows: rank, scaling and target module names."""
+
+    r: int = 8
+    alpha: int = 16
+    targets: tuple[str, ...] = ("query", "key", "value", "output.dense", "intermediate.dense")  # not the unused pooler
+
+    def apply(self, module: Any) -> Any:
+        """``actstore.training.adapters.lora(module, ...)``: only the adapter weights stay trainable."""
+        from actstore.training.adapters import lora
+
+        return lora(module, list(self.targets), r=self.r, alpha=self.alpha)
