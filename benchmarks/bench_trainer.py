@@ -111,7 +111,8 @@ def texts(path: str | None) -> list[str]:
         return out
     from actstore.examples.faq.data import stdlib_pairs
 
-    return [t for pair in stdlib_pairs() for t in pair]
+    pairs = stdlib_pairs()
+    return list(pairs.questions) + list(pairs.answers)
 
 
 def key_check(data_path: str | None, work: str) -> dict[str, Any]:
