@@ -9,6 +9,7 @@ import torch
 
 import actstore
 from actstore.models.fingerprint import frozen_fingerprint
+from tests.precompute_helpers import pad_collate as _collate
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -26,13 +27,6 @@ def _llama() -> Any:
 def _token_data(n: int = 24) -> list[list[int]]:
     gen = torch.Generator().manual_seed(0)
     return [torch.randint(1, 100, (int(k),), generator=gen).tolist() for k in torch.randint(3, 10, (n,), generator=gen)]
-
-
-def _collate(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _snapshot(params: Any) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from torch import nn
 
 import actstore
 from actstore.cli import main as cli_main
+from tests.precompute_helpers import pad_collate as _collate
 
 pytest.importorskip("transformers")
 
@@ -27,13 +28,6 @@ def _llama() -> Any:
 def _data(n: int = 40) -> list[list[int]]:
     gen = torch.Generator().manual_seed(1)
     return [torch.randint(1, 100, (int(k),), generator=gen).tolist() for k in torch.randint(3, 12, (n,), generator=gen)]
-
-
-def _collate(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 class MeanPool(nn.Module):
