@@ -302,10 +302,15 @@ def _rewrite(path: Path, edit: Any) -> None:
 
 
 def test_other_versions_are_refused(golden: Path) -> None:
-    _rewrite(golden, lambda m: m.update(version=2))
+    _rewrite(golden, lambda m: m.update(version=3))
     for call in (lambda: actstore.open(golden), lambda: actstore.open(golden, mode="a")):
-        with pytest.raises(UnsupportedFormatError, match=re.compile(r"unsupported format version: got 2\. expected 1", re.I)):
+        with pytest.raises(UnsupportedFormatError,
+                           match=re.compile(r"unsupported format version: got 3\. expected 1 or 2", re.I)):
             call()
+    # version 2 is the version of stores with a quantised field; this store has none
+    _rewrite(golden, lambda m: m.update(version=2))
+    with pytest.raises(CorruptStoreError, match="no field is quantised"):
+        actstore.open(golden)
     for almost in (1.0, True, "1"):
         _rewrite(golden, lambda m, v=almost: m.update(version=v))
         with pytest.raises(UnsupportedFormatError, match="unsupported format version"):

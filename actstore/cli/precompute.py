@@ -30,7 +30,8 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     try:
         store = precompute(
             model, dataset, args.out, layers=layers, batch_size=args.batch_size, device=args.device,
-            collate_fn=collate, store_dtype=args.dtype, compression=args.compression, num_workers=args.workers, progress=not args.quiet,
+            collate_fn=collate, store_dtype=args.dtype, compression=args.compression, quantize=args.quantize,
+            num_workers=args.workers, progress=not args.quiet,
             input=input_sel, autocast=args.autocast, commit_every_rows=args.commit_every_rows,
             commit_every_seconds=args.commit_every_seconds, overwrite=args.overwrite)
     except (ValueError, TypeError) as e:
@@ -54,6 +55,9 @@ def _precompute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(STORE_DTYPES), help="dtype on disk (default: the output's)")
     p.add_argument("--compression", choices=["zstd"], help="compress activations on disk (default: raw, zero-copy reads)")
+    p.add_argument("--quantize", choices=["int8", "float8_e4m3"],
+                   help="store floating activations as codes plus a float32 scale per row/token (about half of "
+                        "float16's disk; reads dequantise, see docs/FORMAT.md 4.1)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--input", help="tuple position or dict key of the model input in each item")
     p.add_argument("--autocast", action="store_true", help="run the model under autocast")

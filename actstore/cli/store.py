@@ -36,7 +36,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("fields")
     for name, f in info["fields"].items():
         shape = "(" + ", ".join("*" if d is None else str(d) for d in f["shape"]) + ")"
-        extra = ("  ragged" if f["ragged"] else "") + (f"  {f['compression']}" if f.get("compression") else "")
+        extra = ("  ragged" if f["ragged"] else "") + (f"  {f['compression']}" if f.get("compression") else "") \
+            + (f"  quantised {f['quantize']}" if f.get("quantize") else "")
         print(f"  {name:<20} {f['dtype']:<9} {shape}{extra}")
     for name, n in info["views"].items():
         print(f"view         {name} ({n:,} entries)")

@@ -132,7 +132,10 @@ def _copy_segment(seg: SegmentReader, out: SegmentWriter, fields: Any) -> int:
                 lo, hi = int(offsets[a]), int(offsets[b])
                 cols[name] = (_rows(values, lo, hi), np.diff(offsets[a : b + 1]))
             else:
+                lo, hi = a, b
                 cols[name] = _rows(seg.fixed(name), a, b)
+            if f.quantize is not None:  # codes and scales copied as stored: never re-quantised
+                cols[name + "/scales"] = seg.scales(name)[lo:hi]
         out.write(np.ascontiguousarray(keys[a:b]), cols)
     if out.rows - before != rows:
         raise AssertionError(f"{seg.path}: copied {out.rows - before} of its {rows} rows")

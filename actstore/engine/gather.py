@@ -36,6 +36,7 @@ import torch
 from actstore.engine.ragged import PaddedBatch, RaggedBatch
 from actstore.errors import MissingRowsError
 from actstore.format.manifest import Field
+from actstore.format.quantize import dequantize
 
 __all__ = [
     "Row",
@@ -61,6 +62,8 @@ class Segment(Protocol):
     def fixed(self, name: str) -> Any: ...
 
     def ragged(self, name: str) -> tuple[Any, np.ndarray]: ...
+
+    def scales(self, name: str) -> np.ndarray: ...
 
 
 class Rows(Protocol):
@@ -262,7 +265,10 @@ def _take_sorted(snap: Rows, source: Callable[[Any], Any], rows: np.ndarray, tgt
 
 
 def row_view(seg: Segment, local: int, name: str, field: Field) -> torch.Tensor:
-    """Row ``local`` of a segment's field as a tensor.  Never copies (a compressed field: decoded, a copy)."""
+    """Row ``local`` of a segment's field as a tensor.  Never copies (a compressed field: decoded, a copy;
+    a quantised field: dequantised into its dtype, a copy)."""
+    if field.quantize is not None:
+        return _row_dequantized(seg, local, name, field)
     if field.ragged:
         values, offsets = seg.ragged(name)
         return as_tensor(values[offsets[local] : offsets[local + 1]], field)
@@ -282,6 +288,9 @@ def gather_fixed(
     out = alloc((len(rows), *_meta(field)[0]), _out_dtype(field, dtype), shared)
     present = _present(rows)
     row_bytes = _meta(field)[1]
+    if field.quantize is not None:
+        _fixed_dequantized(snap, name, field, rows, present, out)
+        present = np.empty(0, np.int64)  # (only the extra rows are left to copy)
 
     def source(seg: Segment) -> Any:
         return seg.fixed(name)
@@ -336,10 +345,21 @@ def gather_padded(
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     out = alloc((n, width, *_meta(field)[0]), _out_dtype(field, dtype), shared)
+    quantized = field.quantize is not None
+    if quantized:  # every stored row at once (dequantised into the padded batch), then the extra rows below
+        out.fill_(pad_value)
+        flat_out = out.view(n * width, *_meta(field)[0])
+        for s, pos, elements, within in _ragged_groups(seg_of, starts, lengths):
+            dest = np.repeat(pos * width, lengths[pos]) + within
+            flat_out[torch.from_numpy(dest)] = _dequantized_elements(snap, s, name, field, elements, out.dtype)
     tgt = _np_target(out, field)
     pad = tgt if tgt is not None else out
     sources: dict[int, Any] = {}
     for i, (s, a, ln) in enumerate(zip(seg_of.tolist(), starts.tolist(), lengths.tolist(), strict=True)):
+        if quantized:
+            if s < 0:
+                out[i, :ln].copy_(extra[i])  # type: ignore[index]
+            continue
         if s < 0:
             out[i, :ln].copy_(extra[i])  # type: ignore[index]
         else:
@@ -361,21 +381,90 @@ def gather_padded(
 
 
 def gather_ragged(snap: Rows, name: str, field: Field, rows: np.ndarray) -> RaggedBatch:
-    """Gather a ragged field's rows (checked) back to back, as a :class:`RaggedBatch`.  Always copies, once."""
+    """Gather a ragged field's rows (checked) back to back, as a :class:`RaggedBatch`.  Always copies, once.
+
+    Values come in the stored dtype (a quantised field's: its dtype, dequantised)."""
     seg_of, starts, lengths = _spans(snap, name, rows, None)
     out_offsets = np.zeros(len(rows) + 1, np.int64)
     np.cumsum(lengths, out=out_offsets[1:])
-    values = np.empty((int(out_offsets[-1]), *field.inner_shape), field.spec.numpy)
-    groups = [(s, None) for s in np.unique(seg_of).tolist()] if len(rows) else []
+    groups = _ragged_groups(seg_of, starts, lengths)
     one = len(groups) == 1
-    for s, _ in groups:
-        pos = slice(None) if one else np.flatnonzero(seg_of == s)
+    if field.quantize is not None:
+        deq = torch.empty((int(out_offsets[-1]), *field.inner_shape), dtype=field.spec.torch)
+        for s, pos, elements, within in groups:
+            part = _dequantized_elements(snap, s, name, field, elements, deq.dtype)
+            if one:
+                deq = part
+            else:
+                deq[torch.from_numpy(np.repeat(out_offsets[:-1][pos], lengths[pos]) + within)] = part
+        return RaggedBatch(deq, torch.from_numpy(out_offsets))
+    values = np.empty((int(out_offsets[-1]), *field.inner_shape), field.spec.numpy)
+    for s, pos, flat, within in groups:
         src = snap.segments[s].ragged(name)[0]
-        n = lengths[pos]
-        within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
-        flat = np.repeat(starts[pos], n) + within  # every wanted element, in output order
         if one:  # one segment: straight into the batch, one copy
             np.take(src, flat, axis=0, out=values, mode="wrap")
         else:
-            values[np.repeat(out_offsets[:-1][pos], n) + within] = np.take(src, flat, axis=0, mode="wrap")
+            values[np.repeat(out_offsets[:-1][pos], lengths[pos]) + within] = np.take(src, flat, axis=0, mode="wrap")
     return RaggedBatch(as_tensor(values, field), torch.from_numpy(out_offsets))
+
+
+def _ragged_groups(seg_of: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                   ) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per segment holding some of the rows (``seg_of`` from :func:`_spans`; -1 rows are skipped):
+    ``(segment, positions of its rows, their stored elements in batch order, each element's index in its row)``."""
+    out = []
+    for s in np.unique(seg_of[seg_of >= 0]).tolist():
+        pos = np.flatnonzero(seg_of == s)
+        n = lengths[pos]
+        within = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+        out.append((s, pos, np.repeat(starts[pos], n) + within, within))
+    return out
+
+
+# -- quantised fields (FORMAT.md §4.1): codes and scales gathered, dequantised into the output -----------
+
+
+def _fixed_dequantized(snap: Rows | None, name: str, field: Field, rows: np.ndarray, present: np.ndarray | None,
+                       out: torch.Tensor) -> None:
+    """The stored rows of a quantised fixed field into ``out`` (``present``: their positions; None: all)."""
+    idx = rows if present is None else rows[present]
+    if not len(idx):
+        return
+    src = _need(snap, idx, name)
+    scheme = cast(Any, field.scheme)
+    inner, row_bytes = _meta(field)[0], _meta(field)[1]
+    block = max(1, _BOUNCE_BYTES // max(row_bytes, 1))
+    codes_buf = np.empty((min(block, len(idx)), *inner), field.stored.numpy)
+    scales_buf = np.empty(min(block, len(idx)), np.float32)
+    tmp = None if present is None else torch.empty((min(block, len(idx)), *inner), dtype=out.dtype)
+    for a in range(0, len(idx), block):
+        part = idx[a : a + block]
+        codes, scales = codes_buf[: len(part)], scales_buf[: len(part)]
+        take_rows(src, lambda seg: seg.fixed(name), part, codes, row_bytes=row_bytes)
+        take_rows(src, lambda seg: seg.scales(name), part, scales, row_bytes=4)
+        if present is None:
+            dequantize(codes, scales, scheme, out[a : a + len(part)])
+        else:
+            dest = cast(torch.Tensor, tmp)[: len(part)]
+            out[torch.from_numpy(present[a : a + len(part)])] = dequantize(codes, scales, scheme, dest)
+
+
+def _dequantized_elements(snap: Rows | None, s: int, name: str, field: Field, elements: np.ndarray,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """Stored elements ``elements`` of segment ``s``'s quantised ragged field, dequantised into a new tensor."""
+    seg = cast(Any, snap).segments[s]
+    codes = np.take(seg.ragged(name)[0], elements, axis=0, mode="wrap")  # (elements were checked by _spans)
+    scales = np.take(seg.scales(name), elements, mode="wrap")
+    return dequantize(codes, scales, cast(Any, field.scheme), torch.empty(codes.shape, dtype=dtype))
+
+
+def _row_dequantized(seg: Segment, local: int, name: str, field: Field) -> torch.Tensor:
+    """Row ``local`` of a quantised field, dequantised into a new tensor of the field's dtype."""
+    if field.ragged:
+        values, offsets = seg.ragged(name)
+        a, b = int(offsets[local]), int(offsets[local + 1])
+        codes, scales = values[a:b], seg.scales(name)[a:b]
+        return dequantize(codes, scales, cast(Any, field.scheme), torch.empty(codes.shape, dtype=field.spec.torch))
+    codes, scales = seg.fixed(name)[local : local + 1], seg.scales(name)[local : local + 1]
+    out = torch.empty(codes.shape, dtype=field.spec.torch)
+    return dequantize(codes, scales, cast(Any, field.scheme), out)[0]

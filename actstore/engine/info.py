@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actstore.format.manifest import FORMAT_VERSION, Manifest
+from actstore.format.manifest import Manifest
 from actstore.storage.base import Backend
 
 __all__ = ["describe_store"]
@@ -14,10 +14,12 @@ def describe_store(m: Manifest, backend: Backend) -> dict[str, Any]:
     """Rows, fields, bytes where the store lives, fingerprint, layout, attributes (and the backend's extras)."""
     return {
         "path": backend.url,
-        "format": f"actstore v{FORMAT_VERSION} (Zarr v3)",
+        "format": f"actstore v{m.version} (Zarr v3)",
         "rows": m.rows,
         "fields": {n: {"shape": list(f.shape), "dtype": f.dtype, "ragged": f.ragged,
-                       "compression": f"{f.compression} level {f.level}" if f.compression else None}
+                       "compression": f"{f.compression} level {f.level}" if f.compression else None,
+                       "quantize": f"{f.quantize}, float32 scale per {'token' if f.ragged else 'row'}"
+                       if f.quantize else None}
                    for n, f in m.fields.items()},
         "bytes_on_disk": backend.size(),
         "fingerprint": m.fingerprint,

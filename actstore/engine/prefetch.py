@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from actstore.format.manifest import FIELDS_DIR, SEGMENTS_DIR, chunk_path
+from actstore.format.manifest import FIELDS_DIR, SEGMENTS_DIR, chunk_path, field_arrays
 from actstore.storage.chunkcache import ChunkCache
 
 __all__ = ["Prefetch", "forget_on_evict", "prefetch"]
@@ -59,13 +59,9 @@ def prefetch(store: Any, rows: Any, names: list[str], keys: bool) -> Prefetch:
         info = snap.segments[s].info
         files = [f"keys/{chunk_path(2)}"] if keys else []
         for n in names:
-            f = store.fields[n]
-            if f.ragged:
-                files.append(f"{FIELDS_DIR}/{n}/offsets/{chunk_path(1)}")
-                if info.values[n]:
-                    files.append(f"{FIELDS_DIR}/{n}/values/{chunk_path(len(f.inner_shape) + 1)}")
-            else:
-                files.append(f"{FIELDS_DIR}/{n}/{chunk_path(len(f.inner_shape) + 1)}")
+            for a in field_arrays(n, store.fields[n]):
+                if a.rows(info.rows, info.values.get(n, 0)):  # an empty array has no data file
+                    files.append(f"{a.rel}/{chunk_path(len(a.inner) + 1)}")
         futures.append(cache.submit(_prefetch_one, cache, f"{SEGMENTS_DIR}/{info.id}", info.meta, files, budget))
     return Prefetch(futures)
 
@@ -94,8 +90,8 @@ def forget_on_evict(store: Any) -> Any:
         keys = ["keys"] if name == "keys" else []
         if name.startswith(FIELDS_DIR + "/"):
             field = name[len(FIELDS_DIR) + 1:]
-            base = field.rsplit("/", 1)[0] if field.endswith(("/values", "/offsets")) else field
-            keys = [base, base + "/offsets"]
+            base = field.rsplit("/", 1)[0] if field.endswith(("/values", "/offsets", "/scales")) else field
+            keys = [base, base + "/offsets", base + "/scales"]
         for seg in s.snapshot.segments:
             if seg.info.id == seg_id:
                 for k in keys:

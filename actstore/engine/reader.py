@@ -32,6 +32,7 @@ from actstore.format.manifest import (
     Manifest,
     SegmentInfo,
     chunk_path,
+    field_arrays,
 )
 from actstore.format.record import read_record
 from actstore.storage.base import FileProvider
@@ -196,15 +197,40 @@ class SegmentReader:
         return a
 
     def fixed(self, name: str) -> np.ndarray:
+        """A fixed field's stored rows (a quantised field's codes: see :meth:`scales`)."""
         a = self.arrays.get(name)
         if a is None:
             f = self.fields[name]
+            spec = field_arrays(name, f)[0]
             try:
-                a = self._map(f"{FIELDS_DIR}/{name}", self.info.rows, f.inner_shape, f.spec.numpy, f.codec)
+                a = self._map(spec.rel, self.info.rows, f.inner_shape, spec.numpy, f.codec)
             except CorruptStoreError as e:
                 seg, at = self._moved(e)
                 a = _rows_of(seg.fixed(name), at, at + self.info.rows, self.path, e)
             self.arrays[name] = a
+        return a
+
+    def scales(self, name: str) -> np.ndarray:
+        """A quantised field's float32 scales: one per row, or per stored element of a ragged field."""
+        key = name + "/scales"
+        a = self.arrays.get(key)
+        if a is None:
+            f = self.fields[name]
+            spec = field_arrays(name, f)[-1]
+            if spec.key != key:
+                raise KeyError(f"field {name!r} is not quantised: it has no scales")
+            n = spec.rows(self.info.rows, self.info.values.get(name, 0))
+            try:
+                a = self._map(spec.rel, n, (), spec.numpy)
+            except CorruptStoreError as e:
+                seg, at = self._moved(e)
+                if f.ragged:
+                    moved = seg.ragged(name)[1]
+                    lo, hi = int(moved[at]), int(moved[at + self.info.rows])
+                else:
+                    lo, hi = at, at + self.info.rows
+                a = _rows_of(seg.scales(name), lo, hi, self.path, e)
+            self.arrays[key] = a
         return a
 
     def ragged(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -231,7 +257,7 @@ class SegmentReader:
                     f"{self.path}/{FIELDS_DIR}/{name}/offsets: offsets are not non-decreasing from 0 to {count}"
                 )
             self.arrays[name + "/offsets"] = offsets
-            v = self.arrays[name] = self._map(f"{FIELDS_DIR}/{name}/values", count, f.inner_shape, f.spec.numpy,
+            v = self.arrays[name] = self._map(f"{FIELDS_DIR}/{name}/values", count, f.inner_shape, f.stored.numpy,
                                               f.codec)
         return v, self.arrays[name + "/offsets"]
 

@@ -36,6 +36,8 @@ from actstore.format.manifest import (
     array_metadata,
     chunk_path,
     dumps,
+    field_arrays,
+    field_is_group,
     group_document,
     inner_rows_for,
     shard_layout,
@@ -209,19 +211,19 @@ class SegmentWriter:
         self.arrays["keys"] = ShardFile(os.path.join(self.path, "keys"), (KEY_BYTES,), u8, "uint8")
         self.value_counts: dict[str, int] = {}
         for name, f in fields.items():
-            base = os.path.join(self.path, FIELDS_DIR, name)
-            spec = f.spec
+            for a in field_arrays(name, f):
+                self.arrays[a.key] = ShardFile(os.path.join(self.path, *a.rel.split("/")), a.inner, a.numpy, a.zarr,
+                                               a.codec, chunk_bytes)
             if f.ragged:
-                self.arrays[name] = ShardFile(os.path.join(base, "values"), f.inner_shape, spec.numpy, spec.zarr,
-                                              f.codec, chunk_bytes)
-                self.arrays[name + "/offsets"] = ShardFile(os.path.join(base, "offsets"), (), i64, "int64")
                 self.arrays[name + "/offsets"].write(np.zeros(1, i64))
                 self.value_counts[name] = 0
-            else:
-                self.arrays[name] = ShardFile(base, f.inner_shape, spec.numpy, spec.zarr, f.codec, chunk_bytes)
 
     def write(self, keys: np.ndarray, columns: Mapping[str, Any]) -> None:
-        """Write validated rows (see :func:`actstore.engine.validate.validate_batch`)."""
+        """Write validated rows (see :func:`actstore.engine.validate.validate_batch`).
+
+        ``columns[name]`` is a fixed field's rows or a ragged field's ``(values, lengths)``
+        in storage form; ``columns[name + "/scales"]`` a quantised field's scales.
+        """
         if self._writeback is not None and self._writeback.done():
             self._end_writeback()  # raises the error of a failed write-back
         if self._hasher is None and any(
@@ -246,6 +248,8 @@ class SegmentWriter:
                     self.value_counts[name] += int(len(values))
                 else:
                     written += self.arrays[name].write(col, self._hasher)
+                if f.quantize is not None:
+                    written += self.arrays[name + "/scales"].write(columns[name + "/scales"])
             written += self.arrays["keys"].write(keys)
         finally:
             if added is not None:
@@ -292,7 +296,7 @@ class SegmentWriter:
             for path, rec in shard.finish(self.chunk_bytes).items():
                 files[f"{rel}/{path}"] = rec
         # Intermediate group documents so that Zarr readers can walk the tree.
-        groups = [FIELDS_DIR] + [f"{FIELDS_DIR}/{n}" for n, f in self.fields.items() if f.ragged]
+        groups = [FIELDS_DIR] + [f"{FIELDS_DIR}/{n}" for n, f in self.fields.items() if field_is_group(f)]
         for g in groups:
             doc = group_document()
             fsio.write_durable(os.path.join(self.path, g, "zarr.json"), doc)

@@ -16,18 +16,21 @@ import torch
 from actstore.engine.ragged import RaggedBatch
 from actstore.engine.reader import normalize_keys
 from actstore.format.manifest import Field, dtype_name
+from actstore.format.quantize import quantize
 
 __all__ = ["field_of", "validate_batch"]
 
 Column = "np.ndarray | tuple[np.ndarray, np.ndarray]"
 
 
-def field_of(row: Any, *, ragged: bool = False, dtype: Any = None, compression: str | None = None) -> Field:
+def field_of(row: Any, *, ragged: bool = False, dtype: Any = None, compression: str | None = None,
+             quantize: str | None = None) -> Field:
     """The :class:`Field` that stores rows like ``row`` (one row: a tensor or array; Python scalars are shape ``()``).
 
     The one place a field is inferred from data.  ``ragged``: the row's first
     dimension varies between rows (tokens).  ``dtype`` replaces a floating
-    dtype (the store dtype); float64 is stored as float32.  Raises
+    dtype (the store dtype); float64 is stored as float32.  ``quantize``
+    applies to floating rows only (others are stored as they are).  Raises
     ``TypeError`` for a dtype no field can hold.
     """
     dt: Any
@@ -45,7 +48,7 @@ def field_of(row: Any, *, ragged: bool = False, dtype: Any = None, compression: 
         if not shape:
             raise TypeError("a ragged field needs rows of at least one dimension (the varying one)")
         out = (None, *shape[1:])
-    return Field(out, name, compression=compression)
+    return Field(out, name, compression=compression, quantize=quantize if floating else None)
 
 
 def _as_tensor(value: Any, where: str) -> torch.Tensor:
@@ -72,8 +75,7 @@ def _kind(dtype: torch.dtype) -> str:
     return "i"
 
 
-def _cast(t: torch.Tensor, field: Field, where: str, allow_nonfinite: bool) -> np.ndarray:
-    """Cast to the field's dtype under 'same kind' rules and return storage bytes."""
+def _check_kind(t: torch.Tensor, field: Field, where: str) -> tuple[str, str]:
     src, dst = _kind(t.dtype), _kind(field.spec.torch)
     allowed = {"b": {"b"}, "i": {"i", "f"}, "f": {"f"}}
     if dst not in allowed.get(src, set()):
@@ -81,6 +83,24 @@ def _cast(t: torch.Tensor, field: Field, where: str, allow_nonfinite: bool) -> n
             f"{where}: cannot store {t.dtype} values in a {field.dtype} field without losing their meaning; "
             f"convert them yourself first (for example tensor.to(torch.{field.dtype}))"
         )
+    return src, dst
+
+
+def _store(t: torch.Tensor, field: Field, where: str, allow_nonfinite: bool, out: dict[str, Any], name: str,
+           lengths: np.ndarray | None = None) -> None:
+    """Put ``t`` (rows, or a ragged field's elements) into ``out`` in storage form (quantised when the field is)."""
+    scheme = field.scheme
+    if scheme is None:
+        stored = _cast(t, field, where, allow_nonfinite)
+    else:  # NaN/inf are refused whatever allow_nonfinite says: codes cannot hold them (FORMAT.md §4.1)
+        _check_kind(t, field, where)
+        stored, out[name + "/scales"] = quantize(t, scheme, where)
+    out[name] = stored if lengths is None else (stored, lengths)
+
+
+def _cast(t: torch.Tensor, field: Field, where: str, allow_nonfinite: bool) -> np.ndarray:
+    """Cast to the field's dtype under 'same kind' rules and return storage bytes."""
+    src, dst = _check_kind(t, field, where)
     if src == "i" and dst == "i" and t.numel() and t.dtype != field.spec.torch:
         info = torch.iinfo(field.spec.torch)
         arr = t.numpy()  # torch has no min/max for uint16/32/64 tensors; numpy does
@@ -108,7 +128,8 @@ def validate_batch(
     """Check ``keys`` and ``values`` against ``fields``; return them in storage form.
 
     Fixed fields become ``(n, *shape)`` arrays of the storage dtype; ragged fields
-    become ``(values, lengths)``.  Never writes anything.
+    become ``(values, lengths)``; a quantised field's values are its codes, and
+    ``out[name + "/scales"]`` its scales.  Never writes anything.
 
     Raises
     ------
@@ -129,15 +150,16 @@ def validate_batch(
         where = f"values[{name!r}]"
         v = values[name]
         if f.ragged:
-            out[name] = _ragged(v, f, n, where, allow_nonfinite)
+            flat, lengths = _ragged(v, f, n, where)
+            _store(flat, f, where, allow_nonfinite, out, name, lengths)
         else:
             t = _as_tensor(v, where)
             _check_shape(t.shape, (n, *f.inner_shape), where, "batch")
-            out[name] = _cast(t, f, where, allow_nonfinite)
+            _store(t, f, where, allow_nonfinite, out, name)
     return karr, out
 
 
-def _ragged(v: Any, f: Field, n: int, where: str, allow_nonfinite: bool) -> tuple[np.ndarray, np.ndarray]:
+def _ragged(v: Any, f: Field, n: int, where: str) -> tuple[torch.Tensor, np.ndarray]:
     if isinstance(v, RaggedBatch):
         flat, lengths = v.values.detach().cpu(), v.lengths.numpy()
     elif isinstance(v, (list, tuple)):
@@ -158,4 +180,4 @@ def _ragged(v: Any, f: Field, n: int, where: str, allow_nonfinite: bool) -> tupl
     if len(lengths) != n:
         raise ValueError(f"{where}: {len(lengths)} rows for {n} keys")
     _check_shape(tuple(flat.shape[1:]), f.inner_shape, where, "element")
-    return _cast(flat, f, where, allow_nonfinite), lengths
+    return flat, lengths

@@ -27,6 +27,7 @@ from actstore.format.manifest import (
     IndexRunInfo,
     Manifest,
     SegmentInfo,
+    field_arrays,
 )
 from actstore.storage.base import Backend
 from actstore.storage.files import expect_array, hash_file, inside, object_files, read_document
@@ -104,12 +105,8 @@ def _check_segment(base: str, seg: SegmentInfo, attrs: dict[str, Any], files: di
         raise CorruptStoreError(f"{base}/zarr.json: row counts disagree with the manifest")
     expect_array(base, "keys", seg.rows, (KEY_BYTES,), "uint8", files)
     for name, f in manifest.fields.items():
-        rel = f"{FIELDS_DIR}/{name}"
-        if f.ragged:
-            expect_array(base, f"{rel}/values", seg.values[name], f.inner_shape, f.spec.zarr, files, f.codec)
-            expect_array(base, f"{rel}/offsets", seg.rows + 1, (), "int64", files)
-        else:
-            expect_array(base, rel, seg.rows, f.inner_shape, f.spec.zarr, files, f.codec)
+        for a in field_arrays(name, f):
+            expect_array(base, a.rel, a.rows(seg.rows, seg.values.get(name, 0)), a.inner, a.zarr, files, a.codec)
 
 
 def _check_index(root: str, manifest: Manifest, starts: np.ndarray, report: VerifyReport) -> None:
@@ -120,6 +117,12 @@ def _check_index(root: str, manifest: Manifest, starts: np.ndarray, report: Veri
             for name, f in manifest.fields.items():
                 if f.ragged:
                     seg.ragged(name)  # checks offsets when mapping
+                if f.quantize is not None:
+                    scales = seg.scales(name)
+                    bad = int(np.count_nonzero(~(scales >= 0) | ~np.isfinite(scales)))  # (NaN fails both)
+                    if bad:
+                        raise CorruptStoreError(f"{seg.path}/{FIELDS_DIR}/{name}/scales: {bad} scales are negative, "
+                                                "NaN or infinite (a quantised field's scales are finite and >= 0)")
         n = manifest.rows
         if n:
             keys = snap.gather_keys(np.arange(n))

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from actstore.engine.commit import Change, Head, check_views, commit
 from actstore.engine.compaction import CompactReport, TieredMerge, compact_snapshot
@@ -324,20 +325,28 @@ class WriterRole:
                     linked.append((seg.info, key_prefixes(keys)))
                 elif new.any():
                     rows = start + np.flatnonzero(new)
+                    # float32 reads of quantised fields re-quantise to the same codes (scales to within an ulp);
+                    # other floating fields go through float32 and back exactly.
+                    wide = torch.float32 if any(f.quantize for f in self.fields.values()) else None
                     for a in range(0, len(rows), 4096):
                         part = rows[a : a + 4096]
-                        self.append(src.key_at(part), src.gather(part))
+                        self.append(src.key_at(part), src.gather(part, dtype=wide))
         return linked
 
 
 def _select(cols: dict[str, Any], keep: np.ndarray, fields: Mapping[str, Field]) -> dict[str, Any]:
+    """The columns (storage form, as :func:`validate_batch` returns them) of the rows ``keep`` selects."""
     out: dict[str, Any] = {}
-    for name, col in cols.items():
-        if fields[name].ragged:
+    for name, f in fields.items():
+        col = cols[name]
+        if f.ragged:
             values, lengths = col
-            ends = np.cumsum(lengths)
-            parts = [values[e - n : e] for e, n, k in zip(ends, lengths, keep, strict=True) if k]
-            out[name] = (np.concatenate(parts) if parts else values[:0], lengths[keep])
+            elements = np.repeat(keep, lengths)  # each stored element kept with its row
+            out[name] = (values[elements], lengths[keep])
+            if f.quantize is not None:
+                out[name + "/scales"] = cols[name + "/scales"][elements]
         else:
             out[name] = col[keep]
+            if f.quantize is not None:
+                out[name + "/scales"] = cols[name + "/scales"][keep]
     return out

@@ -22,6 +22,7 @@ import torch
 
 from actstore.errors import CorruptStoreError, UnsupportedFormatError
 from actstore.format.codecs import CODECS, LEVELS, codec_json
+from actstore.format.quantize import SCHEMES, Scheme
 
 __all__ = [
     "FORMAT_NAME",
@@ -30,12 +31,19 @@ __all__ = [
     "IndexRunInfo",
     "Manifest",
     "SegmentInfo",
+    "ArraySpec",
     "array_metadata",
+    "field_arrays",
+    "field_is_group",
     "chunk_path",
 ]
 
 FORMAT_NAME = "actstore"
-FORMAT_VERSION = 1
+#: The newest format version: a store with a quantised field is written as version 2 (FORMAT.md §1, §4.1);
+#: every other store as version 1, so that readers of version 1 still open it.
+FORMAT_VERSION = 2
+#: The versions this reader opens.
+READ_VERSIONS = (1, 2)
 #: Key under the root group's ``attributes`` that holds the manifest.
 MANIFEST_ATTR = "actstore"
 SEGMENT_ATTR = "actstore_segment"
@@ -137,9 +145,12 @@ class Field:
     compression: str | None = None
     #: zstd level (-7 fastest ... 22 smallest); only with ``compression``.
     level: int = 3
+    #: None, ``"int8"`` or ``"float8_e4m3"``: store codes plus one float32 scale per row (per token of a ragged
+    #: field), read back as ``dtype`` (FORMAT.md §4.1).  Floating fields only; reads always copy.
+    quantize: str | None = None
 
     def __init__(self, shape: Any = (), dtype: object = "float32", compression: str | None = None,
-                 level: int = 3) -> None:
+                 level: int = 3, quantize: str | None = None) -> None:
         if isinstance(shape, int) or shape is None:
             shape = (shape,)
         try:
@@ -166,6 +177,15 @@ class Field:
             raise ValueError(f"level: expected an int in [{LEVELS[0]}, {LEVELS[-1]}], got {level!r}")
         object.__setattr__(self, "compression", compression)
         object.__setattr__(self, "level", int(level) if compression is not None else 3)
+        if quantize is not None:
+            if quantize not in SCHEMES:
+                raise ValueError(f"quantize: expected None or one of {list(SCHEMES)}, got {quantize!r}")
+            if not self.spec.torch.is_floating_point:
+                raise ValueError(f"quantize: only floating fields can be quantised, not a {self.dtype} field")
+            if compression is not None:
+                raise ValueError("quantize and compression cannot be combined (a quantised field is stored raw; "
+                                 "int8 codes already halve float16's size)")
+        object.__setattr__(self, "quantize", quantize)
 
     @property
     def ragged(self) -> bool:
@@ -180,12 +200,26 @@ class Field:
 
     @property
     def spec(self) -> _DType:
+        """The field's dtype: what reads return (for a quantised field, not what is stored: see :attr:`stored`)."""
         return DTYPES[self.dtype]
 
     @property
+    def scheme(self) -> Scheme | None:
+        """The quantisation scheme, or None for a field stored as its dtype."""
+        return SCHEMES[self.quantize] if self.quantize is not None else None
+
+    @property
+    def stored(self) -> _DType:
+        """The dtype of the stored values array: the field's dtype, or a quantised field's codes."""
+        q = self.scheme
+        if q is None:
+            return self.spec
+        return _DType(q.name, q.numpy, q.torch, q.zarr)
+
+    @property
     def row_bytes(self) -> int:
-        """Bytes of one element (one row for fixed fields, one token for ragged)."""
-        return int(np.prod(self.inner_shape, dtype=np.int64)) * self.spec.numpy.itemsize
+        """Stored bytes of one element (one row for fixed fields, one token for ragged), scales not counted."""
+        return int(np.prod(self.inner_shape, dtype=np.int64)) * self.stored.numpy.itemsize
 
     @property
     def codec(self) -> dict[str, Any] | None:
@@ -196,12 +230,14 @@ class Field:
         doc: dict[str, Any] = {"shape": list(self.shape), "dtype": self.dtype}
         if self.compression is not None:  # absent for raw fields: their documents stay as they were
             doc["compression"] = {"name": self.compression, "level": self.level}
+        if self.quantize is not None:
+            doc["quantize"] = {"name": self.quantize, "scales": "float32"}
         return doc
 
     @classmethod
-    def from_json(cls, doc: Any, where: str) -> Field:
+    def from_json(cls, doc: Any, where: str, version: int = FORMAT_VERSION) -> Field:
         doc = _expect(doc, dict, where)
-        _only_keys(doc, {"shape", "dtype", "compression"}, where)
+        _only_keys(doc, {"shape", "dtype", "compression"} | ({"quantize"} if version >= 2 else set()), where)
         shape = _expect(doc.get("shape"), list, f"{where}.shape")
         comp: dict[str, Any] = {}
         if "compression" in doc:
@@ -212,6 +248,16 @@ class Field:
                 raise UnsupportedFormatError(f"{where}.compression: codec {name!r} is not supported by this "
                                              f"version of actstore (it reads {list(CODECS)}); upgrade actstore")
             comp = {"compression": name, "level": _expect(c.get("level"), int, f"{where}.compression.level")}
+        if "quantize" in doc:
+            qd = _expect(doc["quantize"], dict, f"{where}.quantize")
+            _only_keys(qd, {"name", "scales"}, f"{where}.quantize")
+            qname = _expect(qd.get("name"), str, f"{where}.quantize.name")
+            if qname not in SCHEMES:
+                raise UnsupportedFormatError(f"{where}.quantize: scheme {qname[:40]!r} is not supported by this "
+                                             f"version of actstore (it reads {list(SCHEMES)}); upgrade actstore")
+            if qd.get("scales") != "float32":
+                raise CorruptStoreError(f"{where}.quantize.scales: expected \"float32\", got {qd.get('scales')!r:.40}")
+            comp["quantize"] = qname
         dtype = _expect(doc.get("dtype"), str, f"{where}.dtype")
         if dtype not in DTYPES:  # stored names are canonical: nothing else is handed to numpy's parser
             raise CorruptStoreError(f"{where}.dtype: {dtype[:40]!r} is not one of {sorted(DTYPES)}")
@@ -265,10 +311,15 @@ class Manifest:
     def rows(self) -> int:
         return sum(s.rows for s in self.segments)
 
+    @property
+    def version(self) -> int:
+        """The format version this manifest is written as: 2 when a field is quantised, else 1."""
+        return 2 if any(f.quantize is not None for f in self.fields.values()) else 1
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": self.version,
             "fields": {k: f.to_json() for k, f in self.fields.items()},
             "fingerprint": self.fingerprint,
             "attrs": dict(self.attrs),
@@ -334,13 +385,16 @@ def parse_manifest(doc: Any, where: str) -> Manifest:
     if doc.get("format") != FORMAT_NAME:
         raise UnsupportedFormatError(f"{where}: unsupported format {doc.get('format')!r}. Expected {FORMAT_NAME!r}.")
     version = doc.get("version")
-    if type(version) is not int or version != FORMAT_VERSION:  # 1.0 and true equal 1 in Python
+    if type(version) is not int or version not in READ_VERSIONS:  # 1.0 and true equal 1 in Python
         raise UnsupportedFormatError(
-            f"{where}: unsupported format version: got {version!r}. Expected {FORMAT_VERSION}. "
-            "Upgrade actstore to read this store."
+            f"{where}: unsupported format version: got {version!r:.40}. Expected "
+            f"{' or '.join(map(str, READ_VERSIONS))}. Upgrade actstore to read this store."
         )
     fields_doc = _expect(doc.get("fields"), dict, f"{where}.fields")
-    fields = {check_name(k, f"{where}.fields"): Field.from_json(v, f"{where}.fields.{k}") for k, v in fields_doc.items()}
+    fields = {check_name(k, f"{where}.fields"): Field.from_json(v, f"{where}.fields.{k}", version)
+              for k, v in fields_doc.items()}
+    if version == 2 and not any(f.quantize is not None for f in fields.values()):
+        raise CorruptStoreError(f"{where}.version: 2, but no field is quantised (such a store is written as version 1)")
     if not fields:
         raise CorruptStoreError(f"{where}.fields: a store has at least one field")
     fp = doc.get("fingerprint")
@@ -499,6 +553,48 @@ def array_metadata(
         ],
         "attributes": dict(attributes or {}),
     }
+
+
+@dataclass(frozen=True, slots=True)
+class ArraySpec:
+    """One array of a field in a segment (FORMAT.md §4, §4.1)."""
+
+    key: str  # the writer's and reader's name for it: the field name (its values), or name + "/offsets" | "/scales"
+    rel: str  # its directory under the segment
+    count: str  # how many rows it has: "rows", "rows+1" (offsets) or "values" (a ragged field's element count)
+    inner: tuple[int, ...]
+    numpy: np.dtype[Any]
+    zarr: str
+    codec: dict[str, Any] | None = None
+
+    def rows(self, segment_rows: int, values: int) -> int:
+        return {"rows": segment_rows, "rows+1": segment_rows + 1, "values": values}[self.count]
+
+
+def field_arrays(name: str, field: Field) -> tuple[ArraySpec, ...]:
+    """The arrays that store field ``name`` in a segment, values first.
+
+    A plain fixed field is one array, ``fields/<name>``.  Otherwise ``fields/<name>``
+    is a group of ``values`` (the rows, or a ragged field's elements), ``offsets``
+    (ragged: ``rows + 1`` int64) and ``scales`` (quantised: one float32 per row,
+    per element of a ragged field).
+    """
+    base = f"{FIELDS_DIR}/{name}"
+    st = field.stored
+    per = "values" if field.ragged else "rows"
+    if not field_is_group(field):
+        return (ArraySpec(name, base, "rows", field.inner_shape, st.numpy, st.zarr, field.codec),)
+    out = [ArraySpec(name, f"{base}/values", per, field.inner_shape, st.numpy, st.zarr, field.codec)]
+    if field.ragged:
+        out.append(ArraySpec(f"{name}/offsets", f"{base}/offsets", "rows+1", (), INTERNAL_DTYPES["int64"], "int64"))
+    if field.quantize is not None:
+        out.append(ArraySpec(f"{name}/scales", f"{base}/scales", per, (), np.dtype("<f4"), "float32"))
+    return tuple(out)
+
+
+def field_is_group(field: Field) -> bool:
+    """True when ``fields/<name>`` is a group of arrays (ragged or quantised) rather than one array."""
+    return field.ragged or field.quantize is not None
 
 
 def chunk_path(ndim: int) -> str:

@@ -68,6 +68,7 @@ def precompute(
     key_fn: Callable[[Any], bytes] | None = None,
     store_dtype: str | torch.dtype | None = None,
     compression: str | None = None,
+    quantize: str | None = None,
     num_workers: int = 0,
     progress: bool = True,
     input: int | str | None = None,  # noqa: A002 - the natural name
@@ -120,6 +121,14 @@ def precompute(
         decompress, so they copy and random access is slower: see
         :class:`~actstore.Field`).  Default: raw, read zero-copy.  When
         resuming, ``None`` keeps what the store has.
+    quantize
+        ``"int8"`` or ``"float8_e4m3"`` stores the floating activation fields
+        as codes plus one float32 scale per row (per token of a ragged field):
+        about half of float16's disk, read back dequantised into ``store_dtype``
+        (or the output's dtype) with a small, bounded error (docs/FORMAT.md
+        §4.1).  NaN or inf in an output raises ``ValueError`` before its batch
+        is written.  Reads copy.  Default: stored unquantised.  When resuming,
+        ``None`` keeps what the store has.
     num_workers
         DataLoader workers that read items, compute keys and collate.
     progress
@@ -196,7 +205,8 @@ def precompute(
     run_kwargs = dict(
         layers=resolved, field_names=names,
         batch_size=_positive("batch_size", batch_size), device=dev, collate_fn=collate_fn, key_fn=key_fn,
-        store_dtype=_store_dtype(store_dtype), compression=_compression(compression), num_workers=num_workers,
+        store_dtype=_store_dtype(store_dtype), compression=_compression(compression), quantize=_quantize(quantize),
+        num_workers=num_workers,
         progress=bool(progress),
         selector=Selector(input, _forward_args(model)), side_fields=dict(side_fields or {}), lengths_fn=lengths_fn,
         autocast=_autocast_dtype(autocast, dev),
@@ -262,6 +272,12 @@ def _positive(name: str, value: Any, allow_none: bool = False, kind: type = int)
     if not ok:
         raise ValueError(f"{name}: expected a positive {kind.__name__}{' or None' if allow_none else ''}, got {value!r}")
     return value
+
+
+def _quantize(value: Any) -> str | None:
+    if value is not None:
+        Field((), quantize=value)  # raises ValueError naming the choices
+    return value  # type: ignore[no-any-return]
 
 
 def _compression(value: Any) -> str | None:

@@ -64,7 +64,8 @@ class Run:
     def __init__(self, model: nn.Module, dataset: Any, root: str, *, layers: list[str], batch_size: int,
                  field_names: dict[str, str] | None = None,
                  device: torch.device, collate_fn: Callable[[list[Any]], Any] | None, key_fn: Any,
-                 store_dtype: torch.dtype | None, compression: str | None, num_workers: int, progress: bool, selector: Selector,
+                 store_dtype: torch.dtype | None, compression: str | None, num_workers: int,
+                 quantize: str | None, progress: bool, selector: Selector,
                  side_fields: dict[str, Field | None], lengths_fn: Any, autocast: torch.dtype | None,
                  commit_every_rows: int | None, commit_every_seconds: float | None, max_in_flight: int,
                  overwrite: bool) -> None:
@@ -76,6 +77,7 @@ class Run:
         self.collate_fn = collate_fn or default_collate
         self.key_fn = None if key_fn is content_key else key_fn
         self.lengths_fn, self.store_dtype, self.compression = lengths_fn, store_dtype, compression
+        self.quantize = quantize
         self.num_workers, self.progress, self.selector = num_workers, progress, selector
         self.side_overrides, self.autocast, self.overwrite = side_fields, autocast, overwrite
         self.commit_every_rows, self.commit_every_seconds = commit_every_rows, commit_every_seconds
@@ -344,6 +346,9 @@ class Run:
                     break
         if self.compression is not None and any(f.compression != self.compression for f in self.layer_fields.values()):
             diffs.append("compression")
+        if self.quantize is not None and any(f.quantize != self.quantize for f in self.layer_fields.values()
+                                             if f.spec.torch.is_floating_point):
+            diffs.append("quantize")
         if not diffs:
             return
         msg = (f"{self.root}: holds a store of this model and layers, but with another {', '.join(diffs)} "
@@ -437,7 +442,8 @@ class Run:
             fields: dict[str, Field] = {}
             for name, t in outputs.items():
                 ragged = self._is_token_level(t, mask)
-                fields[name] = field_of(t[0], ragged=ragged, dtype=self.store_dtype, compression=self.compression)
+                fields[name] = field_of(t[0], ragged=ragged, dtype=self.store_dtype, compression=self.compression,
+                                        quantize=self.quantize)
                 if ragged:
                     self.ragged.add(name)
             self.layer_fields = dict(fields)
@@ -523,7 +529,8 @@ class Run:
 
     def _record_view(self) -> None:
         if self.store is None:  # an empty dataset and no store: shapes are unknown, so fields are placeholders
-            fields = {f: Field((None,), dtype_name(self.store_dtype or torch.float32), compression=self.compression)
+            fields = {f: Field((None,), dtype_name(self.store_dtype or torch.float32), compression=self.compression,
+                               quantize=self.quantize)
                       for f in self.fields.values()}
             config = self._record(placeholder=True).to_json()
             self.store = create_store(self.root, fields, fingerprint=self.fp, attrs={ATTR: config})

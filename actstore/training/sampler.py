@@ -31,7 +31,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from actstore.environment import environment
-from actstore.format.manifest import FIELDS_DIR, chunk_path
+from actstore.format.manifest import FIELDS_DIR, chunk_path, field_arrays
 from actstore.store import ActivationStore
 from actstore.store import open as open_store
 
@@ -282,7 +282,7 @@ class _ReadAhead:
                 rel = os.path.join(FIELDS_DIR, name, "values")
             else:
                 lo_b, hi_b = lo * f.row_bytes, hi * f.row_bytes
-                rel = os.path.join(FIELDS_DIR, name)
+                rel = field_arrays(name, f)[0].rel
             path = os.path.join(seg.path, rel, *chunk_path(len(inner) + 1).split("/"))
             try:
                 fd = os.open(path, os.O_RDONLY)
