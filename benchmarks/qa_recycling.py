@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-steps", type=int, default=None, help="steps per variant per timing round (default 4)")
     p.add_argument("--timing-rounds", type=int, default=None, help="interleaved timing rounds (default 3)")
     p.add_argument("--rows", default="baseline,head,75,50,full",
-                   help="rows to run, comma separated from baseline,head,75,50,full,50lora,fulllora")
+                   help="rows to run, comma separated from baseline,head,75,50,50int8,full,50lora,fulllora "
+                        "(50int8: 50%% recycling from an int8-quantised store)")
     p.add_argument("--lora", action="store_true",
                    help="add the rows 50lora (50%% recycling + LoRA) and fulllora (full model + LoRA) to --rows")
     p.add_argument("--lora-lr", type=float, default=5e-4, help="learning rate of the LoRA rows' adapters")
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-ROWS = ("baseline", "head", "75", "50", "full", "50lora", "fulllora")
+ROWS = ("baseline", "head", "75", "50", "50int8", "full", "50lora", "fulllora")
 
 
 def run_rows(args: argparse.Namespace, ex: Any, factory: Any, pairs: Any, train_idx: list[int], val_idx: list[int],
@@ -226,6 +227,11 @@ def run_rows(args: argparse.Namespace, ex: Any, factory: Any, pairs: Any, train_
             rows.append(ex.train_recycled(factory(), pairs, train_idx, val_idx, at, os.path.join(workdir, f"r{tag}"),
                                           lr=args.lr, store_dtype=args.store_dtype, name=f"{tag}% recycling",
                                           reuse=reuse, **common))
+    if "50int8" in wanted:
+        log("== 50% recycling, int8 store")
+        rows.append(ex.train_recycled(factory(), pairs, train_idx, val_idx, 0.5, os.path.join(workdir, "r50int8"),
+                                      lr=args.lr, store_dtype=args.store_dtype, name="50% recycling, int8 store",
+                                      quantize="int8", reuse=reuse, **common))
     if "50lora" in wanted:
         log("== 50% recycling + LoRA")
         rows.append(ex.train_recycled(factory(), pairs, train_idx, val_idx, 0.5, os.path.join(workdir, "r50"),
@@ -242,6 +248,7 @@ def run_rows(args: argparse.Namespace, ex: Any, factory: Any, pairs: Any, train_
 
 
 ROW_NAMES = {"baseline": "baseline", "head": "head only", "75": "75% recycling", "50": "50% recycling",
+             "50int8": "50% recycling, int8 store",
              "full": "full fine-tuning", "50lora": "50% recycling + LoRA", "fulllora": "full model + LoRA"}
 
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from actstore.format.manifest import FIELDS_DIR, SEGMENTS_DIR, chunk_path, field_arrays
+from actstore.format.layout import field_arrays
+from actstore.format.manifest import FIELDS_DIR, SEGMENTS_DIR, chunk_path
 from actstore.storage.chunkcache import ChunkCache
 
 __all__ = ["Prefetch", "forget_on_evict", "prefetch"]

@@ -21,6 +21,7 @@ import torch
 from actstore.engine.compressed import CompressedRows
 from actstore.engine.gather import as_tensor, take_rows
 from actstore.errors import CorruptStoreError, StoreError
+from actstore.format.layout import field_arrays
 from actstore.format.manifest import (
     FIELDS_DIR,
     INDEXES_DIR,
@@ -32,7 +33,6 @@ from actstore.format.manifest import (
     Manifest,
     SegmentInfo,
     chunk_path,
-    field_arrays,
 )
 from actstore.format.record import read_record
 from actstore.storage.base import FileProvider

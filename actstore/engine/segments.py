@@ -23,6 +23,7 @@ import numpy as np
 from actstore.engine.compressed import ChunkEncoder
 from actstore.engine.keyset import KeySet
 from actstore.engine.reader import key_prefixes
+from actstore.format.layout import field_arrays, field_is_group
 from actstore.format.manifest import (
     FIELDS_DIR,
     INDEXES_DIR,
@@ -36,8 +37,6 @@ from actstore.format.manifest import (
     array_metadata,
     chunk_path,
     dumps,
-    field_arrays,
-    field_is_group,
     group_document,
     inner_rows_for,
     shard_layout,

@@ -18,6 +18,7 @@ import numpy as np
 
 from actstore.engine.reader import Snapshot, key_prefixes, map_object_array
 from actstore.errors import CorruptStoreError, StoreError
+from actstore.format.layout import field_arrays
 from actstore.format.manifest import (
     FIELDS_DIR,
     INDEXES_DIR,
@@ -27,7 +28,6 @@ from actstore.format.manifest import (
     IndexRunInfo,
     Manifest,
     SegmentInfo,
-    field_arrays,
 )
 from actstore.storage.base import Backend
 from actstore.storage.files import expect_array, hash_file, inside, object_files, read_document

@@ -163,7 +163,8 @@ def train_full(model: Any, train: Pairs, val: Pairs, *, epochs: int, batch_size:
 
 
 def precompute_texts(model: Any, texts: Sequence[str], path: str, layer: str | None, *, store_dtype: str | None,
-                     batch_size: int = 128, progress: bool = True, overwrite: bool = True) -> tuple[Any, float]:
+                     batch_size: int = 128, progress: bool = True, overwrite: bool = True,
+                     quantize: str | None = None) -> tuple[Any, float]:
     """Precompute ``layer`` (None: the sentence embedding) of ``model`` over ``texts`` into a new store.
 
     ``overwrite=False`` resumes a store already at ``path`` (texts it holds are
@@ -174,7 +175,7 @@ def precompute_texts(model: Any, texts: Sequence[str], path: str, layer: str | N
     t0 = time.perf_counter()
     store = precompute(model, list(texts), path, layers=None if layer is None else [layer],
                        collate_fn=Tokenize(model), batch_size=batch_size, store_dtype=store_dtype,
-                       progress=progress, overwrite=overwrite)
+                       quantize=quantize, progress=progress, overwrite=overwrite)
     return store, time.perf_counter() - t0
 
 
@@ -271,14 +272,15 @@ def _train_from_store(head: Any, params: list[Any], gather: StoreRows, all_pairs
 def train_recycled(model: Any, all_pairs: Pairs, train_idx: list[int], val_idx: list[int], at: float, store_path: str,
                    *, epochs: int, batch_size: int, lr: float, store_dtype: str = "float16", seed: int = 0,
                    progress: bool = True, name: str | None = None, lora: LoraSpec | None = None,
-                   reuse: bool = False, log: Callable[[str], None] = print) -> RowResult:
+                   reuse: bool = False, quantize: str | None = None, log: Callable[[str], None] = print) -> RowResult:
     """Recycle the first ``at`` of the encoder blocks: precompute their per-token output, train the rest from it.
 
     The store holds every question and answer of ``all_pairs`` (training and
     validation): validation is evaluated from the store too. With ``lora``,
     LoRA adapters go on the head and only they train. With ``reuse``, a store
     already at ``store_path`` (same model, split and texts) is resumed, so
-    nothing is recomputed.
+    nothing is recomputed.  ``quantize`` stores the states quantised (``"int8"``),
+    read back dequantised into ``store_dtype``.
     """
     from actstore.models.split import split
 
@@ -287,7 +289,7 @@ def train_recycled(model: Any, all_pairs: Pairs, train_idx: list[int], val_idx: 
     row = RowResult(name or f"{round(at * 100)}% recycling", frozen_blocks=k, epochs=epochs)
     texts = all_pairs.questions + all_pairs.answers
     store, row.precompute_seconds = precompute_texts(model, texts, store_path, str(frozen.at), store_dtype=store_dtype,
-                                                     progress=progress, overwrite=not reuse)
+                                                     progress=progress, overwrite=not reuse, quantize=quantize)
     row.disk_bytes = store_bytes(store)
     log(f"  {row.name}: precomputed {len(texts):,} texts at {frozen.at} in {row.precompute_seconds:.1f} s, "
         f"{row.disk_bytes / 1e6:.1f} MB on disk")

@@ -1,0 +1,59 @@
+"""Which arrays store a field in a segment, and where (docs/FORMAT.md §2, §4, §4.1): the one place that knows.
+
+The segment writer, the reader, ``verify``, prefetch and the sampler's read-ahead
+all walk a field's arrays through :func:`field_arrays`, so a new kind of field
+changes this module and not each of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from actstore.format.manifest import FIELDS_DIR, INTERNAL_DTYPES, Field
+
+__all__ = ["ArraySpec", "field_arrays", "field_is_group"]
+
+
+@dataclass(frozen=True, slots=True)
+class ArraySpec:
+    """One array of a field in a segment (FORMAT.md §4, §4.1)."""
+
+    key: str  # the writer's and reader's name for it: the field name (its values), or name + "/offsets" | "/scales"
+    rel: str  # its directory under the segment
+    count: str  # how many rows it has: "rows", "rows+1" (offsets) or "values" (a ragged field's element count)
+    inner: tuple[int, ...]
+    numpy: np.dtype[Any]
+    zarr: str
+    codec: dict[str, Any] | None = None
+
+    def rows(self, segment_rows: int, values: int) -> int:
+        return {"rows": segment_rows, "rows+1": segment_rows + 1, "values": values}[self.count]
+
+
+def field_arrays(name: str, field: Field) -> tuple[ArraySpec, ...]:
+    """The arrays that store field ``name`` in a segment, values first.
+
+    A plain fixed field is one array, ``fields/<name>``.  Otherwise ``fields/<name>``
+    is a group of ``values`` (the rows, or a ragged field's elements), ``offsets``
+    (ragged: ``rows + 1`` int64) and ``scales`` (quantised: one float32 per row,
+    per element of a ragged field).
+    """
+    base = f"{FIELDS_DIR}/{name}"
+    st = field.stored
+    per = "values" if field.ragged else "rows"
+    if not field_is_group(field):
+        return (ArraySpec(name, base, "rows", field.inner_shape, st.numpy, st.zarr, field.codec),)
+    out = [ArraySpec(name, f"{base}/values", per, field.inner_shape, st.numpy, st.zarr, field.codec)]
+    if field.ragged:
+        out.append(ArraySpec(f"{name}/offsets", f"{base}/offsets", "rows+1", (), INTERNAL_DTYPES["int64"], "int64"))
+    if field.quantize is not None:
+        out.append(ArraySpec(f"{name}/scales", f"{base}/scales", per, (), np.dtype("<f4"), "float32"))
+    return tuple(out)
+
+
+def field_is_group(field: Field) -> bool:
+    """True when ``fields/<name>`` is a group of arrays (ragged or quantised) rather than one array."""
+    return field.ragged or field.quantize is not None
