@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -96,9 +97,11 @@ def run(n: int, rounds: int, out: str, results: str | None) -> dict[str, Any]:
     def np_take() -> Any:
         return np.take(mm, ids(), axis=0).astype(np.float32)
 
-    fns = {"np.take + cast": np_take}
-    for k, s in stores.items():
-        fns[k] = lambda s=s: s.gather(ids(), "h", dtype=torch.float32)
+    def gather_of(store: Any) -> Callable[[], Any]:
+        return lambda: store.gather(ids(), "h", dtype=torch.float32)
+
+    fns: dict[str, Callable[[], Any]] = {"np.take + cast": np_take}
+    fns.update({k: gather_of(s) for k, s in stores.items()})
     per_call = race(fns, {k: 200 for k in fns}, rounds)
     rate = {k: BATCH / t for k, t in per_call.items()}
 

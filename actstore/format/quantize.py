@@ -18,6 +18,7 @@ writer call it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,7 @@ def quantize(x: torch.Tensor, scheme: Scheme, where: str) -> tuple[np.ndarray, n
     a ragged one.  Raises ``ValueError`` if any value is NaN or infinite.
     """
     n = x.shape[0]
-    x32 = x.detach().to(torch.float32).reshape(n, -1)
+    x32 = x.detach().to(torch.float32).reshape(n, math.prod(x.shape[1:]))  # (-1 is ambiguous for n == 0)
     if x32.numel() and not bool(torch.isfinite(x32).all()):
         bad = int((~torch.isfinite(x32)).sum())
         raise ValueError(f"{where}: {bad} values are NaN or infinite; a quantised field ({scheme.name}) holds finite "

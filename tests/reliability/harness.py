@@ -36,11 +36,14 @@ from typing import Any
 
 import blake3
 import numpy as np
+import torch
 
 import actstore
 from actstore import Field
+from actstore.format.quantize import SCHEMES, dequantize, quantize
 
-FIELDS = {"h": Field((24,), "float32"), "tok": Field((None, 4), "float16"), "lab": Field((), "int64")}
+FIELDS = {"h": Field((24,), "float32"), "tok": Field((None, 4), "float16"), "lab": Field((), "int64"),
+          "q": Field((None, 4), "float16", quantize="int8")}  # int8 codes + a scale per token (FORMAT.md §4.1)
 #: Small inner chunks, so shards hold several of them and the shard index is non-trivial.
 CHUNK_BYTES = 2048
 INITIAL_ROWS = 60
@@ -79,8 +82,17 @@ def batch(lo: int, hi: int) -> tuple[np.ndarray, dict[str, Any]]:
         "h": np.stack([r[0] for r in rows]) if rows else np.empty((0, 24), np.float32),
         "tok": [r[1] for r in rows],
         "lab": np.arange(lo, hi, dtype=np.int64),
+        "q": [r[1].astype(np.float32) * 3 for r in rows],
     }
     return keys_array(lo, hi), values
+
+
+@functools.cache
+def _q_row(i: int) -> np.ndarray:
+    """Row ``i`` of field ``q`` as a clean store reads it (quantised, then dequantised into float16)."""
+    x = torch.from_numpy(_row(i)[1].astype(np.float32) * 3)
+    codes, scales = quantize(x, SCHEMES["int8"], "q")
+    return dequantize(codes, scales, SCHEMES["int8"], torch.empty(x.shape, dtype=torch.float16)).numpy()
 
 
 def append_range(store: actstore.ActivationStore, lo: int, hi: int, step: int = 37) -> int:
@@ -128,6 +140,12 @@ def assert_rows(store: actstore.ActivationStore, n: int, *, allow_missing_fields
         want_tok = np.concatenate([_row(i)[1] for i in range(n)])
         if not np.array_equal(rb.values.numpy().view(np.uint16), want_tok.view(np.uint16)):
             raise StoreMismatch("field tok differs")
+    if "q" in got:
+        qb = got["q"]
+        want_q = np.concatenate([_q_row(i) for i in range(n)])
+        if not np.array_equal(qb.lengths.numpy(), [len(_q_row(i)) for i in range(n)]) or \
+                not np.array_equal(qb.values.numpy().view(np.uint16), want_q.view(np.uint16)):
+            raise StoreMismatch("field q differs")
     look = store.lookup(keys_array(0, n + 5))
     if not np.array_equal(look, np.concatenate([idx, np.full(5, -1)])):
         raise StoreMismatch("lookup does not find every key at its row")
@@ -139,6 +157,8 @@ def assert_rows(store: actstore.ActivationStore, n: int, *, allow_missing_fields
             raise StoreMismatch(f"store[{i}] differs")
         if "tok" in row and not np.array_equal(by_key["tok"].numpy().view(np.uint16), _row(i)[1].view(np.uint16)):
             raise StoreMismatch(f"get(key_of({i})) differs")
+        if "q" in row and not np.array_equal(row["q"].numpy().view(np.uint16), _q_row(i).view(np.uint16)):
+            raise StoreMismatch(f"store[{i}] field q differs")
 
 
 def check_store(path: str | os.PathLike[str], allowed: Iterable[int] | None = None, *, verify: bool = True) -> int:

@@ -58,6 +58,8 @@ WRITER_CASES: list[tuple[str, Callable[[actstore.ActivationStore], Any], type[Ba
     ("python-int-too-big", lambda s: s.append(GOOD[0], vals(lab=[2**70, 1, 2])), (TypeError, ValueError)),
     ("float-into-int", lambda s: s.append(GOOD[0], vals(lab=np.array([0.5, 1, 2]))), ValueError),
     ("bool-into-float", lambda s: s.append(GOOD[0], vals(h=np.ones((3, 24), bool))), ValueError),
+    ("quantised-nan", lambda s: s.append(GOOD[0], vals(q=[np.full((2, 4), np.nan, np.float32)] * 3)), ValueError),
+    ("quantised-inf", lambda s: s.append(GOOD[0], vals(q=[np.full((1, 4), -np.inf, np.float32)] * 3)), ValueError),
     ("complex", lambda s: s.append(GOOD[0], vals(h=np.ones((3, 24), np.complex64))), (TypeError, ValueError)),
     ("nan-refused", lambda s: s.append(GOOD[0], vals(h=np.full((3, 24), np.nan, np.float32)), allow_nonfinite=False),
      ValueError),
@@ -174,7 +176,7 @@ def test_bad_input_refused_by_reader(read_only_store: Path, call: Any, exc: Any)
 
 
 def test_empty_inputs_are_fine(writer: actstore.ActivationStore) -> None:
-    empty_values = {"h": np.empty((0, 24), np.float32), "tok": [], "lab": np.empty(0, np.int64)}
+    empty_values = {"h": np.empty((0, 24), np.float32), "tok": [], "lab": np.empty(0, np.int64), "q": []}
     assert writer.append([], empty_values) == 0
     assert writer.append(np.empty((0, 32), np.uint8), empty_values) == 0
     assert writer.lookup([]).shape == (0,)
@@ -201,7 +203,8 @@ def test_repeated_keys_are_stored_once(writer: actstore.ActivationStore) -> None
     k, v = h.batch(0, 3)  # already committed
     assert writer.append(k, v) == 0
     k2 = np.concatenate([GOOD[0], GOOD[0]])
-    v2 = {"h": np.concatenate([GOOD[1]["h"]] * 2), "tok": GOOD[1]["tok"] * 2, "lab": np.concatenate([GOOD[1]["lab"]] * 2)}
+    v2 = {"h": np.concatenate([GOOD[1]["h"]] * 2), "tok": GOOD[1]["tok"] * 2, "lab": np.concatenate([GOOD[1]["lab"]] * 2),
+          "q": GOOD[1]["q"] * 2}
     assert writer.append(k2, v2) == 3
     assert writer.append(*GOOD) == 0
     writer.commit()

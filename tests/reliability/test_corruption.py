@@ -70,6 +70,8 @@ KINDS = {
     "keys": "segments/#1/keys/c/0/0",
     "ragged values": "segments/#1/fields/tok/values/c/0/0",
     "ragged offsets": "segments/#1/fields/tok/offsets/c/0",
+    "quantised codes": "segments/#1/fields/q/values/c/0/0",
+    "quantised scales": "segments/#1/fields/q/scales/c/0",
     "index prefixes": "indexes/#1/prefix/c/0",
     "index rows": "indexes/#1/row/c/0",
     "view rows": "views/#order/row/c/0",
@@ -199,7 +201,7 @@ def corruption_case(stores: dict[str, Any], case_dir: Path, kind: str, how: str,
 #: Kinds whose damage plain reads (without ``verify_reads``) may not notice.
 SILENT_WITHOUT_VERIFY_READS = {
     "fixed field data", "scalar field data", "keys", "ragged values", "ragged offsets",
-    "index prefixes", "index rows", "view rows",
+    "index prefixes", "index rows", "view rows", "quantised codes", "quantised scales",
 }
 
 
