@@ -97,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fractions", help="the scarce-data study: train every row on each of these fractions of the "
                                        "training pairs (nested, seeded subsets; e.g. 1,0.5,0.1) with the same "
                                        "validation set; results to scarce_data.md/.json/.png")
+    p.add_argument("--merge-scarce", metavar="SCARCE_JSON,QA_JSON",
+                   help="no training: rebuild the scarce-data report from a --fractions run's JSON plus the fraction-1 "
+                        "rows of a main run's qa_recycling.json (same split, epochs and batch size), into --out")
     p.add_argument("--timing-only", action="store_true",
                    help="no training: precompute the stores of the chosen --rows and run the interleaved step "
                         "timing only (results to qa_timing.md/.json)")
@@ -108,9 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "every parallel region; the speedups are ratios measured under the same setting)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    if not args.data:
+    if not args.data and not args.merge_scarce:
         p.error("--data PATH is required (the cloud FAQ JSONL file), or set ACTSTORE_FAQ_DATA")
-    if not os.path.isfile(args.data):
+    if args.data and not os.path.isfile(args.data):
         p.error(f"--data {args.data}: no such file")
     q = args.quick
     args.epochs = args.epochs or (1 if q else 2)
@@ -144,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log_lines.append(msg)
         print(msg, flush=True)
 
+    if args.merge_scarce:
+        return merge_scarce(args, *args.merge_scarce.split(","))
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     if args.lora:
         wanted += [r for r in ("50lora", "fulllora") if r not in wanted]
@@ -301,15 +306,45 @@ def scarce_study(args: argparse.Namespace, ex: Any, factory: Any, pairs: Any, tr
     report = scarce_report(args, results, fractions, len(train_idx), len(val_idx), wall)
     print(report["markdown"], flush=True)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "scarce_data.md"), "w") as f:
-            f.write(report["markdown"])
-        with open(os.path.join(args.out, "scarce_data.json"), "w") as f:
-            json.dump({k: v for k, v in report.items() if k != "markdown"}, f, indent=1, default=str)
-        try:
-            scarce_plot(report, os.path.join(args.out, "scarce_data.png"))
-        except ImportError:
-            print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        write_scarce(report, args.out)
+    return report
+
+
+def write_scarce(report: dict[str, Any], out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "scarce_data.md"), "w") as f:
+        f.write(report["markdown"])
+    with open(os.path.join(out, "scarce_data.json"), "w") as f:
+        json.dump({k: v for k, v in report.items() if k != "markdown"}, f, indent=1, default=str)
+    try:
+        scarce_plot(report, os.path.join(out, "scarce_data.png"))
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+
+
+def merge_scarce(args: argparse.Namespace, scarce_json: str, qa_json: str) -> dict[str, Any]:
+    """The scarce-data report of a ``--fractions`` run (smaller fractions) with fraction 1 from a main run."""
+    with open(scarce_json) as f:
+        scarce = json.load(f)
+    with open(qa_json) as f:
+        qa = json.load(f)
+    for key, want in (("epochs", qa["config"]["epochs"]), ("batch_size", qa["config"]["batch_size"]),
+                      ("validation", qa["validation"])):
+        if scarce[key] != want:
+            raise SystemExit(f"--merge-scarce: {key} differs ({scarce[key]} vs {want}): not the same configuration")
+    names = {r["name"] for r in scarce["rows"]}
+    full = [dict(r, fraction=1.0, train_pairs=qa["train"]) for r in qa["rows"] if r["name"] in names]
+    results = full + [r for r in scarce["rows"] if r["fraction"] != 1.0]
+    fractions = sorted({r["fraction"] for r in results}, reverse=True)
+    for k in ("epochs", "batch_size", "lr", "head_lr", "lora_lr", "lora_r"):
+        setattr(args, k, scarce[k])
+    report = scarce_report(args, results, fractions, qa["train"], qa["validation"], scarce["wall_seconds"])
+    report["markdown"] += (f"- Fraction 1 is the main experiment's run ({os.path.basename(qa_json)}: same split, "
+                           "seeds, epochs and batch size); the smaller fractions are one `--fractions` run "
+                           f"(its wall time above).\n")
+    print(report["markdown"], flush=True)
+    if args.out:
+        write_scarce(report, args.out)
     return report
 
 
@@ -332,9 +367,12 @@ def scarce_report(args: argparse.Namespace, results: list[dict[str, Any]], fract
     steps = {f: max(1, sizes[f] // args.batch_size) for f in fractions}
     notes = [
         f"Machine: {machine()}.",
-        f"Scale (reduced, to fit the shared 2-core machine): {n_train:,} training pairs at fraction 1 and "
-        f"{n_val:,} validation pairs, both drawn at random (seed {args.seed}) from the stratified split of the "
-        f"cloud FAQ data; smaller fractions are nested random subsets of the training pairs. "
+        (f"Scale (reduced, to fit the shared 2-core machine): {n_train:,} training pairs at fraction 1 and "
+         f"{n_val:,} validation pairs, both drawn at random (seed {args.seed}) from the stratified split of the "
+         f"cloud FAQ data; " if args.limit else
+         f"Full scale: the {n_train:,} training pairs of the stratified split (seed {args.seed}) at fraction 1 and "
+         f"all its {n_val:,} validation pairs; ")
+        + "smaller fractions are nested random subsets of the training pairs. "
         f"{args.epochs} epoch(s) of batches of {args.batch_size} pairs for every row: "
         + ", ".join(f"{steps[f]} step(s) at {f:g}" for f in fractions) + ".",
         f"Learning rates: encoder rows {args.lr}, skip-connection head {args.head_lr}, LoRA rows {args.lora_lr} "
