@@ -422,7 +422,13 @@ def test_cli(tmp_path: Any, capsys: Any) -> None:
     assert cli_main(["precompute", "--model", f"{h}:bert_factory", "--data", f"{h}:text_data_factory",
                      "--layer", "encoder.layer.0", "--out", str(tmp_path / "b"), "-q"]) == 0
     assert actstore.open(tmp_path / "b").fields["encoder.layer.0"].ragged
+    assert cli_main(["precompute", "--model", f"{h}:bert_factory", "--data", f"{h}:text_data_factory",
+                     "--layer", "encoder.layer.0", "--out", str(tmp_path / "q"), "--quantize", "int8", "-q"]) == 0
+    q = actstore.open(tmp_path / "q").fields["encoder.layer.0"]
+    assert q.ragged and q.quantize == "int8"
     capsys.readouterr()
+    assert cli_main(["info", str(tmp_path / "q")]) == 0
+    assert "quantised int8" in capsys.readouterr().out
     cases = [
         (["--model", "no_such_module_xyz:f"], "cannot import module 'no_such_module_xyz'"),
         (["--model", f"{h}:nope"], "has no attribute 'nope'"),
