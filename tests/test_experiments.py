@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from actstore.examples import faq as ex
 from actstore.testing.models import VOCAB, tiny_sentence_transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+REPO = Path(__file__).resolve().parent.parent
 
 
 # -- loss and metrics ---------------------------------------------------------------------
@@ -205,6 +207,31 @@ def faq_or_stdlib(tmp_path: Any) -> str:
         for q, a, g in zip(pairs.questions, pairs.answers, pairs.groups, strict=True):
             f.write(json.dumps({"source": g.split(".")[0][:1], "question": q, "answer": a}) + "\n")
     return str(out)
+
+
+def test_int8_row_and_scarce_merge_on_a_tiny_model(tmp_path: Any, tiny_model_dir: str) -> None:
+    from benchmarks import qa_recycling
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    common = ["--data", data, "--quick", "--model", tiny_model_dir, "-q", "--limit", "40", "--batch-size", "8"]
+    main = qa_recycling.main([*common, "--rows", "50,50int8", "--out", str(tmp_path / "main")])
+    by = {r["name"]: r for r in main["rows"]}
+    f16, i8 = by["50% recycling"], by["50% recycling, int8 store"]
+    check_quality(i8)
+    assert i8["frozen_blocks"] == f16["frozen_blocks"] and i8["trainable_params"] == f16["trainable_params"]
+    assert i8["disk_bytes"] < 0.8 * f16["disk_bytes"]  # (keys, offsets and metadata weigh more in a tiny store)
+    assert abs(i8["rp1"] - f16["rp1"]) <= 0.25
+    qa_recycling.main([*common, "--rows", "50", "--fractions", "0.5", "--out", str(tmp_path / "scarce")])
+    merged = qa_recycling.main(["--merge-scarce", f"{tmp_path / 'scarce' / 'scarce_data.json'},"
+                                f"{tmp_path / 'main' / 'qa_recycling.json'}", "--out", str(tmp_path / "merged")])
+    cells = {(r["name"], r["fraction"]): r for r in merged["rows"]}
+    assert set(cells) == {("50% recycling", 1.0), ("50% recycling", 0.5)}
+    assert cells[("50% recycling", 1.0)]["rp1"] == f16["rp1"]
+    assert cells[("50% recycling", 1.0)]["train_pairs"] == 2 * cells[("50% recycling", 0.5)]["train_pairs"]
+    assert "Fraction 1 is the main experiment's run" in (tmp_path / "merged" / "scarce_data.md").read_text()
+    with pytest.raises(SystemExit, match="not the same configuration"):
+        qa_recycling.main(["--merge-scarce", f"{tmp_path / 'scarce' / 'scarce_data.json'},"
+                           f"{REPO / 'benchmarks' / 'results' / 'qa_recycling.json'}"])
 
 
 @pytest.mark.slow
