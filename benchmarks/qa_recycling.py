@@ -311,15 +311,7 @@ def scarce_study(args: argparse.Namespace, ex: Any, factory: Any, pairs: Any, tr
 
 
 def write_scarce(report: dict[str, Any], out: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "scarce_data.md"), "w") as f:
-        f.write(report["markdown"])
-    with open(os.path.join(out, "scarce_data.json"), "w") as f:
-        json.dump({k: v for k, v in report.items() if k != "markdown"}, f, indent=1, default=str)
-    try:
-        scarce_plot(report, os.path.join(out, "scarce_data.png"))
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    save(report, out, "scarce_data", scarce_plot)
 
 
 def merge_scarce(args: argparse.Namespace, scarce_json: str, qa_json: str) -> dict[str, Any]:
@@ -544,14 +536,15 @@ def build_report(args: argparse.Namespace, rows: list[Any], steps: dict[str, flo
     }
 
 
-def save(report: dict[str, Any], out: str) -> None:
+def save(report: dict[str, Any], out: str, stem: str = "qa_recycling", draw: Any = None) -> None:
+    """``stem``.md, .json and .png (drawn by ``draw``, default :func:`plot`) of a report, under ``out``."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "qa_recycling.md"), "w") as f:
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(report["markdown"])
-    with open(os.path.join(out, "qa_recycling.json"), "w") as f:
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
         json.dump({k: v for k, v in report.items() if k != "markdown"}, f, indent=1, default=str)
     try:
-        plot(report, os.path.join(out, "qa_recycling.png"))
+        (draw or plot)(report, os.path.join(out, f"{stem}.png"))
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
 

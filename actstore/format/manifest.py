@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,23 +238,12 @@ class Field:
         shape = _expect(doc.get("shape"), list, f"{where}.shape")
         comp: dict[str, Any] = {}
         if "compression" in doc:
-            c = _expect(doc["compression"], dict, f"{where}.compression")
-            _only_keys(c, {"name", "level"}, f"{where}.compression")
-            name = _expect(c.get("name"), str, f"{where}.compression.name")
-            if name not in CODECS:
-                raise UnsupportedFormatError(f"{where}.compression: codec {name!r} is not supported by this "
-                                             f"version of actstore (it reads {list(CODECS)}); upgrade actstore")
+            c, name = _named_entry(doc, "compression", {"name", "level"}, CODECS, "codec", where)
             comp = {"compression": name, "level": _expect(c.get("level"), int, f"{where}.compression.level")}
         if "quantize" in doc:
-            qd = _expect(doc["quantize"], dict, f"{where}.quantize")
-            _only_keys(qd, {"name", "scales"}, f"{where}.quantize")
-            qname = _expect(qd.get("name"), str, f"{where}.quantize.name")
-            if qname not in SCHEMES:
-                raise UnsupportedFormatError(f"{where}.quantize: scheme {qname[:40]!r} is not supported by this "
-                                             f"version of actstore (it reads {list(SCHEMES)}); upgrade actstore")
+            qd, comp["quantize"] = _named_entry(doc, "quantize", {"name", "scales"}, SCHEMES, "scheme", where)
             if qd.get("scales") != "float32":
                 raise CorruptStoreError(f"{where}.quantize.scales: expected \"float32\", got {qd.get('scales')!r:.40}")
-            comp["quantize"] = qname
         dtype = _expect(doc.get("dtype"), str, f"{where}.dtype")
         if dtype not in DTYPES:  # stored names are canonical: nothing else is handed to numpy's parser
             raise CorruptStoreError(f"{where}.dtype: {dtype[:40]!r} is not one of {sorted(DTYPES)}")
@@ -262,6 +251,18 @@ class Field:
             return cls(tuple(shape), dtype, **comp)
         except (TypeError, ValueError) as e:
             raise CorruptStoreError(f"{where}: {e}") from e
+
+
+def _named_entry(doc: Mapping[str, Any], key: str, keys: set[str], supported: Collection[str], what: str,
+                 where: str) -> tuple[dict[str, Any], str]:
+    """A field's ``{"name": ..., ...}`` entry ``doc[key]`` and its name, which must be one this reader supports."""
+    entry = _expect(doc[key], dict, f"{where}.{key}")
+    _only_keys(entry, keys, f"{where}.{key}")
+    name = _expect(entry.get("name"), str, f"{where}.{key}.name")
+    if name not in supported:
+        raise UnsupportedFormatError(f"{where}.{key}: {what} {name[:40]!r} is not supported by this version of "
+                                     f"actstore (it reads {list(supported)}); upgrade actstore")
+    return entry, name
 
 
 @dataclass(frozen=True, slots=True)
