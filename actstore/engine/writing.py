@@ -33,7 +33,8 @@ __all__ = ["WriterRole", "describe_fields"]
 
 
 def describe_fields(fields: Mapping[str, Field]) -> str:
-    return ", ".join(f"{n}: {f.dtype}{list(f.shape)}" for n, f in fields.items())
+    return ", ".join(f"{n}: {f.dtype}{list(f.shape)}" + (f" {f.quantize}-quantised" if f.quantize else "")
+                     + (f" {f.compression}" if f.compression else "") for n, f in fields.items())
 
 
 class WriterRole:
