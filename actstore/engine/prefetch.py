@@ -98,7 +98,6 @@ def forget_on_evict(store: Any) -> Any:
             keys = [base, base + "/offsets"]
         for seg in s.snapshot.segments:
             if seg.info.id == seg_id:
-                for k in keys:
-                    seg.arrays.pop(k, None)
+                seg.forget(keys)
 
     return forget

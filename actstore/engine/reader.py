@@ -146,10 +146,11 @@ class SegmentReader:
     ``relocate`` (set by :class:`Snapshot`) finds the segment's rows after a
     compaction deleted its files before this reader mapped them: its arrays are
     then views of the rows' range in the merged segment (never copies, except a
-    ragged field's offsets, rebased).
+    ragged field's offsets, rebased).  ``plans`` keeps the read plans built over
+    its maps (:mod:`actstore.engine.plans`); :meth:`forget` drops both.
     """
 
-    __slots__ = ("arrays", "check", "fields", "info", "path", "provide", "relocate")
+    __slots__ = ("arrays", "check", "fields", "info", "path", "plans", "provide", "relocate")
 
     def __init__(self, root: str, info: SegmentInfo, fields: dict[str, Field], check: ReadCheck | None = None,
                  provide: FileProvider | None = None, relocate: Relocate | None = None) -> None:
@@ -157,9 +158,16 @@ class SegmentReader:
         self.info = info
         self.fields = fields
         self.arrays: dict[str, np.ndarray] = {}
+        self.plans: dict[Any, Any] = {}
         self.check = check
         self.provide = provide
         self.relocate = relocate
+
+    def forget(self, names: Sequence[str]) -> None:
+        """Drop this reader's maps of the arrays ``names`` (and every plan built over its maps); views keep theirs."""
+        self.plans.clear()
+        for name in names:
+            self.arrays.pop(name, None)
 
     def _moved(self, error: Exception) -> tuple[SegmentReader, int]:
         """Where this segment's rows are now (after a compaction), or raise ``error`` (the files are just missing)."""

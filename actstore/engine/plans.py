@@ -1,0 +1,132 @@
+"""Read plans: the per-segment work of ``store[i]`` and of a one-segment gather, done once per segment.
+
+``store[i]`` and ``store.gather(rows)`` spend most of their time, for a small
+row or batch, in Python: which kind of field, which map, which dtype view.  A
+*plan* does that once per segment (lazily, the first time the segment is read
+this way) and keeps, for each field, a small function of the local row(s):
+
+- :func:`row_plan` — ``(name, read)`` pairs, ``read(local)`` giving exactly what
+  :func:`~actstore.engine.gather.row_view` gives (a view of the map for a plain
+  field, viewed as bfloat16 where the field says so);
+- :func:`take_plan` — ``(name, take)`` pairs for a gather of rows straight from
+  the maps, or None when any field needs the general gather.
+
+Only a *plain* field (:func:`plain`: raw values of its own dtype, no
+compression and no other attribute) whose array is a memory map of that dtype
+gets a fast reader; every other field (compressed, read through zarr-python,
+or marked by any attribute a later version adds) keeps the general path
+(:func:`~actstore.engine.gather.row_view` for rows; the whole gather for
+:func:`take_plan`).  Plans live in :attr:`SegmentReader.plans
+<actstore.engine.reader.SegmentReader>` and are dropped with the segment's maps.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from actstore.engine.gather import Row, Segment, row_view
+from actstore.format.manifest import Field
+
+__all__ = ["ROW_ALL", "RowPlan", "TakePlan", "make_row", "plain", "row_plan", "take_plan"]
+
+#: The key of a segment's row plan of every field in ``seg.plans`` (``seg.plans.get(ROW_ALL) or row_plan(seg)``).
+ROW_ALL = ("row", None)
+
+#: ``(field name, read)``: ``read(local)`` is the field's row ``local`` as a tensor.
+RowPlan = tuple[tuple[str, Callable[[int], torch.Tensor]], ...]
+#: ``(field name, take)``: ``take(local rows)`` is a new ``(n, *shape)`` tensor of those rows.
+TakePlan = tuple[tuple[str, Callable[[np.ndarray], torch.Tensor]], ...]
+
+_from_numpy = torch.from_numpy
+_new_dict = dict.__new__
+
+
+@functools.lru_cache(maxsize=1024)
+def plain(field: Field) -> bool:
+    """True when ``field`` is stored as raw values of its dtype and nothing else: what the fast paths read.
+
+    A field equal to ``Field(shape, dtype)``: not compressed, and carrying no
+    other attribute (an attribute added later makes the field differ from that,
+    so it takes the general path until a fast path is written for it).
+    """
+    return field == Field(field.shape, field.dtype)
+
+
+def _mapped(array: Any, field: Field) -> bool:
+    """True for a memory map (or a view of one) of the field's storage dtype."""
+    return type(array) is np.ndarray and array.dtype == field.spec.numpy
+
+
+def _row_reader(seg: Segment, name: str, field: Field) -> Callable[[int], torch.Tensor]:
+    bf16 = field.dtype == "bfloat16"
+    if plain(field):
+        if field.ragged:
+            values, offsets = seg.ragged(name)
+            if _mapped(values, field):
+                if bf16:
+                    return lambda i: _from_numpy(values[offsets[i] : offsets[i + 1]]).view(torch.bfloat16)
+                return lambda i: _from_numpy(values[offsets[i] : offsets[i + 1]])
+        else:
+            arr = seg.fixed(name)
+            if _mapped(arr, field):
+                if bf16:
+                    return lambda i: _from_numpy(arr[i, ...]).view(torch.bfloat16)
+                if arr.ndim > 1:
+                    return lambda i: _from_numpy(arr[i])
+                return lambda i: _from_numpy(arr[i, ...])  # [i, ...] keeps a 0-d view (arr[i] is a numpy scalar)
+    return lambda i: row_view(seg, i, name, field)
+
+
+def row_plan(seg: Any, names: Sequence[str] | None = None) -> RowPlan:
+    """The row plan of ``seg`` for ``names`` (all its fields when None), built once and kept in ``seg.plans``."""
+    key = ("row", None if names is None else tuple(names))
+    plan = seg.plans.get(key)
+    if plan is None:
+        fields: Mapping[str, Field] = seg.fields
+        plan = seg.plans[key] = tuple((n, _row_reader(seg, n, fields[n])) for n in (fields if names is None else names))
+    return plan  # type: ignore[no-any-return]
+
+
+def make_row(plan: RowPlan, local: int, aliases: Mapping[str, str]) -> Row:
+    """Row ``local`` of a segment through its plan: a :class:`~actstore.engine.gather.Row` of views."""
+    row = _new_dict(Row)
+    row.aliases = aliases
+    for name, read in plan:
+        row[name] = read(local)
+    return row
+
+
+def _taker(arr: np.ndarray, field: Field) -> Callable[[np.ndarray], torch.Tensor]:
+    # np.take's default mode checks every row (negative rows count from the end, as store rows do) and, with
+    # no ``out``, writes straight into the array it returns: one copy and no separate range check.
+    if field.dtype == "bfloat16":
+        return lambda rows: _from_numpy(arr.take(rows, axis=0)).view(torch.bfloat16)
+    return lambda rows: _from_numpy(arr.take(rows, axis=0))
+
+
+def take_plan(seg: Any) -> TakePlan | None:
+    """How to gather rows of every field of ``seg`` straight from its maps, or None (a field needs the general path).
+
+    Only for segments whose fields are all plain fixed fields; built once and kept in ``seg.plans``.
+    ``take(rows)`` raises ``IndexError`` for a row outside ``[-rows, rows)``.
+    """
+    if "take" not in seg.plans:
+        seg.plans["take"] = _take_plan(seg)
+    return seg.plans["take"]  # type: ignore[no-any-return]
+
+
+def _take_plan(seg: Any) -> TakePlan | None:
+    takers: list[tuple[str, Callable[[np.ndarray], torch.Tensor]]] = []
+    for name, f in seg.fields.items():
+        if f.ragged or not plain(f):
+            return None
+        arr = seg.fixed(name)
+        if not _mapped(arr, f):
+            return None
+        takers.append((name, _taker(arr, f)))
+    return tuple(takers) or None
