@@ -8,6 +8,7 @@ used, and ``open`` costs the same for ten rows or a billion.
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from bisect import bisect_right
@@ -37,7 +38,7 @@ from actstore.format.record import read_record
 from actstore.storage.base import FileProvider
 from actstore.storage.files import array_inner_rows, expect_array, hash_file, inside, object_files
 
-__all__ = ["ReadCheck", "Snapshot", "as_tensor", "map_rows"]
+__all__ = ["ReadCheck", "Snapshot", "as_tensor", "map_range", "map_rows"]
 
 
 def data_file_size(path: str) -> int:
@@ -78,6 +79,22 @@ def map_rows(path: str, rows: int, inner_shape: tuple[int, ...], dtype: np.dtype
     except FileNotFoundError as e:  # deleted since the stat (a superseded index run or view)
         raise CorruptStoreError(f"{path}: data file is missing") from e
     return mm.view(np.ndarray)  # drop the memmap subclass: plain ndarray indexing is faster
+
+
+def map_range(array: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset) where the bytes of ``array`` lie, when it is a C-contiguous map from :func:`map_rows`
+    or a view of one; None for anything else.  What a copy of the rows by file range needs (compaction)."""
+    if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
+        return None
+    base: Any = array
+    while base is not None and not (isinstance(base, np.memmap) and isinstance(base.base, mmap.mmap)):
+        base = base.base if isinstance(base, np.ndarray) else None  # down to the array np.memmap made over its mmap
+    if base is None or not isinstance(base.filename, str):
+        return None
+    start = array.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    if start < 0 or start + array.nbytes > base.nbytes:
+        return None
+    return base.filename, int(base.offset) + start
 
 
 def check_no_links(root: str, path: str) -> None:
