@@ -20,7 +20,7 @@ from actstore.engine.commit import Head, ids
 from actstore.engine.gather import check_float_dtype, gather_fixed, gather_padded, gather_ragged
 from actstore.engine.info import describe_store
 from actstore.engine.opening import check_new, create_new, open_parts, read_head
-from actstore.engine.plans import ROW_ALL, make_row, row_plan, take_plan
+from actstore.engine.plans import ROW_ALL, fast_gather, make_row, row_plan
 from actstore.engine.prefetch import forget_on_evict, prefetch
 from actstore.engine.ragged import PaddedBatch, RaggedBatch
 from actstore.engine.reader import ReadCheck, SegmentReader, Snapshot, map_object_array, normalize_keys
@@ -382,19 +382,13 @@ class ActivationStore(WriterRole):
         once); integer and bool fields keep their dtype.  For a ragged field as
         a padded batch with its mask, see :meth:`gather_padded`.
         """
-        snap = self._snap
-        if fields is None and dtype is None and type(rows) is np.ndarray and rows.ndim == 1 and \
-                rows.dtype == np.int64 and len(snap.segments) == 1 and not self._closed:
-            seg = snap.segments[0]  # one segment of plain fixed fields: np.take from the maps, nothing else
-            plan = seg.plans["take"] if "take" in seg.plans else take_plan(seg)
-            if plan is not None:
-                try:
-                    return {name: take(rows) for name, take in plan}
-                except IndexError:
-                    pass  # the general path says which row
+        if fields is None and dtype is None and not self._closed:
+            fast = fast_gather(self._snap, rows)  # plain fixed fields: straight from the maps (engine/plans.py)
+            if fast is not None:
+                return fast  # type: ignore[return-value]
         self._check_open()
         check_float_dtype(dtype)
-        idx = snap.check_rows(rows)
+        idx = self._snap.check_rows(rows)
         out: dict[str, torch.Tensor | RaggedBatch] = {}
         for name in self._field_names(fields):
             f = self.fields[name]

@@ -159,3 +159,38 @@ def test_gather_of_ragged_and_compressed_fields_is_unchanged(store: actstore.Act
             part = got[i] if isinstance(got, RaggedBatch) else got[i]
             assert same(part, row[name]), (r, name)
             assert isinstance(got, RaggedBatch) == f.ragged
+
+
+def test_gather_across_segments_fast_path(tmp_path: Path) -> None:
+    fields = {"h": Field((3,), "bfloat16"), "k": Field((), "int64")}
+    with actstore.create(tmp_path / "s", fields) as w:
+        w.merge_policy = None
+        for lo, hi in ((0, 4), (4, 5), (5, 12), (12, 20)):
+            w.append(keys(hi - lo, lo), {"h": torch.arange(3 * lo, 3 * hi).reshape(-1, 3).to(torch.bfloat16),
+                                         "k": np.arange(lo, hi)})
+            w.commit()
+    s = actstore.open(tmp_path / "s")
+    assert len(s.manifest.segments) == 4
+    rng = np.random.default_rng(3)
+    for rows in [rng.integers(0, 20, 50), np.array([19, 0, 4, 4, 11]), np.array([5, 6, 7]), np.arange(20)[::-1]]:
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        got = s.gather(rows)
+        assert got["k"].tolist() == rows.tolist()  # type: ignore[union-attr]
+        want = gather_fixed(s.snapshot, "h", fields["h"], rows)
+        assert same(got["h"], want)  # type: ignore[arg-type]
+    assert "across" in s.snapshot.plans
+    assert s.gather(np.array([-1, 0], np.int64))["k"].tolist() == [19, 0]  # type: ignore[union-attr]  # (general path)
+    with pytest.raises(IndexError, match="row 20 is out of range"):
+        s.gather(np.array([3, 20], np.int64))
+    assert s.gather(np.empty(0, np.int64))["h"].shape == (0, 3)  # type: ignore[union-attr]
+    seg = s.snapshot.segments[2]
+    s.snapshot.forget(seg.info.id, ["h"])  # (what the chunk cache's eviction does)
+    assert not s.snapshot.plans and "h" not in seg.arrays
+    assert s.gather(np.array([6, 13], np.int64))["k"].tolist() == [6, 13]  # type: ignore[union-attr]
+
+
+def test_gather_across_segments_with_a_ragged_field_is_the_general_path(store: actstore.ActivationStore) -> None:
+    rows = np.array([9, 0, 5], np.int64)
+    got = store.gather(rows)
+    assert store.snapshot.plans.get("across", None) is None
+    assert isinstance(got["t"], RaggedBatch) and same(got["x"], torch.stack([store[r]["x"] for r in rows.tolist()]))  # type: ignore[arg-type]

@@ -96,8 +96,6 @@ def forget_on_evict(store: Any) -> Any:
             field = name[len(FIELDS_DIR) + 1:]
             base = field.rsplit("/", 1)[0] if field.endswith(("/values", "/offsets")) else field
             keys = [base, base + "/offsets"]
-        for seg in s.snapshot.segments:
-            if seg.info.id == seg_id:
-                seg.forget(keys)
+        s.snapshot.forget(seg_id, keys)
 
     return forget

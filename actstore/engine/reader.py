@@ -318,6 +318,14 @@ class Snapshot:
         self.runs = [IndexRun(root, r, check, provide) for r in manifest.indexes]
         self._shared: dict[int, dict[bytes, int]] = {}
         self.aliases = field_aliases(manifest)
+        self.plans: dict[Any, Any] = {}  # read plans over the segments' maps (engine/plans.py)
+
+    def forget(self, segment: str, names: Sequence[str]) -> None:
+        """Drop the maps of arrays ``names`` of segment ``segment`` (an id) and every plan over them; views keep theirs."""
+        self.plans.clear()
+        for seg in self.segments:
+            if seg.info.id == segment:
+                seg.forget(names)
 
     def relocate(self, start: int, info: SegmentInfo) -> tuple[SegmentReader, int] | None:
         """The segment of the newest commit that holds segment ``info``'s rows (global ``start ..``), or None.
