@@ -48,7 +48,7 @@ __all__ = ["SegmentWriter", "ShardFile", "write_index_run", "write_object"]
 #: A write at least this large is hashed on a helper thread while this thread writes it.
 PARALLEL_HASH_BYTES = 1 << 20
 #: A map at least this large is copied by file range (:meth:`ShardFile.copy`); smaller ones are written.
-COPY_RANGE_BYTES = 1 << 20
+COPY_RANGE_BYTES = 64 << 10
 #: Start write-back (``fdatasync`` on a helper thread) whenever this much data has been written
 #: since the last start, so that the disk works while rows arrive and commit's fsync finds
 #: little left to do.  It also keeps the dirty pages of a long append bounded.
