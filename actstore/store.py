@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from actstore.engine.commit import Head, ids
-from actstore.engine.gather import Row, check_float_dtype, gather_fixed, gather_padded, gather_ragged, row_view
+from actstore.engine.gather import check_float_dtype, gather_fixed, gather_padded, gather_ragged
 from actstore.engine.info import describe_store
 from actstore.engine.opening import check_new, create_new, open_parts, read_head
+from actstore.engine.plans import ROW_ALL, fast_gather, make_row, row_plan
 from actstore.engine.prefetch import forget_on_evict, prefetch
 from actstore.engine.ragged import PaddedBatch, RaggedBatch
 from actstore.engine.reader import ReadCheck, SegmentReader, Snapshot, map_object_array, normalize_keys
@@ -351,14 +352,18 @@ class ActivationStore(WriterRole):
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         """One row as ``{field: tensor}``.  Never copies: the tensors are views of the maps
         (except compressed fields, which are decoded into a private copy)."""
-        self._check_open()
-        if not isinstance(row, (int, np.integer)) or isinstance(row, bool):
-            raise TypeError(f"row: expected an int, got {type(row).__name__}; use gather() for many rows")
-        seg, local = self._snap.locate(int(row))
-        return self._row(seg, local)
+        if self._closed:
+            self._check_open()
+        if type(row) is not int:
+            if not isinstance(row, (int, np.integer)) or isinstance(row, bool):
+                raise TypeError(f"row: expected an int, got {type(row).__name__}; use gather() for many rows")
+            row = int(row)
+        snap = self._snap
+        seg, local = snap.locate(row)
+        return make_row(seg.plans.get(ROW_ALL) or row_plan(seg), local, snap.aliases)
 
     def _row(self, seg: SegmentReader, local: int) -> dict[str, torch.Tensor]:
-        return Row({name: row_view(seg, local, name, f) for name, f in self.fields.items()}, self._snap.aliases)
+        return make_row(seg.plans.get(ROW_ALL) or row_plan(seg), local, self._snap.aliases)
 
     def get(self, key: bytes) -> dict[str, torch.Tensor]:
         """The row stored under ``key``, as ``store[row]`` (views).  Raises ``KeyError`` if absent."""
@@ -377,6 +382,10 @@ class ActivationStore(WriterRole):
         once); integer and bool fields keep their dtype.  For a ragged field as
         a padded batch with its mask, see :meth:`gather_padded`.
         """
+        if fields is None and dtype is None and not self._closed:
+            fast = fast_gather(self._snap, rows)  # plain fixed fields: straight from the maps (engine/plans.py)
+            if fast is not None:
+                return fast  # type: ignore[return-value]
         self._check_open()
         check_float_dtype(dtype)
         idx = self._snap.check_rows(rows)

@@ -154,13 +154,16 @@ def bench_many_commits(rep: Report, out: str, rows: np.ndarray, keys: np.ndarray
 
     n = len(rows)
     t = rep.table(f"A store written in {COMMITS} commits ({n:,} rows × {DIM} float16, {BATCH} random rows a gather)")
-    paths = {k: os.path.join(out, f"commits-{k}") for k in ("one", "raw", "merged")}
+    paths = {k: os.path.join(out, f"commits-{k}") for k in ("one", "raw", "merged", "compacted")}
     for p in paths.values():
         shutil.rmtree(p, ignore_errors=True)
-    done = step(f"{COMMITS}-commit stores, with and without the automatic merge")
+    done = step(f"{COMMITS}-commit stores, with and without the automatic merge, and compacted")
     _write(paths["one"], keys, rows, 1, None)
     _write(paths["raw"], keys, rows, COMMITS, None)
     _write(paths["merged"], keys, rows, COMMITS, actstore.TieredMerge())
+    shutil.copytree(paths["raw"], paths["compacted"])
+    with actstore.open(paths["compacted"], mode="a") as w:
+        w.compact()
     done()
     stores = {k: actstore.open(p) for k, p in paths.items()}
     for s in stores.values():
@@ -180,6 +183,9 @@ def bench_many_commits(rep: Report, out: str, rows: np.ndarray, keys: np.ndarray
     segs = {k: len(s.manifest.segments) for k, s in stores.items()}
     rep.row(t, f"{COMMITS} commits, automatic merge ({segs['merged']} segments) vs one commit", rps["merged"],
             rps["one"], "rows/s", higher_is_better=True, target="≥ 0.8×", passed=rps["merged"] / rps["one"] >= 0.8)
+    rep.row(t, f"{COMMITS} commits, then compact() ({segs['compacted']} segment) vs one commit", rps["compacted"],
+            rps["one"], "rows/s", higher_is_better=True, target="≥ 0.8×",
+            passed=rps["compacted"] / rps["one"] >= 0.8)
     rep.row(t, f"{COMMITS} commits, no merge ({segs['raw']} segments) vs one commit", rps["raw"], rps["one"],
             "rows/s", higher_is_better=True, target="(report)", passed=None)
     rep.row(t, "one commit vs np.take on np.load mmap (the limit)", rps["one"], rps["take"], "rows/s",

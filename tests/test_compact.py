@@ -16,8 +16,10 @@ import torch
 import actstore
 import actstore.engine.compaction as compaction_mod
 import actstore.engine.segments as segments_mod
+import actstore.storage.files as files_mod
 from actstore import Field, StoreLockedError, TieredMerge
 from actstore.cli import main as cli_main
+from actstore.engine.reader import map_range, map_rows
 from actstore.errors import CorruptStoreError
 from actstore.training.recycled import CachedDataset
 from tests import data_helpers as h
@@ -347,3 +349,102 @@ def test_a_deleted_store_reports_its_missing_files(tmp_path: Path) -> None:
     shutil.rmtree(path)  # no manifest to relocate through: the reader names the missing file
     with pytest.raises(CorruptStoreError, match="missing"):
         r.gather([5])
+
+
+# --- copies by file range ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def by_range(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every map is copied by file range (however small); returns the byte counts that were."""
+    monkeypatch.setattr(segments_mod, "COPY_RANGE_BYTES", 1)
+    copied: list[int] = []
+    real = files_mod.copy_range
+
+    def counting(src: int, dst: int, offset: int, nbytes: int, data: memoryview) -> None:
+        copied.append(nbytes)
+        real(src, dst, offset, nbytes, data)
+
+    monkeypatch.setattr(files_mod, "copy_range", counting)
+    return copied
+
+
+def test_plain_fields_are_copied_by_file_range(tmp_path: Path, by_range: list[int]) -> None:
+    fields = {**FIELDS, "b": Field((2,), "bfloat16")}
+    s = actstore.create(tmp_path / "s", fields)
+    s.merge_policy = None
+    for lo, hi in ((0, 5), (5, 6), (6, 13)):
+        keys, values = batch(lo, hi)
+        s.append(keys, {**values, "b": torch.arange(2 * (hi - lo)).reshape(-1, 2).to(torch.bfloat16)})
+        s.commit()
+    s.compact()
+    assert len(s.manifest.segments) == 1 and by_range  # keys, h, label, tok's values: by range
+    assert_rows(s, 13)
+    assert s.gather([12])["b"].tolist() == [[12.0, 13.0]]  # type: ignore[union-attr]
+    s.close()
+    assert actstore.open(tmp_path / "s").verify().rows == 13  # every file's BLAKE3 is the bytes copied
+
+
+def test_a_copy_hashes_the_file_not_the_writers_private_pages(tmp_path: Path, by_range: list[int]) -> None:
+    s = make(tmp_path / "s", [4, 4])
+    s[1]["h"][:] = 0  # writes to this process's copy-on-write page of the map, never to the file
+    s.compact()
+    assert by_range
+    s.close()
+    r = actstore.open(tmp_path / "s")
+    assert r.verify().rows == 8
+    assert_rows(r, 8)  # row 1 as committed
+
+
+@pytest.mark.parametrize("how", ["EXDEV", "missing"])
+def test_a_copy_falls_back_to_writes(tmp_path: Path, by_range: list[int], monkeypatch: pytest.MonkeyPatch,
+                                     how: str) -> None:
+    if how == "missing":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    else:
+        def refuse(*args: Any) -> int:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    s = make(tmp_path / "s", [3, 6, 2])
+    s.compact()
+    assert by_range
+    assert_rows(s, 11)
+    s.close()
+    assert actstore.open(tmp_path / "s").verify().rows == 11
+
+
+def test_enospc_during_a_copy_leaves_the_last_commit(tmp_path: Path, by_range: list[int],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "s"
+    s = make(path, [3, 4, 5])
+    before, gen = listed(path), s.generation
+
+    def full(*args: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", full)
+    with pytest.raises(OSError, match="No space"):
+        s.compact()
+    assert s.generation == gen and listed(path) == before
+    monkeypatch.undo()
+    assert_rows(s, 12)
+
+
+def test_map_range_and_copy_range(tmp_path: Path) -> None:
+    data = np.arange(5000, dtype=np.int32)
+    path = tmp_path / "f"
+    data.tofile(path)
+    m = map_rows(str(path), 1000, (5,), np.dtype(np.int32))
+    assert map_range(m) == (str(path), 0)
+    assert map_range(m[7:9]) == (str(path), 7 * 20)
+    assert map_range(m[:, 1:]) is None and map_range(np.zeros(3)) is None  # not contiguous; not a map
+    out = tmp_path / "out"
+    src, dst = os.open(path, os.O_RDONLY), os.open(out, os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(dst, b"ab")
+        files_mod.copy_range(src, dst, 140, 40, memoryview(m[7:9]).cast("B"))
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert out.read_bytes() == b"ab" + data[35:45].tobytes()

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from actstore.engine.commit import Change, Head, commit
+from actstore.engine.plans import plain
 from actstore.engine.reader import SegmentReader, Snapshot
 from actstore.engine.segments import SegmentWriter
 from actstore.format.manifest import Manifest
@@ -113,16 +114,23 @@ class CompactReport:
 
 
 def _copy_segment(seg: SegmentReader, out: SegmentWriter, fields: Any) -> int:
-    """Append every row of ``seg`` to ``out`` in large blocks, straight from the maps; returns bytes written."""
+    """Append every row of ``seg`` to ``out``, straight from the maps; returns bytes written.
+
+    Plain fields (raw values, :func:`~actstore.engine.plans.plain`) go whole,
+    each array as one file-range copy (:meth:`SegmentWriter.write` with
+    ``maps=True``); a segment with any other field is copied in blocks of
+    :data:`COPY_BYTES`, compressed fields decoded and encoded again.
+    """
     rows = seg.info.rows
     row_bytes = 32 + sum(f.spec.numpy.itemsize * int(np.prod(f.inner_shape, dtype=np.int64)) for f in fields.values())
     ragged = {n: seg.ragged(n) for n, f in fields.items() if f.ragged}
     if ragged:  # a block also holds each row's values: size blocks by the average row
         row_bytes += sum(int(fields[n].spec.numpy.itemsize * np.prod(fields[n].inner_shape, dtype=np.int64) *
                              (int(o[-1]) / max(rows, 1))) for n, (_, o) in ragged.items())
-    block = max(1, COPY_BYTES // max(row_bytes, 1))
     keys = seg.keys()
     before = out.rows
+    whole = all(plain(f) for f in fields.values())
+    block = max(rows, 1) if whole else max(1, COPY_BYTES // max(row_bytes, 1))
     for a in range(0, rows, block):
         b = min(rows, a + block)
         cols: dict[str, Any] = {}
@@ -136,7 +144,7 @@ def _copy_segment(seg: SegmentReader, out: SegmentWriter, fields: Any) -> int:
                 cols[name] = _rows(seg.fixed(name), a, b)
             if f.quantize is not None:  # codes and scales copied as stored: never re-quantised
                 cols[name + "/scales"] = seg.scales(name)[lo:hi]
-        out.write(np.ascontiguousarray(keys[a:b]), cols)
+        out.write(np.ascontiguousarray(keys[a:b]), cols, maps=whole)
     if out.rows - before != rows:
         raise AssertionError(f"{seg.path}: copied {out.rows - before} of its {rows} rows")
     return rows * row_bytes

@@ -93,9 +93,6 @@ def forget_on_evict(store: Any) -> Any:
             field = name[len(FIELDS_DIR) + 1:]
             base = field.rsplit("/", 1)[0] if field.endswith(("/values", "/offsets", "/scales")) else field
             keys = [base, base + "/offsets", base + "/scales"]
-        for seg in s.snapshot.segments:
-            if seg.info.id == seg_id:
-                for k in keys:
-                    seg.arrays.pop(k, None)
+        s.snapshot.forget(seg_id, keys)
 
     return forget

@@ -8,6 +8,7 @@ used, and ``open`` costs the same for ten rows or a billion.
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from bisect import bisect_right
@@ -38,7 +39,7 @@ from actstore.format.record import read_record
 from actstore.storage.base import FileProvider
 from actstore.storage.files import array_inner_rows, expect_array, hash_file, inside, object_files
 
-__all__ = ["ReadCheck", "Snapshot", "as_tensor", "map_rows"]
+__all__ = ["ReadCheck", "Snapshot", "as_tensor", "map_range", "map_rows"]
 
 
 def data_file_size(path: str) -> int:
@@ -79,6 +80,22 @@ def map_rows(path: str, rows: int, inner_shape: tuple[int, ...], dtype: np.dtype
     except FileNotFoundError as e:  # deleted since the stat (a superseded index run or view)
         raise CorruptStoreError(f"{path}: data file is missing") from e
     return mm.view(np.ndarray)  # drop the memmap subclass: plain ndarray indexing is faster
+
+
+def map_range(array: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset) where the bytes of ``array`` lie, when it is a C-contiguous map from :func:`map_rows`
+    or a view of one; None for anything else.  What a copy of the rows by file range needs (compaction)."""
+    if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
+        return None
+    base: Any = array
+    while base is not None and not (isinstance(base, np.memmap) and isinstance(base.base, mmap.mmap)):
+        base = base.base if isinstance(base, np.ndarray) else None  # down to the array np.memmap made over its mmap
+    if base is None or not isinstance(base.filename, str):
+        return None
+    start = array.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    if start < 0 or start + array.nbytes > base.nbytes:
+        return None
+    return base.filename, int(base.offset) + start
 
 
 def check_no_links(root: str, path: str) -> None:
@@ -147,10 +164,11 @@ class SegmentReader:
     ``relocate`` (set by :class:`Snapshot`) finds the segment's rows after a
     compaction deleted its files before this reader mapped them: its arrays are
     then views of the rows' range in the merged segment (never copies, except a
-    ragged field's offsets, rebased).
+    ragged field's offsets, rebased).  ``plans`` keeps the read plans built over
+    its maps (:mod:`actstore.engine.plans`); :meth:`forget` drops both.
     """
 
-    __slots__ = ("arrays", "check", "fields", "info", "path", "provide", "relocate")
+    __slots__ = ("arrays", "check", "fields", "info", "path", "plans", "provide", "relocate")
 
     def __init__(self, root: str, info: SegmentInfo, fields: dict[str, Field], check: ReadCheck | None = None,
                  provide: FileProvider | None = None, relocate: Relocate | None = None) -> None:
@@ -158,9 +176,16 @@ class SegmentReader:
         self.info = info
         self.fields = fields
         self.arrays: dict[str, np.ndarray] = {}
+        self.plans: dict[Any, Any] = {}
         self.check = check
         self.provide = provide
         self.relocate = relocate
+
+    def forget(self, names: Sequence[str]) -> None:
+        """Drop this reader's maps of the arrays ``names`` (and every plan built over its maps); views keep theirs."""
+        self.plans.clear()
+        for name in names:
+            self.arrays.pop(name, None)
 
     def _moved(self, error: Exception) -> tuple[SegmentReader, int]:
         """Where this segment's rows are now (after a compaction), or raise ``error`` (the files are just missing)."""
@@ -319,6 +344,14 @@ class Snapshot:
         self.runs = [IndexRun(root, r, check, provide) for r in manifest.indexes]
         self._shared: dict[int, dict[bytes, int]] = {}
         self.aliases = field_aliases(manifest)
+        self.plans: dict[Any, Any] = {}  # read plans over the segments' maps (engine/plans.py)
+
+    def forget(self, segment: str, names: Sequence[str]) -> None:
+        """Drop the maps of arrays ``names`` of segment ``segment`` (an id) and every plan over them; views keep theirs."""
+        self.plans.clear()
+        for seg in self.segments:
+            if seg.info.id == segment:
+                seg.forget(names)
 
     def relocate(self, start: int, info: SegmentInfo) -> tuple[SegmentReader, int] | None:
         """The segment of the newest commit that holds segment ``info``'s rows (global ``start ..``), or None.

@@ -9,6 +9,7 @@ manifest that names them.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import shutil
 import uuid
@@ -22,7 +23,7 @@ import numpy as np
 
 from actstore.engine.compressed import ChunkEncoder
 from actstore.engine.keyset import KeySet
-from actstore.engine.reader import key_prefixes
+from actstore.engine.reader import key_prefixes, map_range
 from actstore.format.layout import field_arrays, field_is_group
 from actstore.format.manifest import (
     FIELDS_DIR,
@@ -47,6 +48,8 @@ __all__ = ["SegmentWriter", "ShardFile", "write_index_run", "write_object"]
 
 #: A write at least this large is hashed on a helper thread while this thread writes it.
 PARALLEL_HASH_BYTES = 1 << 20
+#: A map at least this large is copied by file range (:meth:`ShardFile.copy`); smaller ones are written.
+COPY_RANGE_BYTES = 64 << 10
 #: Start write-back (``fdatasync`` on a helper thread) whenever this much data has been written
 #: since the last start, so that the disk works while rows arrive and commit's fsync finds
 #: little left to do.  It also keeps the dirty pages of a long append bounded.
@@ -116,6 +119,55 @@ class ShardFile:
             self._file.write(data)
             self._hash.update(data)
         return data.nbytes
+
+    def copy(self, rows: np.ndarray, hasher: ThreadPoolExecutor | None = None) -> int:
+        """Append ``rows``, a map of a committed file (:func:`~actstore.engine.reader.map_range`), by file range.
+
+        The kernel copies the range into this file (:func:`actstore.storage.files.copy_range`)
+        while ``hasher`` hashes the same range of the source file, mapped read-only
+        afresh (so the hash is of the bytes copied, even where this process wrote
+        into its private copy-on-write map).  Anything else — a compressed
+        array, a small or non-map array, a source that cannot be opened — is
+        written by :meth:`write`.  Returns the bytes written.
+        """
+        where = map_range(rows) if self._encoder is None and rows.nbytes >= max(COPY_RANGE_BYTES, 1) else None
+        if where is None:
+            return self.write(rows, hasher)
+        path, offset = where
+        try:
+            src = os.open(path, os.O_RDONLY)
+        except OSError:
+            return self.write(rows, hasher)
+        try:
+            nbytes = rows.nbytes
+            if os.fstat(src).st_size < offset + nbytes:
+                return self.write(rows, hasher)
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            with mmap.mmap(src, offset + nbytes - start, access=mmap.ACCESS_READ, offset=start) as mm:
+                data = memoryview(mm)[offset - start :]
+                try:
+                    self._copy_hashed(src, offset, data, hasher)
+                finally:
+                    data.release()
+        finally:
+            os.close(src)
+        self.rows += len(rows)
+        return nbytes
+
+    def _copy_hashed(self, src: int, offset: int, data: memoryview, hasher: ThreadPoolExecutor | None) -> None:
+        if self._file is None:
+            os.makedirs(os.path.join(self.directory, os.path.dirname(self._rel)), exist_ok=True)
+            self._file = open(os.path.join(self.directory, self._rel), "wb")  # noqa: SIM115
+        self._file.flush()
+        hashed = hasher.submit(self._hash.update, data) if hasher is not None else None
+        try:
+            fsio.copy_range(src, self._file.fileno(), offset, len(data), data)
+        finally:
+            if hashed is not None:
+                hashed.result()
+            self._file.seek(0, os.SEEK_END)  # the buffered file learns the position the copy moved
+        if hashed is None:
+            self._hash.update(data)
 
     def _write_frames(self, frames: list[bytes]) -> int:
         for frame in frames:
@@ -217,11 +269,14 @@ class SegmentWriter:
                 self.arrays[name + "/offsets"].write(np.zeros(1, i64))
                 self.value_counts[name] = 0
 
-    def write(self, keys: np.ndarray, columns: Mapping[str, Any]) -> None:
+    def write(self, keys: np.ndarray, columns: Mapping[str, Any], *, maps: bool = False) -> None:
         """Write validated rows (see :func:`actstore.engine.validate.validate_batch`).
 
         ``columns[name]`` is a fixed field's rows or a ragged field's ``(values, lengths)``
         in storage form; ``columns[name + "/scales"]`` a quantised field's scales.
+        ``maps``: the arrays are maps of committed segments (a compaction): each is
+        copied by file range where it can be (:meth:`ShardFile.copy`), and the
+        keys are not added to :attr:`keys_seen` (they are committed already).
         """
         if self._writeback is not None and self._writeback.done():
             self._end_writeback()  # raises the error of a failed write-back
@@ -231,10 +286,11 @@ class SegmentWriter:
         prefixes = key_prefixes(keys)
         # The key set is updated on the helper thread too, while this one writes.
         added: Future[None] | None = None
-        if self._hasher is not None:
-            added = self._hasher.submit(self.keys_seen.add, keys)
-        else:
-            self.keys_seen.add(keys)
+        if not maps:
+            if self._hasher is not None:
+                added = self._hasher.submit(self.keys_seen.add, keys)
+            else:
+                self.keys_seen.add(keys)
         written = 0
         try:
             for name, f in self.fields.items():
@@ -242,14 +298,16 @@ class SegmentWriter:
                 if f.ragged:
                     values, lengths = col
                     offsets = self.value_counts[name] + np.cumsum(lengths, dtype=np.int64)
-                    written += self.arrays[name].write(values, self._hasher)
+                    shard = self.arrays[name]
+                    written += shard.copy(values, self._hasher) if maps else shard.write(values, self._hasher)
                     written += self.arrays[name + "/offsets"].write(offsets)
                     self.value_counts[name] += int(len(values))
                 else:
-                    written += self.arrays[name].write(col, self._hasher)
+                    shard = self.arrays[name]
+                    written += shard.copy(col, self._hasher) if maps else shard.write(col, self._hasher)
                 if f.quantize is not None:
                     written += self.arrays[name + "/scales"].write(columns[name + "/scales"])
-            written += self.arrays["keys"].write(keys)
+            written += self.arrays["keys"].copy(keys, self._hasher) if maps else self.arrays["keys"].write(keys)
         finally:
             if added is not None:
                 added.result()

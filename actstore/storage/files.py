@@ -20,8 +20,8 @@ import blake3
 from actstore.errors import CorruptStoreError
 from actstore.format.manifest import MAX_METADATA_BYTES, SEGMENT_ATTR, array_metadata, chunk_path, loads
 
-__all__ = ["array_inner_rows", "atomic_write", "expect_array", "fsync_dir", "hash_file", "inside", "object_files",
-           "read_document", "write_durable"]
+__all__ = ["array_inner_rows", "atomic_write", "copy_range", "expect_array", "fsync_dir", "hash_file", "inside",
+           "object_files", "read_document", "write_durable"]
 
 _HASH_THREADS_MIN = 1 << 22
 
@@ -66,6 +66,32 @@ def atomic_write(path: str, data: bytes, *, durable: bool = True, tmp: str | Non
         raise
     if durable:
         fsync_dir(directory)
+
+
+def copy_range(src: int, dst: int, offset: int, nbytes: int, data: memoryview) -> None:
+    """Append bytes ``offset .. offset+nbytes`` of file ``src`` to ``dst`` at its position; ``data`` holds the same bytes.
+
+    The kernel copies (``os.copy_file_range``: no pass through this process's
+    memory, and a reflink where the file system shares extents); where it cannot
+    (an older kernel, another file system, a special file), the rest is written
+    from ``data``.  Errors of the writes themselves (``ENOSPC``) are raised.
+    """
+    done = 0
+    kernel = hasattr(os, "copy_file_range")
+    while done < nbytes:
+        if kernel:
+            try:
+                n = os.copy_file_range(src, dst, nbytes - done, offset + done)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF,
+                                   errno.ETXTBSY, errno.EPERM):
+                    raise
+                n = 0
+            if n > 0:
+                done += n
+                continue
+            kernel = False  # (0: the source ended early; write the rest from ``data``)
+        done += os.write(dst, data[done:nbytes])
 
 
 def hash_file(path: str, size: int) -> str:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from actstore.engine.gather import Row, row_view
+from actstore.engine.plans import make_row, row_plan
 from actstore.errors import StaleStoreError, StoreError
 from actstore.format.record import PrecomputeRecord, read_record
 from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
@@ -241,7 +241,7 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
             raise TypeError(f"index: expected an int, got {type(i).__name__}")
         seg, local = store.snapshot.locate(int(i))
-        return Row({name: row_view(seg, local, name, store.fields[name]) for name in self.fields}, store.snapshot.aliases)
+        return make_row(row_plan(seg, self.fields), local, store.snapshot.aliases)
 
     def __getitems__(self, indices: Sequence[int]) -> RowBatch:
         """The rows of a batch, gathered later by the collate function.  Never copies."""

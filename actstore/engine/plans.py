@@ -1,0 +1,236 @@
+"""Read plans: the per-segment work of ``store[i]`` and of a one-segment gather, done once per segment.
+
+``store[i]`` and ``store.gather(rows)`` spend most of their time, for a small
+row or batch, in Python: which kind of field, which map, which dtype view.  A
+*plan* does that once per segment (lazily, the first time the segment is read
+this way) and keeps, for each field, a small function of the local row(s):
+
+- :func:`row_plan` — ``(name, read)`` pairs, ``read(local)`` giving exactly what
+  :func:`~actstore.engine.gather.row_view` gives (a view of the map for a plain
+  field, viewed as bfloat16 where the field says so);
+- :func:`take_plan` — ``(name, take)`` pairs for a gather of rows straight from
+  the maps, or None when any field needs the general gather;
+- :func:`fast_gather` — ``store.gather(rows)`` of every field through them: one
+  ``np.take`` per field for a one-segment store, and for a store of many
+  segments one pass per field over the segments the batch touches
+  (:func:`take_across`).
+
+Only a *plain* field (:func:`plain`: raw values of its own dtype, no
+compression and no other attribute) whose array is a memory map of that dtype
+gets a fast reader; every other field (compressed, read through zarr-python,
+or marked by any attribute a later version adds) keeps the general path
+(:func:`~actstore.engine.gather.row_view` for rows; the whole gather for
+:func:`take_plan`).  Plans live in :attr:`SegmentReader.plans
+<actstore.engine.reader.SegmentReader>` and are dropped with the segment's maps.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from actstore.engine.gather import Row, Segment, row_view
+from actstore.format.manifest import Field
+
+__all__ = ["ROW_ALL", "RowPlan", "TakePlan", "fast_gather", "make_row", "plain", "row_plan", "take_across", "take_plan"]
+
+#: The key of a segment's row plan of every field in ``seg.plans`` (``seg.plans.get(ROW_ALL) or row_plan(seg)``).
+ROW_ALL = ("row", None)
+
+#: ``(field name, read)``: ``read(local)`` is the field's row ``local`` as a tensor.
+RowPlan = tuple[tuple[str, Callable[[int], torch.Tensor]], ...]
+#: ``(field name, take)``: ``take(local rows)`` is a new ``(n, *shape)`` tensor of those rows.
+TakePlan = tuple[tuple[str, Callable[[np.ndarray], torch.Tensor]], ...]
+
+_from_numpy = torch.from_numpy
+_new_dict = dict.__new__
+
+
+@functools.lru_cache(maxsize=1024)
+def plain(field: Field) -> bool:
+    """True when ``field`` is stored as raw values of its dtype and nothing else: what the fast paths read.
+
+    A field equal to ``Field(shape, dtype)``: not compressed, and carrying no
+    other attribute (an attribute added later makes the field differ from that,
+    so it takes the general path until a fast path is written for it).
+    """
+    return field == Field(field.shape, field.dtype)
+
+
+def _mapped(array: Any, field: Field) -> bool:
+    """True for a memory map (or a view of one) of the field's storage dtype."""
+    return type(array) is np.ndarray and array.dtype == field.spec.numpy
+
+
+def _row_reader(seg: Segment, name: str, field: Field) -> Callable[[int], torch.Tensor]:
+    bf16 = field.dtype == "bfloat16"
+    if plain(field):
+        if field.ragged:
+            values, offsets = seg.ragged(name)
+            if _mapped(values, field):
+                if bf16:
+                    return lambda i: _from_numpy(values[offsets[i] : offsets[i + 1]]).view(torch.bfloat16)
+                return lambda i: _from_numpy(values[offsets[i] : offsets[i + 1]])
+        else:
+            arr = seg.fixed(name)
+            if _mapped(arr, field):
+                if bf16:
+                    return lambda i: _from_numpy(arr[i, ...]).view(torch.bfloat16)
+                if arr.ndim > 1:
+                    return lambda i: _from_numpy(arr[i])
+                return lambda i: _from_numpy(arr[i, ...])  # [i, ...] keeps a 0-d view (arr[i] is a numpy scalar)
+    return lambda i: row_view(seg, i, name, field)
+
+
+def row_plan(seg: Any, names: Sequence[str] | None = None) -> RowPlan:
+    """The row plan of ``seg`` for ``names`` (all its fields when None), built once and kept in ``seg.plans``."""
+    key = ("row", None if names is None else tuple(names))
+    plan = seg.plans.get(key)
+    if plan is None:
+        fields: Mapping[str, Field] = seg.fields
+        plan = seg.plans[key] = tuple((n, _row_reader(seg, n, fields[n])) for n in (fields if names is None else names))
+    return plan  # type: ignore[no-any-return]
+
+
+def make_row(plan: RowPlan, local: int, aliases: Mapping[str, str]) -> Row:
+    """Row ``local`` of a segment through its plan: a :class:`~actstore.engine.gather.Row` of views."""
+    row = _new_dict(Row)
+    row.aliases = aliases
+    for name, read in plan:
+        row[name] = read(local)
+    return row
+
+
+def _taker(arr: np.ndarray, field: Field) -> Callable[[np.ndarray], torch.Tensor]:
+    # np.take's default mode checks every row (negative rows count from the end, as store rows do) and, with
+    # no ``out``, writes straight into the array it returns: one copy and no separate range check.
+    if field.dtype == "bfloat16":
+        return lambda rows: _from_numpy(arr.take(rows, axis=0)).view(torch.bfloat16)
+    return lambda rows: _from_numpy(arr.take(rows, axis=0))
+
+
+def take_plan(seg: Any) -> TakePlan | None:
+    """How to gather rows of every field of ``seg`` straight from its maps, or None (a field needs the general path).
+
+    Only for segments whose fields are all plain fixed fields; built once and kept in ``seg.plans``.
+    ``take(rows)`` raises ``IndexError`` for a row outside ``[-rows, rows)``.
+    """
+    if "take" not in seg.plans:
+        seg.plans["take"] = _take_plan(seg)
+    return seg.plans["take"]  # type: ignore[no-any-return]
+
+
+def _take_plan(seg: Any) -> TakePlan | None:
+    takers: list[tuple[str, Callable[[np.ndarray], torch.Tensor]]] = []
+    for name, f in seg.fields.items():
+        if f.ragged or not plain(f):
+            return None
+        arr = seg.fixed(name)
+        if not _mapped(arr, f):
+            return None
+        takers.append((name, _taker(arr, f)))
+    return tuple(takers) or None
+
+
+# -- a gather across segments -------------------------------------------------------------------
+
+#: A reused bounce buffer per thread for gathers across segments of up to this many bytes (larger: a new one).
+_SCRATCH_BYTES = 8 << 20
+_scratch = threading.local()
+
+
+def _buffer(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes > _SCRATCH_BYTES:
+        return np.empty(shape, dtype)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _scratch.buf = np.empty(max(nbytes, 256 << 10), np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def take_across(starts: np.ndarray, maps: Callable[[int], np.ndarray], rows: np.ndarray, out: np.ndarray) -> None:
+    """Rows (checked global rows, in ``[0, total)``) of arrays spread over segments into ``out``, in batch order.
+
+    ``maps(s)`` is segment ``s``'s array (a same-dtype map), asked for only for
+    the segments the batch touches.  One stable sort of the rows by segment, one
+    ``take`` per touched segment into its slice of a reused bounce buffer, and
+    one ``take`` back into batch order: memory sees the rows read once and the
+    (cache-sized) buffer once more; Python runs once per touched segment.
+    """
+    seg = starts.searchsorted(rows, "right") - 1
+    counts = np.bincount(seg, minlength=len(starts) - 1)
+    touched = np.flatnonzero(counts).tolist()
+    if len(touched) == 1:
+        s = touched[0]
+        maps(s).take(rows - starts[s], 0, out, "wrap")  # rows were range-checked: 'wrap' skips the check
+        return
+    order = (seg.astype(np.int16) if len(starts) <= 1 << 15 else seg).argsort(kind="stable")  # (a radix sort)
+    local = rows[order] - starts[seg[order]]
+    buf = _buffer(out.shape, out.dtype)
+    begin = 0
+    for s, n in zip(touched, counts[touched].tolist(), strict=True):
+        maps(s).take(local[begin : begin + n], 0, buf[begin : begin + n], "wrap")
+        begin += n
+    inverse = np.empty_like(order)  # the inverse permutation, then a take: faster than a scatter
+    inverse[order] = np.arange(len(order))
+    buf.take(inverse, 0, out, "wrap")
+
+
+def _across_plan(snap: Any) -> tuple[tuple[str, Field, list[np.ndarray | None]], ...] | None:
+    fields: Mapping[str, Field] = snap.fields
+    if not all(plain(f) and not f.ragged for f in fields.values()):
+        return None
+    return tuple((name, f, [None] * len(snap.segments)) for name, f in fields.items())
+
+
+def fast_gather(snap: Any, rows: Any) -> dict[str, torch.Tensor] | None:
+    """``store.gather(rows)`` of every field, for a store of plain fixed fields and a 1-D int64 array of rows;
+    None when the general path must run (other fields or rows, a row out of range, an array that is not a map)."""
+    if type(rows) is not np.ndarray or rows.ndim != 1 or rows.dtype != np.int64:
+        return None
+    segments = snap.segments
+    if len(segments) == 1:
+        seg = segments[0]
+        one = seg.plans["take"] if "take" in seg.plans else take_plan(seg)
+        if one is None:
+            return None
+        try:
+            return {name: take(rows) for name, take in one}
+        except IndexError:
+            return None  # the general path says which row
+    if "across" not in snap.plans:
+        snap.plans["across"] = _across_plan(snap)
+    plan = snap.plans["across"]
+    if plan is None or not len(rows) or rows.min() < 0 or rows.max() >= snap.rows:
+        return None
+    out: dict[str, torch.Tensor] = {}
+    for name, f, maps in plan:
+
+        def array(s: int, name: str = name, f: Field = f, maps: list[np.ndarray | None] = maps) -> np.ndarray:
+            a = maps[s]
+            if a is None:
+                a = segments[s].fixed(name)
+                if not _mapped(a, f):
+                    raise _NotMapped
+                maps[s] = a
+            return a
+
+        result = np.empty((len(rows), *f.inner_shape), f.spec.numpy)
+        try:
+            take_across(snap.starts, array, rows, result)
+        except _NotMapped:
+            snap.plans["across"] = None
+            return None
+        t = _from_numpy(result)
+        out[name] = t.view(torch.bfloat16) if f.dtype == "bfloat16" else t
+    return out
+
+
+class _NotMapped(Exception):
+    """A segment's array is not a map of its dtype (read through zarr-python, say): the general gather runs."""
