@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
@@ -39,6 +40,7 @@ from actstore.format.manifest import Field
 from actstore.format.quantize import dequantize
 
 __all__ = [
+    "NotMapped",
     "Row",
     "Rows",
     "alloc",
@@ -49,6 +51,7 @@ __all__ = [
     "gather_ragged",
     "row_view",
     "split_by_segment",
+    "take_across",
     "take_rows",
 ]
 
@@ -232,33 +235,79 @@ def take_rows(snap: Rows, source: Callable[[Any], Any], rows: np.ndarray, out: n
 
 def _take_sorted(snap: Rows, source: Callable[[Any], Any], rows: np.ndarray, tgt: np.ndarray,
                  outpos: np.ndarray | None) -> bool:
-    """A batch across segments in one pass: rows grouped by segment (one stable sort), each group taken
-    straight into its slice of one buffer, then one scatter into ``tgt``.  False (nothing written) when a
-    segment's array is not a same-dtype map (compressed, or a cast): the caller's general path runs."""
-    starts = snap.starts
-    seg = np.searchsorted(starts, rows, side="right") - 1
-    lo, hi = int(seg.min()), int(seg.max())
-    if lo == hi:
-        return False  # one segment: the direct path writes into ``tgt`` without a buffer
-    srcs = [source(snap.segments[s]) for s in range(lo, hi + 1)]
-    if any(not isinstance(a, np.ndarray) or a.dtype != tgt.dtype for a in srcs):
+    """A batch across segments in one pass (:func:`take_across`) into ``tgt`` (at ``outpos``: None for in order).
+    False (nothing written) when a segment's array is not a same-dtype map (compressed, or a cast): the caller's
+    general path runs."""
+    seen: dict[int, np.ndarray] = {}
+
+    def array(s: int) -> np.ndarray:
+        a = seen.get(s)
+        if a is None:
+            a = source(snap.segments[s])
+            if not isinstance(a, np.ndarray) or a.dtype != tgt.dtype:
+                raise NotMapped
+            seen[s] = a
+        return a
+
+    dest = tgt if outpos is None else np.empty((len(rows), *tgt.shape[1:]), tgt.dtype)
+    try:
+        take_across(snap.starts, array, rows, dest)
+    except NotMapped:
         return False
-    order = np.argsort(seg, kind="stable")
-    local = rows[order] - starts[seg[order]]
-    ends = np.cumsum(np.bincount(seg - lo, minlength=hi - lo + 1)).tolist()
-    buf = np.empty((len(rows), *tgt.shape[1:]), tgt.dtype)
-    begin = 0
-    for src, end in zip(srcs, ends, strict=True):
-        if end > begin:  # rows were range-checked: 'wrap' skips the bounds check
-            np.take(src, local[begin:end], axis=0, out=buf[begin:end], mode="wrap")
-        begin = end
-    if outpos is None:  # the inverse permutation, then a take: faster than a scatter by fancy assignment
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        np.take(buf, inverse, axis=0, out=tgt, mode="wrap")
-    else:
-        tgt[outpos[order]] = buf
+    if outpos is not None:
+        tgt[outpos] = dest
     return True
+
+
+# -- the one gather across segments -------------------------------------------------------------------
+
+#: A reused bounce buffer per thread for gathers across segments of up to this many bytes (larger: a new one).
+_SCRATCH_BYTES = 8 << 20
+_scratch = threading.local()
+
+
+def _buffer(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes > _SCRATCH_BYTES:
+        return np.empty(shape, dtype)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _scratch.buf = np.empty(max(nbytes, 256 << 10), np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def take_across(starts: np.ndarray, maps: Callable[[int], np.ndarray], rows: np.ndarray, out: np.ndarray) -> None:
+    """Rows (checked global rows, in ``[0, total)``) of arrays spread over segments into ``out``, in batch order.
+
+    ``maps(s)`` is segment ``s``'s array (a same-dtype map), asked for only for
+    the segments the batch touches.  One stable sort of the rows by segment, one
+    ``take`` per touched segment into its slice of a reused bounce buffer, and
+    one ``take`` back into batch order: memory sees the rows read once and the
+    (cache-sized) buffer once more; Python runs once per touched segment.
+    """
+    seg = starts.searchsorted(rows, "right") - 1
+    counts = np.bincount(seg, minlength=len(starts) - 1)
+    touched = np.flatnonzero(counts).tolist()
+    if len(touched) == 1:
+        s = touched[0]
+        maps(s).take(rows - starts[s], 0, out, "wrap")  # rows were range-checked: 'wrap' skips the check
+        return
+    order = (seg.astype(np.int16) if len(starts) <= 1 << 15 else seg).argsort(kind="stable")  # (a radix sort)
+    local = rows[order] - starts[seg[order]]
+    buf = _buffer(out.shape, out.dtype)
+    begin = 0
+    for s, n in zip(touched, counts[touched].tolist(), strict=True):
+        maps(s).take(local[begin : begin + n], 0, buf[begin : begin + n], "wrap")
+        begin += n
+    inverse = np.empty_like(order)  # the inverse permutation, then a take: faster than a scatter
+    inverse[order] = np.arange(len(order))
+    buf.take(inverse, 0, out, "wrap")
+
+
+
+class NotMapped(Exception):
+    """A segment's array is not a map of the wanted dtype (compressed, read through zarr-python, a cast): the
+    general path runs."""
 
 
 # -- fields ---------------------------------------------------------------------------------------

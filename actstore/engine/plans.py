@@ -13,7 +13,7 @@ this way) and keeps, for each field, a small function of the local row(s):
 - :func:`fast_gather` — ``store.gather(rows)`` of every field through them: one
   ``np.take`` per field for a one-segment store, and for a store of many
   segments one pass per field over the segments the batch touches
-  (:func:`take_across`).
+  (:func:`~actstore.engine.gather.take_across`).
 
 Only a *plain* field (:func:`plain`: raw values of its own dtype, no
 compression and no other attribute) whose array is a memory map of that dtype
@@ -27,17 +27,16 @@ or marked by any attribute a later version adds) keeps the general path
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from actstore.engine.gather import Row, Segment, row_view
+from actstore.engine.gather import NotMapped, Row, Segment, row_view, take_across
 from actstore.format.manifest import Field
 
-__all__ = ["ROW_ALL", "RowPlan", "TakePlan", "fast_gather", "make_row", "plain", "row_plan", "take_across", "take_plan"]
+__all__ = ["ROW_ALL", "RowPlan", "TakePlan", "fast_gather", "make_row", "plain", "row_plan", "take_plan"]
 
 #: The key of a segment's row plan of every field in ``seg.plans`` (``seg.plans.get(ROW_ALL) or row_plan(seg)``).
 ROW_ALL = ("row", None)
@@ -137,49 +136,7 @@ def _take_plan(seg: Any) -> TakePlan | None:
     return tuple(takers) or None
 
 
-# -- a gather across segments -------------------------------------------------------------------
-
-#: A reused bounce buffer per thread for gathers across segments of up to this many bytes (larger: a new one).
-_SCRATCH_BYTES = 8 << 20
-_scratch = threading.local()
-
-
-def _buffer(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if nbytes > _SCRATCH_BYTES:
-        return np.empty(shape, dtype)
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or len(buf) < nbytes:
-        buf = _scratch.buf = np.empty(max(nbytes, 256 << 10), np.uint8)
-    return buf[:nbytes].view(dtype).reshape(shape)
-
-
-def take_across(starts: np.ndarray, maps: Callable[[int], np.ndarray], rows: np.ndarray, out: np.ndarray) -> None:
-    """Rows (checked global rows, in ``[0, total)``) of arrays spread over segments into ``out``, in batch order.
-
-    ``maps(s)`` is segment ``s``'s array (a same-dtype map), asked for only for
-    the segments the batch touches.  One stable sort of the rows by segment, one
-    ``take`` per touched segment into its slice of a reused bounce buffer, and
-    one ``take`` back into batch order: memory sees the rows read once and the
-    (cache-sized) buffer once more; Python runs once per touched segment.
-    """
-    seg = starts.searchsorted(rows, "right") - 1
-    counts = np.bincount(seg, minlength=len(starts) - 1)
-    touched = np.flatnonzero(counts).tolist()
-    if len(touched) == 1:
-        s = touched[0]
-        maps(s).take(rows - starts[s], 0, out, "wrap")  # rows were range-checked: 'wrap' skips the check
-        return
-    order = (seg.astype(np.int16) if len(starts) <= 1 << 15 else seg).argsort(kind="stable")  # (a radix sort)
-    local = rows[order] - starts[seg[order]]
-    buf = _buffer(out.shape, out.dtype)
-    begin = 0
-    for s, n in zip(touched, counts[touched].tolist(), strict=True):
-        maps(s).take(local[begin : begin + n], 0, buf[begin : begin + n], "wrap")
-        begin += n
-    inverse = np.empty_like(order)  # the inverse permutation, then a take: faster than a scatter
-    inverse[order] = np.arange(len(order))
-    buf.take(inverse, 0, out, "wrap")
+# -- a gather across segments (engine.gather.take_across) ----------------------------------------
 
 
 def _across_plan(snap: Any) -> tuple[tuple[str, Field, list[np.ndarray | None]], ...] | None:
@@ -217,20 +174,16 @@ def fast_gather(snap: Any, rows: Any) -> dict[str, torch.Tensor] | None:
             if a is None:
                 a = segments[s].fixed(name)
                 if not _mapped(a, f):
-                    raise _NotMapped
+                    raise NotMapped
                 maps[s] = a
             return a
 
         result = np.empty((len(rows), *f.inner_shape), f.spec.numpy)
         try:
             take_across(snap.starts, array, rows, result)
-        except _NotMapped:
+        except NotMapped:
             snap.plans["across"] = None
             return None
         t = _from_numpy(result)
         out[name] = t.view(torch.bfloat16) if f.dtype == "bfloat16" else t
     return out
-
-
-class _NotMapped(Exception):
-    """A segment's array is not a map of its dtype (read through zarr-python, say): the general gather runs."""
