@@ -20,7 +20,7 @@ from actstore.engine.commit import Head, ids
 from actstore.engine.gather import check_float_dtype, gather_fixed, gather_padded, gather_ragged
 from actstore.engine.info import describe_store
 from actstore.engine.opening import check_new, create_new, open_parts, read_head
-from actstore.engine.plans import ROW_ALL, fast_gather, make_row, row_plan
+from actstore.engine.plans import ROW_ALL, fast_gather, make_row, row_getter, row_plan
 from actstore.engine.prefetch import forget_on_evict, prefetch
 from actstore.engine.ragged import PaddedBatch, RaggedBatch
 from actstore.engine.reader import ReadCheck, SegmentReader, Snapshot, map_object_array, normalize_keys
@@ -359,6 +359,11 @@ class ActivationStore(WriterRole):
                 raise TypeError(f"row: expected an int, got {type(row).__name__}; use gather() for many rows")
             row = int(row)
         snap = self._snap
+        get = snap.plans.get("getitem", False)
+        if get is False:
+            get = snap.plans["getitem"] = row_getter(snap)
+        if get is not None:
+            return get(row)  # type: ignore[no-any-return]
         seg, local = snap.locate(row)
         return make_row(seg.plans.get(ROW_ALL) or row_plan(seg), local, snap.aliases)
 

@@ -194,3 +194,30 @@ def test_gather_across_segments_with_a_ragged_field_is_the_general_path(store: a
     got = store.gather(rows)
     assert store.snapshot.plans.get("across", None) is None
     assert isinstance(got["t"], RaggedBatch) and same(got["x"], torch.stack([store[r]["x"] for r in rows.tolist()]))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fields", [{"h": Field((4,), "float16")}, {"h": Field((4,), "float16"), "y": Field((), "int64")},
+                                    {"h": Field((4,), "bfloat16")}, {"h": Field((4,), "float16", quantize="int8")}])
+def test_one_segment_row_getter_is_store_getitem(tmp_path: Path, fields: dict[str, Field]) -> None:
+    """``store[i]`` of a one-segment store (one closure per snapshot): the general rows, negative rows, the errors."""
+    rng = np.random.default_rng(0)
+    vals = {n: rng.standard_normal((5, *f.shape)).astype(np.float32) if f.shape else np.arange(5) for n, f in fields.items()}
+    with actstore.create(tmp_path / "s", fields) as s:
+        s.append(keys(5), vals)
+        s.commit()
+    s = actstore.open(tmp_path / "s")
+    seg = s.snapshot.segments[0]
+    for i in range(-5, 5):
+        got = s[i]
+        assert isinstance(got, Row) and list(got) == list(fields)
+        for n, f in fields.items():
+            assert torch.equal(got[n], row_view(seg, i % 5, n, f))
+    with pytest.raises(IndexError, match="row 5 is out of range for a store of 5 rows"):
+        s[5]
+    with pytest.raises(IndexError, match="row -6 is out of range"):
+        s[-6]
+    with pytest.raises(KeyError, match="its fields are"):
+        s[0]["nope"]
+    s.snapshot.forget(seg.info.id, list(fields))  # plans (the getter too) are dropped with the maps
+    assert "getitem" not in s.snapshot.plans
+    assert torch.equal(s[1]["h"], row_view(seg, 1, "h", fields["h"]))

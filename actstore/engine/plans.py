@@ -36,7 +36,7 @@ import torch
 from actstore.engine.gather import NotMapped, Row, Segment, row_view, take_across
 from actstore.format.manifest import Field
 
-__all__ = ["ROW_ALL", "RowPlan", "TakePlan", "fast_gather", "make_row", "plain", "row_plan", "take_plan"]
+__all__ = ["ROW_ALL", "RowPlan", "TakePlan", "fast_gather", "make_row", "plain", "row_getter", "row_plan", "take_plan"]
 
 #: The key of a segment's row plan of every field in ``seg.plans`` (``seg.plans.get(ROW_ALL) or row_plan(seg)``).
 ROW_ALL = ("row", None)
@@ -103,6 +103,48 @@ def make_row(plan: RowPlan, local: int, aliases: Mapping[str, str]) -> Row:
     for name, read in plan:
         row[name] = read(local)
     return row
+
+
+def row_getter(snap: Any) -> Callable[[int], Row] | None:
+    """``store[i]`` of a one-segment store as one closure (its row plan, bounds and aliases bound in), or None.
+
+    Kept in ``snap.plans`` (dropped with the maps, as every plan is); the caller
+    passes a Python int.  A store of several segments takes :meth:`Snapshot.locate`.
+    """
+    if len(snap.segments) != 1:
+        return None
+    seg = snap.segments[0]
+    plan, n, aliases = row_plan(seg), snap.rows, snap.aliases
+    if len(plan) == 1:  # one plain fixed field of rows with a shape: the map's row bound in, no call in between
+        name = plan[0][0]
+        f: Field = seg.fields[name]
+        arr = seg.fixed(name) if plain(f) and not f.ragged and f.dtype != "bfloat16" and f.inner_shape else None
+        if arr is not None and _mapped(arr, f):
+
+            def get_one(row: int) -> Row:
+                if row < 0:
+                    row += n
+                if not 0 <= row < n:
+                    raise IndexError(f"row {row - n if row < 0 else row} is out of range for a store of {n} rows")
+                out = _new_dict(Row)
+                out.aliases = aliases
+                out[name] = _from_numpy(arr[row])
+                return out
+
+            return get_one
+
+    def get(row: int) -> Row:
+        if row < 0:
+            row += n
+        if not 0 <= row < n:
+            raise IndexError(f"row {row - n if row < 0 else row} is out of range for a store of {n} rows")
+        out = _new_dict(Row)
+        out.aliases = aliases
+        for name, read in plan:
+            out[name] = read(row)
+        return out
+
+    return get
 
 
 def _taker(arr: np.ndarray, field: Field) -> Callable[[np.ndarray], torch.Tensor]:
