@@ -528,3 +528,14 @@ def test_items_encode_and_decode_mirror_each_other() -> None:
     assert field_of(torch.zeros(5, 3, dtype=torch.float64), ragged=True) == actstore.Field((None, 3), "float32")
     with pytest.raises(TypeError, match="cannot store an array of uint32"):
         encode_side("c", np.zeros(2, np.uint32))
+
+
+def test_precompute_compacts_at_the_end_unless_told_not_to(tmp_path: Any) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    data = [(torch.randn(4, generator=torch.Generator().manual_seed(i)), i % 3) for i in range(300)]
+    kw: dict[str, Any] = dict(layers="1", progress=False, commit_every_rows=50, batch_size=25)
+    a = actstore.precompute(model, data, tmp_path / "a", **kw)
+    b = actstore.precompute(model, data, tmp_path / "b", compact=False, **kw)
+    assert len(a.manifest.segments) == 1 and len(b.manifest.segments) > 1  # (six commits of 50 rows)
+    assert torch.equal(a.gather(a.view("dataset"))["1"], b.gather(b.view("dataset"))["1"])  # type: ignore[arg-type]
+    assert a.verify().ok and list(a.view("dataset")) == list(b.view("dataset"))

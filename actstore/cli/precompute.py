@@ -33,7 +33,8 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             collate_fn=collate, store_dtype=args.dtype, compression=args.compression, quantize=args.quantize,
             num_workers=args.workers, progress=not args.quiet,
             input=input_sel, autocast=args.autocast, commit_every_rows=args.commit_every_rows,
-            commit_every_seconds=args.commit_every_seconds, overwrite=args.overwrite)
+            commit_every_seconds=args.commit_every_seconds, overwrite=args.overwrite,
+            compact=not args.no_compact)
     except (ValueError, TypeError) as e:
         if isinstance(e, StoreError):
             raise  # main() reports store errors
@@ -55,6 +56,8 @@ def _precompute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(STORE_DTYPES), help="dtype on disk (default: the output's)")
     p.add_argument("--compression", choices=["zstd"], help="compress activations on disk (default: raw, zero-copy reads)")
+    p.add_argument("--no-compact", action="store_true",
+                   help="leave the segments of the run's commits as they are (default: merge them into one at the end)")
     p.add_argument("--quantize", choices=["int8", "float8_e4m3"],
                    help="store floating activations as codes plus a float32 scale per row/token (about half of "
                         "float16's disk; reads dequantise, see docs/FORMAT.md 4.1)")

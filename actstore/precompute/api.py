@@ -79,6 +79,7 @@ def precompute(
     commit_every_seconds: float | None = 60.0,
     max_in_flight: int = 4,
     overwrite: bool = False,
+    compact: bool = True,
 ) -> ActivationStore:
     """Compute the outputs of ``layers`` of a frozen ``model`` for every sample of ``dataset`` into a store.
 
@@ -153,6 +154,14 @@ def precompute(
         Replace a store at ``path`` that cannot be resumed (another model, other
         layers, dtype or item structure).  A matching store is always resumed;
         only a directory that is an actstore store is ever deleted.
+    compact
+        After the last commit, merge the store's segments into one
+        (:meth:`~actstore.ActivationStore.compact`): one more sequential copy of
+        the rows (and free space for it), after which every read costs one
+        segment's (a run of many commits otherwise leaves a few segments per size
+        tier of :class:`~actstore.TieredMerge`, and a gather across ``k``
+        segments pays per segment).  ``False`` for stores too large to copy once
+        more.
 
     Returns
     -------
@@ -212,7 +221,8 @@ def precompute(
         autocast=_autocast_dtype(autocast, dev),
         commit_every_rows=_positive("commit_every_rows", commit_every_rows, True),
         commit_every_seconds=_positive("commit_every_seconds", commit_every_seconds, True, float),
-        max_in_flight=_positive("max_in_flight", max_in_flight), overwrite=bool(overwrite))
+        max_in_flight=_positive("max_in_flight", max_in_flight), overwrite=bool(overwrite),
+        compact=bool(compact))
     root = os.fspath(path)
     if is_url(root):
         raise ValueError(f"path: precompute writes a local (or shared-filesystem) store, got the URL {root!r}; "

@@ -68,7 +68,7 @@ class Run:
                  quantize: str | None, progress: bool, selector: Selector,
                  side_fields: dict[str, Field | None], lengths_fn: Any, autocast: torch.dtype | None,
                  commit_every_rows: int | None, commit_every_seconds: float | None, max_in_flight: int,
-                 overwrite: bool) -> None:
+                 overwrite: bool, compact: bool = True) -> None:
         self.model, self.dataset, self.root = model, dataset, root
         self.layers, self.batch_size, self.device = layers, batch_size, device
         self.fields = {layer: (field_names or {}).get(layer) or field_name(layer) for layer in layers}
@@ -77,7 +77,7 @@ class Run:
         self.collate_fn = collate_fn or default_collate
         self.key_fn = None if key_fn is content_key else key_fn
         self.lengths_fn, self.store_dtype, self.compression = lengths_fn, store_dtype, compression
-        self.quantize = quantize
+        self.quantize, self.compact = quantize, compact
         self.num_workers, self.progress, self.selector = num_workers, progress, selector
         self.side_overrides, self.autocast, self.overwrite = side_fields, autocast, overwrite
         self.commit_every_rows, self.commit_every_seconds = commit_every_rows, commit_every_seconds
@@ -520,6 +520,10 @@ class Run:
                         log.warning("precompute: the writer thread failed too: %r", err)
             if failure is None:
                 self._record_view()  # one commit: the last rows and the view
+                if self.compact and self.store is not None and len(self.store.manifest.segments) > 1:
+                    t0 = time.perf_counter()
+                    report = self.store.compact()
+                    log.info("precompute: %s in %.1f s", report, time.perf_counter() - t0)
         finally:
             if self.store is not None:
                 with contextlib.suppress(Exception):
