@@ -121,7 +121,7 @@ def row_getter(snap: Any) -> Callable[[int], Row] | None:
         arr = seg.fixed(name) if plain(f) and not f.ragged and f.dtype != "bfloat16" and f.inner_shape else None
         if arr is not None and _mapped(arr, f):
 
-            def get_one(row: int) -> Row:
+            def get_one(row: int) -> Row:  # (checked_row and make_row inlined: this is store[i]'s whole cost)
                 if row < 0:
                     row += n
                 if not 0 <= row < n:
@@ -134,17 +134,17 @@ def row_getter(snap: Any) -> Callable[[int], Row] | None:
             return get_one
 
     def get(row: int) -> Row:
-        if row < 0:
-            row += n
-        if not 0 <= row < n:
-            raise IndexError(f"row {row - n if row < 0 else row} is out of range for a store of {n} rows")
-        out = _new_dict(Row)
-        out.aliases = aliases
-        for name, read in plan:
-            out[name] = read(row)
-        return out
+        return make_row(plan, checked_row(row, n), aliases)
 
     return get
+
+
+def checked_row(row: int, n: int) -> int:
+    """``row`` of a store of ``n`` rows as a non-negative row (negative rows count from the end), or IndexError."""
+    local = row + n if row < 0 else row
+    if not 0 <= local < n:
+        raise IndexError(f"row {row} is out of range for a store of {n} rows")
+    return local
 
 
 def _taker(arr: np.ndarray, field: Field) -> Callable[[np.ndarray], torch.Tensor]:
