@@ -122,11 +122,10 @@ def _copy_segment(seg: SegmentReader, out: SegmentWriter, fields: Any) -> int:
     :data:`COPY_BYTES`, compressed fields decoded and encoded again.
     """
     rows = seg.info.rows
-    row_bytes = 32 + sum(f.spec.numpy.itemsize * int(np.prod(f.inner_shape, dtype=np.int64)) for f in fields.values())
+    row_bytes = 32 + sum(f.row_bytes for f in fields.values())  # (stored bytes: a quantised field's codes)
     ragged = {n: seg.ragged(n) for n, f in fields.items() if f.ragged}
     if ragged:  # a block also holds each row's values: size blocks by the average row
-        row_bytes += sum(int(fields[n].spec.numpy.itemsize * np.prod(fields[n].inner_shape, dtype=np.int64) *
-                             (int(o[-1]) / max(rows, 1))) for n, (_, o) in ragged.items())
+        row_bytes += sum(int(fields[n].row_bytes * (int(o[-1]) / max(rows, 1))) for n, (_, o) in ragged.items())
     keys = seg.keys()
     before = out.rows
     whole = all(plain(f) for f in fields.values())

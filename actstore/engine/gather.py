@@ -304,7 +304,6 @@ def take_across(starts: np.ndarray, maps: Callable[[int], np.ndarray], rows: np.
     buf.take(inverse, 0, out, "wrap")
 
 
-
 class NotMapped(Exception):
     """A segment's array is not a map of the wanted dtype (compressed, read through zarr-python, a cast): the
     general path runs."""
@@ -405,10 +404,8 @@ def gather_padded(
     pad = tgt if tgt is not None else out
     sources: dict[int, Any] = {}
     for i, (s, a, ln) in enumerate(zip(seg_of.tolist(), starts.tolist(), lengths.tolist(), strict=True)):
-        if quantized:
-            if s < 0:
-                out[i, :ln].copy_(extra[i])  # type: ignore[index]
-            continue
+        if quantized and s >= 0:
+            continue  # (dequantised above)
         if s < 0:
             out[i, :ln].copy_(extra[i])  # type: ignore[index]
         else:
