@@ -539,3 +539,17 @@ def test_precompute_compacts_at_the_end_unless_told_not_to(tmp_path: Any) -> Non
     assert len(a.manifest.segments) == 1 and len(b.manifest.segments) > 1  # (six commits of 50 rows)
     assert torch.equal(a.gather(a.view("dataset"))["1"], b.gather(b.view("dataset"))["1"])  # type: ignore[arg-type]
     assert a.verify().ok and list(a.view("dataset")) == list(b.view("dataset"))
+
+
+def test_precompute_keeps_its_rows_when_the_final_merge_fails(tmp_path: Any, monkeypatch: Any) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    data = [(torch.randn(4, generator=torch.Generator().manual_seed(i)), i % 3) for i in range(120)]
+
+    def no_space(self: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(actstore.ActivationStore, "compact", no_space)
+    with pytest.warns(RuntimeWarning, match="merging its .* segments failed .*No space left"):
+        s = actstore.precompute(model, data, tmp_path / "s", layers="1", progress=False, commit_every_rows=40,
+                                batch_size=20)
+    assert len(s) == 120 and len(s.manifest.segments) > 1 and s.verify().ok

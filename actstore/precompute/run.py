@@ -521,15 +521,26 @@ class Run:
             if failure is None:
                 self._record_view()  # one commit: the last rows and the view
                 if self.compact and self.store is not None and len(self.store.manifest.segments) > 1:
-                    t0 = time.perf_counter()
-                    report = self.store.compact()
-                    log.info("precompute: %s in %.1f s", report, time.perf_counter() - t0)
+                    self._compact()
         finally:
             if self.store is not None:
                 with contextlib.suppress(Exception):
                     self.store.close()
             if self.reader is not None:
                 self.reader.close()
+
+    def _compact(self) -> None:
+        """Merge the run's segments into one; a failure (no space for the copy, say) keeps every committed row."""
+        assert self.store is not None
+        t0 = time.perf_counter()
+        try:
+            report = self.store.compact()
+        except (OSError, StoreError) as e:
+            warnings.warn(f"{self.root}: precompute finished, but merging its {len(self.store.manifest.segments)} "
+                          f"segments failed ({e}); every row is committed, reads span the segments until "
+                          "store.compact() or `actstore compact` succeeds", RuntimeWarning, stacklevel=4)
+            return
+        log.info("precompute: %s in %.1f s", report, time.perf_counter() - t0)
 
     def _record_view(self) -> None:
         if self.store is None:  # an empty dataset and no store: shapes are unknown, so fields are placeholders
