@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 import actstore
 from actstore import DatasetMismatchError, Field, MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
-from actstore.hashing import fingerprint, key
+from actstore.format.keys import fingerprint, key
 from actstore.training.collate import ActivationCollate, PaddedBatch, collate
 from actstore.training.encoder import RecycledEncoder, output_rows
 from actstore.training.recycled import CachedDataset

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from actstore.hashing import fingerprint
+from actstore.format.keys import fingerprint
 from actstore.models.blocks import Frozen
 from actstore.models.capture import FINAL_OUTPUT, canonical_name
 from actstore.models.split import _plan, split

@@ -45,7 +45,9 @@ from torch import nn
 
 from actstore.environment import environment
 from actstore.errors import CorruptStoreError
-from actstore.format.manifest import PARTS_DIR, Field, check_name
+from actstore.format.documents import check_name
+from actstore.format.fields import Field
+from actstore.format.layout import PARTS_DIR
 from actstore.models.capture import resolve_layers
 from actstore.precompute.distributed import precompute_run
 from actstore.precompute.items import Selector

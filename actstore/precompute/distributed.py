@@ -62,7 +62,8 @@ import torch
 
 from actstore.environment import environment
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError, StoreLockedError
-from actstore.format.manifest import PARTS_DIR, Manifest
+from actstore.format.layout import PARTS_DIR
+from actstore.format.manifest import Manifest
 from actstore.storage.objects import is_url
 from actstore.store import clone_store
 

@@ -30,9 +30,11 @@ from torch import nn
 
 from actstore.engine.validate import field_of
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError
-from actstore.format.manifest import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR, Field, dtype_name
+from actstore.format.dtypes import dtype_name
+from actstore.format.fields import Field
+from actstore.format.keys import key as content_key
+from actstore.format.layout import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR
 from actstore.format.record import RECORD_ATTR, ItemRecord, LayerRecord, PrecomputeRecord, read_record
-from actstore.hashing import key as content_key
 from actstore.models.capture import LayerCapture, train_mode_matters
 from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
 from actstore.models.split import check_padding

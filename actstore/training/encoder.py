@@ -24,8 +24,9 @@ from actstore.engine.gather import row_view
 from actstore.engine.ragged import PaddedBatch, RaggedBatch
 from actstore.engine.reader import normalize_keys
 from actstore.errors import MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
-from actstore.format.manifest import Field, dtype_name
-from actstore.hashing import key as content_key
+from actstore.format.dtypes import dtype_name
+from actstore.format.fields import Field
+from actstore.format.keys import key as content_key
 from actstore.models.blocks import Frozen
 from actstore.models.capture import train_mode_matters
 from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from actstore.errors import StaleStoreError
-from actstore.format.manifest import Field
+from actstore.format.fields import Field
 from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
 from actstore.store import ActivationStore, create
 from actstore.training.collate import ActivationCollate, PaddedBatch

@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 
 from actstore.engine.gather import row_view
 from actstore.errors import DatasetMismatchError, MissingRowsError
-from actstore.hashing import key as content_key
+from actstore.format.keys import DEFAULT_KEY_NAMES
+from actstore.format.keys import key as content_key
 from actstore.precompute.items import ItemLayout, decode_item, decode_side, item_part
 from actstore.store import ActivationStore
 from actstore.training.collate import ActivationCollate, RowBatch
@@ -129,7 +130,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         self.side = dict(cfg.side or {}) if side is None else dict(side)
         layer_default = [n for n in (cfg.layers or store.fields) if n not in set(self.side.values())]
         self.fields = _check_fields(store, layer_default if fields is None else fields)
-        if key_fn is None and cfg.key_fn not in (None, "actstore.key", "actstore.hashing.key", "actstore.keys.key"):
+        if key_fn is None and cfg.key_fn not in DEFAULT_KEY_NAMES:
             raise ValueError(f"CachedDataset({store.path}): precompute keyed the inputs with {cfg.key_fn}; "
                              "pass the same function as key_fn=")
         self.key_fn = key_fn or content_key
