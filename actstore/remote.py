@@ -37,8 +37,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from actstore.engine.opening import check_new
-from actstore.engine.prefetch import Prefetch
+from actstore.engine.lifecycle.opening import check_new
+from actstore.engine.read.prefetch import Prefetch
 from actstore.format.manifest import Field
 from actstore.storage.backends import backend_for
 from actstore.storage.lease import DEFAULT_LEASE_SECONDS

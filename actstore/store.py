@@ -17,17 +17,18 @@ import numpy as np
 import torch
 
 from actstore.engine.commit import Head, ids
-from actstore.engine.gather import check_float_dtype, gather_fixed, gather_padded, gather_ragged
-from actstore.engine.info import describe_store
-from actstore.engine.opening import check_new, create_new, open_parts, read_head
-from actstore.engine.plans import ROW_ALL, fast_gather, make_row, row_getter, row_plan
-from actstore.engine.prefetch import forget_on_evict, prefetch
-from actstore.engine.ragged import PaddedBatch, RaggedBatch
-from actstore.engine.reader import ReadCheck, SegmentReader, Snapshot, map_object_array, normalize_keys
-from actstore.engine.storeops import clone_store, delete_store
-from actstore.engine.verify import VerifyReport, verify_snapshot
-from actstore.engine.writing import WriterRole, describe_fields
-from actstore.engine.zarrread import ZarrSegmentReader
+from actstore.engine.lifecycle.info import describe_store
+from actstore.engine.lifecycle.opening import check_new, create_new, open_parts, read_head
+from actstore.engine.lifecycle.storeops import clone_store, delete_store
+from actstore.engine.lifecycle.verify import VerifyReport, verify_snapshot
+from actstore.engine.read.gather import check_float_dtype, gather_fixed, gather_padded, gather_ragged
+from actstore.engine.read.maps import ReadCheck, map_object_array
+from actstore.engine.read.plans import ROW_ALL, fast_gather, make_row, row_getter, row_plan
+from actstore.engine.read.prefetch import forget_on_evict, prefetch
+from actstore.engine.read.ragged import PaddedBatch, RaggedBatch
+from actstore.engine.read.snapshot import SegmentReader, Snapshot, normalize_keys
+from actstore.engine.read.zarrread import ZarrSegmentReader
+from actstore.engine.write.writer import WriterRole, describe_fields
 from actstore.errors import CorruptStoreError, StoreError, StoreExistsError, StoreNotFoundError
 from actstore.format.manifest import VIEWS_DIR, Field, Manifest, parse_manifest
 from actstore.storage.backends import backend_for, backend_from_state, fspath
@@ -204,7 +205,7 @@ class ActivationStore(WriterRole):
 
     Reads return ``torch.Tensor`` views of private copy-on-write memory maps:
     no copy is made, PyTorch sees a writable tensor, and writes to it never
-    reach the file (see :func:`actstore.engine.reader.map_rows` for the lifetime rules).
+    reach the file (see :func:`actstore.engine.read.snapshot.map_rows` for the lifetime rules).
     The same class serves stores on object storage: their files are mapped from
     the local chunk cache (``path``; ``url`` is the remote store), and
     :meth:`prefetch` warms that cache.
@@ -264,7 +265,7 @@ class ActivationStore(WriterRole):
         """The committed snapshot this handle reads: for the read path's own layers (gathers, samplers).
 
         Internal but public: :mod:`actstore.training` and :mod:`actstore.precompute`
-        read rows through it with :mod:`actstore.engine.gather`.  It changes on
+        read rows through it with :mod:`actstore.engine.read.gather`.  It changes on
         :meth:`refresh` and :meth:`commit`; hold the store, not the snapshot.
         """
         self._check_open()
@@ -388,7 +389,7 @@ class ActivationStore(WriterRole):
         a padded batch with its mask, see :meth:`gather_padded`.
         """
         if fields is None and dtype is None and not self._closed:
-            fast = fast_gather(self._snap, rows)  # plain fixed fields: straight from the maps (engine/plans.py)
+            fast = fast_gather(self._snap, rows)  # plain fixed fields: straight from the maps (engine/read/plans.py)
             if fast is not None:
                 return fast  # type: ignore[return-value]
         self._check_open()
@@ -457,7 +458,7 @@ class ActivationStore(WriterRole):
         CorruptStoreError
             Naming each damaged or missing file.
 
-        Returns the :class:`~actstore.engine.verify.VerifyReport` when the store is sound.
+        Returns the :class:`~actstore.engine.lifecycle.verify.VerifyReport` when the store is sound.
         """
         self._check_open()
         return verify_snapshot(self._backend, self.manifest, progress=progress)
@@ -474,7 +475,7 @@ class ActivationStore(WriterRole):
         epoch's sampler order to warm the cache ahead of training).  With
         ``cache_bytes`` set, prefetching stops once it has queued 80% of it, so
         that it does not evict what it fetched.  ``rows=None``: the whole store.
-        Returns a :class:`~actstore.engine.prefetch.Prefetch` (``wait()``,
+        Returns a :class:`~actstore.engine.read.prefetch.Prefetch` (``wait()``,
         ``done()``, ``cancel()``); for a local store it has nothing to do.
         """
         self._check_open()

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import actstore
-import actstore.engine.compaction as compaction_mod
-import actstore.engine.segments as segments_mod
+import actstore.engine.lifecycle.compaction as compaction_mod
+import actstore.engine.write.segments as segments_mod
 import actstore.storage.files as files_mod
 from actstore import Field, StoreLockedError, TieredMerge
 from actstore.cli import main as cli_main
-from actstore.engine.reader import map_range, map_rows
+from actstore.engine.read.maps import map_range, map_rows
 from actstore.errors import CorruptStoreError
 from actstore.training.recycled import CachedDataset
 from tests import data_helpers as h

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from actstore.engine.gather import row_view
-from actstore.engine.ragged import PaddedBatch, RaggedBatch
-from actstore.engine.reader import normalize_keys
+from actstore.engine.read.gather import row_view
+from actstore.engine.read.ragged import PaddedBatch, RaggedBatch
+from actstore.engine.read.snapshot import normalize_keys
 from actstore.errors import MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
 from actstore.format.manifest import Field, dtype_name
 from actstore.hashing import key as content_key

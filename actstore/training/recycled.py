@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from actstore.engine.gather import row_view
+from actstore.engine.read.gather import row_view
 from actstore.errors import DatasetMismatchError, MissingRowsError
 from actstore.hashing import key as content_key
 from actstore.precompute.items import ItemLayout, decode_item, decode_side, item_part

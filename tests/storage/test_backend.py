@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from actstore.engine.segments import write_object
+from actstore.engine.write.segments import write_object
 from actstore.errors import StoreExistsError, StoreLockedError
 from actstore.format.manifest import INDEXES_DIR, VIEWS_DIR, Field, IndexRunInfo, Manifest, root_document
 from actstore.storage.base import Backend, objects_of, remove_unreferenced

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from actstore.engine.reader import Snapshot, key_prefixes, map_object_array
+from actstore.engine.read.maps import map_object_array
+from actstore.engine.read.snapshot import Snapshot, key_prefixes
 from actstore.errors import CorruptStoreError, StoreError
 from actstore.format.layout import field_arrays
 from actstore.format.manifest import (

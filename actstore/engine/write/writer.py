@@ -2,7 +2,7 @@
 
 :class:`WriterRole` is mixed into :class:`~actstore.store.ActivationStore`; it
 keeps the rows appended since the last commit (one pending
-:class:`~actstore.engine.segments.SegmentWriter`), the views and attributes to
+:class:`~actstore.engine.write.segments.SegmentWriter`), the views and attributes to
 record, and hands them to the one commit, :func:`actstore.engine.commit.commit`.
 """
 
@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from actstore.engine.commit import Change, Head, check_views, commit
-from actstore.engine.compaction import CompactReport, TieredMerge, compact_snapshot
-from actstore.engine.keyset import KeySet
-from actstore.engine.reader import Snapshot, key_prefixes
-from actstore.engine.segments import SegmentWriter
-from actstore.engine.validate import validate_batch
+from actstore.engine.lifecycle.compaction import CompactReport, TieredMerge, compact_snapshot
+from actstore.engine.read.snapshot import Snapshot, key_prefixes
+from actstore.engine.write.keyset import KeySet
+from actstore.engine.write.segments import SegmentWriter
+from actstore.engine.write.validate import validate_batch
 from actstore.errors import CorruptStoreError, StaleStoreError, StoreError
 from actstore.format.manifest import SEGMENTS_DIR, Field, Manifest, SegmentInfo, check_name
 from actstore.storage.base import Backend, WriterLock
@@ -48,7 +48,7 @@ class WriterRole:
     _segment: SegmentWriter | None
     _pending_views: dict[str, np.ndarray]
     _pending_attrs: dict[str, Any] | None
-    #: The automatic merge after each commit (:class:`~actstore.engine.compaction.TieredMerge`), or None for none.
+    #: The automatic merge after each commit (:class:`~actstore.engine.lifecycle.compaction.TieredMerge`), or None for none.
     #: Set it on a writer: ``store.merge_policy = actstore.TieredMerge(fanout=8)``.
     merge_policy: TieredMerge | None = TieredMerge()
 

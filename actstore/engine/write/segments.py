@@ -21,9 +21,10 @@ import blake3
 import google_crc32c
 import numpy as np
 
-from actstore.engine.compressed import ChunkEncoder
-from actstore.engine.keyset import KeySet
-from actstore.engine.reader import key_prefixes, map_range
+from actstore.engine.read.compressed import ChunkEncoder
+from actstore.engine.read.maps import map_range
+from actstore.engine.read.snapshot import key_prefixes
+from actstore.engine.write.keyset import KeySet
 from actstore.format.layout import field_arrays, field_is_group
 from actstore.format.manifest import (
     FIELDS_DIR,
@@ -121,7 +122,7 @@ class ShardFile:
         return data.nbytes
 
     def copy(self, rows: np.ndarray, hasher: ThreadPoolExecutor | None = None) -> int:
-        """Append ``rows``, a map of a committed file (:func:`~actstore.engine.reader.map_range`), by file range.
+        """Append ``rows``, a map of a committed file (:func:`~actstore.engine.read.snapshot.map_range`), by file range.
 
         The kernel copies the range into this file (:func:`actstore.storage.files.copy_range`)
         while ``hasher`` hashes the same range of the source file, mapped read-only
@@ -270,7 +271,7 @@ class SegmentWriter:
                 self.value_counts[name] = 0
 
     def write(self, keys: np.ndarray, columns: Mapping[str, Any], *, maps: bool = False) -> None:
-        """Write validated rows (see :func:`actstore.engine.validate.validate_batch`).
+        """Write validated rows (see :func:`actstore.engine.write.validate.validate_batch`).
 
         ``columns[name]`` is a fixed field's rows or a ragged field's ``(values, lengths)``
         in storage form; ``columns[name + "/scales"]`` a quantised field's scales.
