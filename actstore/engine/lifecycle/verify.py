@@ -31,7 +31,8 @@ from actstore.format.manifest import (
     SegmentInfo,
 )
 from actstore.storage.base import Backend
-from actstore.storage.files import expect_array, hash_file, inside, object_files, read_document
+from actstore.storage.checksum import hash_file
+from actstore.storage.files import expect_array, inside, object_files, read_document
 
 __all__ = ["VerifyReport", "object_files", "read_document", "verify_snapshot", "verify_store"]
 

@@ -21,7 +21,8 @@ import numpy as np
 from actstore.errors import CorruptStoreError
 from actstore.format.manifest import INTERNAL_DTYPES, IndexRunInfo, chunk_path
 from actstore.storage.base import FileProvider
-from actstore.storage.files import expect_array, hash_file, inside, object_files
+from actstore.storage.checksum import hash_file
+from actstore.storage.files import expect_array, inside, object_files
 
 __all__ = ["ReadCheck", "check_no_links", "data_file_size", "map_object_array", "map_range", "map_rows",
            "wanted_files"]

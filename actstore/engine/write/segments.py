@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import blake3
 import google_crc32c
 import numpy as np
 
@@ -44,6 +43,7 @@ from actstore.format.manifest import (
     shard_layout,
 )
 from actstore.storage import files as fsio
+from actstore.storage.checksum import checksum, new_hasher
 
 __all__ = ["SegmentWriter", "ShardFile", "write_index_run", "write_object"]
 
@@ -61,7 +61,7 @@ WRITEBACK_BYTES = 64 << 20
 
 
 def file_record(data: bytes) -> dict[str, Any]:
-    return {"size": len(data), "blake3": blake3.blake3(data).hexdigest()}
+    return {"size": len(data), "blake3": checksum(data)}
 
 
 # --- shard files ----------------------------------------------------------------
@@ -91,7 +91,7 @@ class ShardFile:
             inner = inner_rows_for(self.row_bytes, chunk_bytes, 2**62)
             self._encoder = ChunkEncoder(int(codec["configuration"]["level"]), inner * self.row_bytes)
         self._file: Any = None
-        self._hash = blake3.blake3()
+        self._hash = new_hasher()
         self._rel = chunk_path(len(inner_shape) + 1)
 
     def write(self, rows: np.ndarray, hasher: ThreadPoolExecutor | None = None) -> int:
@@ -364,7 +364,7 @@ class SegmentWriter:
         fsio.write_durable(os.path.join(self.path, "zarr.json"), meta)
         fsio.fsync_dir(self.path)
         fsio.fsync_dir(os.path.dirname(self.path))
-        info = SegmentInfo(self.id, self.rows, dict(self.value_counts), blake3.blake3(meta).hexdigest())
+        info = SegmentInfo(self.id, self.rows, dict(self.value_counts), checksum(meta))
         return info, np.concatenate(self.prefixes)
 
     def close_files(self) -> None:
@@ -406,7 +406,7 @@ def write_object(root: str, directory: str, arrays: Mapping[str, tuple[np.ndarra
     fsio.write_durable(os.path.join(path, "zarr.json"), meta)
     fsio.fsync_dir(path)
     fsio.fsync_dir(os.path.dirname(path))
-    return IndexRunInfo(obj_id, rows, blake3.blake3(meta).hexdigest())
+    return IndexRunInfo(obj_id, rows, checksum(meta))
 
 
 def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray) -> IndexRunInfo:
