@@ -4,7 +4,7 @@ The mirror has the store's own layout (``zarr.json``, ``segments/<id>/...``,
 ``indexes/...``, ``views/...``), so an ordinary local
 :class:`~actstore.ActivationStore` reads it with zero-copy memory maps.  Files
 arrive on demand through the object backend's file hook
-(:meth:`actstore.storage.remote.ObjectBackend.provider`), which the reader calls
+(:meth:`actstore.storage.object_backend.ObjectBackend.provider`), which the reader calls
 just before it maps a file:
 
 1. The object's ``zarr.json`` (a segment, index run or view) is fetched and

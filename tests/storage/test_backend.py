@@ -21,7 +21,7 @@ from actstore.format.manifest import INDEXES_DIR, VIEWS_DIR, Field, IndexRunInfo
 from actstore.storage.base import Backend, objects_of, remove_unreferenced
 from actstore.storage.local import LocalBackend
 from actstore.storage.objects import ObjectStore
-from actstore.storage.remote import ObjectBackend
+from actstore.storage.object_backend import ObjectBackend
 from actstore.testing.s3_server import SeaweedS3
 
 
