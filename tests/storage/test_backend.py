@@ -20,8 +20,8 @@ from actstore.errors import StoreExistsError, StoreLockedError
 from actstore.format.manifest import INDEXES_DIR, VIEWS_DIR, Field, IndexRunInfo, Manifest, root_document
 from actstore.storage.base import Backend, objects_of, remove_unreferenced
 from actstore.storage.local import LocalBackend
-from actstore.storage.objects import ObjectStore
 from actstore.storage.object_backend import ObjectBackend
+from actstore.storage.objects import ObjectStore
 from actstore.testing.s3_server import SeaweedS3
 
 
