@@ -174,7 +174,7 @@ def test_a_missing_segment_that_was_not_compacted_is_still_reported(tmp_path: Pa
 def test_a_reader_never_relocates_into_another_store_at_the_same_path(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Same path, creation time, fields and row count, a newer generation: still not the reader's rows."""
-    import actstore.store as store_mod
+    import actstore.store.api as store_mod
 
     class Clock(datetime.datetime):
         @classmethod

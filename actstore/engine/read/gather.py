@@ -42,6 +42,9 @@ from actstore.format.quantize import dequantize
 
 __all__ = [
     "NotMapped",
+    "check_pad_multiple",
+    "field_names",
+    "gather_fields",
     "check_float_dtype",
     "gather_fixed",
     "gather_padded",
@@ -444,3 +447,40 @@ def _row_dequantized(seg: Segment, local: int, name: str, field: Field) -> torch
     codes, scales = seg.fixed(name)[local : local + 1], seg.scales(name)[local : local + 1]
     out = torch.empty(codes.shape, dtype=field.spec.torch)
     return dequantize(codes, scales, cast(Any, field.scheme), out)[0]
+
+
+# -- what ActivationStore.gather and gather_padded check and call --------------------------
+
+
+def field_names(fields: Mapping[str, Field], names: str | list[str] | None, where: str) -> list[str]:
+    """The named fields (all when None), checked: KeyError listing the store's fields."""
+    if names is None:
+        return list(fields)
+    if isinstance(names, str):
+        names = [names]
+    unknown = [n for n in names if n not in fields]
+    if unknown:
+        raise KeyError(f"fields {unknown} are not in the store {where}; it has {sorted(fields)}")
+    return list(names)
+
+
+def check_pad_multiple(pad_to_multiple_of: Any) -> None:
+    if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or
+                                           not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+        raise ValueError(f"pad_to_multiple_of: expected a positive int or None, got {pad_to_multiple_of!r}")
+
+
+def gather_fields(snap: Rows, fields: Mapping[str, Field], names: list[str], rows: np.ndarray,
+                  dtype: torch.dtype | None) -> dict[str, torch.Tensor | RaggedBatch]:
+    """``store.gather``'s general path: each named field, fixed ones as a batch tensor, ragged ones back to back."""
+    out: dict[str, torch.Tensor | RaggedBatch] = {}
+    for name in names:
+        f = fields[name]
+        if f.ragged:
+            rb = gather_ragged(snap, name, f, rows)
+            if dtype is not None and rb.values.is_floating_point() and rb.values.dtype != dtype:
+                rb = RaggedBatch(rb.values.to(dtype), rb.offsets)
+            out[name] = rb
+        else:
+            out[name] = gather_fixed(snap, name, f, rows, dtype=dtype)
+    return out

@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 
 from actstore.errors import CorruptStoreError
-from actstore.format.manifest import INTERNAL_DTYPES, IndexRunInfo, chunk_path
+from actstore.format.manifest import INTERNAL_DTYPES, VIEWS_DIR, IndexRunInfo, chunk_path
 from actstore.storage.base import FileProvider
 from actstore.storage.checksum import hash_file
 from actstore.storage.files import expect_array, inside, object_files
 
 __all__ = ["ReadCheck", "check_no_links", "data_file_size", "map_object_array", "map_range", "map_rows",
-           "wanted_files"]
+           "map_view", "wanted_files"]
 
 
 def data_file_size(path: str) -> int:
@@ -148,3 +148,9 @@ def map_object_array(root: str, directory: str, info: IndexRunInfo, name: str, z
     if check is not None:
         check(base, info.meta, name, info.rows, (), INTERNAL_DTYPES[zdtype])
     return map_rows(path, info.rows, (), INTERNAL_DTYPES[zdtype])
+
+
+def map_view(root: str, info: IndexRunInfo, check: ReadCheck | None = None,
+             provide: FileProvider | None = None) -> np.ndarray:
+    """Map a committed view: an int64 array of rows (-1 where a row is missing).  Never copies."""
+    return map_object_array(root, VIEWS_DIR, info, "row", "int64", check, provide)
