@@ -7,8 +7,8 @@ store with zero-copy reads.
 
 from __future__ import annotations
 
-from actstore.engine.compaction import TieredMerge
-from actstore.engine.ragged import RaggedBatch
+from actstore.engine.lifecycle.compaction import TieredMerge
+from actstore.engine.read.ragged import RaggedBatch
 from actstore.errors import (
     CorruptStoreError,
     DatasetMismatchError,

@@ -124,7 +124,7 @@ def main() -> None:
     row(f"fingerprint({layers} x Linear({width}, {width}))", model_gb / t["fp"], "GB/s", f"{ratio:.2f}x raw AUTO")
 
     mode = "quick" if args.quick else "full"
-    print(f"actstore.hashing benchmark ({mode}; best of {repeat} interleaved rounds; {os.cpu_count()} CPUs)")
+    print(f"actstore.format.keys benchmark ({mode}; best of {repeat} interleaved rounds; {os.cpu_count()} CPUs)")
     print(f"{'case':<40} {'rate':>12} {'unit':<7} {'vs peer':<30} target")
     print("-" * 100)
     for case, rate, unit, peer, target in rows:

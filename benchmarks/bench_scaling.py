@@ -156,8 +156,8 @@ def epoch(store: Any, rows: int, seed: int, batch: int = 256, limit: int | None 
 
 def bench_s3(rows: int, segments: int, work: str) -> tuple[list[Table], dict[str, Any]]:
     import actstore
-    from actstore.remote import push
     from actstore.storage.objects import ObjectStore
+    from actstore.store import push
     from actstore.testing.s3_server import SeaweedS3
 
     width = 384

@@ -6,9 +6,9 @@ tables give the ratio ``actstore ÷ peer`` as a speed (higher is better for
 actstore) next to the target and PASS/FAIL.
 
 Data: ``--rows`` rows × 384 float16 (random bits, finite, seed 0); the key of row ``i``
-is ``actstore.hashing.keys([str(i)])`` (BLAKE3 of the row index as text, through
+is ``actstore.format.keys.keys([str(i)])`` (BLAKE3 of the row index as text, through
 the package's type-tagged encoding), or ``blake3(str(i).encode())`` when
-``actstore.hashing`` is missing.
+``actstore.format.keys`` is missing.
 
 Peers:
 
@@ -95,7 +95,7 @@ class Data:
         self.small = os.path.join(out, "store-small")
         self.hf_dir = os.path.join(out, "hf")
         self.meta = {"rows": rows, "dim": DIM, "dtype": "float16", "seed": SEED, "generator": "bits-v1",
-                     "keys": "actstore.hashing" if package_keys is not None else "blake3(str(i))"}
+                     "keys": "actstore.format.keys" if package_keys is not None else "blake3(str(i))"}
 
     def _cached(self, name: str) -> bool:
         """True if ``name`` in --out was built from the same data by an earlier run."""
@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {machine()}",
         f"- actstore {actstore.__version__}, numpy {np.__version__}, command: `python benchmarks/bench_store.py "
         + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
-        f"- data: {rows:,} rows × {DIM} float16 (random, finite), keys: {'actstore.hashing.keys' if package_keys is not None else 'blake3'}"
+        f"- data: {rows:,} rows × {DIM} float16 (random, finite), keys: {'actstore.format.keys.keys' if package_keys is not None else 'blake3'}"
         " of str(row)",
         "- ratio = actstore speed ÷ peer speed (above 1: actstore is faster); every peer runs in the same process"
         " on the same bytes, interleaved with actstore",

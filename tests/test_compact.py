@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import actstore
-import actstore.engine.compaction as compaction_mod
-import actstore.engine.segments as segments_mod
+import actstore.engine.lifecycle.compaction as compaction_mod
+import actstore.engine.write.segments as segments_mod
 import actstore.storage.files as files_mod
 from actstore import Field, StoreLockedError, TieredMerge
 from actstore.cli import main as cli_main
-from actstore.engine.reader import map_range, map_rows
+from actstore.engine.read.maps import map_range, map_rows
 from actstore.errors import CorruptStoreError
 from actstore.training.recycled import CachedDataset
 from tests import data_helpers as h
@@ -174,7 +174,7 @@ def test_a_missing_segment_that_was_not_compacted_is_still_reported(tmp_path: Pa
 def test_a_reader_never_relocates_into_another_store_at_the_same_path(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Same path, creation time, fields and row count, a newer generation: still not the reader's rows."""
-    import actstore.store as store_mod
+    import actstore.store.api as store_mod
 
     class Clock(datetime.datetime):
         @classmethod

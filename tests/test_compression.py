@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 import actstore
 from actstore import CorruptStoreError, Field, UnsupportedFormatError
-from actstore.engine.compressed import frame_content_size
+from actstore.engine.read.compressed import frame_content_size
 
 
 def keys(n: int, start: int = 0) -> list[bytes]:

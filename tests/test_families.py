@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from actstore.engine.ragged import PaddedBatch
+from actstore.engine.read.ragged import PaddedBatch
 from actstore.errors import LeftPaddingError, SplitError
 from actstore.models.capture import capture
 from actstore.models.split import SplitStates, check_padding, split, split_points

@@ -27,7 +27,7 @@ import torch
 from blake3 import blake3
 
 import actstore
-import actstore.engine.segments
+import actstore.engine.write.segments
 import actstore.store
 from actstore import CorruptStoreError, Field, UnsupportedFormatError
 from actstore.format.documents import MAX_METADATA_BYTES
@@ -120,8 +120,8 @@ def golden_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     path = tmp_path_factory.mktemp("golden") / "golden"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(actstore.engine.segments.uuid, "uuid4", lambda: uuid.UUID(int=next(counter)))
-        mp.setattr(actstore.store, "_dt", types.SimpleNamespace(datetime=FrozenDatetime, timezone=datetime.timezone))
+        mp.setattr(actstore.engine.write.segments.uuid, "uuid4", lambda: uuid.UUID(int=next(counter)))
+        mp.setattr(actstore.store.api, "_dt", types.SimpleNamespace(datetime=FrozenDatetime, timezone=datetime.timezone))
         fields = {"x": Field((2,), "float32"), "t": Field((None,), "int16")}
         with actstore.create(path, fields, fingerprint="fp", attrs={"a": 1}, chunk_bytes=16) as w:
             assert w.append(KEYS, {"x": X, "t": T}) == 3

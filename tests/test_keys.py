@@ -574,7 +574,7 @@ def make_model() -> torch.nn.Module:
 def test_fingerprint_is_stable_across_processes() -> None:
     code = "from __future__ import annotations\nimport torch\n"
     code += inspect.getsource(make_model)
-    code += "from actstore.hashing import fingerprint\nprint(fingerprint(make_model()))\n"
+    code += "from actstore.format.keys import fingerprint\nprint(fingerprint(make_model()))\n"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "123"}
     out = subprocess.run(
         [sys.executable, "-c", code],

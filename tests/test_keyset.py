@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actstore.engine.keyset import KeySet
+from actstore.engine.write.keyset import KeySet
 
 KEY = st.binary(min_size=32, max_size=32)
 

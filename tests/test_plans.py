@@ -17,8 +17,9 @@ from blake3 import blake3
 
 import actstore
 from actstore import Field, RaggedBatch
-from actstore.engine.gather import Row, gather_fixed, row_view
-from actstore.engine.plans import ROW_ALL, plain, row_plan, take_plan
+from actstore.engine.read.base import Row
+from actstore.engine.read.gather import gather_fixed, row_view
+from actstore.engine.read.plans import ROW_ALL, plain, row_plan, take_plan
 
 FIELDS = {
     "x": Field((3,), "float32"),

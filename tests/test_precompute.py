@@ -504,7 +504,7 @@ def test_cnn_script_core_without_torchvision(tmp_path: Any) -> None:
 def test_items_encode_and_decode_mirror_each_other() -> None:
     from collections import namedtuple
 
-    from actstore.engine.validate import field_of
+    from actstore.engine.write.validate import field_of
     from actstore.format.record import ItemRecord, SideRecord
     from actstore.precompute.items import ItemLayout, decode_item, decode_side, encode_item, encode_side
 

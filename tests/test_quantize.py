@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 import actstore
 from actstore import CorruptStoreError, Field
-from actstore.engine.gather import gather_fixed, gather_padded
+from actstore.engine.read.gather import gather_fixed, gather_padded
 from actstore.format.quantize import SCHEMES, dequantize, quantize
 
 SCHEME_NAMES = list(SCHEMES)

@@ -17,13 +17,14 @@ import pytest
 import torch
 
 import actstore
-import actstore.remote
+import actstore.store
 from actstore import Field
 from actstore.cli import main as cli_main
 from actstore.errors import MissingDependencyError, RemoteError, StoreLockedError
-from actstore.remote import RemoteStore, open_remote
 from actstore.storage.chunkcache import ChunkCache
 from actstore.storage.objects import ObjectStore
+from actstore.store import ActivationStore as RemoteStore
+from actstore.store import open as open_remote
 from actstore.testing.s3_server import SeaweedS3, free_ports
 
 FIELDS = {"h": Field((4,), "float32"), "tok": Field((None, 3), "float16"), "label": Field((), "int64")}
@@ -215,7 +216,7 @@ def test_killed_writer_between_uploads(s3_url: str, tmp_path: Path, opts: dict[s
         sys.path.insert(0, {os.getcwd()!r})
         import actstore
         from actstore.storage.objects import ObjectStore
-        from actstore.remote import open_remote
+        from actstore.store import open as open_remote
         from tests.test_remote import batch
         real = ObjectStore.upload
         def upload(self, pairs):
@@ -264,8 +265,8 @@ def test_second_writer_is_refused_and_a_lost_lease_cannot_commit(s3_url: str, tm
     time.sleep(4.5)  # a keeps renewing (every second): still locked after its lease time
     with pytest.raises(StoreLockedError):
         open_remote(s3_url, "a", cache_dir=tmp_path / "b", storage_options=opts)
-    assert a._lock is not None
-    a._lock.lease._stop.set()  # a freezes: no more renewals
+    assert a._writer is not None and a._writer.lock is not None
+    a._writer.lock.lease._stop.set()  # a freezes: no more renewals
     time.sleep(3)
     deadline = time.monotonic() + 30
     while True:  # takes over the expired lease (3 s + 1 s slack, on the server's 1 s-resolution clock)
@@ -369,4 +370,22 @@ def test_push_a_local_store(s3_url: str, tmp_path: Path, s3_server: SeaweedS3, m
     remote = actstore.open(s3_url, cache_dir=tmp_path / "r", fingerprint="model-x")
     assert_same(remote, actstore.open(tmp_path / "local"))
     assert remote.view("dataset").tolist() == [3, 1, -1, 44]
-    assert actstore.remote.push(tmp_path / "local", s3_url) == 0  # everything is there already
+    assert actstore.store.push(tmp_path / "local", s3_url) == 0  # everything is there already
+
+
+def test_the_remote_module_is_a_deprecated_alias(s3_url: str, tmp_path: Path, opts: dict[str, Any]) -> None:
+    import actstore.remote as legacy
+
+    with pytest.warns(DeprecationWarning, match=r"use actstore\.ActivationStore"):
+        assert legacy.RemoteStore is actstore.ActivationStore
+    with pytest.warns(DeprecationWarning, match=r"use actstore\.store\.push"):
+        assert legacy.push is actstore.store.push
+    with pytest.warns(DeprecationWarning, match=r"use actstore\.create"):
+        w = legacy.create_remote(s3_url, FIELDS, cache_dir=tmp_path / "w", storage_options=opts, lease_seconds=5)
+    w.append(*batch(0, 10))
+    w.close()
+    with pytest.warns(DeprecationWarning, match=r"use actstore\.open"):
+        r = legacy.open_remote(s3_url, cache_dir=tmp_path / "r", storage_options=opts)
+    assert len(r) == 10
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="object-storage URL"):
+        legacy.open_remote(str(tmp_path / "local"))

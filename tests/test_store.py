@@ -505,7 +505,7 @@ def test_append_copes_with_a_reused_key_buffer(tmp_path: Path) -> None:
 
 def test_helper_threads_hash_and_write_back_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With every write hashed on the helper thread and write-back after every batch."""
-    import actstore.engine.segments as writer_mod
+    import actstore.engine.write.segments as writer_mod
 
     monkeypatch.setattr(writer_mod, "PARALLEL_HASH_BYTES", 1)
     monkeypatch.setattr(writer_mod, "WRITEBACK_BYTES", 1)
@@ -533,7 +533,7 @@ def test_write_back_error_reaches_the_caller(tmp_path: Path, monkeypatch: pytest
     import errno
     import threading
 
-    import actstore.engine.segments as writer_mod
+    import actstore.engine.write.segments as writer_mod
 
     path = tmp_path / "s"
     with actstore.create(path, BASIC) as w:

@@ -23,7 +23,7 @@ replacing the manifest (the root ``zarr.json``).  The steps of one commit:
 5. Index runs, views and (after a compaction) segments the new manifest no
    longer names are deleted (readers that mapped them keep their maps; a
    reader's segment that was not mapped yet is found in the merged segment
-   holding its rows, :meth:`actstore.engine.reader.Snapshot.relocate`).
+   holding its rows, :meth:`actstore.engine.read.snapshot.Snapshot.relocate`).
 
 A crash before step 4 leaves the old manifest in place, and the next writer
 deletes the unreferenced files.  Readers only ever follow the manifest, so they
@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from actstore.engine.reader import Snapshot
-from actstore.engine.segments import SegmentWriter, write_index_run, write_object
+from actstore.engine.read.snapshot import Snapshot
+from actstore.engine.write.segments import SegmentWriter, write_index_run, write_object
 from actstore.errors import StoreError
 from actstore.format.layout import INDEXES_DIR, VIEWS_DIR
 from actstore.format.manifest import IndexRunInfo, Manifest, SegmentInfo, parse_root, root_document

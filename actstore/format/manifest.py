@@ -1,7 +1,7 @@
 """The manifest: the commit point's document (docs/FORMAT.md §1-§2), its names and versions, parsed strictly.
 
 This module is the executable half of ``docs/FORMAT.md``.  It never touches the
-disk; :mod:`actstore.engine.segments`, :mod:`actstore.engine.commit` and :mod:`actstore.storage` do the I/O.  Everything
+disk; :mod:`actstore.engine.write.segments`, :mod:`actstore.engine.commit` and :mod:`actstore.storage` do the I/O.  Everything
 parsed from disk goes through :func:`parse_manifest` and friends, which accept
 only the documented shapes and raise :class:`~actstore.errors.CorruptStoreError`
 or :class:`~actstore.errors.UnsupportedFormatError` otherwise — never another

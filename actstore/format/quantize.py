@@ -12,7 +12,7 @@ the largest ``|x|`` of the row (token) in float32; an all-zero row has scale 0
 and codes 0, and reads back as zeros.  NaN and ±inf cannot be quantised: a
 batch holding any is refused before anything of it is written.
 
-This module only computes; the read path (:mod:`actstore.engine.gather`) and the
+This module only computes; the read path (:mod:`actstore.engine.read.gather`) and the
 writer call it.
 """
 

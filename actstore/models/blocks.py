@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from actstore.engine.ragged import PaddedBatch
+from actstore.engine.read.ragged import PaddedBatch
 from actstore.errors import SplitError
 from actstore.models.capture import LayerCapture, StopForward, model_arguments, reduce_output
 from actstore.models.layout import BlockLayout, get_module

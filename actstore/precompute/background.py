@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actstore.engine.ragged import RaggedBatch
+from actstore.engine.read.ragged import RaggedBatch
 from actstore.format.fields import Field
 from actstore.precompute.items import SideColumns
 

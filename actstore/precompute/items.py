@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from actstore.engine.ragged import RaggedBatch
-from actstore.engine.validate import field_of
+from actstore.engine.read.ragged import RaggedBatch
+from actstore.engine.write.validate import field_of
 from actstore.errors import DatasetMismatchError
 from actstore.format.fields import Field
 from actstore.format.record import ItemRecord

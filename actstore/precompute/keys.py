@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from blake3 import blake3
 
-from actstore.engine.keyset import KeySet
-from actstore.engine.ragged import RaggedBatch
+from actstore.engine.read.ragged import RaggedBatch
+from actstore.engine.write.keyset import KeySet
 
 __all__ = ["NOT_FOUND", "KeyTable", "check_key", "row_digests"]
 
@@ -43,7 +43,7 @@ def row_digests(columns: dict[str, Any], fields: Sequence[str], n: int) -> np.nd
 
 
 class KeyTable:
-    """A set of keys with one int64 code and one uint64 digest each (a :class:`~actstore.engine.keyset.KeySet`
+    """A set of keys with one int64 code and one uint64 digest each (a :class:`~actstore.engine.write.keyset.KeySet`
     plus both, in insertion order): about 50 bytes a key."""
 
     def __init__(self) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from actstore.engine.validate import field_of
+from actstore.engine.write.validate import field_of
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError
 from actstore.format.dtypes import dtype_name
 from actstore.format.fields import Field

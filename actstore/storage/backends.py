@@ -9,8 +9,8 @@ from typing import Any
 from actstore.storage.base import Backend
 from actstore.storage.lease import DEFAULT_LEASE_SECONDS
 from actstore.storage.local import LocalBackend
+from actstore.storage.object_backend import ObjectBackend
 from actstore.storage.objects import ObjectStore, is_url, local_path
-from actstore.storage.remote import ObjectBackend
 
 __all__ = ["backend_for", "backend_from_state", "fspath"]
 

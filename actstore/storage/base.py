@@ -9,7 +9,7 @@ the store really lives:
 - :class:`~actstore.storage.local.LocalBackend` — the store's own directory:
   objects are written in place, the manifest is replaced by an atomic rename
   under the ``flock`` writer lock.
-- :class:`~actstore.storage.remote.ObjectBackend` — object storage: ``root`` is
+- :class:`~actstore.storage.object_backend.ObjectBackend` — object storage: ``root`` is
   the chunk cache's mirror; files arrive there on demand (checked against the
   commit), new objects are uploaded data first, and the manifest last with a
   conditional put, under the leased lock.
@@ -28,8 +28,11 @@ from typing import Any, Protocol
 
 from actstore.format.layout import INDEXES_DIR, SEGMENTS_DIR, VIEWS_DIR
 from actstore.format.manifest import Manifest
+from actstore.storage.chunkcache import ChunkCache
+from actstore.storage.objects import ObjectStore
 
-__all__ = ["OBJECT_DIRS", "Backend", "FileProvider", "WriterLock", "objects_of", "referenced", "remove_unreferenced"]
+__all__ = ["OBJECT_DIRS", "Backend", "FileProvider", "RemoteState", "WriterLock", "objects_of", "referenced",
+           "remove_unreferenced"]
 
 log = logging.getLogger("actstore")
 
@@ -54,6 +57,22 @@ class WriterLock(Protocol):
         """Give up what can be given up from a finaliser (no network).  Never raises."""
 
 
+class RemoteState(Protocol):
+    """What only a store on object storage has (:attr:`Backend.remote`); a store handle shows it as
+    ``store.url``, ``store.objects`` and ``store.cache``."""
+
+    #: The store's URL.
+    url: str
+    #: The object-storage client of the store's prefix.
+    objects: ObjectStore
+    #: ``cache_dir=False``: rows are read through zarr-python, and there is no cache to warm.
+    lazy: bool
+
+    @property
+    def cache(self) -> ChunkCache:
+        """The local chunk cache (its mirror is :attr:`Backend.root`)."""
+
+
 class Backend(abc.ABC):
     """Where a store lives.  One instance per store handle (see the module docstring)."""
 
@@ -64,6 +83,11 @@ class Backend(abc.ABC):
     #: True when a failed :meth:`publish` leaves the commit staged in :attr:`root`, to be published again by the
     #: next commit or close (object storage); False when it is simply not committed (a local directory).
     stages: bool = False
+
+    @property
+    def remote(self) -> RemoteState | None:
+        """The remote-only state of a store on object storage; None for a local directory."""
+        return None
 
     # -- the manifest ----------------------------------------------------------------------
     @abc.abstractmethod

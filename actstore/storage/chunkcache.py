@@ -4,7 +4,7 @@ The mirror has the store's own layout (``zarr.json``, ``segments/<id>/...``,
 ``indexes/...``, ``views/...``), so an ordinary local
 :class:`~actstore.ActivationStore` reads it with zero-copy memory maps.  Files
 arrive on demand through the object backend's file hook
-(:meth:`actstore.storage.remote.ObjectBackend.provider`), which the reader calls
+(:meth:`actstore.storage.object_backend.ObjectBackend.provider`), which the reader calls
 just before it maps a file:
 
 1. The object's ``zarr.json`` (a segment, index run or view) is fetched and
@@ -43,12 +43,11 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import blake3
-
 from actstore.errors import CorruptStoreError, StoreError
 from actstore.format.layout import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR
 from actstore.format.manifest import group_document
-from actstore.storage.files import atomic_write, hash_file, object_files
+from actstore.storage.checksum import checksum, hash_file
+from actstore.storage.files import atomic_write, object_files
 from actstore.storage.objects import ObjectStore
 
 __all__ = ["ChunkCache", "default_cache_dir"]
@@ -64,7 +63,7 @@ def default_cache_dir(objects: ObjectStore) -> str:
     """``$ACTSTORE_CACHE_DIR`` or ``~/.cache/actstore`` (``$XDG_CACHE_HOME``), then a hash of URL and endpoint."""
     base = os.environ.get("ACTSTORE_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "actstore")
-    digest = blake3.blake3(f"{objects.url}\0{objects.endpoint or ''}".encode()).hexdigest()[:16]
+    digest = checksum(f"{objects.url}\0{objects.endpoint or ''}".encode())[:16]
     return os.path.join(base, digest)
 
 
@@ -153,7 +152,7 @@ class ChunkCache:
         doc = os.path.join(base, "zarr.json")
         try:
             with open(doc, "rb") as f:
-                ok = blake3.blake3(f.read()).hexdigest() == meta
+                ok = checksum(f.read()) == meta
         except FileNotFoundError:
             ok = False
         if not ok:
@@ -162,7 +161,7 @@ class ChunkCache:
             except FileNotFoundError as e:
                 raise CorruptStoreError(f"{self.objects.where(obj)}/zarr.json: missing on the remote store "
                                         "(a commit names it)") from e
-            if blake3.blake3(data).hexdigest() != meta:
+            if checksum(data) != meta:
                 raise CorruptStoreError(f"{self.objects.where(obj)}/zarr.json: checksum does not match the manifest")
             os.makedirs(base, exist_ok=True)
             atomic_write(doc, data, durable=False, tmp=self._tmp())
@@ -250,7 +249,7 @@ class ChunkCache:
 
     @contextlib.contextmanager
     def _file_lock(self, path: str) -> Any:
-        key = blake3.blake3(os.path.relpath(path, self.root).encode()).hexdigest()[:24]
+        key = checksum(os.path.relpath(path, self.root).encode())[:24]
         fd = os.open(os.path.join(self.dir, "locks", key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -1,8 +1,8 @@
 """Files of a local store, read and written safely.
 
 Bounded metadata reads that refuse links and special files, file names from
-metadata kept inside their directory, BLAKE3 of whole files, checks of an
-object's ``zarr.json`` against the digest its parent names, and durable and
+metadata kept inside their directory, checks of an object's ``zarr.json``
+against the checksum its parent names (:mod:`actstore.storage.checksum`), and durable and
 atomic writes (temp file, fsync, rename, fsync of the directory).
 """
 
@@ -15,17 +15,15 @@ import stat
 import uuid
 from typing import Any
 
-import blake3
-
 from actstore.errors import CorruptStoreError
 from actstore.format.arrays import array_metadata, chunk_path
 from actstore.format.documents import MAX_METADATA_BYTES, loads
 from actstore.format.manifest import SEGMENT_ATTR
+from actstore.storage.checksum import checksum
 
-__all__ = ["array_inner_rows", "atomic_write", "copy_range", "expect_array", "fsync_dir", "hash_file", "inside",
+__all__ = ["array_inner_rows", "atomic_write", "copy_range", "expect_array", "fsync_dir", "inside",
            "object_files", "read_document", "write_durable"]
 
-_HASH_THREADS_MIN = 1 << 22
 
 
 def fsync_dir(path: str) -> None:
@@ -96,13 +94,6 @@ def copy_range(src: int, dst: int, offset: int, nbytes: int, data: memoryview) -
         done += os.write(dst, data[done:nbytes])
 
 
-def hash_file(path: str, size: int) -> str:
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= _HASH_THREADS_MIN else 1)
-    if size:
-        h.update_mmap(path)
-    return h.hexdigest()
-
-
 def inside(base: str, rel: str) -> str:
     """``base/rel`` if it stays inside ``base`` (no '..', no absolute, no symlinks)."""
     if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
@@ -147,7 +138,7 @@ def object_files(base: str, info_meta: str, where: str) -> tuple[dict[str, Any],
         data = read_document(meta_path)
     except OSError as e:
         raise CorruptStoreError(f"{meta_path}: cannot read ({e.strerror or e})") from e
-    if blake3.blake3(data).hexdigest() != info_meta:
+    if checksum(data) != info_meta:
         raise CorruptStoreError(f"{meta_path}: checksum does not match the manifest ({where})")
     doc = loads(data, meta_path)
     try:

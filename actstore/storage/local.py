@@ -21,13 +21,12 @@ import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import blake3
-
 from actstore.errors import CorruptStoreError, StoreExistsError, StoreLockedError
 from actstore.format.layout import LOCK_DIR, PARTS_DIR
 from actstore.format.manifest import group_document
 from actstore.storage import files as fsio
 from actstore.storage.base import OBJECT_DIRS, Backend
+from actstore.storage.checksum import checksum
 
 __all__ = ["LocalBackend", "StoreLock", "dir_size", "link_object"]
 
@@ -41,7 +40,7 @@ class LocalBackend(Backend):
 
     def read_manifest(self) -> tuple[bytes, str]:
         data = fsio.read_document(os.path.join(self.root, "zarr.json"))  # regular file, no link, bounded
-        return data, blake3.blake3(data).hexdigest()
+        return data, checksum(data)
 
     def exists(self) -> bool:
         return os.path.exists(os.path.join(self.root, "zarr.json"))
@@ -58,7 +57,7 @@ class LocalBackend(Backend):
             raise StoreLockedError(f"{self.root}: the manifest was changed by another writer; this commit was not "
                                    "applied — reopen the store")
         fsio.atomic_write(os.path.join(self.root, "zarr.json"), data)  # the commit point
-        return blake3.blake3(data).hexdigest()
+        return checksum(data)
 
     def before_create(self) -> None:
         root = self.root

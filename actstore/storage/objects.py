@@ -36,9 +36,8 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import blake3
-
 from actstore.errors import MissingDependencyError, PreconditionFailed, RemoteError
+from actstore.storage.checksum import checksum
 
 __all__ = ["ObjectStore", "PreconditionFailed", "is_url"]
 
@@ -207,7 +206,7 @@ class ObjectStore:
             data = bytes(self.fs.cat_file(self.path(rel)))
             info = self.fs.info(self.path(rel))
         modified = _mtime(info)
-        return data, blake3.blake3(data).hexdigest(), modified, time.time()
+        return data, checksum(data), modified, time.time()
 
     async def _s3_get(self, bucket: str, key: str) -> tuple[bytes, str, float, float]:
         r = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
@@ -268,7 +267,7 @@ class ObjectStore:
                     current = bytes(self.fs.cat_file(self.path(rel)))
                 except FileNotFoundError as e:
                     raise PreconditionFailed(f"{self.where(rel)}: gone") from e
-                if blake3.blake3(current).hexdigest() != if_match:
+                if checksum(current) != if_match:
                     raise PreconditionFailed(f"{self.where(rel)}: changed")
             if if_none_match:
                 try:
@@ -279,7 +278,7 @@ class ObjectStore:
                     self.fs.pipe_file(self.path(rel), data)
             else:
                 self.fs.pipe_file(self.path(rel), data)
-        return blake3.blake3(data).hexdigest()
+        return checksum(data)
 
     def delete(self, rel: str, *, if_match: str | None = None) -> None:
         """Delete one object (optionally only if it still has ETag ``if_match``); absent is fine."""

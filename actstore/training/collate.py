@@ -20,8 +20,9 @@ from torch.utils.data import get_worker_info
 from torch.utils.data._utils.collate import collate as torch_collate
 from torch.utils.data._utils.collate import default_collate, default_collate_fn_map
 
-from actstore.engine.gather import Row, Rows, alloc, check_float_dtype, gather_fixed, gather_padded
-from actstore.engine.ragged import PaddedBatch
+from actstore.engine.read.base import Row, Rows, alloc
+from actstore.engine.read.gather import check_float_dtype, gather_fixed, gather_padded
+from actstore.engine.read.ragged import PaddedBatch
 from actstore.format.fields import Field
 
 __all__ = ["ActivationCollate", "PaddedBatch", "RowBatch", "collate"]

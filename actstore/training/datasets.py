@@ -29,7 +29,7 @@ process with ``SIGBUS``; that is outside actstore's guarantees (``verify`` finds
 :class:`~actstore.training.recycled.CachedDataset` (the drop-in for the user's dataset)
 builds on the same batches; :class:`~actstore.training.sampler.ChunkShuffleSampler`
 orders them for locality.  Rows are read through
-``store.snapshot`` with :mod:`actstore.engine.gather`.
+``store.snapshot`` with :mod:`actstore.engine.read.gather`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from actstore.deprecation import renamed_arguments
-from actstore.engine.plans import make_row, row_plan
+from actstore.engine.read.plans import make_row, row_plan
 from actstore.errors import StaleStoreError, StoreError
 from actstore.format.record import PrecomputeRecord, read_record
 from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from actstore.deprecation import renamed_arguments
-from actstore.engine.gather import row_view
-from actstore.engine.ragged import PaddedBatch, RaggedBatch
-from actstore.engine.reader import normalize_keys
+from actstore.engine.read.gather import row_view
+from actstore.engine.read.ragged import PaddedBatch, RaggedBatch
+from actstore.engine.read.snapshot import normalize_keys
 from actstore.errors import MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
 from actstore.format.dtypes import dtype_name
 from actstore.format.fields import Field

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from actstore.deprecation import renamed_arguments
-from actstore.engine.gather import row_view
+from actstore.engine.read.gather import row_view
 from actstore.errors import DatasetMismatchError, MissingRowsError
 from actstore.format.keys import DEFAULT_KEY_NAMES
 from actstore.format.keys import key as content_key

@@ -336,7 +336,7 @@ def allowed_counts(lines: Sequence[str], initial: int) -> tuple[int, set[int]]:
 #: Where a writer child can be paused: name -> (object, attribute).
 def _pause_targets() -> dict[str, tuple[Any, str]]:
     import actstore.engine.commit as commit_mod
-    import actstore.engine.segments as writer_mod
+    import actstore.engine.write.segments as writer_mod
     import actstore.storage.files as files_mod
 
     return {
@@ -420,7 +420,7 @@ def powerloss_child(path: str, log_path: str, journal_path: str, saved_dir: str,
     kills itself just before it, as a power cut would stop it.  With ``cut_at``
     None the child runs to the end and logs how many operations there were.
     """
-    import actstore.engine.segments as writer_mod
+    import actstore.engine.write.segments as writer_mod
     import actstore.storage.files as files_mod
     import actstore.storage.local as local_mod
 

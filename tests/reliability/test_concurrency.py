@@ -187,7 +187,7 @@ def test_forked_child_cannot_release_the_parents_lock(tmp_path: Path) -> None:
     s = actstore.open(path, mode="a")
     pid = os.fork()
     if pid == 0:  # a child's copy of the handle, finalised or closed, must not unlock the parent's store
-        s._lock.release()  # type: ignore[union-attr]
+        s._writer.lock.release()  # type: ignore[union-attr]
         os._exit(0)
     os.waitpid(pid, 0)
     try:

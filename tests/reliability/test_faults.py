@@ -30,7 +30,7 @@ import pytest
 
 import actstore
 import actstore.engine.commit as commit_mod
-import actstore.engine.segments as writer_mod
+import actstore.engine.write.segments as writer_mod
 import actstore.storage.files as files_mod
 
 from . import harness as h

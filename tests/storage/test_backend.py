@@ -15,15 +15,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from actstore.engine.segments import write_object
+from actstore.engine.write.segments import write_object
 from actstore.errors import StoreExistsError, StoreLockedError
 from actstore.format.fields import Field
 from actstore.format.layout import INDEXES_DIR, VIEWS_DIR
 from actstore.format.manifest import IndexRunInfo, Manifest, root_document
 from actstore.storage.base import Backend, objects_of, remove_unreferenced
 from actstore.storage.local import LocalBackend
+from actstore.storage.object_backend import ObjectBackend
 from actstore.storage.objects import ObjectStore
-from actstore.storage.remote import ObjectBackend
 from actstore.testing.s3_server import SeaweedS3
 
 

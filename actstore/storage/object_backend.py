@@ -1,28 +1,40 @@
-"""A store on object storage: the :class:`~actstore.storage.base.Backend` of ``actstore.open("s3://...")``.
+"""Stores on object storage: the :class:`~actstore.storage.base.Backend` of ``actstore.open("s3://...")``.
 
-A remote store has exactly the layout of a local one (a Zarr v3 group: the
-manifest in the root ``zarr.json``, immutable ``segments/``, ``indexes/`` and
-``views/`` objects, ``lock/zarr.json``), so any Zarr v3 reader with an fsspec
-store reads it too.
+This is the remote protocol.  A remote store has exactly the layout of a local
+one (a Zarr v3 group: the manifest in the root ``zarr.json``, immutable
+``segments/``, ``indexes/`` and ``views/`` objects, ``lock/zarr.json``), so any
+Zarr v3 reader with an fsspec store reads it too.  ``actstore.open(url)`` and
+``actstore.create(url, ...)`` give an ordinary :class:`~actstore.ActivationStore`
+over an :class:`ObjectBackend`; everything it knows about object storage is
+here and in the modules this one uses (:mod:`~actstore.storage.objects`, the
+client; :mod:`~actstore.storage.chunkcache`; :mod:`~actstore.storage.lease`).
+The store's remote-only members (``url``, ``objects``, ``cache``) are this
+backend's (:class:`~actstore.storage.base.RemoteState`).
 
-**Reading.**  The manifest is downloaded, and the local
+**Reading** (mode ``"r"``).  The manifest is downloaded, and the local
 :class:`~actstore.storage.chunkcache.ChunkCache` mirror is :attr:`root`: the
 reader's file hook (:meth:`ObjectBackend.provider`) downloads each file whole,
 checked against its BLAKE3, the first time it is needed — index runs and views
 at open, segment files on first use — so every later read is a zero-copy
-memory map, as fast as a local store.  ``cache_dir=False`` keeps no chunk
-cache: segment rows are read through zarr-python (:meth:`ObjectBackend.zarr_root`)
-on every access, and nothing but the small index files touches the local disk
-(a temporary directory).
+memory map, as fast as a local store.  ``store.prefetch`` downloads the files
+of given rows in background threads; ``cache_bytes`` bounds the segment files
+kept (least recently used are evicted).  ``cache_dir=False`` keeps no chunk
+cache: segment rows are read through zarr-python (``zarr.open_array`` over an
+fsspec store, :meth:`ObjectBackend.segment_store`) on every access, a few HTTP
+range requests per gather — slow but correct, and nothing but the small index
+files touches the local disk (a temporary directory).
 
-**Writing.**  New objects are written into the mirror (the staging store).
-:meth:`ObjectBackend.publish` uploads the commit's new objects, renews the
-writer lease, and writes the manifest *last* — with ``If-Match`` on the
-manifest it started from.  A reader therefore sees either the old commit or
-the new one, never part of one: each object PUT is atomic and the manifest is
-the commit point.  An upload that fails leaves the remote store at its previous
-commit and the commit staged in the mirror (:attr:`ObjectBackend.stages`): the
-next commit or close uploads it again.  One writer at a time: the leased
+**Writing** (``create``, mode ``"a"``).  Rows are appended to the mirror, a
+local staging store.  ``commit()`` commits locally, then
+:meth:`ObjectBackend.publish` uploads the commit's new immutable objects
+(segment, key-index run, views), renews the writer lease, and writes the
+manifest *last* — with ``If-Match`` on the manifest it started from.  A reader
+therefore sees either the old commit or the new one, never part of one: each
+object PUT is atomic and the manifest is the commit point.  ``commit()``
+returns only after the remote manifest is written.  An upload that fails
+leaves the remote store at its previous commit and the commit staged in the
+mirror (:attr:`ObjectBackend.stages`): the next ``commit()`` or ``close()``
+uploads it again.  One writer at a time: the leased
 :class:`~actstore.storage.lease.RemoteLock` (and an ``flock`` on the mirror).
 """
 
@@ -43,7 +55,7 @@ from actstore.storage.base import OBJECT_DIRS, Backend, FileProvider
 from actstore.storage.chunkcache import ChunkCache, default_cache_dir
 from actstore.storage.lease import DEFAULT_LEASE_SECONDS, RemoteLock
 from actstore.storage.local import LocalBackend, StoreLock, dir_size
-from actstore.storage.objects import ObjectStore, PreconditionFailed
+from actstore.storage.objects import S3_DEFAULTS, ObjectStore, PreconditionFailed
 
 __all__ = ["ObjectBackend", "ObjectLock", "make_cache"]
 
@@ -102,6 +114,11 @@ class ObjectBackend(Backend):
         self._lease: RemoteLock | None = None
         self._zroot: Any = None
         self._finalizer: Any = None
+
+    @property
+    def remote(self) -> ObjectBackend:
+        """This backend is its own remote state (:class:`~actstore.storage.base.RemoteState`)."""
+        return self
 
     @property
     def cache(self) -> ChunkCache:
@@ -170,8 +187,6 @@ class ObjectBackend(Backend):
 
             opts = dict(self.objects.storage_options)
             if self.objects.is_s3:
-                from actstore.storage.objects import S3_DEFAULTS
-
                 opts["config_kwargs"] = {**S3_DEFAULTS["config_kwargs"], **opts.get("config_kwargs", {})}
             self._zroot = FsspecStore.from_url(self.url, storage_options=opts, read_only=True)
         return self._zroot

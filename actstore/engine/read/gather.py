@@ -9,7 +9,7 @@ Every read of many rows goes through here, for every kind of field:
   numpy output (keys, fixed fields).  Used by the snapshot's key lookup too.
 - :func:`gather_fixed`, :func:`gather_padded`, :func:`gather_ragged` — a fixed
   field as one ``(n, *shape)`` tensor, a ragged field right-padded with mask and
-  lengths, or back to back as a :class:`~actstore.engine.ragged.RaggedBatch`.
+  lengths, or back to back as a :class:`~actstore.engine.read.ragged.RaggedBatch`.
 - :func:`row_view` — one row without a copy.
 
 Fast paths kept on purpose: ``np.take(..., mode="wrap")`` straight into the
@@ -18,33 +18,33 @@ temporary and copies again), a cache-sized bounce buffer for casts and for rows
 spread over segments (memory still sees one copy), and shared-memory outputs
 inside DataLoader workers (as ``default_collate`` does).
 
-This module knows snapshots only through :class:`Rows` (``segments`` and
-``starts``), so :mod:`actstore.engine.reader` can use it without a cycle.
+This module knows snapshots only through :class:`~actstore.engine.read.base.Rows`
+(``segments`` and ``starts``), so :mod:`actstore.engine.read.snapshot` can use
+it without a cycle.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import threading
 from bisect import bisect_right
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, cast
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import numpy as np
 import torch
 
-from actstore.engine.ragged import PaddedBatch, RaggedBatch
+from actstore.engine.read.base import Rows, Segment, alloc, as_tensor
+from actstore.engine.read.ragged import PaddedBatch, RaggedBatch
 from actstore.errors import MissingRowsError
 from actstore.format.fields import Field
 from actstore.format.quantize import dequantize
 
 __all__ = [
     "NotMapped",
-    "Row",
-    "Rows",
-    "alloc",
-    "as_tensor",
+    "check_pad_multiple",
+    "field_names",
+    "gather_fields",
     "check_float_dtype",
     "gather_fixed",
     "gather_padded",
@@ -57,73 +57,6 @@ __all__ = [
 
 #: Rows gathered at a time when a cast needs a bounce buffer (kept cache-sized).
 _BOUNCE_BYTES = 256 << 10
-
-
-class Segment(Protocol):
-    """What a gather reads of one segment (:class:`~actstore.engine.reader.SegmentReader`)."""
-
-    def fixed(self, name: str) -> Any: ...
-
-    def ragged(self, name: str) -> tuple[Any, np.ndarray]: ...
-
-    def scales(self, name: str) -> np.ndarray: ...
-
-
-class Rows(Protocol):
-    """What a gather reads of a snapshot (:class:`~actstore.engine.reader.Snapshot`)."""
-
-    @property
-    def segments(self) -> Sequence[Any]: ...
-
-    @property
-    def starts(self) -> np.ndarray:
-        """First global row of each segment, then the total (int64, one more entry than segments)."""
-
-    @property
-    def starts_list(self) -> list[int]:
-        """``starts`` as Python ints (bisect is faster on a list)."""
-
-
-class Row(dict):  # type: ignore[type-arg]
-    """One row as ``{field: tensor}``: a dict whose ``KeyError`` for a missing field lists the fields.
-
-    ``aliases`` maps other names of a field to it (a layer's registered module
-    name when its field is named after an alias or by ``name=``): ``row[alias]``
-    finds the field, while iteration shows the stored names only.
-    """
-
-    __slots__ = ("aliases",)
-
-    def __init__(self, data: Any = (), aliases: Mapping[str, str] | None = None) -> None:
-        super().__init__(data)
-        self.aliases = aliases or {}
-
-    def __missing__(self, key: Any) -> Any:
-        name = self.aliases.get(key)
-        if name is not None and dict.__contains__(self, name):
-            return self[name]
-        raise KeyError(f"no field {key!r} in this row; its fields are {sorted(self)}")
-
-
-# -- small helpers --------------------------------------------------------------------
-
-
-def as_tensor(array: np.ndarray, field: Field | None) -> torch.Tensor:
-    """Wrap a numpy array as a tensor of the field's dtype.  Never copies."""
-    t = torch.from_numpy(array)
-    if field is not None and field.dtype == "bfloat16":
-        t = t.view(torch.bfloat16)
-    return t
-
-
-def alloc(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    """An uninitialised tensor, in shared memory when ``shared`` (as default_collate does)."""
-    numel = math.prod(shape)
-    if not shared or numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    elem = torch.empty(0, dtype=dtype)
-    storage = elem._typed_storage()._new_shared(numel, device="cpu")
-    return elem.new(storage).resize_(shape)
 
 
 def check_float_dtype(dtype: Any) -> None:
@@ -514,3 +447,40 @@ def _row_dequantized(seg: Segment, local: int, name: str, field: Field) -> torch
     codes, scales = seg.fixed(name)[local : local + 1], seg.scales(name)[local : local + 1]
     out = torch.empty(codes.shape, dtype=field.spec.torch)
     return dequantize(codes, scales, cast(Any, field.scheme), out)[0]
+
+
+# -- what ActivationStore.gather and gather_padded check and call --------------------------
+
+
+def field_names(fields: Mapping[str, Field], names: str | list[str] | None, where: str) -> list[str]:
+    """The named fields (all when None), checked: KeyError listing the store's fields."""
+    if names is None:
+        return list(fields)
+    if isinstance(names, str):
+        names = [names]
+    unknown = [n for n in names if n not in fields]
+    if unknown:
+        raise KeyError(f"fields {unknown} are not in the store {where}; it has {sorted(fields)}")
+    return list(names)
+
+
+def check_pad_multiple(pad_to_multiple_of: Any) -> None:
+    if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or
+                                           not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+        raise ValueError(f"pad_to_multiple_of: expected a positive int or None, got {pad_to_multiple_of!r}")
+
+
+def gather_fields(snap: Rows, fields: Mapping[str, Field], names: list[str], rows: np.ndarray,
+                  dtype: torch.dtype | None) -> dict[str, torch.Tensor | RaggedBatch]:
+    """``store.gather``'s general path: each named field, fixed ones as a batch tensor, ragged ones back to back."""
+    out: dict[str, torch.Tensor | RaggedBatch] = {}
+    for name in names:
+        f = fields[name]
+        if f.ragged:
+            rb = gather_ragged(snap, name, f, rows)
+            if dtype is not None and rb.values.is_floating_point() and rb.values.dtype != dtype:
+                rb = RaggedBatch(rb.values.to(dtype), rb.offsets)
+            out[name] = rb
+        else:
+            out[name] = gather_fixed(snap, name, f, rows, dtype=dtype)
+    return out

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from actstore.engine.ragged import RaggedBatch
-from actstore.engine.reader import normalize_keys
+from actstore.engine.read.ragged import RaggedBatch
+from actstore.engine.read.snapshot import normalize_keys
 from actstore.format.dtypes import dtype_name
 from actstore.format.fields import Field
 from actstore.format.quantize import quantize

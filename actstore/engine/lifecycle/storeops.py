@@ -13,7 +13,7 @@ import shutil
 import uuid
 
 from actstore.engine.commit import Head, publish
-from actstore.engine.opening import read_head
+from actstore.engine.lifecycle.opening import read_head
 from actstore.errors import StoreExistsError
 from actstore.format.layout import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR
 from actstore.format.manifest import Manifest

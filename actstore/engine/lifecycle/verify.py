@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from actstore.engine.reader import Snapshot, key_prefixes, map_object_array
+from actstore.engine.read.maps import map_object_array
+from actstore.engine.read.snapshot import Snapshot, key_prefixes
 from actstore.errors import CorruptStoreError, StoreError
 from actstore.format.layout import FIELDS_DIR, INDEXES_DIR, SEGMENTS_DIR, VIEWS_DIR, field_arrays
 from actstore.format.manifest import KEY_BYTES, IndexRunInfo, Manifest, SegmentInfo
 from actstore.storage.base import Backend
-from actstore.storage.files import expect_array, hash_file, inside, object_files, read_document
+from actstore.storage.checksum import hash_file
+from actstore.storage.files import expect_array, inside, object_files, read_document
 
 __all__ = ["VerifyReport", "object_files", "read_document", "verify_snapshot", "verify_store"]
 

@@ -43,10 +43,11 @@ class Prefetch:
 
 def prefetch(store: Any, rows: Any, names: list[str], keys: bool) -> Prefetch:
     """Queue the downloads of the files that reading ``rows`` of fields ``names`` will need (see the method)."""
-    cache: ChunkCache | None = getattr(store.backend, "cache", None)
+    remote = store.backend.remote
     snap = store.snapshot
-    if cache is None or getattr(store.backend, "lazy", False) or not snap.segments:
+    if remote is None or remote.lazy or not snap.segments:
         return Prefetch([])
+    cache = remote.cache
     if rows is None:
         order = np.arange(len(snap.segments))
     else:

@@ -10,7 +10,7 @@ the same rows in the same order at the same place, **global row numbers do not
 change**: the key index, views (dataset position → row), ``CachedDataset`` and
 any row number a program kept stay valid.  Readers of an older commit keep
 the maps they hold and find rows of segments they had not mapped yet in the
-merged segment (:meth:`actstore.engine.reader.Snapshot.relocate`).
+merged segment (:meth:`actstore.engine.read.snapshot.Snapshot.relocate`).
 
 :class:`TieredMerge` is the writer's automatic policy (as in log-structured
 stores): segments are put in size tiers, a factor ``fanout`` apart, and
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from actstore.engine.commit import Change, Head, commit
-from actstore.engine.plans import plain
-from actstore.engine.reader import SegmentReader, Snapshot
-from actstore.engine.segments import SegmentWriter
+from actstore.engine.read.plans import plain
+from actstore.engine.read.snapshot import SegmentReader, Snapshot
+from actstore.engine.write.segments import SegmentWriter
 from actstore.format.manifest import Manifest
 from actstore.storage.base import Backend, WriterLock
 
@@ -116,7 +116,7 @@ class CompactReport:
 def _copy_segment(seg: SegmentReader, out: SegmentWriter, fields: Any) -> int:
     """Append every row of ``seg`` to ``out``, straight from the maps; returns bytes written.
 
-    Plain fields (raw values, :func:`~actstore.engine.plans.plain`) go whole,
+    Plain fields (raw values, :func:`~actstore.engine.read.plans.plain`) go whole,
     each array as one file-range copy (:meth:`SegmentWriter.write` with
     ``maps=True``); a segment with any other field is copied in blocks of
     :data:`COPY_BYTES`, compressed fields decoded and encoded again.

@@ -6,22 +6,22 @@ row or batch, in Python: which kind of field, which map, which dtype view.  A
 this way) and keeps, for each field, a small function of the local row(s):
 
 - :func:`row_plan` — ``(name, read)`` pairs, ``read(local)`` giving exactly what
-  :func:`~actstore.engine.gather.row_view` gives (a view of the map for a plain
+  :func:`~actstore.engine.read.gather.row_view` gives (a view of the map for a plain
   field, viewed as bfloat16 where the field says so);
 - :func:`take_plan` — ``(name, take)`` pairs for a gather of rows straight from
   the maps, or None when any field needs the general gather;
 - :func:`fast_gather` — ``store.gather(rows)`` of every field through them: one
   ``np.take`` per field for a one-segment store, and for a store of many
   segments one pass per field over the segments the batch touches
-  (:func:`~actstore.engine.gather.take_across`).
+  (:func:`~actstore.engine.read.gather.take_across`).
 
 Only a *plain* field (:func:`plain`: raw values of its own dtype, no
 compression and no other attribute) whose array is a memory map of that dtype
 gets a fast reader; every other field (compressed, read through zarr-python,
 or marked by any attribute a later version adds) keeps the general path
-(:func:`~actstore.engine.gather.row_view` for rows; the whole gather for
+(:func:`~actstore.engine.read.gather.row_view` for rows; the whole gather for
 :func:`take_plan`).  Plans live in :attr:`SegmentReader.plans
-<actstore.engine.reader.SegmentReader>` and are dropped with the segment's maps.
+<actstore.engine.read.snapshot.SegmentReader>` and are dropped with the segment's maps.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from actstore.engine.gather import NotMapped, Row, Segment, row_view, take_across
+from actstore.engine.read.base import Row, Segment
+from actstore.engine.read.gather import NotMapped, row_view, take_across
 from actstore.format.fields import Field
 
 __all__ = ["ROW_ALL", "RowPlan", "TakePlan", "fast_gather", "make_row", "plain", "row_getter", "row_plan", "take_plan"]
@@ -97,7 +98,7 @@ def row_plan(seg: Any, names: Sequence[str] | None = None) -> RowPlan:
 
 
 def make_row(plan: RowPlan, local: int, aliases: Mapping[str, str]) -> Row:
-    """Row ``local`` of a segment through its plan: a :class:`~actstore.engine.gather.Row` of views."""
+    """Row ``local`` of a segment through its plan: a :class:`~actstore.engine.read.gather.Row` of views."""
     row = _new_dict(Row)
     row.aliases = aliases
     for name, read in plan:
@@ -178,7 +179,7 @@ def _take_plan(seg: Any) -> TakePlan | None:
     return tuple(takers) or None
 
 
-# -- a gather across segments (engine.gather.take_across) ----------------------------------------
+# -- a gather across segments (engine.read.gather.take_across) ----------------------------------------
 
 
 def _across_plan(snap: Any) -> tuple[tuple[str, Field, list[np.ndarray | None]], ...] | None:

@@ -20,7 +20,7 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
-from actstore.engine.rows import CopiedRows
+from actstore.engine.read.rows import CopiedRows
 from actstore.errors import CorruptStoreError
 from actstore.format.codecs import MAX_INNER_CHUNK_BYTES
 

@@ -1,16 +1,16 @@
-"""The zero-copy read path: memory maps over shard files, segments and the snapshot (gathers: engine/gather.py).
+"""Segments and the snapshot: one committed generation of a store, read through lazily made memory maps.
 
 Everything here reads a committed snapshot (a :class:`~actstore.format.manifest.Manifest`)
-and never writes.  Maps are created lazily, the first time a segment's array is
-touched, so a process that forks (DataLoader workers) inherits nothing it has not
-used, and ``open`` costs the same for ten rows or a billion.
+and never writes.  Maps are created lazily (:func:`~actstore.engine.read.maps.map_rows`,
+the one zero-copy function), the first time a segment's array is touched, so a
+process that forks (DataLoader workers) inherits nothing it has not used, and
+``open`` costs the same for ten rows or a billion.  Gathers:
+:mod:`actstore.engine.read.gather`.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
-import stat
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -19,8 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from actstore.engine.compressed import CompressedRows
-from actstore.engine.gather import as_tensor, take_rows
+from actstore.engine.read.compressed import CompressedRows
+from actstore.engine.read.gather import take_rows
+from actstore.engine.read.maps import (
+    ReadCheck,
+    check_no_links,
+    data_file_size,
+    map_object_array,
+    map_rows,
+    wanted_files,
+)
 from actstore.errors import CorruptStoreError, StoreError
 from actstore.format.arrays import chunk_path
 from actstore.format.dtypes import INTERNAL_DTYPES
@@ -29,118 +37,9 @@ from actstore.format.layout import FIELDS_DIR, INDEXES_DIR, SEGMENTS_DIR, field_
 from actstore.format.manifest import KEY_BYTES, IndexRunInfo, Manifest, SegmentInfo
 from actstore.format.record import read_record
 from actstore.storage.base import FileProvider
-from actstore.storage.files import array_inner_rows, expect_array, hash_file, inside, object_files
+from actstore.storage.files import array_inner_rows
 
-__all__ = ["ReadCheck", "Snapshot", "as_tensor", "map_range", "map_rows"]
-
-
-def data_file_size(path: str) -> int:
-    """Size of a data file that must exist and be a regular file (else :class:`CorruptStoreError`)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError as e:
-        raise CorruptStoreError(f"{path}: data file is missing") from e
-    if not stat.S_ISREG(st.st_mode):
-        raise CorruptStoreError(f"{path}: not a regular file")
-    return int(st.st_size)
-
-
-def map_rows(path: str, rows: int, inner_shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
-    """Map the first ``rows`` rows of a shard file as an array.  Never copies.
-
-    The map is private and copy-on-write (``MAP_PRIVATE``): writing to the array,
-    or to a tensor made from it with ``torch.from_numpy``, changes a private copy
-    of the page and never the file, and PyTorch sees a writable buffer (no
-    non-writable warning).
-
-    SAFETY: every view of the result holds a reference to the ``mmap`` object, so
-    the mapping stays valid while any view is alive, even after the store is
-    closed or its files are deleted.  The file size is checked before mapping, so
-    a short file raises :class:`CorruptStoreError` rather than ``SIGBUS``; a file
-    truncated by another program *after* it was mapped can still kill the process
-    with ``SIGBUS`` when the missing pages are touched — no mmap-based reader can
-    prevent that, and it is outside actstore's guarantees (``verify`` detects it).
-    """
-    if rows == 0:
-        return np.empty((0, *inner_shape), dtype)
-    need = rows * int(np.prod(inner_shape, dtype=np.int64)) * dtype.itemsize
-    size = data_file_size(path)
-    if size < need:
-        raise CorruptStoreError(f"{path}: file is {size} bytes, shorter than the {need} bytes its rows need")
-    try:
-        mm = np.memmap(path, dtype=dtype, mode="c", shape=(rows, *inner_shape))
-    except FileNotFoundError as e:  # deleted since the stat (a superseded index run or view)
-        raise CorruptStoreError(f"{path}: data file is missing") from e
-    return mm.view(np.ndarray)  # drop the memmap subclass: plain ndarray indexing is faster
-
-
-def map_range(array: np.ndarray) -> tuple[str, int] | None:
-    """(file, byte offset) where the bytes of ``array`` lie, when it is a C-contiguous map from :func:`map_rows`
-    or a view of one; None for anything else.  What a copy of the rows by file range needs (compaction)."""
-    if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
-        return None
-    base: Any = array
-    while base is not None and not (isinstance(base, np.memmap) and isinstance(base.base, mmap.mmap)):
-        base = base.base if isinstance(base, np.ndarray) else None  # down to the array np.memmap made over its mmap
-    if base is None or not isinstance(base.filename, str):
-        return None
-    start = array.__array_interface__["data"][0] - base.__array_interface__["data"][0]
-    if start < 0 or start + array.nbytes > base.nbytes:
-        return None
-    return base.filename, int(base.offset) + start
-
-
-def check_no_links(root: str, path: str) -> None:
-    """Refuse ``path`` if any part of it below ``root`` is a symbolic link.
-
-    A store never contains links; following one could read outside the store.
-    """
-    while len(path) > len(root):
-        if os.path.islink(path):
-            raise CorruptStoreError(f"{path}: is a symbolic link; stores never contain links (not following it)")
-        path = os.path.dirname(path)
-
-
-class ReadCheck:
-    """``verify_reads=True``: check each file against its commit when it is first mapped.
-
-    The object's ``zarr.json`` must have the BLAKE3 the manifest names, the
-    array's ``zarr.json`` must describe exactly the rows the manifest says, and
-    the data file must have the size and BLAKE3 recorded in the object's
-    metadata.  Each file is hashed once per store handle (committed files never
-    change); bytes changed after that are not noticed.
-    """
-
-    def __init__(self) -> None:
-        self._files: dict[str, dict[str, Any]] = {}
-        self._checked: set[str] = set()
-
-    def __call__(self, base: str, meta: str, rel: str, rows: int, inner: tuple[int, ...], dtype: np.dtype[Any],
-                 codec: Any = None) -> None:
-        data = f"{rel}/{chunk_path(len(inner) + 1)}"
-        if f"{base}/{data}" in self._checked:
-            return
-        try:
-            files = self._files.get(base)
-            if files is None:
-                files = self._files[base] = object_files(base, meta, base)[1]
-            expect_array(base, rel, rows, inner, dtype.name, files, codec)  # zdtype == numpy name for stored dtypes
-            for name in (f"{rel}/zarr.json", data) if rows else (f"{rel}/zarr.json",):
-                path, rec = inside(base, name), files[name]
-                size = os.stat(path).st_size
-                if size != rec["size"] or hash_file(path, size) != rec["blake3"]:
-                    raise CorruptStoreError(f"{path}: checksum mismatch (the bytes on disk changed since the commit)")
-        except OSError as e:
-            raise CorruptStoreError(f"{base}/{rel}: cannot read ({e.strerror or e})") from e
-        self._checked.add(f"{base}/{data}")
-
-
-def wanted_files(rel: str, rows: int, inner: tuple[int, ...], codec: Any, check: ReadCheck | None) -> list[str]:
-    """The files of array ``rel`` that mapping it reads (what a file provider must make present)."""
-    names = [f"{rel}/{chunk_path(len(inner) + 1)}"] if rows else []
-    if check is not None or (codec is not None and rows):  # a compressed array's reader reads its zarr.json
-        names.append(f"{rel}/zarr.json")
-    return names
+__all__ = ["IndexRun", "SegmentReader", "Snapshot", "field_aliases", "key_prefixes", "normalize_keys"]
 
 
 #: ``relocate(info)``: the segment of a newer commit holding the rows of the compacted segment ``info``, and the
@@ -157,7 +56,7 @@ class SegmentReader:
     compaction deleted its files before this reader mapped them: its arrays are
     then views of the rows' range in the merged segment (never copies, except a
     ragged field's offsets, rebased).  ``plans`` keeps the read plans built over
-    its maps (:mod:`actstore.engine.plans`); :meth:`forget` drops both.
+    its maps (:mod:`actstore.engine.read.plans`); :meth:`forget` drops both.
     """
 
     __slots__ = ("arrays", "check", "fields", "info", "path", "plans", "provide", "relocate")
@@ -287,19 +186,6 @@ def _rows_of(array: Any, start: int, stop: int, where: str, error: Exception) ->
     return array[start:stop]
 
 
-def map_object_array(root: str, directory: str, info: IndexRunInfo, name: str, zdtype: str,
-                     check: ReadCheck | None = None, provide: FileProvider | None = None) -> np.ndarray:
-    """Map one 1-D array of a small object (index run or view).  Never copies."""
-    base = os.path.join(root, directory, info.id)
-    path = os.path.join(base, name, "c", "0")
-    check_no_links(root, path)
-    if provide is not None:
-        provide(base, info.meta, wanted_files(name, info.rows, (), None, check))
-    if check is not None:
-        check(base, info.meta, name, info.rows, (), INTERNAL_DTYPES[zdtype])
-    return map_rows(path, info.rows, (), INTERNAL_DTYPES[zdtype])
-
-
 class IndexRun:
     """A sorted key-index run: key prefixes (uint64, ascending) and global rows."""
 
@@ -336,7 +222,7 @@ class Snapshot:
         self.runs = [IndexRun(root, r, check, provide) for r in manifest.indexes]
         self._shared: dict[int, dict[bytes, int]] = {}
         self.aliases = field_aliases(manifest)
-        self.plans: dict[Any, Any] = {}  # read plans over the segments' maps (engine/plans.py)
+        self.plans: dict[Any, Any] = {}  # read plans over the segments' maps (engine/read/plans.py)
 
     def forget(self, segment: str, names: Sequence[str]) -> None:
         """Drop the maps of arrays ``names`` of segment ``segment`` (an id) and every plan over them; views keep theirs."""

@@ -9,20 +9,46 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
-from actstore.engine.commit import Head, publish
-from actstore.errors import StaleStoreError, StoreError, StoreNotFoundError
+import numpy as np
+
+from actstore.engine.commit import Head, ids, publish
+from actstore.engine.read.maps import ReadCheck, map_view
+from actstore.engine.read.snapshot import Snapshot
+from actstore.engine.read.zarrread import ZarrSegmentReader
+from actstore.errors import CorruptStoreError, StaleStoreError, StoreError, StoreNotFoundError
 from actstore.format.codecs import MAX_INNER_CHUNK_BYTES
 from actstore.format.documents import check_name
 from actstore.format.fields import Field
 from actstore.format.manifest import Manifest, parse_root
-from actstore.storage.base import Backend, WriterLock, remove_unreferenced
+from actstore.storage.backends import backend_for, fspath
+from actstore.storage.base import Backend, FileProvider, WriterLock, remove_unreferenced
+from actstore.storage.lease import DEFAULT_LEASE_SECONDS
+from actstore.storage.objects import is_url
 
-__all__ = ["check_fingerprint", "check_new", "create_new", "open_parts", "read_head"]
+__all__ = ["backend_to_open", "check_fingerprint", "check_new", "create_new", "load_snapshot", "open_parts",
+           "read_head"]
 
 log = logging.getLogger("actstore")
+
+
+def backend_to_open(path: str | os.PathLike[str], mode: str = "r", *, verify_reads: bool = False,
+                    cache_dir: Any = None, cache_bytes: int | None = None,
+                    storage_options: Mapping[str, Any] | None = None,
+                    lease_seconds: float | None = None) -> Backend:
+    """The backend of an existing store at ``path`` (a directory or URL), after :func:`actstore.open`'s checks."""
+    if mode not in ("r", "a"):
+        raise ValueError(f"mode: expected 'r' or 'a', got {mode!r}")
+    if is_url(path):
+        if verify_reads and cache_dir is False and mode == "r":
+            raise ValueError("verify_reads=True needs the chunk cache (files are checked whole); drop cache_dir=False")
+    elif not os.path.isdir(fspath(path)):
+        raise StoreNotFoundError(f"{fspath(path)}: no store here (not a directory)")
+    return backend_for(path, cache_dir=cache_dir, cache_bytes=cache_bytes, storage_options=storage_options,
+                       lease_seconds=DEFAULT_LEASE_SECONDS if lease_seconds is None else lease_seconds)
 
 
 def read_head(backend: Backend) -> tuple[Manifest, str]:
@@ -33,6 +59,38 @@ def read_head(backend: Backend) -> tuple[Manifest, str]:
         raise StoreNotFoundError(f"{backend.url}: no store here (no zarr.json); create one with actstore.create()") \
             from e
     return parse_root(data, f"{backend.url}/zarr.json"), token
+
+
+def load_snapshot(backend: Backend, manifest: Manifest, check: ReadCheck | None, provide: FileProvider | None,
+                  *, retry: bool) -> tuple[Snapshot, dict[str, np.ndarray]]:
+    """A handle's snapshot of ``manifest``, with its index runs and views mapped now.
+
+    A writer deletes the index runs and views that its commit superseded, so a
+    reader whose manifest was replaced just before it mapped them finds them
+    gone: with ``retry`` (readers) it then reads the manifest again and retries
+    with the newer commit.
+    """
+    root, zroot = backend.root, backend.segment_store()
+
+    def newest() -> Manifest:  # a reader of an older commit relocating a compacted segment
+        return read_head(backend)[0]
+
+    for _ in range(100):
+        try:
+            snap = Snapshot(root, manifest, check, provide, newest)
+            if zroot is not None:  # cache_dir=False: segment rows through zarr-python
+                snap.segments = [ZarrSegmentReader(zroot, root, s, snap.fields) for s in manifest.segments]
+            # Mapped with the snapshot (like index runs): a writer deletes a replaced view after its commit,
+            # and a map taken earlier survives that.
+            views = {name: map_view(root, info, check, provide) for name, info in manifest.views.items()}
+        except CorruptStoreError:
+            newer = read_head(backend)[0] if retry else None
+            if newer is None or ids(newer) == ids(manifest):
+                raise
+            manifest = newer
+            continue
+        return snap, views
+    raise StoreError(f"{backend.url}: the manifest changed 100 times while being opened; try again")
 
 
 def check_fingerprint(where: str, manifest: Manifest, want: str | None) -> None:

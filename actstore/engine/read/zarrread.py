@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from actstore.engine.reader import SegmentReader
-from actstore.engine.rows import CopiedRows
+from actstore.engine.read.rows import CopiedRows
+from actstore.engine.read.snapshot import SegmentReader
 from actstore.errors import CorruptStoreError
 from actstore.format.fields import Field
 from actstore.format.layout import SEGMENTS_DIR

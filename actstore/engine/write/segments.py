@@ -17,13 +17,13 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import blake3
 import google_crc32c
 import numpy as np
 
-from actstore.engine.compressed import ChunkEncoder
-from actstore.engine.keyset import KeySet
-from actstore.engine.reader import key_prefixes, map_range
+from actstore.engine.read.compressed import ChunkEncoder
+from actstore.engine.read.maps import map_range
+from actstore.engine.read.snapshot import key_prefixes
+from actstore.engine.write.keyset import KeySet
 from actstore.format.arrays import array_metadata, chunk_path, inner_rows_for, shard_layout
 from actstore.format.documents import dumps
 from actstore.format.dtypes import INTERNAL_DTYPES
@@ -31,6 +31,7 @@ from actstore.format.fields import Field
 from actstore.format.layout import FIELDS_DIR, INDEXES_DIR, SEGMENTS_DIR, field_arrays, field_is_group
 from actstore.format.manifest import KEY_BYTES, SEGMENT_ATTR, IndexRunInfo, SegmentInfo, group_document
 from actstore.storage import files as fsio
+from actstore.storage.checksum import checksum, new_hasher
 
 __all__ = ["SegmentWriter", "ShardFile", "write_index_run", "write_object"]
 
@@ -48,7 +49,7 @@ WRITEBACK_BYTES = 64 << 20
 
 
 def file_record(data: bytes) -> dict[str, Any]:
-    return {"size": len(data), "blake3": blake3.blake3(data).hexdigest()}
+    return {"size": len(data), "blake3": checksum(data)}
 
 
 # --- shard files ----------------------------------------------------------------
@@ -78,7 +79,7 @@ class ShardFile:
             inner = inner_rows_for(self.row_bytes, chunk_bytes, 2**62)
             self._encoder = ChunkEncoder(int(codec["configuration"]["level"]), inner * self.row_bytes)
         self._file: Any = None
-        self._hash = blake3.blake3()
+        self._hash = new_hasher()
         self._rel = chunk_path(len(inner_shape) + 1)
 
     def write(self, rows: np.ndarray, hasher: ThreadPoolExecutor | None = None) -> int:
@@ -109,7 +110,7 @@ class ShardFile:
         return data.nbytes
 
     def copy(self, rows: np.ndarray, hasher: ThreadPoolExecutor | None = None) -> int:
-        """Append ``rows``, a map of a committed file (:func:`~actstore.engine.reader.map_range`), by file range.
+        """Append ``rows``, a map of a committed file (:func:`~actstore.engine.read.snapshot.map_range`), by file range.
 
         The kernel copies the range into this file (:func:`actstore.storage.files.copy_range`)
         while ``hasher`` hashes the same range of the source file, mapped read-only
@@ -258,7 +259,7 @@ class SegmentWriter:
                 self.value_counts[name] = 0
 
     def write(self, keys: np.ndarray, columns: Mapping[str, Any], *, maps: bool = False) -> None:
-        """Write validated rows (see :func:`actstore.engine.validate.validate_batch`).
+        """Write validated rows (see :func:`actstore.engine.write.validate.validate_batch`).
 
         ``columns[name]`` is a fixed field's rows or a ragged field's ``(values, lengths)``
         in storage form; ``columns[name + "/scales"]`` a quantised field's scales.
@@ -351,7 +352,7 @@ class SegmentWriter:
         fsio.write_durable(os.path.join(self.path, "zarr.json"), meta)
         fsio.fsync_dir(self.path)
         fsio.fsync_dir(os.path.dirname(self.path))
-        info = SegmentInfo(self.id, self.rows, dict(self.value_counts), blake3.blake3(meta).hexdigest())
+        info = SegmentInfo(self.id, self.rows, dict(self.value_counts), checksum(meta))
         return info, np.concatenate(self.prefixes)
 
     def close_files(self) -> None:
@@ -393,7 +394,7 @@ def write_object(root: str, directory: str, arrays: Mapping[str, tuple[np.ndarra
     fsio.write_durable(os.path.join(path, "zarr.json"), meta)
     fsio.fsync_dir(path)
     fsio.fsync_dir(os.path.dirname(path))
-    return IndexRunInfo(obj_id, rows, blake3.blake3(meta).hexdigest())
+    return IndexRunInfo(obj_id, rows, checksum(meta))
 
 
 def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray) -> IndexRunInfo:

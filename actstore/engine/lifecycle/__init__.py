@@ -1,0 +1,1 @@
+"""Whole-store operations: open and create, compaction, verify, clone and delete, info."""

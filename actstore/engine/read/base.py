@@ -1,0 +1,84 @@
+"""The read path's small shared types: one row (:class:`Row`), what a gather reads of a segment and of a
+snapshot (:class:`Segment`, :class:`Rows`), and tensors over arrays (:func:`as_tensor`, :func:`alloc`).
+
+The gathers (:mod:`actstore.engine.read.gather`) and the plans see segments and
+snapshots only through these protocols, so
+:mod:`actstore.engine.read.snapshot` can use the gathers without a cycle.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from actstore.format.fields import Field
+
+__all__ = ["Row", "Rows", "Segment", "alloc", "as_tensor"]
+
+
+class Segment(Protocol):
+    """What a gather reads of one segment (:class:`~actstore.engine.read.snapshot.SegmentReader`)."""
+
+    def fixed(self, name: str) -> Any: ...
+
+    def ragged(self, name: str) -> tuple[Any, np.ndarray]: ...
+
+    def scales(self, name: str) -> np.ndarray: ...
+
+
+class Rows(Protocol):
+    """What a gather reads of a snapshot (:class:`~actstore.engine.read.snapshot.Snapshot`)."""
+
+    @property
+    def segments(self) -> Sequence[Any]: ...
+
+    @property
+    def starts(self) -> np.ndarray:
+        """First global row of each segment, then the total (int64, one more entry than segments)."""
+
+    @property
+    def starts_list(self) -> list[int]:
+        """``starts`` as Python ints (bisect is faster on a list)."""
+
+
+class Row(dict):  # type: ignore[type-arg]
+    """One row as ``{field: tensor}``: a dict whose ``KeyError`` for a missing field lists the fields.
+
+    ``aliases`` maps other names of a field to it (a layer's registered module
+    name when its field is named after an alias or by ``name=``): ``row[alias]``
+    finds the field, while iteration shows the stored names only.
+    """
+
+    __slots__ = ("aliases",)
+
+    def __init__(self, data: Any = (), aliases: Mapping[str, str] | None = None) -> None:
+        super().__init__(data)
+        self.aliases = aliases or {}
+
+    def __missing__(self, key: Any) -> Any:
+        name = self.aliases.get(key)
+        if name is not None and dict.__contains__(self, name):
+            return self[name]
+        raise KeyError(f"no field {key!r} in this row; its fields are {sorted(self)}")
+
+
+def as_tensor(array: np.ndarray, field: Field | None) -> torch.Tensor:
+    """Wrap a numpy array as a tensor of the field's dtype.  Never copies."""
+    t = torch.from_numpy(array)
+    if field is not None and field.dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t
+
+
+def alloc(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor, in shared memory when ``shared`` (as default_collate does)."""
+    numel = math.prod(shape)
+    if not shared or numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    elem = torch.empty(0, dtype=dtype)
+    storage = elem._typed_storage()._new_shared(numel, device="cpu")
+    return elem.new(storage).resize_(shape)

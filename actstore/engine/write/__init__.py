@@ -1,0 +1,1 @@
+"""The write path: batch checks (``validate``), segment files (``segments``), key sets, and the writer (``writer``)."""
