@@ -1,4 +1,4 @@
-"""The precompute package's layout as it runs: a single process never executes code of ``distributed.py``.
+"""The precompute package's layout: a single process never executes code of ``distributed.py``; small modules.
 
 ``docs/architecture/precompute.md``: a single-process run — fresh, resumed, or
 adopting the parts an interrupted distributed run left — goes api -> run ->
@@ -8,6 +8,7 @@ hook on every thread records each Python function called during the run.
 
 from __future__ import annotations
 
+import ast
 import sys
 import threading
 from collections.abc import Iterator
@@ -83,3 +84,18 @@ def test_a_single_process_never_runs_distributed_code(tmp_path: Path) -> None:
     store.close()
     ref.close()
     assert isinstance(actstore.open(root), actstore.ActivationStore)
+
+
+PACKAGE = Path(run.__file__).resolve().parent
+
+
+def test_precompute_modules_are_small_and_import_at_module_level() -> None:
+    for path in sorted(PACKAGE.glob("*.py")):
+        assert len(path.read_text().splitlines()) <= 500, path.name
+        tree = ast.parse(path.read_text())
+        top = set(tree.body)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom | ast.Import) and node not in top:
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n == "actstore" or n.startswith("actstore.") for n in names), (
+                    f"{path.name}:{node.lineno}: a function-level import of {names}")

@@ -54,10 +54,6 @@ class Resumed:
         """Rows committed when the run started."""
         return len(self.reader)
 
-    @property
-    def ragged(self) -> set[str]:
-        return {n for n, f in self.layer_fields.items() if f.ragged}
-
     def close(self) -> None:
         self.store.close()
         self.reader.close()
