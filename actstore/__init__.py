@@ -20,8 +20,9 @@ from actstore.errors import (
     StoreNotFoundError,
     UnsupportedFormatError,
 )
-from actstore.format.manifest import FORMAT_VERSION, Field
-from actstore.hashing import fingerprint, key, keys
+from actstore.format.fields import Field
+from actstore.format.keys import fingerprint, key, keys
+from actstore.format.manifest import FORMAT_VERSION
 from actstore.models.capture import LayerCapture, capture
 from actstore.models.split import split, split_points
 from actstore.precompute.api import precompute

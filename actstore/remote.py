@@ -39,7 +39,7 @@ from typing import Any
 
 from actstore.engine.opening import check_new
 from actstore.engine.prefetch import Prefetch
-from actstore.format.manifest import Field
+from actstore.format.fields import Field
 from actstore.storage.backends import backend_for
 from actstore.storage.lease import DEFAULT_LEASE_SECONDS
 from actstore.storage.objects import is_url

@@ -29,7 +29,9 @@ from actstore.engine.verify import VerifyReport, verify_snapshot
 from actstore.engine.writing import WriterRole, describe_fields
 from actstore.engine.zarrread import ZarrSegmentReader
 from actstore.errors import CorruptStoreError, StoreError, StoreExistsError, StoreNotFoundError
-from actstore.format.manifest import VIEWS_DIR, Field, Manifest, parse_manifest
+from actstore.format.fields import Field
+from actstore.format.layout import VIEWS_DIR
+from actstore.format.manifest import Manifest, parse_manifest
 from actstore.storage.backends import backend_for, backend_from_state, fspath
 from actstore.storage.base import Backend, WriterLock
 from actstore.storage.local import LocalBackend

@@ -34,7 +34,7 @@ from blake3 import blake3
 if __package__ in (None, ""):  # run as a script: make `actstore` importable
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from actstore.hashing import fingerprint, key, keys  # noqa: E402
+from actstore.format.keys import fingerprint, key, keys
 
 
 def best(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, float]:

@@ -54,7 +54,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `actstor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import actstore  # noqa: E402
-from actstore.format.manifest import FIELDS_DIR, SEGMENTS_DIR  # noqa: E402
+from actstore.format.layout import FIELDS_DIR, SEGMENTS_DIR
 from benchmarks.common import drop_page_cache, machine, timeit  # noqa: E402
 from benchmarks.store_common import (  # noqa: E402
     APPEND_BATCH,

@@ -76,8 +76,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `actstor
 
 import actstore  # noqa: E402
 from actstore.examples.experiment import Tokenize, load_minilm  # noqa: E402
+from actstore.format.keys import keys as make_keys
 from actstore.format.record import read_record  # noqa: E402
-from actstore.hashing import keys as make_keys  # noqa: E402
 from actstore.training.collate import ActivationCollate, collate  # noqa: E402
 from actstore.training.datasets import ActivationDataset  # noqa: E402
 from actstore.training.sampler import ChunkShuffleSampler  # noqa: E402

@@ -29,7 +29,7 @@ COLUMNS = ["what", "actstore", "peer", "ratio", "target", "result"]
 
 package_keys: Callable[[list[str]], np.ndarray] | None
 try:
-    from actstore.hashing import keys as package_keys
+    from actstore.format.keys import keys as package_keys
 except ImportError:  # pragma: no cover - the package without its keys module
     package_keys = None
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import actstore
 from actstore import Field
-from actstore.hashing import key
+from actstore.format.keys import key
 from actstore.training.datasets import ActivationDataset
 
 HIDDEN = 4

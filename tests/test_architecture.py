@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "actstore"
 #: Bottom to top; modules of one layer may import each other (without a cycle).
 LAYERS = [
-    {"errors", "environment", "hashing"},
+    {"errors", "environment", "deprecation"},
     {"format"},
     {"storage"},
     {"engine"},

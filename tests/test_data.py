@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 import actstore
 from actstore import CorruptStoreError, Field
-from actstore.hashing import key
+from actstore.format.keys import key
 from actstore.training.collate import ActivationCollate, PaddedBatch, RowBatch, collate
 from actstore.training.datasets import ActivationDataset
 from tests import data_helpers as h

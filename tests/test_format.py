@@ -30,7 +30,8 @@ import actstore
 import actstore.engine.segments
 import actstore.store
 from actstore import CorruptStoreError, Field, UnsupportedFormatError
-from actstore.format.manifest import MAX_METADATA_BYTES, parse_root
+from actstore.format.documents import MAX_METADATA_BYTES
+from actstore.format.manifest import parse_root
 
 KEYS = [bytes([3]) * 32, bytes([1]) * 32, bytes([2]) * 32]
 X = np.arange(6, dtype=np.float32).reshape(3, 2)

@@ -10,7 +10,7 @@ import torch
 
 import actstore
 from actstore.errors import LeftPaddingError, StaleStoreError
-from actstore.hashing import fingerprint
+from actstore.format.keys import fingerprint
 from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
 from actstore.models.split import split
 from actstore.precompute.api import precompute

@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from actstore.hashing import fingerprint, key, keys
+from actstore.format.keys import fingerprint, key, keys
 
 ROOT = Path(__file__).resolve().parents[1]
 DOMAIN = b"actstore-key-v1\x00"
@@ -312,9 +312,9 @@ def test_contiguous_arrays_are_hashed_without_a_copy() -> None:
 
 
 def test_threads_only_for_large_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
-    # ``actstore.hashing`` is also the batch function re-exported by the package, so
+    # ``actstore.format.keys`` is also the batch function re-exported by the package, so
     # take the module from the import system rather than by attribute.
-    module = importlib.import_module("actstore.hashing")
+    module = importlib.import_module("actstore.format.keys")
     real = module.blake3
     threads: list[int] = []
 

@@ -20,8 +20,8 @@ from torch import nn
 
 import actstore
 from actstore.cli import main as cli_main
-from actstore.hashing import key
-from actstore.hashing import keys as keys_of
+from actstore.format.keys import key
+from actstore.format.keys import keys as keys_of
 from actstore.precompute.api import field_name, precompute
 from actstore.precompute.config import ATTR
 from actstore.precompute.keys import NOT_FOUND, KeyTable

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 import actstore
 from actstore import DatasetMismatchError, Field, MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
-from actstore.hashing import fingerprint, key
+from actstore.format.keys import fingerprint, key
 from actstore.training.collate import ActivationCollate, PaddedBatch, collate
 from actstore.training.encoder import RecycledEncoder, output_rows
 from actstore.training.recycled import CachedDataset
@@ -147,7 +147,7 @@ def test_first_epoch_fills_later_epochs_read(tmp_path: Any) -> None:
     path = str(tmp_path / "enc")
     texts = [h.text(i) for i in range(40)]
     frozen = h.PaddedFrozen()
-    enc = RecycledEncoder(frozen, path, append=True, commit_every=25)
+    enc = RecycledEncoder(frozen, path, append=True, commit_every_rows=25)
     assert enc.store is None  # created on the first miss
     out = enc(texts[:20])
     assert isinstance(out, PaddedBatch) and (enc.hits, enc.misses) == (0, 20)
@@ -427,7 +427,7 @@ def test_encoder_on_token_lists_of_a_decoder_with_a_collate(tmp_path: Any) -> No
     model.train()  # dropout-free, so no warning: the mode does not matter for llama
     frozen, head = split(model, 0.5)
     seqs = token_lists(6)
-    enc = RecycledEncoder(frozen, str(tmp_path / "d"), append=True, collate=pad_collate)
+    enc = RecycledEncoder(frozen, str(tmp_path / "d"), append=True, collate_fn=pad_collate)
     out = enc(seqs)
     assert isinstance(out, PaddedBatch) and out.lengths.tolist() == [len(q) for q in seqs]
     model.eval()
@@ -436,10 +436,10 @@ def test_encoder_on_token_lists_of_a_decoder_with_a_collate(tmp_path: Any) -> No
         want = model(**pad_collate(seqs)).last_hidden_state
     mask = out.mask
     torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-5)
-    left = RecycledEncoder(frozen, str(tmp_path / "l"), append=True, collate=lambda b: pad_collate(b, left=True))
+    left = RecycledEncoder(frozen, str(tmp_path / "l"), append=True, collate_fn=lambda b: pad_collate(b, left=True))
     with pytest.raises(LeftPaddingError):
         left(seqs)
-    with pytest.raises(TypeError, match="collate="):
+    with pytest.raises(TypeError, match="collate_fn="):
         RecycledEncoder(frozen, str(tmp_path / "t"), append=True)(["raw text"])
 
 

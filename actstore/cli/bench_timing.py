@@ -98,8 +98,8 @@ def _to(batch: Any, device: Any) -> Any:
 
 
 def _call(module: Any, batch: Any) -> Any:
+    from actstore.models.blocks import Frozen as BertFrozen
     from actstore.models.capture import model_arguments
-    from actstore.models.split import BertFrozen
 
     if isinstance(module, BertFrozen) and isinstance(batch, Mapping):
         return module(batch)
@@ -108,7 +108,8 @@ def _call(module: Any, batch: Any) -> Any:
 
 
 def _takes_mask(head: Any) -> bool:
-    from actstore.models.split import BertHead, SentenceTransformerHead
+    from actstore.models.blocks import Head as BertHead
+    from actstore.models.split import SentenceTransformerHead
 
     return isinstance(head, (BertHead, SentenceTransformerHead))
 
@@ -139,7 +140,9 @@ def _depths(model: Any, depths: Sequence[float | str]) -> tuple[str, int, list[_
     name, checked by :func:`actstore.models.split.split` (an unknown name or one inside
     a block raises ``ValueError`` listing the valid split points).
     """
-    from actstore.models.split import _plan, _resolve_at, split_points
+    from actstore.models.split import plan_split as _plan
+    from actstore.models.split import resolve_at as _resolve_at
+    from actstore.models.split import split_points
 
     plan = _plan(model)
     points = split_points(model)

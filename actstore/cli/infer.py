@@ -30,7 +30,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     try:
         out = infer(head, args.store, args.field, frozen=frozen, batch_size=args.batch_size,
                     num_workers=args.workers, progress=not args.quiet, out=args.out, out_field=args.out_field,
-                    out_dtype=args.dtype, check_fingerprint=not args.no_check, overwrite=args.overwrite)
+                    store_dtype=args.dtype, check_fingerprint=not args.no_check, overwrite=args.overwrite)
     except (KeyError, TypeError) as e:
         print(f"actstore infer: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 1

@@ -45,15 +45,8 @@ import numpy as np
 from actstore.engine.reader import Snapshot
 from actstore.engine.segments import SegmentWriter, write_index_run, write_object
 from actstore.errors import StoreError
-from actstore.format.manifest import (
-    INDEXES_DIR,
-    VIEWS_DIR,
-    IndexRunInfo,
-    Manifest,
-    SegmentInfo,
-    parse_root,
-    root_document,
-)
+from actstore.format.layout import INDEXES_DIR, VIEWS_DIR
+from actstore.format.manifest import IndexRunInfo, Manifest, SegmentInfo, parse_root, root_document
 from actstore.storage.base import Backend, WriterLock, objects_of
 
 __all__ = ["MAX_INDEX_RUNS", "Change", "Head", "check_views", "commit", "ids", "merge_runs", "publish"]

@@ -36,7 +36,7 @@ import torch
 
 from actstore.engine.ragged import PaddedBatch, RaggedBatch
 from actstore.errors import MissingRowsError
-from actstore.format.manifest import Field
+from actstore.format.fields import Field
 from actstore.format.quantize import dequantize
 
 __all__ = [

@@ -15,7 +15,9 @@ from typing import Any
 from actstore.engine.commit import Head, publish
 from actstore.errors import StaleStoreError, StoreError, StoreNotFoundError
 from actstore.format.codecs import MAX_INNER_CHUNK_BYTES
-from actstore.format.manifest import Field, Manifest, check_name, parse_root
+from actstore.format.documents import check_name
+from actstore.format.fields import Field
+from actstore.format.manifest import Manifest, parse_root
 from actstore.storage.base import Backend, WriterLock, remove_unreferenced
 
 __all__ = ["check_fingerprint", "check_new", "create_new", "open_parts", "read_head"]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from actstore.engine.gather import NotMapped, Row, Segment, row_view, take_across
-from actstore.format.manifest import Field
+from actstore.format.fields import Field
 
 __all__ = ["ROW_ALL", "RowPlan", "TakePlan", "fast_gather", "make_row", "plain", "row_getter", "row_plan", "take_plan"]
 

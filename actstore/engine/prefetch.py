@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from actstore.format.layout import field_arrays
-from actstore.format.manifest import FIELDS_DIR, SEGMENTS_DIR, chunk_path
+from actstore.format.arrays import chunk_path
+from actstore.format.layout import FIELDS_DIR, SEGMENTS_DIR, field_arrays
 from actstore.storage.chunkcache import ChunkCache
 
 __all__ = ["Prefetch", "forget_on_evict", "prefetch"]

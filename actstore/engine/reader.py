@@ -22,19 +22,11 @@ import torch
 from actstore.engine.compressed import CompressedRows
 from actstore.engine.gather import as_tensor, take_rows
 from actstore.errors import CorruptStoreError, StoreError
-from actstore.format.layout import field_arrays
-from actstore.format.manifest import (
-    FIELDS_DIR,
-    INDEXES_DIR,
-    INTERNAL_DTYPES,
-    KEY_BYTES,
-    SEGMENTS_DIR,
-    Field,
-    IndexRunInfo,
-    Manifest,
-    SegmentInfo,
-    chunk_path,
-)
+from actstore.format.arrays import chunk_path
+from actstore.format.dtypes import INTERNAL_DTYPES
+from actstore.format.fields import Field
+from actstore.format.layout import FIELDS_DIR, INDEXES_DIR, SEGMENTS_DIR, field_arrays
+from actstore.format.manifest import KEY_BYTES, IndexRunInfo, Manifest, SegmentInfo
 from actstore.format.record import read_record
 from actstore.storage.base import FileProvider
 from actstore.storage.files import array_inner_rows, expect_array, hash_file, inside, object_files

@@ -24,24 +24,12 @@ import numpy as np
 from actstore.engine.compressed import ChunkEncoder
 from actstore.engine.keyset import KeySet
 from actstore.engine.reader import key_prefixes, map_range
-from actstore.format.layout import field_arrays, field_is_group
-from actstore.format.manifest import (
-    FIELDS_DIR,
-    INDEXES_DIR,
-    INTERNAL_DTYPES,
-    KEY_BYTES,
-    SEGMENT_ATTR,
-    SEGMENTS_DIR,
-    Field,
-    IndexRunInfo,
-    SegmentInfo,
-    array_metadata,
-    chunk_path,
-    dumps,
-    group_document,
-    inner_rows_for,
-    shard_layout,
-)
+from actstore.format.arrays import array_metadata, chunk_path, inner_rows_for, shard_layout
+from actstore.format.documents import dumps
+from actstore.format.dtypes import INTERNAL_DTYPES
+from actstore.format.fields import Field
+from actstore.format.layout import FIELDS_DIR, INDEXES_DIR, SEGMENTS_DIR, field_arrays, field_is_group
+from actstore.format.manifest import KEY_BYTES, SEGMENT_ATTR, IndexRunInfo, SegmentInfo, group_document
 from actstore.storage import files as fsio
 
 __all__ = ["SegmentWriter", "ShardFile", "write_index_run", "write_object"]

@@ -15,7 +15,8 @@ import uuid
 from actstore.engine.commit import Head, publish
 from actstore.engine.opening import read_head
 from actstore.errors import StoreExistsError
-from actstore.format.manifest import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR, Manifest
+from actstore.format.layout import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR
+from actstore.format.manifest import Manifest
 from actstore.storage.base import OBJECT_DIRS
 from actstore.storage.files import object_files
 from actstore.storage.local import LocalBackend, StoreLock, link_object

@@ -15,7 +15,8 @@ import torch
 
 from actstore.engine.ragged import RaggedBatch
 from actstore.engine.reader import normalize_keys
-from actstore.format.manifest import Field, dtype_name
+from actstore.format.dtypes import dtype_name
+from actstore.format.fields import Field
 from actstore.format.quantize import quantize
 
 __all__ = ["field_of", "validate_batch"]

@@ -18,17 +18,8 @@ import numpy as np
 
 from actstore.engine.reader import Snapshot, key_prefixes, map_object_array
 from actstore.errors import CorruptStoreError, StoreError
-from actstore.format.layout import field_arrays
-from actstore.format.manifest import (
-    FIELDS_DIR,
-    INDEXES_DIR,
-    KEY_BYTES,
-    SEGMENTS_DIR,
-    VIEWS_DIR,
-    IndexRunInfo,
-    Manifest,
-    SegmentInfo,
-)
+from actstore.format.layout import FIELDS_DIR, INDEXES_DIR, SEGMENTS_DIR, VIEWS_DIR, field_arrays
+from actstore.format.manifest import KEY_BYTES, IndexRunInfo, Manifest, SegmentInfo
 from actstore.storage.base import Backend
 from actstore.storage.files import expect_array, hash_file, inside, object_files, read_document
 

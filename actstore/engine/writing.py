@@ -24,7 +24,10 @@ from actstore.engine.reader import Snapshot, key_prefixes
 from actstore.engine.segments import SegmentWriter
 from actstore.engine.validate import validate_batch
 from actstore.errors import CorruptStoreError, StaleStoreError, StoreError
-from actstore.format.manifest import SEGMENTS_DIR, Field, Manifest, SegmentInfo, check_name
+from actstore.format.documents import check_name
+from actstore.format.fields import Field
+from actstore.format.layout import SEGMENTS_DIR
+from actstore.format.manifest import Manifest, SegmentInfo
 from actstore.storage.base import Backend, WriterLock
 from actstore.storage.files import inside, object_files
 from actstore.storage.local import link_object

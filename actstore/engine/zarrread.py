@@ -15,7 +15,8 @@ import numpy as np
 from actstore.engine.reader import SegmentReader
 from actstore.engine.rows import CopiedRows
 from actstore.errors import CorruptStoreError
-from actstore.format.manifest import SEGMENTS_DIR, Field
+from actstore.format.fields import Field
+from actstore.format.layout import SEGMENTS_DIR
 
 __all__ = ["ZarrRows", "ZarrSegmentReader"]
 

@@ -1,4 +1,4 @@
-"""Which arrays store a field in a segment, and where (docs/FORMAT.md §2, §4, §4.1): the one place that knows.
+"""Where things sit in a store (docs/FORMAT.md §2, §4, §4.1): its directories, and which arrays store a field.
 
 The segment writer, the reader, ``verify``, prefetch and the sampler's read-ahead
 all walk a field's arrays through :func:`field_arrays`, so a new kind of field
@@ -12,9 +12,22 @@ from typing import Any
 
 import numpy as np
 
-from actstore.format.manifest import FIELDS_DIR, INTERNAL_DTYPES, Field
+from actstore.format.dtypes import INTERNAL_DTYPES
+from actstore.format.fields import Field
 
-__all__ = ["ArraySpec", "field_arrays", "field_is_group"]
+__all__ = ["FIELDS_DIR", "INDEXES_DIR", "LOCK_DIR", "PARTS_DIR", "SEGMENTS_DIR", "VIEWS_DIR", "ArraySpec",
+           "field_arrays", "field_is_group"]
+
+#: Directory names inside the store.
+SEGMENTS_DIR = "segments"
+INDEXES_DIR = "indexes"
+VIEWS_DIR = "views"
+FIELDS_DIR = "fields"
+#: The writer lock: a Zarr group whose attributes name the writer holding it.
+LOCK_DIR = "lock"
+#: Part stores of a distributed precompute in progress (ordinary stores, one per rank), kept under the store's
+#: root while the ranks run; not part of the store, and left alone by its creation checks and cleanup.
+PARTS_DIR = "parts"
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,8 +40,8 @@ from torch import nn
 
 from actstore.engine.ragged import PaddedBatch
 from actstore.errors import SplitError
-from actstore.models.capture import LayerCapture, model_arguments, reduce_output
-from actstore.models.families import Family, _get
+from actstore.models.capture import LayerCapture, StopForward, model_arguments, reduce_output
+from actstore.models.layout import BlockLayout, get_module
 
 __all__ = ["Frozen", "Head", "SplitError", "SplitStates", "head_inputs", "stand_ins"]
 
@@ -155,17 +155,17 @@ def _patched(modules: list[tuple[nn.Module, Any]]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def stand_ins(base: nn.Module, family: Family, k: int, states: torch.Tensor) -> Iterator[None]:
+def stand_ins(base: nn.Module, layout: BlockLayout, k: int, states: torch.Tensor) -> Iterator[None]:
     """Replace the stem and blocks ``0..k`` of ``base`` by stand-ins returning ``states``, for one call.
 
     Raises :class:`SplitError` (from inside the call) when the stream entering a
     block after the first stand-in is not the states the previous one returned.
-    The parameters of the family's ``shared`` modules (frozen-part modules the
+    The parameters of the layout's ``shared`` modules (frozen-part modules the
     call reads) do not require grad during the call, so the head's backward
     leaves them alone.
     """
     ctx: dict[str, Any] = {}
-    blocks = family.block_list(base)
+    blocks = layout.block_list(base)
 
     def stem(*args: Any, **kwargs: Any) -> Any:
         return states
@@ -175,23 +175,23 @@ def stand_ins(base: nn.Module, family: Family, k: int, states: torch.Tensor) -> 
             if j > 0:
                 first = args[0] if args else next(iter(kwargs.values()), None)
                 if not _identical(first, states):
-                    raise _branch_error(base, family.blocks, j)
-            return family.extras(base, states, ctx)
+                    raise _branch_error(base, layout.blocks, j)
+            return layout.extras(base, states, ctx)
 
         return forward
 
-    patches: list[tuple[nn.Module, Any]] = [(_get(base, name), stem) for name in family.stubs]
+    patches: list[tuple[nn.Module, Any]] = [(get_module(base, name), stem) for name in layout.stubs]
     patches += [(blocks[j], block(j)) for j in range(k + 1)]
     handle = None
     if 0 <= k + 1 < len(blocks):
         def check(module: nn.Module, args: Any, kwargs: Any) -> None:
             first = args[0] if args else next(iter(kwargs.values()), None)
             if not _identical(first, states):
-                raise _branch_error(base, family.blocks, k + 1)
+                raise _branch_error(base, layout.blocks, k + 1)
 
         handle = blocks[k + 1].register_forward_pre_hook(check, with_kwargs=True)
     # Frozen modules the head's call reads (rotary, relative embeddings) take no gradient from the head.
-    frozen_params = [p for name in family.shared for p in _get(base, name).parameters() if p.requires_grad]
+    frozen_params = [p for name in layout.shared for p in get_module(base, name).parameters() if p.requires_grad]
     try:
         for p in frozen_params:
             p.requires_grad_(False)
@@ -215,14 +215,51 @@ def _accepted(forward: Any) -> set[str] | None:
     return {p.name for p in params}
 
 
-class Frozen(nn.Module):
+class _Part(nn.Module):
+    """A part of a split model: its own modules registered, the whole model reachable through attributes.
+
+    The model (``base``) lives in the instance ``__dict__``, not in the module
+    tree: the part's ``parameters()``, ``state_dict()``, ``to()`` and
+    ``train()`` cover its own modules only, never the other part's. Any other
+    attribute the part does not have is read from the model, as peft's
+    ``PeftModel`` does (``part.device``, ``part.dtype``, ``part.main_input_name``,
+    ``part.config``), so a trainer sees the model it expects; setting one sets
+    it on the part. Dunder names are not passed through (``copy``, ``pickle``
+    and friends probe them on the part itself).
+    """
+
+    def __init__(self, base: nn.Module, layout: BlockLayout, k: int, at: str) -> None:
+        super().__init__()
+        self.at = at
+        self.layout = layout
+        self.k = k
+        self.__dict__["base"] = base  # not registered: its modules on the other side of the cut are not this part's
+        self.training = base.training  # the model's mode, as its modules have it
+
+    @property
+    def config(self) -> Any:
+        """The model's ``config`` (``None`` when it has none)."""
+        return getattr(self.__dict__["base"], "config", None)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # the part's own parameters, buffers and modules
+        except AttributeError:
+            base = self.__dict__.get("base")
+            if base is None or (name.startswith("__") and name.endswith("__")):
+                raise
+            return getattr(base, name)
+
+
+class Frozen(_Part):
     """The model up to and including the split point: stem, blocks ``0..k`` and the modules they use (shared).
 
     ``forward`` takes what the model takes — keyword tensors, a tokenizer's
     ``BatchEncoding`` / a features dict (keys the model does not take are
     ignored), or a tensor — runs the model's own forward and stops after the
     split point. Returns :class:`SplitStates` (the states plus the batch's
-    ``attention_mask``).
+    ``attention_mask``). Attributes it does not have are read from the model
+    (see ``_Part``); ``parameters()`` and ``state_dict()`` are the frozen part's.
 
     Attributes
     ----------
@@ -232,22 +269,15 @@ class Frozen(nn.Module):
         The frozen blocks, keyed by their index.
     """
 
-    def __init__(self, base: nn.Module, family: Family, k: int, at: str, point: str, owned: dict[str, nn.Module]) -> None:
-        super().__init__()
-        self.at = at
-        self.family = family
-        self.k = k
-        blocks = family.block_list(base)
+    def __init__(self, base: nn.Module, layout: BlockLayout, k: int, at: str, point: str,
+                 owned: dict[str, nn.Module], root: nn.Module | None = None) -> None:
+        super().__init__(base, layout, k, at)
+        blocks = layout.block_list(base)
         self.layer = nn.ModuleDict({str(i): blocks[i] for i in range(k + 1)})
         self.parts = nn.ModuleDict({name.replace(".", "__"): m for name, m in owned.items()})
-        self.__dict__["base"] = base  # not registered: its head-side modules are not the frozen part's
-        self.training = base.training  # the model's mode, as its modules have it
+        self.__dict__["root"] = base if root is None else root  # the model that was split (older stores' fingerprint)
         self._point = point
         self._accepted = _accepted(base.forward)
-
-    @property
-    def config(self) -> Any:
-        return getattr(self.__dict__["base"], "config", None)
 
     def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         base = self.__dict__["base"]
@@ -255,7 +285,7 @@ class Frozen(nn.Module):
             args, kwargs = model_arguments(base, args[0])
         if self._accepted is not None:
             kwargs = {k: v for k, v in kwargs.items() if k in self._accepted}
-        if self.family.use_cache:
+        if self.layout.use_cache:
             kwargs.setdefault("use_cache", False)
         return args, kwargs
 
@@ -263,16 +293,17 @@ class Frozen(nn.Module):
         base = self.__dict__["base"]
         args, kwargs = self._arguments(args, kwargs)
         mask = kwargs.get("attention_mask")
-        blocks = self.family.blocks
+        blocks = self.layout.blocks
         # Custom models: also watch the next block's input: the stream must be what the split point returned.
-        n = len(self.family.block_list(base))
+        n = len(self.layout.block_list(base))
         nxt = f"{blocks}.{self.k + 1}" if self.k + 1 < n else None
-        states = _run_checked(base, self._point, nxt, args, kwargs, self.family)
+        states = _run_checked(base, self._point, nxt, args, kwargs, self.layout)
         return SplitStates(states, mask if isinstance(mask, torch.Tensor) else None)
 
 
-def _run_checked(base: nn.Module, point: str, nxt: str | None, args: Any, kwargs: Any, family: Family) -> torch.Tensor:
-    if nxt is None or family.name != "custom":
+def _run_checked(base: nn.Module, point: str, nxt: str | None, args: Any, kwargs: Any,
+                 layout: BlockLayout) -> torch.Tensor:
+    if nxt is None or not layout.checked:
         return LayerCapture(base, point, clone=False).run(*args, **kwargs)[point]
     out: dict[str, torch.Tensor] = {}
     modules = dict(base.named_modules())
@@ -280,8 +311,8 @@ def _run_checked(base: nn.Module, point: str, nxt: str | None, args: Any, kwargs
     def stop(module: nn.Module, a: Any, kw: Any) -> None:
         first = a[0] if a else next(iter(kw.values()), None)
         if "states" not in out or not _identical(first, out["states"]):
-            raise _branch_error(base, family.blocks, int(nxt.rsplit(".", 1)[1]))
-        raise _Stop
+            raise _branch_error(base, layout.blocks, int(nxt.rsplit(".", 1)[1]))
+        raise StopForward  # ends the forward at the next block
 
     def record(module: nn.Module, a: Any, output: Any) -> None:
         out.setdefault("states", reduce_output(output, point))
@@ -289,7 +320,7 @@ def _run_checked(base: nn.Module, point: str, nxt: str | None, args: Any, kwargs
     handles = [modules[point].register_forward_hook(record), modules[nxt].register_forward_pre_hook(stop, with_kwargs=True)]
     try:
         base(*args, **kwargs)
-    except _Stop:
+    except StopForward:
         pass
     finally:
         for h in handles:
@@ -299,20 +330,18 @@ def _run_checked(base: nn.Module, point: str, nxt: str | None, args: Any, kwargs
     return out["states"]
 
 
-class _Stop(BaseException):
-    """Ends the frozen part's forward at the next block (not an Exception: model code cannot swallow it)."""
-
-
-class Head(nn.Module):
+class Head(_Part):
     """The model after the split point: blocks ``k+1..`` and the tail (final norm, pooler), shared.
 
     ``forward`` takes the cached states in any form :func:`head_inputs`
     accepts and returns the model's own output (for a Hugging Face model its
     ``ModelOutput``, e.g. ``last_hidden_state`` and ``pooler_output``), equal
     to the full model's on the same batch. States of another floating dtype
-    (a float16 store) are cast to the head's parameter dtype.
+    (a float16 store) are cast to the head's parameter dtype. Attributes it
+    does not have are read from the model (see ``_Part``); ``parameters()``
+    and ``state_dict()`` are the head's: what to train.
 
-    The call also reads modules of the frozen part (the family's ``shared``
+    The call also reads modules of the frozen part (the layout's ``shared``
     ones: rotary or relative position embeddings), which it never trains:
     keep the model on one device (``model.to(device)``), not just the head.
 
@@ -326,20 +355,11 @@ class Head(nn.Module):
         The modules after the blocks (names with ``__`` for ``.``).
     """
 
-    def __init__(self, base: nn.Module, family: Family, k: int, at: str, tail: dict[str, nn.Module]) -> None:
-        super().__init__()
-        self.at = at
-        self.family = family
-        self.k = k
-        blocks = family.block_list(base)
+    def __init__(self, base: nn.Module, layout: BlockLayout, k: int, at: str, tail: dict[str, nn.Module]) -> None:
+        super().__init__(base, layout, k, at)
+        blocks = layout.block_list(base)
         self.layer = nn.ModuleDict({str(i): blocks[i] for i in range(k + 1, len(blocks))})
         self.tail = nn.ModuleDict({name.replace(".", "__"): m for name, m in tail.items()})
-        self.__dict__["base"] = base
-        self.training = base.training
-
-    @property
-    def config(self) -> Any:
-        return getattr(self.__dict__["base"], "config", None)
 
     def _cast(self, states: torch.Tensor) -> torch.Tensor:
         param = next(self.parameters(), None)
@@ -352,16 +372,16 @@ class Head(nn.Module):
         base = self.__dict__["base"]
         states = self._cast(states)
         kwargs: dict[str, Any] = {}
-        if self.family.feed == "inputs_embeds":
+        if self.layout.feed == "inputs_embeds":
             kwargs["inputs_embeds"] = states
-        elif self.family.feed == "pixel_values":
+        elif self.layout.feed == "pixel_values":
             kwargs["pixel_values"] = states.new_zeros((states.shape[0], 1, 1, 1))
         if mask is not None:
             kwargs["attention_mask"] = mask.to(device=states.device, dtype=torch.long)
-        if self.family.use_cache:
+        if self.layout.use_cache:
             kwargs["use_cache"] = False
-        with stand_ins(base, self.family, self.k, states):
-            if self.family.feed is None:  # a custom forward: the states stand in for its input
+        with stand_ins(base, self.layout, self.k, states):
+            if self.layout.feed is None:  # a custom forward: the states stand in for its input
                 return base(states, **kwargs)
             return base(**kwargs)
 

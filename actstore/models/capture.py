@@ -39,6 +39,7 @@ from torch import nn
 __all__ = [
     "FINAL_OUTPUT",
     "LayerCapture",
+    "StopForward",
     "canonical_name",
     "capture",
     "model_arguments",
@@ -57,12 +58,14 @@ FINAL_OUTPUT = ""
 _PREFERRED_KEYS = ("last_hidden_state", "sentence_embedding", "token_embeddings")
 
 
-class _StopForward(BaseException):
-    """Raised from the hook of the last requested layer to abort the forward.
+class StopForward(BaseException):
+    """Raised from a forward hook to abort the model's forward once what is needed has run.
 
     It derives from :class:`BaseException`, not :class:`Exception`, so that
     model code guarding a call with ``except Exception`` cannot swallow it.
-    It never escapes :meth:`LayerCapture.run`.
+    The code that raises it catches it around the model call
+    (:meth:`LayerCapture.run`, the frozen part of a split): it never reaches
+    the caller.
     """
 
 
@@ -347,14 +350,8 @@ class LayerCapture:
     ['0', '1']
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        layers: str | Iterable[str] | None = None,
-        *,
-        stop_early: bool = True,
-        clone: bool = True,
-    ) -> None:
+    def __init__(self, model: nn.Module, layers: str | Iterable[str] | None = None, *, stop_early: bool = True,
+                 clone: bool = True) -> None:
         self.model = model
         self.layers = resolve_layers(model, layers)
         self._hooked = [name for name in self.layers if name != FINAL_OUTPUT]
@@ -377,7 +374,7 @@ class LayerCapture:
                 tensor = tensor.clone()
             self._outputs[name] = tensor
             if stopping:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -401,12 +398,8 @@ class LayerCapture:
         self._attach()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self._detach()
 
     # -- running ---------------------------------------------------------------
@@ -435,7 +428,7 @@ class LayerCapture:
         try:
             try:
                 final = self.model(*args, **kwargs)
-            except _StopForward:
+            except StopForward:
                 pass
         finally:
             self._running = False

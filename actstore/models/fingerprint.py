@@ -24,10 +24,10 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from actstore.hashing import fingerprint
+from actstore.format.keys import fingerprint
 from actstore.models.blocks import Frozen
 from actstore.models.capture import FINAL_OUTPUT, canonical_name
-from actstore.models.split import _plan, split
+from actstore.models.split import plan_split, split
 
 __all__ = ["frozen_fingerprint", "fingerprint_matches", "frozen_part"]
 
@@ -48,7 +48,7 @@ def frozen_part(model: nn.Module, layers: str | Iterable[str] | None) -> nn.Modu
     if not names or FINAL_OUTPUT in names:
         return model
     try:
-        plan = _plan(model)
+        plan = plan_split(model)
     except (TypeError, ValueError):
         return model
     points = plan.points

@@ -7,7 +7,8 @@ submodules (parameters are shared, never copied), so training ``head`` trains
 ``model``'s upper layers, and the output of ``frozen`` is what a store of
 recycled activations holds (``precompute(model, ..., layers=frozen.at)``).
 
-Supported families (detected from the module layout and ``config.model_type``):
+Supported families (detected from the module layout and ``config.model_type``; each one is a module of
+:mod:`actstore.models.families`, asked in the order of ``FAMILIES``):
 
 ``nn.Sequential`` (its own ``forward``)
     Blocks are the top-level children; ``at`` is a child name (``"3"``) or a
@@ -65,42 +66,35 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, cast
+import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
-from actstore.errors import LeftPaddingError
-from actstore.models.blocks import Frozen, Head, SplitError, SplitStates, head_inputs
+from actstore.errors import LeftPaddingError, SplitError
+from actstore.models.blocks import Frozen, Head, SplitStates
 from actstore.models.capture import canonical_name
-from actstore.models.families import KNOWN_MODEL_TYPES, Family, _get, custom_family, detect_family
+from actstore.models.families import FAMILIES, CustomFamily, ResNetPart, SentenceTransformerHead, SplitPlan
+from actstore.models.layout import BlockLayout
 
 __all__ = [
-    "BertFrozen",
-    "BertHead",
     "Frozen",
     "Head",
     "ResNetPart",
     "SentenceTransformerHead",
     "SplitError",
+    "SplitPlan",
     "SplitStates",
     "check_padding",
+    "plan_split",
+    "resolve_at",
     "split",
     "split_points",
 ]
 
-_RESNET_STEM = ("conv1", "bn1", "relu", "maxpool")
-_RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
-_RESNET_ATTRS = (*_RESNET_STEM, *_RESNET_STAGES, "avgpool", "fc")
-
-_FAMILIES = (
-    "nn.Sequential; torchvision-style ResNet (conv1, bn1, relu, maxpool, layer1..layer4, avgpool, fc); "
-    f"Hugging Face base models of types {', '.join(KNOWN_MODEL_TYPES)}; sentence-transformers models whose "
-    "first module wraps such an encoder"
-)
+# General to specific (the reverse of the detection order): the last entry refers to the one before it.
+_FAMILIES = "; ".join(family.description for family in reversed(FAMILIES))
 
 _PROTOCOL = (
     "To split another module, name its block container: split(model, at, blocks='layers', stem='embed') "
@@ -109,42 +103,23 @@ _PROTOCOL = (
     "recycle with hooks (actstore.models.capture.capture / LayerCapture, precompute's layers=)."
 )
 
+_DEPRECATED = {"BertFrozen": "Frozen", "BertHead": "Head"}
 
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """How a model splits: its family, stem split points and block split points (full names)."""
 
-    family: str
-    stems: tuple[str, ...]
-    blocks: tuple[str, ...]
-    spec: Family | None = None
-    base: nn.Module | None = None
-    prefix: str = ""
-
-    @property
-    def points(self) -> list[str]:
-        return [*self.stems, *self.blocks]
+def __getattr__(name: str) -> Any:
+    """Former names, kept importable: ``BertFrozen`` and ``BertHead`` serve every family (deprecated)."""
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(f"actstore.models.split.{name} is deprecated: use actstore.models.split.{new} (the same class)",
+                      DeprecationWarning, stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- family detection ------------------------------------------------------------
 
 
-def _sentence_transformer_encoder(model: Any) -> Any:
-    """The Hugging Face encoder of a sentence-transformers model, else ``None``."""
-    if not isinstance(model, nn.Sequential) or type(model).forward is nn.Sequential.forward:
-        return None
-    if len(model) == 0:
-        return None
-    first = model[0]
-    encoder = getattr(first, "auto_model", None)
-    return encoder if isinstance(encoder, nn.Module) else None
-
-
-def _plain_sequential(module: nn.Module) -> bool:
-    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-
-
-def _unsupported(model: nn.Module, reason: str = "") -> TypeError:
+def _unsupported(model: nn.Module, reason: str = "") -> SplitError:
     hint = ""
     base = getattr(model, "base_model", None)
     if isinstance(base, nn.Module) and base is not model:
@@ -169,56 +144,28 @@ def _tied_output(model: Any) -> bool:
     return out is not None and emb is not None and getattr(out, "weight", None) is getattr(emb, "weight", 0)
 
 
-def _block_plan(model: nn.Module, spec: Family, base: nn.Module, prefix: str) -> _Plan:
-    n = len(spec.block_list(base))
-    stems = (f"{prefix}{spec.stem_point}",) if spec.stem_point else ()
-    name = "sentence-transformers" if prefix else spec.name
-    return _Plan(name, stems, tuple(f"{prefix}{spec.blocks}.{i}" for i in range(n)), spec, base, prefix)
+def plan_split(model: object, blocks: str | None = None, stem: str | None = None,
+               tail: tuple[str, ...] = ()) -> SplitPlan:
+    """How ``model`` splits: the family that detects it (or the protocol of ``blocks=``) and its split points.
 
-
-def _plan(obj: object, blocks: str | None = None, stem: str | None = None, tail: tuple[str, ...] = ()) -> _Plan:
-    if not isinstance(obj, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(obj).__name__}")
-    model: Any = obj  # layouts are duck-typed: attribute access is dynamic
+    Raises
+    ------
+    SplitError
+        No family detects ``model``, or the one that does cannot split it (the reason is in the message).
+    TypeError, ValueError
+        ``model`` is no ``nn.Module``; the ``blocks=`` protocol names are wrong; an empty ``nn.Sequential``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if blocks is not None:
-        return _block_plan(model, custom_family(model, blocks, stem, tail), model, "")
-    encoder = _sentence_transformer_encoder(model)
-    if encoder is not None:
-        spec = detect_family(encoder)
-        if isinstance(spec, str) or spec.feed != "inputs_embeds":
-            raise _unsupported(model, f"its first module's auto_model is not split-able: {spec}")
-        _check_sentence_transformer_module(model[0])
-        prefix = canonical_name(model, "0.auto_model")
-        if prefix is None:
-            raise _unsupported(model, "its encoder is not a registered submodule")
-        return _block_plan(model, spec, encoder, prefix + ".")
-    if getattr(getattr(model, "config", None), "model_type", None) is not None:
-        spec = detect_family(model)
-        if isinstance(spec, str):
-            raise _unsupported(model, spec)
-        return _block_plan(model, spec, model, "")
-    if all(isinstance(getattr(model, a, None), nn.Module) for a in _RESNET_ATTRS):
-        return _Plan("resnet", ("maxpool",), _RESNET_STAGES)
-    if _plain_sequential(model):
-        if len(model) == 0:
-            raise ValueError("cannot split an empty nn.Sequential")
-        return _Plan("sequential", (), tuple(name for name, _ in model.named_children()))
-    raise _unsupported(model)
-
-
-def _check_sentence_transformer_module(first: nn.Module) -> None:
-    """Refuse a sentence-transformers input module whose output is not token embeddings."""
-    output_name = getattr(first, "module_output_name", "token_embeddings")
-    modality = getattr(first, "modality_config", None)
-    text = modality.get("text") if isinstance(modality, Mapping) else None
-    method_output = text.get("method_output_name") if isinstance(text, Mapping) else None
-    if output_name != "token_embeddings" or method_output not in (None, "last_hidden_state"):
-        raise TypeError(
-            "split() supports sentence-transformers models whose first module writes the "
-            "encoder's last_hidden_state to 'token_embeddings'; this one writes "
-            f"{method_output!r} to {output_name!r}. Capture a layer with hooks instead "
-            "(actstore.capture)."
-        )
+        return CustomFamily(blocks, stem, tail).plan(model)
+    family = next((f for f in FAMILIES if f.detect(model)), None)
+    if family is None:
+        raise _unsupported(model)
+    plan = family.plan(model)
+    if isinstance(plan, str):
+        raise _unsupported(model, plan)
+    return plan
 
 
 def check_padding(model: nn.Module, attention_mask: torch.Tensor | None) -> None:
@@ -242,10 +189,10 @@ def check_padding(model: nn.Module, attention_mask: torch.Tensor | None) -> None
     if attention_mask is None or attention_mask.ndim != 2 or attention_mask.shape[1] < 2:
         return
     if isinstance(model, Frozen):
-        spec: Family | None = model.family
+        spec: BlockLayout | None = model.layout
     else:
         try:
-            spec = _plan(model).spec
+            spec = plan_split(model).layout
         except (TypeError, ValueError):
             return
     if spec is None or not spec.causal:
@@ -291,23 +238,14 @@ def split_points(model: nn.Module) -> list[str]:
     >>> split_points(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)))
     ['0', '1', '2']
     """
-    return _plan(model).points
+    return plan_split(model).points
 
 
-def _nested_sequential_ok(model: nn.Module, name: str) -> bool:
-    """Whether ``name`` walks only through plain ``nn.Sequential`` containers."""
-    module = model
-    for part in name.split("."):
-        if not _plain_sequential(module) or part not in module._modules:
-            return False
-        child = module._modules[part]
-        if child is None:
-            return False
-        module = child
-    return True
+def resolve_at(model: nn.Module, plan: SplitPlan, at: object) -> str:
+    """The registered name of the split point that ``at`` (a name or a fraction) designates.
 
-
-def _resolve_at(model: nn.Module, plan: _Plan, at: object) -> str:
+    Raises ``ValueError`` listing the valid split points, ``TypeError`` for an ``at`` of another type.
+    """
     if isinstance(at, int):  # bool included
         raise TypeError(
             f"at must be a split point name (str) or a fraction (float) in (0, 1]; got {at!r}. "
@@ -321,7 +259,7 @@ def _resolve_at(model: nn.Module, plan: _Plan, at: object) -> str:
     name = canonical_name(model, at)
     if name is not None and name in plan.points:
         return name
-    if plan.family == "sequential" and name is not None and _nested_sequential_ok(model, name):
+    if name is not None and plan.kind.accepts(model, plan, name):
         return name
     listing = f"Valid split points of this {plan.family} model: {plan.points}."
     if name is None:
@@ -335,7 +273,7 @@ def _resolve_at(model: nn.Module, plan: _Plan, at: object) -> str:
     )
 
 
-def _from_fraction(plan: _Plan, fraction: float) -> str:
+def _from_fraction(plan: SplitPlan, fraction: float) -> str:
     n = len(plan.blocks)
     if not (0.0 < fraction <= 1.0):
         raise ValueError(
@@ -350,164 +288,6 @@ def _from_fraction(plan: _Plan, fraction: float) -> str:
             f"use at >= {1 / (2 * n):.4g} to freeze at least one block{stem}"
         )
     return plan.blocks[k - 1]
-
-
-# -- transformers: the generic mechanism (actstore.models.blocks) -------------------------------
-
-
-BertFrozen = Frozen
-"""The frozen part of every transformer family (kept under its former name)."""
-
-BertHead = Head
-"""The head of every transformer family (kept under its former name)."""
-
-
-class SentenceTransformerHead(nn.Module):
-    """The upper encoder layers plus a sentence-transformers model's later modules.
-
-    ``forward`` takes the states in any form the transformer head takes (see
-    :func:`actstore.models.blocks.head_inputs`), runs encoder layers ``k+1..``,
-    then every module after the first (pooling, normalize, dense, ...) on the
-    features dict ``{"token_embeddings", "attention_mask"}``, and returns
-    ``features["sentence_embedding"]``. Features the model's first module
-    would add besides these (a ``prompt_length`` for pooling that excludes
-    prompts, ``all_layer_embeddings``) are not available.
-    """
-
-    def __init__(self, model: Any, encoder: Head, at: str) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.modules_after = nn.Sequential(OrderedDict(list(model.named_children())[1:]))
-        self.at = at
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        states, attention_mask = head_inputs(args, kwargs)
-        out = self.encoder.run(states, attention_mask)
-        features: dict[str, Any] = {"token_embeddings": out.last_hidden_state}
-        if attention_mask is not None:
-            features["attention_mask"] = attention_mask
-        for module in self.modules_after:
-            features = module(features)
-        embedding = features.get("sentence_embedding")
-        if not isinstance(embedding, torch.Tensor):
-            raise RuntimeError(
-                "the sentence-transformers modules after the encoder produced no 'sentence_embedding' tensor"
-            )
-        return embedding
-
-
-def _walk(base: nn.Module, family: Family, tail: tuple[str, ...]) -> dict[str, nn.Module]:
-    """The modules of ``base`` outside the blocks and the tail, shallowest names (the frozen part's own)."""
-    owned: dict[str, nn.Module] = {}
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        for name, child in module.named_children():
-            path = f"{prefix}{name}"
-            if path == family.blocks or path in tail:
-                continue
-            if family.blocks.startswith(path + ".") or any(t.startswith(path + ".") for t in tail):
-                visit(child, path + ".")
-            else:
-                owned[path] = child
-
-    visit(base, "")
-    return owned
-
-
-def _tail(base: nn.Module, family: Family) -> tuple[str, ...]:
-    if family.name != "custom" or family.tail:
-        return tuple(t for t in family.tail if isinstance(_try_get(base, t), nn.Module))
-    top = family.blocks.split(".")[0]
-    return tuple(n for n, _ in base.named_children() if n != top and n != family.stem_point)
-
-
-def _try_get(module: nn.Module, path: str) -> Any:
-    try:
-        return _get(module, path)
-    except AttributeError:
-        return None
-
-
-def _check_untied(frozen: nn.Module, head: nn.Module, untie: bool) -> None:
-    """Weights shared by both parts: copy them into the head (``untie``) or refuse."""
-    frozen_params = {id(p): n for n, p in frozen.named_parameters()}
-    tied = [(n, p) for n, p in head.named_parameters(remove_duplicate=False) if id(p) in frozen_params]
-    if not tied:
-        return
-    if not untie:
-        names = ", ".join(f"{n} = frozen {frozen_params[id(p)]}" for n, p in tied[:5])
-        raise SplitError(
-            f"the head and the frozen part share weights ({names}): training the head would change the frozen "
-            "part and make its stored activations stale. Pass untie_weights=True to give the head its own copy "
-            "(the model is untied), or freeze those weights."
-        )
-    for name, param in tied:
-        owner_name, _, attr = name.rpartition(".")
-        owner = head.get_submodule(owner_name)
-        setattr(owner, attr, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
-
-
-def _split_blocks(root: nn.Module, base: nn.Module, family: Family, prefix: str, name: str,
-                  untie: bool) -> tuple[Frozen, Head]:
-    """Frozen part and head of a block-structured model at the full split point ``name``."""
-    local = name[len(prefix):] if prefix else name
-    blocks = family.blocks
-    k = int(local[len(blocks) + 1:]) if local.startswith(blocks + ".") else -1
-    tail = _tail(base, family)
-    owned = _walk(base, family, tail)
-    frozen = Frozen(base, family, k, name, local, owned)
-    frozen.__dict__["root"] = root  # the model that was split (for the fingerprint of older stores)
-    head = Head(base, family, k, name, {t: _get(base, t) for t in tail})
-    _check_untied(frozen, head, untie)
-    return frozen, head
-
-
-# -- ResNet ----------------------------------------------------------------------------
-
-
-class ResNetPart(nn.Module):
-    """A run of a torchvision-style ResNet's children, in order (shared modules).
-
-    ``frozen`` holds the stem and the first stages; ``head`` the remaining
-    stages, ``avgpool`` and ``fc``, with ``torch.flatten(x, 1)`` applied after
-    ``avgpool`` as torchvision's ``ResNet.forward`` does. Children keep their
-    names, so ``part.state_dict()`` keys match the model's.
-    """
-
-    def __init__(self, model: Any, names: tuple[str, ...], at: str) -> None:
-        super().__init__()
-        for name in names:
-            self.add_module(name, getattr(model, name))
-        self._names = names
-        self.at = at
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name in self._names:
-            x = getattr(self, name)(x)
-            if name == "avgpool":
-                x = torch.flatten(x, 1)
-        return x
-
-
-# -- nn.Sequential ---------------------------------------------------------------------
-
-
-def _split_sequential(seq: nn.Sequential, path: list[str]) -> tuple[nn.Sequential, nn.Sequential]:
-    children = list(seq.named_children())
-    names = [name for name, _ in children]
-    i = names.index(path[0])
-    frozen = OrderedDict(children[:i])
-    head: OrderedDict[str, nn.Module] = OrderedDict()
-    if len(path) == 1:
-        frozen[path[0]] = children[i][1]
-    else:
-        inner = cast(nn.Sequential, children[i][1])  # checked by _nested_sequential_ok
-        inner_frozen, inner_head = _split_sequential(inner, path[1:])
-        frozen[path[0]] = inner_frozen
-        if len(inner_head) > 0:
-            head[path[0]] = inner_head
-    head.update(children[i + 1 :])
-    return nn.Sequential(frozen), nn.Sequential(head)
 
 
 # -- entry point -----------------------------------------------------------------------
@@ -569,20 +349,5 @@ def split(model: nn.Module, at: str | float, *, blocks: str | None = None, stem:
     >>> torch.allclose(head(frozen(x)), model(x))
     True
     """
-    plan = _plan(model, blocks, stem, tuple(tail))
-    name = _resolve_at(model, plan, at)
-    if plan.family == "sequential":
-        return _split_sequential(cast(nn.Sequential, model), name.split("."))
-    if plan.family == "resnet":
-        n = plan.blocks.index(name) + 1 if name in plan.blocks else 0
-        frozen_names = (*_RESNET_STEM, *_RESNET_STAGES[:n])
-        return ResNetPart(model, frozen_names, name), ResNetPart(model, (*_RESNET_STAGES[n:], "avgpool", "fc"), name)
-    if plan.spec is None or plan.base is None:  # every other family carries its table entry
-        raise RuntimeError(f"split: no block layout recorded for the {plan.family} family")
-    frozen, head = _split_blocks(model, plan.base, plan.spec, plan.prefix, name, untie_weights)
-    if plan.family == "sentence-transformers":
-        # The sentence embedding comes from the token states: an encoder pooler is in neither part.
-        if "pooler" in head.tail:
-            del head.tail["pooler"]
-        return frozen, SentenceTransformerHead(model, head, name)
-    return frozen, head
+    plan = plan_split(model, blocks, stem, tuple(tail))
+    return plan.kind.split(model, plan, resolve_at(model, plan, at), untie_weights=untie_weights)

@@ -45,8 +45,9 @@ from torch import nn
 
 from actstore.environment import environment
 from actstore.errors import CorruptStoreError
-from actstore.format.manifest import Field, check_name
-from actstore.hashing import key as content_key
+from actstore.format.documents import check_name
+from actstore.format.fields import Field
+from actstore.format.keys import key as content_key
 from actstore.models.capture import resolve_layers
 from actstore.precompute.config import (
     STORE_DTYPES,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from actstore.engine.ragged import RaggedBatch
-from actstore.format.manifest import Field
+from actstore.format.fields import Field
 from actstore.precompute.items import SideColumns
 
 __all__ = ["Job", "Writer", "convert_output"]

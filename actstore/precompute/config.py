@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from actstore.format.manifest import Field
+from actstore.format.fields import Field
 from actstore.format.record import RECORD_ATTR
 from actstore.precompute.items import Selector
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from actstore.engine.validate import field_of
-from actstore.format.manifest import Field
+from actstore.format.fields import Field
 from actstore.models.capture import LayerCapture
 from actstore.models.split import check_padding
 from actstore.precompute.background import Job, convert_output

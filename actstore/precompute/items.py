@@ -22,7 +22,7 @@ import torch
 from actstore.engine.ragged import RaggedBatch
 from actstore.engine.validate import field_of
 from actstore.errors import DatasetMismatchError
-from actstore.format.manifest import Field
+from actstore.format.fields import Field
 from actstore.format.record import ItemRecord
 
 __all__ = [

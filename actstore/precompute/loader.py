@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from actstore.hashing import key as content_key
+from actstore.format.keys import key as content_key
 from actstore.precompute.items import Selector
 from actstore.precompute.keys import check_key
 

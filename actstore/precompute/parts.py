@@ -25,7 +25,7 @@ from typing import Any
 
 from actstore.engine.writing import describe_fields
 from actstore.errors import StoreExistsError, StoreLockedError
-from actstore.format.manifest import PARTS_DIR
+from actstore.format.layout import PARTS_DIR
 from actstore.format.record import read_record
 from actstore.precompute.config import ATTR, PrecomputeConfig
 from actstore.precompute.resume import is_placeholder, part_problem, same_config

@@ -28,7 +28,10 @@ from torch import nn
 
 from actstore.engine.writing import describe_fields
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError
-from actstore.format.manifest import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR, Field, Manifest, dtype_name
+from actstore.format.dtypes import dtype_name
+from actstore.format.fields import Field
+from actstore.format.layout import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR
+from actstore.format.manifest import Manifest
 from actstore.format.record import ItemRecord, LayerRecord, PrecomputeRecord, read_record
 from actstore.models.fingerprint import fingerprint_matches
 from actstore.precompute.config import VIEW, PrecomputeConfig

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from actstore.errors import StoreError
-from actstore.format.manifest import Field, dtype_name
+from actstore.format.dtypes import dtype_name
+from actstore.format.fields import Field
 from actstore.format.record import ItemRecord, PrecomputeRecord
 from actstore.models.capture import train_mode_matters
 from actstore.models.fingerprint import frozen_fingerprint

@@ -9,7 +9,7 @@ and compared with a resumed store's (:func:`~actstore.precompute.resume.keep_or_
 
 from __future__ import annotations
 
-from actstore.format.manifest import Field
+from actstore.format.fields import Field
 from actstore.format.record import ItemRecord
 from actstore.precompute.config import PrecomputeConfig
 from actstore.precompute.items import SideColumn, SideColumns, encode_side

@@ -26,7 +26,8 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
-from actstore.format.manifest import INDEXES_DIR, SEGMENTS_DIR, VIEWS_DIR, Manifest
+from actstore.format.layout import INDEXES_DIR, SEGMENTS_DIR, VIEWS_DIR
+from actstore.format.manifest import Manifest
 
 __all__ = ["OBJECT_DIRS", "Backend", "FileProvider", "WriterLock", "objects_of", "referenced", "remove_unreferenced"]
 

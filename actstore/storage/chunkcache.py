@@ -46,7 +46,8 @@ from typing import Any
 import blake3
 
 from actstore.errors import CorruptStoreError, StoreError
-from actstore.format.manifest import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR, group_document
+from actstore.format.layout import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR
+from actstore.format.manifest import group_document
 from actstore.storage.files import atomic_write, hash_file, object_files
 from actstore.storage.objects import ObjectStore
 

@@ -18,7 +18,9 @@ from typing import Any
 import blake3
 
 from actstore.errors import CorruptStoreError
-from actstore.format.manifest import MAX_METADATA_BYTES, SEGMENT_ATTR, array_metadata, chunk_path, loads
+from actstore.format.arrays import array_metadata, chunk_path
+from actstore.format.documents import MAX_METADATA_BYTES, loads
+from actstore.format.manifest import SEGMENT_ATTR
 
 __all__ = ["array_inner_rows", "atomic_write", "copy_range", "expect_array", "fsync_dir", "hash_file", "inside",
            "object_files", "read_document", "write_durable"]

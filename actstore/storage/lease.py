@@ -46,7 +46,8 @@ import uuid
 import weakref
 
 from actstore.errors import RemoteError, StoreLockedError
-from actstore.format.manifest import LOCK_DIR, group_document
+from actstore.format.layout import LOCK_DIR
+from actstore.format.manifest import group_document
 from actstore.storage.objects import ObjectStore, PreconditionFailed
 
 __all__ = ["DEFAULT_LEASE_SECONDS", "RemoteLock"]

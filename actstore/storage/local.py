@@ -24,7 +24,8 @@ from typing import Any
 import blake3
 
 from actstore.errors import CorruptStoreError, StoreExistsError, StoreLockedError
-from actstore.format.manifest import LOCK_DIR, PARTS_DIR, group_document
+from actstore.format.layout import LOCK_DIR, PARTS_DIR
+from actstore.format.manifest import group_document
 from actstore.storage import files as fsio
 from actstore.storage.base import OBJECT_DIRS, Backend
 

@@ -37,7 +37,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from actstore.errors import CorruptStoreError, StoreExistsError, StoreLockedError
-from actstore.format.manifest import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR, Manifest
+from actstore.format.layout import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR
+from actstore.format.manifest import Manifest
 from actstore.storage.base import OBJECT_DIRS, Backend, FileProvider
 from actstore.storage.chunkcache import ChunkCache, default_cache_dir
 from actstore.storage.lease import DEFAULT_LEASE_SECONDS, RemoteLock

@@ -22,7 +22,7 @@ from torch.utils.data._utils.collate import default_collate, default_collate_fn_
 
 from actstore.engine.gather import Row, Rows, alloc, check_float_dtype, gather_fixed, gather_padded
 from actstore.engine.ragged import PaddedBatch
-from actstore.format.manifest import Field
+from actstore.format.fields import Field
 
 __all__ = ["ActivationCollate", "PaddedBatch", "RowBatch", "collate"]
 

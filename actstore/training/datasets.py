@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from actstore.deprecation import renamed_arguments
 from actstore.engine.plans import make_row, row_plan
 from actstore.errors import StaleStoreError, StoreError
 from actstore.format.record import PrecomputeRecord, read_record
@@ -189,7 +190,7 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
 
     Parameters
     ----------
-    store_or_path
+    store
         A store or its path.  It is read as of its last commit (a store still
         being written shows what was committed before the dataset was made).
     fields
@@ -223,9 +224,10 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     >>> loader = DataLoader(ds, batch_size=256, shuffle=True, collate_fn=actstore.collate)  # doctest: +SKIP
     """
 
-    def __init__(self, store_or_path: Any, fields: Sequence[str] | str | None = None, *, model: Any = None,
+    @renamed_arguments(store_or_path="store")
+    def __init__(self, store: Any, fields: Sequence[str] | str | None = None, *, model: Any = None,
                  fingerprint: str | None = None) -> None:
-        self._hold(store_or_path)
+        self._hold(store)
         self.fields = _check_fields(self.store, fields)
         check_frozen(self.store, model, fingerprint, where=f"ActivationDataset({self.store.path})")
 

@@ -20,12 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from actstore.deprecation import renamed_arguments
 from actstore.engine.gather import row_view
 from actstore.engine.ragged import PaddedBatch, RaggedBatch
 from actstore.engine.reader import normalize_keys
 from actstore.errors import MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
-from actstore.format.manifest import Field, dtype_name
-from actstore.hashing import key as content_key
+from actstore.format.dtypes import dtype_name
+from actstore.format.fields import Field
+from actstore.format.keys import key as content_key
 from actstore.models.blocks import Frozen
 from actstore.models.capture import train_mode_matters
 from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
@@ -148,17 +150,17 @@ class RecycledEncoder(nn.Module):
         :func:`~actstore.fingerprint` recorded.
     key_fn
         Sample → 32-byte key (default :func:`actstore.key`), on the raw sample.
-    collate
+    collate_fn
         Raw samples (a list) → what ``frozen`` takes, for the misses only: a
         tokenizer call for texts, for instance.  Default: for split's frozen part
         of a sentence-transformers model, the model's own ``tokenize``; for split's
         frozen part of another model, ``torch.stack`` of tensor samples (texts
-        need ``collate``); for any other module, none (it gets the raw list).
+        need ``collate_fn``); for any other module, none (it gets the raw list).
         Causal decoders must be padded on the right (a left-padded batch raises
         :class:`~actstore.errors.LeftPaddingError`).
     append
         Append computed rows to the store (needs a writable store: a path, or one
-        opened with ``mode="a"``).  Rows are committed every ``commit_every`` rows
+        opened with ``mode="a"``).  Rows are committed every ``commit_every_rows`` rows
         and at :meth:`close`; until then they are served from memory.
     fields
         Fields to return (default: precompute's layers, or all fields; for a new
@@ -188,19 +190,20 @@ class RecycledEncoder(nn.Module):
     Examples
     --------
     >>> frozen, head = actstore.split(model, 0.5)  # doctest: +SKIP
-    >>> enc = RecycledEncoder(frozen, "cache.store", append=True, collate=tokenize)  # doctest: +SKIP
+    >>> enc = RecycledEncoder(frozen, "cache.store", append=True, collate_fn=tokenize)  # doctest: +SKIP
     >>> for epoch in range(3):  # doctest: +SKIP
     ...     for texts, labels in loader:
     ...         loss = loss_fn(head(enc(texts)), labels)  # a PaddedBatch: the head reads its mask
     >>> enc.close(); enc.hit_rate  # doctest: +SKIP
     """
 
+    @renamed_arguments(collate="collate_fn", commit_every="commit_every_rows")
     def __init__(self, frozen: Callable[..., Any], store: ActivationStore | str | os.PathLike[str],
                  key_fn: Callable[[Any], bytes] | None = None, append: bool = False, *,
                  fields: Sequence[str] | Mapping[str, Field] | str | None = None, store_dtype: Any = None,
-                 dtype: torch.dtype | None = None, pad_to_multiple_of: int | None = None, commit_every: int = 4096,
+                 dtype: torch.dtype | None = None, pad_to_multiple_of: int | None = None, commit_every_rows: int = 4096,
                  device: torch.device | str | None = None, check_fingerprint: bool = True,
-                 collate: Callable[[list[Any]], Any] | None = None) -> None:
+                 collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
         super().__init__()
         self.frozen = frozen
         if isinstance(frozen, nn.Module):
@@ -208,10 +211,10 @@ class RecycledEncoder(nn.Module):
                 warnings.warn(f"RecycledEncoder runs the frozen {type(frozen).__name__} in eval mode (no dropout in "
                               "computed or stored rows); it was in train mode", stacklevel=2)
             frozen.eval()
-        self.collate_fn = collate if collate is not None else _default_collate(frozen)
+        self.collate_fn = collate_fn if collate_fn is not None else _default_collate(frozen)
         self.key_fn = key_fn or content_key
         self.append = bool(append)
-        self.commit_every = int(commit_every)
+        self.commit_every_rows = int(commit_every_rows)
         self.collate = ActivationCollate(dtype, pad_to_multiple_of)
         self.store_dtype = None if store_dtype is None else dtype_name(store_dtype)
         self.check_fingerprint = check_fingerprint
@@ -358,7 +361,7 @@ class RecycledEncoder(nn.Module):
         store.append(karr, values)
         for i, k in enumerate(karr):
             self._pending[bytes(k)] = {name: produced[name][i] for name in self.names}
-        if store.pending >= self.commit_every:
+        if store.pending >= self.commit_every_rows:
             self.commit()
 
     def _field(self, name: str, extra: Mapping[int, torch.Tensor]) -> Field:
@@ -442,8 +445,8 @@ def _stack(samples: Any) -> Any:
         return torch.from_numpy(np.stack(items))
     kinds = sorted({type(x).__name__ for x in items})
     raise TypeError(
-        f"RecycledEncoder: the frozen part takes model inputs, but the samples are {kinds}; pass collate= "
-        "(for texts, the model's tokenizer: collate=lambda texts: tokenizer(texts, padding=True, "
+        f"RecycledEncoder: the frozen part takes model inputs, but the samples are {kinds}; pass collate_fn= "
+        "(for texts, the model's tokenizer: collate_fn=lambda texts: tokenizer(texts, padding=True, "
         "return_tensors='pt'))"
     )
 

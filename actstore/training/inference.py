@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from actstore.deprecation import renamed_arguments
 from actstore.errors import StaleStoreError
-from actstore.format.manifest import Field
+from actstore.format.fields import Field
 from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
 from actstore.store import ActivationStore, create
 from actstore.training.collate import ActivationCollate, PaddedBatch
@@ -116,10 +117,11 @@ def _per_row(y: torch.Tensor, mask: torch.Tensor | None, token_level: bool) -> l
     return [y[i, : int(n)] for i, n in enumerate(lengths)]
 
 
+@renamed_arguments(out_dtype="store_dtype")
 def infer(head: nn.Module, store: ActivationStore | str | os.PathLike[str], field: str | None = None, *,
           frozen: nn.Module | str | None = None, rows: Sequence[int] | np.ndarray | None = None, keys: Any = None,
           batch_size: int = 256, num_workers: int = 0, progress: bool = True, out: str | os.PathLike[str] | None = None,
-          out_field: str = "output", out_dtype: str | None = None, output: Callable[[Any], Any] | None = None,
+          out_field: str = "output", store_dtype: str | None = None, output: Callable[[Any], Any] | None = None,
           token_level: bool = False, dtype: torch.dtype = torch.float32, check_fingerprint: bool = True,
           overwrite: bool = False) -> torch.Tensor | list[torch.Tensor] | ActivationStore:
     """Run ``head`` over the rows of ``store`` (all, ``rows=`` or ``keys=``), in batches, in eval mode.
@@ -150,7 +152,7 @@ def infer(head: nn.Module, store: ActivationStore | str | os.PathLike[str], fiel
         A tqdm progress bar.
     out : path, optional
         Write the outputs to a new store at ``out`` (field ``out_field``,
-        stored as ``out_dtype``, default the output's dtype), each under its
+        stored as ``store_dtype``, default the output's dtype), each under its
         source row's key, and return that store (open for reading).
     output : callable, optional
         Picks the tensor from the head's output (e.g. ``lambda o: o.logits``).
@@ -216,7 +218,7 @@ def infer(head: nn.Module, store: ActivationStore | str | os.PathLike[str], fiel
                     results.extend(cpu) if token_level else results.append(cpu)
                     continue
                 if target is None:
-                    target = _create_out(out, src, name, out_field, out_dtype, cpu, token_level, overwrite)
+                    target = _create_out(out, src, name, out_field, store_dtype, cpu, token_level, overwrite)
                 target.append(src.key_at(order[done : done + len(cpu)]), {out_field: cpu})
                 done += len(cpu)
     finally:
@@ -235,13 +237,13 @@ def infer(head: nn.Module, store: ActivationStore | str | os.PathLike[str], fiel
     return open_store(path)
 
 
-def _create_out(out: str | os.PathLike[str], src: ActivationStore, name: str, out_field: str, out_dtype: str | None,
+def _create_out(out: str | os.PathLike[str], src: ActivationStore, name: str, out_field: str, store_dtype: str | None,
                 first: Any, token_level: bool, overwrite: bool) -> ActivationStore:
     sample = first[0]
     shape: tuple[int | None, ...] = tuple(sample.shape)
     if token_level:
         shape = (None, *shape[1:])
-    dt = out_dtype or str(sample.dtype).removeprefix("torch.")
+    dt = store_dtype or str(sample.dtype).removeprefix("torch.")
     if overwrite and os.path.exists(out):
         import shutil
 

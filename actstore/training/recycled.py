@@ -19,9 +19,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from actstore.deprecation import renamed_arguments
 from actstore.engine.gather import row_view
 from actstore.errors import DatasetMismatchError, MissingRowsError
-from actstore.hashing import key as content_key
+from actstore.format.keys import DEFAULT_KEY_NAMES
+from actstore.format.keys import key as content_key
 from actstore.precompute.items import ItemLayout, decode_item, decode_side, item_part
 from actstore.store import ActivationStore
 from actstore.training.collate import ActivationCollate, RowBatch
@@ -72,8 +74,8 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     ----------
     dataset
         The dataset that was precomputed (anything with ``len`` and ``[i]``).
-    store_or_path
-        The store precompute filled.
+    store
+        The store precompute filled (or its path).
     input, side
         Which part of an item was the input (``None``: the whole item; a key or
         an index) and item part → side field; default: what precompute recorded.
@@ -117,11 +119,12 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         and how to fill them.
     """
 
-    def __init__(self, dataset: Any, store_or_path: Any, *, input: Any = _UNSET, side: Mapping[Any, str] | None = None,
+    @renamed_arguments(store_or_path="store")
+    def __init__(self, dataset: Any, store: Any, *, input: Any = _UNSET, side: Mapping[Any, str] | None = None,
                  fields: Sequence[str] | str | None = None, check: int | str = "auto", seed: int = 0, index: str = "view",
                  fallback: Callable[[list[Any]], Any] | None = None, key_fn: Callable[[Any], bytes] | None = None,
                  input_name: str | None = None, model: Any = None, fingerprint: str | None = None) -> None:
-        self._hold(store_or_path)
+        self._hold(store)
         store = self.store
         check_frozen(store, model, fingerprint, where=f"CachedDataset({store.path})")
         cfg = precompute_config(store)
@@ -129,7 +132,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         self.side = dict(cfg.side or {}) if side is None else dict(side)
         layer_default = [n for n in (cfg.layers or store.fields) if n not in set(self.side.values())]
         self.fields = _check_fields(store, layer_default if fields is None else fields)
-        if key_fn is None and cfg.key_fn not in (None, "actstore.key", "actstore.hashing.key", "actstore.keys.key"):
+        if key_fn is None and cfg.key_fn not in DEFAULT_KEY_NAMES:
             raise ValueError(f"CachedDataset({store.path}): precompute keyed the inputs with {cfg.key_fn}; "
                              "pass the same function as key_fn=")
         self.key_fn = key_fn or content_key

@@ -31,8 +31,8 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from actstore.environment import environment
-from actstore.format.layout import field_arrays
-from actstore.format.manifest import FIELDS_DIR, chunk_path
+from actstore.format.arrays import chunk_path
+from actstore.format.layout import FIELDS_DIR, field_arrays
 from actstore.store import ActivationStore
 from actstore.store import open as open_store
 

@@ -29,7 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import actstore
-from actstore.format.manifest import MAX_METADATA_BYTES, parse_root
+from actstore.format.documents import MAX_METADATA_BYTES
+from actstore.format.manifest import parse_root
 
 from . import harness as h
 
@@ -473,7 +474,7 @@ def test_atheris_parse_root(tmp_path: Path, template: Path, runs: int) -> None:
 
 @pytest.mark.parametrize("number", ["1e400", "-1e400", "NaN", "Infinity"])
 def test_nonfinite_numbers_in_metadata_are_refused(number: str) -> None:
-    from actstore.format.manifest import loads
+    from actstore.format.documents import loads
 
     with pytest.raises(actstore.CorruptStoreError):
         loads(f'{{"a": {number}}}'.encode(), "zarr.json")

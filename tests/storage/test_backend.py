@@ -17,7 +17,9 @@ import pytest
 
 from actstore.engine.segments import write_object
 from actstore.errors import StoreExistsError, StoreLockedError
-from actstore.format.manifest import INDEXES_DIR, VIEWS_DIR, Field, IndexRunInfo, Manifest, root_document
+from actstore.format.fields import Field
+from actstore.format.layout import INDEXES_DIR, VIEWS_DIR
+from actstore.format.manifest import IndexRunInfo, Manifest, root_document
 from actstore.storage.base import Backend, objects_of, remove_unreferenced
 from actstore.storage.local import LocalBackend
 from actstore.storage.objects import ObjectStore

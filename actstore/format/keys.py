@@ -1,4 +1,4 @@
-"""Content keys for samples and fingerprints for models.
+"""Content keys for samples and fingerprints for models (docs/FORMAT.md §11: this module is that section in code).
 
 A sample's key is the 32-byte BLAKE3 digest of a canonical, type-tagged
 encoding of its content (specified exactly in ``docs/FORMAT.md (section 11)``).  Equal content
@@ -27,7 +27,12 @@ from blake3 import blake3
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["fingerprint", "key", "keys"]
+__all__ = ["DEFAULT_KEY_NAMES", "fingerprint", "key", "keys"]
+
+#: The names a precompute record may give the default key function (``key_fn`` unset): this module's, the
+#: public alias, and the module path of earlier versions (``actstore.hashing``).
+DEFAULT_KEY_NAMES = frozenset({None, "actstore.key", "actstore.format.keys.key", "actstore.hashing.key",
+                               "actstore.keys.key"})
 
 KEY_DOMAIN = b"actstore-key-v1\x00"
 """Prefix hashed before every sample encoding; bump the version to evolve."""
