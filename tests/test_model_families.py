@@ -164,7 +164,7 @@ def test_dunder_names_and_copies_stay_with_the_part() -> None:
 ])
 def test_legacy_aliases_warn_and_name_the_replacement(module: str, old: str, new: type) -> None:
     mod = importlib.import_module(module)
-    with pytest.warns(DeprecationWarning, match=f"{old} is deprecated: use .*{new.__name__}"):
+    with pytest.warns(DeprecationWarning, match=f"{old} is deprecated; use .*{new.__name__}"):
         assert getattr(mod, old) is new
     with pytest.warns(DeprecationWarning, match=old):
         exec(f"from {module} import {old}", {})

@@ -66,12 +66,12 @@ from __future__ import annotations
 
 import difflib
 import math
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from actstore.deprecation import moved_attributes
 from actstore.errors import LeftPaddingError, SplitError
 from actstore.models.blocks import Frozen, Head, SplitStates
 from actstore.models.capture import canonical_name
@@ -103,17 +103,11 @@ _PROTOCOL = (
     "recycle with hooks (actstore.models.capture.capture / LayerCapture, precompute's layers=)."
 )
 
-_DEPRECATED = {"BertFrozen": "Frozen", "BertHead": "Head"}
-
-
-def __getattr__(name: str) -> Any:
-    """Former names, kept importable: ``BertFrozen`` and ``BertHead`` serve every family (deprecated)."""
-    if name in _DEPRECATED:
-        new = _DEPRECATED[name]
-        warnings.warn(f"actstore.models.split.{name} is deprecated: use actstore.models.split.{new} (the same class)",
-                      DeprecationWarning, stacklevel=2)
-        return globals()[new]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: Former names, kept importable: ``BertFrozen`` and ``BertHead`` serve every family (deprecated).
+__getattr__ = moved_attributes(__name__, {
+    "BertFrozen": ("actstore.models.split.Frozen (the same class)", lambda: Frozen),
+    "BertHead": ("actstore.models.split.Head (the same class)", lambda: Head),
+})
 
 
 # -- family detection ------------------------------------------------------------

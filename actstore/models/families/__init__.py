@@ -21,9 +21,7 @@ its models.
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
-
+from actstore.deprecation import moved_attributes
 from actstore.models.families.base import BlockFamily, ModelFamily, SplitPlan, split_blocks
 from actstore.models.families.custom import CustomFamily, custom_family
 from actstore.models.families.resnet import ResNetFamily, ResNetPart
@@ -60,9 +58,4 @@ FAMILIES: tuple[ModelFamily, ...] = (
 """The detected families, in the order ``split`` asks them: the first whose ``detect`` is true plans the model."""
 
 
-def __getattr__(name: str) -> Any:
-    if name == "Family":
-        warnings.warn("actstore.models.families.Family is deprecated: use actstore.models.layout.BlockLayout",
-                      DeprecationWarning, stacklevel=2)
-        return BlockLayout
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_attributes(__name__, {"Family": ("actstore.models.layout.BlockLayout", lambda: BlockLayout)})
