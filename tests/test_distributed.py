@@ -14,7 +14,9 @@ import pytest
 
 import actstore
 from actstore.precompute.api import precompute
-from actstore.precompute.distributed import RankSlice, adopt_leftovers, clone_store
+from actstore.precompute.distributed import RankSlice
+from actstore.precompute.parts import adopt_leftovers
+from actstore.store import clone_store
 from actstore.testing.s3_server import free_ports
 from tests import dist_helpers
 

@@ -23,8 +23,8 @@ from actstore.cli import main as cli_main
 from actstore.format.keys import key
 from actstore.format.keys import keys as keys_of
 from actstore.precompute.api import field_name, precompute
+from actstore.precompute.config import ATTR
 from actstore.precompute.keys import NOT_FOUND, KeyTable
-from actstore.precompute.run import ATTR
 from actstore.testing.models import tiny_bert, tiny_mlp, tiny_resnet
 from tests.precompute_helpers import pad_collate, token_lists, vectors
 

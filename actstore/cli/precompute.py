@@ -11,7 +11,7 @@ from actstore.cli.factories import call_factory
 from actstore.cli.registry import command
 from actstore.errors import FactoryError, StoreError
 from actstore.precompute.api import precompute
-from actstore.precompute.run import STORE_DTYPES
+from actstore.precompute.config import STORE_DTYPES
 
 
 def cmd_precompute(args: argparse.Namespace) -> int:

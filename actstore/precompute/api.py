@@ -47,12 +47,21 @@ from actstore.environment import environment
 from actstore.errors import CorruptStoreError
 from actstore.format.documents import check_name
 from actstore.format.fields import Field
-from actstore.format.layout import PARTS_DIR
+from actstore.format.keys import key as content_key
 from actstore.models.capture import resolve_layers
-from actstore.precompute.distributed import precompute_run
+from actstore.precompute.config import (
+    STORE_DTYPES,
+    CaptureConfig,
+    CommitConfig,
+    ExecutionConfig,
+    ItemsConfig,
+    PrecomputeConfig,
+    StorageConfig,
+)
+from actstore.precompute.distributed import precompute_ranks
 from actstore.precompute.items import Selector
-from actstore.precompute.loader import field_name
-from actstore.precompute.run import STORE_DTYPES, Run
+from actstore.precompute.loader import default_collate, field_name
+from actstore.precompute.run import Run
 from actstore.storage.objects import is_url
 from actstore.store import ActivationStore
 
@@ -213,28 +222,29 @@ def precompute(
             raise TypeError(f"side_fields[{name!r}]: expected an actstore.Field or None, got {type(f).__name__}")
     dev = _device(device)
     resolved, names = _layers(model, layers)
-    run_kwargs = dict(
-        layers=resolved, field_names=names,
-        batch_size=_positive("batch_size", batch_size), device=dev, collate_fn=collate_fn, key_fn=key_fn,
-        store_dtype=_store_dtype(store_dtype), compression=_compression(compression), quantize=_quantize(quantize),
-        num_workers=num_workers,
-        progress=bool(progress),
-        selector=Selector(input, _forward_args(model)), side_fields=dict(side_fields or {}), lengths_fn=lengths_fn,
-        autocast=_autocast_dtype(autocast, dev),
-        commit_every_rows=_positive("commit_every_rows", commit_every_rows, True),
-        commit_every_seconds=_positive("commit_every_seconds", commit_every_seconds, True, float),
-        max_in_flight=_positive("max_in_flight", max_in_flight), overwrite=bool(overwrite),
-        compact=bool(compact))
+    batch = _positive("batch_size", batch_size)
+    stored = _store_dtype(store_dtype), _compression(compression), _quantize(quantize)
+    autocast_dtype = _autocast_dtype(autocast, dev)
+    every = (_positive("commit_every_rows", commit_every_rows, True),
+             _positive("commit_every_seconds", commit_every_seconds, True, float))
+    in_flight = _positive("max_in_flight", max_in_flight)
+    cfg = PrecomputeConfig(
+        capture=CaptureConfig({layer: names[layer] for layer in resolved}, lengths_fn=lengths_fn),
+        items=ItemsConfig(Selector(input, _forward_args(model)), collate_fn=collate_fn or default_collate,
+                          key_fn=None if key_fn is content_key else key_fn, side_fields=dict(side_fields or {})),
+        storage=StorageConfig(*stored, overwrite=bool(overwrite)),
+        execution=ExecutionConfig(dev, batch_size=batch, num_workers=num_workers, autocast=autocast_dtype,
+                                  max_in_flight=in_flight, progress=bool(progress)),
+        commits=CommitConfig(*every, compact=bool(compact)))
     root = os.fspath(path)
     if is_url(root):
         raise ValueError(f"path: precompute writes a local (or shared-filesystem) store, got the URL {root!r}; "
                          "precompute to a path, then upload it with `actstore push PATH URL`")
     root = os.path.abspath(root)
     env = environment()
-    if (env.launched and env.world > 1) or os.path.isdir(os.path.join(root, PARTS_DIR)):
-        # launched by torchrun: one disjoint part per rank; or an interrupted distributed run's parts to adopt first
-        return precompute_run(model, dataset, root, run_kwargs)
-    return Run(model, dataset, root, **run_kwargs).run()
+    if env.launched and env.world > 1:  # launched by torchrun: one disjoint part per rank, merged by rank 0
+        return precompute_ranks(model, dataset, root, cfg)
+    return Run(model, dataset, root, cfg).run()  # (adopts an interrupted distributed run's parts first)
 
 
 # --- argument checking --------------------------------------------------------------

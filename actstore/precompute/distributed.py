@@ -1,8 +1,9 @@
 """Distributed precompute: ``torchrun`` starts N processes, each computes a disjoint part of the dataset.
 
-:func:`actstore.precompute` comes here.  Launched by ``torchrun`` (``RANK`` and
-``WORLD_SIZE`` in the environment, or a process group already initialised),
-with ``WORLD_SIZE`` > 1::
+:func:`actstore.precompute` comes here only when launched by ``torchrun`` (``RANK``
+and ``WORLD_SIZE`` in the environment, or a process group already initialised)
+with ``WORLD_SIZE`` > 1; a single process never runs this module's code (it
+adopts leftover parts itself, through :mod:`actstore.precompute.parts`)::
 
     all ranks   check they agree (world size, dataset length, model fingerprint,
                 layers, path) — an error on every rank before anything is written
@@ -46,14 +47,12 @@ object storage, ``actstore push PATH s3://...`` afterwards.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import datetime
-import logging
 import math
 import os
-import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,14 +61,25 @@ import torch
 
 from actstore.environment import environment
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError, StoreLockedError
-from actstore.format.layout import PARTS_DIR
-from actstore.format.manifest import Manifest
-from actstore.storage.objects import is_url
-from actstore.store import clone_store
+from actstore.format.record import read_record
+from actstore.models.fingerprint import frozen_fingerprint
+from actstore.precompute.config import VIEW, PrecomputeConfig
+from actstore.precompute.parts import (
+    adopt_leftovers,
+    delete_part,
+    len_of,
+    open_or_create_main,
+    parts_dir,
+    parts_lock,
+    record_length,
+    remove_parts_dir,
+)
+from actstore.precompute.resume import is_placeholder
+from actstore.precompute.run import Run
+from actstore.store import ActivationStore, clone_store
+from actstore.store import open as open_store
 
-__all__ = ["DistInfo", "adopt_leftovers", "clone_store", "detect", "precompute_run"]
-
-log = logging.getLogger("actstore")
+__all__ = ["DistInfo", "RankIterable", "RankSlice", "detect", "global_position", "precompute_ranks"]
 
 #: Seconds a rank waits for the others to join and to agree (a launch whose ranks disagree fails after this).
 TIMEOUT_SECONDS = float(os.environ.get("ACTSTORE_DIST_TIMEOUT", 900))
@@ -149,35 +159,17 @@ def _slice(dataset: Any, rank: int, world: int, block: int) -> Any:
 # --- entry point ----------------------------------------------------------------------------
 
 
-def precompute_run(model: torch.nn.Module, dataset: Any, root: str, kwargs: dict[str, Any]) -> Any:
-    """Run precompute into ``root``: distributed when launched so; else adopt an interrupted run's parts, then run.
+def precompute_ranks(model: torch.nn.Module, dataset: Any, root: str, cfg: PrecomputeConfig) -> ActivationStore:
+    """This rank's share of a distributed precompute into ``root`` (absolute, local); returns ``root`` opened.
 
-    ``kwargs`` are :class:`~actstore.precompute.run.Run`'s keyword arguments.
-    :func:`actstore.precompute` calls this only under a launcher or when
-    ``root/parts`` holds an interrupted distributed run's leftovers.
+    :func:`actstore.precompute` calls this only when launched with a world size
+    above 1, after checking the arguments (``cfg``) and the path.
     """
-    from actstore.precompute.run import Run
-    from actstore.store import open as open_store
-
-    if is_url(root):
-        raise ValueError(f"path: precompute writes a local (or shared-filesystem) store, got the URL {root!r}; "
-                         "precompute to a path, then upload it with `actstore push PATH URL`")
-    root = os.path.abspath(root)
     info = detect()
-    if info is None or info.world == 1:
-        from actstore.models.fingerprint import frozen_fingerprint
-
-        parts = os.path.join(root, PARTS_DIR)
-        if os.path.isdir(parts):  # leftovers of an interrupted distributed run
-            lock = _parts_lock(parts)
-            try:
-                adopt_leftovers(root, frozen_fingerprint(model, kwargs["layers"]), list(kwargs["layers"]), kwargs["overwrite"], len_of(dataset))
-            finally:
-                lock.release()
-            _remove_parts_dir(root)
-        return Run(model, dataset, root, **kwargs).run()
+    if info is None or info.world < 2:
+        raise RuntimeError("precompute_ranks: not launched by torchrun with WORLD_SIZE > 1")
     with _Group() as quick:
-        return _Ranks(model, dataset, root, kwargs, info, quick).run(open_store)
+        return _Ranks(model, dataset, root, cfg, info, quick).run()
 
 
 class _Group:
@@ -214,13 +206,14 @@ def _join_hint(e: BaseException) -> str:
 
 
 class _Ranks:
-    def __init__(self, model: torch.nn.Module, dataset: Any, root: str, kwargs: dict[str, Any], info: DistInfo,
+    def __init__(self, model: torch.nn.Module, dataset: Any, root: str, cfg: PrecomputeConfig, info: DistInfo,
                  quick: Any) -> None:
-        self.model, self.dataset, self.root, self.kwargs = model, dataset, root, kwargs
+        self.model, self.dataset, self.root, self.cfg = model, dataset, root, cfg
         self.rank, self.world, self.group = info.rank, info.world, quick
         self.slow: Any = None
         self.local_rank = info.local_rank
-        self.parts = os.path.join(root, PARTS_DIR)
+        self.parts = parts_dir(root)
+        self.batch_size = cfg.execution.batch_size
 
     # -- collectives -----------------------------------------------------------------------
     def gather(self, obj: Any, slow: bool = False) -> list[Any]:
@@ -244,10 +237,9 @@ class _Ranks:
                 raise kind(f"rank {r} failed {what}: {st[0]}: {st[1]}")
 
     # -- the run ---------------------------------------------------------------------------------
-    def run(self, open_store: Any) -> Any:
-        from actstore.models.fingerprint import frozen_fingerprint
-
-        fp = frozen_fingerprint(self.model, self.kwargs["layers"])
+    def run(self) -> ActivationStore:
+        layers = self.cfg.capture.layers
+        fp = frozen_fingerprint(self.model, layers)
         self.check_agreement(fp)
         self.slow = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=WAIT_SECONDS))
         lock = None
@@ -255,9 +247,8 @@ class _Ranks:
         err: BaseException | None = None
         if self.rank == 0:
             try:
-                lock = _parts_lock(self.parts)
-                adopt_leftovers(self.root, fp, list(self.kwargs["layers"]), self.kwargs["overwrite"],
-                                len_of(self.dataset))
+                lock = parts_lock(self.parts)
+                adopt_leftovers(self.root, fp, layers, self.cfg.storage.overwrite, len_of(self.dataset))
                 run_id = uuid.uuid4().hex[:12]
             except BaseException as e:
                 err = e
@@ -283,17 +274,13 @@ class _Ranks:
             if lock is not None:
                 lock.release()
         if self.rank == 0:
-            _remove_parts_dir(self.root)
+            remove_parts_dir(self.root)
         return open_store(self.root)
 
     def check_agreement(self, fp: str) -> None:
-        try:
-            length: int | None = len(self.dataset)
-        except TypeError:
-            length = None
-        mine = {"world": self.world, "WORLD_SIZE": os.environ.get("WORLD_SIZE"), "dataset_length": length,
-                "fingerprint": fp, "layers": list(self.kwargs["layers"]), "path": self.root,
-                "batch_size": self.kwargs["batch_size"]}
+        mine = {"world": self.world, "WORLD_SIZE": os.environ.get("WORLD_SIZE"), "dataset_length": len_of(self.dataset),
+                "fingerprint": fp, "layers": self.cfg.capture.layers, "path": self.root,
+                "batch_size": self.batch_size}
         try:
             every = self.gather(mine)
             ranks_seen = self.gather(self.rank)
@@ -311,58 +298,32 @@ class _Ranks:
             raise ValueError("precompute: the ranks of this launch disagree, nothing was written: " + "; ".join(problems))
 
     def compute(self, part: str) -> None:
-        from actstore.precompute.run import Run
-
-        kw = dict(self.kwargs)
-        dev: torch.device = kw["device"]
-        if dev.type == "cuda" and dev.index is None:  # (more ranks than GPUs on a node: they share them)
-            kw["device"] = torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
-            torch.cuda.set_device(kw["device"])
-        kw["progress"] = bool(kw["progress"]) and self.rank == 0
+        ex = self.cfg.execution
+        device = ex.device
+        if device.type == "cuda" and device.index is None:  # (more ranks than GPUs on a node: they share them)
+            device = torch.device("cuda", self.local_rank % max(1, torch.cuda.device_count()))
+            torch.cuda.set_device(device)
+        cfg = dataclasses.replace(self.cfg, execution=dataclasses.replace(
+            ex, device=device, progress=ex.progress and self.rank == 0))
         os.makedirs(self.parts, exist_ok=True)
         if os.path.exists(os.path.join(self.root, "zarr.json")):
             clone_store(self.root, part)  # the pipeline then skips every key the store has
-        store = Run(self.model, _slice(self.dataset, self.rank, self.world, kw["batch_size"]), part, **kw).run()
+        store = Run(self.model, _slice(self.dataset, self.rank, self.world, self.batch_size), part, cfg).run()
         store.close()
 
     def merge(self, fp: str, run_id: str) -> None:
-        from actstore.precompute.run import ATTR, VIEW
-        from actstore.store import open as open_store
-
         names = sorted(n for n in os.listdir(self.parts) if n.startswith(run_id + "-"))
         if len(names) != self.world:
             raise StoreError(f"{self.parts}: expected {self.world} parts of run {run_id}, found {len(names)}")
-        parts = [open_store(os.path.join(self.parts, n)) for n in names]
+        n = len_of(self.dataset)
+        parts = [open_store(os.path.join(self.parts, name)) for name in names]
         try:
-            main = _open_or_create_main(self.root, parts, fp, self.kwargs["overwrite"], len_of(self.dataset))
+            main = open_or_create_main(self.root, parts, fp, self.cfg.storage.overwrite, n)
             try:
-                main.adopt([p for p in parts if not _placeholder(p)])
-                n = len_of(self.dataset)
-                keys_at = np.zeros((0 if n is None else n, 32), np.uint8)
-                have = np.zeros(len(keys_at), bool)
-                for r, p in enumerate(parts):
-                    if VIEW not in p.views:
-                        continue
-                    v = np.asarray(p.view(VIEW))
-                    pos = global_position(np.arange(len(v)), r, self.world, self.kwargs["batch_size"])
-                    if n is None and len(pos):  # an iterable: the length is known only now
-                        need = int(pos.max()) + 1
-                        if need > len(keys_at):
-                            keys_at = np.concatenate([keys_at, np.zeros((need - len(keys_at), 32), np.uint8)])
-                            have = np.concatenate([have, np.zeros(need - len(have), bool)])
-                    ok = v >= 0
-                    keys_at[pos[ok]] = p.key_at(v[ok])
-                    have[pos[ok]] = True
-                if n is None:
-                    last = np.flatnonzero(have)
-                    end = int(last[-1]) + 1 if len(last) else 0
-                    keys_at, have = keys_at[:end], have[:end]
-                view = np.full(len(keys_at), -1, np.int64)
-                if have.any():
-                    view[have] = main.lookup(keys_at[have])
-                main.set_view(VIEW, view)
+                main.adopt([p for p in parts if not is_placeholder(p)])
+                main.set_view(VIEW, self._view(main, parts, n))
                 main.commit()
-                _record_length(main, n)
+                record_length(main, n)
                 rows = len(main)
             finally:
                 main.close()
@@ -370,199 +331,34 @@ class _Ranks:
             for p in parts:
                 p.close()
         for name in names:
-            _delete_part(os.path.join(self.parts, name))
-        cfg = dict(parts[0].attrs.get(ATTR) or {})
-        if self.kwargs["progress"]:
-            print(f"precompute: {self.world} ranks -> {self.root}: {rows:,} rows ({cfg.get('dataset_class')})",
-                  flush=True)
+            delete_part(os.path.join(self.parts, name))
+        record = read_record(parts[0].attrs, parts[0].path)
+        if self.cfg.execution.progress:
+            print(f"precompute: {self.world} ranks -> {self.root}: {rows:,} rows "
+                  f"({None if record is None else record.dataset_class})", flush=True)
 
-
-# --- parts -------------------------------------------------------------------------------------------
-
-
-def len_of(dataset: Any) -> int | None:
-    try:
-        return len(dataset)
-    except TypeError:
-        return None
-
-
-def _placeholder(store: Any) -> bool:
-    from actstore.precompute.run import ATTR
-
-    cfg = store.attrs.get(ATTR)
-    return len(store) == 0 and isinstance(cfg, Mapping) and bool(cfg.get("placeholder"))
-
-
-def _parts_lock(parts: str) -> Any:
-    """Rank 0 holds this while a distributed run uses PATH/parts: a second run on the same PATH is refused."""
-    from actstore.storage.local import StoreLock
-
-    os.makedirs(parts, exist_ok=True)
-    try:
-        return StoreLock(parts)
-    except StoreLockedError as e:
-        raise StoreLockedError(f"{parts}: another distributed precompute is writing to this store ({e}); "
-                               "wait for it, or write to another path") from e
-
-
-def _part_names(parts: str) -> list[str]:
-    """Complete leftover part stores (with a manifest), oldest run first; incomplete ones are deleted."""
-    out = []
-    for name in sorted(os.listdir(parts)) if os.path.isdir(parts) else []:
-        p = os.path.join(parts, name)
-        if name == "lock" or not os.path.isdir(p):
-            continue
-        if name.startswith(".deleting-") or not os.path.exists(os.path.join(p, "zarr.json")):
-            shutil.rmtree(p, ignore_errors=True)  # a clone or delete cut short: holds nothing committed
-            continue
-        out.append(name)
-    return out
-
-
-def _delete_part(path: str) -> None:
-    """Rename first, so that a delete cut short never leaves a half part that looks complete."""
-    trash = os.path.join(os.path.dirname(path), f".deleting-{os.path.basename(path)}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _remove_parts_dir(root: str) -> None:
-    parts = os.path.join(root, PARTS_DIR)
-    lock = _parts_lock(parts)
-    try:
-        if not _part_names(parts):
-            shutil.rmtree(os.path.join(parts, "lock"), ignore_errors=True)
-            with contextlib.suppress(OSError):
-                os.rmdir(parts)
-    finally:
-        lock.release()
-
-
-def adopt_leftovers(root: str, fp: str, layers: list[str], overwrite: bool, length: int | None = None) -> int:
-    """Adopt the committed rows of parts left by an interrupted distributed run into ``root``; returns the rows added.
-
-    A leftover part of another model or other layers is an error (``overwrite``
-    deletes it instead, and a store at ``root`` that this run cannot resume).
-    """
-    from actstore.store import open as open_store
-
-    parts = os.path.join(root, PARTS_DIR)
-    names = _part_names(parts)
-    main_exists = os.path.exists(os.path.join(root, "zarr.json"))
-    if overwrite and main_exists and _incompatible(_manifest(root), fp, layers):
-        _delete_main(root)
-        main_exists = False
-    usable = []
-    for name in names:
-        p = os.path.join(parts, name)
-        problem = _incompatible(_manifest(p), fp, layers)
-        if problem:
-            if not overwrite:
-                raise StoreExistsError(f"{p}: a leftover part of an interrupted run holds {problem}; pass "
-                                       "overwrite=True (--overwrite) to delete it, or delete it yourself")
-            _delete_part(p)
-            continue
-        usable.append(p)
-    if not usable:
-        return 0
-    stores = [open_store(p) for p in usable]
-    try:
-        real = [s for s in stores if not _placeholder(s)]
-        if not real:
-            added = 0
-        else:
-            main = _open_or_create_main(root, real, fp, overwrite, length)
-            try:
-                added = main.adopt(real)
-            finally:
-                main.close()
-    finally:
-        for s in stores:
-            s.close()
-    for p in usable:
-        _delete_part(p)
-    log.info("%s: adopted %d rows left by an interrupted distributed precompute", root, added)
-    return added
-
-
-def _manifest(root: str) -> Manifest:
-    from actstore.store import read_manifest
-
-    return read_manifest(root)
-
-
-def _incompatible(m: Manifest, fp: str, layers: list[str]) -> str | None:
-    from actstore.precompute.run import ATTR
-
-    cfg = m.attrs.get(ATTR) if isinstance(m.attrs, Mapping) else None
-    if m.fingerprint != fp:
-        return f"another model's activations (fingerprint {str(m.fingerprint)[:16]}…)"
-    if not isinstance(cfg, Mapping):
-        return "a store precompute did not write"
-    have = sorted(str(d.get("layer")) for d in cfg.get("layers", []) if isinstance(d, Mapping))
-    if not cfg.get("placeholder") and have != sorted(layers):
-        return f"other layers ({have})"
-    return None
-
-
-def _delete_main(root: str) -> None:
-    from actstore.store import delete_store
-
-    parts = os.path.join(root, PARTS_DIR)
-    moved = None
-    if os.path.isdir(parts):  # delete_store refuses directories it does not know
-        moved = f"{root}.parts-{uuid.uuid4().hex[:8]}"
-        os.rename(parts, moved)
-    try:
-        delete_store(root)
-    finally:
-        if moved is not None:
-            os.makedirs(root, exist_ok=True)
-            os.rename(moved, parts)
-
-
-def _open_or_create_main(root: str, parts: list[Any], fp: str, overwrite: bool, length: int | None) -> Any:
-    """The store at ``root`` for appending, created from the parts' fields and configuration if absent."""
-    from actstore.precompute.run import ATTR
-    from actstore.store import create as create_store
-    from actstore.store import open as open_store
-
-    real = [p for p in parts if not _placeholder(p)] or parts
-    first = real[0]
-    cfg = dict(first.attrs.get(ATTR) or {})
-    if os.path.exists(os.path.join(root, "zarr.json")):
-        main = open_store(root, mode="a")
-        have = main.attrs.get(ATTR) or {}
-        placeholder = len(main) == 0 and bool(have.get("placeholder"))
-        same = dict(main.fields) == dict(first.fields) and all(
-            have.get(k) == cfg.get(k) for k in ("sample", "key_fn", "store_dtype"))
-        if same:
-            return main
-        main.close()
-        if not (overwrite or placeholder):
-            raise StoreExistsError(f"{root}: holds a store of this model, but with other fields or configuration "
-                                   f"({_describe(main.fields)}) than this run's ({_describe(first.fields)}); pass "
-                                   "overwrite=True (--overwrite) to replace it, or write to another path")
-        _delete_main(root)
-    if length is not None:
-        cfg["dataset_length"] = length
-    cfg.pop("dataset_class", None)
-    attrs = {**dict(first.attrs), ATTR: cfg}
-    return create_store(root, dict(first.fields), fingerprint=fp, attrs=attrs, chunk_bytes=first.manifest.chunk_bytes)
-
-
-def _record_length(main: Any, length: int | None) -> None:
-    """Make the store's recorded dataset length this run's (CachedDataset checks it against the dataset)."""
-    from actstore.precompute.run import ATTR
-
-    cfg = dict(main.attrs.get(ATTR) or {})
-    if not cfg or cfg.get("dataset_length") == length:
-        return
-    cfg["dataset_length"] = length
-    main.update_attrs({ATTR: cfg})
-    main.commit()
-
-
-def _describe(fields: Mapping[str, Any]) -> str:
-    return ", ".join(f"{n}: {f.dtype}{list(f.shape)}" for n, f in fields.items())
+    def _view(self, main: ActivationStore, parts: list[ActivationStore], n: int | None) -> np.ndarray:
+        """The whole dataset's ``"dataset"`` view in ``main``, from each rank's view of its part."""
+        keys_at = np.zeros((0 if n is None else n, 32), np.uint8)
+        have = np.zeros(len(keys_at), bool)
+        for r, p in enumerate(parts):
+            if VIEW not in p.views:
+                continue
+            v = np.asarray(p.view(VIEW))
+            pos = global_position(np.arange(len(v)), r, self.world, self.batch_size)
+            if n is None and len(pos):  # an iterable: the length is known only now
+                need = int(pos.max()) + 1
+                if need > len(keys_at):
+                    keys_at = np.concatenate([keys_at, np.zeros((need - len(keys_at), 32), np.uint8)])
+                    have = np.concatenate([have, np.zeros(need - len(have), bool)])
+            ok = v >= 0
+            keys_at[pos[ok]] = p.key_at(v[ok])
+            have[pos[ok]] = True
+        if n is None:
+            last = np.flatnonzero(have)
+            end = int(last[-1]) + 1 if len(last) else 0
+            keys_at, have = keys_at[:end], have[:end]
+        view = np.full(len(keys_at), -1, np.int64)
+        if have.any():
+            view[have] = main.lookup(keys_at[have])
+        return view

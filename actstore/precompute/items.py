@@ -261,6 +261,11 @@ class SideColumns:
     def __init__(self, columns: list[SideColumn]) -> None:
         self.columns = columns
 
+    @property
+    def fields(self) -> list[str]:
+        """The store field of each column, in order."""
+        return [c.field for c in self.columns]
+
     def convert(self, sides: list[dict[str, Any] | None], positions: Sequence[int]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for c in self.columns:

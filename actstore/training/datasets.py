@@ -52,14 +52,14 @@ from actstore.store import ActivationStore
 from actstore.store import open as open_store
 from actstore.training.collate import ActivationCollate, RowBatch
 
-__all__ = ["ActivationDataset", "PrecomputeConfig", "precompute_config"]
+__all__ = ["ActivationDataset", "RecordSummary", "precompute_config"]
 
 
 # -- what precompute recorded -----------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class PrecomputeConfig:
+class RecordSummary:
     """The training side's reading of the precompute record (see :func:`precompute_config`)."""
 
     input: Any = None  #: the part of ``dataset[i]`` that was the input (None: the whole item)
@@ -71,7 +71,7 @@ class PrecomputeConfig:
     record: PrecomputeRecord | None = None  #: the record itself (None: precompute did not make the store)
 
 
-def precompute_config(store: ActivationStore) -> PrecomputeConfig:
+def precompute_config(store: ActivationStore) -> RecordSummary:
     """Read ``store.attrs["precompute"]`` through :class:`~actstore.format.record.PrecomputeRecord`.
 
     A store that precompute did not make gives an empty config: every field is
@@ -81,11 +81,11 @@ def precompute_config(store: ActivationStore) -> PrecomputeConfig:
     """
     rec = read_record(store.attrs, store.path)
     if rec is None:
-        return PrecomputeConfig(layers=tuple(store.fields))
+        return RecordSummary(layers=tuple(store.fields))
     side = rec.side_fields
     layers = [f for f in rec.layer_fields if f in store.fields]
     item = rec.item
-    return PrecomputeConfig(
+    return RecordSummary(
         input=None if item is None or item.type == "bare" else item.input,
         side=side,
         layers=tuple(layers) or tuple(n for n in store.fields if n not in set(side.values())),

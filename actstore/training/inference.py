@@ -27,6 +27,7 @@ from actstore.errors import StaleStoreError
 from actstore.format.fields import Field
 from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
 from actstore.store import ActivationStore, create
+from actstore.store import open as open_store
 from actstore.training.collate import ActivationCollate, PaddedBatch
 from actstore.training.datasets import ActivationDataset, _open_read
 
@@ -232,8 +233,6 @@ def infer(head: nn.Module, store: ActivationStore | str | os.PathLike[str], fiel
     target.commit()
     path = target.path
     target.close()
-    from actstore.store import open as open_store
-
     return open_store(path)
 
 

@@ -28,7 +28,7 @@ from actstore.precompute.items import ItemLayout, decode_item, decode_side, item
 from actstore.store import ActivationStore
 from actstore.training.collate import ActivationCollate, RowBatch
 from actstore.training.datasets import (
-    PrecomputeConfig,
+    RecordSummary,
     _check_fields,
     _positions,
     _StoreHolder,
@@ -221,7 +221,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
             )
 
     @staticmethod
-    def _view_rows(store: ActivationStore, cfg: PrecomputeConfig, n: int, where: str) -> np.ndarray:
+    def _view_rows(store: ActivationStore, cfg: RecordSummary, n: int, where: str) -> np.ndarray:
         if cfg.view not in store.views:
             raise DatasetMismatchError(
                 f"{where}: the store has no {cfg.view!r} view (views: {store.views}): it was not filled by "

@@ -1,0 +1,213 @@
+"""Resume and compatibility: may this run write into the store (or adopt the part) it finds?
+
+Every check that decides whether existing rows can be reused lives here, and
+reads the typed precompute record (:func:`~actstore.format.record.read_record`),
+never raw attrs:
+
+- :func:`open_existing` — before the first batch: the directory at PATH is
+  absent, an interrupted create, or a store of this model (fingerprint) and
+  these layers (:class:`Resumed`); anything else raises, or with ``overwrite``
+  is deleted.
+- :func:`keep_or_replace` — after the first batch, once the items' structure is
+  known: the record's item layout, key function, side fields, store dtype,
+  compression and quantisation must match this run's (:func:`run_record`).
+- :func:`part_problem`, :func:`same_config`, :func:`is_placeholder` — the same
+  questions about a leftover or freshly computed part (``precompute/parts.py``).
+
+New conditions for reusing rows (the identity of a row beyond its key) belong
+in :func:`open_existing` / :func:`keep_or_replace` and :func:`part_problem`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from actstore.engine.write.writer import describe_fields
+from actstore.errors import StaleStoreError, StoreError, StoreExistsError
+from actstore.format.dtypes import dtype_name
+from actstore.format.fields import Field
+from actstore.format.layout import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR
+from actstore.format.manifest import Manifest
+from actstore.format.record import ItemRecord, LayerRecord, PrecomputeRecord, read_record
+from actstore.models.fingerprint import fingerprint_matches
+from actstore.precompute.config import VIEW, PrecomputeConfig
+from actstore.precompute.items import SideColumns
+from actstore.precompute.loader import qualname
+from actstore.store import ActivationStore, delete_store, read_manifest
+from actstore.store import open as open_store
+
+__all__ = ["Resumed", "is_placeholder", "keep_or_replace", "open_existing", "part_problem", "run_record",
+           "same_config"]
+
+
+@dataclass
+class Resumed:
+    """A store this run continues: an append handle, the snapshot at start (for lookups), its layer fields."""
+
+    store: ActivationStore
+    reader: ActivationStore
+    layer_fields: dict[str, Field] = field(default_factory=dict)
+
+    @property
+    def base(self) -> int:
+        """Rows committed when the run started."""
+        return len(self.reader)
+
+    def close(self) -> None:
+        self.store.close()
+        self.reader.close()
+
+
+def open_existing(root: str, cfg: PrecomputeConfig, fp: str, model: nn.Module) -> Resumed | None:
+    """The store at ``root`` to resume, or None to create one (nothing there, or deleted under ``overwrite``).
+
+    Raises :class:`StaleStoreError` (another model) or :class:`StoreExistsError`
+    (other layers, a store precompute did not write, other files) unless
+    ``overwrite``; a directory that is not an actstore store is never deleted.
+    """
+    if not os.path.exists(root):
+        return None
+    if not os.path.isdir(root):
+        raise StoreExistsError(f"{root}: exists and is not a directory")
+    if not os.path.exists(os.path.join(root, "zarr.json")):
+        # A create() killed before its manifest leaves only the store's directories: resumable.
+        if set(os.listdir(root)) - {SEGMENTS_DIR, INDEXES_DIR, VIEWS_DIR, LOCK_DIR}:
+            raise StoreExistsError(f"{root}: exists, is not empty and is not an actstore store; "
+                                   "pick another path (nothing there is deleted, even with overwrite=True)")
+        return None
+    manifest = read_manifest(root)
+    problem: StoreError | None = None
+    record: PrecomputeRecord | None = None
+    try:
+        record = read_record(manifest.attrs, root)
+    except StoreError as e:  # another version's record, or a damaged one
+        problem = e
+    if record is not None and record.placeholder and manifest.rows == 0:
+        delete_store(root)  # an empty store of an empty dataset: nothing to lose
+        return None
+    want = dict(cfg.capture.fields)
+    have = {d.layer: d.field for d in record.layers} if record is not None else None
+    # Other layers have another frozen part, hence another fingerprint: name the layers, the clearer cause.
+    if (have is None or have == want) and not fingerprint_matches(manifest.fingerprint, fp, model):
+        problem = StaleStoreError(
+            f"{root}: the store was computed by another model (fingerprint {str(manifest.fingerprint)[:16]}…, "
+            f"this model's is {fp[:16]}…); pass overwrite=True (--overwrite) to delete and recompute it, "
+            "or write to another path")
+    elif problem is None and record is None:
+        problem = StoreExistsError(f"{root}: holds a store that precompute did not write; pass overwrite=True "
+                                   "to replace it, or write to another path")
+    elif problem is None and have != want:
+        problem = StoreExistsError(
+            f"{root}: holds a store of other layers ({sorted(map(str, have or {}))}, fields "
+            f"{describe_fields(manifest.fields)}) than requested ({sorted(want)}); pass overwrite=True "
+            "(--overwrite) to replace it, or write to another path")
+    if problem is not None:
+        if not cfg.storage.overwrite:
+            raise problem
+        delete_store(root)
+        return None
+    store = open_store(root, mode="a")
+    reader = open_store(root, mode="r")
+    layers = set(cfg.capture.fields.values())
+    return Resumed(store, reader, {n: f for n, f in store.fields.items() if n in layers})
+
+
+def run_record(cfg: PrecomputeConfig, *, item: ItemRecord | None, ragged: set[str], length: int | None,
+               dataset: Any, model: nn.Module, placeholder: bool = False) -> PrecomputeRecord:
+    """The record this run writes (and compares a resumed store's with)."""
+    store_dtype = cfg.storage.store_dtype
+    return PrecomputeRecord(
+        layers=tuple(LayerRecord(layer, f, f in ragged) for layer, f in cfg.capture.fields.items()),
+        item=None if placeholder else item,
+        view=VIEW,
+        dataset_length=length,
+        dataset_class=qualname(dataset),
+        model_class=qualname(model),
+        store_dtype=None if store_dtype is None else dtype_name(store_dtype),
+        key_fn=qualname(cfg.items.key_fn) or "actstore.key",
+        collate_fn=qualname(cfg.items.collate_fn),
+        placeholder=placeholder,
+    )
+
+
+def keep_or_replace(resumed: Resumed, root: str, cfg: PrecomputeConfig, mine: PrecomputeRecord,
+                    side: SideColumns) -> bool:
+    """Whether ``resumed`` holds this run's configuration: True to continue it.
+
+    Otherwise raises :class:`StoreExistsError` naming what differs, or, with
+    ``overwrite``, closes and deletes the store and returns False.
+    """
+    store, storage = resumed.store, cfg.storage
+    have = read_record(store.attrs, root) or PrecomputeRecord(item=None)
+    diffs = [k for k, a, b in (("sample", have.item, mine.item), ("key_fn", have.key_fn, mine.key_fn)) if a != b]
+    side_specs = {c.field: c.spec for c in side.columns}
+    if any(store.fields.get(f) != spec for f, spec in side_specs.items()) or set(store.fields) != set(
+            side_specs) | set(cfg.capture.fields.values()):
+        diffs.append("side fields")
+    layer_fields = resumed.layer_fields.values()
+    if storage.store_dtype is not None:
+        for f in layer_fields:
+            if f.spec.torch.is_floating_point and f.dtype != dtype_name(storage.store_dtype):
+                diffs.append("store_dtype")
+                break
+    if storage.compression is not None and any(f.compression != storage.compression for f in layer_fields):
+        diffs.append("compression")
+    if storage.quantize is not None and any(f.quantize != storage.quantize for f in layer_fields
+                                            if f.spec.torch.is_floating_point):
+        diffs.append("quantize")
+    if not diffs:
+        return True
+    msg = (f"{root}: holds a store of this model and layers, but with another {', '.join(diffs)} "
+           f"(stored: {None if have.item is None else have.item.to_json()}, store dtype {have.store_dtype}; "
+           f"now: {None if mine.item is None else mine.item.to_json()})")
+    if not storage.overwrite:
+        raise StoreExistsError(msg + "; pass overwrite=True (--overwrite) to replace it, or use another path")
+    resumed.close()
+    delete_store(root)
+    return False
+
+
+# --- parts (leftover, or just computed by the ranks) ---------------------------------------------------
+
+
+def _record_or_error(attrs: Any, where: str) -> PrecomputeRecord | StoreError | None:
+    try:
+        return read_record(attrs, where)
+    except StoreError as e:
+        return e
+
+
+def part_problem(manifest: Manifest, fp: str, layers: list[str], where: str) -> str | None:
+    """Why a store (a leftover part, or the store at PATH) cannot take part in this run, or None."""
+    record = _record_or_error(manifest.attrs, where)
+    if manifest.fingerprint != fp:
+        return f"another model's activations (fingerprint {str(manifest.fingerprint)[:16]}…)"
+    if record is None:
+        return "a store precompute did not write"
+    if isinstance(record, StoreError):
+        return f"a precompute record this version cannot read ({record})"
+    have = sorted(d.layer for d in record.layers)
+    if not record.placeholder and have != sorted(layers):
+        return f"other layers ({have})"
+    return None
+
+
+def is_placeholder(store: ActivationStore) -> bool:
+    """An empty store whose record says its fields are placeholders (an empty dataset, or an empty rank)."""
+    record = _record_or_error(store.attrs, store.path)
+    return len(store) == 0 and isinstance(record, PrecomputeRecord) and record.placeholder
+
+
+def same_config(main: ActivationStore, part: ActivationStore) -> bool:
+    """Whether ``part``'s rows may be adopted into ``main``: the same fields, item layout, key function, dtype."""
+    have, cfg = _record_or_error(main.attrs, main.path), _record_or_error(part.attrs, part.path)
+    if dict(main.fields) != dict(part.fields):
+        return False
+    if not isinstance(have, PrecomputeRecord) or not isinstance(cfg, PrecomputeRecord):
+        return have is None and cfg is None
+    return (have.item, have.key_fn, have.store_dtype) == (cfg.item, cfg.key_fn, cfg.store_dtype)
+
