@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import actstore
-from actstore.engine.ragged import PaddedBatch
+from actstore.engine.read.ragged import PaddedBatch
 from actstore.errors import HeadInputError, LeftPaddingError, SplitError, StaleStoreError
 from actstore.format.keys import fingerprint
 from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
