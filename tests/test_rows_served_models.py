@@ -5,6 +5,7 @@ Each test here pins one check of docs/GUARANTEES.md ("Rows served: what the mode
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -170,6 +171,7 @@ OPS = {
     "bfloat16 via type": lambda s: s.type(torch.bfloat16),
     "contiguous": lambda s: s.contiguous(),
     "requires_grad_": lambda s: s.detach().requires_grad_(),
+    "deepcopy": lambda s: copy.deepcopy(s),
 }
 
 
@@ -184,9 +186,9 @@ def test_states_keep_their_mask_through_tensor_operations(op: str) -> None:
         moved = OPS[op](states)
         want = head(moved.as_subclass(torch.Tensor).float(), mask).last_hidden_state
         got = head(moved).last_hidden_state
-    assert isinstance(moved, SplitStates) and moved.attention_mask is mask
+    assert isinstance(moved, SplitStates) and torch.equal(moved.attention_mask, mask)
     torch.testing.assert_close(_real(got, mask), _real(want, mask), rtol=0, atol=0)
-    if op in ("detach", "clone", "to cpu", "contiguous"):
+    if op in ("detach", "clone", "to cpu", "contiguous", "deepcopy"):
         full = model(**batch).last_hidden_state
         torch.testing.assert_close(_real(got, mask), _real(full, mask), rtol=1e-5, atol=1e-5)
 

@@ -87,6 +87,10 @@ class SplitStates(torch.Tensor):
         kept.position_ids = _moved(src.position_ids, out.device)
         return kept
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> SplitStates:
+        data = self.as_subclass(torch.Tensor).detach().clone().requires_grad_(self.requires_grad)
+        return SplitStates(data, *(None if t is None else t.clone() for t in (self.attention_mask, self.position_ids)))
+
     def __reduce_ex__(self, protocol: Any) -> Any:  # workers pickle tensors: send a plain one
         return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
 
