@@ -12,6 +12,7 @@ __all__ = [
     "CorruptStoreError",
     "DatasetMismatchError",
     "FactoryError",
+    "HeadInputError",
     "LeftPaddingError",
     "MissingDependencyError",
     "MissingRowsError",
@@ -89,3 +90,8 @@ class SplitError(StoreError, TypeError):
 
 class LeftPaddingError(StoreError, ValueError):
     """A left-padded batch for a model whose states depend on the padding side; pad on the right."""
+
+
+class HeadInputError(StoreError, ValueError):
+    """The head would not run on what the full model ran on: a padded batch without its mask, or a
+    forward argument (non-default ``position_ids``) that the upper blocks read but a store does not hold."""

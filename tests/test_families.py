@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from actstore.engine.read.ragged import PaddedBatch
-from actstore.errors import LeftPaddingError, SplitError
+from actstore.errors import HeadInputError, LeftPaddingError, SplitError
 from actstore.models.capture import capture
 from actstore.models.split import SplitStates, check_padding, split, split_points
 from tests.family_models import DECODERS, TEXT_FAMILIES, image_batch, tiny, token_batch
@@ -138,9 +138,9 @@ def test_left_padded_decoder_rows_would_depend_on_the_batch() -> None:
 @pytest.mark.parametrize("family", ["roberta", "t5"])
 def test_left_padding_is_accepted_where_positions_come_from_the_mask(family: str) -> None:
     model = model_of(family)
-    check_padding(model, token_batch([3, 7], left=True)["attention_mask"])
     pad = model.config.pad_token_id or 0  # RoBERTa counts positions from the pad tokens of input_ids
     alone, padded = token_batch([3], pad=pad), token_batch([3, 7], left=True, pad=pad)
+    check_padding(model, padded)  # the batch: RoBERTa's pad ids are checked
     frozen, _ = split(model, 0.5)
     with torch.no_grad():
         torch.testing.assert_close(frozen(**padded)[0, -3:], frozen(**alone)[0], rtol=1e-5, atol=1e-5)
@@ -177,9 +177,12 @@ def test_head_accepts_every_collate_form(family: str) -> None:
         ]
     for out in forms:
         torch.testing.assert_close(real(out.last_hidden_state, mask), real(reference, mask), rtol=0, atol=0)
-    # Without the mask the head attends to padding (or, causal, gives the same real tokens): the mask matters.
+    # Without the mask the head attends to padding (or, causal, gives the same real tokens): the mask matters,
+    # so a plain tensor without one is refused unless the caller says there is no padding.
+    with pytest.raises(HeadInputError, match="padding=False"):
+        head(plain)
     with torch.no_grad():
-        unmasked = head(plain).last_hidden_state
+        unmasked = head(plain, padding=False).last_hidden_state
     if family not in DECODERS:
         assert not torch.allclose(real(unmasked, mask), real(reference, mask), atol=1e-4)
 

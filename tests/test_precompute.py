@@ -20,12 +20,15 @@ from torch import nn
 
 import actstore
 from actstore.cli import main as cli_main
+from actstore.errors import LeftPaddingError
 from actstore.format.keys import key
 from actstore.format.keys import keys as keys_of
+from actstore.models.split import split
 from actstore.precompute.api import field_name, precompute
 from actstore.precompute.config import ATTR
 from actstore.precompute.keys import NOT_FOUND, KeyTable
 from actstore.testing.models import tiny_bert, tiny_mlp, tiny_resnet
+from tests.family_models import tiny
 from tests.precompute_helpers import pad_collate, token_lists, vectors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,13 +115,17 @@ def test_bert_token_outputs_ragged_trimmed_and_bit_exact(tmp_path: Any) -> None:
 
 def test_left_padding_and_lengths_fn(tmp_path: Any) -> None:
     bert, seqs = tiny_bert(), token_lists(12, seed=1)
-    left = run(bert, seqs, tmp_path / "l", layers="encoder.layer.0", collate_fn=lambda b: pad_collate(b, left=True),
+    with pytest.raises(LeftPaddingError):  # BERT's absolute positions shift with left padding
+        run(bert, seqs, tmp_path / "b", layers="encoder.layer.0", collate_fn=lambda b: pad_collate(b, left=True),
+            batch_size=5)
+    t5 = tiny("t5")  # relative positions: left padding leaves the rows the samples' own; trimmed on the left
+    left = run(t5, seqs, tmp_path / "l", layers="encoder.block.0", collate_fn=lambda b: pad_collate(b, left=True),
                batch_size=5)
     with torch.inference_mode():
         b = pad_collate(seqs[:5], left=True)
-        hs = bert(**b, output_hidden_states=True).hidden_states[1]
+        hs = split(t5, "encoder.block.0")[0](**b)
     for i in range(5):
-        assert torch.equal(left[int(left.view("dataset")[i])]["encoder.layer.0"], hs[i, b["attention_mask"][i] == 1])
+        assert torch.equal(left[int(left.view("dataset")[i])]["encoder.block.0"], hs[i, b["attention_mask"][i] == 1])
 
     class Tuple(nn.Module):  # a model fed a (ids, mask) tuple: no dict, so lengths come from lengths_fn
         def __init__(self) -> None:

@@ -3,10 +3,12 @@
 ``Frozen`` runs ``base(**inputs)`` — the model's own forward, unchanged — with a
 forward hook on the split point that records its output and aborts the
 forward there (:class:`actstore.models.capture.LayerCapture`). It returns the
-states as :class:`SplitStates`, a tensor that also carries the batch's
-``attention_mask``, so ``head(frozen(x))`` needs no mask plumbing.
+states as :class:`~actstore.models.states.SplitStates`, a tensor that also
+carries the batch's ``attention_mask`` and ``position_ids``, so
+``head(frozen(x))`` needs no plumbing.
 
-``Head`` runs ``base(inputs_embeds=states, attention_mask=mask)`` — again the
+``Head`` runs ``base(inputs_embeds=states, attention_mask=mask,
+position_ids=...)`` (position ids where the upper blocks read them) — again the
 model's own forward — inside :func:`stand_ins`, which for that one call
 replaces the ``forward`` of the stem modules and of blocks ``0..k`` by
 stand-ins that return the cached states (in the block's output structure).
@@ -38,89 +40,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from actstore.engine.read.ragged import PaddedBatch
 from actstore.errors import SplitError
 from actstore.models.capture import LayerCapture, StopForward, model_arguments, reduce_output
 from actstore.models.layout import BlockLayout, get_module
+from actstore.models.states import HeadCall, SplitStates, head_call, head_inputs
 
-__all__ = ["Frozen", "Head", "SplitError", "SplitStates", "head_inputs", "stand_ins"]
-
-
-class SplitStates(torch.Tensor):
-    """Hidden states ``(batch, tokens, hidden)`` with the batch's ``attention_mask`` attached.
-
-    A plain tensor in every other respect (any operation on it returns a plain
-    ``torch.Tensor``, without the mask: pass the mask to the head yourself
-    then). Never copies: it shares the states' storage.
-    """
-
-    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
-    attention_mask: torch.Tensor | None = None
-
-    @staticmethod
-    def __new__(cls, data: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SplitStates:
-        out = torch.Tensor._make_subclass(cls, data, data.requires_grad)
-        out.attention_mask = attention_mask
-        return out
-
-    def __reduce_ex__(self, protocol: Any) -> Any:  # workers pickle tensors: send a plain one
-        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+__all__ = ["Frozen", "Head", "HeadCall", "SplitError", "SplitStates", "head_call", "head_inputs", "stand_ins"]
 
 
-_STATE_KEYS = ("hidden_states", "states", "values", "activations")
-_MASK_KEYS = ("attention_mask", "mask")
-
-
-def head_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The ``(states, attention_mask)`` a head was called with, in any accepted form.
-
-    Accepted: ``head(states)``, ``head(states, attention_mask)``, a
-    :class:`~actstore.PaddedBatch` ``(values, mask, lengths)`` or a ``(states,
-    mask)`` tuple (what a store's collate gives for a ragged field), a dict
-    with ``hidden_states`` and ``attention_mask``, and :class:`SplitStates`
-    (the frozen part's output, which carries its mask).
-    """
-    kwargs = dict(kwargs)
-    mask = kwargs.pop("attention_mask", None)
-    if "hidden_states" in kwargs:
-        states = kwargs.pop("hidden_states")
-    elif args:
-        states, args = args[0], args[1:]
-    else:
-        raise TypeError("the head takes the cached states: head(states, attention_mask=None), a PaddedBatch, "
-                        "a (states, mask) tuple or a dict with 'hidden_states' and 'attention_mask'")
-    if args:
-        if mask is not None or len(args) > 1:
-            raise TypeError(f"the head takes (states, attention_mask); got {len(args) + 1} positional arguments")
-        mask = args[0]
-    if kwargs:
-        raise TypeError(f"the head got unexpected arguments {sorted(kwargs)}; it takes (states, attention_mask)")
-    if isinstance(states, PaddedBatch) or (isinstance(states, tuple) and len(states) in (2, 3)):
-        values, inner = states[0], states[1]
-        states, mask = values, inner if mask is None else mask
-    elif isinstance(states, Mapping):
-        key = next((k for k in _STATE_KEYS if k in states), None)
-        if key is None:
-            raise KeyError(f"the head's dict input has no states under {list(_STATE_KEYS)}; it has {sorted(states)}")
-        inner = next((states[k] for k in _MASK_KEYS if k in states), None)
-        states, mask = states[key], inner if mask is None else mask
-    if isinstance(states, PaddedBatch):
-        states = states.values
-    if not isinstance(states, torch.Tensor):
-        raise TypeError(f"the head's states must be a tensor; got {type(states).__name__}")
-    if mask is None:
-        mask = getattr(states, "attention_mask", None)
-    if isinstance(states, SplitStates):
-        states = states.as_subclass(torch.Tensor)
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a tensor; got {type(mask).__name__}")
-        if tuple(mask.shape) != tuple(states.shape[:2]):
-            raise ValueError(
-                "attention_mask must be the 0/1 padding mask of shape (batch, tokens) = "
-                f"{tuple(states.shape[:2])}; got shape {tuple(mask.shape)}"
-            )
-    return states, mask
+_CACHE_ARGS = ("past_key_values", "cache")
 
 
 def _identical(a: Any, b: torch.Tensor) -> bool:
@@ -241,6 +169,14 @@ class _Part(nn.Module):
         """The model's ``config`` (``None`` when it has none)."""
         return getattr(self.__dict__["base"], "config", None)
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """The model's activation checkpointing flag, read without transformers' deprecation warning (peft asks)."""
+        base = self.__dict__["base"]
+        if isinstance(getattr(type(base), "is_activation_checkpointing", None), property):
+            return bool(base.is_activation_checkpointing)
+        return bool(getattr(base, "is_gradient_checkpointing", False))
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)  # the part's own parameters, buffers and modules
@@ -257,8 +193,10 @@ class Frozen(_Part):
     ``forward`` takes what the model takes — keyword tensors, a tokenizer's
     ``BatchEncoding`` / a features dict (keys the model does not take are
     ignored), or a tensor — runs the model's own forward and stops after the
-    split point. Returns :class:`SplitStates` (the states plus the batch's
-    ``attention_mask``). Attributes it does not have are read from the model
+    split point. Returns :class:`~actstore.models.states.SplitStates` (the
+    states plus the batch's ``attention_mask`` and ``position_ids``, for the
+    head). A key/value cache (``past_key_values``, ``cache``) is refused: the
+    head runs without one (:class:`SplitError`). Attributes it does not have are read from the model
     (see ``_Part``); ``parameters()`` and ``state_dict()`` are the frozen part's.
 
     Attributes
@@ -292,13 +230,20 @@ class Frozen(_Part):
     def forward(self, *args: Any, **kwargs: Any) -> SplitStates:
         base = self.__dict__["base"]
         args, kwargs = self._arguments(args, kwargs)
-        mask = kwargs.get("attention_mask")
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        cached = [k for k in _CACHE_ARGS if kwargs.get(k) is not None]
+        if cached:
+            raise SplitError(
+                f"the frozen part got {cached[0]}=: the split parts run whole sequences without a key/value cache "
+                "(the head could not attend to the cached tokens). Call it without a cache."
+            )
         blocks = self.layout.blocks
         # Custom models: also watch the next block's input: the stream must be what the split point returned.
         n = len(self.layout.block_list(base))
         nxt = f"{blocks}.{self.k + 1}" if self.k + 1 < n else None
         states = _run_checked(base, self._point, nxt, args, kwargs, self.layout)
-        return SplitStates(states, mask if isinstance(mask, torch.Tensor) else None)
+        return SplitStates(states, mask if isinstance(mask, torch.Tensor) else None,
+                           positions if isinstance(positions, torch.Tensor) else None)
 
 
 def _run_checked(base: nn.Module, point: str, nxt: str | None, args: Any, kwargs: Any,
@@ -333,10 +278,14 @@ def _run_checked(base: nn.Module, point: str, nxt: str | None, args: Any, kwargs
 class Head(_Part):
     """The model after the split point: blocks ``k+1..`` and the tail (final norm, pooler), shared.
 
-    ``forward`` takes the cached states in any form :func:`head_inputs`
-    accepts and returns the model's own output (for a Hugging Face model its
+    ``forward`` takes the cached states in any form
+    :func:`~actstore.models.states.head_call` accepts (``head(states,
+    mask)``, ``head(split_states)``, a ``PaddedBatch``, a dict; optionally
+    ``position_ids=``) and returns the model's own output (for a Hugging Face model its
     ``ModelOutput``, e.g. ``last_hidden_state`` and ``pooler_output``), equal
-    to the full model's on the same batch. States of another floating dtype
+    to the full model's on the same batch. A plain tensor without a mask is
+    refused for a model that reads one (:class:`~actstore.errors.HeadInputError`)
+    unless ``padding=False`` says every token is real. States of another floating dtype
     (a float16 store) are cast to the head's parameter dtype. Attributes it
     does not have are read from the model (see ``_Part``); ``parameters()``
     and ``state_dict()`` are the head's: what to train.
@@ -367,8 +316,19 @@ class Head(_Part):
             return states.to(param.dtype)
         return states
 
-    def run(self, states: torch.Tensor, mask: torch.Tensor | None) -> Any:
-        """The model's forward on ``states`` after the split point (the generic mechanism)."""
+    def inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HeadCall:
+        """The head's arguments checked (:func:`~actstore.models.states.head_call`: a masked model refuses a
+        plain tensor without its mask unless ``padding=False``)."""
+        return head_call(args, kwargs, masked=self.layout.masked)
+
+    def run(self, states: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> Any:
+        """The model's forward on ``states`` after the split point (the generic mechanism).
+
+        ``position_ids`` are passed on where the upper blocks read them (the
+        layout's ``positions``: rotary embeddings, packed-sequence masks), as
+        the full model got them; where only the stem reads them their effect
+        is in the states already.
+        """
         base = self.__dict__["base"]
         states = self._cast(states)
         kwargs: dict[str, Any] = {}
@@ -378,6 +338,8 @@ class Head(_Part):
             kwargs["pixel_values"] = states.new_zeros((states.shape[0], 1, 1, 1))
         if mask is not None:
             kwargs["attention_mask"] = mask.to(device=states.device, dtype=torch.long)
+        if position_ids is not None and self.layout.positions:
+            kwargs["position_ids"] = position_ids.to(device=states.device)
         if self.layout.use_cache:
             kwargs["use_cache"] = False
         with stand_ins(base, self.layout, self.k, states):
@@ -386,5 +348,5 @@ class Head(_Part):
             return base(**kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        states, mask = head_inputs(args, kwargs)
-        return self.run(states, mask)
+        call = self.inputs(args, kwargs)
+        return self.run(call.states, call.attention_mask, call.position_ids)

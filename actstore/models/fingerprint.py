@@ -14,7 +14,18 @@ names, classes, parameters and buffers) of the frozen part that
 needed, never less). When ``split`` does not know the model, or the model's
 final output is captured, it is the whole model's fingerprint, as before.
 
-Stores written before this change record the whole model's fingerprint;
+The fingerprint does not depend on the wrapper the frozen modules are reached
+through: for a Hugging Face task model (``BertForSequenceClassification``)
+whose layers lie inside its base model, the cut is the base model's, so
+``frozen_fingerprint(classifier, ["bert.encoder.layer.1"]) ==
+frozen_fingerprint(split(classifier.bert, "encoder.layer.1")[0])`` (the task
+modules, which run after the base model, are not covered: training them
+leaves the store fresh). A frozen part's fingerprint names its modules
+relative to itself (``layer.0``, ``parts.embeddings``), never by their path
+in the model.
+
+Stores written before record the whole model's fingerprint (before this
+change, a task model's whole fingerprint);
 :func:`fingerprint_matches` accepts it too, as long as it matches.
 """
 
@@ -27,7 +38,7 @@ from torch import nn
 from actstore.format.keys import fingerprint
 from actstore.models.blocks import Frozen
 from actstore.models.capture import FINAL_OUTPUT, canonical_name
-from actstore.models.split import plan_split, split
+from actstore.models.split import plan_split, split, wrapped_base
 
 __all__ = ["frozen_fingerprint", "fingerprint_matches", "frozen_part"]
 
@@ -50,7 +61,7 @@ def frozen_part(model: nn.Module, layers: str | Iterable[str] | None) -> nn.Modu
     try:
         plan = plan_split(model)
     except (TypeError, ValueError):
-        return model
+        return _inside_base(model, names)
     points = plan.points
     deepest = -1
     for name in names:
@@ -62,6 +73,30 @@ def frozen_part(model: nn.Module, layers: str | Iterable[str] | None) -> nn.Modu
             return model  # not on the main path (a pooler, a tail module): no cut below the whole model
         deepest = max(deepest, inside[-1])
     return split(model, points[deepest])[0]
+
+
+def _inside_base(model: nn.Module, names: list[str]) -> nn.Module:
+    """The frozen part of a task model's base model when every layer lies inside it (else the whole model).
+
+    Names are taken in the task model (``bert.encoder.layer.1``) or, when they
+    name nothing there, in its base model (``encoder.layer.1``, as a store
+    computed by the base model records them).
+    """
+    wrapped = wrapped_base(model)
+    if wrapped is None:
+        return model
+    prefix, base = wrapped
+    inner = []
+    for name in names:
+        canonical = canonical_name(model, name)
+        if canonical is not None and canonical.startswith(prefix):
+            inner.append(canonical[len(prefix):])
+        elif canonical is None and canonical_name(base, name) is not None:
+            inner.append(name)
+        else:
+            return model  # a task module (classifier, LM head) or the model's own output
+    found = frozen_part(base, inner)
+    return model if found is base else found
 
 
 def frozen_fingerprint(model: nn.Module, layers: str | Iterable[str] | None = None) -> str:

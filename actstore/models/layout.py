@@ -29,9 +29,24 @@ states. A layout only says *where* things are, never *how* they compute:
     What a block returns besides the stream, for the stand-ins to return too
     (T5 passes its position bias from block 0 to the others; DeBERTa returns
     ``(states, attention)``).
-``causal`` / ``positions_from_mask``
-    Causal attention; whether position ids come from the padding mask
-    (RoBERTa), which decides whether left padding changes a sample's states.
+``causal``
+    Causal attention.
+``left_padding``
+    Whether left padding changes a sample's states: ``"refuse"`` (absolute
+    positions counted from the row's first token: BERT, DistilBERT, GPT-2,
+    rotary decoders), ``"ok"`` (relative positions only: T5, DeBERTa-v2 without
+    ``position_biased_input``; no mask at all: ViT) or ``"pad_ids"`` (positions
+    counted over the tokens that are not ``config.pad_token_id``: RoBERTa,
+    exact when the padding holds that id).
+``positions``
+    Where ``position_ids`` reach the blocks after the cut: ``""`` (only the
+    stem reads them: stored states already hold their effect), ``"mask"`` (the
+    mask builder reads them when there is no ``attention_mask``: packed
+    sequences; BERT, RoBERTa, GPT-2), ``"blocks"`` (every block: rotary
+    embeddings; Llama, Mistral, Qwen2).
+``masked``
+    Whether the head's forward reads an ``attention_mask`` (a plain tensor
+    reaching it without one is refused, see :mod:`actstore.models.states`).
 
 The families that fill it in live in :mod:`actstore.models.families`.
 """
@@ -90,7 +105,9 @@ class BlockLayout:
     tail: tuple[str, ...] = ()
     extras: Extras = tensor_only
     causal: bool = False
-    positions_from_mask: bool = False
+    left_padding: str = "ok"  # "refuse", "ok" or "pad_ids" (see the module docstring)
+    positions: str = ""  # "", "mask" or "blocks": where position_ids reach the blocks after the cut
+    masked: bool = False  # the head's forward reads an attention_mask
     use_cache: bool = False  # the forward takes use_cache (turned off for the head's call)
     checked: bool = False  # a custom forward: check that the stream between blocks is what they return
 
@@ -99,8 +116,3 @@ class BlockLayout:
         if not isinstance(found, (nn.ModuleList, nn.Sequential)):
             raise TypeError(f"{type(base).__name__}.{self.blocks} is a {type(found).__name__}, not an nn.ModuleList")
         return found
-
-    @property
-    def left_padding_ok(self) -> bool:
-        """Whether a left-padded sample's states equal its unpadded states (positions from the mask)."""
-        return self.positions_from_mask

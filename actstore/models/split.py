@@ -46,13 +46,16 @@ Any other module, by protocol: ``split(model, at, blocks="layers", stem="embed")
     block's output to the stream itself (blocks returning the branch) is
     detected and refused, never captured silently wrong.
 
-Causal models and padding: with right padding (every tokenizer's default for
-these models) and default position ids, a sample's states do not depend on
-how its batch was padded, so recycled rows are batch-independent. Left
-padding shifts the positions of the real tokens: ``head(frozen(x))`` still
-equals ``model(x)`` for that batch, but the rows differ from the unpadded
-sample's, so :func:`check_padding` (used by precompute and RecycledEncoder)
-refuses left-padded batches for causal decoders.
+Padding: with right padding (every tokenizer's default for these models) and
+default position ids, a sample's states do not depend on how its batch was
+padded, so recycled rows are batch-independent. Left padding shifts the
+positions of the real tokens where a model counts them from the row's first
+token (BERT, DistilBERT, GPT-2, the rotary decoders): ``head(frozen(x))``
+still equals ``model(x)`` for that batch, but the rows differ from the
+unpadded sample's, so :func:`check_padding` (used by precompute and
+RecycledEncoder) refuses such batches per family; :func:`check_batch` also
+refuses non-default ``position_ids`` that the head would need
+(:func:`head_arguments`) for a store.
 
 ``at`` is a split point name (see :func:`split_points`) or a fraction in
 ``(0, 1]`` of the family's blocks to freeze: the first
@@ -66,15 +69,17 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from actstore.deprecation import moved_attributes
-from actstore.errors import LeftPaddingError, SplitError
+from actstore.errors import SplitError
 from actstore.models.blocks import Frozen, Head, SplitStates
 from actstore.models.capture import canonical_name
+from actstore.models.checks import left_padding_error, needed_arguments, refuse_arguments
 from actstore.models.families import FAMILIES, CustomFamily, ResNetPart, SentenceTransformerHead, SplitPlan
 from actstore.models.layout import BlockLayout
 
@@ -86,11 +91,14 @@ __all__ = [
     "SplitError",
     "SplitPlan",
     "SplitStates",
+    "check_batch",
     "check_padding",
+    "head_arguments",
     "plan_split",
     "resolve_at",
     "split",
     "split_points",
+    "wrapped_base",
 ]
 
 # General to specific (the reverse of the detection order): the last entry refers to the one before it.
@@ -162,45 +170,146 @@ def plan_split(model: object, blocks: str | None = None, stem: str | None = None
     return plan
 
 
-def check_padding(model: nn.Module, attention_mask: torch.Tensor | None) -> None:
-    """Refuse a left-padded batch for a causal decoder, whose states then depend on the padding.
+def wrapped_base(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(prefix, base)`` of a Hugging Face task model (``BertForSequenceClassification``: ``("bert.", model.bert)``)
+    whose base model ``split`` knows, else ``None``.
 
-    GPT-2, Llama, Mistral and Qwen2 count position ids from the first token of
-    the batch row (the default ``position_ids``): padding before a sample
-    shifts its positions, so rows recycled from a left-padded batch would
-    differ from the sample's own and from the same sample in another batch.
-    With right padding (the tokenizer's ``padding_side = "right"``) causal
-    attention never sees the padding and the rows are the sample's own.
-    Encoders are not refused here (BERT-style absolute positions shift too,
-    but bidirectional encoders are conventionally right-padded; RoBERTa and
-    T5 are unaffected).
+    A task model's forward runs its base model on the inputs first and its task
+    modules (classifier, LM head) on the base model's output, so a layer inside
+    the base model is computed by the base model's modules alone.
+    """
+    if isinstance(model, (Frozen, Head)):
+        return None
+    prefix = getattr(model, "base_model_prefix", None)
+    if not isinstance(prefix, str) or not prefix:
+        return None
+    base = getattr(model, prefix, None)
+    if not isinstance(base, nn.Module) or base is model:
+        return None
+    try:
+        plan_split(base)
+    except (TypeError, ValueError):
+        return None
+    return prefix + ".", base
+
+
+def _layout_of(model: nn.Module) -> tuple[BlockLayout, nn.Module] | None:
+    """The block layout of ``model`` (a frozen part, a model ``split`` knows, or a task model around one) and the
+    module it describes; ``None`` when there is none."""
+    if isinstance(model, (Frozen, Head)):
+        return model.layout, model.__dict__["base"]
+    try:
+        plan = plan_split(model)
+    except (TypeError, ValueError):
+        wrapped = wrapped_base(model)
+        if wrapped is None:
+            return None
+        plan = plan_split(wrapped[1])
+    if plan.layout is None or plan.base is None:
+        return None
+    return plan.layout, plan.base
+
+
+def _named(base: nn.Module) -> str:
+    return f"a {type(base).__name__}"
+
+
+def _pad_id(base: nn.Module) -> int | None:
+    embeddings = getattr(base, "embeddings", None)
+    pad = getattr(embeddings, "padding_idx", None)
+    if pad is None:
+        pad = getattr(getattr(base, "config", None), "pad_token_id", None)
+    return pad if isinstance(pad, int) else None
+
+
+def check_padding(model: nn.Module, attention_mask: torch.Tensor | Mapping[str, Any] | None,
+                  input_ids: torch.Tensor | None = None) -> None:
+    """Refuse a left-padded batch for a model whose states then depend on the padding.
+
+    Decided per family (a test compares every family's left-padded rows with
+    the unpadded samples'): BERT, DistilBERT, DeBERTa-v2 with absolute positions
+    (``position_biased_input``), GPT-2, Llama, Mistral and Qwen2 count position
+    ids from the first token of the batch row, so padding before a sample
+    shifts its positions and its rows would differ from the sample's own (for
+    rotary decoders by rounding only, refused all the same). RoBERTa, XLM-R and
+    CamemBERT count positions over the tokens that are not the pad id: allowed
+    when ``input_ids`` are given and their padding holds that id (what a
+    tokenizer does). T5, DeBERTa-v2 with relative positions only, ViT and
+    custom modules are not refused. Right padding is never refused.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model (a task model around a known base model too) or its frozen part.
+    attention_mask : torch.Tensor, Mapping or None
+        The batch's 0/1 mask, or the batch itself (its ``attention_mask`` and ``input_ids`` are read).
+    input_ids : torch.Tensor, optional
+        The batch's token ids (needed to allow left padding for RoBERTa-style positions).
 
     Raises
     ------
     LeftPaddingError
-        A row of ``attention_mask`` has a padding token before a real one.
+        A row has a padding token before a real one and the model's positions shift with it.
     """
-    if attention_mask is None or attention_mask.ndim != 2 or attention_mask.shape[1] < 2:
+    if isinstance(attention_mask, Mapping):
+        batch = attention_mask
+        attention_mask, input_ids = batch.get("attention_mask"), batch.get("input_ids", input_ids)
+    if not isinstance(attention_mask, torch.Tensor):
         return
-    if isinstance(model, Frozen):
-        spec: BlockLayout | None = model.layout
-    else:
-        try:
-            spec = plan_split(model).layout
-        except (TypeError, ValueError):
-            return
-    if spec is None or not spec.causal:
+    found = _layout_of(model)
+    if found is None:
         return
-    real = attention_mask != 0
-    bad = (~real[:, :-1] & real[:, 1:]).any(dim=1)
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten()[:5].tolist()
-        raise LeftPaddingError(
-            f"the batch is left-padded (rows {rows} have padding before real tokens): for a "
-            f"{spec.name} model that shifts the positions of the real tokens, so their recycled states "
-            "would depend on the batch. Pad on the right (tokenizer.padding_side = 'right', the default for "
-            "these models); the stored rows are then the samples' own."
-        )
+    layout, base = found
+    error = left_padding_error(layout, attention_mask, input_ids, _pad_id(base), _named(base))
+    if error is not None:
+        raise error
+
+
+def head_arguments(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The forward arguments of ``batch`` that the head needs besides the states and the mask.
+
+    Non-default ``position_ids`` (packed sequences, offsets) of a model whose
+    blocks after the cut read them (rotary decoders always; BERT, RoBERTa and
+    GPT-2 when no ``attention_mask`` is given); empty otherwise. The live pair
+    carries them (``head(frozen(**batch))``); a store of the frozen part's
+    states does not, so precompute refuses such a batch (:func:`check_batch`).
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> head_arguments(nn.Sequential(nn.Linear(2, 2)), {"position_ids": None})
+    {}
+    """
+    found = _layout_of(model)
+    return {} if found is None else needed_arguments(found[0], batch)
+
+
+def check_batch(model: nn.Module, batch: Any) -> None:
+    """Refuse a batch whose stored rows would not be its samples' own, or not all the head needs.
+
+    For precompute (and anything else that stores the frozen part's states):
+    :func:`check_padding` on the batch's ``attention_mask`` and ``input_ids``,
+    then non-default ``position_ids`` the head would need (:func:`head_arguments`).
+    A batch that is not a mapping is not checked.
+
+    Raises
+    ------
+    LeftPaddingError
+        See :func:`check_padding`.
+    HeadInputError
+        The batch's ``position_ids`` are not the default and the blocks after the cut read them.
+    """
+    if not isinstance(batch, Mapping):
+        return
+    found = _layout_of(model)
+    if found is None:
+        return
+    layout, base = found
+    error = left_padding_error(layout, batch.get("attention_mask"), batch.get("input_ids"), _pad_id(base),
+                               _named(base))
+    if error is not None:
+        raise error
+    refuse_arguments(layout, batch, _named(base))
 
 
 # -- split point resolution --------------------------------------------------------

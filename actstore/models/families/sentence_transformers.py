@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from actstore.models.blocks import Head, head_inputs
+from actstore.models.blocks import Head
 from actstore.models.capture import canonical_name
 from actstore.models.families.base import BlockFamily, SplitPlan
 from actstore.models.families.transformers import detect_family
@@ -54,7 +54,8 @@ class SentenceTransformerHead(nn.Module):
     """The upper encoder layers plus a sentence-transformers model's later modules.
 
     ``forward`` takes the states in any form the transformer head takes (see
-    :func:`actstore.models.blocks.head_inputs`), runs encoder layers ``k+1..``,
+    :func:`actstore.models.states.head_call`; a plain tensor needs its mask or
+    ``padding=False``), runs encoder layers ``k+1..``,
     then every module after the first (pooling, normalize, dense, ...) on the
     features dict ``{"token_embeddings", "attention_mask"}``, and returns
     ``features["sentence_embedding"]``. Features the model's first module
@@ -69,8 +70,9 @@ class SentenceTransformerHead(nn.Module):
         self.at = at
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        states, attention_mask = head_inputs(args, kwargs)
-        out = self.encoder.run(states, attention_mask)
+        call = self.encoder.inputs(args, kwargs)
+        attention_mask = call.attention_mask
+        out = self.encoder.run(call.states, attention_mask, call.position_ids)
         features: dict[str, Any] = {"token_embeddings": out.last_hidden_state}
         if attention_mask is not None:
             features["attention_mask"] = attention_mask

@@ -35,7 +35,9 @@ def _t5_extras(base: nn.Module, states: torch.Tensor, ctx: dict[str, Any]) -> An
     return (states, bias, None)
 
 
-_BERT_TYPES = {"bert": False, "roberta": True, "xlm-roberta": True, "camembert": True}  # type -> positions from mask
+# type -> left padding: BERT counts positions from the row's first token; RoBERTa and its kin over the
+# tokens that are not the pad id (create_position_ids_from_input_ids), so left padding with that id is exact.
+_BERT_TYPES = {"bert": "refuse", "roberta": "pad_ids", "xlm-roberta": "pad_ids", "camembert": "pad_ids"}
 _LLAMA_TYPES = ("llama", "mistral", "qwen2")
 
 KNOWN_MODEL_TYPES = (*_BERT_TYPES, "distilbert", "deberta-v2", "gpt2", *_LLAMA_TYPES, "t5 (T5EncoderModel)", "vit")
@@ -59,31 +61,34 @@ def detect_family(model: nn.Module) -> BlockLayout | str:
         if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
             return "it is configured as a decoder (causal or cross-attention masks are not supported)"
         return BlockLayout("bert", "encoder.layer", "embeddings", ("embeddings",), "inputs_embeds", tail=("pooler",),
-                           positions_from_mask=_BERT_TYPES[mtype])
+                           left_padding=_BERT_TYPES[mtype], positions="mask", masked=True)
     if mtype == "distilbert" and has_module(model, "transformer.layer"):
-        return BlockLayout("distilbert", "transformer.layer", "embeddings", ("embeddings",), "inputs_embeds")
+        return BlockLayout("distilbert", "transformer.layer", "embeddings", ("embeddings",), "inputs_embeds",
+                           left_padding="refuse", masked=True)
     if mtype == "deberta-v2" and has_module(model, "encoder.layer"):
         if getattr(config, "conv_kernel_size", 0) > 0 or getattr(config, "z_steps", 0) > 1:
             return ("its encoder runs a convolution after layer 0 or repeats the last layer (conv_kernel_size, "
                     "z_steps): the stream between blocks is not the blocks' outputs")
         shared = tuple(n for n in ("encoder.rel_embeddings", "encoder.LayerNorm") if has_module(model, n))
+        # Relative positions only, unless absolute position embeddings are added to the input.
+        left = "refuse" if getattr(config, "position_biased_input", True) else "ok"
         return BlockLayout("deberta-v2", "encoder.layer", "embeddings", ("embeddings",), "inputs_embeds",
-                           shared=shared, extras=_with_none)
+                           shared=shared, extras=_with_none, left_padding=left, masked=True)
     if mtype == "gpt2" and has_module(model, "h") and has_module(model, "wpe"):
         if getattr(config, "add_cross_attention", False):
             return "it is configured with cross-attention"
         return BlockLayout("gpt2", "h", "drop", ("wpe", "drop"), "inputs_embeds", tail=("ln_f",), causal=True,
-                           use_cache=True)
+                           use_cache=True, left_padding="refuse", positions="mask", masked=True)
     if mtype in _LLAMA_TYPES and has_module(model, "layers") and has_module(model, "embed_tokens"):
         shared = ("rotary_emb",) if has_module(model, "rotary_emb") else ()
         return BlockLayout(mtype, "layers", "embed_tokens", (), "inputs_embeds", shared=shared, tail=("norm",),
-                           causal=True, use_cache=True)
+                           causal=True, use_cache=True, left_padding="refuse", positions="blocks", masked=True)
     if mtype == "t5" and has_module(model, "encoder.block"):
         if has_module(model, "decoder"):
             return "it is an encoder-decoder T5; split its encoder (transformers.T5EncoderModel) instead"
         return BlockLayout("t5", "encoder.block", "encoder.embed_tokens", (), "inputs_embeds",
                            shared=("encoder.block.0.layer.0.SelfAttention.relative_attention_bias",),
-                           tail=("encoder.final_layer_norm",), extras=_t5_extras, positions_from_mask=True)
+                           tail=("encoder.final_layer_norm",), extras=_t5_extras, masked=True)
     if mtype == "vit" and has_module(model, "embeddings"):
         blocks = "layers" if has_module(model, "layers") else "encoder.layer"
         if not has_module(model, blocks):
