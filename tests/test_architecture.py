@@ -180,7 +180,9 @@ def function_level_imports(path: Path) -> list[int]:
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
         for node in ast.walk(fn):
-            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("actstore")) or isinstance(node, ast.Import) and any(a.name.startswith("actstore") for a in node.names):
+            relative_or_ours = isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("actstore"))
+            ours = isinstance(node, ast.Import) and any(a.name.startswith("actstore") for a in node.names)
+            if relative_or_ours or ours:
                 found.append(node.lineno)
     return sorted(set(found))
 
