@@ -9,7 +9,8 @@ replacing the manifest (the root ``zarr.json``).  The steps of one commit:
    size and BLAKE3 of every file in the segment) are written and fsynced, and so
    are the directories that hold them.
 3. A key-index run for the new rows is written the same way (and, when runs pile
-   up, all runs are merged into one); so is each view set since the last commit.
+   up, all runs are merged into one); so is each view set since the last commit
+   (with its columns, :func:`~actstore.engine.write.segments.write_view`).
    A compaction's merged segments are finished here too; each replaces a
    contiguous range of segments holding the same rows in the same order, so
    global row numbers, the key index and views stay valid unchanged.
