@@ -222,3 +222,14 @@ def test_old_format_store_is_served_and_checked(tmp_path: Path) -> None:
     ds = CachedDataset(data, again)
     assert [ds[i][1] for i in range(3)] == [0, 5, 1]
     again.verify()
+
+
+def test_a_store_without_a_record_serves_the_items_labels_by_position(tmp_path: Path) -> None:
+    """A store made with append and set_view (no precompute record, no side values): labels read from the items."""
+    data = three()
+    with actstore.create(tmp_path / "s", {"h": Field((6,), "float32")}) as w:
+        w.append([actstore.key(data[0][0]), actstore.key(data[1][0])], {"h": torch.stack([data[0][0], data[1][0]])})
+        w.set_view("dataset", [0, 1, 0])
+    ds = CachedDataset(data, tmp_path / "s")
+    assert ds.input == 0 and [ds[i][1] for i in range(3)] == [0, 5, 1]
+    assert labels_of(DataLoader(ds, batch_size=2, num_workers=2)) == [0, 5, 1]

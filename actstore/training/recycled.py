@@ -176,7 +176,8 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
                 raise ValueError(f"input_name={input_name!r}: renames the input key of dict items, but the items are "
                                  f"{self._template.kind}")
             self._template = replace(self._template, input_name=input_name)
-        self._sides = SideSource(store, self._template, index=index, view=cfg.view, where=where)
+        self._sides = SideSource(store, self._template, index=index, view=cfg.view, where=where,
+                                 inferred=side is None and cfg.record is None)
         if check == "auto":
             full = n > 0 and _cheap_to_key(item_part(first, self.input))
             spot = 8

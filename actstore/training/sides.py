@@ -9,9 +9,10 @@ input share a row, not a label).  Where they come from, by store and mode:
 - ``"rows"`` — a store written before: side values are row fields, one per row
   (the first position's).  Served from the rows, as before; the construction
   check below catches positions whose own values differ.
-- ``"items"`` — ``index="keys"``, or a store without side values
-  (``RecycledEncoder``'s, ``infer(out=)``'s): read from ``dataset[i]`` itself,
-  so **the item is read** for each served position.
+- ``"items"`` — ``index="keys"``, or a store without side values and without
+  a precompute record (``RecycledEncoder``'s, ``infer(out=)``'s, one made with
+  ``store.append``): read from ``dataset[i]`` itself, so **the item is read**
+  for each served position.
 
 At construction, the stored values ("view", "rows") are compared with the
 dataset's own at the positions the key check reads (every position when items
@@ -57,7 +58,10 @@ def default_sides(item: Any, input: Any) -> dict[Any, str]:  # noqa: A002
 class SideSource:
     """Where one :class:`~actstore.CachedDataset` takes side values from (``kind``: see the module docstring)."""
 
-    def __init__(self, store: ActivationStore, layout: ItemLayout, *, index: str, view: str, where: str) -> None:
+    def __init__(self, store: ActivationStore, layout: ItemLayout, *, index: str, view: str, where: str,
+                 inferred: bool = False) -> None:
+        """``inferred``: the side parts were not recorded nor given but inferred from the items (a store without a
+        precompute record); when the store holds none of them, they are read from the items."""
         self.layout = layout
         self.cols: ViewColumns | None = None
         side = dict(layout.side)
@@ -72,6 +76,8 @@ class SideSource:
                 self.kind, self.cols, fields = "view", cols, cols.fields
             elif all(f in store.fields for f in side.values()):
                 self.kind = "rows"
+            elif inferred and not any(f in store.fields for f in side.values()):
+                self.kind = "items"
             else:
                 have = sorted({*store.fields, *(cols.fields if cols is not None else ())})
                 raise KeyError(f"{where}: side fields {sorted(set(side.values()) - set(have))} are neither view "
