@@ -48,7 +48,7 @@ def expected(n: int = N) -> dict[bytes, dict[str, np.ndarray]]:
     m = model()
     out: dict[bytes, dict[str, np.ndarray]] = {}
     with torch.no_grad():
-        for x, label in dataset(n):
+        for x, _ in dataset(n):
             k = actstore.key(x)
             h1 = m[1](m[0](x))
             out[k] = {"1": h1.numpy(), "2": m[2](h1).numpy()}  # rows: activations only (labels: per position)
