@@ -51,3 +51,10 @@ def model() -> nn.Module:
     m = CrashingMLP()
     m.net.requires_grad_(False)
     return m
+
+
+def repeats_with_own_labels() -> list[tuple[torch.Tensor, int]]:
+    """:func:`dataset` with every repeated input given another label than its first occurrence (100 + i)."""
+    items = vectors(int(os.environ.get("DIST_TEST_N", 48)))
+    repeats = items[4:8] + items[0:2]
+    return items + [(x, 100 + i) for i, (x, _) in enumerate(repeats)]

@@ -42,7 +42,7 @@ def test_dict_items_are_keyword_arguments_trimmed_by_their_mask(tmp_path: Any) -
     model = tiny_bert(layers=3)
     data = hf_items(20)
     store = actstore.precompute(model, data, tmp_path / "s", layers=LAYER, batch_size=6, progress=False)
-    assert store.fields[LAYER].ragged and store.fields["labels"].shape == ()
+    assert store.fields[LAYER].ragged and store.view_columns("dataset").fields["labels"].shape == ()  # per position
     rec = store.attrs["precompute"]["sample"]
     assert rec["input"] == ["input_ids", "attention_mask", "token_type_ids"] and rec["side"][0]["name"] == "labels"
     view = store.view("dataset")
@@ -51,7 +51,7 @@ def test_dict_items_are_keyword_arguments_trimmed_by_their_mask(tmp_path: Any) -
         want = expected(model, item)
         assert row[LAYER].shape == want.shape  # trimmed to the real tokens
         torch.testing.assert_close(row[LAYER].float(), want, rtol=1e-4, atol=1e-5)
-        assert int(row["labels"]) == item["labels"]
+        assert int(store.view_columns("dataset")["labels"][i]) == item["labels"]  # side values: per position
     # CachedDataset gives back the items' structure, activations under the first input key
     ds = CachedDataset(data, store)
     assert set(ds[0]) == {"input_ids", "labels"} and torch.equal(ds[0]["input_ids"], store[int(view[0])][LAYER])

@@ -87,8 +87,10 @@ def test_fixed_fields_bit_exact_with_labels_view_and_attrs(tmp_path: Any) -> Non
     assert rows.tolist() == list(range(50))
     got = store.gather(rows)
     assert torch.equal(got["1"], h1) and torch.equal(got["3"], h3)
-    assert got["item_1"].tolist() == [label for _, label in data]
-    assert store.fields["item_1"] == actstore.Field((), "int64")
+    # side values are per dataset position, in the view's columns (format 3); rows hold activations only
+    cols = store.view_columns("dataset")
+    assert cols["item_1"].tolist() == [label for _, label in data]
+    assert cols.fields["item_1"] == actstore.Field((), "int64") and set(store.fields) == {"1", "3"}
     cfg = store.attrs[ATTR]
     assert cfg["sample"]["type"] == "tuple" and cfg["sample"]["input"] == 0
     assert [d["layer"] for d in cfg["layers"]] == ["3", "1"]
@@ -179,11 +181,12 @@ def test_dict_items_side_columns_str_and_drop(tmp_path: Any) -> None:
              "junk": object()} for i, s in enumerate(seqs)]
     s = run(tiny_bert(), data, tmp_path / "s", layers="encoder.layer.0", collate_fn=pad_collate, batch_size=4,
             side_fields={"junk": None})
-    assert set(s.fields) == {"encoder.layer.0", "label", "name", "score", "vec"}
-    assert s.fields["name"] == actstore.Field((None,), "uint8")
-    row = s[int(s.view("dataset")[7])]
-    assert bytes(row["name"].numpy()).decode() == "café-7"
-    assert int(row["label"]) == 1 and float(row["score"]) == 3.5 and row["vec"].tolist() == [7, 8, 9]
+    cols = s.view_columns("dataset")  # side values per position (format 3); rows hold activations only
+    assert set(s.fields) == {"encoder.layer.0"} and set(cols.fields) == {"label", "name", "score", "vec"}
+    assert cols.fields["name"] == actstore.Field((None,), "uint8")
+    name = cols["name"]
+    assert bytes(name.values[name.offsets[7]:name.offsets[8]].numpy()).decode() == "café-7"
+    assert int(cols["label"][7]) == 1 and float(cols["score"][7]) == 3.5 and cols["vec"][7].tolist() == [7, 8, 9]
     sample = s.attrs[ATTR]["sample"]
     assert sample["type"] == "dict" and sample["input"] == "text" and sample["dropped"] == ["junk"]
     assert {c["name"]: c["kind"] for c in sample["side"]} == {"label": "int", "name": "str", "score": "float",
@@ -248,13 +251,14 @@ def test_duplicates_computed_once(tmp_path: Any) -> None:
     assert torch.equal(s.gather(rows)["1"], want[rows])
 
 
-def test_conflicting_side_values_warn(tmp_path: Any, caplog: Any) -> None:
+def test_repeated_inputs_keep_their_own_side_values(tmp_path: Any, caplog: Any) -> None:
     data = vectors(6)
     data = data + [(data[1][0], 99)]
     with caplog.at_level(logging.WARNING, logger="actstore"):
         s = run(tiny_mlp(), data, tmp_path / "s", layers="1", batch_size=4)
-    assert "different side values" in caplog.text and "dataset[6]" in caplog.text
-    assert int(s[int(s.view("dataset")[6])]["item_1"]) == data[1][1]
+    assert "side values" not in caplog.text  # a legitimate dataset: no warning
+    assert len(s) == 6 and s.view("dataset")[6] == s.view("dataset")[1]  # one row for the repeated input
+    assert s.view_columns("dataset")["item_1"].tolist() == [y for _, y in data]  # each position its own label
 
 
 def test_commit_every_rows(tmp_path: Any) -> None:
@@ -500,7 +504,8 @@ def test_cnn_script_core_without_torchvision(tmp_path: Any) -> None:
     assert len(ds) == 6 and ds[4][1] == 1 and ds[0][0].shape == (3, 32, 32)
     s = mod.run(tiny_resnet(), ds, str(tmp_path / "s"), ["layer3"], batch_size=4, progress=False)
     assert len(s) == 6 and s.fields["layer3"] == actstore.Field((24, 2, 2), "float32")
-    assert bytes(s[int(s.view("dataset")[5])]["item_2"].numpy()).decode() == os.path.join("dog", "2.png")
+    path = s.view_columns("dataset")["item_2"]  # side values per position, in the view (format 3)
+    assert bytes(path.values[path.offsets[5]:path.offsets[6]].numpy()).decode() == os.path.join("dog", "2.png")
     try:
         import torchvision  # noqa: F401
     except ImportError:

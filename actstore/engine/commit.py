@@ -9,7 +9,8 @@ replacing the manifest (the root ``zarr.json``).  The steps of one commit:
    size and BLAKE3 of every file in the segment) are written and fsynced, and so
    are the directories that hold them.
 3. A key-index run for the new rows is written the same way (and, when runs pile
-   up, all runs are merged into one); so is each view set since the last commit.
+   up, all runs are merged into one); so is each view set since the last commit
+   (with its columns, :func:`~actstore.engine.write.segments.write_view`).
    A compaction's merged segments are finished here too; each replaces a
    contiguous range of segments holding the same rows in the same order, so
    global row numbers, the key index and views stay valid unchanged.
@@ -43,10 +44,10 @@ from typing import Any
 import numpy as np
 
 from actstore.engine.read.snapshot import Snapshot
-from actstore.engine.write.segments import SegmentWriter, write_index_run, write_object
+from actstore.engine.write.segments import PendingView, SegmentWriter, write_index_run, write_view
 from actstore.errors import StoreError
-from actstore.format.layout import INDEXES_DIR, VIEWS_DIR
-from actstore.format.manifest import IndexRunInfo, Manifest, SegmentInfo, parse_root, root_document
+from actstore.format.layout import INDEXES_DIR
+from actstore.format.manifest import IndexRunInfo, Manifest, SegmentInfo, ViewInfo, parse_root, root_document
 from actstore.storage.base import Backend, WriterLock, objects_of
 
 __all__ = ["MAX_INDEX_RUNS", "Change", "Head", "check_views", "commit", "ids", "merge_runs", "publish"]
@@ -77,8 +78,8 @@ class Change:
     segment: SegmentWriter | None = None
     #: Segments already complete under the backend's root (adopted by hard links), with their key prefixes.
     added: list[tuple[SegmentInfo, np.ndarray]] = field(default_factory=list)
-    #: View name -> rows, to record (or replace).
-    views: Mapping[str, np.ndarray] = field(default_factory=dict)
+    #: View name -> its rows (and columns), to record (or replace).
+    views: Mapping[str, PendingView] = field(default_factory=dict)
     #: New attributes (all of them), or None to keep them.
     attrs: Mapping[str, Any] | None = None
     #: Compaction: ``(lo, hi, writer)``, a segment holding the rows of current segments ``lo .. hi-1``, in order.
@@ -135,7 +136,8 @@ def check_views(current: Manifest, change: Change) -> None:
     """Refuse views naming rows this commit will not hold (before anything is written)."""
     rows_after = current.rows + (change.segment.rows if change.segment is not None else 0) + \
         sum(i.rows for i, _ in change.added)
-    for name, rows in change.views.items():  # pending rows it named may have been dropped by a failed append
+    for name, view in change.views.items():  # pending rows it named may have been dropped by a failed append
+        rows = view.rows
         if rows.size and int(rows.max()) >= rows_after:
             raise ValueError(
                 f"view {name!r} names row {int(rows.max())}, but this commit holds only {rows_after} rows "
@@ -161,9 +163,9 @@ def _next_manifest(root: str, current: Manifest, change: Change) -> tuple[Manife
             discarded = [f"{INDEXES_DIR}/{r.id}" for r in manifest.indexes]
             manifest = replace(manifest, indexes=(merge_runs(root, manifest),))
     if change.views:
-        views: dict[str, IndexRunInfo] = dict(manifest.views)
-        for name, rows in change.views.items():
-            views[name] = write_object(root, VIEWS_DIR, {"row": (rows, "int64")})
+        views: dict[str, ViewInfo] = dict(manifest.views)
+        for name, view in change.views.items():
+            views[name] = write_view(root, view)
         manifest = replace(manifest, views=views)
     if change.attrs is not None:
         manifest = replace(manifest, attrs=dict(change.attrs))

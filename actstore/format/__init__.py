@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from actstore.format.fields import Field
-from actstore.format.manifest import FORMAT_NAME, FORMAT_VERSION, IndexRunInfo, Manifest, SegmentInfo
+from actstore.format.manifest import FORMAT_NAME, FORMAT_VERSION, IndexRunInfo, Manifest, SegmentInfo, ViewInfo
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Field", "IndexRunInfo", "Manifest", "SegmentInfo"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Field", "IndexRunInfo", "Manifest", "SegmentInfo", "ViewInfo"]

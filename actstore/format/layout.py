@@ -7,6 +7,7 @@ changes this module and not each of them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,14 +16,18 @@ import numpy as np
 from actstore.format.dtypes import INTERNAL_DTYPES
 from actstore.format.fields import Field
 
-__all__ = ["FIELDS_DIR", "INDEXES_DIR", "LOCK_DIR", "PARTS_DIR", "SEGMENTS_DIR", "VIEWS_DIR", "ArraySpec",
-           "field_arrays", "field_is_group"]
+__all__ = ["FIELDS_DIR", "INDEXES_DIR", "LOCK_DIR", "PARTS_DIR", "SEGMENTS_DIR", "VIEWS_DIR", "VIEW_ITEM_KEY",
+           "VIEW_ROW", "ArraySpec", "field_arrays", "field_is_group", "view_arrays"]
 
 #: Directory names inside the store.
 SEGMENTS_DIR = "segments"
 INDEXES_DIR = "indexes"
 VIEWS_DIR = "views"
 FIELDS_DIR = "fields"
+#: A view object's arrays (FORMAT.md §8): ``row`` (int64, position -> row) and, in version 3, ``item_key``
+#: (uint8 ``[n, 32]``) beside its columns (``fields/<name>``, laid out as a segment's fields).
+VIEW_ROW = "row"
+VIEW_ITEM_KEY = "item_key"
 #: The writer lock: a Zarr group whose attributes name the writer holding it.
 LOCK_DIR = "lock"
 #: Part stores of a distributed precompute in progress (ordinary stores, one per rank), kept under the store's
@@ -70,3 +75,16 @@ def field_arrays(name: str, field: Field) -> tuple[ArraySpec, ...]:
 def field_is_group(field: Field) -> bool:
     """True when ``fields/<name>`` is a group of arrays (ragged or quantised) rather than one array."""
     return field.ragged or field.quantize is not None
+
+
+def view_arrays(columns: Mapping[str, Field], item_key: bool) -> tuple[ArraySpec, ...]:
+    """The arrays of a view object with ``columns`` (FORMAT.md §8): ``row``, then ``item_key`` when it has one,
+    then each column's arrays as :func:`field_arrays` lays them out (``count`` "rows" meaning the view's positions).
+    """
+    i64, u8 = INTERNAL_DTYPES["int64"], INTERNAL_DTYPES["uint8"]
+    out = [ArraySpec(VIEW_ROW, VIEW_ROW, "rows", (), i64, "int64")]
+    if item_key:
+        out.append(ArraySpec(VIEW_ITEM_KEY, VIEW_ITEM_KEY, "rows", (32,), u8, "uint8"))
+    for name, f in columns.items():
+        out.extend(field_arrays(name, f))
+    return tuple(out)

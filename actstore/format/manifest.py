@@ -24,6 +24,7 @@ __all__ = [
     "IndexRunInfo",
     "Manifest",
     "SegmentInfo",
+    "ViewInfo",
     "group_document",
     "parse_manifest",
     "parse_root",
@@ -31,11 +32,12 @@ __all__ = [
 ]
 
 FORMAT_NAME = "actstore"
-#: The newest format version: a store with a quantised field is written as version 2 (FORMAT.md §1, §4.1);
-#: every other store as version 1, so that readers of version 1 still open it.
-FORMAT_VERSION = 2
+#: The newest format version: a store with a view that has columns (side values per dataset position) is
+#: written as version 3 (FORMAT.md §1, §8); else one with a quantised field as version 2 (§4.1); every other store
+#: as version 1, so that readers of older versions still open what they can read.
+FORMAT_VERSION = 3
 #: The versions this reader opens.
-READ_VERSIONS = (1, 2)
+READ_VERSIONS = (1, 2, 3)
 #: Key under the root group's ``attributes`` that holds the manifest.
 MANIFEST_ATTR = "actstore"
 SEGMENT_ATTR = "actstore_segment"
@@ -68,6 +70,33 @@ class IndexRunInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class ViewInfo(IndexRunInfo):
+    """A view: ``rows`` entries of ``row`` (position -> row), and optionally columns per position (version 3).
+
+    ``columns`` are laid out like a segment's fields (fixed: ``[rows, *shape]``;
+    ragged: values + offsets; FORMAT.md §8), ``values`` holds each ragged
+    column's element count, and ``item_key`` says whether the view also holds
+    ``item_key``: uint8 ``[rows, 32]``, the key of each position's input.
+    """
+
+    columns: Mapping[str, Field] = field(default_factory=dict)
+    values: Mapping[str, int] = field(default_factory=dict)
+    item_key: bool = False
+
+    @property
+    def has_columns(self) -> bool:
+        """Whether this view has more than its ``row`` array (a version 3 view)."""
+        return bool(self.columns) or self.item_key
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {"id": self.id, "rows": self.rows, "meta": self.meta}
+        if self.has_columns:
+            doc.update(columns={k: f.to_json() for k, f in self.columns.items()}, values=dict(self.values),
+                       item_key=self.item_key)
+        return doc
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     """The commit point: everything a reader needs to open a snapshot."""
 
@@ -80,7 +109,7 @@ class Manifest:
     segments: tuple[SegmentInfo, ...] = ()
     indexes: tuple[IndexRunInfo, ...] = ()
     #: Named row lists (for example dataset position -> row), see ``ActivationStore.view``.
-    views: Mapping[str, IndexRunInfo] = field(default_factory=dict)
+    views: Mapping[str, ViewInfo] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -88,7 +117,10 @@ class Manifest:
 
     @property
     def version(self) -> int:
-        """The format version this manifest is written as: 2 when a field is quantised, else 1."""
+        """The format version this manifest is written as: 3 when a view has columns, else 2 when a field is
+        quantised, else 1."""
+        if any(v.has_columns for v in self.views.values()):
+            return 3
         return 2 if any(f.quantize is not None for f in self.fields.values()) else 1
 
     def to_json(self) -> dict[str, Any]:
@@ -137,12 +169,12 @@ def parse_manifest(doc: Any, where: str) -> Manifest:
     if type(version) is not int or version not in READ_VERSIONS:  # 1.0 and true equal 1 in Python
         raise UnsupportedFormatError(
             f"{where}: unsupported format version: got {version!r:.40}. Expected "
-            f"{' or '.join(map(str, READ_VERSIONS))}. Upgrade actstore to read this store."
+            f"{', '.join(map(str, READ_VERSIONS[:-1]))} or {READ_VERSIONS[-1]}. Upgrade actstore to read this store."
         )
     fields_doc = expect(doc.get("fields"), dict, f"{where}.fields")
     fields = {check_name(k, f"{where}.fields"): Field.from_json(v, f"{where}.fields.{k}", version)
               for k, v in fields_doc.items()}
-    if version == 2 and not any(f.quantize is not None for f in fields.values()):
+    if version == 2 and not any(f.quantize is not None for f in fields.values()):  # (3 may have quantised fields)
         raise CorruptStoreError(f"{where}.version: 2, but no field is quantised (such a store is written as version 1)")
     if not fields:
         raise CorruptStoreError(f"{where}.fields: a store has at least one field")
@@ -157,7 +189,11 @@ def parse_manifest(doc: Any, where: str) -> Manifest:
         _parse_run(r, f"{where}.indexes[{i}]") for i, r in enumerate(expect(doc.get("indexes"), list, f"{where}.indexes"))
     )
     views_doc = expect(doc.get("views"), dict, f"{where}.views")
-    views = {check_name(k, f"{where}.views"): _parse_run(v, f"{where}.views.{k}", lo=0) for k, v in views_doc.items()}
+    views = {check_name(k, f"{where}.views"): _parse_view(v, f"{where}.views.{k}", version)
+             for k, v in views_doc.items()}
+    if version == 3 and not any(v.has_columns for v in views.values()):
+        raise CorruptStoreError(f"{where}.version: 3, but no view has columns (such a store is written as version "
+                                "1 or 2)")
     ids = [s.id for s in segments] + [r.id for r in runs] + [v.id for v in views.values()]
     if len(set(ids)) != len(ids):
         raise CorruptStoreError(f"{where}: a segment or index id appears twice")
@@ -202,3 +238,36 @@ def _parse_run(doc: Any, where: str, lo: int = 1) -> IndexRunInfo:
         rows=bounded_int(doc.get("rows"), f"{where}.rows", lo=lo),
         meta=hex64(doc.get("meta"), f"{where}.meta"),
     )
+
+
+#: The entries a version 3 view adds to ``{"id", "rows", "meta"}`` (all three, or none).
+_VIEW_COLUMN_KEYS = {"columns", "values", "item_key"}
+
+
+def _parse_view(doc: Any, where: str, version: int) -> ViewInfo:
+    doc = expect(doc, dict, where)
+    if version < 3 or not _VIEW_COLUMN_KEYS & set(doc):
+        run = _parse_run(doc, where, lo=0)
+        return ViewInfo(run.id, run.rows, run.meta)
+    only_keys(doc, {"id", "rows", "meta"} | _VIEW_COLUMN_KEYS, where)
+    missing = _VIEW_COLUMN_KEYS - set(doc)
+    if missing:
+        raise CorruptStoreError(f"{where}: a view with columns has {sorted(_VIEW_COLUMN_KEYS)}; missing {sorted(missing)}")
+    run = _parse_run({k: doc.get(k) for k in ("id", "rows", "meta")}, where, lo=0)
+    cols_doc = expect(doc.get("columns"), dict, f"{where}.columns")
+    columns = {check_name(k, f"{where}.columns"): Field.from_json(v, f"{where}.columns.{k}", version)
+               for k, v in cols_doc.items()}
+    for k, f in columns.items():
+        if f.compression is not None or f.quantize is not None:
+            raise CorruptStoreError(f"{where}.columns.{k}: a view column is stored raw (no compression, no quantize)")
+    values = expect(doc.get("values"), dict, f"{where}.values")
+    ragged = {k for k, f in columns.items() if f.ragged}
+    if set(values) != ragged:
+        raise CorruptStoreError(f"{where}.values: expected counts for {sorted(ragged)}, got {sorted(values)}")
+    item_key = doc.get("item_key")
+    if type(item_key) is not bool:
+        raise CorruptStoreError(f"{where}.item_key: expected true or false, got {item_key!r:.40}")
+    if not columns and not item_key:
+        raise CorruptStoreError(f"{where}: a view with no columns and no item_key is written without those entries")
+    return ViewInfo(run.id, run.rows, run.meta, columns,
+                    {k: bounded_int(v, f"{where}.values.{k}") for k, v in values.items()}, item_key)

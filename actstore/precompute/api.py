@@ -18,9 +18,12 @@ How items are read (the store's ``attrs["precompute"]`` records all of this):
   tuple's element ``input`` (default 0) or a dict's key ``input`` (default: the
   first of ``input, inputs, text, image, x``) is the input; the key is computed
   on that raw input, before ``collate_fn``.
-- **Side columns.** The other elements of a tuple or dict are stored beside the
-  activations, one field each: tuple element ``j`` becomes field ``item_j``, a
-  dict key its own (sanitised) name.  Scalars become shape ``()`` fields (bool,
+- **Side columns.** The other elements of a tuple or dict (labels, ids) belong
+  to the dataset position, not to the input: they are stored per position, as
+  columns of the ``"dataset"`` view (``store.view_columns("dataset")``; format
+  version 3), so a repeated input keeps each position's own values, and a rerun
+  with only labels changed computes nothing and rewrites them.  Tuple element
+  ``j`` becomes column ``item_j``, a dict key its own (sanitised) name.  Scalars become shape ``()`` fields (bool,
   int → int64, float → float32), arrays and tensors keep their shape (float64 →
   float32), str and bytes become ragged uint8 fields (UTF-8).  Shapes and
   dtypes are inferred from the first item; ``side_fields`` overrides a field or
@@ -149,7 +152,8 @@ def precompute(
         Which part of a tuple (int) or dict (str) item is the model input.
     side_fields
         Side column name (tuple position as a str, or dict key) → the
-        :class:`~actstore.Field` to store it as, or ``None`` to not store it.
+        :class:`~actstore.Field` to store it as (raw: no compression or
+        quantisation), or ``None`` to not store it.
     lengths_fn
         ``lengths_fn(batch) -> lengths`` of each sample, for token-level outputs
         of batches without an ``attention_mask`` (right padding); every output

@@ -16,7 +16,8 @@ adopts leftover parts itself, through :mod:`actstore.precompute.parts`)::
                 killed rank's work resumable
     rank 0      (after all ranks finished) adopts the parts' new segments into
                 PATH in one commit (hard links, one key-index run), writes the
-                whole dataset's "dataset" view, deletes the parts
+                whole dataset's "dataset" view (the parts' side values per
+                position, in global position order), deletes the parts
     every rank  returns PATH opened for reading
 
 **Partition by whole batches, dedupe by key.**  A rank reads only its own
@@ -59,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from actstore.engine.read.views import ViewColumns
 from actstore.environment import environment
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError, StoreLockedError
 from actstore.format.record import read_record
@@ -68,6 +70,7 @@ from actstore.precompute.parts import (
     adopt_leftovers,
     delete_part,
     len_of,
+    merge_view_columns,
     open_or_create_main,
     parts_dir,
     parts_lock,
@@ -321,7 +324,9 @@ class _Ranks:
             main = open_or_create_main(self.root, parts, fp, self.cfg.storage.overwrite, n)
             try:
                 main.adopt([p for p in parts if not is_placeholder(p)])
-                main.set_view(VIEW, self._view(main, parts, n))
+                view, pieces = self._view(main, parts, n)
+                columns, fields, item_key = merge_view_columns(pieces, len(view))
+                main.set_view(VIEW, view, columns, fields=fields, item_key=item_key)
                 main.commit()
                 record_length(main, n)
                 rows = len(main)
@@ -337,15 +342,21 @@ class _Ranks:
             print(f"precompute: {self.world} ranks -> {self.root}: {rows:,} rows "
                   f"({None if record is None else record.dataset_class})", flush=True)
 
-    def _view(self, main: ActivationStore, parts: list[ActivationStore], n: int | None) -> np.ndarray:
-        """The whole dataset's ``"dataset"`` view in ``main``, from each rank's view of its part."""
+    def _view(self, main: ActivationStore, parts: list[ActivationStore],
+              n: int | None) -> tuple[np.ndarray, list[tuple[np.ndarray, ViewColumns]]]:
+        """The whole dataset's ``"dataset"`` view in ``main``, from each rank's view of its part; and each part's
+        view columns (side values per position) with their global positions."""
         keys_at = np.zeros((0 if n is None else n, 32), np.uint8)
         have = np.zeros(len(keys_at), bool)
+        pieces: list[tuple[np.ndarray, ViewColumns]] = []
         for r, p in enumerate(parts):
             if VIEW not in p.views:
                 continue
             v = np.asarray(p.view(VIEW))
             pos = global_position(np.arange(len(v)), r, self.world, self.batch_size)
+            cols = p.view_columns(VIEW)
+            if cols is not None and len(v):
+                pieces.append((pos, cols))
             if n is None and len(pos):  # an iterable: the length is known only now
                 need = int(pos.max()) + 1
                 if need > len(keys_at):
@@ -361,4 +372,4 @@ class _Ranks:
         view = np.full(len(keys_at), -1, np.int64)
         if have.any():
             view[have] = main.lookup(keys_at[have])
-        return view
+        return view, pieces

@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_INPUT_KEYS",
     "NOT_MODEL_INPUTS",
     "ItemLayout",
+    "PositionSides",
     "Selector",
     "SideColumn",
     "SideColumns",
@@ -297,6 +298,54 @@ class SideColumns:
             stacked = np.stack(arrays) if arrays else np.empty((0, *c.spec.inner_shape))
             out[c.field] = stacked.astype(c.spec.spec.numpy, copy=False)
         return out
+
+
+class PositionSides:
+    """The side values and input key of every dataset position placed so far, for the view's columns (FORMAT.md §8).
+
+    Side values belong to positions, not to rows: two positions with one input
+    (one row) keep their own labels.  Kept as numpy chunks, one per DataLoader
+    batch (no Python object per position): a fixed column costs its bytes per
+    position, a str/bytes column its bytes plus 8 (a length), the key 32.
+    """
+
+    def __init__(self, side: SideColumns) -> None:
+        self.side = side
+        self.keys: list[np.ndarray] = []
+        self.chunks: dict[str, list[Any]] = {c.field: [] for c in side.columns}
+
+    def add(self, keys: np.ndarray, sides: list[dict[str, Any] | None], positions: Sequence[int]) -> None:
+        """Positions ``positions`` (the next ones, in order): their input keys and side values."""
+        self.keys.append(np.array(keys, np.uint8, copy=True))
+        if not self.side.columns:
+            return
+        for c, value in zip(self.side.columns, self.side.convert(sides, positions).values(), strict=True):
+            if isinstance(value, RaggedBatch):
+                offsets = value.offsets.numpy()
+                value = (value.values.numpy(), np.diff(offsets))
+            elif isinstance(value, list):  # a ragged array column: its rows back to back, and their lengths
+                inner = c.spec.inner_shape
+                flat = np.concatenate(value) if value else np.empty((0, *inner), c.spec.spec.numpy)
+                value = (flat.astype(c.spec.spec.numpy, copy=False), np.array([len(v) for v in value], np.int64))
+            self.chunks[c.field].append(value)
+
+    def view_columns(self) -> tuple[dict[str, Any], dict[str, Field], np.ndarray]:
+        """(column -> values per position, column -> field, item keys ``(n, 32)``) for ``store.set_view``."""
+        data: dict[str, Any] = {}
+        for c in self.side.columns:
+            parts = self.chunks[c.field]
+            if c.spec.ragged:
+                values = np.concatenate([p[0] for p in parts]) if parts else \
+                    np.empty((0, *c.spec.inner_shape), c.spec.spec.numpy)
+                offsets = np.zeros(sum(len(p[1]) for p in parts) + 1, np.int64)
+                if parts:
+                    np.cumsum(np.concatenate([p[1] for p in parts]), out=offsets[1:])
+                data[c.field] = RaggedBatch(torch.from_numpy(values), torch.from_numpy(offsets))
+            else:
+                data[c.field] = np.concatenate(parts) if parts else \
+                    np.empty((0, *c.spec.inner_shape), c.spec.spec.numpy)
+        keys = np.concatenate(self.keys) if self.keys else np.empty((0, 32), np.uint8)
+        return data, {c.field: c.spec for c in self.side.columns}, keys
 
 
 # --- items: decode ------------------------------------------------------------------------

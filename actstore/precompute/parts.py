@@ -23,6 +23,11 @@ import shutil
 import uuid
 from typing import Any
 
+import numpy as np
+import torch
+
+from actstore.engine.read.ragged import RaggedBatch
+from actstore.engine.read.views import ViewColumns
 from actstore.engine.write.writer import describe_fields
 from actstore.errors import StoreExistsError, StoreLockedError
 from actstore.format.layout import PARTS_DIR
@@ -35,7 +40,7 @@ from actstore.store import create as create_store
 from actstore.store import open as open_store
 
 __all__ = ["PARTS_DIR", "adopt_leftover_parts", "adopt_leftovers", "delete_part", "has_leftovers", "len_of",
-           "open_or_create_main", "parts_dir", "parts_lock", "record_length", "remove_parts_dir"]
+           "merge_view_columns", "open_or_create_main", "parts_dir", "parts_lock", "record_length", "remove_parts_dir"]
 
 log = logging.getLogger("actstore")
 
@@ -156,6 +161,50 @@ def record_length(main: ActivationStore, length: int | None) -> None:
         return
     main.update_attrs({ATTR: dataclasses.replace(record, dataset_length=length).to_json()})
     main.commit()
+
+
+def merge_view_columns(pieces: list[tuple[np.ndarray, ViewColumns]], n: int) -> tuple[dict[str, Any], dict[str, Any],
+                                                                                     np.ndarray | None]:
+    """The whole dataset's view columns from the parts': ``(columns, fields, item_key)`` for ``set_view``.
+
+    ``pieces``: each part's global dataset positions (one per position of its
+    view) and its view's columns; ``n`` positions in all.  Every value lands at
+    its global position (vectorised; a ragged column's elements by one scatter).
+    Positions no part covered get zeros (their row is -1).  Raises
+    ``ValueError`` when two parts stored a column with different fields.
+    """
+    fields: dict[str, Any] = {}
+    for _, cols in pieces:
+        for name, f in cols.fields.items():
+            if fields.setdefault(name, f) != f:
+                raise ValueError(f"side column {name!r}: one part stored it as {fields[name]}, another as {f}; the "
+                                 "dataset's items must have one type per side value")
+    item_key = np.zeros((n, 32), np.uint8) if any(c.item_key is not None for _, c in pieces) else None
+    out: dict[str, Any] = {}
+    for name, f in fields.items():
+        st = f.stored.numpy
+        have = [(pos, c) for pos, c in pieces if name in c.fields]
+        if not f.ragged:
+            col = np.zeros((n, *f.inner_shape), st)
+            for pos, c in have:
+                col[pos] = c.reader.fixed(name)
+            out[name] = col
+            continue
+        lengths = np.zeros(n, np.int64)
+        for pos, c in have:
+            lengths[pos] = np.diff(c.reader.ragged(name)[1])
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.zeros((int(offsets[-1]), *f.inner_shape), st)
+        for pos, c in have:
+            src, off = c.reader.ragged(name)
+            dest = np.arange(int(off[-1]), dtype=np.int64) + np.repeat(offsets[pos] - off[:-1], np.diff(off))
+            values[dest] = src
+        out[name] = RaggedBatch(torch.from_numpy(values), torch.from_numpy(offsets))
+    for pos, c in pieces:
+        if item_key is not None and c.item_key is not None:
+            item_key[pos] = c.item_key
+    return out, fields, item_key
 
 
 def delete_part(path: str) -> None:

@@ -145,8 +145,8 @@ def keep_or_replace(resumed: Resumed, root: str, cfg: PrecomputeConfig, mine: Pr
     have = read_record(store.attrs, root) or PrecomputeRecord(item=None)
     diffs = [k for k, a, b in (("sample", have.item, mine.item), ("key_fn", have.key_fn, mine.key_fn)) if a != b]
     side_specs = {c.field: c.spec for c in side.columns}
-    if any(store.fields.get(f) != spec for f, spec in side_specs.items()) or set(store.fields) != set(
-            side_specs) | set(cfg.capture.fields.values()):
+    row_sides = set(store.fields) - set(cfg.capture.fields.values())  # side values as row fields: before format 3
+    if row_sides and (row_sides != set(side_specs) or any(store.fields[f] != side_specs[f] for f in row_sides)):
         diffs.append("side fields")
     layer_fields = resumed.layer_fields.values()
     if storage.store_dtype is not None:

@@ -10,7 +10,8 @@
     schedule.Schedule            per batch: stored, already scheduled, or new (computed once)
     forward.Forward              the model on the new samples; device -> host
     background.Writer            the writer thread: trim, cast, append, commit
-    Run._stop / _record_view     the last commit with the "dataset" view; compaction
+    items.PositionSides          per batch: each position's side values and input key
+    Run._stop / _record_view     the last commit: the "dataset" view with its columns; compaction
 
 New samples are computed in batches of ``batch_size``: the group as the
 DataLoader collated it when all of it is new, else pooled with other groups'
@@ -40,7 +41,7 @@ from actstore.models.fingerprint import frozen_fingerprint
 from actstore.precompute.background import Writer
 from actstore.precompute.config import ATTR, VIEW, PrecomputeConfig
 from actstore.precompute.forward import Forward
-from actstore.precompute.items import SideColumns
+from actstore.precompute.items import PositionSides, SideColumns
 from actstore.precompute.loader import Group, IterableWrapper, Prepare
 from actstore.precompute.parts import adopt_leftover_parts, has_leftovers, len_of
 from actstore.precompute.resume import Resumed, keep_or_replace, open_existing, run_record
@@ -70,6 +71,8 @@ class Run:
         self.item: ItemRecord | None = None  # the items' layout, as recorded (known after the first batch)
         self.item_type: type | None = None  # every item's type (the first item's)
         self.side = SideColumns([])
+        self.positions = PositionSides(self.side)  # side values and input key per position: the view's columns
+        self.row_sides = False  # a store written before format 3: side values are row fields too (first position's)
         self.pool: list[tuple[int, np.ndarray, Any, Any, int]] = []  # (schedule id, key, input, side, position)
         self.seen = 0
 
@@ -159,7 +162,8 @@ class Run:
         self.seen += n
         if self.item is None:
             self._init_structure(g)
-        codes, new = self.schedule.place(g.keys, pos0, g.sides, self.side)
+        self.positions.add(g.keys, g.sides, range(pos0, pos0 + n))
+        codes, new = self.schedule.place(g.keys, pos0)
         if len(new) == n and g.collated is not None:  # the common case: the whole group is new
             self._run_batch(g.keys, Schedule.schedule_id(codes), g.collated, g.sides, list(range(pos0, pos0 + n)))
             return
@@ -186,6 +190,10 @@ class Run:
             self.resumed = self.store = None
             self.schedule = Schedule(None, 0)
             self.forward.layer_fields = {}
+        self.positions = PositionSides(self.side)
+        # A store written before side values moved to the view holds them as row fields: its new rows need them.
+        self.row_sides = self.resumed is not None and any(c.field in self.resumed.store.fields
+                                                          for c in self.side.columns)
 
     def _record(self, placeholder: bool = False) -> PrecomputeRecord:
         ragged = set() if self.forward is None else self.forward.ragged
@@ -204,11 +212,12 @@ class Run:
     def _start_writer(self) -> None:
         assert self.forward is not None
         layer_fields = self.forward.layer_fields
-        if self.store is None:
-            fields = {**layer_fields, **{c.field: c.spec for c in self.side.columns}}
-            self.store = create_store(self.root, fields, fingerprint=self.fp, attrs={ATTR: self._record().to_json()})
+        if self.store is None:  # rows hold activations only; side values go to the view (FORMAT.md §8)
+            self.store = create_store(self.root, dict(layer_fields), fingerprint=self.fp,
+                                      attrs={ATTR: self._record().to_json()})
         commits = self.cfg.commits
-        self.writer = Writer(self.store, layer_fields, self.side, max_in_flight=self.cfg.execution.max_in_flight,
+        row_sides = self.side if self.row_sides else SideColumns([])
+        self.writer = Writer(self.store, layer_fields, row_sides, max_in_flight=self.cfg.execution.max_in_flight,
                              commit_every_rows=commits.every_rows, commit_every_seconds=commits.every_seconds)
         self.writer.start()
 
@@ -268,7 +277,8 @@ class Run:
                       for f in self.cfg.capture.fields.values()}
             config = self._record(placeholder=True).to_json()
             self.store = create_store(self.root, fields, fingerprint=self.fp, attrs={ATTR: config})
-        self.store.set_view(VIEW, self.schedule.view())
+        columns, fields, item_key = self.positions.view_columns()
+        self.store.set_view(VIEW, self.schedule.view(), columns, fields=fields, item_key=item_key)
         self.store.commit()
 
     def _finish(self) -> ActivationStore:
@@ -278,11 +288,6 @@ class Run:
         progress, s = self.cfg.execution.progress, self.schedule
         if self.seen == 0:
             _say(progress, f"precompute: the dataset is empty; created an empty store at {self.root}")
-        if s.n_conflicts:
-            log.warning(
-                "precompute: %d dataset positions repeat an earlier input with different side values (%s); the "
-                "store keeps one row per input, with the side values seen first",
-                s.n_conflicts, ", ".join(f"dataset[{p}]" for p in s.conflicts))
         _say(progress,
              f"precompute: {written:,} rows written, {s.skipped:,} skipped (already stored), {s.duplicates:,} "
              f"duplicates, {nbytes / 1e6:,.1f} MB in {elapsed:.1f} s ({self.seen / max(elapsed, 1e-9):,.1f} "

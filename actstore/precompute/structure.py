@@ -36,6 +36,9 @@ def item_structure(first: Group, cfg: PrecomputeConfig) -> tuple[SideColumns, It
             continue
         kind, spec = encode_side(name, value)
         if isinstance(override, Field):
+            if override.compression is not None or override.quantize is not None:
+                raise ValueError(f"side_fields[{name!r}]: side values are stored per dataset position, raw; "
+                                 f"got {override} (drop compression= and quantize=)")
             spec = override
             kind = kind if kind in ("str", "bytes") and spec == Field((None,), "uint8") else "array"
         fname = field_name(f"item_{name}" if structure["type"] == "tuple" else name)

@@ -20,7 +20,7 @@ from actstore.engine.lifecycle.info import describe_store
 from actstore.engine.lifecycle.opening import backend_to_open, load_snapshot, open_parts, read_head
 from actstore.engine.lifecycle.verify import VerifyReport, verify_snapshot
 from actstore.engine.read.gather import check_float_dtype, check_pad_multiple, field_names, gather_fields, gather_padded
-from actstore.engine.read.maps import ReadCheck, map_view
+from actstore.engine.read.maps import ReadCheck
 from actstore.engine.read.plans import ROW_ALL, fast_gather, make_row, row_getter, row_plan
 from actstore.engine.read.prefetch import forget_on_evict, prefetch
 from actstore.engine.read.ragged import PaddedBatch, RaggedBatch
@@ -33,6 +33,7 @@ from actstore.storage.backends import backend_from_state
 from actstore.storage.base import Backend, RemoteState, WriterLock
 from actstore.storage.chunkcache import ChunkCache
 from actstore.storage.objects import ObjectStore
+from actstore.store.views import StoreViews
 
 __all__ = ["ActivationStore", "open_in"]
 
@@ -56,7 +57,7 @@ def open_in(backend: Backend, mode: str = "r", *, fingerprint: str | None = None
         backend.close()
         raise
 
-class ActivationStore:
+class ActivationStore(StoreViews):
     """An activation store: rows of named fields, one row per distinct sample key.
 
     Obtain one with :func:`actstore.create` or :func:`actstore.open`.  A store
@@ -88,7 +89,7 @@ class ActivationStore:
 
     def _load(self, manifest: Manifest) -> Snapshot:
         """Make ``manifest`` this handle's snapshot (returned), its index runs and views mapped now."""
-        self._snap, self._views = load_snapshot(self._backend, manifest, self._check, self._provide,
+        self._snap, self._views, self._columns = load_snapshot(self._backend, manifest, self._check, self._provide,
                                                 retry=self.mode != "a")
         return self._snap
 
@@ -290,27 +291,6 @@ class ActivationStore:
         self._check_open()
         return prefetch(self, rows, field_names(self.fields, fields, self.path), keys)
 
-    # -- views -----------------------------------------------------------------------
-    @property
-    def views(self) -> list[str]:
-        """Names of the committed views."""
-        return sorted(self.manifest.views)
-
-    def view(self, name: str) -> np.ndarray:
-        """A committed view: an int64 array of rows (-1 where a row is missing).  Never copies.
-
-        Precompute records the dataset's order as a view, so that training can map
-        dataset position ``i`` to its row without reading the dataset.
-        """
-        self._check_open()
-        v = self._views.get(name)
-        if v is None:
-            info = self.manifest.views.get(name)
-            if info is None:
-                raise KeyError(f"view {name!r} is not in the store; it has {self.views}")
-            v = self._views[name] = map_view(self.path, info, self._check, self._provide)
-        return v
-
     # -- writing (mode "a": delegated to the StoreWriter) ------------------------------
     @property
     def merge_policy(self) -> TieredMerge | None:
@@ -374,18 +354,6 @@ class ActivationStore:
     def abort(self) -> int:
         """Drop the pending rows (and views, attributes); returns how many rows were dropped."""
         return self._writable().abort()
-
-    def set_view(self, name: str, rows: object) -> None:
-        """Record (or replace) a named view of rows with the next commit.
-
-        ``rows`` are committed row numbers, or -1 for "no row"; values outside
-        ``[-1, len(store))`` are refused.
-        """
-        self._writable().set_view(name, rows)
-
-    def carry_views(self, src: ActivationStore) -> None:
-        """Set each view of store ``src`` here too, mapped to this store's rows by key (with the next commit)."""
-        self._writable().carry_views(src)
 
     def update_attrs(self, attrs: Mapping[str, Any] | None = None, /, **more: Any) -> None:
         """Set (or replace) top-level attributes with the next commit; other attributes stay.

@@ -194,8 +194,19 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         A store or its path.  It is read as of its last commit (a store still
         being written shows what was committed before the dataset was made).
     fields
-        The fields in each item (default: all, side columns such as labels and
-        ids included).  An unknown name raises ``KeyError`` listing the fields.
+        The fields in each item (default: all).  An unknown name raises
+        ``KeyError`` listing the fields.
+
+    Which side values it serves.  ``ActivationDataset`` serves **rows**, one
+    per distinct input, and only row fields.  A store written by
+    :func:`actstore.precompute` (format version 3) holds activations only in its
+    rows: the side values (labels, ids) belong to dataset positions and are the
+    columns of its ``"dataset"`` view — ``store.view_columns("dataset")["label"]``
+    gives them in dataset order (never copies), and ``store.view("dataset")`` each
+    position's row; :class:`~actstore.CachedDataset` serves both together, one
+    item per position.  Stores written before version 3 (or by ``store.append``
+    with label fields) hold side values as row fields, served here per row —
+    for a row shared by several positions, the first position's values.
     model, fingerprint
         When given, the store must hold what this model's frozen part computes (a
         frozen part from :func:`actstore.split`, or the full model), or carry this
@@ -220,7 +231,7 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
 
     Examples
     --------
-    >>> ds = ActivationDataset("faq.store", fields=["hidden", "label"])  # doctest: +SKIP
+    >>> ds = ActivationDataset("faq.store", fields=["hidden"])  # doctest: +SKIP
     >>> loader = DataLoader(ds, batch_size=256, shuffle=True, collate_fn=actstore.collate)  # doctest: +SKIP
     """
 

@@ -24,7 +24,7 @@ from actstore.engine.read.gather import row_view
 from actstore.errors import DatasetMismatchError, MissingRowsError
 from actstore.format.keys import DEFAULT_KEY_NAMES
 from actstore.format.keys import key as content_key
-from actstore.precompute.items import ItemLayout, decode_item, decode_side, item_part
+from actstore.precompute.items import ItemLayout, Selector, decode_item, item_layout, item_part
 from actstore.store import ActivationStore
 from actstore.training.collate import ActivationCollate, RowBatch
 from actstore.training.datasets import (
@@ -36,6 +36,7 @@ from actstore.training.datasets import (
     precompute_config,
 )
 from actstore.training.encoder import output_rows
+from actstore.training.sides import SideSource, default_sides
 
 __all__ = ["CachedDataset"]
 
@@ -66,9 +67,15 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     Same length and order as ``dataset``; ``ds[i]`` has the structure of
     ``dataset[i]`` (a dict, tuple, namedtuple or the bare input) with the input
     part replaced by the activations (one tensor, or ``{field: tensor}`` when the
-    store holds several layers) and the side parts (labels, ids) read from the
-    store's side fields.  The original inputs are **not read** after
-    construction: position → row comes from the view precompute recorded.
+    store holds several layers) and the side parts (labels, ids) **always**
+    ``dataset[i]``'s own: read from the per-position columns of the view
+    precompute recorded (a repeated input keeps each position's label), so the
+    original items are **not read** after construction; position → row comes
+    from that view.  With ``index="keys"``, or a store that holds no side values
+    (``RecycledEncoder``'s, ``infer(out=)``'s), side parts are read from
+    ``dataset[i]`` itself: those modes read the item for every served position.
+    Stores written before format version 3 hold side values per row (the first
+    position's): they are served from there, and checked against the dataset.
 
     Parameters
     ----------
@@ -78,7 +85,10 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         The store precompute filled (or its path).
     input, side
         Which part of an item was the input (``None``: the whole item; a key or
-        an index) and item part → side field; default: what precompute recorded.
+        an index) and item part → side field; default: what precompute recorded,
+        else (a store written without a precompute record) the rule precompute
+        uses: a tuple item's element 0, a dict item's first key among ``input``,
+        ``inputs``, ``text``, ``image``, ``x``; every other part is a side part.
     fields
         Activation fields to serve (default: precompute's layers).
     check
@@ -89,6 +99,10 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         seeded-random positions otherwise; ``"all"`` every item; an int that
         many seeded-random positions (spot checks).  ``.checked`` says how many
         positions were checked, ``.check_mode`` whether all or a spot check.
+        The same positions' side values are compared with the stored ones
+        (``.sides_checked``): a dataset relabelled since precompute raises
+        :class:`DatasetMismatchError`; rerunning precompute rewrites the side
+        values without recomputing any activation.
     index
         ``"view"`` (default): positions map to rows through the store's view;
         ``"keys"``: key every input once now and look the keys up (for stores
@@ -113,7 +127,8 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     ------
     DatasetMismatchError
         The dataset's length differs from what precompute recorded, or a
-        spot-checked input's key differs from the stored row's.
+        checked input's key differs from the stored row's, or its side values
+        from the stored ones.
     MissingRowsError
         Positions without a row, and no ``fallback``; the message says how many
         and how to fill them.
@@ -128,8 +143,14 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         store = self.store
         check_frozen(store, model, fingerprint, where=f"CachedDataset({store.path})")
         cfg = precompute_config(store)
-        self.input = cfg.input if input is _UNSET else input
+        n = len(dataset)
+        if input is not _UNSET:
+            self.input = input
+        else:
+            self.input = cfg.input if cfg.record is not None else _infer_input(dataset, n)
         self.side = dict(cfg.side or {}) if side is None else dict(side)
+        if side is None and cfg.record is None and n:  # no record: every part but the input is a side part
+            self.side = default_sides(dataset[0], self.input)
         layer_default = [n for n in (cfg.layers or store.fields) if n not in set(self.side.values())]
         self.fields = _check_fields(store, layer_default if fields is None else fields)
         if key_fn is None and cfg.key_fn not in DEFAULT_KEY_NAMES:
@@ -138,7 +159,6 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         self.key_fn = key_fn or content_key
         self.fallback = fallback
         self.dataset = dataset
-        n = len(dataset)
         where = f"CachedDataset({store.path})"
         if index == "view":
             rows = self._view_rows(store, cfg, n, where)
@@ -149,9 +169,6 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         self.rows = np.ascontiguousarray(rows, dtype=np.int64)
         present = np.nonzero(self.rows >= 0)[0]
         first = dataset[int(present[0])] if len(present) else (dataset[0] if n else None)
-        unknown = [f for f in self.side.values() if f not in store.fields]
-        if unknown:
-            raise KeyError(f"side fields {unknown} are not in the store; it has {sorted(store.fields)}")
         recorded = cfg.record.item if cfg.record is not None else None
         self._template = ItemLayout.of(first, self.input, self.side if n else {}, where, recorded)
         if input_name is not None:
@@ -159,6 +176,8 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
                 raise ValueError(f"input_name={input_name!r}: renames the input key of dict items, but the items are "
                                  f"{self._template.kind}")
             self._template = replace(self._template, input_name=input_name)
+        self._sides = SideSource(store, self._template, index=index, view=cfg.view, where=where,
+                                 inferred=side is None and cfg.record is None)
         if check == "auto":
             full = n > 0 and _cheap_to_key(item_part(first, self.input))
             spot = 8
@@ -177,18 +196,27 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
             positions = np.sort(gen.choice(present, size=min(spot, len(present)), replace=False)) if len(present) \
                 else present
         self._check_keys(dataset, positions, first, where)
+        #: dataset positions whose side values were compared with the stored ones at construction
+        self.sides_checked = self._sides.check(store, dataset, positions if index == "view" else present[:0],
+                                               self.rows, where)
         #: dataset positions whose key was checked at construction, and how ("all", "spot" or "keys")
         self.checked = len(present) if index == "keys" else len(positions)
         self.check_mode = "keys" if index == "keys" else "all" if full else "spot"
         missing = int((self.rows < 0).sum())
         if missing and fallback is None:
             first_missing = np.nonzero(self.rows < 0)[0][:5].tolist()
+            if cfg.record is None:  # written by RecycledEncoder, infer(out=) or store.append: no precompute here
+                fill = (f"the store has no row under the key of these items' input part (input={self.input!r}: "
+                        "pass input= if another part is the input); fill it with the module that wrote it "
+                        "(RecycledEncoder(..., append=True) over these inputs) or pass fallback=frozen_module to "
+                        "compute them on the fly")
+            else:
+                fill = (f"fill them with actstore.precompute(model, dataset, {store.path!r}, ...) (or the command "
+                        f"`actstore precompute ... {store.path}`), which computes only the missing rows, or pass "
+                        "fallback=frozen_module to compute them on the fly")
             raise MissingRowsError(
                 f"{where}: {missing} of {n} dataset positions have no row in the store (first: {first_missing}); "
-                f"fill them with actstore.precompute(model, dataset, {store.path!r}, ...) (or the command "
-                f"`actstore precompute ... {store.path}`), which computes only the missing rows, or pass "
-                "fallback=frozen_module to compute them on the fly"
-            )
+                + fill)
         self.missing = missing
 
     def _check_keys(self, dataset: Any, positions: np.ndarray, first: Any, where: str) -> None:
@@ -246,7 +274,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        if not self.missing:
+        if not self.missing and not self._sides.reads_items:
             state["dataset"] = None  # never read again: do not ship it to workers
         return state
 
@@ -262,19 +290,12 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         row = int(self.rows[p])
         store, t = self.store, self._template
         if row < 0:
-            acts, side = self._compute([p])
+            acts, _ = self._compute([p])
             value = {n: acts[n][0] for n in self.fields}
-            side_vals = {k: side[k][0] for k in t.side}  # the item's own parts, as they are
         else:
             seg, local = store.snapshot.locate(row)
-            value, side_vals = {}, {}
-            for name in (*self.fields, *t.side.values()):
-                v = row_view(seg, local, name, store.fields[name])
-                if name in self.fields:
-                    value[name] = v
-                for k, fn in t.side.items():
-                    if fn == name:
-                        side_vals[k] = decode_side(v, t.kinds[k])
+            value = {name: row_view(seg, local, name, store.fields[name]) for name in self.fields}
+        side_vals = self._sides.item(p, row, store, self.dataset)
         return decode_item(t, value[self.fields[0]] if len(self.fields) == 1 else value, side_vals)
 
     def __getitems__(self, indices: Sequence[int]) -> RowBatch:
@@ -289,6 +310,9 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
                 computed[name] = dict(zip(miss.tolist(), vals, strict=True))
             for k, vals in side.items():
                 computed[f"side:{k}"] = dict(zip(miss.tolist(), vals, strict=True))  # raw item parts
+        items = self._sides.raw(pos, rows, self.dataset)  # side values read from the items (index="keys")
+        if items is not None:
+            computed["items"] = items
         return RowBatch(self, pos, rows, computed)
 
     def _compute(self, positions: list[int]) -> tuple[dict[str, list[torch.Tensor]], dict[Any, list[Any]]]:
@@ -310,13 +334,19 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         snap = store.snapshot
         acts = {n: opts.gather(snap, n, store.fields[n], batch.rows, shared=shared, extra=batch.computed.get(n))
                 for n in self.fields}
-        side: dict[Any, Any] = {}
-        for k, fn in t.side.items():
-            raw = batch.computed.get(f"side:{k}", {})
-            if t.kinds[k] in ("str", "bytes"):  # a list, as default_collate gives for strings
-                side[k] = [raw[p] if r < 0 else decode_side(row_view(*snap.locate(r), fn, store.fields[fn]), t.kinds[k])
-                           for p, r in enumerate(batch.rows.tolist())]
-            else:
-                extra = {p: torch.as_tensor(v) for p, v in raw.items()}
-                side[k] = opts.gather(snap, fn, store.fields[fn], batch.rows, shared=shared, extra=extra)
+        side = self._sides.batch(store, batch.positions, batch.rows, batch.computed, opts, shared)
         return decode_item(t, acts[self.fields[0]] if len(self.fields) == 1 else acts, side)
+
+
+def _infer_input(dataset: Any, n: int) -> Any:
+    """The input part of items when no precompute record says: precompute's own rule (a tuple's element 0, a dict's
+    first default key), read off the first item; the whole item when the rule cannot tell."""
+    if not n:
+        return None
+    first = dataset[0]
+    try:
+        Selector().split(first)
+    except (KeyError, TypeError):  # a dict with none of the default keys: the whole item, as before (input= picks)
+        return None
+    layout = item_layout(first)
+    return None if layout["type"] == "bare" else layout["input"]

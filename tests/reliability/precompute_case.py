@@ -48,10 +48,10 @@ def expected(n: int = N) -> dict[bytes, dict[str, np.ndarray]]:
     m = model()
     out: dict[bytes, dict[str, np.ndarray]] = {}
     with torch.no_grad():
-        for x, label in dataset(n):
+        for x, _ in dataset(n):
             k = actstore.key(x)
             h1 = m[1](m[0](x))
-            out[k] = {"1": h1.numpy(), "2": m[2](h1).numpy(), "item_1": np.int64(label)}
+            out[k] = {"1": h1.numpy(), "2": m[2](h1).numpy()}  # rows: activations only (labels: per position)
     return out
 
 
@@ -97,6 +97,8 @@ def check(path: str, allowed: set[int] | None, want: dict[bytes, dict[str, np.nd
             view = s.view("dataset")
             data = dataset()
             assert len(view) == len(data)
-            for i, (x, _) in enumerate(data):
+            labels = s.view_columns("dataset")["item_1"]
+            for i, (x, label) in enumerate(data):
                 assert bytes(keys[view[i]]) == actstore.key(x), f"view 'dataset'[{i}] points at the wrong row"
+                assert int(labels[i]) == label, f"view 'dataset' column item_1[{i}]: {int(labels[i])} != {label}"
     return n

@@ -1,7 +1,7 @@
 """Corruption testing: damage every kind of file a store holds, in every way.
 
 For each file kind (shard data of a fixed field, keys, ragged values and
-offsets, index prefixes and rows, a view, array / group / segment / index / view
+offsets, index prefixes and rows, a view and its columns, array / group / segment / index / view
 metadata, the root manifest, the lock) and each damage (flip one random bit,
 truncate, zero a page, append garbage, delete, replace with the same-named file
 of another store):
@@ -44,7 +44,8 @@ def build(path: Path, offset: int) -> None:
             v["lab"] = np.arange(lo, hi)
             s.append(k, v)
             s.commit()
-        s.set_view("order", np.arange(N))
+        # a view with columns per position (format 3): a side column and the positions' input keys
+        s.set_view("order", np.arange(N), {"side": np.arange(N) % 7}, item_key=s.key_at(np.arange(N)))
         s.commit()
 
 
@@ -75,6 +76,8 @@ KINDS = {
     "index prefixes": "indexes/#1/prefix/c/0",
     "index rows": "indexes/#1/row/c/0",
     "view rows": "views/#order/row/c/0",
+    "view side column": "views/#order/fields/side/c/0",
+    "view item keys": "views/#order/item_key/c/0/0",
     "array zarr.json": "segments/#1/fields/h/zarr.json",
     "ragged array zarr.json": "segments/#1/fields/tok/offsets/zarr.json",
     "group zarr.json": "segments/#1/fields/zarr.json",

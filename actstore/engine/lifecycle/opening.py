@@ -18,6 +18,7 @@ import numpy as np
 from actstore.engine.commit import Head, ids, publish
 from actstore.engine.read.maps import ReadCheck, map_view
 from actstore.engine.read.snapshot import Snapshot
+from actstore.engine.read.views import ViewColumns
 from actstore.engine.read.zarrread import ZarrSegmentReader
 from actstore.errors import CorruptStoreError, StaleStoreError, StoreError, StoreNotFoundError
 from actstore.format.codecs import MAX_INNER_CHUNK_BYTES
@@ -62,8 +63,8 @@ def read_head(backend: Backend) -> tuple[Manifest, str]:
 
 
 def load_snapshot(backend: Backend, manifest: Manifest, check: ReadCheck | None, provide: FileProvider | None,
-                  *, retry: bool) -> tuple[Snapshot, dict[str, np.ndarray]]:
-    """A handle's snapshot of ``manifest``, with its index runs and views mapped now.
+                  *, retry: bool) -> tuple[Snapshot, dict[str, np.ndarray], dict[str, ViewColumns]]:
+    """A handle's snapshot of ``manifest``, with its index runs and views (rows, and columns) mapped now.
 
     A writer deletes the index runs and views that its commit superseded, so a
     reader whose manifest was replaced just before it mapped them finds them
@@ -83,13 +84,15 @@ def load_snapshot(backend: Backend, manifest: Manifest, check: ReadCheck | None,
             # Mapped with the snapshot (like index runs): a writer deletes a replaced view after its commit,
             # and a map taken earlier survives that.
             views = {name: map_view(root, info, check, provide) for name, info in manifest.views.items()}
+            columns = {name: ViewColumns(root, name, info, check, provide) for name, info in manifest.views.items()
+                       if info.has_columns}
         except CorruptStoreError:
             newer = read_head(backend)[0] if retry else None
             if newer is None or ids(newer) == ids(manifest):
                 raise
             manifest = newer
             continue
-        return snap, views
+        return snap, views, columns
     raise StoreError(f"{backend.url}: the manifest changed 100 times while being opened; try again")
 
 

@@ -18,9 +18,10 @@ import numpy as np
 
 from actstore.engine.read.maps import map_object_array
 from actstore.engine.read.snapshot import Snapshot, key_prefixes
+from actstore.engine.read.views import ViewColumns
 from actstore.errors import CorruptStoreError, StoreError
-from actstore.format.layout import FIELDS_DIR, INDEXES_DIR, SEGMENTS_DIR, VIEWS_DIR, field_arrays
-from actstore.format.manifest import KEY_BYTES, IndexRunInfo, Manifest, SegmentInfo
+from actstore.format.layout import FIELDS_DIR, INDEXES_DIR, SEGMENTS_DIR, VIEWS_DIR, field_arrays, view_arrays
+from actstore.format.manifest import KEY_BYTES, IndexRunInfo, Manifest, SegmentInfo, ViewInfo
 from actstore.storage.base import Backend
 from actstore.storage.checksum import hash_file
 from actstore.storage.files import expect_array, inside, object_files, read_document
@@ -80,10 +81,16 @@ def verify_store(root: str, manifest: Manifest, progress: Callable[[int], None] 
             base = os.path.join(root, directory, info.id)
             try:
                 inside(root, f"{directory}/{info.id}")
-                _, files = object_files(base, info.meta, f"{directory}/{info.id}")
-                names = ("prefix", "row") if directory == INDEXES_DIR else ("row",)
-                for name in names:
-                    expect_array(base, name, info.rows, (), "uint64" if name == "prefix" else "int64", files)
+                attrs, files = object_files(base, info.meta, f"{directory}/{info.id}")
+                if isinstance(info, ViewInfo):  # row, and a version 3 view's item_key and columns (FORMAT.md §8)
+                    if attrs.get("rows") != info.rows or attrs.get("values", {}) != dict(info.values):
+                        raise CorruptStoreError(f"{base}/zarr.json: row counts disagree with the manifest")
+                    for a in view_arrays(info.columns, info.item_key):
+                        expect_array(base, a.rel, a.rows(info.rows, info.values.get(a.key.split("/")[0], 0)), a.inner,
+                                     a.zarr, files, a.codec)
+                else:
+                    for name in ("prefix", "row"):
+                        expect_array(base, name, info.rows, (), "uint64" if name == "prefix" else "int64", files)
                 _check_files(base, files, report)
             except (StoreError, OSError) as e:
                 report.problems.append(str(e))
@@ -134,6 +141,8 @@ def _check_index(root: str, manifest: Manifest, starts: np.ndarray, report: Veri
             v = np.asarray(snap_view(root, info))
             if v.size and (v.min() < -1 or v.max() >= n):
                 raise CorruptStoreError(f"{root}/{VIEWS_DIR}/{info.id}: view {name!r} names rows outside the store")
+            if info.has_columns:
+                ViewColumns(root, name, info)  # maps every column: checks a ragged column's offsets
     except (StoreError, OSError) as e:
         report.problems.append(str(e))
 

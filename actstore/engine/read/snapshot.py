@@ -62,8 +62,10 @@ class SegmentReader:
     __slots__ = ("arrays", "check", "fields", "info", "path", "plans", "provide", "relocate")
 
     def __init__(self, root: str, info: SegmentInfo, fields: dict[str, Field], check: ReadCheck | None = None,
-                 provide: FileProvider | None = None, relocate: Relocate | None = None) -> None:
-        self.path = os.path.join(root, SEGMENTS_DIR, info.id)
+                 provide: FileProvider | None = None, relocate: Relocate | None = None,
+                 directory: str = SEGMENTS_DIR) -> None:
+        # ``directory``: VIEWS_DIR for a view's columns, laid out as a segment's fields (FORMAT.md §8)
+        self.path = os.path.join(root, directory, info.id)
         self.info = info
         self.fields = fields
         self.arrays: dict[str, np.ndarray] = {}

@@ -15,6 +15,7 @@ import shutil
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import google_crc32c
@@ -28,12 +29,22 @@ from actstore.format.arrays import array_metadata, chunk_path, inner_rows_for, s
 from actstore.format.documents import dumps
 from actstore.format.dtypes import INTERNAL_DTYPES
 from actstore.format.fields import Field
-from actstore.format.layout import FIELDS_DIR, INDEXES_DIR, SEGMENTS_DIR, field_arrays, field_is_group
-from actstore.format.manifest import KEY_BYTES, SEGMENT_ATTR, IndexRunInfo, SegmentInfo, group_document
+from actstore.format.layout import (
+    FIELDS_DIR,
+    INDEXES_DIR,
+    SEGMENTS_DIR,
+    VIEW_ITEM_KEY,
+    VIEW_ROW,
+    VIEWS_DIR,
+    field_arrays,
+    field_is_group,
+    view_arrays,
+)
+from actstore.format.manifest import KEY_BYTES, SEGMENT_ATTR, IndexRunInfo, SegmentInfo, ViewInfo, group_document
 from actstore.storage import files as fsio
 from actstore.storage.checksum import checksum, new_hasher
 
-__all__ = ["SegmentWriter", "ShardFile", "write_index_run", "write_object"]
+__all__ = ["PendingView", "SegmentWriter", "ShardFile", "write_index_run", "write_object", "write_view"]
 
 #: A write at least this large is hashed on a helper thread while this thread writes it.
 PARALLEL_HASH_BYTES = 1 << 20
@@ -401,3 +412,65 @@ def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray) -> IndexR
     """Write a key-index run: prefixes sorted ascending, with their global rows."""
     order = np.argsort(prefixes, kind="stable")  # equal prefixes keep their input order (FORMAT.md §6)
     return write_object(root, INDEXES_DIR, {"prefix": (prefixes[order], "uint64"), "row": (rows[order], "int64")})
+
+
+@dataclass(frozen=True)
+class PendingView:
+    """A view to record with the next commit: position -> row, and optionally columns per position (FORMAT.md §8).
+
+    ``data`` holds each column in storage form (as
+    :func:`~actstore.engine.write.validate.validate_batch` returns it: a fixed
+    column's ``(n, *shape)`` array, a ragged one's ``(values, lengths)``);
+    ``item_key`` the ``(n, 32)`` uint8 key of each position's input, or None.
+    """
+
+    rows: np.ndarray
+    columns: Mapping[str, Field] = field(default_factory=dict)
+    data: Mapping[str, Any] = field(default_factory=dict)
+    item_key: np.ndarray | None = None
+
+
+def write_view(root: str, view: PendingView) -> ViewInfo:
+    """Write a view object: ``row``, and in version 3 ``item_key`` and the columns laid out as segment fields.
+
+    A view without columns is written as before version 3 (one ``row`` array).
+    Every array is one inner chunk (views are read whole, through maps).
+    """
+    if not view.columns and view.item_key is None:
+        info = write_object(root, VIEWS_DIR, {VIEW_ROW: (view.rows, "int64")})
+        return ViewInfo(info.id, info.rows, info.meta)
+    obj_id = uuid.uuid4().hex
+    path = os.path.join(root, VIEWS_DIR, obj_id)
+    os.mkdir(path)
+    n = len(view.rows)
+    arrays: dict[str, np.ndarray] = {VIEW_ROW: view.rows}
+    if view.item_key is not None:
+        arrays[VIEW_ITEM_KEY] = view.item_key
+    values: dict[str, int] = {}
+    for name, f in view.columns.items():
+        col = view.data[name]
+        if f.ragged:
+            flat, lengths = col
+            offsets = np.zeros(n + 1, np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            arrays[name], arrays[name + "/offsets"], values[name] = flat, offsets, int(len(flat))
+        else:
+            arrays[name] = col
+    files: dict[str, Any] = {}
+    for a in view_arrays(view.columns, view.item_key is not None):
+        data = arrays[a.key]
+        shard = ShardFile(os.path.join(path, *a.rel.split("/")), a.inner, a.numpy, a.zarr)
+        shard.write(data)
+        for rel, rec in shard.finish(max(1, len(data)) * max(1, shard.row_bytes)).items():
+            files[f"{a.rel}/{rel}"] = rec
+    if view.columns:
+        for g in [FIELDS_DIR] + [f"{FIELDS_DIR}/{c}" for c, f in view.columns.items() if field_is_group(f)]:
+            doc = group_document()
+            fsio.write_durable(os.path.join(path, g, "zarr.json"), doc)
+            files[f"{g}/zarr.json"] = file_record(doc)
+            fsio.fsync_dir(os.path.join(path, g))
+    meta = group_document({SEGMENT_ATTR: {"rows": n, "values": values, "files": files}})
+    fsio.write_durable(os.path.join(path, "zarr.json"), meta)
+    fsio.fsync_dir(path)
+    fsio.fsync_dir(os.path.dirname(path))
+    return ViewInfo(obj_id, n, checksum(meta), dict(view.columns), values, view.item_key is not None)

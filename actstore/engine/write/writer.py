@@ -29,8 +29,8 @@ from actstore.engine.commit import Change, Head, check_views, commit, ids
 from actstore.engine.lifecycle.compaction import CompactReport, TieredMerge, compact_snapshot
 from actstore.engine.read.snapshot import Snapshot, key_prefixes
 from actstore.engine.write.keyset import KeySet
-from actstore.engine.write.segments import SegmentWriter
-from actstore.engine.write.validate import validate_batch
+from actstore.engine.write.segments import PendingView, SegmentWriter
+from actstore.engine.write.validate import field_of, validate_batch
 from actstore.errors import CorruptStoreError, StaleStoreError, StoreError
 from actstore.format.documents import check_name
 from actstore.format.fields import Field
@@ -40,12 +40,47 @@ from actstore.storage.base import Backend, WriterLock
 from actstore.storage.files import inside, object_files
 from actstore.storage.local import link_object
 
-__all__ = ["Source", "StoreWriter", "describe_fields"]
+__all__ = ["Source", "StoreWriter", "describe_fields", "view_of"]
 
 
 def describe_fields(fields: Mapping[str, Field]) -> str:
     return ", ".join(f"{n}: {f.dtype}{list(f.shape)}" + (f" {f.quantize}-quantised" if f.quantize else "")
                      + (f" {f.compression}" if f.compression else "") for n, f in fields.items())
+
+
+def view_of(rows: np.ndarray, columns: Mapping[str, Any], fields: Mapping[str, Field], item_key: object) -> PendingView:
+    """A view to commit: ``rows`` with ``columns`` checked and in storage form (FORMAT.md §8).
+
+    A column's field is ``fields[name]``, or inferred from a fixed column's
+    first value; view columns are stored raw (no compression or quantisation).
+    Raises ``TypeError``/``ValueError`` naming the column.
+    """
+    n = len(rows)
+    specs: dict[str, Field] = {}
+    for name, col in columns.items():
+        try:
+            check_name(name, "columns")
+        except StoreError as e:
+            raise ValueError(str(e)) from None
+        f = fields.get(name)
+        if f is None:
+            if isinstance(col, (list, tuple)) or not hasattr(col, "shape"):
+                raise TypeError(f"columns[{name!r}]: pass its field in fields= (only an array's field is inferred)")
+            f = field_of(col[0] if len(col) else np.zeros(col.shape[1:], np.asarray(col).dtype))
+        if f.compression is not None or f.quantize is not None:
+            raise ValueError(f"fields[{name!r}]: a view column is stored raw; got {f} (drop compression and quantize)")
+        specs[name] = f
+    unknown = set(fields) - set(columns)
+    if unknown:
+        raise ValueError(f"fields names {sorted(unknown)}, which are not in columns ({sorted(columns)})")
+    keys = np.zeros((n, 32), np.uint8) if item_key is None else item_key  # (validate_batch checks keys too)
+    try:
+        karr, data = validate_batch(specs, keys, columns)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"view columns: {e}") from e
+    if len(karr) != n:
+        raise ValueError(f"item_key: {len(karr)} keys for {n} positions")
+    return PendingView(rows, specs, data, None if item_key is None else np.ascontiguousarray(karr))
 
 
 class Source(Protocol):
@@ -66,6 +101,8 @@ class Source(Protocol):
     def views(self) -> list[str]: ...
 
     def view(self, name: str) -> np.ndarray: ...
+
+    def view_columns(self, name: str) -> Any: ...
 
     def key_at(self, rows: object) -> np.ndarray: ...
 
@@ -96,7 +133,7 @@ class StoreWriter:
         self._show = show
         self.path = backend.root
         self.segment: SegmentWriter | None = None
-        self.views: dict[str, np.ndarray] = {}
+        self.views: dict[str, PendingView] = {}
         self.attrs: dict[str, Any] | None = None
         #: The automatic merge after each commit, or None for none.
         self.merge_policy: TieredMerge | None = TieredMerge()
@@ -124,7 +161,8 @@ class StoreWriter:
                 or ids(self.head.manifest) != ids(self.manifest))
 
     # -- views and attributes ----------------------------------------------------------
-    def set_view(self, name: str, rows: object) -> None:
+    def set_view(self, name: str, rows: object, columns: Mapping[str, Any] | None = None,
+                 fields: Mapping[str, Field] | None = None, item_key: object = None) -> None:
         """:meth:`ActivationStore.set_view`."""
         try:
             check_name(name, "name")
@@ -137,8 +175,7 @@ class StoreWriter:
         limit = self.snap.rows + self.pending
         if arr.size and (arr.min() < -1 or arr.max() >= limit):
             raise ValueError(f"rows: values must lie in [-1, {limit}), got [{arr.min()}, {arr.max()}]")
-        self.views[name] = arr
-
+        self.views[name] = view_of(arr, columns or {}, fields or {}, item_key)
     def update_attrs(self, attrs: Mapping[str, Any] | None, more: Mapping[str, Any]) -> None:
         """:meth:`ActivationStore.update_attrs`."""
         new = {**dict(attrs or {}), **more}
@@ -149,14 +186,19 @@ class StoreWriter:
         self.attrs = {**(self.attrs if self.attrs is not None else dict(self.manifest.attrs)), **new}
 
     def carry_views(self, src: Source) -> None:
-        """Set each view of store ``src`` here too, mapped to this store's rows by key (with the next commit)."""
+        """Set each view of store ``src`` here too, with its columns, mapped to this store's rows by key (with the
+        next commit)."""
         for name in src.views:
             v = np.asarray(src.view(name))
             mapped = np.full(len(v), -1, np.int64)
             ok = v >= 0
             if ok.any():
                 mapped[ok] = self.snap.lookup(src.key_at(v[ok]))
-            self.set_view(name, mapped)
+            cols = src.view_columns(name)
+            if cols is None:
+                self.set_view(name, mapped)
+            else:
+                self.set_view(name, mapped, {c: cols[c] for c in cols.fields}, dict(cols.fields), cols.item_key)
 
     # -- rows ------------------------------------------------------------------------
     def append(self, keys: object, values: Mapping[str, Any], allow_nonfinite: bool) -> int:
