@@ -81,6 +81,9 @@ class Manifest:
     indexes: tuple[IndexRunInfo, ...] = ()
     #: Named row lists (for example dataset position -> row), see ``ActivationStore.view``.
     views: Mapping[str, IndexRunInfo] = field(default_factory=dict)
+    #: How many compactions renumbered rows (dropped rows, FORMAT.md §2): a row number holds only between
+    #: commits with the same count.  Written only when not 0.
+    renumbered: int = 0
 
     @property
     def rows(self) -> int:
@@ -105,7 +108,7 @@ class Manifest:
             "segments": [s.to_json() for s in self.segments],
             "indexes": [r.to_json() for r in self.indexes],
             "views": {k: v.to_json() for k, v in self.views.items()},
-        }
+        } | ({"renumbered": self.renumbered} if self.renumbered else {})
 
 
 def root_document(manifest: Manifest) -> bytes:
@@ -171,6 +174,7 @@ def parse_manifest(doc: Any, where: str) -> Manifest:
         segments=segments,
         indexes=runs,
         views=views,
+        renumbered=bounded_int(doc.get("renumbered", 0), f"{where}.renumbered"),
     )
     if bounded_int(doc.get("rows"), f"{where}.rows") != manifest.rows:
         raise CorruptStoreError(f"{where}.rows: {doc.get('rows')} disagrees with the segments' {manifest.rows} rows")

@@ -27,6 +27,7 @@ import torch
 
 from actstore.engine.commit import Change, Head, check_views, commit, ids
 from actstore.engine.lifecycle.compaction import CompactReport, TieredMerge, compact_snapshot
+from actstore.engine.lifecycle.reclaim import reclaim_snapshot
 from actstore.engine.read.snapshot import Snapshot, key_prefixes
 from actstore.engine.write.keyset import KeySet
 from actstore.engine.write.segments import SegmentWriter
@@ -159,10 +160,10 @@ class StoreWriter:
             self.set_view(name, mapped)
 
     # -- rows ------------------------------------------------------------------------
-    def append(self, keys: object, values: Mapping[str, Any], allow_nonfinite: bool) -> int:
+    def append(self, keys: object, values: Mapping[str, Any], allow_nonfinite: bool, allow_overflow: bool = False) -> int:
         """:meth:`ActivationStore.append`."""
         fields = self.fields
-        karr, cols = validate_batch(fields, keys, values, allow_nonfinite=allow_nonfinite)
+        karr, cols = validate_batch(fields, keys, values, allow_nonfinite=allow_nonfinite, allow_overflow=allow_overflow)
         new = self._new_rows(karr)
         if not new.any():
             return 0
@@ -212,17 +213,21 @@ class StoreWriter:
         self._merge_by_policy()
         return self.manifest.generation
 
-    def compact(self) -> CompactReport:
+    def compact(self, drop: object = None) -> CompactReport:
         """:meth:`ActivationStore.compact`: pending rows, views and attributes are committed first.
 
         The merged segment is written, hashed and fsynced, the manifest is
         replaced through the one commit, and the old segments' files are
         deleted only after that; readers of the older commit keep their maps
         and find rows they had not mapped yet in the merged segment
-        (:mod:`actstore.engine.lifecycle.compaction`).
+        (:mod:`actstore.engine.lifecycle.compaction`).  With rows to ``drop``:
+        :mod:`actstore.engine.lifecycle.reclaim` (rows renumbered).
         """
+        rows = None if drop is None else np.unique(self.snap.check_rows(drop))  # (checked before any commit)
         if self.segment is not None or self.views or self.attrs is not None:
             self.commit()
+        if rows is not None and rows.size:
+            return reclaim_snapshot(self.backend, self.lock, self.head, self.snap, self._shown, rows)
         return compact_snapshot(self.backend, self.lock, self.head, self.snap, self._shown)
 
     def _merge_by_policy(self) -> None:
