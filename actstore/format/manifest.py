@@ -31,11 +31,12 @@ __all__ = [
 ]
 
 FORMAT_NAME = "actstore"
-#: The newest format version: a store with a quantised field is written as version 2 (FORMAT.md §1, §4.1);
-#: every other store as version 1, so that readers of version 1 still open it.
-FORMAT_VERSION = 2
+#: The newest format version: a store whose rows were renumbered (a compaction that dropped rows) is written as
+#: version 3, one with a quantised field as version 2 (FORMAT.md §1, §4.1, §9.2); every other store as version
+#: 1, so that older readers still open it.
+FORMAT_VERSION = 3
 #: The versions this reader opens.
-READ_VERSIONS = (1, 2)
+READ_VERSIONS = (1, 2, 3)
 #: Key under the root group's ``attributes`` that holds the manifest.
 MANIFEST_ATTR = "actstore"
 SEGMENT_ATTR = "actstore_segment"
@@ -91,7 +92,10 @@ class Manifest:
 
     @property
     def version(self) -> int:
-        """The format version this manifest is written as: 2 when a field is quantised, else 1."""
+        """The format version this manifest is written as: 3 when rows were renumbered, 2 when a field is
+        quantised, else 1."""
+        if self.renumbered:
+            return 3
         return 2 if any(f.quantize is not None for f in self.fields.values()) else 1
 
     def to_json(self) -> dict[str, Any]:
@@ -145,6 +149,10 @@ def parse_manifest(doc: Any, where: str) -> Manifest:
     fields_doc = expect(doc.get("fields"), dict, f"{where}.fields")
     fields = {check_name(k, f"{where}.fields"): Field.from_json(v, f"{where}.fields.{k}", version)
               for k, v in fields_doc.items()}
+    renumbered = bounded_int(doc.get("renumbered", 0), f"{where}.renumbered")
+    if (version == 3) != (renumbered > 0):
+        raise CorruptStoreError(f"{where}.renumbered: {renumbered} in a version-{version} manifest (a store whose "
+                                "rows were renumbered is written as version 3, with renumbered >= 1, and only then)")
     if version == 2 and not any(f.quantize is not None for f in fields.values()):
         raise CorruptStoreError(f"{where}.version: 2, but no field is quantised (such a store is written as version 1)")
     if not fields:
@@ -174,7 +182,7 @@ def parse_manifest(doc: Any, where: str) -> Manifest:
         segments=segments,
         indexes=runs,
         views=views,
-        renumbered=bounded_int(doc.get("renumbered", 0), f"{where}.renumbered"),
+        renumbered=renumbered,
     )
     if bounded_int(doc.get("rows"), f"{where}.rows") != manifest.rows:
         raise CorruptStoreError(f"{where}.rows: {doc.get('rows')} disagrees with the segments' {manifest.rows} rows")
