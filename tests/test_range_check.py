@@ -120,16 +120,16 @@ def test_append_float32_beyond_float16_raises_and_writes_nothing(tmp_path) -> No
 @pytest.mark.parametrize("source", [np.float64, np.int64])
 def test_append_other_sources_that_overflow_float16(tmp_path, source) -> None:
     values = np.full((2, 3), 70_000, source)
-    with actstore.create(tmp_path / "s", {"h": Field((3,), "float16")}) as store:
-        with pytest.raises(CastOverflowError, match="70000"):
-            store.append(_keys(2), {"h": values})
+    with actstore.create(tmp_path / "s", {"h": Field((3,), "float16")}) as store, \
+            pytest.raises(CastOverflowError, match="70000"):
+        store.append(_keys(2), {"h": values})
 
 
 def test_append_ragged_overflow(tmp_path) -> None:
     rows = [np.ones((2, 3), np.float32), np.full((1, 3), 1e5, np.float32)]
-    with actstore.create(tmp_path / "s", {"h": Field((None, 3), "float16")}) as store:
-        with pytest.raises(CastOverflowError, match=r"values\['h'\]"):
-            store.append(_keys(2), {"h": rows})
+    with actstore.create(tmp_path / "s", {"h": Field((None, 3), "float16")}) as store, \
+            pytest.raises(CastOverflowError, match=r"values\['h'\]"):
+        store.append(_keys(2), {"h": rows})
 
 
 def test_append_bfloat16_field_accepts_it(tmp_path) -> None:
