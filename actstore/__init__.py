@@ -10,6 +10,7 @@ from __future__ import annotations
 from actstore.engine.lifecycle.compaction import TieredMerge
 from actstore.engine.read.ragged import RaggedBatch
 from actstore.errors import (
+    CastOverflowError,
     CorruptStoreError,
     DatasetMismatchError,
     MissingRowsError,
@@ -43,6 +44,7 @@ __all__ = [
     "ActivationDataset",
     "ActivationStore",
     "CachedDataset",
+    "CastOverflowError",
     "ChunkShuffleSampler",
     "CorruptStoreError",
     "DatasetMismatchError",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "BenchError",
+    "CastOverflowError",
     "CorruptStoreError",
     "DatasetMismatchError",
     "FactoryError",
@@ -86,6 +87,10 @@ class BenchError(StoreError, ValueError):
 
 class SplitError(StoreError, TypeError):
     """A model cannot be split as asked (unknown layout, blocks that do not return the stream, tied weights)."""
+
+
+class CastOverflowError(StoreError, ValueError, OverflowError):
+    """Casting to a narrower store dtype would turn finite values into ±inf; the message names a dtype that holds them."""
 
 
 class LeftPaddingError(StoreError, ValueError):

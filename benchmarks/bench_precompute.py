@@ -19,6 +19,11 @@ Four questions, each answered against a peer measured in the same run:
    ceiling of the whole pipeline on this CPU.
 4. **Peak memory.** Peak RSS above the post-import baseline for N and 10·N rows
    of a cheap model (separate processes).  Activations must not accumulate.
+5. **Range check.** precompute into float16 with the cast's range check
+   (the default) and with it switched off (the check patched out), against
+   the bare forward, interleaved; and the check alone (min/max of a batch)
+   against the cast it guards, on MiniLM-shaped batches.  Target: precompute
+   with the check ≤ 1.05× the bare forward.  ``--only-range`` runs this alone.
 
 Each comparison runs in rounds (A, B, then B, A, ...); times are the fastest
 round, ratios the median of per-round ratios: other load on the machine changes
@@ -28,12 +33,14 @@ Usage::
 
     python benchmarks/bench_precompute.py --quick            # a few minutes
     python benchmarks/bench_precompute.py --data cloud_faq_dataset.jsonl --results benchmarks/results/precompute.md
+    python benchmarks/bench_precompute.py --only-range --results benchmarks/results/precompute_range_check.md
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import os
 import shutil
@@ -131,6 +138,67 @@ def minilm(texts: list[str], tmp: str, batch: int, rounds: int) -> tuple[list[li
             ["MiniLM pooled embedding (`layers=None`)", n, min(t["bare_out"]), min(t["pre_out"]),
              *ratio(t, "pre_out", "bare_out")]]
     return rows, t
+
+
+# -- 5: the range check of the float16 cast ----------------------------------------------------
+
+
+def range_check(texts: list[str], tmp: str, batch: int, rounds: int) -> list[list[Any]]:
+    """precompute (MiniLM layer 2, float16 on disk) with and without the range check, against the bare forward."""
+    background = importlib.import_module("actstore.precompute.background")  # (actstore.precompute is the function)
+    from actstore.engine.write.validate import cast_overflow
+    from actstore.examples.faq.model import Tokenize, load_minilm
+
+    model = load_minilm().eval()
+    tokenize = Tokenize(model)
+    loader = torch.utils.data.DataLoader(texts, batch_size=batch, collate_fn=tokenize)
+    truncated = copy.deepcopy(model[0].auto_model)
+    truncated.encoder.layer = truncated.encoder.layer[:3]
+    checked = background.narrows
+
+    def bare() -> None:
+        with torch.inference_mode():
+            for b in loader:
+                truncated(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                          token_type_ids=b["token_type_ids"])
+
+    def pre(check: bool) -> Callable[[], None]:
+        def go() -> None:
+            background.narrows = checked if check else (lambda src, dst: False)  # type: ignore[assignment]
+            try:
+                precompute(model, texts, fresh(f"{tmp}/range"), layers=MID, collate_fn=tokenize, batch_size=batch,
+                           store_dtype="float16", progress=False).close()
+            finally:
+                background.narrows = checked
+        return go
+
+    t = paired({"bare": bare, "checked": pre(True), "unchecked": pre(False)}, rounds)
+    # the check alone against the cast it guards, on the real tokens of one batch (numpy, the writer's CPU path)
+    with torch.inference_mode():
+        b = next(iter(loader))
+        h = truncated(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                      token_type_ids=b["token_type_ids"]).last_hidden_state
+    arr = h.reshape(-1, h.shape[-1])[b["attention_mask"].reshape(-1).bool()].numpy()
+    reps, check_s, cast_s = 200, [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            cast_overflow(arr, torch.float16)
+        t1 = time.perf_counter()
+        for _ in range(reps):
+            arr.astype(np.float16)
+        check_s.append((t1 - t0) / reps)
+        cast_s.append((time.perf_counter() - t1) / reps)
+    per_batch = min(t["bare"]) / len(loader)
+    med, rng = ratio(t, "checked", "bare")
+    med_u, rng_u = ratio(t, "unchecked", "bare")
+    med_c, rng_c = ratio(t, "checked", "unchecked")
+    return [["precompute, range check on (default)", len(texts), min(t["checked"]), f"{med:.3f}", rng],
+            ["precompute, range check off", len(texts), min(t["unchecked"]), f"{med_u:.3f}", rng_u],
+            ["check on ÷ check off", len(texts), "", f"{med_c:.3f}", rng_c],
+            [f"the check alone, one batch ({arr.shape[0]}×{arr.shape[1]} float32 real tokens)", batch,
+             min(check_s), f"{min(check_s) / per_batch:.4f} of the batch's forward",
+             f"{min(check_s) / min(cast_s):.2f}× the float16 cast itself"]]
 
 
 # -- 1: a CNN over random images ---------------------------------------------------------------
@@ -303,6 +371,7 @@ def main() -> int:
     p.add_argument("--field", default="answer")
     p.add_argument("--dir", help="scratch directory (default: a temporary one); its disk is the one measured")
     p.add_argument("--results", help="also write the Markdown report here")
+    p.add_argument("--only-range", action="store_true", help="only question 5 (the float16 cast's range check)")
     p.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._memory:
@@ -317,7 +386,22 @@ def main() -> int:
              f"Command: `python benchmarks/bench_precompute.py {' '.join(sys.argv[1:])}`",
              f"Times are the fastest of {rounds} rounds; ratios are the median (and range) of per-round ratios, "
              "rounds alternating the order of the runs compared."]
+    if args.only_range:
+        rounds = 6
+        notes[2] = (f"Times are the fastest of {rounds} rounds; ratios are the median (and range) of per-round "
+                    "ratios, rounds alternating the order of the runs compared.")
     try:
+        if args.data:
+            rc = Table("Range check of the float16 cast (MiniLM `" + MID + "`, batch 64, float16 on disk)",
+                       ["what", "samples", "seconds", "ratio to the bare forward (target ≤ 1.05)", "range"])
+            with open(args.data, encoding="utf-8") as f:
+                texts = [json.loads(line)[args.field] for line in f if line.strip()]
+            for r in range_check(texts[: 256 if quick else 1024], tmp, 64, rounds):
+                rc.add(*r)
+            rc.print()
+            tables.append(rc)
+        if args.only_range:
+            return _report(args, tables, notes)
         over = Table("precompute against the bare forward loop (same loader, batch 64, up to the same layer)",
                      ["model / layer", "samples", "bare loop s", "precompute s", "ratio (target ≤ 1.05)", "range"])
         early = Table("Early stop (precompute, capture the middle block against the last one)",
@@ -358,6 +442,10 @@ def main() -> int:
         tables.append(mem)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return _report(args, tables, notes)
+
+
+def _report(args: argparse.Namespace, tables: list[Table], notes: list[str]) -> int:
     notes.append(f"Load average at the end: {os.getloadavg()[0]:.1f} (other jobs shared the 2 cores).")
     for n in notes:
         print(n)

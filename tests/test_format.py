@@ -308,10 +308,18 @@ def test_other_versions_are_refused(golden: Path) -> None:
         with pytest.raises(UnsupportedFormatError,
                            match=re.compile(r"unsupported format version: got 4\. expected 1, 2 or 3", re.I)):
             call()
-    # version 3 is the version of stores with a view that has columns; this store has none
+    # version 3 is the version of stores with a view that has columns, or whose rows were renumbered; this store has
+    # neither
     _rewrite(golden, lambda m: m.update(version=3))
-    with pytest.raises(CorruptStoreError, match="no view has columns"):
+    with pytest.raises(CorruptStoreError, match="no view has columns and no rows were renumbered"):
         actstore.open(golden)
+    _rewrite(golden, lambda m: m.update(version=1, renumbered=1))
+    with pytest.raises(CorruptStoreError, match="renumbered"):
+        actstore.open(golden)
+    _rewrite(golden, lambda m: m.update(version=3, renumbered=2))
+    with actstore.open(golden) as store:
+        assert store.manifest.renumbered == 2 and store.manifest.version == 3
+    _rewrite(golden, lambda m: m.pop("renumbered"))
     # version 2 is the version of stores with a quantised field; this store has none
     _rewrite(golden, lambda m: m.update(version=2))
     with pytest.raises(CorruptStoreError, match="no field is quantised"):

@@ -34,7 +34,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
             num_workers=args.workers, progress=not args.quiet,
             input=input_sel, autocast=args.autocast, commit_every_rows=args.commit_every_rows,
             commit_every_seconds=args.commit_every_seconds, overwrite=args.overwrite,
-            compact=not args.no_compact)
+            compact=not args.no_compact, allow_overflow=args.allow_overflow, reclaim=not args.no_reclaim)
     except (ValueError, TypeError) as e:
         if isinstance(e, StoreError):
             raise  # main() reports store errors
@@ -58,6 +58,12 @@ def _precompute_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression", choices=["zstd"], help="compress activations on disk (default: raw, zero-copy reads)")
     p.add_argument("--no-compact", action="store_true",
                    help="leave the segments of the run's commits as they are (default: merge them into one at the end)")
+    p.add_argument("--no-reclaim", action="store_true",
+                   help="keep rows that the previous run's dataset view referenced and this one's does not "
+                        "(default: the final merge drops them, renumbering rows)")
+    p.add_argument("--allow-overflow", action="store_true",
+                   help="store outputs beyond --dtype's range (above 65504 for float16) clamped to its largest value "
+                        "(default: refuse them with an error naming a dtype that holds them)")
     p.add_argument("--quantize", choices=["int8", "float8_e4m3"],
                    help="store floating activations as codes plus a float32 scale per row/token (about half of "
                         "float16's disk; reads dequantise, see docs/FORMAT.md 4.1)")

@@ -13,7 +13,11 @@ replacing the manifest (the root ``zarr.json``).  The steps of one commit:
    (with its columns, :func:`~actstore.engine.write.segments.write_view`).
    A compaction's merged segments are finished here too; each replaces a
    contiguous range of segments holding the same rows in the same order, so
-   global row numbers, the key index and views stay valid unchanged.
+   global row numbers, the key index and views stay valid unchanged.  A
+   compaction that drops rows (:class:`Reclaim`) is the one exception: its one
+   segment replaces every segment, and the key index and every view are
+   rewritten for the new row numbers in the same commit (the manifest's
+   ``renumbered`` count goes up by one).
 4. The new manifest — naming the segment by id and the BLAKE3 of its
    ``zarr.json`` — is published through the store's backend over the manifest
    this writer started from: in a local directory it is written to a temporary
@@ -50,7 +54,7 @@ from actstore.format.layout import INDEXES_DIR
 from actstore.format.manifest import IndexRunInfo, Manifest, SegmentInfo, ViewInfo, parse_root, root_document
 from actstore.storage.base import Backend, WriterLock, objects_of
 
-__all__ = ["MAX_INDEX_RUNS", "Change", "Head", "check_views", "commit", "ids", "merge_runs", "publish"]
+__all__ = ["MAX_INDEX_RUNS", "Change", "Head", "Reclaim", "check_views", "commit", "ids", "merge_runs", "publish"]
 
 log = logging.getLogger("actstore")
 
@@ -71,6 +75,23 @@ class Head:
 
 
 @dataclass
+class Reclaim:
+    """A compaction that drops rows: ``writer`` holds every other row, in order, and replaces every segment.
+
+    ``new_row[r]`` is old row ``r``'s number after it (-1: dropped); ``prefixes``
+    the kept rows' key prefixes in their new order; ``views`` every view of the
+    store with its rows renumbered (and its columns, as they were); ``values``
+    the ragged value counts the segment must hold.
+    """
+
+    writer: SegmentWriter
+    new_row: np.ndarray
+    prefixes: np.ndarray
+    views: Mapping[str, PendingView]
+    values: Mapping[str, int]
+
+
+@dataclass
 class Change:
     """What one commit adds."""
 
@@ -84,15 +105,18 @@ class Change:
     attrs: Mapping[str, Any] | None = None
     #: Compaction: ``(lo, hi, writer)``, a segment holding the rows of current segments ``lo .. hi-1``, in order.
     merged: Sequence[tuple[int, int, SegmentWriter]] = ()
+    #: A compaction that drops rows (alone in its change).
+    reclaim: Reclaim | None = None
 
     @property
     def empty(self) -> bool:
         return (self.segment is None or self.segment.rows == 0) and not self.added and not self.views \
-            and self.attrs is None and not self.merged
+            and self.attrs is None and not self.merged and self.reclaim is None
 
     def writers(self) -> list[SegmentWriter]:
         """The segments this change writes (discarded when it fails before its commit point)."""
-        return ([self.segment] if self.segment is not None else []) + [w for _, _, w in self.merged]
+        return ([self.segment] if self.segment is not None else []) + [w for _, _, w in self.merged] + \
+            ([self.reclaim.writer] if self.reclaim is not None else [])
 
 
 def ids(m: Manifest | None) -> tuple[Any, ...]:
@@ -146,6 +170,10 @@ def check_views(current: Manifest, change: Change) -> None:
 
 def _next_manifest(root: str, current: Manifest, change: Change) -> tuple[Manifest, list[str]]:
     """The next manifest, and the objects written or named before that it no longer needs (merged runs)."""
+    if change.reclaim is not None:
+        if change.segment is not None or change.added or change.views or change.attrs is not None or change.merged:
+            raise ValueError("a compaction that drops rows commits alone (commit pending rows first)")
+        return _reclaimed(root, current, change.reclaim), []
     added = list(change.added)
     discarded: list[str] = []
     if change.segment is not None and change.segment.rows:
@@ -189,6 +217,29 @@ def _merged_segments(current: Manifest, merged: Sequence[tuple[int, int, Segment
                              f"{sum(s.rows for s in old)} rows {values} of the segments it replaces")
         segments[lo:hi] = [info]
     return tuple(segments)
+
+
+def _reclaimed(root: str, current: Manifest, r: Reclaim) -> Manifest:
+    """The manifest after a compaction that drops rows: one segment, one index run, every view renumbered."""
+    kept = int((r.new_row >= 0).sum())
+    if len(r.new_row) != current.rows or len(r.prefixes) != kept or r.writer.rows != kept:
+        raise StoreError(f"reclaiming compaction: {r.writer.rows} rows written and {len(r.prefixes)} keys for the "
+                         f"{kept} kept of {len(r.new_row)} rows numbered, in a store of {current.rows} rows")
+    segments: tuple[SegmentInfo, ...] = ()
+    indexes: tuple[IndexRunInfo, ...] = ()
+    if kept:
+        info, _ = r.writer.finish()
+        if dict(info.values) != dict(r.values):
+            raise StoreError(f"merged segment {info.id}: holds ragged values {info.values}, not {dict(r.values)}")
+        segments, indexes = (info,), (write_index_run(root, r.prefixes, np.arange(kept, dtype=np.int64)),)
+    else:
+        r.writer.discard()
+    if set(r.views) != set(current.views):
+        raise ValueError(f"reclaiming compaction: views {sorted(r.views)} renumbered, the store has "
+                         f"{sorted(current.views)}")
+    views = {name: write_view(root, view) for name, view in r.views.items()}
+    return replace(current, segments=segments, indexes=indexes, views=views, renumbered=current.renumbered + 1,
+                   generation=current.generation + 1)
 
 
 def merge_runs(root: str, manifest: Manifest) -> IndexRunInfo:

@@ -32,9 +32,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "actstore"
-#: The newest format version: a store with a view that has columns (side values per dataset position) is
-#: written as version 3 (FORMAT.md §1, §8); else one with a quantised field as version 2 (§4.1); every other store
-#: as version 1, so that readers of older versions still open what they can read.
+#: The newest format version: a store with a view that has columns (side values per dataset position, FORMAT.md §8)
+#: or whose rows were renumbered (a compaction that dropped rows, §9.2) is written as version 3; else one with a
+#: quantised field as version 2 (§4.1); every other store as version 1, so that older readers still open it.
 FORMAT_VERSION = 3
 #: The versions this reader opens.
 READ_VERSIONS = (1, 2, 3)
@@ -110,6 +110,9 @@ class Manifest:
     indexes: tuple[IndexRunInfo, ...] = ()
     #: Named row lists (for example dataset position -> row), see ``ActivationStore.view``.
     views: Mapping[str, ViewInfo] = field(default_factory=dict)
+    #: How many compactions renumbered rows (dropped rows, FORMAT.md §9.2): a row number holds only between
+    #: commits with the same count.  Written only when not 0.
+    renumbered: int = 0
 
     @property
     def rows(self) -> int:
@@ -117,9 +120,9 @@ class Manifest:
 
     @property
     def version(self) -> int:
-        """The format version this manifest is written as: 3 when a view has columns, else 2 when a field is
-        quantised, else 1."""
-        if any(v.has_columns for v in self.views.values()):
+        """The format version this manifest is written as: 3 when a view has columns or rows were renumbered, else
+        2 when a field is quantised, else 1."""
+        if self.renumbered or any(v.has_columns for v in self.views.values()):
             return 3
         return 2 if any(f.quantize is not None for f in self.fields.values()) else 1
 
@@ -137,7 +140,7 @@ class Manifest:
             "segments": [s.to_json() for s in self.segments],
             "indexes": [r.to_json() for r in self.indexes],
             "views": {k: v.to_json() for k, v in self.views.items()},
-        }
+        } | ({"renumbered": self.renumbered} if self.renumbered else {})
 
 
 def root_document(manifest: Manifest) -> bytes:
@@ -174,6 +177,10 @@ def parse_manifest(doc: Any, where: str) -> Manifest:
     fields_doc = expect(doc.get("fields"), dict, f"{where}.fields")
     fields = {check_name(k, f"{where}.fields"): Field.from_json(v, f"{where}.fields.{k}", version)
               for k, v in fields_doc.items()}
+    renumbered = bounded_int(doc.get("renumbered", 0), f"{where}.renumbered")
+    if renumbered and version != 3:
+        raise CorruptStoreError(f"{where}.renumbered: {renumbered} in a version-{version} manifest (a store whose "
+                                "rows were renumbered is written as version 3)")
     if version == 2 and not any(f.quantize is not None for f in fields.values()):  # (3 may have quantised fields)
         raise CorruptStoreError(f"{where}.version: 2, but no field is quantised (such a store is written as version 1)")
     if not fields:
@@ -191,9 +198,9 @@ def parse_manifest(doc: Any, where: str) -> Manifest:
     views_doc = expect(doc.get("views"), dict, f"{where}.views")
     views = {check_name(k, f"{where}.views"): _parse_view(v, f"{where}.views.{k}", version)
              for k, v in views_doc.items()}
-    if version == 3 and not any(v.has_columns for v in views.values()):
-        raise CorruptStoreError(f"{where}.version: 3, but no view has columns (such a store is written as version "
-                                "1 or 2)")
+    if version == 3 and not renumbered and not any(v.has_columns for v in views.values()):
+        raise CorruptStoreError(f"{where}.version: 3, but no view has columns and no rows were renumbered (such a "
+                                "store is written as version 1 or 2)")
     ids = [s.id for s in segments] + [r.id for r in runs] + [v.id for v in views.values()]
     if len(set(ids)) != len(ids):
         raise CorruptStoreError(f"{where}: a segment or index id appears twice")
@@ -207,6 +214,7 @@ def parse_manifest(doc: Any, where: str) -> Manifest:
         segments=segments,
         indexes=runs,
         views=views,
+        renumbered=renumbered,
     )
     if bounded_int(doc.get("rows"), f"{where}.rows") != manifest.rows:
         raise CorruptStoreError(f"{where}.rows: {doc.get('rows')} disagrees with the segments' {manifest.rows} rows")

@@ -94,6 +94,8 @@ def precompute(
     max_in_flight: int = 4,
     overwrite: bool = False,
     compact: bool = True,
+    allow_overflow: bool = False,
+    reclaim: bool = True,
 ) -> ActivationStore:
     """Compute the outputs of ``layers`` of a frozen ``model`` for every sample of ``dataset`` into a store.
 
@@ -130,7 +132,11 @@ def precompute(
         Content key of one raw input (32 bytes).  Default :func:`actstore.key`.
     store_dtype
         ``"float16"``, ``"bfloat16"`` or ``"float32"`` for floating outputs on
-        disk.  Default: the output's own dtype (bit-exact).
+        disk.  Default: the output's own dtype (bit-exact).  A cast that would
+        turn a finite output into ±inf (float16 holds magnitudes up to 65504)
+        raises :class:`~actstore.CastOverflowError` before its batch is
+        written, naming the field, the largest magnitude and a dtype that holds
+        it; see ``allow_overflow``.
     compression
         ``"zstd"`` compresses the activation fields on disk (smaller; reads
         decompress, so they copy and random access is slower: see
@@ -177,6 +183,20 @@ def precompute(
         tier of :class:`~actstore.TieredMerge`, and a gather across ``k``
         segments pays per segment).  ``False`` for stores too large to copy once
         more.
+    allow_overflow
+        Store finite outputs beyond ``store_dtype``'s range clamped to its
+        largest finite value (±65504 for float16) instead of raising
+        :class:`~actstore.CastOverflowError`.  Those rows then differ from the
+        model's outputs by more than the dtype's rounding, silently: use it only
+        when the outliers do not matter.  NaN and ±inf in the outputs are stored as they are.
+    reclaim
+        With ``compact``: when this run resumes a store whose ``dataset`` view
+        referenced rows that the new view does not (items or preprocessing
+        changed), and no other view references them, drop them in the final
+        merge (:meth:`~actstore.ActivationStore.compact` with ``drop=``), so a
+        store does not grow across reruns.  Rows no view ever referenced (a
+        ``RecycledEncoder``'s, another run's) are kept.  Rows are renumbered in
+        that commit (views and the key index with them).  ``False`` keeps every row.
 
     Returns
     -------
@@ -188,6 +208,9 @@ def precompute(
     ValueError
         Unknown layer (with close matches); a fixed-shape output whose shape
         changes between batches (naming the layer and both shapes).
+    CastOverflowError
+        An output does not fit ``store_dtype`` (unless ``allow_overflow``);
+        rows of earlier batches are committed, nothing of that batch.
     TypeError
         A sample that cannot be keyed (naming its dataset index).
     StaleStoreError
@@ -236,10 +259,10 @@ def precompute(
         capture=CaptureConfig({layer: names[layer] for layer in resolved}, lengths_fn=lengths_fn),
         items=ItemsConfig(Selector(input, _forward_args(model)), collate_fn=collate_fn or default_collate,
                           key_fn=None if key_fn is content_key else key_fn, side_fields=dict(side_fields or {})),
-        storage=StorageConfig(*stored, overwrite=bool(overwrite)),
+        storage=StorageConfig(*stored, overwrite=bool(overwrite), allow_overflow=bool(allow_overflow)),
         execution=ExecutionConfig(dev, batch_size=batch, num_workers=num_workers, autocast=autocast_dtype,
                                   max_in_flight=in_flight, progress=bool(progress)),
-        commits=CommitConfig(*every, compact=bool(compact)))
+        commits=CommitConfig(*every, compact=bool(compact), reclaim=bool(reclaim)))
     root = os.fspath(path)
     if is_url(root):
         raise ValueError(f"path: precompute writes a local (or shared-filesystem) store, got the URL {root!r}; "

@@ -7,9 +7,9 @@ it, grouped by what they decide:
 - :class:`CaptureConfig`: what to capture (layers → fields, the token mask);
 - :class:`ItemsConfig`: how items become model inputs, keys and side columns;
 - :class:`StorageConfig`: how rows are stored (dtype, compression, quantisation,
-  and whether a store that cannot be resumed may be replaced);
+  the range check of the cast, and whether a store that cannot be resumed may be replaced);
 - :class:`ExecutionConfig`: how the forward runs (batch, device, workers, autocast);
-- :class:`CommitConfig`: when rows are committed, and the final compaction.
+- :class:`CommitConfig`: when rows are committed, and the final compaction (and reclaim).
 
 A distributed rank derives its own with :func:`dataclasses.replace` (its device,
 its progress bar).  No argument checking happens here: the values are the
@@ -96,6 +96,7 @@ class StorageConfig:
     compression: str | None = None  #: None: raw (or, resuming, what the store has)
     quantize: str | None = None  #: None: unquantised (or, resuming, what the store has)
     overwrite: bool = False  #: replace a store (or leftover parts) that cannot be resumed
+    allow_overflow: bool = False  #: clamp finite values beyond store_dtype's range instead of raising
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,7 @@ class CommitConfig:
     every_rows: int | None = None
     every_seconds: float | None = 60.0
     compact: bool = True  #: merge the segments into one at the end
+    reclaim: bool = True  #: ... dropping the rows the previous dataset view referenced and no view does now
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,3 +130,7 @@ class PrecomputeConfig:
     storage: StorageConfig
     execution: ExecutionConfig
     commits: CommitConfig = field(default_factory=CommitConfig)
+
+    def describe(self, field_name: str) -> str:
+        """How messages name a layer's field: ``field 'h' (layer 'encoder.layer.2')``."""
+        return f"field {field_name!r} (layer {self.capture.layer_of(field_name)!r})"

@@ -28,7 +28,7 @@ from actstore.engine.write.validate import field_of
 from actstore.format.fields import Field
 from actstore.models.capture import LayerCapture
 from actstore.models.split import check_padding
-from actstore.precompute.background import Job, convert_output
+from actstore.precompute.background import CastCheck, Job, convert_output
 from actstore.precompute.config import PrecomputeConfig
 from actstore.precompute.loader import to_device
 
@@ -147,8 +147,12 @@ class Forward:
         """GPU: trim and cast on the device, then copy to pinned memory without waiting."""
         out: dict[str, Any] = {}
         ragged = self.ragged
+        job.checks = []
         for name, t in job.outputs.items():
-            v = convert_output(t, name in ragged, job.token_index, job.lengths, self.layer_fields[name].spec.torch)
+            check = CastCheck(self.cfg.describe(name), self.cfg.storage.allow_overflow)
+            job.checks.append(check)  # the writer thread checks the extremes once they are on the host
+            v = convert_output(t, name in ragged, job.token_index, job.lengths, self.layer_fields[name].spec.torch,
+                               check)
             src = v.values if name in ragged else v
             host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
             host.copy_(src, non_blocking=True)

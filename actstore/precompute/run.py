@@ -218,7 +218,9 @@ class Run:
         commits = self.cfg.commits
         row_sides = self.side if self.row_sides else SideColumns([])
         self.writer = Writer(self.store, layer_fields, row_sides, max_in_flight=self.cfg.execution.max_in_flight,
-                             commit_every_rows=commits.every_rows, commit_every_seconds=commits.every_seconds)
+                             commit_every_rows=commits.every_rows, commit_every_seconds=commits.every_seconds,
+                             described={f: self.cfg.describe(f) for f in layer_fields},
+                             allow_overflow=self.cfg.storage.allow_overflow)
         self.writer.start()
 
     # -- the end --------------------------------------------------------------------------
@@ -246,9 +248,12 @@ class Run:
                     if err is not failure:
                         log.warning("precompute: the writer thread failed too: %r", err)
             if failure is None:
+                before = self._previous_view()
                 self._record_view()  # one commit: the last rows and the view
-                if self.cfg.commits.compact and self.store is not None and len(self.store.manifest.segments) > 1:
-                    self._compact()
+                if self.cfg.commits.compact and self.store is not None:
+                    drop = self._reclaimable(before) if self.cfg.commits.reclaim else None
+                    if len(self.store.manifest.segments) > 1 or drop is not None and drop.size:
+                        self._compact(drop)
         finally:
             if self.store is not None:
                 with contextlib.suppress(Exception):
@@ -256,12 +261,35 @@ class Run:
             if self.resumed is not None:
                 self.resumed.reader.close()
 
-    def _compact(self) -> None:
-        """Merge the run's segments into one; a failure (no space for the copy, say) keeps every committed row."""
+    def _previous_view(self) -> np.ndarray | None:
+        """The ``dataset`` view of the store this run resumed (a copy), or None."""
+        if self.store is None or self.resumed is None or VIEW not in self.store.views:
+            return None
+        return np.array(self.store.view(VIEW))
+
+    def _reclaimable(self, before: np.ndarray | None) -> np.ndarray | None:
+        """Rows the previous ``dataset`` view referenced and no view (the new one included) references now.
+
+        Never rows that no view ever referenced (a RecycledEncoder's, or another
+        run's kept through ``index="keys"``): only the previous view's rows are candidates.
+        """
+        assert self.store is not None
+        if before is None:
+            return None
+        referenced = np.zeros(len(self.store), bool)
+        for name in self.store.views:
+            rows = self.store.view(name)
+            referenced[rows[rows >= 0]] = True
+        old = np.unique(before[before >= 0])
+        return old[~referenced[old]]
+
+    def _compact(self, drop: np.ndarray | None = None) -> None:
+        """Merge the run's segments into one, without the rows ``drop``; a failure (no space for the copy, say)
+        keeps every committed row."""
         assert self.store is not None
         t0 = time.perf_counter()
         try:
-            report = self.store.compact()
+            report = self.store.compact(drop=drop) if drop is not None and drop.size else self.store.compact()
         except (OSError, StoreError) as e:
             warnings.warn(f"{self.root}: precompute finished, but merging its {len(self.store.manifest.segments)} "
                           f"segments failed ({e}); every row is committed, reads span the segments until "

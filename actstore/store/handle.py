@@ -308,7 +308,8 @@ class ActivationStore(StoreViews):
             raise StoreError(f"{self.path}: opened read-only; use actstore.open(path, mode='a') to append")
         return self._writer
 
-    def append(self, keys: object, values: Mapping[str, Any], *, allow_nonfinite: bool = True) -> int:
+    def append(self, keys: object, values: Mapping[str, Any], *, allow_nonfinite: bool = True,
+               allow_overflow: bool = False) -> int:
         """Buffer rows for the next commit; returns how many were new.
 
         Rows whose key is already stored (or already pending, or repeated in this
@@ -328,10 +329,13 @@ class ActivationStore(StoreViews):
         allow_nonfinite
             NaN and ±inf are stored bit-exactly by default; ``False`` refuses a
             batch that holds any (after casting).
+        allow_overflow
+            Store finite values that the cast would make ±inf (1e5 into float16) clamped
+            to the dtype's largest value (±65504), not raise :class:`~actstore.CastOverflowError`.
 
         Raises ``TypeError`` or ``ValueError`` for bad keys or values; the store is then unchanged.
         """
-        return self._writable().append(keys, values, allow_nonfinite)
+        return self._writable().append(keys, values, allow_nonfinite, allow_overflow)
 
     def commit(self) -> int:
         """Make pending rows (and views, attributes) visible and durable; returns the new generation.
@@ -363,23 +367,18 @@ class ActivationStore(StoreViews):
         """
         self._writable().update_attrs(attrs, more)
 
-    def compact(self) -> CompactReport:
+    def compact(self, *, drop: object = None) -> CompactReport:
         """Merge all segments into one, in one commit; returns what it did (a no-op for at most one segment).
 
-        Pending rows, views and attributes are committed first.  The merged
-        segment holds the same rows in the same order, so **row numbers do not
-        change**; readers of the older commit keep working.  Needs free space
-        for one more copy of the rows.  How: :meth:`StoreWriter.compact`.
-
-        Raises
-        ------
-        StoreError
-            Opened read-only (compaction takes the writer lock: ``open(path, mode="a")``).
-        OSError
-            Writing failed (for example ENOSPC): the last commit is intact and the
-            partial segment is deleted.
+        Pending rows, views and attributes are committed first.  The merged segment holds the same rows
+        in the same order, so **row numbers do not change**; readers of the older commit keep working.
+        Needs free space for one more copy of the rows.  How: :meth:`StoreWriter.compact`.
+        ``drop`` (row numbers) leaves those rows out, even of one segment, and **renumbers the rows** in
+        that commit (views and key index rewritten; row numbers kept from before are void).  Rows a view
+        references cannot be dropped (``ValueError``).  Raises ``StoreError`` when opened read-only (the
+        writer lock); ``OSError`` when writing failed (ENOSPC, say): the last commit is intact.
         """
-        return self._writable().compact()
+        return self._writable().compact(drop)
 
     def adopt(self, sources: object, *, copy: bool = False) -> int:
         """Add the committed rows of other stores with the same fields, in one commit; returns the rows added.

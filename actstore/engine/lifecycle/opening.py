@@ -69,7 +69,9 @@ def load_snapshot(backend: Backend, manifest: Manifest, check: ReadCheck | None,
     A writer deletes the index runs and views that its commit superseded, so a
     reader whose manifest was replaced just before it mapped them finds them
     gone: with ``retry`` (readers) it then reads the manifest again and retries
-    with the newer commit.
+    with the newer commit — unless rows were renumbered in between (a compaction
+    that dropped rows): then this snapshot's row numbers do not hold there, and
+    it raises :class:`StoreError`.
     """
     root, zroot = backend.root, backend.segment_store()
 
@@ -86,10 +88,14 @@ def load_snapshot(backend: Backend, manifest: Manifest, check: ReadCheck | None,
             views = {name: map_view(root, info, check, provide) for name, info in manifest.views.items()}
             columns = {name: ViewColumns(root, name, info, check, provide) for name, info in manifest.views.items()
                        if info.has_columns}
-        except CorruptStoreError:
+        except CorruptStoreError as e:
             newer = read_head(backend)[0] if retry else None
             if newer is None or ids(newer) == ids(manifest):
                 raise
+            if newer.renumbered != manifest.renumbered:  # row numbers of this snapshot mean other rows there
+                raise StoreError(f"{backend.url}: the commit this handle was made from is gone, and a compaction "
+                                 "that dropped rows renumbered the rows since; open the store (and build datasets "
+                                 "over it) again") from e
             manifest = newer
             continue
         return snap, views, columns

@@ -241,12 +241,14 @@ class Snapshot:
         a reader of an older commit that had not mapped them reads the same
         rows from the merged segment.  None (the caller reports the missing
         files) when there is no newer manifest, when it belongs to another
-        store (another creation time or fields) or still names ``info``.
+        store (another creation time or fields), renumbered rows (a compaction
+        that dropped rows) or still names ``info``.
         """
         if self.latest is None:
             return None
         newest = self.latest()
         if (newest.created != self.manifest.created or newest.fields != self.manifest.fields
+                or newest.renumbered != self.manifest.renumbered  # rows dropped since: other row numbers
                 or newest.generation < self.manifest.generation or newest.rows < self.rows
                 or any(s.id == info.id for s in newest.segments)):
             return None

@@ -3,7 +3,13 @@
 :func:`validate_batch` either returns the whole batch in storage form or raises
 ``TypeError``/``ValueError``; nothing is written before it returns, so a bad
 batch never leaves part of itself in the store.
+
+The range check of a narrowing cast lives here too (:func:`cast_overflow`,
+:func:`clamp_finite`, :func:`overflow_error`), for ``append`` and for
+precompute's writer thread alike: a cast to a floating dtype of smaller range
+(float32 → float16, say) must never turn a finite value into ±inf silently.
 """
+
 
 from __future__ import annotations
 
@@ -15,11 +21,14 @@ import torch
 
 from actstore.engine.read.ragged import RaggedBatch
 from actstore.engine.read.snapshot import normalize_keys
+from actstore.engine.write.segments import PendingView
+from actstore.errors import CastOverflowError, StoreError
+from actstore.format.documents import check_name
 from actstore.format.dtypes import dtype_name
 from actstore.format.fields import Field
 from actstore.format.quantize import quantize
 
-__all__ = ["field_of", "validate_batch"]
+__all__ = ["cast_overflow", "clamp_finite", "field_of", "overflow_error", "validate_batch"]
 
 Column = "np.ndarray | tuple[np.ndarray, np.ndarray]"
 
@@ -87,21 +96,33 @@ def _check_kind(t: torch.Tensor, field: Field, where: str) -> tuple[str, str]:
     return src, dst
 
 
-def _store(t: torch.Tensor, field: Field, where: str, allow_nonfinite: bool, out: dict[str, Any], name: str,
+def _store(t: torch.Tensor, field: Field, where: str, allow: tuple[bool, bool], out: dict[str, Any], name: str,
            lengths: np.ndarray | None = None) -> None:
-    """Put ``t`` (rows, or a ragged field's elements) into ``out`` in storage form (quantised when the field is)."""
+    """Put ``t`` (rows, or a ragged field's elements) into ``out`` in storage form (quantised when the field is).
+
+    ``allow``: (allow_nonfinite, allow_overflow).
+    """
     scheme = field.scheme
     if scheme is None:
-        stored = _cast(t, field, where, allow_nonfinite)
+        stored = _cast(t, field, where, *allow)
     else:  # NaN/inf are refused whatever allow_nonfinite says: codes cannot hold them (FORMAT.md §4.1)
         _check_kind(t, field, where)
         stored, out[name + "/scales"] = quantize(t, scheme, where)
     out[name] = stored if lengths is None else (stored, lengths)
 
 
-def _cast(t: torch.Tensor, field: Field, where: str, allow_nonfinite: bool) -> np.ndarray:
-    """Cast to the field's dtype under 'same kind' rules and return storage bytes."""
+def _cast(t: torch.Tensor, field: Field, where: str, allow_nonfinite: bool, allow_overflow: bool) -> np.ndarray:
+    """Cast to the field's dtype under 'same kind' rules and return storage bytes.
+
+    A cast to a floating dtype of smaller range that would turn finite values
+    into ±inf raises :class:`CastOverflowError`, or with ``allow_overflow``
+    clamps them to the dtype's largest finite magnitude.
+    """
     src, dst = _check_kind(t, field, where)
+    if dst == "f" and (big := cast_overflow(t, field.spec.torch)) is not None:
+        if not allow_overflow:
+            raise overflow_error(where, big, field.spec.torch, 'a field of dtype "{dtype}" in a new store')
+        t = clamp_finite(t, field.spec.torch)
     if src == "i" and dst == "i" and t.numel() and t.dtype != field.spec.torch:
         info = torch.iinfo(field.spec.torch)
         arr = t.numpy()  # torch has no min/max for uint16/32/64 tensors; numpy does
@@ -118,13 +139,117 @@ def _cast(t: torch.Tensor, field: Field, where: str, allow_nonfinite: bool) -> n
     return out.contiguous().numpy()
 
 
+# -- the range check of a narrowing cast -------------------------------------------------
+def narrows(src: Any, dst: torch.dtype) -> bool:
+    """True when a value of dtype ``src`` (torch or numpy) can overflow floating ``dst``: ``dst``'s range is smaller."""
+    if not dst.is_floating_point:
+        return False
+    if isinstance(src, torch.dtype):
+        if src == torch.bool:
+            return False
+        top = torch.finfo(src).max if src.is_floating_point else torch.iinfo(src).max
+    else:
+        src = np.dtype(src)
+        if src.kind not in "iuf":
+            return False
+        top = np.finfo(src).max if src.kind == "f" else np.iinfo(src).max
+    return float(top) > torch.finfo(dst).max
+
+
+def finite_extremes(x: Any) -> Any:
+    """The smallest and largest finite value of ``x`` (a tensor or array), as two values of its dtype (0 for none).
+
+    On the CPU: one min/max pass (numpy for arrays, ``torch.aminmax`` for
+    tensors); only a batch holding NaN or ±inf pays a second pass over its
+    finite values.  On another device: one pass over the finite values, with no
+    host synchronisation (the result stays on the device).  Never changes ``x``.
+    """
+    if isinstance(x, np.ndarray):
+        if x.size == 0:
+            return np.zeros(2, x.dtype)
+        ext = np.array([x.min(), x.max()], x.dtype)
+        if x.dtype.kind == "f" and not np.isfinite(ext).all():
+            return finite_extremes(x[np.isfinite(x)])
+        return ext
+    if x.dtype in (torch.uint16, torch.uint32, torch.uint64):  # (no aminmax for these in torch)
+        return torch.from_numpy(finite_extremes(x.cpu().numpy()))
+    if x.numel() == 0:
+        return torch.zeros(2, dtype=x.dtype, device=x.device)
+    if x.device.type != "cpu" and x.is_floating_point():
+        x = torch.where(torch.isfinite(x), x, 0)
+    pair = torch.stack(torch.aminmax(x))
+    if x.is_floating_point() and x.device.type == "cpu" and not bool(torch.isfinite(pair).all()):
+        return finite_extremes(x[torch.isfinite(x)])
+    return pair
+
+
+def extremes_overflow(ext: Any, dtype: torch.dtype) -> float | None:
+    """The larger magnitude of ``ext`` (:func:`finite_extremes`) if casting it to ``dtype`` gives ±inf, else None.
+
+    Exact: a cast rounds monotonically, so the batch's extremes overflow if and
+    only if some value of the batch does (float16 holds up to 65504, and values
+    below 65520 round to it rather than to inf).
+    """
+    t = torch.from_numpy(np.asarray(ext)) if isinstance(ext, np.ndarray) else ext.cpu()
+    if not t.is_floating_point():
+        t = t.to(torch.float64)  # integers beyond 2**53 overflow float16 and bfloat16 either way
+    if not bool(torch.isinf(t.to(dtype)).any()):
+        return None
+    return float(t.abs().max())
+
+
+def cast_overflow(x: Any, dtype: torch.dtype) -> float | None:
+    """The largest finite magnitude in ``x`` if casting ``x`` to ``dtype`` turns a finite value into ±inf, else None.
+
+    NaN and ±inf already in ``x`` are not this check's business
+    (``allow_nonfinite`` governs them).  One pass over ``x`` (see
+    :func:`finite_extremes`); none when ``dtype`` holds every value of ``x``'s dtype.
+    """
+    return extremes_overflow(finite_extremes(x), dtype) if narrows(x.dtype, dtype) else None
+
+
+def clamp_finite(x: Any, dtype: torch.dtype) -> Any:
+    """``x`` with its finite values clamped to ``±finfo(dtype).max`` (NaN and ±inf kept).  Always copies.
+
+    Casting the result to ``dtype`` gives the same values as casting ``x`` does,
+    except that finite values which would overflow become ``±max`` instead of ±inf.
+    """
+    top = torch.finfo(dtype).max
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind in "iu":
+            return np.clip(x, max(-int(top), np.iinfo(x.dtype).min), min(int(top), np.iinfo(x.dtype).max))
+        return np.where(np.isfinite(x), np.clip(x, -top, top), x).astype(x.dtype, copy=False)
+    if not x.is_floating_point():
+        return x.clamp(-int(top), int(top))
+    return torch.where(torch.isfinite(x), x.clamp(-top, top), x)
+
+
+def overflow_error(where: str, magnitude: float, dtype: torch.dtype, fix: str,
+                   bypass: str = "allow_overflow=True") -> CastOverflowError:
+    """The error for finite values up to ``magnitude`` that a cast to ``dtype`` would turn into ±inf.
+
+    ``fix`` says how to store the field in a wider dtype, ``{dtype}`` standing
+    for the one named (``'store_dtype="{dtype}"'``); ``bypass`` how to pass the check.
+    """
+    top = torch.finfo(dtype).max
+    wider = [w for w in ("bfloat16", "float32")
+             if top < torch.finfo(getattr(torch, w)).max and magnitude < torch.finfo(getattr(torch, w)).max]
+    holds = wider[0] if wider else "float32"
+    return CastOverflowError(
+        f"{where}: finite values up to {magnitude:.6g} in magnitude do not fit {str(dtype).removeprefix('torch.')} "
+        f"(largest finite value {top:.6g}): the cast would store them as ±inf. Store the field as "
+        f"{' or '.join(wider) or 'float32'}, which hold{'s' if len(wider) < 2 else ''} them "
+        f"({fix.format(dtype=holds)}), or pass {bypass} to store them clamped to ±{top:.6g}")
+
+
 def _check_shape(shape: tuple[int, ...], want: tuple[int, ...], where: str, what: str) -> None:
     if tuple(shape) != want:
         raise ValueError(f"{where}: expected {what} shape {want}, got {tuple(shape)}")
 
 
 def validate_batch(
-    fields: Mapping[str, Field], keys: object, values: Mapping[str, Any], *, allow_nonfinite: bool = True
+    fields: Mapping[str, Field], keys: object, values: Mapping[str, Any], *, allow_nonfinite: bool = True,
+    allow_overflow: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Check ``keys`` and ``values`` against ``fields``; return them in storage form.
 
@@ -136,8 +261,11 @@ def validate_batch(
     ------
     TypeError, ValueError
         Naming the field, what was expected and what arrived.
+    CastOverflowError
+        A cast to the field's dtype would turn finite values into ±inf (unless ``allow_overflow``).
     """
     karr = normalize_keys(keys)
+    allow = (allow_nonfinite, allow_overflow)
     n = len(karr)
     if not isinstance(values, Mapping):
         raise TypeError(f"values: expected a dict of field name -> batch, got {type(values).__name__}")
@@ -152,11 +280,11 @@ def validate_batch(
         v = values[name]
         if f.ragged:
             flat, lengths = _ragged(v, f, n, where)
-            _store(flat, f, where, allow_nonfinite, out, name, lengths)
+            _store(flat, f, where, allow, out, name, lengths)
         else:
             t = _as_tensor(v, where)
             _check_shape(t.shape, (n, *f.inner_shape), where, "batch")
-            _store(t, f, where, allow_nonfinite, out, name)
+            _store(t, f, where, allow, out, name)
     return karr, out
 
 
@@ -182,3 +310,38 @@ def _ragged(v: Any, f: Field, n: int, where: str) -> tuple[torch.Tensor, np.ndar
         raise ValueError(f"{where}: {len(lengths)} rows for {n} keys")
     _check_shape(tuple(flat.shape[1:]), f.inner_shape, where, "element")
     return flat, lengths
+
+
+def view_of(rows: np.ndarray, columns: Mapping[str, Any], fields: Mapping[str, Field], item_key: object) -> PendingView:
+    """A view to commit: ``rows`` with ``columns`` checked and in storage form (FORMAT.md §8).
+
+    A column's field is ``fields[name]``, or inferred from a fixed column's
+    first value; view columns are stored raw (no compression or quantisation).
+    Raises ``TypeError``/``ValueError`` naming the column.
+    """
+    n = len(rows)
+    specs: dict[str, Field] = {}
+    for name, col in columns.items():
+        try:
+            check_name(name, "columns")
+        except StoreError as e:
+            raise ValueError(str(e)) from None
+        f = fields.get(name)
+        if f is None:
+            if isinstance(col, (list, tuple)) or not hasattr(col, "shape"):
+                raise TypeError(f"columns[{name!r}]: pass its field in fields= (only an array's field is inferred)")
+            f = field_of(col[0] if len(col) else np.zeros(col.shape[1:], np.asarray(col).dtype))
+        if f.compression is not None or f.quantize is not None:
+            raise ValueError(f"fields[{name!r}]: a view column is stored raw; got {f} (drop compression and quantize)")
+        specs[name] = f
+    unknown = set(fields) - set(columns)
+    if unknown:
+        raise ValueError(f"fields names {sorted(unknown)}, which are not in columns ({sorted(columns)})")
+    keys = np.zeros((n, 32), np.uint8) if item_key is None else item_key  # (validate_batch checks keys too)
+    try:
+        karr, data = validate_batch(specs, keys, columns)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"view columns: {e}") from e
+    if len(karr) != n:
+        raise ValueError(f"item_key: {len(karr)} keys for {n} positions")
+    return PendingView(rows, specs, data, None if item_key is None else np.ascontiguousarray(karr))

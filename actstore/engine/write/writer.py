@@ -27,10 +27,11 @@ import torch
 
 from actstore.engine.commit import Change, Head, check_views, commit, ids
 from actstore.engine.lifecycle.compaction import CompactReport, TieredMerge, compact_snapshot
+from actstore.engine.lifecycle.reclaim import reclaim_snapshot
 from actstore.engine.read.snapshot import Snapshot, key_prefixes
 from actstore.engine.write.keyset import KeySet
 from actstore.engine.write.segments import PendingView, SegmentWriter
-from actstore.engine.write.validate import field_of, validate_batch
+from actstore.engine.write.validate import validate_batch, view_of
 from actstore.errors import CorruptStoreError, StaleStoreError, StoreError
 from actstore.format.documents import check_name
 from actstore.format.fields import Field
@@ -46,41 +47,6 @@ __all__ = ["Source", "StoreWriter", "describe_fields", "view_of"]
 def describe_fields(fields: Mapping[str, Field]) -> str:
     return ", ".join(f"{n}: {f.dtype}{list(f.shape)}" + (f" {f.quantize}-quantised" if f.quantize else "")
                      + (f" {f.compression}" if f.compression else "") for n, f in fields.items())
-
-
-def view_of(rows: np.ndarray, columns: Mapping[str, Any], fields: Mapping[str, Field], item_key: object) -> PendingView:
-    """A view to commit: ``rows`` with ``columns`` checked and in storage form (FORMAT.md §8).
-
-    A column's field is ``fields[name]``, or inferred from a fixed column's
-    first value; view columns are stored raw (no compression or quantisation).
-    Raises ``TypeError``/``ValueError`` naming the column.
-    """
-    n = len(rows)
-    specs: dict[str, Field] = {}
-    for name, col in columns.items():
-        try:
-            check_name(name, "columns")
-        except StoreError as e:
-            raise ValueError(str(e)) from None
-        f = fields.get(name)
-        if f is None:
-            if isinstance(col, (list, tuple)) or not hasattr(col, "shape"):
-                raise TypeError(f"columns[{name!r}]: pass its field in fields= (only an array's field is inferred)")
-            f = field_of(col[0] if len(col) else np.zeros(col.shape[1:], np.asarray(col).dtype))
-        if f.compression is not None or f.quantize is not None:
-            raise ValueError(f"fields[{name!r}]: a view column is stored raw; got {f} (drop compression and quantize)")
-        specs[name] = f
-    unknown = set(fields) - set(columns)
-    if unknown:
-        raise ValueError(f"fields names {sorted(unknown)}, which are not in columns ({sorted(columns)})")
-    keys = np.zeros((n, 32), np.uint8) if item_key is None else item_key  # (validate_batch checks keys too)
-    try:
-        karr, data = validate_batch(specs, keys, columns)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"view columns: {e}") from e
-    if len(karr) != n:
-        raise ValueError(f"item_key: {len(karr)} keys for {n} positions")
-    return PendingView(rows, specs, data, None if item_key is None else np.ascontiguousarray(karr))
 
 
 class Source(Protocol):
@@ -201,10 +167,10 @@ class StoreWriter:
                 self.set_view(name, mapped, {c: cols[c] for c in cols.fields}, dict(cols.fields), cols.item_key)
 
     # -- rows ------------------------------------------------------------------------
-    def append(self, keys: object, values: Mapping[str, Any], allow_nonfinite: bool) -> int:
+    def append(self, keys: object, values: Mapping[str, Any], allow_nonfinite: bool, allow_overflow: bool = False) -> int:
         """:meth:`ActivationStore.append`."""
         fields = self.fields
-        karr, cols = validate_batch(fields, keys, values, allow_nonfinite=allow_nonfinite)
+        karr, cols = validate_batch(fields, keys, values, allow_nonfinite=allow_nonfinite, allow_overflow=allow_overflow)
         new = self._new_rows(karr)
         if not new.any():
             return 0
@@ -254,17 +220,21 @@ class StoreWriter:
         self._merge_by_policy()
         return self.manifest.generation
 
-    def compact(self) -> CompactReport:
+    def compact(self, drop: object = None) -> CompactReport:
         """:meth:`ActivationStore.compact`: pending rows, views and attributes are committed first.
 
         The merged segment is written, hashed and fsynced, the manifest is
         replaced through the one commit, and the old segments' files are
         deleted only after that; readers of the older commit keep their maps
         and find rows they had not mapped yet in the merged segment
-        (:mod:`actstore.engine.lifecycle.compaction`).
+        (:mod:`actstore.engine.lifecycle.compaction`).  With rows to ``drop``:
+        :mod:`actstore.engine.lifecycle.reclaim` (rows renumbered).
         """
+        rows = None if drop is None else np.unique(self.snap.check_rows(drop))  # (checked before any commit)
         if self.segment is not None or self.views or self.attrs is not None:
             self.commit()
+        if rows is not None and rows.size:
+            return reclaim_snapshot(self.backend, self.lock, self.head, self.snap, self._shown, rows)
         return compact_snapshot(self.backend, self.lock, self.head, self.snap, self._shown)
 
     def _merge_by_policy(self) -> None:
