@@ -297,3 +297,27 @@ def test_store_of_a_task_model_opens_with_its_frozen_part(tmp_path: Any, directi
     bump(classifier.bert.encoder.layer[0])
     with pytest.raises(StaleStoreError):
         actstore.CachedDataset(seqs, tmp_path / "s", model=check)
+
+
+# -- the stored path: precompute and RecycledEncoder refuse what a store cannot give back --------------------------
+
+
+def test_precompute_and_the_encoder_refuse_packed_position_ids_a_head_needs(tmp_path: Any) -> None:
+    """A store holds states, not position ids: packed Llama batches are refused before anything is stored."""
+    model = tiny("llama")
+    seqs = [list(range(2, 12)), list(range(12, 22))]
+
+    def packed(items: list[Any]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor(items)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": PACKED[: len(items)]}
+
+    with pytest.raises(HeadInputError, match="position_ids"):
+        precompute(model, seqs, tmp_path / "p", layers="layers.0", collate_fn=packed, progress=False)
+    assert not (tmp_path / "p" / "zarr.json").exists() or len(actstore.open(tmp_path / "p")) == 0
+    frozen, _ = split(model, 0.5)
+    enc = actstore.RecycledEncoder(frozen, str(tmp_path / "e"), append=True, collate_fn=packed)
+    with pytest.raises(HeadInputError, match="position_ids"):
+        enc(seqs)
+    # the default positions pass: the same batch without position ids is stored
+    plain = precompute(model, seqs, tmp_path / "ok", layers="layers.0", collate_fn=pad_collate, progress=False)
+    assert len(plain) == 2

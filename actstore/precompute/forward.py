@@ -27,7 +27,7 @@ from torch import nn
 from actstore.engine.write.validate import field_of
 from actstore.format.fields import Field
 from actstore.models.capture import LayerCapture
-from actstore.models.split import check_padding
+from actstore.models.split import check_batch
 from actstore.precompute.background import CastCheck, Job, convert_output
 from actstore.precompute.config import PrecomputeConfig
 from actstore.precompute.loader import to_device
@@ -92,10 +92,11 @@ class Forward:
 
     def _token_mask(self, batch: Any) -> torch.Tensor | None:
         """The batch's token mask (bool, host), or its lengths when ``lengths_fn`` is given."""
+        # Left padding would make rows batch-dependent, and position ids the head needs are not stored: refuse both.
+        check_batch(self.model, batch)
         if self.lengths_fn is not None:
             return torch.as_tensor(self.lengths_fn(batch), dtype=torch.int64).cpu()
         if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
-            check_padding(self.model, batch["attention_mask"])  # left padding would make rows batch-dependent
             return batch["attention_mask"].cpu().bool()
         return None
 

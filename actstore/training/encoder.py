@@ -31,7 +31,7 @@ from actstore.format.keys import key as content_key
 from actstore.models.blocks import Frozen
 from actstore.models.capture import train_mode_matters
 from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
-from actstore.models.split import check_padding
+from actstore.models.split import check_batch
 from actstore.store import ActivationStore, create
 from actstore.store import open as open_store
 from actstore.training.collate import ActivationCollate
@@ -338,8 +338,7 @@ class RecycledEncoder(nn.Module):
         """Run the frozen part on raw samples (collated first)."""
         batch = self.collate_fn(list(raw) if isinstance(raw, tuple) else raw) if self.collate_fn else raw
         if isinstance(self.frozen, nn.Module):
-            if isinstance(batch, Mapping):
-                check_padding(self.frozen, batch.get("attention_mask"))
+            check_batch(self.frozen, batch)  # left padding; position ids a store cannot give back to the head
             batch = _to_device(batch, _module_device(self.frozen))
         if isinstance(self.frozen, nn.Module):
             self.frozen.eval()
