@@ -153,3 +153,20 @@ def test_infer_command(setup: Any, tmp_path: Any) -> None:
     out = actstore.open(tmp_path / "o")
     expect = actstore.infer(MeanPool(head), store, frozen=frozen, progress=False)
     torch.testing.assert_close(out.get(store.key_at([2])[0].tobytes())["output"], expect[2])
+
+
+def test_infer_runs_a_text_head_over_a_fixed_field_stored_without_padding(tmp_path: Any) -> None:
+    """Token states stored without a mask (equal lengths) are a fixed field: the head runs them unpadded."""
+    from tests.family_models import VOCAB_SIZE, tiny
+
+    model = tiny("bert")
+    frozen, head = actstore.split(model, 0.5)
+    ids = torch.randint(2, VOCAB_SIZE, (4, 6), generator=torch.Generator().manual_seed(0))
+    items = [row for row in ids]
+    store = actstore.precompute(frozen, items, tmp_path / "s", progress=False,
+                                collate_fn=lambda rows: {"input_ids": torch.stack(rows)})
+    assert not next(iter(store.fields.values())).ragged
+    got = actstore.infer(head, store, frozen=frozen, progress=False, output=lambda o: o.last_hidden_state)
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -25,6 +25,7 @@ from torch import nn
 from actstore.deprecation import renamed_arguments
 from actstore.errors import StaleStoreError
 from actstore.format.fields import Field
+from actstore.models.blocks import Head
 from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
 from actstore.store import ActivationStore, create
 from actstore.store import open as open_store
@@ -93,11 +94,18 @@ def _device_of(module: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _unpadded(head: nn.Module) -> dict[str, Any]:
+    """What tells a split head that a fixed field's rows have no padding (they were stored without a mask)."""
+    get_base = getattr(head, "get_base_model", None)  # (a peft model around the head)
+    base = get_base() if callable(get_base) else head
+    return {"padding": False} if isinstance(base, Head) else {}
+
+
 def _run(head: nn.Module, got: Any, device: torch.device) -> tuple[Any, torch.Tensor | None]:
     if isinstance(got, PaddedBatch):
         values, mask = got.values.to(device), got.mask.to(device)
         return head(values, mask), mask
-    return head(got.to(device)), None
+    return head(got.to(device), **_unpadded(head)), None
 
 
 def _pick(out: Any, output: Callable[[Any], Any] | None) -> torch.Tensor:
