@@ -17,6 +17,7 @@ The table gives each operation's median rate on both trees and the ratio ``this 
     python benchmarks/bench_ab.py --base 2d38663            # a commit (checked out into a temp worktree)
     python benchmarks/bench_ab.py --base /path/to/checkout  # or a directory holding another tree
     python benchmarks/bench_ab.py --base HEAD~3 --rounds 7 --results benchmarks/results/ab.md
+    python benchmarks/bench_ab.py --base 2d38663 --this 53cdb54    # two commits, neither checked out here
 """
 
 from __future__ import annotations
@@ -86,12 +87,12 @@ CHILD = textwrap.dedent('''
 ''')
 
 
-def tree(base: str, tmp: str) -> str:
-    """A directory holding the base tree: ``base`` itself, or a detached worktree of that commit."""
-    if os.path.isdir(base):
-        return os.path.abspath(base)
-    path = os.path.join(tmp, "base")
-    subprocess.run(["git", "-C", HERE, "worktree", "add", "--detach", "-q", path, base], check=True)
+def tree(ref: str, tmp: str, name: str) -> str:
+    """A directory holding a tree: ``ref`` itself when it is one, or a detached worktree of that commit."""
+    if os.path.isdir(ref):
+        return os.path.abspath(ref)
+    path = os.path.join(tmp, name)
+    subprocess.run(["git", "-C", HERE, "worktree", "add", "--detach", "-q", path, ref], check=True)
     return path
 
 
@@ -108,25 +109,28 @@ def run(path: str, rows: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="a commit, or a directory with another checkout")
+    ap.add_argument("--this", help="the tree under test: a commit or a directory (default: this checkout)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds; each runs both trees once (default 5)")
     ap.add_argument("--rows", type=int, default=200_000, help="rows of the stores (default 200,000)")
     ap.add_argument("--results", help="also write the Markdown table here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        base = tree(args.base, tmp)
+        base = tree(args.base, tmp, "base")
+        this = tree(args.this, tmp, "this") if args.this else HERE
         try:
             results: dict[str, list[dict[str, float]]] = {"base": [], "this": []}
             load0 = os.getloadavg()[0]
             for r in range(args.rounds):
-                order = [("base", base), ("this", HERE)] if r % 2 == 0 else [("this", HERE), ("base", base)]
+                order = [("base", base), ("this", this)] if r % 2 == 0 else [("this", this), ("base", base)]
                 for name, path in order:
                     results[name].append(run(path, args.rows))
                 print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
             load1 = os.getloadavg()[0]
         finally:
-            if base.startswith(tmp):
-                subprocess.run(["git", "-C", HERE, "worktree", "remove", "--force", base], check=False)
-    lines = [f"A/B: this checkout vs `{args.base}`, {args.rounds} interleaved rounds, {args.rows:,} rows × 384 float16; "
+            for path in (base, this):
+                if path.startswith(tmp):
+                    subprocess.run(["git", "-C", HERE, "worktree", "remove", "--force", path], check=False)
+    lines = [f"A/B: `{args.this or 'this checkout'}` vs `{args.base}`, {args.rounds} interleaved rounds, {args.rows:,} rows × 384 float16; "
              f"load average {load0:.1f} at the start, {load1:.1f} at the end ({os.cpu_count()} CPUs)", "",
              "| operation | base (median /s) | this (median /s) | this ÷ base (median of rounds) | range |",
              "|---|---|---|---|---|"]
@@ -140,7 +144,8 @@ def main() -> None:
     print(text)
     if args.results:
         with open(args.results, "w") as f:
-            f.write(f"# A/B against the commit before\n\nCommand: `python benchmarks/bench_ab.py --base {args.base} "
+            this_arg = f" --this {args.this}" if args.this else ""
+            f.write(f"# A/B of two commits\n\nCommand: `python benchmarks/bench_ab.py --base {args.base}{this_arg} "
                     f"--rounds {args.rounds} --rows {args.rows}`\n\n{text}\n")
 
 
