@@ -89,3 +89,7 @@ class SplitError(StoreError, TypeError):
 
 class LeftPaddingError(StoreError, ValueError):
     """A left-padded batch for a model whose states depend on the padding side; pad on the right."""
+
+
+class UnsupportedCheckError(StoreError, NotImplementedError):
+    """A check was asked that this store records nothing for (``check="items"`` over a store keyed by inputs)."""

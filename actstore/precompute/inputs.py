@@ -244,7 +244,7 @@ def _fast_keys(batch: Any, n: int) -> np.ndarray | None:
         if m.ndim != 2:
             return None
         mask = m != 0
-    width = None if mask is None else mask.shape[1]
+    width = 0 if mask is None else int(mask.shape[1])
     # Entries sorted by their encoded name, as actstore.key orders a dict.
     names = [b"" if k is None else TAG_STR + _U64(len(k.encode())) + k.encode() for k, _ in items]
     order = sorted(range(len(items)), key=lambda j: names[j])
@@ -279,6 +279,6 @@ def _fast_keys(batch: Any, n: int) -> np.ndarray | None:
             else:
                 row = a[i]
                 h.update(names[j] + heads[j] + rest[j])
-            h.update(memoryview(np.ascontiguousarray(row)).cast("B"))
+            h.update(np.ascontiguousarray(row).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         out[i] = np.frombuffer(h.digest(), np.uint8)
     return out

@@ -40,8 +40,8 @@ from torch import nn
 from actstore.engine.write.writer import describe_fields
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError
 from actstore.format.dtypes import dtype_name
-from actstore.format.keys import DEFAULT_KEY_NAMES
 from actstore.format.fields import Field
+from actstore.format.keys import DEFAULT_KEY_NAMES
 from actstore.format.layout import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR
 from actstore.format.manifest import Manifest
 from actstore.format.record import ItemRecord, LayerRecord, PrecomputeRecord, read_record
