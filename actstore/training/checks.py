@@ -29,9 +29,10 @@ import numpy as np
 from actstore.errors import StaleStoreError, UnsupportedCheckError
 from actstore.format.keys import DEFAULT_KEY_NAMES
 from actstore.format.keys import key as content_key
+from actstore.models.blocks import Frozen
 from actstore.precompute.inputs import input_keys
 from actstore.precompute.items import item_part
-from actstore.precompute.loader import DEFAULT_COLLATE_NAMES, default_collate
+from actstore.precompute.loader import DEFAULT_COLLATE_NAMES, default_collate, qualname
 from actstore.store import ActivationStore
 from actstore.training.datasets import RecordSummary
 
@@ -71,9 +72,23 @@ def store_scheme(store: ActivationStore, cfg: RecordSummary) -> tuple[str, int |
     return (scheme if scheme in ("inputs", "items") else "items"), None, collate
 
 
+def model_collate(model: Any, recorded: str | None) -> Callable[[list[Any]], Any] | None:
+    """The collate a frozen part knows (a sentence-transformers model's ``preprocess`` or ``tokenize``), when it is the
+    one the record names; else None."""
+    root = model.__dict__.get("root") if isinstance(model, Frozen) else model
+    for name in ("preprocess", "tokenize"):
+        fn = getattr(root, name, None)
+        if callable(fn) and recorded is not None and qualname(fn) == recorded:
+            return fn  # type: ignore[no-any-return]
+    return None
+
+
 def key_check(store: ActivationStore, cfg: RecordSummary, *, items: bool, collate_fn: Any, lengths_fn: Any,
-              key_fn: Any, where: str) -> KeyCheck:
+              key_fn: Any, where: str, model: Any = None) -> KeyCheck:
     """The check for this store and these arguments (``items``: ``check="items"`` was asked).
+
+    Without ``collate_fn``, a recorded collate that is actstore's default, or that
+    ``model`` (the frozen part) knows, is used.
 
     Raises ``ValueError`` for a function the check needs and was not given,
     :class:`StaleStoreError` for a version-1 store under the safe default, and
@@ -94,6 +109,8 @@ def key_check(store: ActivationStore, cfg: RecordSummary, *, items: bool, collat
                              "model inputs as fed: pass collate_fn= (the collate precompute used) instead")
         if collate_fn is None and recorded_collate == NO_COLLATE:
             collate_fn = _as_list  # the frozen module took the raw samples: they are its inputs
+        if collate_fn is None and model is not None:
+            collate_fn = model_collate(model, recorded_collate)
         if collate_fn is None:
             if recorded_collate not in DEFAULT_COLLATE_NAMES:
                 raise ValueError(

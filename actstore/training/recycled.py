@@ -102,8 +102,10 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         ``.key_scheme`` by which keys (``"inputs"`` or ``"items"``).
     collate_fn
         The ``collate_fn`` precompute used, to compute today's input keys.
-        Needed when precompute was given one (the error names it); when it used
-        actstore's default collate, that is used without asking.
+        Needed when precompute was given one (the error names it), unless
+        ``model`` is a frozen part that knows it (a sentence-transformers
+        model's ``preprocess``); when precompute used actstore's default
+        collate, that is used without asking.
     lengths_fn
         The ``lengths_fn`` precompute used (token counts of batches without an
         ``attention_mask``), when it was given one.
@@ -166,7 +168,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         if index not in ("view", "keys"):
             raise ValueError(f"index: expected 'view' or 'keys', got {index!r}")
         self._keys: KeyCheck = key_check(store, cfg, items=check == "items", collate_fn=collate_fn,
-                                         lengths_fn=lengths_fn, key_fn=key_fn, where=where)
+                                         lengths_fn=lengths_fn, key_fn=key_fn, where=where, model=model)
         #: the keys the check compares: "inputs" (the model inputs as fed) or "items" (the raw items: weaker)
         self.key_scheme = self._keys.scheme
         self.fallback = fallback
