@@ -235,6 +235,8 @@ def test_input_keys_follow_the_tokens_not_the_padding() -> None:
     holes = dict(right, attention_mask=right["attention_mask"].clone())
     holes["attention_mask"][2, 1] = 0  # a mask that is not one run of tokens
     assert [bytes(k) for k in input_keys(holes, 9)] == [key(x) for x in sample_inputs(holes, 9)]
+    consts = dict(right, modality="text", n=3, big=2**70, scale=-1.5, flag=True, nothing=None)  # as ST's preprocess
+    assert [bytes(k) for k in input_keys(consts, 9)] == [key(x) for x in sample_inputs(consts, 9)]
     flat = torch.arange(5)
     assert [bytes(k) for k in input_keys(flat, 5)] == [key(torch.tensor(i)) for i in range(5)]
     assert bytes(input_keys({"x": torch.ones(2, 3), "scale": 2.0}, 2)[1]) == key({"x": torch.ones(3), "scale": 2.0})

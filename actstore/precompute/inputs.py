@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from blake3 import blake3
 
-from actstore.format.keys import KEY_DOMAIN, TAG_ARRAY, TAG_DICT, TAG_STR
+from actstore.format.keys import KEY_DOMAIN, TAG_ARRAY, TAG_BOOL, TAG_DICT, TAG_FLOAT, TAG_INT, TAG_NONE, TAG_STR
 from actstore.format.keys import key as content_key
 
 __all__ = ["batch_signature", "check_recollated", "input_keys", "sample_inputs"]
@@ -221,16 +221,43 @@ def _np(v: Any) -> np.ndarray | None:
     return a
 
 
+def _constant(v: Any) -> bytes | None:
+    """``enc(v)`` of docs/FORMAT.md §11 for a batch-level constant of an exact builtin type, else None."""
+    t = type(v)
+    if v is None:
+        return TAG_NONE
+    if t is bool:
+        return TAG_BOOL + (b"\x01" if v else b"\x00")
+    if t is int:
+        b = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
+        return TAG_INT + _U64(len(b)) + b
+    if t is float:
+        return TAG_FLOAT + struct.pack("<d", v)
+    if t is str:
+        try:
+            b = v.encode()
+        except UnicodeEncodeError:
+            b = v.encode("utf-8", "surrogatepass")
+        return TAG_STR + _U64(len(b)) + b
+    return None
+
+
 def _fast_keys(batch: Any, n: int) -> np.ndarray | None:
-    """Input keys of a tensor batch or a dict of tensors (trimmed by its mask), or None where this path does not
-    apply (the general one then gives the same keys)."""
+    """Input keys of a tensor batch or a dict of tensors (trimmed by its mask) and constants, or None where this
+    path does not apply (the general one then gives the same keys)."""
     if isinstance(batch, Mapping):
         items = list(batch.items())
-        if not items or not all(isinstance(k, str) for k, _ in items):
+        if not items or not all(type(k) is str for k, _ in items):
             return None
+        consts = {k: _constant(v) for k, v in items if not _is_array(v)}
+        if any(c is None for c in consts.values()):
+            return None
+        items = [(k, v) for k, v in items if k not in consts]
     elif _is_array(batch):
-        items = [(None, batch)]
+        items, consts = [(None, batch)], {}
     else:
+        return None
+    if not items:
         return None
     arrays = []
     for _, v in items:
@@ -240,15 +267,19 @@ def _fast_keys(batch: Any, n: int) -> np.ndarray | None:
         arrays.append(a)
     mask = None
     if isinstance(batch, Mapping) and "attention_mask" in batch:
+        if "attention_mask" in consts:
+            return None
         m = arrays[[k for k, _ in items].index("attention_mask")]
         if m.ndim != 2:
             return None
         mask = m != 0
     width = 0 if mask is None else int(mask.shape[1])
     # Entries sorted by their encoded name, as actstore.key orders a dict.
-    names = [b"" if k is None else TAG_STR + _U64(len(k.encode())) + k.encode() for k, _ in items]
-    order = sorted(range(len(items)), key=lambda j: names[j])
-    if len(set(names)) != len(names):
+    names = [b"" if k is None else _constant(k) or b"" for k, _ in items]
+    const_entries = [(_constant(k) or b"", (_constant(k) or b"") + (c or b"")) for k, c in consts.items()]
+    const_names = {name for name, _ in const_entries}
+    order = range(len(items))
+    if len(set(names) | const_names) != len(names) + len(consts):
         return None
     lengths = mask.sum(1) if mask is not None else None
     starts = None
@@ -262,11 +293,16 @@ def _fast_keys(batch: Any, n: int) -> np.ndarray | None:
     token = [mask is not None and a.ndim >= 2 and a.shape[1] == width for a in arrays]
     rest = [b"".join(_U64(d) for d in a.shape[2:]) if t else b"".join(_U64(d) for d in a.shape[1:])
             for a, t in zip(arrays, token, strict=True)]
-    top = TAG_DICT + _U64(len(items)) if isinstance(batch, Mapping) else b""
+    top = TAG_DICT + _U64(len(items) + len(consts)) if isinstance(batch, Mapping) else b""
+    # (encoded name, array index or -1, the constant entry's bytes) in the dict's canonical order
+    plan = sorted([(names[j], j, b"") for j in order] + [(nm, -1, e) for nm, e in const_entries], key=lambda e: e[0])
     out = np.empty((n, 32), np.uint8)
     for i in range(n):
         h = blake3(KEY_DOMAIN + top)
-        for j in order:
+        for _, j, entry in plan:
+            if j < 0:
+                h.update(entry)
+                continue
             a = arrays[j]
             if token[j]:
                 ln = int(lengths[i])  # type: ignore[index]

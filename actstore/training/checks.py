@@ -39,7 +39,7 @@ from actstore.training.datasets import RecordSummary
 __all__ = ["KEYS_ATTR", "NO_COLLATE", "KeyCheck", "key_check", "position_keys"]
 
 #: Items collated at a time by the check.
-CHECK_BATCH = 256
+CHECK_BATCH = 1024
 #: The attribute a store made by RecycledEncoder records its key scheme in.
 KEYS_ATTR = "recycled_encoder"
 #: The collate a RecycledEncoder records when its frozen module takes the raw samples as a list.
