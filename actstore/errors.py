@@ -100,3 +100,7 @@ class LeftPaddingError(StoreError, ValueError):
 class HeadInputError(StoreError, ValueError):
     """The head would not run on what the full model ran on: a padded batch without its mask, or a
     forward argument (non-default ``position_ids``) that the upper blocks read but a store does not hold."""
+
+
+class UnsupportedCheckError(StoreError, NotImplementedError):
+    """A check was asked that this store records nothing for (``check="items"`` over a store keyed by inputs)."""

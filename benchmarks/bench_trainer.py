@@ -120,8 +120,9 @@ def key_check(data_path: str | None, work: str) -> dict[str, Any]:
     all_texts = texts(data_path)
     dim = 384
     rng = np.random.default_rng(0)
-    attrs = {"precompute": {"version": 1, "layers": [{"layer": "l", "field": "emb", "ragged": False}],
-                            "sample": {"type": "bare"}, "dataset_length": len(all_texts)}}
+    # rows keyed by the raw texts (as precompute(key_fn=actstore.key) keys them)
+    attrs = {"precompute": {"version": 2, "layers": [{"layer": "l", "field": "emb", "ragged": False}],
+                            "sample": {"type": "bare"}, "dataset_length": len(all_texts), "keys": "items"}}
     path = os.path.join(work, "texts.store")
     keys = actstore.keys(all_texts)
     with actstore.create(path, {"emb": actstore.Field((dim,), "float16")}, attrs=attrs) as w:

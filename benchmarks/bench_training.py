@@ -462,7 +462,7 @@ def bench_cached(tables: list[Table], model: Any, items: list[dict[str, Any]], t
                 step(hidden, feats["attention_mask"].bool(), labels)
         return time.perf_counter() - t0
 
-    full = CachedDataset(items, tokens)  # built once: the spot-check reads 8 items, then never again
+    full = CachedDataset(items, tokens, collate_fn=tok)  # built once: the check collates the items, then never again
 
     def cached(n: int, step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None) -> float:
         t0 = time.perf_counter()

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"store {args.store}: {len(store):,} rows for {len(texts):,} texts, fields {sorted(store.fields)} "
           f"({time.perf_counter() - t0:.0f} s, rerun: resumes)")
 
-    cached = CachedDataset(texts, store)  # position -> row through the store's 'dataset' view
+    cached = CachedDataset(texts, store, collate_fn=Tokenize(model))  # position -> row through the 'dataset' view
     if args.head == "mlp":
         head: nn.Module = ResidualMLP()
         lr = args.lr or 1e-3

@@ -86,8 +86,12 @@ def dataset(n: int, kind: str = "tuple") -> list[Any]:
     return [text(i) for i in range(n)]
 
 
-def precompute_attrs(n: int, kind: str = "tuple") -> dict[str, Any]:
-    """The attrs ``actstore.precompute`` records for :func:`dataset` (see ``actstore.training.datasets.precompute_config``)."""
+def precompute_attrs(n: int, kind: str = "tuple", keys: str = "items") -> dict[str, Any]:
+    """The attrs ``actstore.precompute`` records for :func:`dataset` (see ``actstore.training.datasets.precompute_config``).
+
+    ``keys="items"``: rows keyed by the raw texts, as precompute's ``key_fn=actstore.key`` keys them;
+    ``"inputs"``: keyed by the model inputs of a frozen module that takes the raw texts (no collate: the same keys).
+    """
     if kind in ("tuple", "namedtuple"):
         sample = {"type": "tuple", "length": 2, "input": 0, "side": [{"name": "1", "field": "label", "kind": "int"}],
                   "dropped": []}
@@ -97,12 +101,13 @@ def precompute_attrs(n: int, kind: str = "tuple") -> dict[str, Any]:
                            {"name": "score", "field": "score", "kind": "float"}]}
     else:
         sample = {"type": "bare"}
-    return {"precompute": {"version": 1, "layers": [{"layer": "encoder.layer.2", "field": "h", "ragged": True}],
-                           "sample": sample, "view": "dataset", "dataset_length": n, "key_fn": "actstore.key"}}
+    return {"precompute": {"version": 2, "layers": [{"layer": "encoder.layer.2", "field": "h", "ragged": True}],
+                           "sample": sample, "view": "dataset", "dataset_length": n, "key_fn": "actstore.key",
+                           "keys": keys, "lengths_fn": None, "collate_fn": "none" if keys == "inputs" else None}}
 
 
 def make_store(path: str | os.PathLike[str], n: int = 100, *, kind: str = "tuple", commit_every: int = 40,
-               dtype: str = "float16", missing: tuple[int, ...] = (), view: bool = True) -> list[Any]:
+               dtype: str = "float16", missing: tuple[int, ...] = (), view: bool = True, keys: str = "items") -> list[Any]:
     """Build a store as precompute would for :func:`dataset` ``(n, kind)``; return the dataset.
 
     Rows are appended in dataset order, committed every ``commit_every`` rows (so
@@ -115,7 +120,7 @@ def make_store(path: str | os.PathLike[str], n: int = 100, *, kind: str = "tuple
     if kind == "dict":
         fields["score"] = Field((), "float32")
     texts = [text(i) for i in range(n)]
-    with actstore.create(path, fields, attrs=precompute_attrs(n, kind)) as s:
+    with actstore.create(path, fields, attrs=precompute_attrs(n, kind, keys)) as s:
         todo = [i for i in range(n) if i not in set(missing)]
         for a in range(0, len(todo), commit_every):
             part = todo[a : a + commit_every]

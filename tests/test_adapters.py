@@ -50,7 +50,7 @@ def test_lora_on_llama_head_trains_adapters_only_from_the_store(tmp_path: Any) -
     frozen_ids = {id(p) for p in frozen.parameters()}
     assert frozen_ids and not frozen_ids & {id(p) for p in trainable}  # the optimizer never sees the frozen part
 
-    ds = actstore.CachedDataset(data, store)
+    ds = actstore.CachedDataset(data, store, collate_fn=_collate)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, collate_fn=actstore.collate)
     opt = torch.optim.AdamW(trainable, lr=1e-2)
     adapted.train()
@@ -127,7 +127,7 @@ def test_lora_on_minilm_from_the_store(tmp_path: Any) -> None:
     adapted = actstore.lora(head, ["query", "value"], r=4, alpha=8)
     n_trainable = sum(p.numel() for p in actstore.trainable_parameters(adapted))
     assert n_trainable == 3 * 2 * 2 * 4 * 384  # 3 head blocks x (q, v) x (A: 4x384, B: 384x4)
-    ds = actstore.CachedDataset(texts, store)
+    ds = actstore.CachedDataset(texts, store, collate_fn=Tokenize(model))
     batch = actstore.collate(ds.__getitems__(list(range(6))))
     with torch.no_grad():
         before = adapted(batch)

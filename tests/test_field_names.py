@@ -21,7 +21,7 @@ def test_a_layer_is_stored_under_the_alias_written(tmp_path: Any) -> None:
     assert alias in store.fields and store[0][alias].shape[-1] == store.fields[alias].shape[-1]
     rec = store.attrs["precompute"]["layers"][0]
     assert rec == {"layer": "0.model.encoder.layer.2", "field": alias, "ragged": True}  # module: the registered name
-    ds = actstore.CachedDataset(texts, store)
+    ds = actstore.CachedDataset(texts, store, collate_fn=model.tokenize)
     assert torch.equal(ds[1], store[int(store.view("dataset")[1])][alias])
 
 

@@ -8,6 +8,7 @@ produces must fail a test here and be a deliberate format change.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import itertools
 import json
@@ -458,6 +459,14 @@ from actstore.format.record import (  # noqa: E402
 
 # What precompute writes for a list of (text, label) tuples captured at one token-level layer.
 RECORD_JSON = (
+    '{"version": 2, "layers": [{"layer": "encoder.layer.2", "field": "encoder.layer.2", "ragged": true}], '
+    '"sample": {"type": "tuple", "length": 2, "input": 0, "side": [{"name": "1", "field": "item_1", '
+    '"kind": "int"}], "dropped": []}, "view": "dataset", "dataset_length": 10, "dataset_class": "builtins.list", '
+    '"model_class": "m.M", "store_dtype": "float16", "key_fn": "actstore.key", "collate_fn": "c.f", '
+    '"keys": "inputs", "lengths_fn": null}'
+)
+# What earlier versions wrote (version 1: rows keyed by the raw items).
+RECORD_JSON_V1 = (
     '{"version": 1, "layers": [{"layer": "encoder.layer.2", "field": "encoder.layer.2", "ragged": true}], '
     '"sample": {"type": "tuple", "length": 2, "input": 0, "side": [{"name": "1", "field": "item_1", '
     '"kind": "int"}], "dropped": []}, "view": "dataset", "dataset_length": 10, "dataset_class": "builtins.list", '
@@ -473,6 +482,12 @@ def test_precompute_record_golden() -> None:
     )
     assert json.dumps(rec.to_json()) == RECORD_JSON
     assert PrecomputeRecord.from_json(json.loads(RECORD_JSON)) == rec
+    # version 1 is still read: its rows are keyed by the raw items, and it writes back as it was
+    v1 = PrecomputeRecord.from_json(json.loads(RECORD_JSON_V1))
+    assert v1 == dataclasses.replace(rec, version=1, keys="items")
+    assert json.dumps(v1.to_json()) == RECORD_JSON_V1
+    items = dataclasses.replace(rec, keys="items", key_fn="m.my_key", lengths_fn="m.lengths")
+    assert PrecomputeRecord.from_json(items.to_json()) == items
     assert rec.side_fields == {1: "item_1"} and rec.layer_fields == ("encoder.layer.2",)
     d = {"version": 1, "layers": [], "sample": {"type": "dict", "keys": ["text", "y"], "input": "text",
                                                  "side": [{"name": "y", "field": "y", "kind": "str"}], "dropped": []}}
@@ -487,7 +502,7 @@ def test_precompute_record_golden() -> None:
 def test_precompute_record_other_versions_are_unsupported() -> None:
     doc = json.loads(RECORD_JSON)
     doc["version"] = 3
-    with pytest.raises(UnsupportedFormatError, match=r"Unsupported precompute record version: got 3\. Expected 1"):
+    with pytest.raises(UnsupportedFormatError, match=r"Unsupported precompute record version: got 3\. Expected 2"):
         PrecomputeRecord.from_json(doc)
     for bad in ("1", None, True, 1.0):
         doc["version"] = bad
@@ -507,7 +522,12 @@ def test_precompute_record_other_versions_are_unsupported() -> None:
     (lambda d: d["sample"]["side"][0].update(name="x"), r"attrs\.precompute\.sample\.side\[0\]\.name"),
     (lambda d: d.update(dataset_length=-1), r"attrs\.precompute\.dataset_length"),
     (lambda d: d.update(view=""), r"attrs\.precompute\.view"),
-], ids=["layers", "field", "ragged", "layer key", "top key", "type", "input", "kind", "tuple name", "length", "view"])
+    (lambda d: d.update(keys="raw"), r"attrs\.precompute\.keys: expected one of \['inputs', 'items'\]"),
+    (lambda d: d.pop("keys"), r"attrs\.precompute\.keys: expected one of"),
+    (lambda d: d.update(lengths_fn=3), r"attrs\.precompute\.lengths_fn"),
+    (lambda d: d.update(version=1), r"attrs\.precompute: unknown keys \['keys', 'lengths_fn'\]"),
+], ids=["layers", "field", "ragged", "layer key", "top key", "type", "input", "kind", "tuple name", "length", "view",
+        "keys", "no keys", "lengths_fn", "v1 with v2 keys"])
 def test_precompute_record_malformed(mutate: Any, where: str) -> None:
     doc = json.loads(RECORD_JSON)
     mutate(doc)

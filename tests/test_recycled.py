@@ -199,7 +199,7 @@ def test_fixed_outputs_and_dtype(tmp_path: Any) -> None:
 
 def test_encoder_over_a_precomputed_store(tmp_path: Any) -> None:
     path = str(tmp_path / "p")
-    h.make_store(path, 20, kind="tuple")  # fields h + label: the encoder serves h
+    h.make_store(path, 20, kind="tuple", keys="inputs")  # fields h + label: the encoder serves h
     frozen = h.Frozen()
     enc = RecycledEncoder(frozen, path)
     assert enc.names == ["h"]
@@ -377,10 +377,10 @@ def test_items_that_change_type_are_named(tmp_path: Any) -> None:
 def test_expensive_items_get_spot_checks(tmp_path: Any) -> None:
     path = str(tmp_path / "s")
     big = [(torch.full((5000,), float(i)), i % 2) for i in range(20)]
-    attrs = {"precompute": {"version": 1, "layers": [{"layer": "l", "field": "h", "ragged": False}],
+    attrs = {"precompute": {"version": 2, "layers": [{"layer": "l", "field": "h", "ragged": False}],
                             "sample": {"type": "tuple", "length": 2, "input": 0,
                                        "side": [{"name": "1", "field": "label", "kind": "int"}], "dropped": []},
-                            "dataset_length": 20}}
+                            "dataset_length": 20, "keys": "inputs"}}  # a tensor as default_collate feeds it
     with actstore.create(path, {"h": Field((2,), "float32"), "label": Field((), "int64")}, attrs=attrs) as w:
         w.append([actstore.key(x) for x, _ in big], {"h": torch.zeros(20, 2), "label": torch.tensor([y for _, y in big])})
         w.set_view("dataset", np.arange(20))

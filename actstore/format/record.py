@@ -20,8 +20,10 @@ from actstore.errors import CorruptStoreError, UnsupportedFormatError
 
 __all__ = [
     "ITEM_KINDS",
+    "KEY_SCHEMES",
     "RECORD_ATTR",
     "RECORD_VERSION",
+    "RECORD_VERSIONS",
     "SIDE_KINDS",
     "ItemRecord",
     "LayerRecord",
@@ -32,14 +34,20 @@ __all__ = [
 
 #: Key of the record in the store's attrs.
 RECORD_ATTR = "precompute"
-RECORD_VERSION = 1
+RECORD_VERSION = 2
+#: Versions a reader accepts: 1 (rows keyed by the raw items) and 2 (the record names the key scheme).
+RECORD_VERSIONS = (1, 2)
+#: How rows are keyed: "inputs" — the model inputs as fed (each sample's part of the collated batch, trimmed to
+#: its tokens); "items" — ``key_fn(item's input)`` on the raw item (every version-1 store).
+KEY_SCHEMES = ("inputs", "items")
 #: How an item was laid out: the input alone, a tuple, or a dict.
 ITEM_KINDS = ("bare", "tuple", "dict")
 #: How a side value comes back to the user (see actstore.precompute.items.decode_side).
 SIDE_KINDS = ("bool", "int", "float", "str", "bytes", "array", "tensor")
 
 _TOP = {"version", "layers", "sample", "view", "dataset_length", "dataset_class", "model_class", "store_dtype",
-        "key_fn", "collate_fn", "placeholder"}
+        "key_fn", "collate_fn", "placeholder", "keys", "lengths_fn"}
+_TOP_V1 = _TOP - {"keys", "lengths_fn"}
 _ITEM = {"type", "length", "keys", "input", "side", "dropped"}
 
 
@@ -106,6 +114,10 @@ class ItemRecord:
 class PrecomputeRecord:
     """``attrs["precompute"]``, version :data:`RECORD_VERSION` (docs/FORMAT.md §14).
 
+    ``keys`` says how rows are keyed (:data:`KEY_SCHEMES`): a version-1 record
+    parses as ``"items"`` (and writes back as version 1); ``lengths_fn`` is the
+    qualified name of the token-length function the input keys were trimmed by.
+
     Examples
     --------
     >>> r = PrecomputeRecord(layers=(LayerRecord("encoder.layer.2", "encoder.layer.2", True),), dataset_length=3)
@@ -123,6 +135,8 @@ class PrecomputeRecord:
     key_fn: str | None = "actstore.key"
     collate_fn: str | None = None
     placeholder: bool = False
+    keys: str = "inputs"
+    lengths_fn: str | None = None
     version: int = RECORD_VERSION
 
     @property
@@ -149,6 +163,9 @@ class PrecomputeRecord:
             "key_fn": self.key_fn,
             "collate_fn": self.collate_fn,
         }
+        if self.version >= 2:
+            doc["keys"] = self.keys
+            doc["lengths_fn"] = self.lengths_fn
         if self.placeholder:
             doc["placeholder"] = True
         return doc
@@ -163,14 +180,20 @@ class PrecomputeRecord:
         """
         d = _mapping(doc, where)
         version = d.get("version")
-        if type(version) is not int or version != RECORD_VERSION:  # (True == 1 and 1.0 == 1 in Python)
+        if type(version) is not int or version not in RECORD_VERSIONS:  # (True == 1 and 1.0 == 1 in Python)
             if type(version) is int:
                 raise UnsupportedFormatError(
-                    f"Unsupported precompute record version: got {version}. Expected {RECORD_VERSION} ({where}); "
-                    "this store was written by another actstore version: upgrade actstore, or rerun precompute "
-                    "with overwrite=True")
+                    f"Unsupported precompute record version: got {version}. Expected {RECORD_VERSION} (or 1) "
+                    f"({where}); this store was written by another actstore version: upgrade actstore, or rerun "
+                    "precompute with overwrite=True")
             raise CorruptStoreError(f"{where}.version: expected the integer {RECORD_VERSION}, got {version!r}")
-        _only(d, _TOP, where)
+        _only(d, _TOP if version >= 2 else _TOP_V1, where)
+        if version >= 2:
+            scheme = d.get("keys")
+            if scheme not in KEY_SCHEMES:
+                raise CorruptStoreError(f"{where}.keys: expected one of {list(KEY_SCHEMES)}, got {scheme!r}")
+        else:
+            scheme = "items"  # version 1: rows keyed by key_fn of the raw item
         layers = tuple(_layer(x, f"{where}.layers[{i}]") for i, x in enumerate(_list(d.get("layers"), f"{where}.layers")))
         sample = d.get("sample", {})
         return cls(
@@ -184,6 +207,9 @@ class PrecomputeRecord:
             key_fn=_opt_str(d.get("key_fn", "actstore.key"), f"{where}.key_fn"),
             collate_fn=_opt_str(d.get("collate_fn"), f"{where}.collate_fn"),
             placeholder=_bool(d.get("placeholder", False), f"{where}.placeholder"),
+            keys=scheme,
+            lengths_fn=_opt_str(d.get("lengths_fn"), f"{where}.lengths_fn"),
+            version=version,
         )
 
 

@@ -8,16 +8,20 @@ dataset, in order::
                         hooks capture the layers, the forward stops after the last one
     writer thread:      trim padding, cast, append, commit every N rows / seconds
 
-Rows are keyed by content, so a rerun computes only what is missing (a killed
-run resumes where its last commit ended) and a sample repeated in the dataset
-is computed once.  The dataset's order is recorded as the view ``"dataset"``.
+Rows are keyed by content — the model inputs as fed: each sample's part of
+the collated batch, trimmed to its tokens (:mod:`actstore.precompute.inputs`)
+— so a rerun computes only what is missing or changed (a killed run resumes
+where its last commit ended; a changed tokenizer, truncation, transform or
+file recomputes the rows it changes) and a sample repeated in the dataset is
+computed once.  The dataset's order is recorded as the view ``"dataset"``.
 
 How items are read (the store's ``attrs["precompute"]`` records all of this):
 
 - **Input.** A bare item (str, tensor, list, image ...) is the model input.  A
   tuple's element ``input`` (default 0) or a dict's key ``input`` (default: the
-  first of ``input, inputs, text, image, x``) is the input; the key is computed
-  on that raw input, before ``collate_fn``.
+  first of ``input, inputs, text, image, x``) is the input; it is collated
+  (``collate_fn``) and keyed as it reaches the model (or, with ``key_fn``, keyed
+  raw, before ``collate_fn``).
 - **Side columns.** The other elements of a tuple or dict (labels, ids) belong
   to the dataset position, not to the input: they are stored per position, as
   columns of the ``"dataset"`` view (``store.view_columns("dataset")``; format
@@ -50,7 +54,6 @@ from actstore.environment import environment
 from actstore.errors import CorruptStoreError
 from actstore.format.documents import check_name
 from actstore.format.fields import Field
-from actstore.format.keys import key as content_key
 from actstore.models.capture import resolve_layers
 from actstore.precompute.config import (
     STORE_DTYPES,
@@ -129,7 +132,14 @@ def precompute(
         result is passed as keyword arguments (see
         :func:`actstore.models.capture.model_arguments`).
     key_fn
-        Content key of one raw input (32 bytes).  Default :func:`actstore.key`.
+        Key rows by ``key_fn(raw input)`` (32 bytes, e.g. :func:`actstore.key`)
+        instead of by the model inputs as fed.  Weaker: a key of the raw item
+        does not see what ``collate_fn`` makes of it, so a changed tokenizer,
+        truncation, ``max_seq_length`` or image transform, or a file edited in
+        place under the same path, is served its old rows without a word.  Use
+        it only where the collate cannot be split per sample.  Default: input
+        keys (:func:`actstore.key` of each sample's trimmed part of the
+        collated batch).
     store_dtype
         ``"float16"``, ``"bfloat16"`` or ``"float32"`` for floating outputs on
         disk.  Default: the output's own dtype (bit-exact).  A cast that would
@@ -163,7 +173,8 @@ def precompute(
     lengths_fn
         ``lengths_fn(batch) -> lengths`` of each sample, for token-level outputs
         of batches without an ``attention_mask`` (right padding); every output
-        with three or more dimensions is then stored ragged.
+        with three or more dimensions is then stored ragged, and each sample's
+        input key covers only its tokens.
     autocast
         ``True`` (float16 on CUDA, bfloat16 on the CPU) or a dtype.
     commit_every_rows, commit_every_seconds
@@ -212,7 +223,12 @@ def precompute(
         An output does not fit ``store_dtype`` (unless ``allow_overflow``);
         rows of earlier batches are committed, nothing of that batch.
     TypeError
-        A sample that cannot be keyed (naming its dataset index).
+        A sample that cannot be keyed (naming its dataset index); a collated
+        batch that cannot be split per sample, or whose structure (dict keys)
+        differs from an earlier batch's (naming the positions).
+    OSError
+        ``collate_fn`` could not read an item (a file that vanished), naming its
+        dataset index.
     StaleStoreError
         The store was computed by another model (unless ``overwrite``).
     StoreExistsError
@@ -258,7 +274,7 @@ def precompute(
     cfg = PrecomputeConfig(
         capture=CaptureConfig({layer: names[layer] for layer in resolved}, lengths_fn=lengths_fn),
         items=ItemsConfig(Selector(input, _forward_args(model)), collate_fn=collate_fn or default_collate,
-                          key_fn=None if key_fn is content_key else key_fn, side_fields=dict(side_fields or {})),
+                          key_fn=key_fn, side_fields=dict(side_fields or {})),
         storage=StorageConfig(*stored, overwrite=bool(overwrite), allow_overflow=bool(allow_overflow)),
         execution=ExecutionConfig(dev, batch_size=batch, num_workers=num_workers, autocast=autocast_dtype,
                                   max_in_flight=in_flight, progress=bool(progress)),

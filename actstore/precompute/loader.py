@@ -1,8 +1,11 @@
 """The DataLoader side of a precompute run: per-batch preparation in the workers, collation, device moves.
 
 :class:`Prepare` (the DataLoader's ``collate_fn``) encodes each item
-(:func:`~actstore.precompute.items.encode_item`), computes the content keys in
-the workers and, optionally, collates the inputs; the result is a :class:`Group`.
+(:func:`~actstore.precompute.items.encode_item`), collates the inputs and
+computes each sample's key in the workers — its input key
+(:func:`~actstore.precompute.inputs.input_keys`: the collated batch split per
+sample and trimmed), or ``key_fn`` of the raw input when one is given; the
+result is a :class:`Group`.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from actstore.format.keys import key as content_key
+from actstore.precompute.inputs import batch_signature, input_keys
 from actstore.precompute.items import Selector
 from actstore.precompute.keys import check_key
 
-__all__ = ["Group", "IterableWrapper", "Prepare", "default_collate", "field_name", "pad_collate", "qualname", "to_device"]
+__all__ = ["DEFAULT_COLLATE_NAMES", "Group", "IterableWrapper", "Prepare", "default_collate", "field_name", "pad_collate", "qualname", "to_device"]
 
 
 @dataclass
@@ -35,6 +38,8 @@ class Group:
     error: tuple[int, BaseException] | None = None  # (offset in the batch, exception)
     collate_error: BaseException | None = None
     item_type: type | None = None  # the type of every item of the group
+    signature: str | None = None  # the collated batch's structure (batch_signature), None when not collated
+    batch_error: bool = False  # `error` concerns the whole batch (its collate or its split), not one item
 
     def __len__(self) -> int:
         return len(self.sides)
@@ -48,20 +53,25 @@ class Group:
 
 
 class Prepare:
-    """The DataLoader ``collate_fn``: split items, key the inputs, collate speculatively.
+    """The DataLoader ``collate_fn``: split items, collate the inputs, key each sample.
 
     Runs in the DataLoader workers (or the main thread with ``num_workers=0``).
-    Errors are caught and returned in the :class:`Group` with the item's offset,
-    so that the main thread can name the dataset index.
+    With ``key_fn`` None a sample's key is its input key (the collated batch
+    split per sample and trimmed, ``lengths_fn`` giving token counts where the
+    batch has no ``attention_mask``); with ``key_fn`` it is ``key_fn`` of the raw
+    input, and the collate is speculative (a failure is raised by the main
+    thread if the batch is needed).  Errors are caught and returned in the
+    :class:`Group` with the item's offset, so that the main thread can name the
+    dataset index.
     """
 
     def __init__(self, selector: Selector, key_fn: Callable[[Any], bytes] | None, collate_fn: Callable[[list[Any]], Any],
-                 speculative: bool, keep_inputs: bool) -> None:
+                 keep_inputs: bool, lengths_fn: Callable[[Any], Any] | None = None) -> None:
         self.selector = selector
         self.key_fn = key_fn
         self.collate_fn = collate_fn
-        self.speculative = speculative
         self.keep_inputs = keep_inputs
+        self.lengths_fn = lengths_fn
 
     def __call__(self, items: Sequence[Any]) -> Group:
         inputs: list[Any] = []
@@ -75,23 +85,50 @@ class Prepare:
                                     f"{first_type.__name__ if first_type else '?'}: a dataset's items must all have "
                                     "one type")
                 x, side = self.selector.split(item)
-                k = content_key(x) if self.key_fn is None else check_key(self.key_fn(x))
+                if self.key_fn is not None:
+                    buf += check_key(self.key_fn(x))
             except Exception as e:  # reported with its dataset index by the main thread
                 return Group(np.empty((0, 32), np.uint8), None, [], None, error=(j, e))
             inputs.append(x)
             sides.append(side)
-            buf += k
         keys = np.frombuffer(bytes(buf), np.uint8).reshape(-1, 32)
         group = Group(keys, inputs, sides, self.selector.structure(items[0]) if len(items) else None,
                       item_type=first_type)
-        if self.speculative:
-            try:
-                group.collated = self.collate_fn(inputs)
-            except Exception as e:  # the main thread collates again and raises there
+        try:
+            group.collated = self.collate_fn(inputs)
+        except Exception as e:
+            if self.key_fn is not None:  # keys do not need the batch: the main thread collates again if it must
                 group.collate_error = e
-            if group.collated is not None and not self.keep_inputs:
-                group.inputs = None
+            else:
+                j, err, whole = self._culprit(inputs, e)
+                return _failed(group, (j, err), whole)
+        if self.key_fn is None:
+            try:
+                group.keys = input_keys(group.collated, len(inputs), lengths_fn=self.lengths_fn, raw=inputs)
+            except Exception as e:
+                return _failed(group, (0, e), whole=True)
+        if group.collated is not None:
+            group.signature = batch_signature(group.collated)
+        if group.collated is not None and not self.keep_inputs:
+            group.inputs = None
         return group
+
+    def _culprit(self, inputs: list[Any], error: BaseException) -> tuple[int, BaseException, bool]:
+        """(offset, error, whole batch?) of the first input that ``collate_fn`` refuses alone (a missing file, say),
+        else the batch's error."""
+        if len(inputs) > 1:
+            for j, x in enumerate(inputs):
+                try:
+                    self.collate_fn([x])
+                except Exception as e:
+                    return j, e, False
+        return 0, error, len(inputs) > 1
+
+
+def _failed(group: Group, error: tuple[int, BaseException], whole: bool = False) -> Group:
+    group.keys, group.inputs, group.collated = np.empty((0, 32), np.uint8), None, None
+    group.error, group.batch_error = error, whole
+    return group
 
 
 def field_name(layer: str) -> str:
@@ -123,6 +160,13 @@ class IterableWrapper(torch.utils.data.IterableDataset):  # type: ignore[type-ar
 
     def __iter__(self) -> Any:
         return iter(self.iterable)
+
+
+#: The names a precompute record may give actstore's default collate (this module's, and earlier versions'),
+#: or None (no collate recorded): a reader may use :func:`default_collate` without being given it.
+DEFAULT_COLLATE_NAMES = frozenset({None, "actstore.precompute.loader.default_collate",
+                                   "actstore.precompute.items.default_collate", "actstore.samples.default_collate",
+                                   "torch.utils.data._utils.collate.default_collate"})
 
 
 def default_collate(inputs: list[Any]) -> Any:

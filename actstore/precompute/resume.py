@@ -9,8 +9,18 @@ never raw attrs:
   these layers (:class:`Resumed`); anything else raises, or with ``overwrite``
   is deleted.
 - :func:`keep_or_replace` — after the first batch, once the items' structure is
-  known: the record's item layout, key function, side fields, store dtype,
-  compression and quantisation must match this run's (:func:`run_record`).
+  known: the record's item layout, key scheme and function, side fields, store
+  dtype, compression and quantisation must match this run's (:func:`run_record`).
+  A version-1 store (rows keyed by raw items) met by a run with input keys is
+  the one scheme change that needs no ``overwrite``: its rows are looked up by
+  input key (a row found is one computed from that very input, when the store
+  used actstore's default collate) and the rest recomputed; a store that used
+  another collate is replaced, its rows not being comparable.
+
+Which rows a resumed run reuses needs no check here: rows are keyed by the
+model inputs as fed (:mod:`actstore.precompute.inputs`), so a row whose
+inputs changed (another tokenizer, truncation, transform, a file's bytes) is
+not found and is computed again.
 - :func:`part_problem`, :func:`same_config`, :func:`is_placeholder` — the same
   questions about a leftover or freshly computed part (``precompute/parts.py``).
 
@@ -21,6 +31,7 @@ in :func:`open_existing` / :func:`keep_or_replace` and :func:`part_problem`.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,13 +41,14 @@ from actstore.engine.write.writer import describe_fields
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError
 from actstore.format.dtypes import dtype_name
 from actstore.format.fields import Field
+from actstore.format.keys import DEFAULT_KEY_NAMES
 from actstore.format.layout import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR
 from actstore.format.manifest import Manifest
 from actstore.format.record import ItemRecord, LayerRecord, PrecomputeRecord, read_record
 from actstore.models.fingerprint import fingerprint_matches
 from actstore.precompute.config import VIEW, PrecomputeConfig
 from actstore.precompute.items import SideColumns
-from actstore.precompute.loader import qualname
+from actstore.precompute.loader import DEFAULT_COLLATE_NAMES, qualname
 from actstore.store import ActivationStore, delete_store, read_manifest
 from actstore.store import open as open_store
 
@@ -131,6 +143,8 @@ def run_record(cfg: PrecomputeConfig, *, item: ItemRecord | None, ragged: set[st
         key_fn=qualname(cfg.items.key_fn) or "actstore.key",
         collate_fn=qualname(cfg.items.collate_fn),
         placeholder=placeholder,
+        keys="items" if cfg.items.key_fn is not None else "inputs",
+        lengths_fn=qualname(cfg.capture.lengths_fn),
     )
 
 
@@ -143,7 +157,19 @@ def keep_or_replace(resumed: Resumed, root: str, cfg: PrecomputeConfig, mine: Pr
     """
     store, storage = resumed.store, cfg.storage
     have = read_record(store.attrs, root) or PrecomputeRecord(item=None)
-    diffs = [k for k, a, b in (("sample", have.item, mine.item), ("key_fn", have.key_fn, mine.key_fn)) if a != b]
+    upgrade = (have.version == 1 and have.key_fn in DEFAULT_KEY_NAMES and mine.keys == "inputs")
+    if upgrade and have.collate_fn not in DEFAULT_COLLATE_NAMES:
+        _say_once(f"{root}: the store keys rows by raw items (precompute record version 1) and computed them "
+                  f"through collate_fn {have.collate_fn}; rows are now keyed by the model inputs as fed, which its "
+                  "rows cannot be matched to: replacing the store and computing every row again")
+        resumed.close()
+        delete_store(root)
+        return False
+    if upgrade:
+        _say_once(f"{root}: the store keys rows by raw items (precompute record version 1); rows are now keyed by "
+                  "the model inputs as fed: rows whose input key is found are kept, every other one is computed again")
+    diffs = [k for k, a, b in (("sample", have.item, mine.item), ("keys", have.keys, mine.keys),
+                               ("key_fn", have.key_fn, mine.key_fn)) if a != b and not (upgrade and k != "sample")]
     side_specs = {c.field: c.spec for c in side.columns}
     row_sides = set(store.fields) - set(cfg.capture.fields.values())  # side values as row fields: before format 3
     if row_sides and (row_sides != set(side_specs) or any(store.fields[f] != side_specs[f] for f in row_sides)):
@@ -162,8 +188,9 @@ def keep_or_replace(resumed: Resumed, root: str, cfg: PrecomputeConfig, mine: Pr
     if not diffs:
         return True
     msg = (f"{root}: holds a store of this model and layers, but with another {', '.join(diffs)} "
-           f"(stored: {None if have.item is None else have.item.to_json()}, store dtype {have.store_dtype}; "
-           f"now: {None if mine.item is None else mine.item.to_json()})")
+           f"(stored: {None if have.item is None else have.item.to_json()}, store dtype {have.store_dtype}, rows "
+           f"keyed by {have.keys} ({have.key_fn}); now: {None if mine.item is None else mine.item.to_json()}, "
+           f"keyed by {mine.keys} ({mine.key_fn}))")
     if not storage.overwrite:
         raise StoreExistsError(msg + "; pass overwrite=True (--overwrite) to replace it, or use another path")
     resumed.close()
@@ -209,5 +236,10 @@ def same_config(main: ActivationStore, part: ActivationStore) -> bool:
         return False
     if not isinstance(have, PrecomputeRecord) or not isinstance(cfg, PrecomputeRecord):
         return have is None and cfg is None
-    return (have.item, have.key_fn, have.store_dtype) == (cfg.item, cfg.key_fn, cfg.store_dtype)
+    return (have.item, have.keys, have.key_fn, have.store_dtype) == (cfg.item, cfg.keys, cfg.key_fn, cfg.store_dtype)
+
+
+def _say_once(message: str) -> None:
+    """One warning line per run (not per row)."""
+    warnings.warn(message, RuntimeWarning, stacklevel=5)
 

@@ -41,6 +41,7 @@ from actstore.models.fingerprint import frozen_fingerprint
 from actstore.precompute.background import Writer
 from actstore.precompute.config import ATTR, VIEW, PrecomputeConfig
 from actstore.precompute.forward import Forward
+from actstore.precompute.inputs import check_recollated
 from actstore.precompute.items import PositionSides, SideColumns
 from actstore.precompute.loader import Group, IterableWrapper, Prepare
 from actstore.precompute.parts import adopt_leftover_parts, has_leftovers, len_of
@@ -75,6 +76,7 @@ class Run:
         self.row_sides = False  # a store written before format 3: side values are row fields too (first position's)
         self.pool: list[tuple[int, np.ndarray, Any, Any, int]] = []  # (schedule id, key, input, side, position)
         self.seen = 0
+        self.signature: tuple[str, int] | None = None  # (the collated batches' structure, where first seen)
 
     # -- the run ------------------------------------------------------------------------
     def run(self) -> ActivationStore:
@@ -129,8 +131,8 @@ class Run:
                                  "cannot be shared between worker processes")
             ds = IterableWrapper(ds)
         items = self.cfg.items
-        prepare = Prepare(items.selector, items.key_fn, items.collate_fn, speculative=self.schedule.base == 0,
-                          keep_inputs=not self.map_style)
+        prepare = Prepare(items.selector, items.key_fn, items.collate_fn, keep_inputs=not self.map_style,
+                          lengths_fn=self.cfg.capture.lengths_fn)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=ex.batch_size, shuffle=False, num_workers=ex.num_workers, collate_fn=prepare,
             pin_memory=ex.device.type == "cuda")
@@ -152,8 +154,16 @@ class Run:
         n, pos0 = len(g), self.seen
         if g.error is not None:
             j, e = g.error
-            kind = type(e) if isinstance(e, (TypeError, ValueError, KeyError, IndexError)) else RuntimeError
-            raise kind(f"dataset[{pos0 + j}]: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from e
+            kind = type(e) if isinstance(e, (TypeError, ValueError, KeyError, IndexError, OSError)) else RuntimeError
+            where = f"dataset[{pos0}:{pos0 + n}] (one batch)" if g.batch_error else f"dataset[{pos0 + j}]"
+            raise kind(f"{where}: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from e
+        if g.signature is not None and self.signature is None:
+            self.signature = (g.signature, pos0)
+        elif g.signature is not None and self.signature is not None and g.signature != self.signature[0]:
+            raise TypeError(f"dataset[{pos0}:{pos0 + n}]: collate_fn returned a {g.signature} for this batch, but a "
+                            f"{self.signature[0]} for the batch at dataset[{self.signature[1]}]: a collate must give "
+                            "every batch the same structure (the same dict keys), or samples could not be compared "
+                            "across batches; fix collate_fn (pad or drop optional keys consistently)")
         if self.item_type is None:
             self.item_type = g.item_type
         elif g.item_type is not None and g.item_type is not self.item_type:
@@ -178,6 +188,8 @@ class Run:
         part, self.pool = self.pool[:n], self.pool[n:]
         keys = np.stack([p[1] for p in part])
         batch = self.cfg.items.collate_fn([p[2] for p in part])
+        if self.cfg.items.key_fn is None:  # the rows must be computed from exactly what was keyed
+            check_recollated(batch, keys, [p[2] for p in part], [p[4] for p in part], self.cfg.capture.lengths_fn)
         self._run_batch(keys, np.array([p[0] for p in part], np.int64), batch, [p[3] for p in part],
                         [p[4] for p in part])
 
@@ -307,6 +319,8 @@ class Run:
             self.store = create_store(self.root, fields, fingerprint=self.fp, attrs={ATTR: config})
         columns, fields, item_key = self.positions.view_columns()
         self.store.set_view(VIEW, self.schedule.view(), columns, fields=fields, item_key=item_key)
+        if self.resumed is not None and self.item is not None:  # the record of this run (its key scheme, collate)
+            self.store.update_attrs({ATTR: self._record().to_json()})
         self.store.commit()
 
     def _finish(self) -> ActivationStore:

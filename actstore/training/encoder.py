@@ -4,9 +4,11 @@ With a RecycledEncoder a training loop needs no separate precompute step: the
 first epoch computes every sample with the frozen part (and appends it to the
 store when ``append=True``), later epochs read the store. It takes the same raw
 inputs the full model's caller has — texts (through the model's tokenizer or a
-given ``collate``), images, tensors — keys each raw sample by content
-(:func:`actstore.key`), and returns what a store's collate gives, so
-``head(encoder(texts))`` is the model's output.
+given ``collate``), images, tensors — collates the whole call's samples, keys
+each sample by its model input as fed (the same input keys as
+:func:`actstore.precompute`: :mod:`actstore.precompute.inputs`), and returns
+what a store's collate gives, so ``head(encoder(texts))`` is the model's
+output.  A store filled by precompute serves the encoder, and the reverse.
 """
 
 from __future__ import annotations
@@ -22,98 +24,51 @@ from torch import nn
 
 from actstore.deprecation import renamed_arguments
 from actstore.engine.read.gather import row_view
-from actstore.engine.read.ragged import PaddedBatch, RaggedBatch
 from actstore.engine.read.snapshot import normalize_keys
 from actstore.errors import MissingRowsError, StaleStoreError, StoreError, StoreNotFoundError
 from actstore.format.dtypes import dtype_name
 from actstore.format.fields import Field
-from actstore.format.keys import key as content_key
 from actstore.models.blocks import Frozen
 from actstore.models.capture import train_mode_matters
 from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
 from actstore.models.split import check_batch
+from actstore.precompute.inputs import input_keys
+from actstore.precompute.loader import qualname
 from actstore.store import ActivationStore, create
 from actstore.store import open as open_store
+from actstore.training.checks import KEYS_ATTR, NO_COLLATE, store_scheme
 from actstore.training.collate import ActivationCollate
 from actstore.training.datasets import precompute_config
+from actstore.training.outputs import output_rows
 
 __all__ = ["RecycledEncoder", "output_rows"]
 
 
-def _is_padded_pair(value: Any) -> bool:
-    if not (isinstance(value, tuple) and len(value) == 2 and not isinstance(value, PaddedBatch)):
-        return False
-    values, mask = value
-    return (isinstance(values, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.ndim == 2
-            and values.ndim >= 2 and tuple(mask.shape) == tuple(values.shape[:2]) and not mask.is_floating_point())
+def _select(inputs: Any, idx: list[int], constants: bool = False) -> Any:
+    """Samples ``idx`` of a batch (batch-first tensors, dicts and tuples of them, a list of samples).  Copies.
 
-
-def _carries_mask(value: Any) -> bool:
-    mask = getattr(value, "attention_mask", None)
-    return (isinstance(value, torch.Tensor) and isinstance(mask, torch.Tensor) and value.ndim >= 3
-            and tuple(mask.shape) == tuple(value.shape[:2]))
-
-
-def _rows_of(value: Any, n: int, name: str, ragged: dict[str, bool] | None) -> list[torch.Tensor]:
-    flag: bool
-    if isinstance(value, PaddedBatch):
-        lens = value.lengths.tolist()
-        rows, flag = [value.values[i, :ln] for i, ln in enumerate(lens)], True
-    elif _is_padded_pair(value):
-        padded, mask = value  # the real tokens wherever they are: right or left padding
-        rows, flag = [padded[i][mask[i].bool()] for i in range(len(padded))], True
-    elif _carries_mask(value):
-        mask = value.attention_mask  # split's frozen part: SplitStates with the batch's mask
-        plain = value.as_subclass(torch.Tensor)
-        rows, flag = [plain[i][mask[i].bool()] for i in range(len(plain))], True
-    elif isinstance(value, RaggedBatch):
-        rows, flag = [value[i] for i in range(len(value))], True
-    elif isinstance(value, torch.Tensor):
-        rows, flag = list(value.unbind(0)) if value.ndim else [], False
-    elif isinstance(value, (list, tuple)):
-        rows = [torch.as_tensor(r) for r in value]
-        flag = len({tuple(r.shape[:1]) for r in rows}) > 1
-    else:
-        raise TypeError(
-            f"the frozen module's output for {name!r} is a {type(value).__name__}; expected a tensor batch, a list "
-            "of per-row tensors, an actstore.RaggedBatch, a PaddedBatch or a (padded, mask) pair"
-        )
-    if len(rows) != n:
-        raise ValueError(f"the frozen module returned {len(rows)} rows of {name!r} for {n} inputs")
-    if ragged is not None:
-        ragged[name] = flag
-    return [r.detach().cpu() for r in rows]
-
-
-def output_rows(output: Any, names: Sequence[str], n: int, ragged: dict[str, bool] | None = None) -> dict[str, list[torch.Tensor]]:
-    """Split a frozen module's batch output into per-row CPU tensors, per field.  May copy (device → host).
-
-    ``output`` is one batch (for a single field) or a mapping field → batch; a
-    batch is a tensor ``(n, ...)``, a list of per-row tensors, a
-    :class:`~actstore.RaggedBatch`, a :class:`PaddedBatch`, a ``(padded, mask)``
-    pair or split's :class:`~actstore.models.blocks.SplitStates` (the real tokens
-    of each row are kept, on whichever side the padding is).  ``ragged``, if
-    given, is filled with whether each field came in a variable-length form.
+    ``constants``: a dict's non-tensor values are batch-level constants, kept as they are.
     """
-    if isinstance(output, Mapping):
-        missing = [nm for nm in names if nm not in output]
-        if missing:
-            raise KeyError(f"the frozen module's output has no {missing}; it has {sorted(output)}")
-        return {nm: _rows_of(output[nm], n, nm, ragged) for nm in names}
-    if len(names) != 1:
-        raise TypeError(f"the frozen module returned one batch, but {list(names)} are wanted: return a dict field -> batch")
-    return {names[0]: _rows_of(output, n, names[0], ragged)}
-
-
-def _select(inputs: Any, idx: list[int]) -> Any:
     if isinstance(inputs, torch.Tensor):
         return inputs[torch.as_tensor(idx, dtype=torch.long, device=inputs.device)]
     if isinstance(inputs, Mapping):
-        return type(inputs)({k: _select(v, idx) for k, v in inputs.items()}) if type(inputs) is dict else \
-            {k: _select(v, idx) for k, v in inputs.items()}
+        picked = {k: v if constants and not isinstance(v, (torch.Tensor, np.ndarray)) else _select(v, idx, constants)
+                  for k, v in inputs.items()}
+        return picked
     if isinstance(inputs, np.ndarray):
         return inputs[idx]
+    if constants and isinstance(inputs, (tuple, list)) and inputs and all(
+            isinstance(v, (torch.Tensor, np.ndarray)) for v in inputs):
+        return type(inputs)(_select(v, idx) for v in inputs) if type(inputs) in (tuple, list) else \
+            tuple(_select(v, idx) for v in inputs)
     return [inputs[i] for i in idx]
+
+
+def _count(inputs: Any) -> int:
+    if isinstance(inputs, Mapping):
+        first = next(iter(inputs.values()), None)
+        return 0 if first is None else len(first)
+    return len(inputs)
 
 
 def _samples(inputs: Any) -> list[Any]:
@@ -149,10 +104,17 @@ class RecycledEncoder(nn.Module):
         inferred from the frozen module's output and its
         :func:`~actstore.fingerprint` recorded.
     key_fn
-        Sample → 32-byte key (default :func:`actstore.key`), on the raw sample.
+        Key rows by ``key_fn(raw sample)`` (32 bytes) instead of by the model
+        input as fed.  Weaker: a raw key does not see what ``collate_fn`` makes
+        of a sample (another tokenizer, truncation, transform), so a store made
+        with another preprocessing is served without a word.  Default: input
+        keys — every call collates all its samples (the collate is cheap next
+        to the frozen part), splits the batch per sample, trims it to each
+        sample's tokens and keys that, as :func:`actstore.precompute` does.
     collate_fn
-        Raw samples (a list) → what ``frozen`` takes, for the misses only: a
-        tokenizer call for texts, for instance.  Default: for split's frozen part
+        Raw samples (a list) → what ``frozen`` takes: a tokenizer call for
+        texts, for instance.  Every call's samples are collated (their keys
+        need it); the misses are computed from their part of that batch.  Default: for split's frozen part
         of a sentence-transformers model, the model's own ``tokenize``; for split's
         frozen part of another model, ``torch.stack`` of tensor samples (texts
         need ``collate_fn``); for any other module, none (it gets the raw list).
@@ -212,7 +174,8 @@ class RecycledEncoder(nn.Module):
                               "computed or stored rows); it was in train mode", stacklevel=2)
             frozen.eval()
         self.collate_fn = collate_fn if collate_fn is not None else _default_collate(frozen)
-        self.key_fn = key_fn or content_key
+        self.key_fn = key_fn  # None: input keys
+        self.key_scheme = "items" if key_fn is not None else "inputs"
         self.append = bool(append)
         self.commit_every_rows = int(commit_every_rows)
         self.collate = ActivationCollate(dtype, pad_to_multiple_of)
@@ -240,6 +203,7 @@ class RecycledEncoder(nn.Module):
             self._store = open_store(self.path, mode="a" if self.append else "r") if exists else None
         if self._store is not None:
             self._check_store(self._store)
+            self._check_scheme(self._store)
             names = fields if isinstance(fields, (list, tuple, str)) else None
             cfg = precompute_config(self._store)
             side = set((cfg.side or {}).values())
@@ -293,17 +257,36 @@ class RecycledEncoder(nn.Module):
                 f"module is {self._model_fingerprint()[:16]}…); use a new path, or pass check_fingerprint=False"
             )
 
+    def _check_scheme(self, store: ActivationStore) -> None:
+        """Refuse a store keyed another way than this encoder keys (raw items vs the inputs as fed), where the two
+        differ (a collate stands between them)."""
+        cfg = precompute_config(store)
+        if store.attrs.get(KEYS_ATTR) is None and cfg.record is None:
+            return  # a store of the user's own: keys as the user made them
+        have, _, _ = store_scheme(store, cfg)
+        if have != self.key_scheme and self.collate_fn is not None:
+            fix = ("pass key_fn=actstore.key to look it up by raw samples (weaker: preprocessing changes go "
+                   "unnoticed), or rerun precompute on it (it recomputes every row under input keys)") \
+                if have == "items" else "leave key_fn= out (rows are then keyed by the model inputs as fed)"
+            raise StoreError(f"{store.path}: the store keys rows by {'raw items' if have == 'items' else 'model inputs'}"
+                             f", this encoder by {'raw samples (key_fn=)' if self.key_fn else 'model inputs'}; {fix}")
+
     # -- the work ------------------------------------------------------------------------------
-    def _keys(self, inputs: Any, keys: Any) -> np.ndarray:
+    def _keys(self, inputs: Any, keys: Any) -> tuple[np.ndarray, Any]:
+        """(the keys of the call's samples, the collated batch or None)."""
         if keys is not None:
-            return normalize_keys(list(keys) if isinstance(keys, tuple) else keys)
+            return normalize_keys(list(keys) if isinstance(keys, tuple) else keys), None
         if inputs is None:
             raise TypeError("RecycledEncoder: pass the batch of inputs, or keys=")
-        return normalize_keys([self.key_fn(s) for s in _samples(inputs)])
+        if self.key_fn is not None:
+            return normalize_keys([self.key_fn(s) for s in _samples(inputs)]), None
+        raw = list(inputs) if isinstance(inputs, tuple) else inputs
+        batch = self.collate_fn(raw) if self.collate_fn else raw
+        return input_keys(batch, _count(raw), raw=raw if isinstance(raw, list) else None), batch
 
     def _resolve(self, inputs: Any, keys: Any) -> tuple[np.ndarray, dict[str, dict[int, torch.Tensor]]]:
         """Rows of stored keys (-1 elsewhere) and the rows served from memory or computed, per field."""
-        karr = self._keys(inputs, keys)
+        karr, batch = self._keys(inputs, keys)
         n = len(karr)
         rows = self._store.lookup(karr) if self._store is not None else np.full(n, -1, np.int64)
         extra: dict[str, dict[int, torch.Tensor]] = {name: {} for name in self.names}
@@ -324,7 +307,9 @@ class RecycledEncoder(nn.Module):
                                        "were given to compute them")
             first = [ps[0] for ps in todo.values()]
             ragged: dict[str, bool] = {}
-            out = self._compute(_select(inputs, first))
+            # Input keys: the misses' part of the batch that was keyed; raw keys: collate the misses.
+            out = self._run(_select(batch, first, constants=True)) if batch is not None else \
+                self._compute(_select(inputs, first))
             produced = output_rows(out, self.names, len(first), ragged)
             for j, ps in enumerate(todo.values()):
                 for name in self.names:
@@ -336,7 +321,10 @@ class RecycledEncoder(nn.Module):
 
     def _compute(self, raw: Any) -> Any:
         """Run the frozen part on raw samples (collated first)."""
-        batch = self.collate_fn(list(raw) if isinstance(raw, tuple) else raw) if self.collate_fn else raw
+        return self._run(self.collate_fn(list(raw) if isinstance(raw, tuple) else raw) if self.collate_fn else raw)
+
+    def _run(self, batch: Any) -> Any:
+        """Run the frozen part on a collated batch."""
         if isinstance(self.frozen, nn.Module):
             check_batch(self.frozen, batch)  # left padding; position ids a store cannot give back to the head
             batch = _to_device(batch, _module_device(self.frozen))
@@ -353,8 +341,9 @@ class RecycledEncoder(nn.Module):
                 for name, rows in produced.items()
             }
             fp = self._model_fingerprint() if isinstance(self.frozen, nn.Module) else None
-            self._store = create(self.path, fields, fingerprint=fp, exist_ok=True,
-                                 attrs={"recycled_encoder": {"layers": list(fields)}})
+            made = {"layers": list(fields), "keys": self.key_scheme,
+                    "collate_fn": qualname(self.collate_fn) if self.collate_fn is not None else NO_COLLATE}
+            self._store = create(self.path, fields, fingerprint=fp, exist_ok=True, attrs={KEYS_ATTR: made})
         store = self._store
         values = {name: rows if store.fields[name].ragged else torch.stack(rows) for name, rows in produced.items()}
         store.append(karr, values)

@@ -3,10 +3,13 @@
 :class:`CachedDataset` is a drop-in for the user's dataset; its module-level
 twin, a drop-in for the frozen module, is :class:`~actstore.training.encoder.RecycledEncoder`.
 
-Keys are content addresses (:func:`actstore.key` of each raw sample), so the
-same sample is found whatever batch or position it arrives in.  Pass raw
-samples (texts, images) rather than padded batches: the key of a padded row
-would depend on the batch it was padded in.
+Keys are content addresses of what reached the frozen part (the model inputs
+as fed: each sample's trimmed part of the collated batch, see
+:mod:`actstore.precompute.inputs`), so the same sample is found whatever batch
+or position it arrives in, and a sample whose preprocessing changed is not.
+At construction :class:`CachedDataset` recomputes the keys of the dataset's
+items with the precompute's collate and compares them with the rows it will
+serve (:mod:`actstore.training.checks`).
 """
 
 from __future__ import annotations
@@ -22,10 +25,9 @@ from torch.utils.data import Dataset
 from actstore.deprecation import renamed_arguments
 from actstore.engine.read.gather import row_view
 from actstore.errors import DatasetMismatchError, MissingRowsError
-from actstore.format.keys import DEFAULT_KEY_NAMES
-from actstore.format.keys import key as content_key
 from actstore.precompute.items import ItemLayout, Selector, decode_item, item_layout, item_part
 from actstore.store import ActivationStore
+from actstore.training.checks import KeyCheck, key_check, position_keys
 from actstore.training.collate import ActivationCollate, RowBatch
 from actstore.training.datasets import (
     RecordSummary,
@@ -92,21 +94,43 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     fields
         Activation fields to serve (default: precompute's layers).
     check
-        Which items to verify at construction by keying ``dataset[i]``'s input
-        with ``key_fn`` and comparing with the stored key: ``"auto"`` (default)
-        checks every item when inputs are cheap to key (str, bytes, numbers,
-        token ids and arrays of at most 4,096 elements, dicts of those) and 8
-        seeded-random positions otherwise; ``"all"`` every item; an int that
-        many seeded-random positions (spot checks).  ``.checked`` says how many
-        positions were checked, ``.check_mode`` whether all or a spot check.
+        Which items to verify at construction by computing ``dataset[i]``'s key
+        today and comparing it with the key of the row served for ``i``.  For a
+        store keyed by the model inputs (the default since precompute record
+        version 2) the key is that of the input as fed: the items are collated
+        with ``collate_fn`` in batches, split per sample and trimmed, as
+        precompute did, so a changed tokenizer, truncation, transform or file
+        is caught.  ``"auto"`` (default) checks every item when inputs are cheap
+        to key (str, bytes, numbers, token ids and arrays of at most 4,096
+        elements, dicts of those) and 8 seeded-random positions otherwise;
+        ``"all"`` every item; an int that many seeded-random positions (spot
+        checks); ``"items"`` (as ``"auto"``) compares keys of the raw items
+        only — weaker: it does not see preprocessing or a file edited in place;
+        it is what a store written before input keys (record version 1) allows,
+        and the safe default refuses such a store.  ``.checked`` says how many
+        positions were checked, ``.check_mode`` whether all or a spot check,
+        ``.key_scheme`` by which keys (``"inputs"`` or ``"items"``).
         The same positions' side values are compared with the stored ones
         (``.sides_checked``): a dataset relabelled since precompute raises
         :class:`DatasetMismatchError`; rerunning precompute rewrites the side
         values without recomputing any activation.
+    collate_fn
+        The ``collate_fn`` precompute used, to compute today's input keys.
+        Needed when precompute was given one (the error names it), unless
+        ``model`` is a frozen part that knows it (a sentence-transformers
+        model's ``preprocess``); when precompute used actstore's default
+        collate, that is used without asking.
+    lengths_fn
+        The ``lengths_fn`` precompute used (token counts of batches without an
+        ``attention_mask``), when it was given one.
+    key_fn
+        For stores keyed by raw items (precompute's ``key_fn=``): the same key
+        function, when it was not :func:`actstore.key`.
     index
         ``"view"`` (default): positions map to rows through the store's view;
-        ``"keys"``: key every input once now and look the keys up (for stores
-        filled by :class:`~actstore.RecycledEncoder`, which records no view).
+        ``"keys"``: key every input once now (by the store's key scheme) and look
+        the keys up (for stores filled by :class:`~actstore.RecycledEncoder`,
+        which records no view).
     input_name
         For dict items: the key the activations get (e.g. ``"hidden_states"``,
         an argument of the head's ``forward``, which ``transformers.Trainer``
@@ -127,8 +151,13 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     ------
     DatasetMismatchError
         The dataset's length differs from what precompute recorded, or a
-        checked input's key differs from the stored row's, or its side values
-        from the stored ones.
+        checked input's key differs from the served row's (preprocessing or
+        the items changed since precompute), or its side values from the stored ones.
+    StaleStoreError
+        A store keyed by raw items before input keys existed (record version
+        1), under the safe default; rerun precompute, or pass ``check="items"``.
+    ValueError
+        A store keyed by inputs through a custom collate, and no ``collate_fn``.
     MissingRowsError
         Positions without a row, and no ``fallback``; the message says how many
         and how to fill them.
@@ -138,7 +167,9 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     def __init__(self, dataset: Any, store: Any, *, input: Any = _UNSET, side: Mapping[Any, str] | None = None,
                  fields: Sequence[str] | str | None = None, check: int | str = "auto", seed: int = 0, index: str = "view",
                  fallback: Callable[[list[Any]], Any] | None = None, key_fn: Callable[[Any], bytes] | None = None,
-                 input_name: str | None = None, model: Any = None, fingerprint: str | None = None) -> None:
+                 input_name: str | None = None, model: Any = None, fingerprint: str | None = None,
+                 collate_fn: Callable[[list[Any]], Any] | None = None,
+                 lengths_fn: Callable[[Any], Any] | None = None) -> None:
         self._hold(store)
         store = self.store
         check_frozen(store, model, fingerprint, where=f"CachedDataset({store.path})")
@@ -153,19 +184,20 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
             self.side = default_sides(dataset[0], self.input)
         layer_default = [n for n in (cfg.layers or store.fields) if n not in set(self.side.values())]
         self.fields = _check_fields(store, layer_default if fields is None else fields)
-        if key_fn is None and cfg.key_fn not in DEFAULT_KEY_NAMES:
-            raise ValueError(f"CachedDataset({store.path}): precompute keyed the inputs with {cfg.key_fn}; "
-                             "pass the same function as key_fn=")
-        self.key_fn = key_fn or content_key
+        where = f"CachedDataset({store.path})"
+        if index not in ("view", "keys"):
+            raise ValueError(f"index: expected 'view' or 'keys', got {index!r}")
+        self._keys: KeyCheck = key_check(store, cfg, items=check == "items", collate_fn=collate_fn,
+                                         lengths_fn=lengths_fn, key_fn=key_fn, where=where, model=model)
+        #: the keys the check compares: "inputs" (the model inputs as fed) or "items" (the raw items: weaker)
+        self.key_scheme = self._keys.scheme
         self.fallback = fallback
         self.dataset = dataset
-        where = f"CachedDataset({store.path})"
         if index == "view":
             rows = self._view_rows(store, cfg, n, where)
-        elif index == "keys":
-            rows = store.lookup([self.key_fn(item_part(dataset[i], self.input)) for i in range(n)]) if n else np.empty(0, np.int64)
         else:
-            raise ValueError(f"index: expected 'view' or 'keys', got {index!r}")
+            rows = store.lookup(position_keys(dataset, range(n), self.input, self._keys, where)) if n \
+                else np.empty(0, np.int64)
         self.rows = np.ascontiguousarray(rows, dtype=np.int64)
         present = np.nonzero(self.rows >= 0)[0]
         first = dataset[int(present[0])] if len(present) else (dataset[0] if n else None)
@@ -178,7 +210,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
             self._template = replace(self._template, input_name=input_name)
         self._sides = SideSource(store, self._template, index=index, view=cfg.view, where=where,
                                  inferred=side is None and cfg.record is None)
-        if check == "auto":
+        if check in ("auto", "items"):
             full = n > 0 and _cheap_to_key(item_part(first, self.input))
             spot = 8
         elif check == "all":
@@ -186,7 +218,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         elif isinstance(check, int) and not isinstance(check, bool) and check >= 0:
             full, spot = False, check
         else:
-            raise ValueError(f"check: expected 'auto', 'all' or a number of spot checks >= 0, got {check!r}")
+            raise ValueError(f"check: expected 'auto', 'all', 'items' or a number of spot checks >= 0, got {check!r}")
         if index == "keys":  # every item was keyed to find its row: nothing left to check
             positions, full = present[:0], True
         elif full:
@@ -220,32 +252,24 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         self.missing = missing
 
     def _check_keys(self, dataset: Any, positions: np.ndarray, first: Any, where: str) -> None:
-        """Key ``dataset[p]``'s input for each position and compare with the stored keys (one gather)."""
+        """Key ``dataset[p]``'s input for each position (by the store's scheme) and compare with the keys of the
+        rows served for them (one gather)."""
         if not len(positions):
             return
         store = self.store
-        first_type = type(first)
-        buf = bytearray()
-        for p in positions.tolist():
-            item = dataset[p]
-            if type(item) is not first_type:
-                raise ValueError(f"{where}: dataset[{p}] is a {type(item).__name__}, but dataset[{int(positions[0])}] "
-                                 f"is a {first_type.__name__}: items must all have one type")
-            k = self.key_fn(item_part(item, self.input))
-            if not isinstance(k, (bytes, bytearray, memoryview)) or len(k) != 32:
-                raise TypeError(f"key_fn must return 32 bytes (like actstore.key), got {type(k).__name__}")
-            buf += k
-        keys = np.frombuffer(bytes(buf), np.uint8).reshape(-1, 32)
+        keys = position_keys(dataset, positions, self.input, self._keys, where, type(first))
         stored = store.key_at(self.rows[positions])
         bad = np.flatnonzero((keys != stored).any(axis=1))
         if len(bad):
             p = int(positions[bad[0]])
             more = f" ({len(bad) - 1} more of the {len(positions)} checked positions differ too)" if len(bad) > 1 else ""
+            what = "model input (as collate_fn feeds it)" if self.key_scheme == "inputs" else "input"
             raise DatasetMismatchError(
-                f"{where}: dataset[{p}]'s input has key {keys[bad[0]].tobytes().hex()[:16]}…, but the store's row "
-                f"{self.rows[p]} for that position holds {stored[bad[0]].tobytes().hex()[:16]}…{more}: the dataset "
-                "changed since precompute (edited or reordered); rerun precompute on this dataset (it computes only "
-                "new rows), or pass index='keys' to match items by content"
+                f"{where}: dataset[{p}]'s {what} has key {keys[bad[0]].tobytes().hex()[:16]}…, but the store's row "
+                f"{self.rows[p]} for that position holds {stored[bad[0]].tobytes().hex()[:16]}…{more}: preprocessing "
+                "or the items changed since precompute (edited, reordered, another tokenizer, truncation or "
+                f"transform): rerun actstore.precompute(model, dataset, {store.path!r}, ...) with today's pipeline "
+                "— it recomputes only the changed rows — or pass the collate_fn precompute used"
             )
 
     @staticmethod
