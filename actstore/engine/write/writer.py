@@ -37,6 +37,7 @@ from actstore.format.fields import Field
 from actstore.format.layout import SEGMENTS_DIR
 from actstore.format.manifest import Manifest, SegmentInfo
 from actstore.storage.base import Backend, WriterLock
+from actstore.storage.checksum import check_file
 from actstore.storage.files import inside, object_files
 from actstore.storage.local import link_object
 
@@ -100,6 +101,8 @@ class StoreWriter:
         self.attrs: dict[str, Any] | None = None
         #: The automatic merge after each commit, or None for none.
         self.merge_policy: TieredMerge | None = TieredMerge()
+        #: Segments an automatic merge found damaged: never merged automatically again by this handle.
+        self._damaged: set[str] = set()
 
     def _shown(self, manifest: Manifest) -> None:
         self.snap = self._show(manifest)
@@ -226,14 +229,27 @@ class StoreWriter:
         return compact_snapshot(self.backend, self.lock, self.head, self.snap, self._shown)
 
     def _merge_by_policy(self) -> None:
-        """After a commit: the merge :attr:`merge_policy` asks for, if any (its failure keeps the commit: a warning)."""
+        """After a commit: the merge :attr:`merge_policy` asks for, if any (its failure keeps the commit: a warning).
+
+        A range holding a damaged segment (:class:`CorruptStoreError`: a source
+        file's bytes differ from its commit) is not merged again by this
+        handle: its segments stay as they are for ``verify`` to report.
+        """
         if self.merge_policy is None:
             return
         span = self.merge_policy.plan([s.rows for s in self.manifest.segments])
         if span is None:
             return
+        ids = [s.id for s in self.manifest.segments[span[0] : span[1]]]
+        if self._damaged.intersection(ids):
+            return
         try:
             compact_snapshot(self.backend, self.lock, self.head, self.snap, self._shown, [span])
+        except CorruptStoreError as e:
+            self._damaged.update(ids)
+            warnings.warn(f"{self.path}: the automatic merge of segments {span[0]}..{span[1] - 1} found damage and "
+                          f"was not done ({e}); the commit stands and the segments are kept as they are — run "
+                          "verify() to list every damaged file", RuntimeWarning, stacklevel=4)
         except (OSError, StoreError) as e:
             warnings.warn(f"{self.path}: the automatic merge of segments {span[0]}..{span[1] - 1} failed ({e}); "
                           "the commit stands, reads span more segments until a later merge or compact()",
@@ -293,14 +309,13 @@ class StoreWriter:
                 if len(seen):
                     new &= ~seen.contains(keys)
                 seen.add(keys[new])
+                if not new.any():
+                    continue
+                files = _checked_files(seg)  # every byte that goes into this store matches its commit
                 if new.all():
-                    _, files = object_files(seg.path, seg.info.meta, seg.path)
-                    for rel, rec in files.items():
-                        if os.stat(inside(seg.path, rel)).st_size != rec["size"]:
-                            raise CorruptStoreError(f"{seg.path}/{rel}: size differs from its record")
                     link_object(seg.path, os.path.join(self.path, SEGMENTS_DIR, seg.info.id), files, copy=copy)
                     linked.append((seg.info, key_prefixes(keys)))
-                elif new.any():
+                else:
                     rows = start + np.flatnonzero(new)
                     # float32 reads of quantised fields re-quantise to the same codes (scales to within an ulp);
                     # other floating fields go through float32 and back exactly.
@@ -321,6 +336,17 @@ class StoreWriter:
         """From a finaliser: only let go of the lock, never commit or talk to a server."""
         if self.lock is not None:
             self.lock.finalize()
+
+
+def _checked_files(seg: Any) -> dict[str, dict[str, Any]]:
+    """The file records of a source segment, after checking every file against them (size and BLAKE3).
+
+    Raises :class:`CorruptStoreError` naming the segment and the file; reads each file once.
+    """
+    _, files = object_files(seg.path, seg.info.meta, f"segment {seg.info.id} ({seg.path})")
+    for rel, rec in sorted(files.items()):
+        check_file(inside(seg.path, rel), rec, f"segment {seg.info.id}: file {rel} ({seg.path}/{rel})")
+    return files
 
 
 def _select(cols: dict[str, Any], keep: np.ndarray, fields: Mapping[str, Field]) -> dict[str, Any]:
