@@ -31,7 +31,7 @@ from actstore.engine.read.snapshot import Snapshot, key_prefixes
 from actstore.engine.write.keyset import KeySet
 from actstore.engine.write.segments import SegmentWriter
 from actstore.engine.write.validate import validate_batch
-from actstore.errors import CorruptStoreError, StaleStoreError, StoreError
+from actstore.errors import CorruptStoreError, StaleStoreError, StoreError, StoreLockedError
 from actstore.format.documents import check_name
 from actstore.format.fields import Field
 from actstore.format.layout import SEGMENTS_DIR
@@ -39,7 +39,7 @@ from actstore.format.manifest import Manifest, SegmentInfo
 from actstore.storage.base import Backend, WriterLock
 from actstore.storage.checksum import check_file
 from actstore.storage.files import inside, object_files
-from actstore.storage.local import link_object
+from actstore.storage.local import forked_message, link_object
 
 __all__ = ["Source", "StoreWriter", "describe_fields"]
 
@@ -103,6 +103,18 @@ class StoreWriter:
         self.merge_policy: TieredMerge | None = TieredMerge()
         #: Segments an automatic merge found damaged: never merged automatically again by this handle.
         self._damaged: set[str] = set()
+        #: The process that opened the store for writing: the only one that may write through this handle.
+        self.pid = os.getpid()
+
+    @property
+    def forked(self) -> bool:
+        """True in a process other than the one that opened the store (a forked child): it may not write."""
+        return os.getpid() != self.pid
+
+    def check_process(self) -> None:
+        """Refuse to write from a process that holds no lock (a child forked from the writer)."""
+        if self.forked:
+            raise StoreLockedError(forked_message(self.path, self.pid, os.getpid()))
 
     def _shown(self, manifest: Manifest) -> None:
         self.snap = self._show(manifest)
@@ -122,13 +134,16 @@ class StoreWriter:
 
     @property
     def dirty(self) -> bool:
-        """Something to commit: pending rows, views or attributes, or a commit whose upload failed."""
-        return (self.segment is not None or bool(self.views) or self.attrs is not None
+        """Something to commit: pending rows, views or attributes, or a commit whose upload failed.
+
+        Never in a forked child: what it holds pending is its parent's, for the parent to commit."""
+        return not self.forked and (self.segment is not None or bool(self.views) or self.attrs is not None
                 or ids(self.head.manifest) != ids(self.manifest))
 
     # -- views and attributes ----------------------------------------------------------
     def set_view(self, name: str, rows: object) -> None:
         """:meth:`ActivationStore.set_view`."""
+        self.check_process()
         try:
             check_name(name, "name")
         except StoreError as e:
@@ -144,6 +159,7 @@ class StoreWriter:
 
     def update_attrs(self, attrs: Mapping[str, Any] | None, more: Mapping[str, Any]) -> None:
         """:meth:`ActivationStore.update_attrs`."""
+        self.check_process()
         new = {**dict(attrs or {}), **more}
         try:
             json.dumps(new, allow_nan=False)
@@ -164,6 +180,7 @@ class StoreWriter:
     # -- rows ------------------------------------------------------------------------
     def append(self, keys: object, values: Mapping[str, Any], allow_nonfinite: bool) -> int:
         """:meth:`ActivationStore.append`."""
+        self.check_process()
         fields = self.fields
         karr, cols = validate_batch(fields, keys, values, allow_nonfinite=allow_nonfinite)
         new = self._new_rows(karr)
@@ -198,6 +215,7 @@ class StoreWriter:
 
     def abort(self) -> int:
         """:meth:`ActivationStore.abort`."""
+        self.check_process()
         n = self.pending
         self.views, self.attrs = {}, None
         if self.segment is not None:
@@ -208,6 +226,7 @@ class StoreWriter:
     # -- commits ---------------------------------------------------------------------
     def commit(self) -> int:
         """:meth:`ActivationStore.commit`."""
+        self.check_process()
         change = Change(segment=self.segment, views=self.views, attrs=self.attrs)
         check_views(self.manifest, change)
         self.segment, self.views, self.attrs = None, {}, None
@@ -224,6 +243,7 @@ class StoreWriter:
         and find rows they had not mapped yet in the merged segment
         (:mod:`actstore.engine.lifecycle.compaction`).
         """
+        self.check_process()
         if self.segment is not None or self.views or self.attrs is not None:
             self.commit()
         return compact_snapshot(self.backend, self.lock, self.head, self.snap, self._shown)
@@ -270,6 +290,7 @@ class StoreWriter:
         :meth:`append`.  Segments this store already lists (a source made by
         cloning this store) are skipped.
         """
+        self.check_process()
         self.check_nothing_pending("adopt()")
         fields = self.fields
         for src in sources:
