@@ -55,14 +55,14 @@ def test_misses_computed_in_workers_are_stored_once(tmp_path: Path, method: str)
     path = tmp_path / "enc"
     frozen = Frozen()
     enc = RecycledEncoder(frozen, str(path), append=True, commit_every_rows=4)
-    for epoch in range(2):
+    for _ in range(2):
         loader = DataLoader(Samples(), batch_size=5, num_workers=2, collate_fn=Encode(enc), timeout=300,
                             multiprocessing_context=mp.get_context(method))
         pids = set()
         for x, out, pid in loader:
             pids.add(pid)
             with torch.no_grad():
-                assert torch.equal(out, frozen(x)), epoch  # computed or read: the frozen module's output
+                torch.testing.assert_close(out, frozen(x), rtol=0, atol=1e-5)  # (misses: computed in sub-batches)
         assert len(pids) == 2 and os.getpid() not in pids
         enc.commit()  # the owner adopts the workers' parts
     enc.close()
