@@ -90,6 +90,7 @@ class ChunkCache:
         self.cache_bytes = cache_bytes
         self._records: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         self._known: dict[str, int] = {}  # segment data file -> size (evictable)
+        self._trusted: dict[str, Any] = {}  # file -> (its stat, checksum) when this process last found it sound
         self._scanned = False
         self._downloads = 0
         self._mutex = threading.Lock()
@@ -150,6 +151,8 @@ class ChunkCache:
                     os.unlink(p)
         self._records.clear()
         self._known.clear()
+        self._trusted.clear()
+        shutil.rmtree(os.path.join(self.dir, "verified"), ignore_errors=True)  # (markers of the files gone)
         self._prepare()
 
     # -- objects and files -------------------------------------------------------------
@@ -249,10 +252,14 @@ class ChunkCache:
             return False
         if st.st_size != rec["size"]:
             return False
+        seen = (_stat_key(st), rec["blake3"])
+        if self._trusted.get(path) == seen:  # checked by this process, unchanged since
+            return True
         try:
             with open(self._marker(path), "rb") as f:
                 mark = json.loads(f.read(4096))
             if mark == _mark(path, self.root, rec, st):
+                self._trusted[path] = seen
                 return True
         except (OSError, ValueError):
             pass
@@ -268,6 +275,7 @@ class ChunkCache:
             return False
         if _stat_key(before) == _stat_key(after) == _stat_key(st):
             self._write_marker(path, rec, after)
+            self._trusted[path] = seen
         return True
 
     def _write_marker(self, path: str, rec: dict[str, Any], st: os.stat_result) -> None:
@@ -282,6 +290,7 @@ class ChunkCache:
         path = self.path(obj, name)
         if rec is None or not os.path.exists(path):
             return None
+        self._trusted.pop(path, None)
         with contextlib.suppress(OSError):
             os.unlink(self._marker(path))
         try:
