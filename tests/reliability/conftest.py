@@ -76,7 +76,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         plain = ", ".join(f"{k[12:].replace('_', ' ')} {v}" for k, v in c.items() if k.startswith("plain_reads_"))
         tr.write_line(f"{'  reads without verify_reads':<34} {plain}")
     line("injected I/O faults survived", "faults", "faults_survived", "(ENOSPC/EIO, store intact)")
-    line("damaged stores compacted, damage kept", "compactions_of_damaged_stores", "damage_reported_after_compaction",
+    line("damage kept through compact()", "compactions_of_damaged_stores", "damage_reported_after_compaction",
          f"(compact refused {c.get('compactions_refused', 0)}; verify still names every one)")
     line("cached-file corruptions caught", "cache_corruptions", "cache_corruptions_caught",
          "(remote store: exact values, verify clean)")
