@@ -170,3 +170,29 @@ def test_precompute_keeps_every_row_when_its_final_compaction_finds_damage(tmp_p
     assert len(s) == 40 and len(s.manifest.segments) > 1
     with pytest.raises(CorruptStoreError, match=damaged[0]):
         s.verify()
+
+
+def test_adopt_copies_the_new_rows_of_a_part_as_stored(tmp_path: Path) -> None:
+    fields = {"h": FIELDS["h"], "tok": FIELDS["tok"], "q16": Field((None, 8), "float16", quantize="int8")}
+
+    def rows(lo: int, hi: int) -> tuple[list[bytes], dict[str, Any]]:
+        keys, values = batch(lo, hi)
+        return keys, {"h": values["h"], "tok": values["tok"], "q16": [q * 40 for q in values["q"]]}
+
+    main = actstore.create(tmp_path / "main", fields, fingerprint="m")
+    main.append(*rows(0, 4))
+    main.commit()
+    part = actstore.create(tmp_path / "part", fields, fingerprint="m")
+    keys, values = rows(2, 40)  # rows 2, 3 are in main already: the new ones are copied, not linked
+    part.append(keys, values)
+    part.commit()
+    assert main.adopt(part) == 36
+    new = keys[2:]
+    for name in fields:
+        a, b = main.gather(main.lookup(new), [name])[name], part.gather(part.lookup(new), [name])[name]
+        x, y = (a, b) if isinstance(a, torch.Tensor) else (a.values, b.values)
+        assert torch.equal(x.view(torch.int16), y.view(torch.int16)), name  # bit for bit
+    seg_main, seg_part = main.snapshot.segments[-1], part.snapshot.segments[0]
+    first = int(seg_part.ragged("q16")[1][2])  # the part's elements of its rows 2.. (the new ones)
+    assert np.array_equal(seg_main.scales("q16").view(np.uint32), seg_part.scales("q16")[first:].view(np.uint32))
+    main.verify()

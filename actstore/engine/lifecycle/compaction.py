@@ -23,7 +23,7 @@ segment of the next tier.  Each row is then rewritten at most once per tier,
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +43,8 @@ from actstore.storage.base import Backend, WriterLock
 from actstore.storage.checksum import CheckedFile
 from actstore.storage.files import inside, object_files
 
-__all__ = ["COPY_BYTES", "CompactReport", "SourceSegment", "TieredMerge", "compact_snapshot", "merge_range"]
+__all__ = ["COPY_BYTES", "CompactReport", "SourceSegment", "TieredMerge", "compact_snapshot", "merge_range",
+           "read_blocks"]
 
 log = logging.getLogger("actstore")
 
@@ -206,6 +207,28 @@ def _copy_segment(seg: SegmentReader, out: SegmentWriter, fields: Any) -> int:
 
 def _copy_rows(seg: SegmentReader, src: SourceSegment, out: SegmentWriter, fields: Any) -> int:
     rows = seg.info.rows
+    before = out.rows
+    whole = all(plain(f) for f in fields.values())
+    size = 0
+    for _, keys, cols, row_bytes in read_blocks(seg, src, fields, whole=whole):
+        out.write(keys, cols, maps=whole, sources=src.streamed)
+        size = rows * row_bytes
+    if out.rows - before != rows:
+        raise AssertionError(f"{seg.path}: copied {out.rows - before} of its {rows} rows")
+    return size
+
+
+def read_blocks(seg: SegmentReader, src: SourceSegment, fields: Mapping[str, Field], *, whole: bool = False,
+                ) -> Iterator[tuple[int, np.ndarray, dict[str, Any], int]]:
+    """The rows of ``seg`` in storage form, from its checked files: ``(first row, keys, columns, row bytes)`` per block.
+
+    Columns are what :meth:`SegmentWriter.write` takes (a ragged field's ``(values,
+    lengths)``, a quantised field's codes and ``name + "/scales"`` as stored: never
+    re-quantised), views of the checked maps (compressed arrays decoded).  Blocks
+    hold about :data:`COPY_BYTES` (``whole``: one block).  Never copies, except
+    decoding.  The caller finishes ``src`` before it publishes anything.
+    """
+    rows = seg.info.rows
     row_bytes = 32 + sum(f.row_bytes for f in fields.values())  # (stored bytes: a quantised field's codes)
     ragged: dict[str, tuple[Any, np.ndarray]] = {}
     arrays: dict[str, Any] = {}
@@ -229,8 +252,6 @@ def _copy_rows(seg: SegmentReader, src: SourceSegment, out: SegmentWriter, field
     if ragged:  # a block also holds each row's values: size blocks by the average row
         row_bytes += sum(int(fields[n].row_bytes * (int(o[-1]) / max(rows, 1))) for n, (_, o) in ragged.items())
     keys = src.array("keys", "keys", rows, (KEY_BYTES,), INTERNAL_DTYPES["uint8"])
-    before = out.rows
-    whole = all(plain(f) for f in fields.values())
     block = max(rows, 1) if whole else max(1, COPY_BYTES // max(row_bytes, 1))
     for a in range(0, rows, block):
         b = min(rows, a + block)
@@ -245,10 +266,7 @@ def _copy_rows(seg: SegmentReader, src: SourceSegment, out: SegmentWriter, field
                 cols[name] = _rows(arrays[name], a, b)
             if f.quantize is not None:  # codes and scales copied as stored: never re-quantised
                 cols[name + "/scales"] = arrays[name + "/scales"][lo:hi]
-        out.write(keys[a:b], cols, maps=whole, sources=src.streamed)
-    if out.rows - before != rows:
-        raise AssertionError(f"{seg.path}: copied {out.rows - before} of its {rows} rows")
-    return rows * row_bytes
+        yield a, keys[a:b], cols, row_bytes
 
 
 def _rows(array: Any, start: int, stop: int) -> np.ndarray:

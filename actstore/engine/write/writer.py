@@ -26,8 +26,14 @@ import numpy as np
 import torch
 
 from actstore.engine.commit import Change, Head, check_views, commit, ids
-from actstore.engine.lifecycle.compaction import CompactReport, TieredMerge, compact_snapshot
-from actstore.engine.read.snapshot import Snapshot, key_prefixes
+from actstore.engine.lifecycle.compaction import (
+    CompactReport,
+    SourceSegment,
+    TieredMerge,
+    compact_snapshot,
+    read_blocks,
+)
+from actstore.engine.read.snapshot import SegmentReader, Snapshot, key_prefixes
 from actstore.engine.write.keyset import KeySet
 from actstore.engine.write.segments import SegmentWriter
 from actstore.engine.write.validate import validate_batch
@@ -321,7 +327,7 @@ class StoreWriter:
         seen = KeySet()
         linked: list[tuple[SegmentInfo, np.ndarray]] = []
         for src in sources:
-            for seg, start in zip(src.snapshot.segments, src.snapshot.starts_list, strict=False):
+            for seg in src.snapshot.segments:
                 if seg.info.id in have:
                     continue
                 have.add(seg.info.id)
@@ -330,21 +336,28 @@ class StoreWriter:
                 if len(seen):
                     new &= ~seen.contains(keys)
                 seen.add(keys[new])
-                if not new.any():
-                    continue
-                files = _checked_files(seg)  # every byte that goes into this store matches its commit
-                if new.all():
-                    link_object(seg.path, os.path.join(self.path, SEGMENTS_DIR, seg.info.id), files, copy=copy)
+                if new.all():  # every byte that goes into this store matches its commit
+                    link_object(seg.path, os.path.join(self.path, SEGMENTS_DIR, seg.info.id), _checked_files(seg),
+                                copy=copy)
                     linked.append((seg.info, key_prefixes(keys)))
-                else:
-                    rows = start + np.flatnonzero(new)
-                    # float32 reads of quantised fields re-quantise to the same codes (scales to within an ulp);
-                    # other floating fields go through float32 and back exactly.
-                    wide = torch.float32 if any(f.quantize for f in self.fields.values()) else None
-                    for a in range(0, len(rows), 4096):
-                        part = rows[a : a + 4096]
-                        self.append(src.key_at(part), src.gather(part, dtype=wide), True)
+                elif new.any():
+                    self._append_rows_of(seg, new)
         return linked
+
+    def _append_rows_of(self, seg: SegmentReader, new: np.ndarray) -> None:
+        """Append the rows ``new`` selects of source segment ``seg`` as stored (a quantised field's codes and scales
+        too), read from its files, each checked against its commit before this returns."""
+        if self.segment is None:
+            self.segment = SegmentWriter(self.path, self.fields, self.manifest.chunk_bytes)
+        src = SourceSegment(seg, self.fields)
+        try:
+            for a, keys, cols, _ in read_blocks(seg, src, self.fields):
+                keep = new[a : a + len(keys)]
+                if keep.any():
+                    self.segment.write(np.ascontiguousarray(keys[keep]), _select(cols, keep, self.fields))
+            src.finish()
+        finally:
+            src.close()
 
     # -- the lock --------------------------------------------------------------------
     def release(self) -> None:
