@@ -47,7 +47,9 @@ def test_changed_truncation_recomputes_the_changed_rows(tmp_path: Any) -> None:
     actstore.precompute(model, data, p4, layers=LAYER, collate_fn=c4, batch_size=8, progress=False)
     rows4 = len(first)
     changed = len({tuple(s[:8]) for s in data if len(s) > 4})
-    second = actstore.precompute(model, data, path, layers=LAYER, collate_fn=c8, batch_size=8, progress=False)
+    # reclaim=False keeps the 4-token rows, so the count shows what was computed (the default drops them: test_reclaim)
+    second = actstore.precompute(model, data, path, layers=LAYER, collate_fn=c8, batch_size=8, progress=False,
+                                 reclaim=False)
     assert len(second) == rows4 + changed  # the rows of samples longer than 4 tokens, and only those, recomputed
     ds = CachedDataset(data, path, collate_fn=c8)
     assert ds.key_scheme == "inputs" and ds.check_mode == "all" and ds.checked == len(data)
@@ -75,7 +77,7 @@ def test_sentence_transformer_max_seq_length(tmp_path: Any) -> None:
     with pytest.raises(DatasetMismatchError, match="changed since precompute"):
         CachedDataset(texts, tmp_path / "s", collate_fn=model.preprocess)
     store = actstore.precompute(model, texts, tmp_path / "s", layers=layer, collate_fn=model.preprocess,
-                                progress=False)
+                                progress=False, reclaim=False)  # (keeps the 6-token rows: the count shows the work)
     assert len(store) == 4 + 3  # "short" fits in 6 tokens: its row is kept
     ds = CachedDataset(texts, tmp_path / "s", collate_fn=model.preprocess)
     batch = {k: v for k, v in model.preprocess(texts).items() if isinstance(v, torch.Tensor)}
@@ -108,7 +110,8 @@ def test_a_file_edited_in_place_is_recomputed_and_never_served_stale(tmp_path: A
     np.save(paths[3], np.full(6, 7.0, np.float32))  # the same path, other bytes
     with pytest.raises(DatasetMismatchError, match=r"dataset\[3\]'s model input"):
         CachedDataset(paths, path, collate_fn=load_files)
-    store = actstore.precompute(model, paths, path, layers="1", collate_fn=load_files, progress=False)
+    store = actstore.precompute(model, paths, path, layers="1", collate_fn=load_files, progress=False,
+                                reclaim=False)  # (keeps the old row: the count shows the work)
     assert len(store) == 11  # that row, and only it, computed again
     ds = CachedDataset(paths, path, collate_fn=load_files)
     with torch.no_grad():

@@ -292,11 +292,11 @@ def test_store_of_a_task_model_opens_with_its_frozen_part(tmp_path: Any, directi
     else:
         model, layers, check = classifier.bert, "encoder.layer.1", classifier
     precompute(model, seqs, tmp_path / "s", layers=layers, collate_fn=pad_collate, progress=False)
-    ds = actstore.CachedDataset(seqs, tmp_path / "s", model=check)
+    ds = actstore.CachedDataset(seqs, tmp_path / "s", model=check, collate_fn=pad_collate)
     assert len(ds) == len(seqs)
     bump(classifier.bert.encoder.layer[0])
     with pytest.raises(StaleStoreError):
-        actstore.CachedDataset(seqs, tmp_path / "s", model=check)
+        actstore.CachedDataset(seqs, tmp_path / "s", model=check, collate_fn=pad_collate)
 
 
 # -- the stored path: precompute and RecycledEncoder refuse what a store cannot give back --------------------------

@@ -310,11 +310,17 @@ def _layers(model: nn.Module, layers: Any) -> tuple[list[str], dict[str, str]]:
         wanted = [(x, None) for x in layers]
     resolved: list[str] = []
     names: dict[str, str] = {}
+    asked: dict[str, Any] = {}
     for written, f in wanted:
         for canonical in resolve_layers(model, written):
+            name = f or field_name(written if isinstance(written, str) else canonical)
             if canonical not in names:
                 resolved.append(canonical)
-                names[canonical] = f or field_name(written if isinstance(written, str) else canonical)
+                names[canonical], asked[canonical] = name, written
+            elif names[canonical] != name:  # two names of one module (an alias): one forward output, two fields?
+                raise ValueError(
+                    f"layers: {asked[canonical]!r} and {written!r} are two names of one module (registered as "
+                    f"{canonical!r}), asked for as two fields ({names[canonical]!r} and {name!r}); ask for it once")
     if not resolved:
         resolve_layers(model, [])  # raises: no layer
     return resolved, names

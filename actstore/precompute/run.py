@@ -77,6 +77,8 @@ class Run:
         self.pool: list[tuple[int, np.ndarray, Any, Any, int]] = []  # (schedule id, key, input, side, position)
         self.seen = 0
         self.signature: tuple[str, int] | None = None  # (the collated batches' structure, where first seen)
+        self._groups = 0  # the workers' first batches seen so far, and the first one's keys (_check_sharding)
+        self._first_keys: set[bytes] | None = None
 
     # -- the run ------------------------------------------------------------------------
     def run(self) -> ActivationStore:
@@ -170,6 +172,7 @@ class Run:
             raise TypeError(f"dataset[{pos0}]: the item is a {g.item_type.__name__}, but the items before it are "
                             f"{self.item_type.__name__}: a dataset's items must all have one type")
         self.seen += n
+        self._check_sharding(g)
         if self.item is None:
             self._init_structure(g)
         self.positions.add(g.keys, g.sides, range(pos0, pos0 + n))
@@ -183,6 +186,32 @@ class Run:
         batch_size = self.cfg.execution.batch_size
         while len(self.pool) >= batch_size:
             self._flush(batch_size)
+
+    def _check_sharding(self, g: Group) -> None:
+        """Warn when every DataLoader worker reads the same items of an IterableDataset (it does not shard itself).
+
+        The loader takes one batch from each worker in turn, so with ``W``
+        workers the first ``W`` batches are each worker's first: when they hold
+        the same keys, each worker read the dataset from the start.  actstore
+        never shards a dataset on its own (one that shards itself would lose
+        items); the repeats are computed once, but the ``"dataset"`` view is ``W``
+        times as long.
+        """
+        workers = self.cfg.execution.num_workers
+        if workers < 2 or self.map_style or self._groups >= workers:
+            return
+        self._groups += 1
+        keys = {bytes(k) for k in g.keys}
+        if self._first_keys is None:
+            self._first_keys = keys
+        elif keys and keys == self._first_keys:
+            self._groups = workers  # warned once
+            warnings.warn(
+                f"dataset: the {workers} DataLoader workers each read the same items of the IterableDataset "
+                f"{type(self.dataset).__name__}, from its start: it does not shard itself across workers. Split its "
+                "items in __iter__ with torch.utils.data.get_worker_info() (id, num_workers), or use num_workers=1; "
+                "actstore never shards a dataset on its own. Every item is computed once, but the 'dataset' view "
+                "lists each item once per worker", RuntimeWarning, stacklevel=4)
 
     def _flush(self, n: int) -> None:
         part, self.pool = self.pool[:n], self.pool[n:]

@@ -14,8 +14,16 @@ just before it maps a file:
    are checked against that record, and it is renamed into place — a reader
    never maps a partial or wrong file.  One download per file at a time across
    the processes sharing the cache (an ``flock`` per file).
-3. With ``cache_bytes`` set, segment data files are evicted least recently used
-   (by mtime, refreshed on each use) once the cache holds more.  Unlinking a
+3. A file is trusted only with a **verified marker**: written after a checked
+   download (or after hashing a file found in the cache without one, such as
+   a writer's staged files), it holds the BLAKE3 the file was checked against
+   and the file's size, inode, mtime and ctime then.  A file whose marker is
+   missing, names another checksum, or whose size, inode, mtime or ctime
+   changed since is hashed again, and fetched again on a mismatch.  So each
+   cached file is hashed once, not once per process or DataLoader worker; a
+   later use costs one ``stat`` and one small read.
+4. With ``cache_bytes`` set, segment data files are evicted least recently used
+   (by their marker's mtime, refreshed on each use) once the cache holds more.  Unlinking a
    mapped file is safe on POSIX; the evicting process also drops its own maps
    of it so that they do not pin the disk space, and maps other processes hold
    keep their space until those processes drop them.
@@ -26,6 +34,7 @@ Layout of a cache directory::
     <cache_dir>/store/                the mirror
     <cache_dir>/tmp/                  downloads in progress
     <cache_dir>/locks/                one lock file per file being downloaded
+    <cache_dir>/verified/             one marker per checked file (JSON)
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ log = logging.getLogger("actstore")
 MARKER = "actstore-cache.json"
 #: Stale downloads (of killed processes) older than this are deleted on open.
 STALE_TMP_SECONDS = 3600.0
+_SUBDIRS = ("store", "tmp", "locks", "verified")
 
 
 def default_cache_dir(objects: ObjectStore) -> str:
@@ -80,6 +90,7 @@ class ChunkCache:
         self.cache_bytes = cache_bytes
         self._records: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         self._known: dict[str, int] = {}  # segment data file -> size (evictable)
+        self._trusted: dict[str, Any] = {}  # file -> (its stat, checksum) when this process last found it sound
         self._scanned = False
         self._downloads = 0
         self._mutex = threading.Lock()
@@ -97,7 +108,7 @@ class ChunkCache:
             with open(marker) as f:
                 have = json.load(f)
         except FileNotFoundError:
-            if set(os.listdir(self.dir)) - {MARKER, "store", "tmp", "locks"}:
+            if set(os.listdir(self.dir)) - {MARKER, *_SUBDIRS}:
                 raise StoreError(f"cache_dir {self.dir}: not empty and not an actstore cache; pick an empty or new "
                                  "directory") from None
             tmp = f"{marker}.{uuid.uuid4().hex}"
@@ -110,7 +121,7 @@ class ChunkCache:
         if have.get("url") != want["url"]:
             raise StoreError(f"cache_dir {self.dir}: holds the cache of another store ({have.get('url')}); "
                              f"use another cache_dir for {self.objects.url}")
-        for sub in ("store", "tmp", "locks"):
+        for sub in _SUBDIRS:
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
         for sub in (SEGMENTS_DIR, INDEXES_DIR, VIEWS_DIR):
             d = os.path.join(self.root, sub)
@@ -140,6 +151,8 @@ class ChunkCache:
                     os.unlink(p)
         self._records.clear()
         self._known.clear()
+        self._trusted.clear()
+        shutil.rmtree(os.path.join(self.dir, "verified"), ignore_errors=True)  # (markers of the files gone)
         self._prepare()
 
     # -- objects and files -------------------------------------------------------------
@@ -193,7 +206,7 @@ class ChunkCache:
     def _ensure_file(self, obj: str, name: str, rec: dict[str, Any], fresh: bool) -> int:
         path = self.path(obj, name)
         evictable = obj.startswith(SEGMENTS_DIR + "/") and not name.endswith("zarr.json")
-        if not fresh and _size(path) == rec["size"]:
+        if not fresh and self.trusted(path, rec):
             if evictable:
                 self._touch(path, rec["size"])
             return 0
@@ -205,11 +218,11 @@ class ChunkCache:
                     ev = self._inflight[path] = threading.Event()
                     break
             ev.wait()
-            if not fresh and _size(path) == rec["size"]:
+            if not fresh and self.trusted(path, rec):
                 return 0
         try:
             with self._file_lock(path):
-                if not fresh and _size(path) == rec["size"]:
+                if not fresh and self.trusted(path, rec):
                     return 0
                 n = self._download(obj, name, rec, path)
         finally:
@@ -220,6 +233,77 @@ class ChunkCache:
             self._touch(path, rec["size"])
             self._after_download(path)
         return n
+
+    # -- verified markers --------------------------------------------------------------------
+    def _marker(self, path: str) -> str:
+        return os.path.join(self.dir, "verified", checksum(os.path.relpath(path, self.root).encode())[:32])
+
+    def trusted(self, path: str, rec: dict[str, Any]) -> bool:
+        """True when the cached file at ``path`` holds the bytes ``rec`` records (see the module docstring, 3.).
+
+        Cheap when its marker says it was checked against ``rec``'s BLAKE3 and
+        the file has not changed since (one ``stat``, one small read); otherwise
+        the file is hashed now, and marked when it matches.  False: the file is
+        missing or differs (the caller fetches it again).
+        """
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        if st.st_size != rec["size"]:
+            return False
+        seen = (_stat_key(st), rec["blake3"])
+        if self._trusted.get(path) == seen:  # checked by this process, unchanged since
+            return True
+        try:
+            with open(self._marker(path), "rb") as f:
+                mark = json.loads(f.read(4096))
+            if mark == _mark(path, self.root, rec, st):
+                self._trusted[path] = seen
+                return True
+        except (OSError, ValueError):
+            pass
+        try:
+            with open(path, "rb") as f:  # mark the file only if it did not change while it was hashed
+                before = os.fstat(f.fileno())
+                ok = hash_file(path, rec["size"]) == rec["blake3"]
+                after = os.fstat(f.fileno())
+        except OSError:
+            return False
+        if not ok:
+            log.warning("%s: the cached copy differs from the commit; fetching it again", path)
+            return False
+        if _stat_key(before) == _stat_key(after) == _stat_key(st):
+            self._write_marker(path, rec, after)
+            self._trusted[path] = seen
+        return True
+
+    def _write_marker(self, path: str, rec: dict[str, Any], st: os.stat_result) -> None:
+        with contextlib.suppress(OSError):  # an optimisation: without a marker the file is hashed again
+            atomic_write(self._marker(path), json.dumps(_mark(path, self.root, rec, st)).encode(), durable=False,
+                         tmp=self._tmp())
+
+    def check_cached(self, obj: str, meta: str, name: str) -> str | None:
+        """``verify``: hash the cached copy of a file, whatever its marker says; a problem, or None when the copy is
+        absent or sound.  A damaged copy loses its marker, and this process's maps of it are dropped."""
+        rec = self.records(obj, meta).get(name)
+        path = self.path(obj, name)
+        if rec is None or not os.path.exists(path):
+            return None
+        self._trusted.pop(path, None)
+        with contextlib.suppress(OSError):
+            os.unlink(self._marker(path))
+        try:
+            size = os.stat(path).st_size
+            if size == rec["size"] and hash_file(path, size) == rec["blake3"]:
+                return None
+        except OSError:
+            pass
+        for cb in list(self.on_evict):
+            with contextlib.suppress(Exception):
+                cb(path)
+        return (f"{path}: the cached copy of {self.objects.where(obj)}/{name} differs from the commit (fetched again; "
+                "tensors read from it before may hold wrong values: open the store again)")
 
     def _download(self, obj: str, name: str, rec: dict[str, Any], path: str) -> int:
         rel = f"{obj}/{name}"
@@ -238,7 +322,11 @@ class ChunkCache:
                 raise CorruptStoreError(f"{self.objects.where(rel)}: checksum mismatch (the remote bytes differ "
                                         "from the commit)")
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            before = os.stat(tmp)
             os.replace(tmp, path)
+            after = os.stat(path)
+            if (before.st_ino, before.st_size, before.st_mtime_ns) == (after.st_ino, after.st_size, after.st_mtime_ns):
+                self._write_marker(path, rec, after)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -261,9 +349,9 @@ class ChunkCache:
     def _touch(self, path: str, size: int) -> None:
         with self._mutex:
             self._known[path] = size
-        if self.cache_bytes is not None:
+        if self.cache_bytes is not None:  # the marker's mtime: the data file's is part of what the marker checks
             with contextlib.suppress(OSError):
-                os.utime(path)
+                os.utime(self._marker(path))
 
     def _after_download(self, keep: str) -> None:
         if self.cache_bytes is None:
@@ -304,7 +392,10 @@ class ChunkCache:
         ages = []
         for p in candidates:
             with contextlib.suppress(OSError):
-                ages.append((os.lstat(p).st_mtime, p))
+                try:
+                    ages.append((os.lstat(self._marker(p)).st_mtime, p))
+                except FileNotFoundError:
+                    ages.append((os.lstat(p).st_mtime, p))
         ages.sort()
         evicted = []
         for _, p in ages:
@@ -312,6 +403,8 @@ class ChunkCache:
                 break
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._marker(p))
             with self._mutex:
                 total -= self._known.pop(p, 0)
             evicted.append(p)
@@ -341,6 +434,18 @@ class ChunkCache:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What a change of a file's bytes changes: device, inode, size, mtime and ctime."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _mark(path: str, root: str, rec: dict[str, Any], st: os.stat_result) -> dict[str, Any]:
+    """A verified marker's content: the file, the checksum it was checked against, and its state then."""
+    dev, ino, size, mtime, ctime = _stat_key(st)
+    return {"file": os.path.relpath(path, root).replace(os.sep, "/"), "blake3": rec["blake3"], "size": size,
+            "dev": dev, "ino": ino, "mtime_ns": mtime, "ctime_ns": ctime}
 
 
 def _size(path: str) -> int:

@@ -28,7 +28,7 @@ from actstore.storage import files as fsio
 from actstore.storage.base import OBJECT_DIRS, Backend
 from actstore.storage.checksum import checksum
 
-__all__ = ["LocalBackend", "StoreLock", "dir_size", "link_object"]
+__all__ = ["LocalBackend", "StoreLock", "dir_size", "forked_message", "link_object"]
 
 
 class LocalBackend(Backend):
@@ -37,6 +37,7 @@ class LocalBackend(Backend):
     def __init__(self, root: str) -> None:
         self.root = root
         self.url = root
+        self._lock: StoreLock | None = None  # the writer lock this backend's writer took (publish checks it)
 
     def read_manifest(self) -> tuple[bytes, str]:
         data = fsio.read_document(os.path.join(self.root, "zarr.json"))  # regular file, no link, bounded
@@ -46,7 +47,10 @@ class LocalBackend(Backend):
         return os.path.exists(os.path.join(self.root, "zarr.json"))
 
     def publish(self, data: bytes, expected: str | None, new_objects: Sequence[str]) -> str:
-        # The objects are durable already (the engine fsyncs each as it finishes it).
+        # The objects are durable already (the engine fsyncs each as it finishes it).  The check and the rename
+        # below happen under the writer's flock, which this process must hold (a forked child holds none).
+        if self._lock is not None:
+            self._lock.check()
         try:
             _, token = self.read_manifest()
         except FileNotFoundError:
@@ -98,7 +102,8 @@ class LocalBackend(Backend):
         return removed
 
     def lock(self) -> StoreLock:
-        return StoreLock(self.root)
+        self._lock = StoreLock(self.root)
+        return self._lock
 
     def size(self) -> int:
         return dir_size(self.root)
@@ -189,12 +194,28 @@ class StoreLock:
                 ) from e
             raise
         self.fd: int | None = fd
+        self.root = root
         self.pid = os.getpid()
         _HELD.add(self)
         self._write({"writer": {"pid": self.pid, "host": socket.gethostname(), "since": time.time()}})
 
     def check(self) -> None:
-        """An ``flock`` cannot be lost while its holder lives."""
+        """Raise :class:`StoreLockedError` unless this process holds the lock now (right before a publish).
+
+        An ``flock`` cannot be lost while its holder lives, but a process forked
+        from the holder has no lock (its copy of the descriptor was closed at
+        ``fork``): only the process that took the lock passes, and only while
+        its descriptor still holds it.
+        """
+        pid = os.getpid()
+        if self.fd is None or pid != self.pid:
+            raise StoreLockedError(forked_message(self.root, self.pid, pid) if pid != self.pid else
+                                   f"{self.root}: this writer released its lock; open the store again with mode='a'")
+        try:  # taking a lock this open file already holds is a no-op; it fails if it holds none
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise StoreLockedError(f"{self.root}: this writer does not hold the store's lock ({e}); open the store "
+                                   "again with mode='a'") from e
 
     def finalize(self) -> None:
         self.release()
@@ -217,6 +238,13 @@ class StoreLock:
                     fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def forked_message(root: str, owner: int, pid: int) -> str:
+    """Why a writer refuses to write in process ``pid``, opened in process ``owner``."""
+    return (f"{root}: this store was opened for writing in process {owner}, and this is process {pid} (a forked "
+            "child, such as a DataLoader worker): a forked process holds no lock on the store, so it cannot append "
+            "or commit — open the store in this process (actstore.open(path, mode='a')), or write from the parent")
 
 
 #: Locks held by this process, so that a forked child can drop its copies.

@@ -260,7 +260,9 @@ class ObjectBackend(Backend):
         """Download every file of ``manifest`` again, checked; yields (the directory holding them, problems).
 
         Reads every remote byte (into the cache; with ``cache_dir=False`` into a
-        temporary directory).
+        temporary directory).  The cached copy of each file is hashed first: a
+        copy that differs from its commit is a problem (this handle may have
+        read it), and is replaced by the fresh download.
         """
         cache, tmp = (self.cache, None) if not self.lazy else make_cache(self.objects, False, None)
         problems: list[str] = []
@@ -275,6 +277,9 @@ class ObjectBackend(Backend):
                         os.unlink(cache.path(obj, "zarr.json"))  # check the remote copy of the metadata too
                     for name in sorted(cache.records(obj, meta)):
                         try:
+                            damaged = cache.check_cached(obj, meta, name)  # the copy this handle may have read
+                            if damaged is not None:
+                                problems.append(damaged)
                             cache.ensure(obj, meta, [name], fresh=True)
                         except CorruptStoreError as e:
                             problems.append(str(e))

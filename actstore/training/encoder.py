@@ -40,6 +40,7 @@ from actstore.training.checks import KEYS_ATTR, NO_COLLATE, store_scheme
 from actstore.training.collate import ActivationCollate
 from actstore.training.datasets import precompute_config
 from actstore.training.outputs import output_rows
+from actstore.training.worker_parts import WorkerPart, adopt_parts
 
 __all__ = ["RecycledEncoder", "output_rows"]
 
@@ -81,7 +82,6 @@ def _samples(inputs: Any) -> list[Any]:
         return list(inputs)
     raise TypeError(f"inputs: expected a list of samples, a tensor batch or a dict of batched tensors, "
                     f"got {type(inputs).__name__}")
-
 
 
 # -- the encoder -----------------------------------------------------------------------------
@@ -185,6 +185,7 @@ class RecycledEncoder(nn.Module):
         self._pending: dict[bytes, dict[str, torch.Tensor]] = {}
         self._fingerprint: str | None = None
         self._create_fields = dict(fields) if isinstance(fields, Mapping) else None
+        self._owner = os.getpid()  # the process that may write to the store; workers write parts (worker_parts.py)
         self.hits = 0
         self.misses = 0
         self._store: ActivationStore | None
@@ -219,6 +220,9 @@ class RecycledEncoder(nn.Module):
                 )
         else:
             self.names = list(self._create_fields or ([fields] if isinstance(fields, str) else fields or ["activations"]))
+        self._part = WorkerPart(self.path)
+        if self.append:
+            self._adopt_parts()  # rows a run's workers computed and nobody adopted
 
     # -- statistics -----------------------------------------------------------------------
     @property
@@ -334,22 +338,27 @@ class RecycledEncoder(nn.Module):
             return self.frozen(batch)
 
     def _append(self, karr: np.ndarray, produced: dict[str, list[torch.Tensor]], ragged: dict[str, bool]) -> None:
-        if self._store is None:
-            fields = self._create_fields or {
-                name: Field(((None,) + tuple(rows[0].shape[1:])) if ragged[name] else tuple(rows[0].shape),
-                            self.store_dtype or dtype_name(rows[0].dtype))
-                for name, rows in produced.items()
-            }
-            fp = self._model_fingerprint() if isinstance(self.frozen, nn.Module) else None
-            made = {"layers": list(fields), "keys": self.key_scheme,
-                    "collate_fn": qualname(self.collate_fn) if self.collate_fn is not None else NO_COLLATE}
-            self._store = create(self.path, fields, fingerprint=fp, exist_ok=True, attrs={KEYS_ATTR: made})
-        store = self._store
-        values = {name: rows if store.fields[name].ragged else torch.stack(rows) for name, rows in produced.items()}
-        store.append(karr, values)
+        fields = self._store.fields if self._store is not None else self._create_fields or {
+            name: Field(((None,) + tuple(rows[0].shape[1:])) if ragged[name] else tuple(rows[0].shape),
+                        self.store_dtype or dtype_name(rows[0].dtype))
+            for name, rows in produced.items()
+        }
+        values = {name: rows if fields[name].ragged else torch.stack(rows) for name, rows in produced.items()}
+        fp = self._model_fingerprint() if isinstance(self.frozen, nn.Module) else None
+        made = {"layers": list(fields), "keys": self.key_scheme,
+                "collate_fn": qualname(self.collate_fn) if self.collate_fn is not None else NO_COLLATE}
+        main, attrs, worker = self._store, {KEYS_ATTR: made}, os.getpid() != self._owner
+        if worker:  # a DataLoader worker: into its own part, which the owner adopts (worker_parts.py)
+            if self._part.append(karr, values, fields, main.fingerprint if main else fp, main.attrs if main else attrs,
+                                 self.commit_every_rows):
+                self._pending.clear()  # committed to the part (a key met again is computed again, stored once)
+        else:
+            if main is None:
+                main = self._store = create(self.path, dict(fields), fingerprint=fp, exist_ok=True, attrs=attrs)
+            main.append(karr, values)
         for i, k in enumerate(karr):
             self._pending[bytes(k)] = {name: produced[name][i] for name in self.names}
-        if store.pending >= self.commit_every_rows:
+        if not worker and main is not None and main.pending >= self.commit_every_rows:
             self.commit()
 
     def _field(self, name: str, extra: Mapping[int, torch.Tensor]) -> Field:
@@ -384,19 +393,39 @@ class RecycledEncoder(nn.Module):
         return out
 
     def commit(self) -> int | None:
-        """Commit appended rows (they become visible to readers).  Returns the generation."""
-        if self._store is None or self._store.mode != "a":
-            return None
-        gen = self._store.commit()
+        """Commit appended rows and adopt finished DataLoader workers' parts (a worker commits its part)."""
+        if os.getpid() != self._owner:
+            self._pending.clear()
+            return self._part.commit()
+        if self._store is not None and self._store.mode == "a":
+            self._store.commit()
+        self._adopt_parts()
         self._pending.clear()
-        return gen
+        return self._store.generation if self._store is not None and self._store.mode == "a" else None
+
+    def _adopt_parts(self) -> None:
+        if self.append and (self._store is None or self._store.mode == "a"):
+            self._store = adopt_parts(self.path, self._store)
 
     def close(self) -> None:
-        """Commit appended rows and close the store (idempotent)."""
+        """Commit appended rows (adopting the workers' parts) and close the store (idempotent)."""
+        if os.getpid() != self._owner:
+            self._part.close()
+        elif self.append:
+            self.commit()
         if self._store is not None:
-            if self._store.mode == "a":
-                self.commit()
             self._store.close()
+
+    def __getstate__(self) -> dict[str, Any]:  # (spawned workers: a writable store travels as its path)
+        state = {**super().__getstate__(), "_pending": {}, "_part": WorkerPart(self.path)}
+        if self._store is not None and self._store.mode == "a":
+            state["_store"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self._store is None and os.path.exists(os.path.join(self.path, "zarr.json")):
+            self._store = open_store(self.path)
 
     def __enter__(self) -> RecycledEncoder:
         return self

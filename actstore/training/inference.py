@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from actstore.deprecation import renamed_arguments
+from actstore.engine.lifecycle.storeops import delete_store
 from actstore.errors import StaleStoreError
 from actstore.format.fields import Field
 from actstore.models.blocks import Head
 from actstore.models.fingerprint import fingerprint_matches, frozen_fingerprint
+from actstore.storage.objects import is_url
 from actstore.store import ActivationStore, create
 from actstore.store import open as open_store
 from actstore.training.collate import ActivationCollate, PaddedBatch
@@ -174,7 +176,9 @@ def infer(head: nn.Module, store: ActivationStore | str | os.PathLike[str], fiel
     check_fingerprint : bool
         Refuse a store that ``frozen`` did not compute (default).
     overwrite : bool
-        Replace a store already at ``out``.
+        Replace a store already at ``out``.  Only an actstore store (or an
+        empty directory) is deleted; a directory holding anything else raises
+        :class:`~actstore.StoreExistsError` naming it, and nothing is deleted.
 
     Returns
     -------
@@ -251,9 +255,7 @@ def _create_out(out: str | os.PathLike[str], src: ActivationStore, name: str, ou
     if token_level:
         shape = (None, *shape[1:])
     dt = store_dtype or str(sample.dtype).removeprefix("torch.")
-    if overwrite and os.path.exists(out):
-        import shutil
-
-        shutil.rmtree(out)
+    if overwrite and not is_url(os.fspath(out)):
+        delete_store(os.fspath(out), missing_ok=True)  # only a store (or an empty directory): else an error
     attrs = {"inference": {"source": str(src.path), "input_field": name, "source_fingerprint": src.fingerprint}}
     return create(out, {out_field: Field(shape, dt)}, attrs=attrs)

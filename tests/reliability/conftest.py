@@ -76,8 +76,14 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         plain = ", ".join(f"{k[12:].replace('_', ' ')} {v}" for k, v in c.items() if k.startswith("plain_reads_"))
         tr.write_line(f"{'  reads without verify_reads':<34} {plain}")
     line("injected I/O faults survived", "faults", "faults_survived", "(ENOSPC/EIO, store intact)")
+    line("damage kept through compact()", "compactions_of_damaged_stores", "damage_reported_after_compaction",
+         f"(compact refused {c.get('compactions_refused', 0)}; verify still names every one)")
+    line("cached-file corruptions caught", "cache_corruptions", "cache_corruptions_caught",
+         "(remote store: exact values, verify clean)")
     line("concurrent reader iterations ok", "reader_iterations", "reader_iterations")
-    for k in ("fuzz_examples", "atheris_runs", "api_cases", "writer_commits", "rows_checked", "crash_children"):
+    for k in ("automatic_merges_over_damage", "forked_writes_refused", "spawned_writes_refused", "encoder_worker_runs",
+              "encoder_misses_stored_once", "fuzz_examples", "atheris_runs", "api_cases", "writer_commits",
+              "rows_checked", "crash_children"):
         if c.get(k):
             tr.write_line(f"{k.replace('_', ' '):<34} {c[k]:>6}")
     # Every check above fails its test on the first lost row or wrong value: zero failed tests, zero losses.

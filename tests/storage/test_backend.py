@@ -19,7 +19,7 @@ from actstore.engine.write.segments import write_object
 from actstore.errors import StoreExistsError, StoreLockedError
 from actstore.format.fields import Field
 from actstore.format.layout import INDEXES_DIR, VIEWS_DIR
-from actstore.format.manifest import IndexRunInfo, Manifest, root_document
+from actstore.format.manifest import IndexRunInfo, Manifest, ViewInfo, root_document
 from actstore.storage.base import Backend, objects_of, remove_unreferenced
 from actstore.storage.local import LocalBackend
 from actstore.storage.object_backend import ObjectBackend
@@ -31,7 +31,7 @@ def manifest(generation: int = 0, indexes: tuple[IndexRunInfo, ...] = (),
              views: dict[str, IndexRunInfo] | None = None) -> Manifest:
     return Manifest(fields={"h": Field((2,), "float32")}, fingerprint=None, attrs={"g": generation},
                     created="2026-01-01T00:00:00+00:00", chunk_bytes=64, generation=generation, indexes=indexes,
-                    views=views or {})
+                    views={k: ViewInfo(v.id, v.rows, v.meta) for k, v in (views or {}).items()})
 
 
 def an_object(backend: Backend, directory: str, rows: np.ndarray) -> IndexRunInfo:

@@ -30,12 +30,13 @@ from typing import Any
 import numpy as np
 
 from actstore.engine.commit import Change, Head, Reclaim, commit
-from actstore.engine.lifecycle.compaction import COPY_BYTES, CompactReport
+from actstore.engine.lifecycle.compaction import COPY_BYTES, CompactReport, SourceSegment
 from actstore.engine.read.maps import map_view
 from actstore.engine.read.snapshot import SegmentReader, Snapshot, key_prefixes
 from actstore.engine.read.views import ViewColumns
 from actstore.engine.write.segments import PendingView, SegmentWriter
 from actstore.engine.write.validate import view_of
+from actstore.format.fields import Field
 from actstore.format.manifest import Manifest
 from actstore.storage.base import Backend, WriterLock
 
@@ -147,6 +148,16 @@ def with_columns(snap: Snapshot, views: Mapping[str, np.ndarray]) -> dict[str, P
     return out
 
 
+def check_source(seg: SegmentReader, fields: Mapping[str, Field]) -> None:
+    """Check every file of a source segment against the BLAKE3 its commit recorded (``CorruptStoreError`` naming
+    the segment and file): a reclaiming copy reads rows selectively, so it checks whole files first."""
+    src = SourceSegment(seg, fields)
+    try:
+        src.finish()
+    finally:
+        src.close()
+
+
 def reclaim_snapshot(backend: Backend, lock: WriterLock | None, head: Head, snap: Snapshot,
                      show: Callable[[Manifest], None], drop: np.ndarray) -> ReclaimReport:
     """Merge every segment of ``snap`` into one without the rows ``drop`` (checked row numbers), and commit.
@@ -165,6 +176,8 @@ def reclaim_snapshot(backend: Backend, lock: WriterLock | None, head: Head, snap
     try:
         for seg, start in zip(snap.segments, snap.starts_list, strict=False):  # (starts has one more)
             mask = keep[start : start + seg.info.rows]
+            if mask.any():
+                check_source(seg, snap.fields)  # every file against its commit before a byte of it is copied
             for name in values:
                 offsets = seg.ragged(name)[1]
                 values[name] += int(np.diff(offsets)[mask].sum())

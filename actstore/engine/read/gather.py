@@ -359,17 +359,19 @@ def gather_padded(
     return PaddedBatch(out, mask, lens)
 
 
-def gather_ragged(snap: Rows, name: str, field: Field, rows: np.ndarray) -> RaggedBatch:
+def gather_ragged(snap: Rows, name: str, field: Field, rows: np.ndarray, dtype: torch.dtype | None = None,
+                  ) -> RaggedBatch:
     """Gather a ragged field's rows (checked) back to back, as a :class:`RaggedBatch`.  Always copies, once.
 
-    Values come in the stored dtype (a quantised field's: its dtype, dequantised)."""
+    Values come in the stored dtype; a quantised field's are dequantised into
+    ``dtype`` (default: its dtype), rounded once from ``float32(code) × scale``."""
     seg_of, starts, lengths = _spans(snap, name, rows, None)
     out_offsets = np.zeros(len(rows) + 1, np.int64)
     np.cumsum(lengths, out=out_offsets[1:])
     groups = _ragged_groups(seg_of, starts, lengths)
     one = len(groups) == 1
     if field.quantize is not None:
-        deq = torch.empty((int(out_offsets[-1]), *field.inner_shape), dtype=field.spec.torch)
+        deq = torch.empty((int(out_offsets[-1]), *field.inner_shape), dtype=dtype or field.spec.torch)
         for s, pos, elements, within in groups:
             part = _dequantized_elements(snap, s, name, field, elements, deq.dtype)
             if one:
@@ -477,7 +479,7 @@ def gather_fields(snap: Rows, fields: Mapping[str, Field], names: list[str], row
     for name in names:
         f = fields[name]
         if f.ragged:
-            rb = gather_ragged(snap, name, f, rows)
+            rb = gather_ragged(snap, name, f, rows, dtype if f.quantize is not None else None)  # (rounded once)
             if dtype is not None and rb.values.is_floating_point() and rb.values.dtype != dtype:
                 rb = RaggedBatch(rb.values.to(dtype), rb.offsets)
             out[name] = rb

@@ -9,20 +9,19 @@ manifest that names them.
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import shutil
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import google_crc32c
 import numpy as np
 
 from actstore.engine.read.compressed import ChunkEncoder
-from actstore.engine.read.maps import map_range
 from actstore.engine.read.snapshot import key_prefixes
 from actstore.engine.write.keyset import KeySet
 from actstore.format.arrays import array_metadata, chunk_path, inner_rows_for, shard_layout
@@ -42,7 +41,7 @@ from actstore.format.layout import (
 )
 from actstore.format.manifest import KEY_BYTES, SEGMENT_ATTR, IndexRunInfo, SegmentInfo, ViewInfo, group_document
 from actstore.storage import files as fsio
-from actstore.storage.checksum import checksum, new_hasher
+from actstore.storage.checksum import CheckedFile, checksum, new_hasher
 
 __all__ = ["PendingView", "SegmentWriter", "ShardFile", "write_index_run", "write_object", "write_view"]
 
@@ -93,81 +92,75 @@ class ShardFile:
         self._hash = new_hasher()
         self._rel = chunk_path(len(inner_shape) + 1)
 
-    def write(self, rows: np.ndarray, hasher: ThreadPoolExecutor | None = None) -> int:
+    def write(self, rows: np.ndarray, hasher: ThreadPoolExecutor | None = None,
+              source: CheckedFile | None = None) -> int:
         """Append ``rows``; returns the bytes written.
 
         With ``hasher``, a large write is hashed there while this thread writes it
         (BLAKE3 and the copy into the page cache then use two cores); both are
         done when this returns, so the caller may reuse ``rows`` at once.
+        ``source``: ``rows`` are a range of that committed file's map (a
+        compaction), and are fed to its check on the way (:meth:`CheckedFile.consume`).
         """
         if not len(rows):
             return 0
         if self._file is None:
             os.makedirs(os.path.join(self.directory, os.path.dirname(self._rel)), exist_ok=True)
             self._file = open(os.path.join(self.directory, self._rel), "wb")  # noqa: SIM115
+        at = source.offset_of(rows) if source is not None else 0
         data = memoryview(np.ascontiguousarray(rows)).cast("B")  # type: ignore[arg-type]
         self.rows += len(rows)
         if self._encoder is not None:
+            if source is not None:
+                source.consume(at, data)
             return self._write_frames(self._encoder.feed(data))
+        feed = partial(self._feed, data, source, at)
         if hasher is not None and data.nbytes >= PARALLEL_HASH_BYTES:
-            hashed = hasher.submit(self._hash.update, data)
+            hashed = hasher.submit(feed)
             try:
                 self._file.write(data)
             finally:
                 hashed.result()
         else:
             self._file.write(data)
-            self._hash.update(data)
+            feed()
         return data.nbytes
 
-    def copy(self, rows: np.ndarray, hasher: ThreadPoolExecutor | None = None) -> int:
-        """Append ``rows``, a map of a committed file (:func:`~actstore.engine.read.snapshot.map_range`), by file range.
+    def _feed(self, data: memoryview, source: CheckedFile | None, at: int) -> None:
+        """Hash ``data`` into this file's checksum, and into its source's check (the same bytes) first."""
+        if source is not None:
+            source.consume(at, data)
+        self._hash.update(data)
+
+    def copy(self, rows: np.ndarray, source: CheckedFile, hasher: ThreadPoolExecutor | None = None) -> int:
+        """Append ``rows``, a range of committed file ``source``'s map, by file range; returns the bytes written.
 
         The kernel copies the range into this file (:func:`actstore.storage.files.copy_range`)
-        while ``hasher`` hashes the same range of the source file, mapped read-only
-        afresh (so the hash is of the bytes copied, even where this process wrote
-        into its private copy-on-write map).  Anything else — a compressed
-        array, a small or non-map array, a source that cannot be opened — is
-        written by :meth:`write`.  Returns the bytes written.
+        while ``hasher`` hashes the same bytes of ``source``'s read-only map, twice:
+        into ``source``'s check (compared with its record when the caller
+        finishes it, before anything is published) and into this file's
+        checksum.  A compressed array or a small range is written by :meth:`write`.
         """
-        where = map_range(rows) if self._encoder is None and rows.nbytes >= max(COPY_RANGE_BYTES, 1) else None
-        if where is None:
-            return self.write(rows, hasher)
-        path, offset = where
-        try:
-            src = os.open(path, os.O_RDONLY)
-        except OSError:
-            return self.write(rows, hasher)
-        try:
-            nbytes = rows.nbytes
-            if os.fstat(src).st_size < offset + nbytes:
-                return self.write(rows, hasher)
-            start = offset - offset % mmap.ALLOCATIONGRANULARITY
-            with mmap.mmap(src, offset + nbytes - start, access=mmap.ACCESS_READ, offset=start) as mm:
-                data = memoryview(mm)[offset - start :]
-                try:
-                    self._copy_hashed(src, offset, data, hasher)
-                finally:
-                    data.release()
-        finally:
-            os.close(src)
-        self.rows += len(rows)
-        return nbytes
-
-    def _copy_hashed(self, src: int, offset: int, data: memoryview, hasher: ThreadPoolExecutor | None) -> None:
+        if self._encoder is not None or rows.nbytes < max(COPY_RANGE_BYTES, 1) or source.fd is None:
+            return self.write(rows, hasher, source)
+        offset = source.offset_of(rows)
+        data = memoryview(rows).cast("B")  # type: ignore[arg-type]
         if self._file is None:
             os.makedirs(os.path.join(self.directory, os.path.dirname(self._rel)), exist_ok=True)
             self._file = open(os.path.join(self.directory, self._rel), "wb")  # noqa: SIM115
         self._file.flush()
-        hashed = hasher.submit(self._hash.update, data) if hasher is not None else None
+        feed = partial(self._feed, data, source, offset)
+        hashed = hasher.submit(feed) if hasher is not None else None
         try:
-            fsio.copy_range(src, self._file.fileno(), offset, len(data), data)
+            fsio.copy_range(source.fd, self._file.fileno(), offset, len(data), data)
         finally:
             if hashed is not None:
                 hashed.result()
             self._file.seek(0, os.SEEK_END)  # the buffered file learns the position the copy moved
         if hashed is None:
-            self._hash.update(data)
+            feed()
+        self.rows += len(rows)
+        return len(data)
 
     def _write_frames(self, frames: list[bytes]) -> int:
         for frame in frames:
@@ -269,14 +262,18 @@ class SegmentWriter:
                 self.arrays[name + "/offsets"].write(np.zeros(1, i64))
                 self.value_counts[name] = 0
 
-    def write(self, keys: np.ndarray, columns: Mapping[str, Any], *, maps: bool = False) -> None:
+    def write(self, keys: np.ndarray, columns: Mapping[str, Any], *, maps: bool = False,
+              sources: Mapping[str, CheckedFile] | None = None) -> None:
         """Write validated rows (see :func:`actstore.engine.write.validate.validate_batch`).
 
         ``columns[name]`` is a fixed field's rows or a ragged field's ``(values, lengths)``
         in storage form; ``columns[name + "/scales"]`` a quantised field's scales.
-        ``maps``: the arrays are maps of committed segments (a compaction): each is
-        copied by file range where it can be (:meth:`ShardFile.copy`), and the
-        keys are not added to :attr:`keys_seen` (they are committed already).
+        ``sources`` (a compaction): array name (``"keys"``, a field's name, ``name + "/scales"``)
+        → the committed file those rows are a range of; each range is fed to
+        that file's check as it is written (:class:`~actstore.storage.checksum.CheckedFile`),
+        and the keys are not added to :attr:`keys_seen` (they are committed
+        already).  ``maps``: copy those ranges by file range where possible
+        (:meth:`ShardFile.copy`).
         """
         if self._writeback is not None and self._writeback.done():
             self._end_writeback()  # raises the error of a failed write-back
@@ -284,13 +281,21 @@ class SegmentWriter:
                 (columns[n][0] if f.ragged else columns[n]).nbytes >= PARALLEL_HASH_BYTES for n, f in self.fields.items()):
             self._hasher = ThreadPoolExecutor(1, thread_name_prefix="actstore-hash")
         prefixes = key_prefixes(keys)
+        src: Mapping[str, CheckedFile] = sources or {}
         # The key set is updated on the helper thread too, while this one writes.
         added: Future[None] | None = None
-        if not maps:
+        if sources is None:
             if self._hasher is not None:
                 added = self._hasher.submit(self.keys_seen.add, keys)
             else:
                 self.keys_seen.add(keys)
+
+        def put(key: str, rows: np.ndarray, hasher: ThreadPoolExecutor | None) -> int:
+            shard, source = self.arrays[key], src.get(key)
+            if maps and source is not None:
+                return shard.copy(rows, source, hasher)
+            return shard.write(rows, hasher, source)
+
         written = 0
         try:
             for name, f in self.fields.items():
@@ -298,16 +303,14 @@ class SegmentWriter:
                 if f.ragged:
                     values, lengths = col
                     offsets = self.value_counts[name] + np.cumsum(lengths, dtype=np.int64)
-                    shard = self.arrays[name]
-                    written += shard.copy(values, self._hasher) if maps else shard.write(values, self._hasher)
+                    written += put(name, values, self._hasher)
                     written += self.arrays[name + "/offsets"].write(offsets)
                     self.value_counts[name] += int(len(values))
                 else:
-                    shard = self.arrays[name]
-                    written += shard.copy(col, self._hasher) if maps else shard.write(col, self._hasher)
+                    written += put(name, col, self._hasher)
                 if f.quantize is not None:
-                    written += self.arrays[name + "/scales"].write(columns[name + "/scales"])
-            written += self.arrays["keys"].copy(keys, self._hasher) if maps else self.arrays["keys"].write(keys)
+                    written += put(name + "/scales", columns[name + "/scales"], None)
+            written += put("keys", keys, self._hasher if maps else None)
         finally:
             if added is not None:
                 added.result()

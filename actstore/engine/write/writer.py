@@ -26,20 +26,27 @@ import numpy as np
 import torch
 
 from actstore.engine.commit import Change, Head, check_views, commit, ids
-from actstore.engine.lifecycle.compaction import CompactReport, TieredMerge, compact_snapshot
+from actstore.engine.lifecycle.compaction import (
+    CompactReport,
+    SourceSegment,
+    TieredMerge,
+    compact_snapshot,
+    read_blocks,
+)
 from actstore.engine.lifecycle.reclaim import reclaim_snapshot
-from actstore.engine.read.snapshot import Snapshot, key_prefixes
+from actstore.engine.read.snapshot import SegmentReader, Snapshot, key_prefixes
 from actstore.engine.write.keyset import KeySet
 from actstore.engine.write.segments import PendingView, SegmentWriter
 from actstore.engine.write.validate import validate_batch, view_of
-from actstore.errors import CorruptStoreError, StaleStoreError, StoreError
+from actstore.errors import CorruptStoreError, StaleStoreError, StoreError, StoreLockedError
 from actstore.format.documents import check_name
 from actstore.format.fields import Field
 from actstore.format.layout import SEGMENTS_DIR
 from actstore.format.manifest import Manifest, SegmentInfo
 from actstore.storage.base import Backend, WriterLock
+from actstore.storage.checksum import check_file
 from actstore.storage.files import inside, object_files
-from actstore.storage.local import link_object
+from actstore.storage.local import forked_message, link_object
 
 __all__ = ["Source", "StoreWriter", "describe_fields", "view_of"]
 
@@ -103,6 +110,20 @@ class StoreWriter:
         self.attrs: dict[str, Any] | None = None
         #: The automatic merge after each commit, or None for none.
         self.merge_policy: TieredMerge | None = TieredMerge()
+        #: Segments an automatic merge found damaged: never merged automatically again by this handle.
+        self._damaged: set[str] = set()
+        #: The process that opened the store for writing: the only one that may write through this handle.
+        self.pid = os.getpid()
+
+    @property
+    def forked(self) -> bool:
+        """True in a process other than the one that opened the store (a forked child): it may not write."""
+        return os.getpid() != self.pid
+
+    def check_process(self) -> None:
+        """Refuse to write from a process that holds no lock (a child forked from the writer)."""
+        if self.forked:
+            raise StoreLockedError(forked_message(self.path, self.pid, os.getpid()))
 
     def _shown(self, manifest: Manifest) -> None:
         self.snap = self._show(manifest)
@@ -122,14 +143,17 @@ class StoreWriter:
 
     @property
     def dirty(self) -> bool:
-        """Something to commit: pending rows, views or attributes, or a commit whose upload failed."""
-        return (self.segment is not None or bool(self.views) or self.attrs is not None
+        """Something to commit: pending rows, views or attributes, or a commit whose upload failed.
+
+        Never in a forked child: what it holds pending is its parent's, for the parent to commit."""
+        return not self.forked and (self.segment is not None or bool(self.views) or self.attrs is not None
                 or ids(self.head.manifest) != ids(self.manifest))
 
     # -- views and attributes ----------------------------------------------------------
     def set_view(self, name: str, rows: object, columns: Mapping[str, Any] | None = None,
                  fields: Mapping[str, Field] | None = None, item_key: object = None) -> None:
         """:meth:`ActivationStore.set_view`."""
+        self.check_process()
         try:
             check_name(name, "name")
         except StoreError as e:
@@ -144,6 +168,7 @@ class StoreWriter:
         self.views[name] = view_of(arr, columns or {}, fields or {}, item_key)
     def update_attrs(self, attrs: Mapping[str, Any] | None, more: Mapping[str, Any]) -> None:
         """:meth:`ActivationStore.update_attrs`."""
+        self.check_process()
         new = {**dict(attrs or {}), **more}
         try:
             json.dumps(new, allow_nan=False)
@@ -169,6 +194,7 @@ class StoreWriter:
     # -- rows ------------------------------------------------------------------------
     def append(self, keys: object, values: Mapping[str, Any], allow_nonfinite: bool, allow_overflow: bool = False) -> int:
         """:meth:`ActivationStore.append`."""
+        self.check_process()
         fields = self.fields
         karr, cols = validate_batch(fields, keys, values, allow_nonfinite=allow_nonfinite, allow_overflow=allow_overflow)
         new = self._new_rows(karr)
@@ -203,6 +229,7 @@ class StoreWriter:
 
     def abort(self) -> int:
         """:meth:`ActivationStore.abort`."""
+        self.check_process()
         n = self.pending
         self.views, self.attrs = {}, None
         if self.segment is not None:
@@ -213,6 +240,7 @@ class StoreWriter:
     # -- commits ---------------------------------------------------------------------
     def commit(self) -> int:
         """:meth:`ActivationStore.commit`."""
+        self.check_process()
         change = Change(segment=self.segment, views=self.views, attrs=self.attrs)
         check_views(self.manifest, change)
         self.segment, self.views, self.attrs = None, {}, None
@@ -230,6 +258,7 @@ class StoreWriter:
         (:mod:`actstore.engine.lifecycle.compaction`).  With rows to ``drop``:
         :mod:`actstore.engine.lifecycle.reclaim` (rows renumbered).
         """
+        self.check_process()
         rows = None if drop is None else np.unique(self.snap.check_rows(drop))  # (checked before any commit)
         if self.segment is not None or self.views or self.attrs is not None:
             self.commit()
@@ -238,14 +267,27 @@ class StoreWriter:
         return compact_snapshot(self.backend, self.lock, self.head, self.snap, self._shown)
 
     def _merge_by_policy(self) -> None:
-        """After a commit: the merge :attr:`merge_policy` asks for, if any (its failure keeps the commit: a warning)."""
+        """After a commit: the merge :attr:`merge_policy` asks for, if any (its failure keeps the commit: a warning).
+
+        A range holding a damaged segment (:class:`CorruptStoreError`: a source
+        file's bytes differ from its commit) is not merged again by this
+        handle: its segments stay as they are for ``verify`` to report.
+        """
         if self.merge_policy is None:
             return
         span = self.merge_policy.plan([s.rows for s in self.manifest.segments])
         if span is None:
             return
+        ids = [s.id for s in self.manifest.segments[span[0] : span[1]]]
+        if self._damaged.intersection(ids):
+            return
         try:
             compact_snapshot(self.backend, self.lock, self.head, self.snap, self._shown, [span])
+        except CorruptStoreError as e:
+            self._damaged.update(ids)
+            warnings.warn(f"{self.path}: the automatic merge of segments {span[0]}..{span[1] - 1} found damage and "
+                          f"was not done ({e}); the commit stands and the segments are kept as they are — run "
+                          "verify() to list every damaged file", RuntimeWarning, stacklevel=4)
         except (OSError, StoreError) as e:
             warnings.warn(f"{self.path}: the automatic merge of segments {span[0]}..{span[1] - 1} failed ({e}); "
                           "the commit stands, reads span more segments until a later merge or compact()",
@@ -266,6 +308,7 @@ class StoreWriter:
         :meth:`append`.  Segments this store already lists (a source made by
         cloning this store) are skipped.
         """
+        self.check_process()
         self.check_nothing_pending("adopt()")
         fields = self.fields
         for src in sources:
@@ -296,7 +339,7 @@ class StoreWriter:
         seen = KeySet()
         linked: list[tuple[SegmentInfo, np.ndarray]] = []
         for src in sources:
-            for seg, start in zip(src.snapshot.segments, src.snapshot.starts_list, strict=False):
+            for seg in src.snapshot.segments:
                 if seg.info.id in have:
                     continue
                 have.add(seg.info.id)
@@ -305,22 +348,28 @@ class StoreWriter:
                 if len(seen):
                     new &= ~seen.contains(keys)
                 seen.add(keys[new])
-                if new.all():
-                    _, files = object_files(seg.path, seg.info.meta, seg.path)
-                    for rel, rec in files.items():
-                        if os.stat(inside(seg.path, rel)).st_size != rec["size"]:
-                            raise CorruptStoreError(f"{seg.path}/{rel}: size differs from its record")
-                    link_object(seg.path, os.path.join(self.path, SEGMENTS_DIR, seg.info.id), files, copy=copy)
+                if new.all():  # every byte that goes into this store matches its commit
+                    link_object(seg.path, os.path.join(self.path, SEGMENTS_DIR, seg.info.id), _checked_files(seg),
+                                copy=copy)
                     linked.append((seg.info, key_prefixes(keys)))
                 elif new.any():
-                    rows = start + np.flatnonzero(new)
-                    # float32 reads of quantised fields re-quantise to the same codes (scales to within an ulp);
-                    # other floating fields go through float32 and back exactly.
-                    wide = torch.float32 if any(f.quantize for f in self.fields.values()) else None
-                    for a in range(0, len(rows), 4096):
-                        part = rows[a : a + 4096]
-                        self.append(src.key_at(part), src.gather(part, dtype=wide), True)
+                    self._append_rows_of(seg, new)
         return linked
+
+    def _append_rows_of(self, seg: SegmentReader, new: np.ndarray) -> None:
+        """Append the rows ``new`` selects of source segment ``seg`` as stored (a quantised field's codes and scales
+        too), read from its files, each checked against its commit before this returns."""
+        if self.segment is None:
+            self.segment = SegmentWriter(self.path, self.fields, self.manifest.chunk_bytes)
+        src = SourceSegment(seg, self.fields)
+        try:
+            for a, keys, cols, _ in read_blocks(seg, src, self.fields):
+                keep = new[a : a + len(keys)]
+                if keep.any():
+                    self.segment.write(np.ascontiguousarray(keys[keep]), _select(cols, keep, self.fields))
+            src.finish()
+        finally:
+            src.close()
 
     # -- the lock --------------------------------------------------------------------
     def release(self) -> None:
@@ -333,6 +382,17 @@ class StoreWriter:
         """From a finaliser: only let go of the lock, never commit or talk to a server."""
         if self.lock is not None:
             self.lock.finalize()
+
+
+def _checked_files(seg: Any) -> dict[str, dict[str, Any]]:
+    """The file records of a source segment, after checking every file against them (size and BLAKE3).
+
+    Raises :class:`CorruptStoreError` naming the segment and the file; reads each file once.
+    """
+    _, files = object_files(seg.path, seg.info.meta, f"segment {seg.info.id} ({seg.path})")
+    for rel, rec in sorted(files.items()):
+        check_file(inside(seg.path, rel), rec, f"segment {seg.info.id}: file {rel} ({seg.path}/{rel})")
+    return files
 
 
 def _select(cols: dict[str, Any], keep: np.ndarray, fields: Mapping[str, Field]) -> dict[str, Any]:
