@@ -176,9 +176,9 @@ def test_precompute_keeps_every_row_when_its_final_compaction_finds_damage(tmp_p
     real = run_mod.Run._compact
     damaged: list[str] = []
 
-    def damage_then_compact(self: Any) -> None:
+    def damage_then_compact(self: Any, *args: Any) -> None:
         damaged.append(damage(Path(self.root), "keys/c/0/0", segment=0))
-        real(self)
+        real(self, *args)
 
     monkeypatch.setattr(run_mod.Run, "_compact", damage_then_compact)
     with pytest.warns(RuntimeWarning, match="every row is committed"):
