@@ -15,7 +15,7 @@ from typing import Any
 from actstore.errors import CorruptStoreError, UnsupportedFormatError
 
 __all__ = ["MAX_METADATA_BYTES", "bounded_int", "check_id", "check_name", "dumps", "expect", "hex64", "loads",
-           "named_entry", "only_keys"]
+           "name_argument", "named_entry", "only_keys"]
 
 #: Metadata documents larger than this are refused before parsing.
 MAX_METADATA_BYTES = 64 * 1024 * 1024
@@ -64,6 +64,14 @@ def check_name(name: object, where: str) -> str:
             "(at most 128, not starting with '.', '-' or '__', and not 'zarr.json')"
         )
     return name
+
+
+def name_argument(name: object, where: str) -> str:
+    """:func:`check_name` for a name a caller passed (not one read from a store): raises ``ValueError``."""
+    try:
+        return check_name(name, where)
+    except CorruptStoreError as e:
+        raise ValueError(str(e)) from None
 
 
 def check_id(value: object, where: str) -> str:

@@ -51,8 +51,7 @@ import torch
 from torch import nn
 
 from actstore.environment import environment
-from actstore.errors import CorruptStoreError
-from actstore.format.documents import check_name
+from actstore.format.documents import name_argument
 from actstore.format.fields import Field
 from actstore.models.capture import resolve_layers
 from actstore.precompute.config import (
@@ -302,10 +301,7 @@ def _layers(model: nn.Module, layers: Any) -> tuple[list[str], dict[str, str]]:
         for _, f in wanted:
             if not isinstance(f, str):
                 raise TypeError(f"layers: field names must be str, got {f!r}")
-            try:
-                check_name(f, "layers: field name")
-            except CorruptStoreError as e:  # (the store's own check; here it is an argument)
-                raise ValueError(str(e)) from e
+            name_argument(f, "layers: field name")
     else:
         wanted = [(x, None) for x in layers]
     resolved: list[str] = []

@@ -22,7 +22,7 @@ from actstore.engine.read.views import ViewColumns
 from actstore.engine.read.zarrread import ZarrSegmentReader
 from actstore.errors import CorruptStoreError, StaleStoreError, StoreError, StoreNotFoundError
 from actstore.format.codecs import MAX_INNER_CHUNK_BYTES
-from actstore.format.documents import check_name
+from actstore.format.documents import name_argument
 from actstore.format.fields import Field
 from actstore.format.manifest import Manifest, parse_root
 from actstore.storage.backends import backend_for, fspath
@@ -157,10 +157,7 @@ def check_new(fields: Any, chunk_bytes: Any, fingerprint: Any, attrs: Any) -> di
         raise ValueError("fields: expected a non-empty dict of name -> actstore.Field")
     checked: dict[str, Field] = {}
     for name, f in fields.items():
-        try:
-            check_name(name, "fields")
-        except StoreError as e:
-            raise ValueError(str(e)) from None
+        name_argument(name, "fields")
         if not isinstance(f, Field):
             raise TypeError(f"fields[{name!r}]: expected an actstore.Field, got {type(f).__name__}")
         checked[name] = f

@@ -22,8 +22,8 @@ import torch
 from actstore.engine.read.ragged import RaggedBatch
 from actstore.engine.read.snapshot import normalize_keys
 from actstore.engine.write.segments import PendingView
-from actstore.errors import CastOverflowError, StoreError
-from actstore.format.documents import check_name
+from actstore.errors import CastOverflowError
+from actstore.format.documents import name_argument
 from actstore.format.dtypes import dtype_name
 from actstore.format.fields import Field
 from actstore.format.quantize import quantize
@@ -322,10 +322,7 @@ def view_of(rows: np.ndarray, columns: Mapping[str, Any], fields: Mapping[str, F
     n = len(rows)
     specs: dict[str, Field] = {}
     for name, col in columns.items():
-        try:
-            check_name(name, "columns")
-        except StoreError as e:
-            raise ValueError(str(e)) from None
+        name_argument(name, "columns")
         f = fields.get(name)
         if f is None:
             if isinstance(col, (list, tuple)) or not hasattr(col, "shape"):

@@ -39,7 +39,7 @@ from actstore.engine.write.keyset import KeySet
 from actstore.engine.write.segments import PendingView, SegmentWriter
 from actstore.engine.write.validate import validate_batch, view_of
 from actstore.errors import CorruptStoreError, StaleStoreError, StoreError, StoreLockedError
-from actstore.format.documents import check_name
+from actstore.format.documents import name_argument
 from actstore.format.fields import Field
 from actstore.format.layout import SEGMENTS_DIR
 from actstore.format.manifest import Manifest, SegmentInfo
@@ -154,10 +154,7 @@ class StoreWriter:
                  fields: Mapping[str, Field] | None = None, item_key: object = None) -> None:
         """:meth:`ActivationStore.set_view`."""
         self.check_process()
-        try:
-            check_name(name, "name")
-        except StoreError as e:
-            raise ValueError(str(e)) from None
+        name_argument(name, "name")
         arr = np.asarray(rows)
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise TypeError(f"rows: expected a 1-D array of int rows, got {arr.dtype} {arr.shape}")
