@@ -690,9 +690,12 @@ def hold_lock_with_forked_child(path: str, log_path: str) -> None:
     log = Log(log_path)
     s = actstore.open(path, mode="a")
     append_range(s, INITIAL_ROWS, INITIAL_ROWS + 10)
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
-    if pid == 0:
+    if pid == 0:  # (fork's after-in-child hooks have run by the time fork returns here)
+        os.write(ready_w, b"x")
         time.sleep(60)
         os._exit(0)
+    os.read(ready_r, 1)  # the child is running: report only then, so the test never races its start
     log(f"holding {os.getpid()} {pid}")
     time.sleep(600)
