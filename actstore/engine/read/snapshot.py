@@ -160,24 +160,31 @@ class SegmentReader:
             try:
                 offsets = self._map(f"{FIELDS_DIR}/{name}/offsets", self.info.rows + 1, (), INTERNAL_DTYPES["int64"])
             except CorruptStoreError as e:
-                seg, at = self._moved(e)
-                values, moved = seg.ragged(name)
-                part = moved[at : at + self.info.rows + 1]
-                base, end = int(part[0]), int(part[-1])
-                if end - base != count:
-                    raise CorruptStoreError(f"{self.path}: its rows in segment {seg.info.id} hold {end - base} values "
-                                            f"of {name!r}, not {count}") from e
-                self.arrays[name + "/offsets"] = part - base
-                v = self.arrays[name] = _rows_of(values, base, end, self.path, e)
+                v, self.arrays[name + "/offsets"] = self._moved_ragged(name, count, e)
+                self.arrays[name] = v
                 return v, self.arrays[name + "/offsets"]
             if offsets[0] != 0 or offsets[-1] != count or np.any(np.diff(offsets) < 0):
                 raise CorruptStoreError(
                     f"{self.path}/{FIELDS_DIR}/{name}/offsets: offsets are not non-decreasing from 0 to {count}"
                 )
             self.arrays[name + "/offsets"] = offsets
-            v = self.arrays[name] = self._map(f"{FIELDS_DIR}/{name}/values", count, f.inner_shape, f.stored.numpy,
-                                              f.codec)
+            try:
+                v = self._map(f"{FIELDS_DIR}/{name}/values", count, f.inner_shape, f.stored.numpy, f.codec)
+            except CorruptStoreError as e:  # a compaction deleted the files between the two maps
+                v = self._moved_ragged(name, count, e)[0]
+            self.arrays[name] = v
         return v, self.arrays[name + "/offsets"]
+
+    def _moved_ragged(self, name: str, count: int, error: Exception) -> tuple[np.ndarray, np.ndarray]:
+        """This segment's (values, offsets) of ragged field ``name`` read from the segment that holds its rows now."""
+        seg, at = self._moved(error)
+        values, moved = seg.ragged(name)
+        part = moved[at : at + self.info.rows + 1]
+        base, end = int(part[0]), int(part[-1])
+        if end - base != count:
+            raise CorruptStoreError(f"{self.path}: its rows in segment {seg.info.id} hold {end - base} values "
+                                    f"of {name!r}, not {count}") from error
+        return _rows_of(values, base, end, self.path, error), part - base
 
 
 def _rows_of(array: Any, start: int, stop: int, where: str, error: Exception) -> np.ndarray:
