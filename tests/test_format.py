@@ -109,9 +109,8 @@ RUN_ID = f"{3:032x}"  # 4 the commit's manifest temp file, 5 the view, 6 the sec
 VIEW_ID = f"{5:032x}"
 
 
-@pytest.fixture(scope="module")
-def golden_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store written deterministically: sequential ids and a fixed creation time."""
+def write_golden(path: Path, set_view: Any = lambda w: w.set_view("v", [2, 0])) -> Path:
+    """Write the golden store deterministically (sequential ids, a fixed creation time); ``set_view`` adds its view."""
     counter = itertools.count(1)
 
     class FrozenDatetime(datetime.datetime):
@@ -119,7 +118,6 @@ def golden_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
         def now(cls, tz: datetime.tzinfo | None = None) -> FrozenDatetime:  # type: ignore[override]
             return cls(2026, 1, 2, 3, 4, 5, tzinfo=tz)
 
-    path = tmp_path_factory.mktemp("golden") / "golden"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(actstore.engine.write.segments.uuid, "uuid4", lambda: uuid.UUID(int=next(counter)))
         mp.setattr(actstore.store.api, "_dt", types.SimpleNamespace(datetime=FrozenDatetime, timezone=datetime.timezone))
@@ -127,8 +125,14 @@ def golden_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
         with actstore.create(path, fields, fingerprint="fp", attrs={"a": 1}, chunk_bytes=16) as w:
             assert w.append(KEYS, {"x": X, "t": T}) == 3
             w.commit()
-            w.set_view("v", [2, 0])
+            set_view(w)
     return path
+
+
+@pytest.fixture(scope="module")
+def golden_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store written deterministically: sequential ids and a fixed creation time."""
+    return write_golden(tmp_path_factory.mktemp("golden") / "golden")
 
 
 @pytest.fixture

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import copy
-import datetime
-import itertools
 import json
 import shutil
 import struct
-import types
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +20,7 @@ import actstore.store
 from actstore import CorruptStoreError, Field
 from actstore.format.manifest import parse_root
 from actstore.store import clone_store
-from tests.test_format import KEYS, SEGMENT_ID, T, X, load, shard_bytes
+from tests.test_format import KEYS, SEGMENT_ID, load, shard_bytes, write_golden
 
 VIEW_ID = f"{5:032x}"  # uuid4 calls as in test_format's golden store: the view object is the fifth
 
@@ -32,24 +28,9 @@ VIEW_ID = f"{5:032x}"  # uuid4 calls as in test_format's golden store: the view 
 @pytest.fixture(scope="module")
 def golden3_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """test_format's golden store, its view with a fixed column, a str column and the positions' input keys."""
-    counter = itertools.count(1)
-
-    class FrozenDatetime(datetime.datetime):
-        @classmethod
-        def now(cls, tz: datetime.tzinfo | None = None) -> FrozenDatetime:  # type: ignore[override]
-            return cls(2026, 1, 2, 3, 4, 5, tzinfo=tz)
-
-    path = tmp_path_factory.mktemp("golden3") / "golden"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(actstore.engine.write.segments.uuid, "uuid4", lambda: uuid.UUID(int=next(counter)))
-        mp.setattr(actstore.store.api, "_dt", types.SimpleNamespace(datetime=FrozenDatetime, timezone=datetime.timezone))
-        fields = {"x": Field((2,), "float32"), "t": Field((None,), "int16")}
-        with actstore.create(path, fields, fingerprint="fp", attrs={"a": 1}, chunk_bytes=16) as w:
-            assert w.append(KEYS, {"x": X, "t": T}) == 3
-            w.commit()
-            w.set_view("v", [2, 0], {"label": np.array([7, -1]), "name": [np.frombuffer(bytearray(b"ab"), np.uint8), []]},
-                       fields={"name": Field((None,), "uint8")}, item_key=[KEYS[2], KEYS[0]])
-    return path
+    return write_golden(tmp_path_factory.mktemp("golden3") / "golden", lambda w: w.set_view(
+        "v", [2, 0], {"label": np.array([7, -1]), "name": [np.frombuffer(bytearray(b"ab"), np.uint8), []]},
+        fields={"name": Field((None,), "uint8")}, item_key=[KEYS[2], KEYS[0]]))
 
 
 @pytest.fixture
