@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mkdocs.structure.files import File, Files
+from mkdocs.structure.files import File, Files, InclusionLevel
 
 log = logging.getLogger("mkdocs.plugins.actstore_links")
 
@@ -76,7 +76,8 @@ def on_files(files: Files, config: Any) -> Files:
                 continue
             target_site = _site_path(real)
             if files.get_file_from_path(target_site) is None:
-                files.append(File.generated(config, target_site, abs_src_path=str(path)))
+                files.append(File.generated(config, target_site, abs_src_path=str(path),
+                                            inclusion=InclusionLevel.NOT_IN_NAV))
                 _real[target_site] = real
             if real.endswith(".md"):
                 queue.append((target_site, real))
