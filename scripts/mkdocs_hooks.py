@@ -5,7 +5,8 @@ The pages under ``docs/`` link to files outside it with relative paths that work
 hook adds every such file to the site under ``repo/<its path>`` (Markdown files become pages, their own links
 followed in turn), publishes ``CHANGELOG.md`` as ``changelog.md``, and rewrites the links to point there.  A
 relative link to a file that does not exist is logged as a warning, which ``mkdocs build --strict`` turns into
-a failed build; links inside ``docs/`` are left to mkdocs' own checks.
+a failed build; links inside ``docs/`` are left to mkdocs' own checks.  The README is not part of the site,
+but its relative links are checked the same way (each must name a file of the repository).
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def on_files(files: Files, config: Any) -> Files:
         files.append(File.generated(config, site, abs_src_path=str(root / real)))
         _real[site] = real
         queue.append((site, real))
+    for _, real, _ in _targets((root / "README.md").read_text(encoding="utf-8"), "README.md"):
+        if real.startswith("../") or not (root / real).exists():
+            log.warning("README.md links to %r, which is not a file of the repository", real)
     seen = set()
     while queue:
         site, real_page = queue.pop()
