@@ -62,8 +62,8 @@ def test_markers_are_known() -> None:
     modes = {b["mode"] for page in PAGES for b in page_blocks(page)}
     assert modes <= MODES, f"unknown docs-test markers {modes - MODES}; known: {sorted(map(str, MODES))}"
     stray = [page for page in PAGES
-             if (DOCS / page).read_text().count("<!-- docs-test:") != sum(b["mode"] is not None
-                                                                       for b in page_blocks(page))]
+             if len(re.findall(r"^<!-- docs-test:", (DOCS / page).read_text(), re.M))
+             != sum(b["mode"] is not None for b in page_blocks(page))]
     assert not stray, f"a docs-test marker not right before a python block in {stray}"
 
 
