@@ -61,6 +61,7 @@ def page_blocks(page: str) -> list[dict[str, Any]]:
 def test_markers_are_known() -> None:
     modes = {b["mode"] for page in PAGES for b in page_blocks(page)}
     assert modes <= MODES, f"unknown docs-test markers {modes - MODES}; known: {sorted(map(str, MODES))}"
+    assert {"recycle", "s3"} <= modes, "the recycle tutorial or the S3 tutorial lost its marked blocks"
     stray = [page for page in PAGES
              if len(re.findall(r"^<!-- docs-test:", (DOCS / page).read_text(), re.M))
              != sum(b["mode"] is not None for b in page_blocks(page))]
