@@ -37,8 +37,9 @@ the pad id, so a pad id that is also the ``eos``/``bos`` id is refused at split 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ from torch import nn
 
 from actstore.engine.read.ragged import PaddedBatch
 from actstore.errors import HeadInputError
-from actstore.models.blocks import Head, _patched, input_grad, stand_ins
+from actstore.models.blocks import Head, input_grad, stand_ins
 from actstore.models.layout import BlockLayout
 
 __all__ = ["TASK_SUFFIXES", "TaskHead", "task_base", "task_refusal", "task_head_class"]
@@ -220,12 +221,12 @@ class TaskHead(Head):
         states = input_grad(base, self.layout, self.k, self._cast(states), outer)
         kwargs = self.arguments(states, mask, position_ids)
         kwargs.update(extra)
-        patches: list[tuple[nn.Module, Any]] = []
+        embedding = None
         if self._pools_by_ids:
             # The classifier pools the last token whose id is not the pad id: ids from the mask, the embedding a stand-in.
             kwargs["input_ids"] = self._mask_ids(kwargs.pop("inputs_embeds"), mask)
-            patches.append((base.get_input_embeddings(), lambda *a, **kw: states))
-        with stand_ins(base, self.layout, self.k, states), _patched(patches):
+            embedding = base.get_input_embeddings()
+        with stand_ins(base, self.layout, self.k, states), _returning(embedding, states):
             return outer(**kwargs)
 
     def _mask_ids(self, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -235,6 +236,19 @@ class TaskHead(Head):
         if isinstance(pad, int) and mask is not None:
             ids[mask.to(states.device) == 0] = pad
         return ids
+
+
+@contextlib.contextmanager
+def _returning(module: nn.Module | None, states: torch.Tensor) -> Iterator[None]:
+    """For one call, ``module`` (if any) returns ``states`` (an instance ``forward``, removed after)."""
+    if module is None:
+        yield
+        return
+    module.forward = lambda *args, **kwargs: states
+    try:
+        yield
+    finally:
+        del module.forward
 
 
 _CLASSES: dict[type[nn.Module], type[TaskHead]] = {}
