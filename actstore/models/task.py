@@ -97,11 +97,24 @@ def task_refusal(model: nn.Module, layout: BlockLayout) -> str | None:
     return None
 
 
+def _main_input(outer: type[nn.Module]) -> str:
+    main = getattr(outer, "main_input_name", "input_ids")
+    return main if isinstance(main, str) and main else "input_ids"
+
+
+def _states_under(value: Any, batch: Mapping[str, Any]) -> bool:
+    """Whether ``value`` under the model's main input key is stored states (``CachedDataset`` keeps the item's key):
+    a floating ``(batch, tokens, hidden)`` tensor, which token ids (integers) and images (4-d) never are."""
+    return (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() == 3
+            and not any(k in batch for k in ("hidden_states", "states", "values", "activations")))
+
+
 def _signature(outer: type[nn.Module]) -> inspect.Signature:
     """The head's forward signature for a task model class: the states' arguments, then the task model's others."""
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
               inspect.Parameter("hidden_states", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
               inspect.Parameter("attention_mask", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+              inspect.Parameter(_main_input(outer), inspect.Parameter.KEYWORD_ONLY, default=None),
               inspect.Parameter("position_ids", inspect.Parameter.KEYWORD_ONLY, default=None),
               inspect.Parameter("padding", inspect.Parameter.KEYWORD_ONLY, default=None)]
     var: list[inspect.Parameter] = []
@@ -128,7 +141,10 @@ class TaskHead(Head):
     "labels"})``, what ``CachedDataset`` with ``ActivationCollate(names={})``
     gives), and returns the task model's own output (``SequenceClassifierOutput``,
     ``CausalLMOutputWithPast``, ...) with its loss when labels are given, equal
-    to the unsplit task model's at the real tokens. Refusals: see
+    to the unsplit task model's at the real tokens. The states may also come
+    under the model's main input name (``input_ids``, ``pixel_values``) when
+    they are a floating ``(batch, tokens, hidden)`` tensor, as ``CachedDataset``
+    names them by default (the item's own key); real token ids or images are refused. Refusals: see
     :mod:`actstore.models.task`. Never copies the states (a dtype cast does).
 
     The class is made once per task model class (:func:`task_head_class`) so
@@ -162,19 +178,25 @@ class TaskHead(Head):
         return self.__dict__["outer"]._get_name()  # type: ignore[no-any-return]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        main = _main_input(type(self.__dict__["outer"]))
+        if _states_under(kwargs.get(main), kwargs):
+            kwargs["hidden_states"] = kwargs.pop(main)
         extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in _HEAD_KEYS}
         if args and isinstance(args[0], Mapping) and not isinstance(args[0], PaddedBatch):
             batch = dict(args[0])
+            if _states_under(batch.get(main), batch):
+                batch["hidden_states"] = batch.pop(main)
             for key in [k for k in batch if k not in _BATCH_KEYS]:
                 if key in extra:
                     raise TypeError(f"the head got {key!r} both in its batch dict and as a keyword; pass it once")
                 extra[key] = batch.pop(key)
             args = (batch, *args[1:])
+        self._refuse(extra)
         call = self.inputs(args, kwargs)
-        self._check(extra, call.states, call.attention_mask)
+        self._check_labels(extra, call.attention_mask)
         return self.run(call.states, call.attention_mask, call.position_ids, **extra)
 
-    def _check(self, extra: dict[str, Any], states: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _refuse(self, extra: dict[str, Any]) -> None:
         outer = type(self.__dict__["outer"]).__name__
         for key, value in extra.items():
             if key in _REPLACED:
@@ -188,6 +210,10 @@ class TaskHead(Head):
             if not self._any and key not in self._takes:
                 raise TypeError(f"the head of {outer} got an unexpected argument {key!r}; it takes the states "
                                 f"({', '.join(_HEAD_KEYS)}) and {sorted(self._takes - set(_HEAD_KEYS))}")
+
+    def _check_labels(self, extra: dict[str, Any], mask: torch.Tensor | None) -> None:
+        """Refuse labels the loss would read at padding (see the module docstring)."""
+        outer = type(self.__dict__["outer"]).__name__
         if mask is None or bool((mask != 0).all()):
             return
         real = mask != 0
