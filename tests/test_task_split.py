@@ -278,3 +278,25 @@ def test_head_modules_are_the_task_models_own() -> None:
     model = task_model("BertForSequenceClassification", "bert")
     head = actstore.split(model, 0.5)[1]
     assert isinstance(head.task["classifier"], nn.Linear) and head.task["classifier"] is model.classifier
+
+
+def test_trainer_trains_a_causal_lm_head_with_labels_padded_to_the_tokenizers_width(tmp_path: Any) -> None:
+    model = task_model("LlamaForCausalLM", "llama")
+    data = items(16)
+    for item in data:  # labels as a tokenizer + DataCollatorForLanguageModeling give them: -100 at padding
+        item["labels"] = item["input_ids"].masked_fill(item["attention_mask"] == 0, -100)
+    frozen, head = actstore.split(model, 0.5)
+    store = actstore.precompute(model, data, tmp_path / "s", layers=frozen.at, progress=False)
+    ds = actstore.CachedDataset(data, store)
+    trainer = tf.Trainer(model=head.train(), args=_trainer_args(tmp_path, per_device_eval_batch_size=len(data)),
+                         train_dataset=ds, eval_dataset=ds, data_collator=actstore.ActivationCollate(names={}))
+    want = model(**stacked(data))  # before training: the unsplit model's loss on the same items (padded to 12)
+    assert math.isclose(trainer.evaluate()["eval_loss"], float(want.loss.detach()), abs_tol=1e-5)
+    result = trainer.train()
+    assert result.global_step == 2 and math.isfinite(result.training_loss)
+    batch = actstore.ActivationCollate(names={})([ds[i] for i in range(4)])
+    wide = batch["labels"].clone()
+    wide[:, -1] = 5  # a label beyond the states' width: the loss would read padding
+    assert wide.shape[1] == 12 > batch["input_ids"].shape[1] == 6
+    with pytest.raises(HeadInputError, match="span 12 tokens and the states 6"):
+        head(batch["input_ids"], batch["attention_mask"], labels=wide)

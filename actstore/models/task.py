@@ -21,8 +21,10 @@ What the head refuses, so that its output and loss are the unsplit model's:
   ``pixel_values``, ``token_type_ids``, a key/value cache, ``head_mask``) and
   ``output_hidden_states`` / ``output_attentions`` (the lower layers' entries
   would be the stand-ins');
-* token-level labels (a ``labels`` tensor of shape ``(batch, tokens, ...)``)
-  other than ``-100`` at padded positions, and question-answering
+* token-level labels (token classification, causal LM) other than ``-100`` at
+  padded positions or of another width than the states (labels padded to a
+  tokenizer's ``max_length`` are cut to the states' width where the columns
+  cut off are all ``-100``: the loss ignores them either way), and question-answering
   ``start_positions`` / ``end_positions`` on padding: the states there are the
   collate's padding, not what the unsplit model computed from pad tokens.
   Mask padding labels with ``-100``, as ``DataCollatorForLanguageModeling`` does.
@@ -59,6 +61,7 @@ TASK_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQues
 # What the stored states replace: the head refuses them rather than run the stem on them or beside them.
 _REPLACED = ("input_ids", "inputs_embeds", "pixel_values", "token_type_ids", "past_key_values", "cache", "head_mask")
 _LAYER_OUTPUTS = ("output_hidden_states", "output_attentions")
+_TOKEN_TASKS = ("ForTokenClassification", "ForCausalLM", "LMHeadModel")  # a label per token
 _HEAD_KEYS = ("hidden_states", "attention_mask", "position_ids", "padding")
 _BATCH_KEYS = frozenset({"hidden_states", "states", "values", "activations", "attention_mask", "mask", "position_ids"})
 
@@ -170,6 +173,7 @@ class TaskHead(Head):
         self.training = outer.training
         self.task = nn.ModuleDict({name.replace(".", "__"): m for name, m in task.items()})
         self._pools_by_ids = layout.causal and type(outer).__name__.endswith("ForSequenceClassification")
+        self._token_labels = type(outer).__name__.endswith(_TOKEN_TASKS)
         sig = inspect.signature(type(self).forward)
         self._takes = {p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
         self._any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
@@ -193,7 +197,7 @@ class TaskHead(Head):
             args = (batch, *args[1:])
         self._refuse(extra)
         call = self.inputs(args, kwargs)
-        self._check_labels(extra, call.attention_mask)
+        self._check_labels(extra, call.attention_mask, call.states.shape[1])
         return self.run(call.states, call.attention_mask, call.position_ids, **extra)
 
     def _refuse(self, extra: dict[str, Any]) -> None:
@@ -211,23 +215,34 @@ class TaskHead(Head):
                 raise TypeError(f"the head of {outer} got an unexpected argument {key!r}; it takes the states "
                                 f"({', '.join(_HEAD_KEYS)}) and {sorted(self._takes - set(_HEAD_KEYS))}")
 
-    def _check_labels(self, extra: dict[str, Any], mask: torch.Tensor | None) -> None:
-        """Refuse labels the loss would read at padding (see the module docstring)."""
+    def _check_labels(self, extra: dict[str, Any], mask: torch.Tensor | None, width: int) -> None:
+        """Refuse labels the loss would read at padding (see the module docstring); token labels wider than the
+        states whose extra columns are all -100 (padded to a tokenizer's max_length) are cut to the states' width
+        (a view: the loss ignores those columns either way)."""
         outer = type(self.__dict__["outer"]).__name__
-        if mask is None or bool((mask != 0).all()):
+        real = None if mask is None else mask != 0
+        for key in [k for k in extra if "label" in k] if self._token_labels else []:
+            value = extra[key]
+            if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.is_floating_point():
+                continue
+            if value.shape[1] > width and bool((value[:, width:] == -100).all()):
+                value = extra[key] = value[:, :width]
+            if value.shape[1] != width:
+                raise HeadInputError(
+                    f"{key} of the head of {outer} span {value.shape[1]} tokens and the states {width}: token "
+                    "labels must have the states' width (the store holds each row's real tokens, and the collate "
+                    "pads them to the longest row). Pad the labels with -100 to the batch's longest row.")
+            if real is not None and bool((value[~real.to(value.device)] != -100).any()):
+                raise HeadInputError(
+                    f"{key} of the head of {outer} hold labels other than -100 at padded positions: the loss "
+                    "would read the outputs there, and the states at padding are not the unsplit model's (the "
+                    "store holds each row's real tokens). Set the labels at padding to -100, as "
+                    "DataCollatorForLanguageModeling does (labels[attention_mask == 0] = -100).")
+        if real is None or bool(real.all()):
             return
-        real = mask != 0
         for key, value in extra.items():
             if not isinstance(value, torch.Tensor):
                 continue
-            if "label" in key and value.dim() >= 2 and tuple(value.shape[:2]) == tuple(real.shape):
-                at_pad = value[~real.to(value.device)]
-                if bool((at_pad != -100).any()):
-                    raise HeadInputError(
-                        f"{key} of the head of {outer} hold labels other than -100 at padded positions: the loss "
-                        "would read the outputs there, and the states at padding are not the unsplit model's (the "
-                        "store holds each row's real tokens). Set the labels at padding to -100, as "
-                        "DataCollatorForLanguageModeling does (labels[attention_mask == 0] = -100).")
             if key in ("start_positions", "end_positions") and value.dim() == 1 and len(value) == len(real):
                 pos = value.to(real.device).long()
                 inside = (pos >= 0) & (pos < real.shape[1])
