@@ -260,6 +260,9 @@ def test_trainer_trains_the_head_of_a_task_model_from_a_cached_dataset(tmp_path:
     head.eval()
     want = model.eval()(**stacked(data))
     assert math.isclose(metrics["eval_loss"], float(want.loss.detach()), abs_tol=1e-5)
+    head.save_pretrained(tmp_path / "saved")  # the task model, trained head included, for plain transformers
+    loaded = tf.BertForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
+    torch.testing.assert_close(loaded(**stacked(data)).logits, want.logits, atol=1e-6, rtol=0)
 
 
 def test_trainer_with_its_default_collator_on_fixed_size_states(tmp_path: Any) -> None:

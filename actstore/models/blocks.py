@@ -220,7 +220,8 @@ class _Part(nn.Module):
     def _model(self) -> nn.Module:
         """The model attributes are read from: the task model around the base (``outer``), else the base."""
         d = self.__dict__
-        return d.get("outer") or d["base"]  # type: ignore[no-any-return]
+        outer = d.get("outer")
+        return d["base"] if outer is None else outer  # type: ignore[no-any-return]
 
     @property
     def config(self) -> Any:
@@ -239,7 +240,8 @@ class _Part(nn.Module):
         try:
             return super().__getattr__(name)  # the part's own parameters, buffers and modules
         except AttributeError:
-            base = self.__dict__.get("outer") or self.__dict__.get("base")
+            base = self.__dict__.get("outer")
+            base = self.__dict__.get("base") if base is None else base
             if base is None or (name.startswith("__") and name.endswith("__")):
                 raise
             return getattr(base, name)
