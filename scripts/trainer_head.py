@@ -7,13 +7,15 @@ The flow a Hugging Face user already has, with the frozen part recycled:
    ``token_type_ids`` padded to ``max_length``, and ``labels``) go to
    ``actstore.precompute`` as they are: the forward arguments are passed as
    keyword arguments, the padding is trimmed, ``labels`` becomes a side column.
-2. ``actstore.split`` cuts the classifier at the stored layer; the head is wrapped
-   in a module whose ``forward(hidden_states, attention_mask, labels)`` returns
-   ``{"loss", "logits"}``, as Trainer expects.
-3. ``CachedDataset(items, store, input_name="hidden_states")`` serves
-   ``{"hidden_states", "labels"}`` items; ``Trainer`` (default
-   ``remove_unused_columns``) trains with ``data_collator=actstore.ActivationCollate(names={})``,
-   which pads the hidden states and adds ``attention_mask``.
+2. ``actstore.split(classifier, at)`` cuts the classifier itself at the stored
+   layer: its head runs the classifier's own forward (upper layers, pooler,
+   classifier, loss), so ``head(hidden_states, attention_mask, labels=...)``
+   returns a ``SequenceClassifierOutput`` with its loss, as Trainer expects.
+3. ``CachedDataset(items, store)`` serves ``{"input_ids": states, "labels"}``
+   items (the input's own key); ``Trainer`` (default ``remove_unused_columns``)
+   trains the head with ``data_collator=actstore.ActivationCollate(names={})``,
+   which pads the states and adds ``attention_mask``. The trained weights are the
+   classifier's own: ``classifier.save_pretrained`` writes a normal model.
 4. The same dataset through ``accelerate.Accelerator().prepare(loader)`` in a
    plain loop.
 
@@ -43,25 +45,6 @@ if __package__ in (None, ""):  # run from a checkout: make `actstore` importable
 import actstore  # noqa: E402
 
 
-class Head(nn.Module):
-    """The part of the classifier above the stored layer, with Trainer's calling convention."""
-
-    def __init__(self, classifier: nn.Module, at: str) -> None:
-        super().__init__()
-        # split() cuts the base encoder; the task head (pooler output -> classifier) is applied here
-        self.encoder_head = actstore.split(classifier.bert, at)[1]
-        self.classifier = classifier.classifier
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        out = self.encoder_head(hidden_states.float(), attention_mask)
-        logits = self.classifier(out.pooler_output)
-        result = {"logits": logits}
-        if labels is not None:
-            result["loss"] = nn.functional.cross_entropy(logits, labels)
-        return result
-
-
 def tiny_classifier(labels: int = 3) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -88,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="directory for the store and Trainer's output (default: a temporary one)")
     p.add_argument("--items", type=int, default=96)
-    p.add_argument("--at", default="encoder.layer.1", help="the last frozen block of the base encoder (model.bert)")
+    p.add_argument("--at", default="bert.encoder.layer.1", help="the last frozen block (a split point of the classifier)")
     p.add_argument("--epochs", type=int, default=2)
     args = p.parse_args(argv)
     from accelerate import Accelerator
@@ -97,10 +80,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.out or tempfile.mkdtemp(prefix="trainer-head-")
     model = tiny_classifier()
     data = items(args.items)
-    store = actstore.precompute(model, data, os.path.join(out, "store"), layers=f"bert.{args.at}", progress=False)
-    ds = actstore.CachedDataset(data, store, input_name="hidden_states")
+    store = actstore.precompute(model, data, os.path.join(out, "store"), layers=args.at, progress=False)
+    ds = actstore.CachedDataset(data, store)
     collate = actstore.ActivationCollate(names={})
-    trainer_model = Head(model, args.at).train()
+    trainer_model = actstore.split(model, args.at)[1].train()
     training = TrainingArguments(output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=16,
                                  num_train_epochs=args.epochs, learning_rate=1e-3, report_to=[], save_strategy="no",
                                  use_cpu=True, logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
@@ -109,12 +92,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # the same dataset in a plain accelerate loop
     accelerator = Accelerator(cpu=True)
     loader = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True, collate_fn=collate)
-    acc_model = Head(tiny_classifier(), args.at).train()
+    acc_model = actstore.split(tiny_classifier(), args.at)[1].train()
     opt = torch.optim.AdamW(acc_model.parameters(), lr=1e-3)
     acc_model, opt, loader = accelerator.prepare(acc_model, opt, loader)
     losses = []
     for batch in loader:
-        loss = acc_model(**batch)["loss"]
+        loss = acc_model(**batch).loss
         accelerator.backward(loss)
         opt.step()
         opt.zero_grad()

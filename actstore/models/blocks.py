@@ -33,6 +33,7 @@ head call, so do not run the full model in another thread meanwhile.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -45,7 +46,7 @@ from actstore.models.capture import LayerCapture, StopForward, model_arguments, 
 from actstore.models.layout import BlockLayout, get_module
 from actstore.models.states import HeadCall, SplitStates, head_call, head_inputs
 
-__all__ = ["Frozen", "Head", "HeadCall", "SplitError", "SplitStates", "head_call", "head_inputs", "stand_ins"]
+__all__ = ["Frozen", "Head", "HeadCall", "SplitError", "SplitStates", "head_call", "head_inputs", "input_grad", "stand_ins"]
 
 
 _CACHE_ARGS = ("past_key_values", "cache")
@@ -88,9 +89,12 @@ def stand_ins(base: nn.Module, layout: BlockLayout, k: int, states: torch.Tensor
 
     Raises :class:`SplitError` (from inside the call) when the stream entering a
     block after the first stand-in is not the states the previous one returned.
-    The parameters of the layout's ``shared`` modules (frozen-part modules the
-    call reads) do not require grad during the call, so the head's backward
-    leaves them alone.
+    The layout's ``shared`` modules (frozen-part modules the call reads) see
+    detached aliases of their parameters during the call, so the head's
+    backward never reaches them; their ``requires_grad`` is never changed, so a
+    checkpointed block recomputed after the call sees the same tensors
+    (transformers' non-reentrant checkpointing compares them), and the frozen
+    part is left exactly as it was, also when the call raises.
     """
     ctx: dict[str, Any] = {}
     blocks = layout.block_list(base)
@@ -118,18 +122,65 @@ def stand_ins(base: nn.Module, layout: BlockLayout, k: int, states: torch.Tensor
                 raise _branch_error(base, layout.blocks, k + 1)
 
         handle = blocks[k + 1].register_forward_pre_hook(check, with_kwargs=True)
-    # Frozen modules the head's call reads (rotary, relative embeddings) take no gradient from the head.
-    frozen_params = [p for name in layout.shared for p in get_module(base, name).parameters() if p.requires_grad]
     try:
-        for p in frozen_params:
-            p.requires_grad_(False)
-        with _patched(patches):
+        with _patched(patches), _detached([get_module(base, name) for name in layout.shared]):
             yield
     finally:
-        for p in frozen_params:
-            p.requires_grad_(True)
         if handle is not None:
             handle.remove()
+
+
+@contextlib.contextmanager
+def _detached(modules: list[nn.Module]) -> Iterator[None]:
+    """For one call, the parameters of ``modules`` read as detached aliases (same storage, no gradient).
+
+    Frozen modules the head's call reads (rotary, relative embeddings) take no
+    gradient from the head, without their ``requires_grad`` being toggled (a
+    toggle would differ between the forward and a checkpoint's recompute, and
+    is global state other code sees).
+    """
+    saved: list[tuple[nn.Module, str, Any]] = []
+    try:
+        for module in modules:
+            for owner in module.modules():
+                for name, param in list(owner._parameters.items()):
+                    if param is not None and param.requires_grad:
+                        saved.append((owner, name, param))
+                        owner._parameters[name] = param.detach()  # type: ignore[assignment]
+        yield
+    finally:
+        for owner, name, param in reversed(saved):
+            owner._parameters[name] = param
+
+
+def input_grad(base: nn.Module, layout: BlockLayout, k: int, states: torch.Tensor,
+               outer: nn.Module | None = None) -> torch.Tensor:
+    """``states``, or a detached alias of them that requires grad where the head's call needs one.
+
+    Reentrant activation checkpointing (``use_reentrant=True``, torch's default
+    when it is not given) computes no gradient for a checkpointed block whose
+    inputs do not require grad: the first block after the cut would get none,
+    silently. transformers makes the input embeddings' output require grad for
+    it (``enable_input_require_grads``), but the head's stem is a stand-in, so
+    the states themselves must. Done when grad is on and a block after the cut
+    is checkpointed reentrantly in training mode, or when the model asked for
+    input gradients (``enable_input_require_grads``). Never copies.
+    """
+    if states.requires_grad or not torch.is_grad_enabled() or not states.is_floating_point():
+        return states
+    hooked = any(getattr(m, "_require_grads_hooks", None) for m in (base, outer) if m is not None)
+    if hooked or any(_reentrant(block) for block in list(layout.block_list(base))[k + 1:]):
+        return states.detach().requires_grad_()
+    return states
+
+
+def _reentrant(block: nn.Module) -> bool:
+    """Whether ``block`` runs under transformers' reentrant activation checkpointing now."""
+    if not (getattr(block, "gradient_checkpointing", False) is True and block.training):
+        return False
+    func = getattr(block, "_gradient_checkpointing_func", None)
+    keywords = func.keywords if isinstance(func, functools.partial) else {}
+    return keywords.get("use_reentrant", True) is not False  # torch's checkpoint defaults to reentrant
 
 
 def _accepted(forward: Any) -> set[str] | None:
@@ -152,8 +203,10 @@ class _Part(nn.Module):
     attribute the part does not have is read from the model, as peft's
     ``PeftModel`` does (``part.device``, ``part.dtype``, ``part.main_input_name``,
     ``part.config``), so a trainer sees the model it expects; setting one sets
-    it on the part. Dunder names are not passed through (``copy``, ``pickle``
-    and friends probe them on the part itself).
+    it on the part. The head of a task model reads them from the task model
+    (``outer``: ``head.save_pretrained`` saves the whole task model). Dunder
+    names are not passed through (``copy``, ``pickle`` and friends probe them
+    on the part itself).
     """
 
     def __init__(self, base: nn.Module, layout: BlockLayout, k: int, at: str) -> None:
@@ -164,15 +217,21 @@ class _Part(nn.Module):
         self.__dict__["base"] = base  # not registered: its modules on the other side of the cut are not this part's
         self.training = base.training  # the model's mode, as its modules have it
 
+    def _model(self) -> nn.Module:
+        """The model attributes are read from: the task model around the base (``outer``), else the base."""
+        d = self.__dict__
+        outer = d.get("outer")
+        return d["base"] if outer is None else outer  # type: ignore[no-any-return]
+
     @property
     def config(self) -> Any:
         """The model's ``config`` (``None`` when it has none)."""
-        return getattr(self.__dict__["base"], "config", None)
+        return getattr(self._model(), "config", None)
 
     @property
     def is_gradient_checkpointing(self) -> bool:
         """The model's activation checkpointing flag, read without transformers' deprecation warning (peft asks)."""
-        base = self.__dict__["base"]
+        base = self._model()
         if isinstance(getattr(type(base), "is_activation_checkpointing", None), property):
             return bool(base.is_activation_checkpointing)
         return bool(getattr(base, "is_gradient_checkpointing", False))
@@ -181,7 +240,8 @@ class _Part(nn.Module):
         try:
             return super().__getattr__(name)  # the part's own parameters, buffers and modules
         except AttributeError:
-            base = self.__dict__.get("base")
+            base = self.__dict__.get("outer")
+            base = self.__dict__.get("base") if base is None else base
             if base is None or (name.startswith("__") and name.endswith("__")):
                 raise
             return getattr(base, name)
@@ -330,7 +390,16 @@ class Head(_Part):
         is in the states already.
         """
         base = self.__dict__["base"]
-        states = self._cast(states)
+        states = input_grad(base, self.layout, self.k, self._cast(states))
+        kwargs = self.arguments(states, mask, position_ids)
+        with stand_ins(base, self.layout, self.k, states):
+            if self.layout.feed is None:  # a custom forward: the states stand in for its input
+                return base(states, **kwargs)
+            return base(**kwargs)
+
+    def arguments(self, states: torch.Tensor, mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None = None) -> dict[str, Any]:
+        """The keyword arguments of the model's forward for the head's call on ``states`` (never copies)."""
         kwargs: dict[str, Any] = {}
         if self.layout.feed == "inputs_embeds":
             kwargs["inputs_embeds"] = states
@@ -342,10 +411,7 @@ class Head(_Part):
             kwargs["position_ids"] = position_ids.to(device=states.device)
         if self.layout.use_cache:
             kwargs["use_cache"] = False
-        with stand_ins(base, self.layout, self.k, states):
-            if self.layout.feed is None:  # a custom forward: the states stand in for its input
-                return base(states, **kwargs)
-            return base(**kwargs)
+        return kwargs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         call = self.inputs(args, kwargs)

@@ -58,6 +58,8 @@ def frozen_part(model: nn.Module, layers: str | Iterable[str] | None) -> nn.Modu
     names = [layers] if isinstance(layers, str) else list(layers)
     if not names or FINAL_OUTPUT in names:
         return model
+    if wrapped_base(model) is not None:  # a task model: the cut is its base model's, layers named in either
+        return _inside_base(model, names)
     try:
         plan = plan_split(model)
     except (TypeError, ValueError):

@@ -31,6 +31,12 @@ Hugging Face base models: BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, DeBERTa-v
     batch's ``attention_mask``); ``head(states)`` / ``head(states, mask)`` /
     ``head(padded_batch)`` / ``head({"hidden_states": ..., "attention_mask":
     ...})`` returns the model's own output type.
+Hugging Face task models around such a base model (``*ForSequenceClassification``, ``*ForTokenClassification``, ``*ForQuestionAnswering``, ``*ForCausalLM``, ``ViTForImageClassification``, ...)
+    Cut through the base model (``bert.encoder.layer.1``): the frozen part
+    is the base model's (same states and fingerprint); the head
+    (:class:`~actstore.models.task.TaskHead`) runs the task model's own
+    forward, so ``head(states, labels=...)`` returns its output type with
+    its loss (see :mod:`actstore.models.task` for what it refuses).
 sentence-transformers models whose first module wraps such an encoder
     Blocks are ``0.model.<blocks>.k`` (``0.auto_model...`` is accepted too).
     ``frozen`` also takes the features dict of ``model.tokenize(texts)``;

@@ -23,6 +23,7 @@ from torch import nn
 from actstore.errors import SplitError
 from actstore.models.blocks import Frozen, Head
 from actstore.models.layout import BlockLayout, get_module, try_get_module
+from actstore.models.task import task_head_class
 
 __all__ = ["BlockFamily", "ModelFamily", "SplitPlan", "split_blocks"]
 
@@ -136,13 +137,24 @@ def _check_untied(frozen: nn.Module, head: nn.Module, untie: bool) -> None:
 
 
 def split_blocks(root: nn.Module, base: nn.Module, layout: BlockLayout, prefix: str, name: str,
-                 untie: bool) -> tuple[Frozen, Head]:
-    """Frozen part and head of ``base`` (inside ``root``, named ``prefix``) at the full split point ``name``."""
+                 untie: bool, *, task: bool = False) -> tuple[Frozen, Head]:
+    """Frozen part and head of ``base`` (inside ``root``, named ``prefix``) at the full split point ``name``.
+
+    ``task``: ``root`` is a Hugging Face task model around ``base``; the head is a
+    :class:`~actstore.models.task.TaskHead` running ``root``'s forward, holding
+    ``root``'s modules outside ``base`` (classifier, LM head) too.
+    """
     local = name[len(prefix):] if prefix else name
     blocks = layout.blocks
     k = int(local[len(blocks) + 1:]) if local.startswith(blocks + ".") else -1
     tail = tuple(t for t in layout.tail if isinstance(try_get_module(base, t), nn.Module))
     frozen = Frozen(base, layout, k, name, local, _owned(base, layout, tail), root=root)
-    head = Head(base, layout, k, name, {t: get_module(base, t) for t in tail})
+    tail_modules = {t: get_module(base, t) for t in tail}
+    head: Head
+    if task:
+        outside = {n: m for n, m in root.named_children() if m is not base}
+        head = task_head_class(type(root))(root, base, layout, k, name, tail_modules, outside)
+    else:
+        head = Head(base, layout, k, name, tail_modules)
     _check_untied(frozen, head, untie)
     return frozen, head

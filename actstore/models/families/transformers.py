@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from actstore.models.families.base import BlockFamily, SplitPlan
+from actstore.models.families.base import BlockFamily, SplitPlan, split_blocks
 from actstore.models.layout import BlockLayout, get_module, has_module
+from actstore.models.task import TASK_SUFFIXES, task_base, task_refusal
 
 __all__ = ["KNOWN_MODEL_TYPES", "TransformersFamily", "detect_family", "model_type"]
 
@@ -102,13 +103,32 @@ def detect_family(model: nn.Module) -> BlockLayout | str:
 
 
 class TransformersFamily(BlockFamily):
-    """Hugging Face base models of the types in :data:`KNOWN_MODEL_TYPES` (any model with a ``config.model_type``)."""
+    """Hugging Face base models of the types in :data:`KNOWN_MODEL_TYPES` (any model with a ``config.model_type``),
+    and task models around them (:data:`~actstore.models.task.TASK_SUFFIXES`), cut through their base model."""
 
-    description = f"Hugging Face base models of types {', '.join(KNOWN_MODEL_TYPES)}"
+    description = (f"Hugging Face base models of types {', '.join(KNOWN_MODEL_TYPES)} and their task models "
+                   f"({', '.join('*' + s for s in TASK_SUFFIXES)})")
 
     def detect(self, model: Any) -> bool:
         return model_type(model) is not None
 
     def plan(self, model: Any) -> SplitPlan | str:
         layout = detect_family(model)
-        return layout if isinstance(layout, str) else self.block_plan(layout, model)
+        if not isinstance(layout, str):
+            return self.block_plan(layout, model)
+        wrapped = task_base(model)
+        if wrapped is None:
+            return layout
+        prefix, base = wrapped
+        inner = detect_family(base)
+        if isinstance(inner, str):
+            return f"its base model model.{prefix} cannot be split: {inner}"
+        refusal = task_refusal(model, inner)
+        if refusal is not None:
+            return refusal
+        return self.block_plan(inner, base, prefix + ".")
+
+    def split(self, model: Any, plan: SplitPlan, at: str, *, untie_weights: bool = False) -> tuple[nn.Module, nn.Module]:
+        if plan.layout is None or plan.base is None or plan.base is model:
+            return super().split(model, plan, at, untie_weights=untie_weights)
+        return split_blocks(model, plan.base, plan.layout, plan.prefix, at, untie_weights, task=True)
