@@ -167,7 +167,17 @@ def untie(model: nn.Module, frozen: Frozen, untie_weights: bool) -> None:
 def labels_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """Refuse token-level ``labels`` that count padded positions (their outputs are not the original model's)."""
     labels, mask = kwargs.get("labels"), kwargs.get("attention_mask")
-    if not isinstance(labels, torch.Tensor) or not isinstance(mask, torch.Tensor):
+    if not isinstance(mask, torch.Tensor):
+        return
+    spans = [k for k in ("start_positions", "end_positions") if isinstance(kwargs.get(k), torch.Tensor)]
+    if spans and bool((mask == 0).any()):
+        raise HeadInputError(
+            f"recycle: {spans[0]}= with a padded batch: a question-answering loss takes its softmax over every "
+            "position, padded ones included, and a recycled model's outputs at padded positions are not the "
+            "original model's, so the loss would differ. Feed batches without padding (every sample of a batch "
+            "the same length: pad with real tokens, or padding='max_length' with truncation to one length and an "
+            "all-ones attention_mask), or compute the loss yourself from the logits at real positions")
+    if not isinstance(labels, torch.Tensor):
         return
     if labels.shape != mask.shape:
         return  # one label per sample (sequence classification, regression)
