@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 import torch
+from family_models import VOCAB_SIZE, token_batch
 from torch import nn
 
 import actstore
-from family_models import VOCAB_SIZE, token_batch
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -378,3 +378,110 @@ def test_two_epochs_of_a_plain_loop(tmp_path: Any) -> None:
     model.close()
     for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, q, **TOL, msg=lambda msg, n=name: f"{n}: {msg}")  # type: ignore[misc]
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def test_a_frozen_weight_changed_is_stale(tmp_path: Any) -> None:
+    model = _model("BertModel", "bert")
+    with actstore.recycle(model, 0.5, tmp_path / "s"):
+        model(**_text())
+    with torch.no_grad():
+        model.encoder.layer[0].output.dense.weight.add_(0.01)
+    with pytest.raises(actstore.StaleStoreError, match="frozen"):
+        actstore.recycle(model, 0.5, tmp_path / "s")
+    actstore.recycle(model, 0.5, tmp_path / "fresh")  # at recycle() all is well ...
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.add_(0.01)  # ... then a frozen weight changes
+    with pytest.raises(actstore.StaleStoreError, match="changed since recycle"):
+        model(**_text())
+    model.close()
+
+
+def test_training_the_head_keeps_the_store_fresh(tmp_path: Any) -> None:
+    model = _model("BertModel", "bert")
+    with actstore.recycle(model, 0.5, tmp_path / "s"):
+        model(**_text())
+    with torch.no_grad():
+        model.encoder.layer[3].output.dense.weight.add_(0.01)
+    with actstore.recycle(model, 0.5, tmp_path / "s"):
+        model(**_text())
+        assert model.hit_rate == 1.0
+
+
+def test_left_padded_causal_batch(tmp_path: Any) -> None:
+    model = actstore.recycle(_model("LlamaForCausalLM", "llama"), 0.5, tmp_path / "s")
+    with pytest.raises(actstore.errors.LeftPaddingError):
+        model(**token_batch([3, 5], left=True))
+    model.close()
+
+
+def test_a_model_recycle_cannot_split_names_blocks(tmp_path: Any) -> None:
+    class Opaque(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x)  # type: ignore[no-any-return]
+
+    with pytest.raises(actstore.errors.SplitError, match="blocks="):
+        actstore.recycle(Opaque(), 0.5, tmp_path / "s")
+
+
+def test_a_store_of_another_split_point(tmp_path: Any) -> None:
+    model = _model("BertModel", "bert")
+    with actstore.recycle(model, 0.5, tmp_path / "s"):
+        model(**_text())
+    with pytest.raises(actstore.StoreError, match="another split point"):
+        actstore.recycle(model, 0.25, tmp_path / "s")
+    assert not isinstance(model, actstore.training.recycle.RecycledModel)
+    actstore.open(tmp_path / "s", mode="a").close()  # the refused recycle released the store
+
+
+def test_recycling_twice_is_refused(tmp_path: Any) -> None:
+    model = actstore.recycle(_model("BertModel", "bert"), 0.5, tmp_path / "s")
+    with pytest.raises(actstore.errors.SplitError, match="recycled already"):
+        actstore.recycle(model, 0.5, tmp_path / "t")
+    model.close()
+    with pytest.raises(TypeError, match="not recycled"):
+        actstore.unrecycle(model)
+
+
+def test_tied_weights_across_the_cut(tmp_path: Any) -> None:
+    model = _model("GPT2LMHeadModel", "gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with pytest.raises(actstore.errors.SplitError, match="untie_weights=True"):
+        actstore.recycle(model, 0.5, tmp_path / "s")
+    assert model.lm_head.weight is model.transformer.wte.weight and not isinstance(
+        model, actstore.training.recycle.RecycledModel)
+    actstore.recycle(model, 0.5, tmp_path / "s", untie_weights=True)
+    assert model.lm_head.weight is not model.transformer.wte.weight and model.lm_head.weight.requires_grad
+    assert not model.transformer.wte.weight.requires_grad
+    model.close()
+
+
+def test_padding_labels_must_be_masked(tmp_path: Any) -> None:
+    model = actstore.recycle(_model("BertForTokenClassification", "bert", num_labels=3), 0.5, tmp_path / "s")
+    batch = _text()
+    with pytest.raises(actstore.errors.HeadInputError, match="-100"):
+        model(**batch, labels=torch.zeros_like(batch["input_ids"]))
+    model(**batch, labels=_labels_like(batch))
+    model.close()
+    qa = actstore.recycle(_model("BertForQuestionAnswering", "bert"), 0.5, tmp_path / "q")
+    with pytest.raises(actstore.errors.HeadInputError, match="padded"):
+        qa(**batch, start_positions=torch.tensor([0, 1, 2]), end_positions=torch.tensor([1, 2, 3]))
+    qa.close()
+
+
+def test_inputs_that_never_repeat_warn_and_max_rows_caps_the_store(tmp_path: Any) -> None:
+    model = actstore.recycle(_model("BertModel", "bert"), 0.5, tmp_path / "s", hit_rate_after=6, max_rows=8)
+    with pytest.warns(RuntimeWarning) as caught:
+        for seed in range(6):  # a fresh "augmentation" every call: nothing ever repeats
+            model(**token_batch([4, 6, 5], seed=seed + 10))
+    messages = [str(w.message) for w in caught]
+    assert sum("augmentations" in m for m in messages) == 1
+    assert sum("max_rows=8" in m for m in messages) == 1
+    model.close()
+    assert len(actstore.open(tmp_path / "s")) == 8

@@ -312,15 +312,12 @@ def _states(routing: Routing, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
             for p in ps:
                 extra[p] = computed[j]
         rs.append(keys[miss], computed, ragged)
-    field = rs.stored_field if rs.store is not None and (rows >= 0).any() else None
-    if field is None:
-        field = routing.field_of(extra)
     snap = rs.store.snapshot if rs.store is not None else None
-    got = ActivationCollate().gather(snap, rs.field, field, rows, extra=extra)
+    gathered = ActivationCollate().gather(snap, rs.field, routing.field_of(extra), rows, extra=extra)
     param = next(routing.base.parameters(), None)
     device = param.device if param is not None else first.device
     dtype = param.dtype if param is not None and param.is_floating_point() else None
-    return _layout(got, inputs.get("attention_mask"), first, device, dtype, rs.path)
+    return _layout(gathered, inputs.get("attention_mask"), first, device, dtype, rs.path)
 
 
 def _compute(routing: Routing, inputs: dict[str, torch.Tensor], miss: list[int]) -> tuple[list[torch.Tensor], bool]:
@@ -339,7 +336,8 @@ def _compute(routing: Routing, inputs: dict[str, torch.Tensor], miss: list[int])
             m.training = mode
     ragged: dict[str, bool] = {}
     rows = output_rows(out, [routing.rs.field], len(miss), ragged)[routing.rs.field]
-    return rows, ragged[routing.rs.field]
+    # Token-level states are stored per token (ragged) even from a batch without a mask: widths vary.
+    return rows, ragged[routing.rs.field] or (routing.layout.masked and rows[0].ndim >= 2)
 
 
 def _layout(got: Any, mask: torch.Tensor | None, first: torch.Tensor, device: torch.device,

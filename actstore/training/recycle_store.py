@@ -106,8 +106,13 @@ class RecycleStore:
         self.writable = self._store is None or self._store.mode == "a" or self._rank > 0
         self.field = at
         if self._store is not None:
-            self.field = layer_field(self._store, names, model, at)  # another split point: named as such
-            self._check(self._store, names, model, frozen)
+            try:
+                self.field = layer_field(self._store, names, model, at)  # another split point: named as such
+                self._check(self._store, names, model, frozen)
+            except BaseException:
+                if self._own:
+                    self._store.close()  # release the lock: the model is not recycled
+                raise
         self._part = WorkerPart(self.path)
         if self._rank == 0 and self._own:
             self._store = adopt_parts(self.path, self._store)  # rows of an earlier run's ranks or workers

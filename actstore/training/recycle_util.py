@@ -84,7 +84,7 @@ class Routing:
         if stored is not None:
             return stored
         sample = next(iter(extra.values()))
-        ragged = self.layout.masked and sample.ndim >= 1
+        ragged = self.layout.masked and sample.ndim >= 2
         shape = (None, *sample.shape[1:]) if ragged else tuple(sample.shape)
         return Field(tuple(shape), dtype_name(sample.dtype))
 
