@@ -485,3 +485,43 @@ def test_inputs_that_never_repeat_warn_and_max_rows_caps_the_store(tmp_path: Any
     assert sum("max_rows=8" in m for m in messages) == 1
     model.close()
     assert len(actstore.open(tmp_path / "s")) == 8
+
+
+# -- call forms and store forms ------------------------------------------------------------------
+
+
+def test_batches_without_a_mask_positional_arguments_and_other_widths(tmp_path: Any) -> None:
+    model = _model("BertModel", "bert")
+    ids = torch.randint(2, VOCAB_SIZE, (2, 5), generator=torch.Generator().manual_seed(8))
+    wide = torch.randint(2, VOCAB_SIZE, (2, 9), generator=torch.Generator().manual_seed(9))
+    padded = token_batch([4, 7])
+    refs = [model(ids).last_hidden_state, model(wide).last_hidden_state, model(**padded).last_hidden_state]
+    actstore.recycle(model, "encoder.layer.1", tmp_path / "s")
+    for _ in range(2):
+        torch.testing.assert_close(model(ids).last_hidden_state, refs[0], **TOL)  # positional, no mask
+        torch.testing.assert_close(model(input_ids=wide).last_hidden_state, refs[1], **TOL)
+        got = model(padded["input_ids"], padded["attention_mask"]).last_hidden_state
+        real = padded["attention_mask"].bool()
+        torch.testing.assert_close(got[real], refs[2][real], **TOL)
+    assert model.recycle_stats["misses"] == 6 and model.recycle_stats["hits"] == 6
+    model.close()
+
+
+def test_an_open_store_read_only_serves_and_computes_without_storing(tmp_path: Any) -> None:
+    model = _model("BertModel", "bert")
+    ref = model(**token_batch([3, 6, 2])).last_hidden_state
+    with actstore.recycle(model, 0.5, tmp_path / "s"):
+        model(**token_batch([3, 6]))
+    store = actstore.open(tmp_path / "s")
+    with actstore.recycle(model, 0.5, store):
+        got = model(**token_batch([3, 6, 2])).last_hidden_state
+        assert model.recycle_stats == {"lookups": 3, "hits": 2, "misses": 1, "appended": 0}
+    mask = token_batch([3, 6, 2])["attention_mask"].bool()
+    torch.testing.assert_close(got[mask], ref[mask], **TOL)
+    assert len(store) == 2 and len(actstore.open(tmp_path / "s")) == 2
+    writer = actstore.open(tmp_path / "s", mode="a")
+    with actstore.recycle(model, 0.5, writer):
+        model(**token_batch([3, 6, 2]))
+    writer.commit()
+    assert len(writer) == 3
+    writer.close()
