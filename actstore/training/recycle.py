@@ -128,9 +128,10 @@ def recycle(model: nn.Module, at: str | float, store: ActivationStore | str, *, 
     max_rows
         Store at most this many rows; beyond, misses are computed and not stored (one warning).
     hit_rate_after
-        After this many lookups (default: the store's rows when opened), a
-        hit rate below 5% over the following lookups warns once (inputs that
-        never repeat: random augmentation before the model).
+        After this many lookups (default: the store's rows when opened; for a
+        store filled on the fly pass ``len(train_dataset)``; 0: never), a hit
+        rate below 5% over the next as many lookups (at least 32) warns once
+        (inputs that never repeat: random augmentation before the model).
     store_dtype
         dtype of a store created here (default: the frozen part's output dtype; exact).
 

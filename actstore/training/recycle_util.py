@@ -21,6 +21,8 @@ __all__ = ["RecycledModel", "Routing", "freeze", "labels_hook", "untie"]
 
 #: The hit rate below which a store that should serve hits warns (inputs that never repeat).
 LOW_HIT_RATE = 0.05
+#: The fewest lookups after the first pass that the hit-rate warning judges (a second pass: at least as many as the first).
+MIN_WINDOW = 32
 
 
 class Routing:
@@ -68,7 +70,7 @@ class Routing:
         new = min(n, self.lookups - self.after)
         self.later += new
         self.later_hits += max(new - computed, 0)
-        if not self.warned and self.later >= min(self.after, 256) and self.later_hits < LOW_HIT_RATE * self.later:
+        if not self.warned and self.later >= max(self.after, MIN_WINDOW) and self.later_hits < LOW_HIT_RATE * self.later:
             self.warned = True
             warnings.warn(
                 f"recycle: {self.later_hits} of the last {self.later} samples were found in {self.rs.path} after "
