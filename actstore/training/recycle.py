@@ -48,7 +48,7 @@ from actstore.store import ActivationStore
 from actstore.training.collate import ActivationCollate
 from actstore.training.outputs import output_rows
 from actstore.training.recycle_store import RecycleStore
-from actstore.training.recycle_util import RecycledModel, Routing, freeze, labels_hook, untie
+from actstore.training.recycle_util import RecycledModel, Routing, freeze, labels_hook, tied_across, untie
 
 __all__ = ["RecycledModel", "recycle", "unrecycle"]
 
@@ -171,12 +171,13 @@ def recycle(model: nn.Module, at: str | float, store: ActivationStore | str, *, 
     frozen, _ = plan.kind.split(planned, plan, point, untie_weights=untie_weights)
     if not isinstance(frozen, Frozen):
         raise SplitError(f"recycle: the {plan.family} family gave no block-structured frozen part")
-    untie(model, frozen, untie_weights)
+    tied = tied_across(model, frozen, untie_weights)  # refused before anything changes
     fp = frozen_fingerprint(frozen)
     local = point[len(plan.prefix):] if plan.prefix else point
     names = {outer + point, point, local}
     rs = RecycleStore(store, at=outer + point, names=names, model=model, fingerprint=fp, frozen=frozen,
                       commit_every=commit_every, max_rows=max_rows, store_dtype=store_dtype)
+    untie(model, tied)
     routing = Routing(model, plan.base, plan.layout, frozen, rs, hit_rate_after, _route)
     freeze(routing)
     routing.hook = model.register_forward_pre_hook(labels_hook, with_kwargs=True)

@@ -17,7 +17,7 @@ from actstore.models.fingerprint import frozen_fingerprint
 from actstore.models.layout import BlockLayout
 from actstore.training.recycle_store import RecycleStore
 
-__all__ = ["RecycledModel", "Routing", "freeze", "labels_hook", "untie"]
+__all__ = ["RecycledModel", "Routing", "freeze", "labels_hook", "tied_across", "untie"]
 
 #: The hit rate below which a store that should serve hits warns (inputs that never repeat).
 LOW_HIT_RATE = 0.05
@@ -143,22 +143,30 @@ def freeze(routing: Routing) -> None:
         p.requires_grad_(False)
 
 
-def untie(model: nn.Module, frozen: Frozen, untie_weights: bool) -> None:
-    """A frozen part's weight used by a module after the cut (GPT-2's LM head): copy it there, or refuse."""
+def tied_across(model: nn.Module, frozen: Frozen, untie_weights: bool) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """The frozen part's weights used by a module after the cut (GPT-2's LM head): refused unless ``untie_weights``.
+
+    Returns ``(module, name, parameter)`` per such use, for :func:`untie`.  Raises :class:`SplitError`.
+    """
     frozen_params = {id(p): n for n, p in frozen.named_parameters()}
     frozen_modules = {id(m) for m in frozen.modules()}
     tied = [(name, module, pname, p) for name, module in model.named_modules(remove_duplicate=False)
             if id(module) not in frozen_modules
             for pname, p in module.named_parameters(recurse=False) if id(p) in frozen_params]
-    if not tied:
-        return
-    if not untie_weights:
+    if tied and not untie_weights:
         which = ", ".join(f"{n}.{pn} = frozen {frozen_params[id(p)]}" for n, _, pn, p in tied[:4])
         raise SplitError(
             f"recycle: weights are shared across the cut ({which}): training the model would change the frozen "
             "part and make the stored rows stale. Pass untie_weights=True to give the module after the cut its own "
             "copy (the model is untied: saved with tie_word_embeddings=False), or freeze that module")
-    for _, module, pname, p in tied:
+    return [(module, pname, p) for _, module, pname, p in tied]
+
+
+def untie(model: nn.Module, tied: list[tuple[nn.Module, str, nn.Parameter]]) -> None:
+    """Give each module of ``tied`` its own copy of the shared weight; the config then says the model is untied."""
+    if not tied:
+        return
+    for module, pname, p in tied:
         setattr(module, pname, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
     config = getattr(model, "config", None)
     for cfg in (config, getattr(config, "get_text_config", lambda **_: None)()):
