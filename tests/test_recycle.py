@@ -551,3 +551,23 @@ def test_a_rank_other_than_0_appends_to_a_part_that_rank_0_adopts(tmp_path: Any,
         model(**token_batch([5, 6]))
         assert model.hit_rate == 1.0
     assert len(actstore.open(path)) == 4
+
+
+def test_a_sentence_transformer_store_from_precompute_serves_recycle(tmp_path: Any) -> None:
+    from actstore.examples.faq.model import Tokenize
+    from actstore.testing.models import VOCAB, tiny_sentence_transformer
+
+    model = tiny_sentence_transformer(tmp_path / "m")
+    words = [w for w in VOCAB if w.isalpha()][:12]
+    texts = [" ".join(words[i:i + 2 + i % 3]) for i in range(6)]
+    frozen, _ = actstore.split(model, 0.5)
+    actstore.precompute(model, texts, tmp_path / "p", layers=frozen.at, collate_fn=Tokenize(model),
+                        store_dtype="float32", progress=False)
+    ref = model.encode(texts, convert_to_tensor=True)
+    with actstore.recycle(model, 0.5, tmp_path / "p"):
+        got = model.encode(texts, convert_to_tensor=True)
+        assert model.recycle_stats == {"lookups": 6, "hits": 6, "misses": 0, "appended": 0}
+        # the encoder called on its own (no features dict): keyed by what it got, never by stale features
+        model[0].auto_model(**model.tokenize(texts[:2]))
+        assert model.recycle_stats["misses"] == 2
+    torch.testing.assert_close(got, ref, **TOL)

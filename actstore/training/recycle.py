@@ -48,7 +48,15 @@ from actstore.store import ActivationStore
 from actstore.training.collate import ActivationCollate
 from actstore.training.outputs import output_rows
 from actstore.training.recycle_store import RecycleStore
-from actstore.training.recycle_util import RecycledModel, Routing, freeze, labels_hook, tied_across, untie
+from actstore.training.recycle_util import (
+    RecycledModel,
+    Routing,
+    features_hook,
+    freeze,
+    labels_hook,
+    tied_across,
+    untie,
+)
 
 __all__ = ["RecycledModel", "recycle", "unrecycle"]
 
@@ -181,6 +189,8 @@ def recycle(model: nn.Module, at: str | float, store: ActivationStore | str, *, 
     routing = Routing(model, plan.base, plan.layout, frozen, rs, hit_rate_after, _route)
     freeze(routing)
     routing.hook = model.register_forward_pre_hook(labels_hook, with_kwargs=True)
+    if plan.family == "sentence-transformers":  # key the features as they reach the model, as precompute does
+        routing.features_hook = planned.register_forward_pre_hook(features_hook(routing), with_kwargs=True)
     routing.finalizer = weakref.finalize(model, _finish, rs)
     routing.release = unrecycle
     cls = type(model)
@@ -227,8 +237,9 @@ def unrecycle(model: nn.Module) -> nn.Module:
         base.__dict__.pop("forward", None)
     else:
         base.forward = routing.saved
-    if routing.hook is not None:
-        routing.hook.remove()
+    for hook in (routing.hook, routing.features_hook):
+        if hook is not None:
+            hook.remove()
     for p, flag in routing.grads:
         p.requires_grad_(flag)
     try:
@@ -295,7 +306,11 @@ def _states(routing: Routing, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     rs = routing.rs
     first = next(iter(inputs.values()))
     n = int(first.shape[0])
-    keys = input_keys(inputs if len(inputs) > 1 else first, n)
+    features, routing.features = routing.features, None
+    if features is not None and _same_inputs(features, inputs, n):
+        keys = input_keys(features, n)  # a SentenceTransformer's features dict: precompute's collate output
+    else:
+        keys = input_keys(inputs if len(inputs) > 1 else first, n)
     rows = rs.lookup(keys)
     extra: dict[int, torch.Tensor] = {}
     todo: dict[bytes, list[int]] = {}
@@ -320,6 +335,20 @@ def _states(routing: Routing, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     device = param.device if param is not None else first.device
     dtype = param.dtype if param is not None and param.is_floating_point() else None
     return _layout(gathered, inputs.get("attention_mask"), first, device, dtype, rs.path)
+
+
+def _same_inputs(features: dict[str, Any], inputs: dict[str, torch.Tensor], n: int) -> bool:
+    """Whether the features a SentenceTransformer got are the ones its encoder got now (same tensors, same values)."""
+    if any(isinstance(v, torch.Tensor) and (v.ndim == 0 or int(v.shape[0]) != n) for v in features.values()):
+        return False
+    shared = [k for k in inputs if k in features]
+    if "input_ids" not in shared and "inputs_embeds" not in shared:
+        return False
+    for k in shared:
+        a, b = features[k], inputs[k]
+        if a is not b and (a.shape != b.shape or not torch.equal(a.to(b.device), b)):
+            return False
+    return True
 
 
 def _compute(routing: Routing, inputs: dict[str, torch.Tensor], miss: list[int]) -> tuple[list[torch.Tensor], bool]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from actstore.models.fingerprint import frozen_fingerprint
 from actstore.models.layout import BlockLayout
 from actstore.training.recycle_store import RecycleStore
 
-__all__ = ["RecycledModel", "Routing", "freeze", "labels_hook", "tied_across", "untie"]
+__all__ = ["RecycledModel", "Routing", "features_hook", "freeze", "labels_hook", "tied_across", "untie"]
 
 #: The hit rate below which a store that should serve hits warns (inputs that never repeat).
 LOW_HIT_RATE = 0.05
@@ -44,6 +44,9 @@ class Routing:
         self.computing = False  #: the frozen part is computing misses through the base's original forward
         self.grads: list[tuple[nn.Parameter, bool]] = []
         self.hook: Any = None
+        self.features_hook: Any = None
+        #: a SentenceTransformer's features dict of the current call (tensors and scalar constants), for the keys
+        self.features: dict[str, Any] | None = None
         self.finalizer: Any = None
         self.saved: Any = None
         self.original: Any = None
@@ -172,6 +175,23 @@ def untie(model: nn.Module, tied: list[tuple[nn.Module, str, nn.Parameter]]) -> 
     for cfg in (config, getattr(config, "get_text_config", lambda **_: None)()):
         if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
             cfg.tie_word_embeddings = False
+
+
+_CONSTANTS = (type(None), bool, int, float, str)
+
+
+def features_hook(routing: Routing) -> Callable[..., None]:
+    """A forward pre-hook on a SentenceTransformer keeping the features dict it gets (the collate output precompute
+    keys: tensors and batch-level constants such as ``modality``) for the routed encoder's keys."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        features = args[0] if args else kwargs.get("input")
+        routing.features = None
+        if isinstance(features, Mapping):  # a dict, a tokenizer's BatchEncoding
+            routing.features = {k: v for k, v in features.items()
+                                if isinstance(v, (torch.Tensor, *_CONSTANTS))}
+
+    return hook
 
 
 def labels_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
