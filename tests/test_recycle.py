@@ -571,3 +571,18 @@ def test_a_sentence_transformer_store_from_precompute_serves_recycle(tmp_path: A
         model[0].auto_model(**model.tokenize(texts[:2]))
         assert model.recycle_stats["misses"] == 2
     torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("form", ["tensor", "dict"])
+def test_images_precomputed_as_a_tensor_batch_or_a_dict_are_served(form: str, tmp_path: Any) -> None:
+    model, batch, _ = CASES["ViTForImageClassification"]()
+    images = batch["pixel_values"]
+    ref = model(pixel_values=images).logits
+    at = "vit.layers.1"
+    # a tensor batch is keyed as the tensor, a dict batch as {"pixel_values": ...}
+    items = [(img, 0) for img in images] if form == "tensor" else [{"pixel_values": img} for img in images]
+    actstore.precompute(model, items, tmp_path / "s", layers=at, store_dtype="float32", progress=False)
+    with actstore.recycle(model, at, tmp_path / "s"):
+        got = model(pixel_values=images).logits
+        assert model.recycle_stats["misses"] == 0
+    torch.testing.assert_close(got, ref, **TOL)

@@ -312,6 +312,11 @@ def _states(routing: Routing, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     else:
         keys = input_keys(inputs if len(inputs) > 1 else first, n)
     rows = rs.lookup(keys)
+    if len(inputs) == 1 and features is None and (rows < 0).any():
+        # One input: precompute keys a bare tensor batch as the tensor, a collate's dict as {name: tensor}.
+        absent = np.flatnonzero(rows < 0)
+        name = next(iter(inputs))
+        rows[absent] = rs.lookup(input_keys({name: first[torch.as_tensor(absent, device=first.device)]}, len(absent)))
     extra: dict[int, torch.Tensor] = {}
     todo: dict[bytes, list[int]] = {}
     for p in np.flatnonzero(rows < 0).tolist():
