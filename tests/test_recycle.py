@@ -586,3 +586,22 @@ def test_images_precomputed_as_a_tensor_batch_or_a_dict_are_served(form: str, tm
         got = model(pixel_values=images).logits
         assert model.recycle_stats["misses"] == 0
     torch.testing.assert_close(got, ref, **TOL)
+
+
+def test_a_wrapper_set_over_the_routed_forward_passes_through_after_unrecycle(tmp_path: Any) -> None:
+    model = _model("BertModel", "bert")
+    ref = model(**_text()).last_hidden_state
+    actstore.recycle(model, 0.5, tmp_path / "s")
+    routed = model.forward
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:  # as accelerate's prepare() wraps forward
+        return routed(*args, **kwargs)
+
+    model.forward = wrapper
+    model(**_text())
+    actstore.unrecycle(model)
+    assert model.forward is wrapper  # not removed: it is not ours
+    counter = Counter(model.encoder.layer[0])
+    out = model(**_text()).last_hidden_state  # the store is closed: the original forward runs
+    assert counter.calls == 1
+    torch.testing.assert_close(out, ref, **TOL)

@@ -218,6 +218,7 @@ def _patch(routing: Routing) -> None:
         return routing.route(routing, args, kwargs)
 
     functools.update_wrapper(forward, original)
+    routing.routed = forward
     base.forward = forward
 
 
@@ -233,10 +234,12 @@ def unrecycle(model: nn.Module) -> nn.Module:
                         "models it routes)")
     routing: Routing = model.__dict__["_actstore_recycle"]
     base = routing.base
-    if routing.saved is None:
-        base.__dict__.pop("forward", None)
-    else:
-        base.forward = routing.saved
+    routing.closed = True  # a wrapper set over the routed forward since (accelerate's) now calls the original
+    if base.__dict__.get("forward") is routing.routed:
+        if routing.saved is None:
+            del base.__dict__["forward"]
+        else:
+            base.forward = routing.saved
     for hook in (routing.hook, routing.features_hook):
         if hook is not None:
             hook.remove()
@@ -283,7 +286,7 @@ def _inputs(routing: Routing, params: dict[str, Any]) -> dict[str, torch.Tensor]
 
 
 def _route(routing: Routing, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if routing.computing:  # the frozen part's own call, computing misses: the original forward
+    if routing.computing or routing.closed:  # computing misses (the frozen part's own call), or unrecycled
         return routing.original(*args, **kwargs)
     params = _arguments(routing, args, kwargs)
     cached = [c for c in _CACHES if params.get(c) is not None]

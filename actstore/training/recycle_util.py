@@ -50,6 +50,8 @@ class Routing:
         self.finalizer: Any = None
         self.saved: Any = None
         self.original: Any = None
+        self.routed: Any = None  #: the routed forward set on the base
+        self.closed = False  #: unrecycled: the routed forward, if still reachable through a wrapper, passes through
         self.signature: Any = None
         self.release: Callable[[Any], Any] = lambda model: None  #: actstore.unrecycle (set by recycle)
 
