@@ -605,3 +605,17 @@ def test_a_wrapper_set_over_the_routed_forward_passes_through_after_unrecycle(tm
     out = model(**_text()).last_hidden_state  # the store is closed: the original forward runs
     assert counter.calls == 1
     torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_hidden_states_and_attentions_of_the_frozen_blocks_are_refused(tmp_path: Any) -> None:
+    model = actstore.recycle(_model("BertForSequenceClassification", "bert", num_labels=3), 0.5, tmp_path / "s")
+    with pytest.raises(actstore.errors.HeadInputError, match="output_hidden_states"):
+        model(**_text(), output_hidden_states=True)
+    with pytest.raises(actstore.errors.HeadInputError, match="output_attentions"):
+        model(**_text(), output_attentions=True)
+    model.config.output_hidden_states = True
+    with pytest.raises(actstore.errors.HeadInputError, match="output_hidden_states"):
+        model(**_text())
+    model.config.output_hidden_states = False
+    model(**_text())
+    model.close()

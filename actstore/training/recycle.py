@@ -293,6 +293,15 @@ def _route(routing: Routing, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     if cached:
         raise SplitError(f"recycle: the model got {cached[0]}=: a recycled model runs whole sequences without a "
                          "key/value cache; call actstore.unrecycle(model) to generate")
+    config = getattr(routing.base, "config", None)
+    asked = [k for k in ("output_hidden_states", "output_attentions")
+             if params.get(k) or (params.get(k) is None and getattr(config, k, False) is True)]
+    if asked:
+        raise HeadInputError(
+            f"recycle: {asked[0]}=True: the hidden states and attentions of the blocks up to the cut are not "
+            "computed by a recycled model (its rows stand in for them), so they would not be the original's. Ask "
+            "for them from the plain model (actstore.unrecycle(model)), or read the layers after the cut yourself "
+            "with forward hooks")
     inputs = _inputs(routing, params)
     routing.check_fresh()
     if routing.layout.feed is not None:
