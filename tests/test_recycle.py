@@ -317,10 +317,17 @@ def test_close_with_and_garbage_collection_release_the_store(tmp_path: Any) -> N
     store.close()
 
 
-def test_commit_every(tmp_path: Any) -> None:
+def test_commit_every_and_the_memory_bound(tmp_path: Any, monkeypatch: Any) -> None:
+    from actstore.training import recycle_store
+
     model = actstore.recycle(_model("BertModel", "bert"), 0.5, tmp_path / "s", commit_every=2)
     model(**_text())
     assert len(actstore.open(tmp_path / "s")) == 3  # committed without close()
+    model.close()
+    monkeypatch.setattr(recycle_store, "PENDING_BYTES", 32 * 4 * 8)  # rows of 8 tokens x 32 float32
+    model = actstore.recycle(_model("BertModel", "bert"), 0.5, tmp_path / "t")
+    model(**token_batch([8, 2]))
+    assert len(actstore.open(tmp_path / "t")) == 2 and not model.__dict__["_actstore_recycle"].rs.pending
     model.close()
 
 

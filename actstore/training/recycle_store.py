@@ -38,7 +38,10 @@ from actstore.store import open as open_store
 from actstore.training.checks import KEYS_ATTR, NO_COLLATE
 from actstore.training.worker_parts import WorkerPart, adopt_parts
 
-__all__ = ["RecycleStore", "layer_field"]
+__all__ = ["PENDING_BYTES", "RecycleStore", "layer_field"]
+
+#: Appended rows kept in memory (served until committed) commit once they hold this many bytes.
+PENDING_BYTES = 256 << 20
 
 
 def layer_field(store: ActivationStore, names: set[str], model: torch.nn.Module, at: str) -> str:
@@ -91,6 +94,7 @@ class RecycleStore:
         self.commit_every, self.max_rows = commit_every, max_rows
         self.store_dtype = None if store_dtype is None else dtype_name(store_dtype)
         self.pending: dict[bytes, torch.Tensor] = {}
+        self.pending_bytes = 0
         self.appended = 0
         self.capped = False
         self._owner = os.getpid()
@@ -181,6 +185,7 @@ class RecycleStore:
             if self._part.append(keys, values, {self.field: field}, self.fingerprint,
                                  main.attrs if main is not None else attrs, self.commit_every):
                 self.pending.clear()
+                self.pending_bytes = 0
         else:
             if self._store is None:
                 self._store = create(self.path, {self.field: field}, fingerprint=self.fingerprint, exist_ok=True,
@@ -188,9 +193,14 @@ class RecycleStore:
             self._store.append(keys, values)
         for k, r in zip(keys, rows, strict=True):
             self.pending[bytes(k)] = r
+            self.pending_bytes += r.numel() * r.element_size()
         self.appended += len(rows)
-        if not worker and self._store is not None and self._store.pending >= self.commit_every:
+        full = self.pending_bytes >= PENDING_BYTES  # rows served from memory until committed: bounded
+        if not worker and self._store is not None and (self._store.pending >= self.commit_every or full):
             self.commit()
+        elif worker and full:
+            self.pending.clear()
+            self.pending_bytes = 0
 
     def _attrs(self, field: Field) -> dict[str, Any]:
         record = PrecomputeRecord(layers=(LayerRecord(self.at, self.field, field.ragged),), item=None,
@@ -202,12 +212,14 @@ class RecycleStore:
         """Commit appended rows (adopting finished parts of ranks and workers); returns the generation or None."""
         if os.getpid() != self._owner or self._rank > 0:
             self.pending.clear()
+            self.pending_bytes = 0
             return self._part.commit()
         if self._store is not None and self._store.mode == "a":
             self._store.commit()
         if self._own:
             self._store = adopt_parts(self.path, self._store)
         self.pending.clear()
+        self.pending_bytes = 0
         return self._store.generation if self._store is not None and self._store.mode == "a" else None
 
     def close(self) -> None:
@@ -219,3 +231,4 @@ class RecycleStore:
         if self._store is not None and self._own:
             self._store.close()
         self.pending.clear()
+        self.pending_bytes = 0
