@@ -33,6 +33,7 @@ from actstore.training.collate import ActivationCollate, PaddedBatch, collate
 from actstore.training.datasets import ActivationDataset
 from actstore.training.encoder import RecycledEncoder
 from actstore.training.inference import infer
+from actstore.training.recycle import recycle, unrecycle
 from actstore.training.recycled import CachedDataset
 from actstore.training.sampler import ChunkShuffleSampler
 
@@ -72,7 +73,9 @@ __all__ = [
     "lora",
     "open",
     "precompute",
+    "recycle",
     "split",
     "split_points",
     "trainable_parameters",
+    "unrecycle",
 ]

@@ -168,8 +168,11 @@ def keep_or_replace(resumed: Resumed, root: str, cfg: PrecomputeConfig, mine: Pr
     if upgrade:
         _say_once(f"{root}: the store keys rows by raw items (precompute record version 1); rows are now keyed by "
                   "the model inputs as fed: rows whose input key is found are kept, every other one is computed again")
+    # A record without a sample layout (actstore.recycle's: rows keyed by inputs, no view, no side values)
+    # takes any: the layout only concerns the side columns and the view this run writes.
     diffs = [k for k, a, b in (("sample", have.item, mine.item), ("keys", have.keys, mine.keys),
-                               ("key_fn", have.key_fn, mine.key_fn)) if a != b and not (upgrade and k != "sample")]
+                               ("key_fn", have.key_fn, mine.key_fn))
+             if a != b and not (upgrade and k != "sample") and not (k == "sample" and a is None)]
     side_specs = {c.field: c.spec for c in side.columns}
     row_sides = set(store.fields) - set(cfg.capture.fields.values())  # side values as row fields: before format 3
     if row_sides and (row_sides != set(side_specs) or any(store.fields[f] != side_specs[f] for f in row_sides)):
