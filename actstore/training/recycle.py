@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from actstore.errors import HeadInputError, SplitError
-from actstore.models.blocks import Frozen, stand_ins
+from actstore.models.blocks import Frozen, input_grad, stand_ins
 from actstore.models.fingerprint import frozen_fingerprint
 from actstore.models.split import check_batch, plan_split, resolve_at, wrapped_base
 from actstore.precompute.inputs import input_keys
@@ -306,7 +306,7 @@ def _route(routing: Routing, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
     routing.check_fresh()
     if routing.layout.feed is not None:
         check_batch(routing.frozen, inputs)  # left padding; position ids a store cannot give back
-    states = _states(routing, inputs)
+    states = input_grad(routing.base, routing.layout, routing.frozen.k, _states(routing, inputs), routing.outer())
     if "use_cache" in routing.signature.parameters and routing.layout.use_cache:
         kwargs = {**kwargs, "use_cache": False}
     with stand_ins(routing.base, routing.layout, routing.frozen.k, states):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +37,7 @@ class Routing:
                  hit_rate_after: int | None, route: Callable[[Routing, tuple[Any, ...], dict[str, Any]], Any]) -> None:
         self.base, self.layout, self.frozen, self.rs, self.route = base, layout, frozen, rs, route
         self.kind = type(model).__name__
+        self.outer = weakref.ref(model)  #: the recycled model (weak: the finalizer must not keep it alive)
         self.hits = self.misses = self.lookups = 0
         self.after = hit_rate_after if hit_rate_after is not None else rs.rows_at_open
         self.later_hits = self.later = 0
