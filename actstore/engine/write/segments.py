@@ -47,7 +47,8 @@ __all__ = ["PendingView", "SegmentWriter", "ShardFile", "write_index_run", "writ
 
 #: A write at least this large is hashed on a helper thread while this thread writes it.
 PARALLEL_HASH_BYTES = 1 << 20
-#: A map at least this large is copied by file range (:meth:`ShardFile.copy`); smaller ones are written.
+#: A range of a map at least this large is written in 2 MiB-aligned pieces (:meth:`ShardFile.copy`); smaller ones
+#: go through the buffered file.
 COPY_RANGE_BYTES = 64 << 10
 #: Start write-back (``fdatasync`` on a helper thread) whenever this much data has been written
 #: since the last start, so that the disk works while rows arrive and commit's fsync finds
@@ -133,15 +134,20 @@ class ShardFile:
         self._hash.update(data)
 
     def copy(self, rows: np.ndarray, source: CheckedFile, hasher: ThreadPoolExecutor | None = None) -> int:
-        """Append ``rows``, a range of committed file ``source``'s map, by file range; returns the bytes written.
+        """Append ``rows``, a range of committed file ``source``'s read-only map; returns the bytes written.
 
-        The kernel copies the range into this file (:func:`actstore.storage.files.copy_range`)
-        while ``hasher`` hashes the same bytes of ``source``'s read-only map, twice:
-        into ``source``'s check (compared with its record when the caller
-        finishes it, before anything is published) and into this file's
-        checksum.  A compressed array or a small range is written by :meth:`write`.
+        The rows are written from the map in pieces that end on 2 MiB
+        boundaries of this file (:func:`actstore.storage.files.write_aligned`),
+        so that the new file's page cache is in huge folios and its memory map
+        reads as fast as a file written in one commit (a kernel copy,
+        ``os.copy_file_range``, left small folios: random reads of the merged
+        segment measured 0.55–0.8× those of a one-commit store).  Meanwhile
+        ``hasher`` hashes the same bytes of the map, twice: into ``source``'s
+        check (compared with its record when the caller finishes it, before
+        anything is published) and into this file's checksum.  A compressed
+        array or a small range is written by :meth:`write`.
         """
-        if self._encoder is not None or rows.nbytes < max(COPY_RANGE_BYTES, 1) or source.fd is None:
+        if self._encoder is not None or rows.nbytes < max(COPY_RANGE_BYTES, 1):
             return self.write(rows, hasher, source)
         offset = source.offset_of(rows)
         data = memoryview(rows).cast("B")  # type: ignore[arg-type]
@@ -152,11 +158,11 @@ class ShardFile:
         feed = partial(self._feed, data, source, offset)
         hashed = hasher.submit(feed) if hasher is not None else None
         try:
-            fsio.copy_range(source.fd, self._file.fileno(), offset, len(data), data)
+            fsio.write_aligned(self._file.fileno(), data, self._file.tell())
         finally:
             if hashed is not None:
                 hashed.result()
-            self._file.seek(0, os.SEEK_END)  # the buffered file learns the position the copy moved
+            self._file.seek(0, os.SEEK_END)  # the buffered file learns the position the writes moved
         if hashed is None:
             feed()
         self.rows += len(rows)
