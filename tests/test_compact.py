@@ -356,16 +356,15 @@ def test_a_deleted_store_reports_its_missing_files(tmp_path: Path) -> None:
 
 @pytest.fixture
 def by_range(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every map is copied as a range of its file (however small); returns the byte counts that were."""
-    monkeypatch.setattr(segments_mod, "COPY_RANGE_BYTES", 1)
+    """Counts the maps copied whole as a range of their file; returns the byte counts that were."""
     copied: list[int] = []
-    real = files_mod.write_aligned
+    real = segments_mod.ShardFile.copy
 
-    def counting(fd: int, data: memoryview, position: int) -> None:
-        copied.append(len(data))
-        real(fd, data, position)
+    def counting(self: Any, rows: np.ndarray, source: Any, hasher: Any = None) -> int:
+        copied.append(rows.nbytes)
+        return real(self, rows, source, hasher)
 
-    monkeypatch.setattr(files_mod, "write_aligned", counting)
+    monkeypatch.setattr(segments_mod.ShardFile, "copy", counting)
     return copied
 
 
@@ -418,10 +417,10 @@ def test_enospc_during_a_copy_leaves_the_last_commit(tmp_path: Path, by_range: l
     s = make(path, [3, 4, 5])
     before, gen = listed(path), s.generation
 
-    def full(*args: Any) -> None:
+    def full(*args: Any) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(files_mod, "write_aligned", full)
+    monkeypatch.setattr(os, "write", full)
     with pytest.raises(OSError, match="No space"):
         s.compact()
     assert s.generation == gen and listed(path) == before
@@ -429,7 +428,7 @@ def test_enospc_during_a_copy_leaves_the_last_commit(tmp_path: Path, by_range: l
     assert_rows(s, 12)
 
 
-def test_map_range_and_write_aligned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_map_range(tmp_path: Path) -> None:
     data = np.arange(5000, dtype=np.int32)
     path = tmp_path / "f"
     data.tofile(path)
@@ -437,8 +436,12 @@ def test_map_range_and_write_aligned(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert map_range(m) == (str(path), 0)
     assert map_range(m[7:9]) == (str(path), 7 * 20)
     assert map_range(m[:, 1:]) is None and map_range(np.zeros(3)) is None  # not contiguous; not a map
-    out = tmp_path / "out"
-    big = np.random.default_rng(0).integers(0, 255, 5 * files_mod.HUGE_PAGE_BYTES + 123, np.uint8)
+
+
+def test_a_huge_page_file_writes_whole_2mib_ranges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    huge = files_mod.HUGE_PAGE_BYTES
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 255, n, np.uint8) for n in (3, 100_000, 5 * huge + 123, huge - 7, 2 * huge, 11)]
     ends: list[int] = []
     real_write = os.write
 
@@ -447,15 +450,13 @@ def test_map_range_and_write_aligned(tmp_path: Path, monkeypatch: pytest.MonkeyP
         ends.append(os.lseek(fd, 0, os.SEEK_CUR))
         return n
 
-    dst = os.open(out, os.O_WRONLY | os.O_CREAT)
-    try:
-        os.write(dst, b"ab")
-        files_mod.write_aligned(dst, memoryview(m[7:9]).cast("B"), 2)
-        monkeypatch.setattr(os, "write", write)
-        files_mod.write_aligned(dst, memoryview(big), 42)
-    finally:
-        monkeypatch.undo()
-        os.close(dst)
-    assert out.read_bytes() == b"ab" + data[35:45].tobytes() + big.tobytes()
-    # each piece ends on a 2 MiB boundary of the file (the last one at the end of the data)
-    assert ends[:-1] == [k * files_mod.HUGE_PAGE_BYTES for k in range(1, len(ends))] and ends[-1] == 42 + big.nbytes
+    f = files_mod.HugePageFile(str(tmp_path / "out"))
+    monkeypatch.setattr(os, "write", write)
+    for p in parts:
+        assert f.write(p) == p.nbytes
+    assert f.tell() == sum(p.nbytes for p in parts)
+    f.close()
+    monkeypatch.undo()
+    assert (tmp_path / "out").read_bytes() == b"".join(p.tobytes() for p in parts)
+    # every write call but the last (the flush at close) ends on a 2 MiB boundary and covers one range
+    assert ends[:-1] == [k * huge for k in range(1, len(ends))] and ends[-1] == f.tell()

@@ -57,3 +57,19 @@ def test_a_compacted_segment_maps_by_huge_pages_as_a_one_commit_segment_does(tmp
     # all but the 2 MiB pages at the file's two ends (the writes before it was merged left them) are huge
     assert got >= ref - 4096, f"compacted: {got} KiB by huge pages, one commit: {ref} KiB"
     assert np.array_equal(merged.gather(np.arange(ROWS))["h"].numpy(), one.gather(np.arange(ROWS))["h"].numpy())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs /proc/self/smaps (Linux)")
+def test_a_segment_appended_in_small_batches_maps_by_huge_pages(tmp_path: Path) -> None:
+    one = _write(tmp_path / "one", 1)
+    ref = _pmd_mapped_kib(one)
+    if ref == 0:
+        pytest.skip("this kernel or file system does not map page-cache files by huge pages")
+    data = np.random.default_rng(1).standard_normal((ROWS, 512)).astype(np.float16)
+    s = actstore.create(tmp_path / "small", FIELDS)
+    for i in range(0, ROWS, 100):  # 100 KiB appends, as a precompute's writer makes them
+        s.append([actstore.key(j) for j in range(i, min(ROWS, i + 100))], {"h": data[i : i + 100]})
+    s.commit()
+    got = _pmd_mapped_kib(s)
+    assert got >= ref - 2048, f"appended in small batches: {got} KiB by huge pages, one append: {ref} KiB"
+    assert np.array_equal(s.gather(np.arange(ROWS))["h"].numpy(), data)
