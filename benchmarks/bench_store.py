@@ -75,6 +75,9 @@ from benchmarks.store_common import (  # noqa: E402
     step,
 )
 
+#: The tables, in the order they run (``--only``).
+TABLES = ("cold", "gather", "single", "open", "lookup", "append", "compressed", "commits")
+
 # --- setup -------------------------------------------------------------------------
 
 
@@ -479,8 +482,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep --out afterwards (the Arrow peer is reused next run)")
     ap.add_argument("--results", help="also write the Markdown tables here (and the JSON next to it)")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold-cache gather")
+    ap.add_argument("--only", choices=TABLES, action="append",
+                    help="run only these tables (repeatable; default: all): " + ", ".join(TABLES))
+    ap.add_argument("--many-rows", type=int, default=None,
+                    help="rows of the 64-commit stores (default 500,000; --quick 50,000)")
     args = ap.parse_args(argv)
 
+    only = set(args.only or TABLES)
     rows = args.rows if args.rows is not None else (100_000 if args.quick else 1_000_000)
     append_rows = 130_000 if args.quick else 1_400_000
     rounds = 3 if args.quick else 7
@@ -509,35 +517,45 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(header) + "\n", flush=True)
     rep = Report()
     try:
-        d = Data(out, rows)
-        d.build()
-        if not args.no_cold:
+        reads = only & {"cold", "gather", "single", "open", "lookup"}
+        d = Data(out, rows if reads else 0)  # (no rows to generate when only the write tables run)
+        if reads:
+            d.build()
+        if "cold" in only and not args.no_cold:
             bench_cold(rep, d, rounds=3 if args.quick else 5)
             print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
-        s1, s20 = actstore.open(d.store1), actstore.open(d.store20)
-        mm = np.load(d.npy, mmap_mode="r")
-        done = step("warming both maps")
-        warm(s1, mm)
-        warm(s20, mm)
-        done()
-        bench_gather(rep, d, s1, s20, mm, rounds, args.quick)
-        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
-        bench_single(rep, d, s1, s20, mm, rounds)
-        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
-        bench_open(rep, d, repeat=20)
-        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
-        bench_lookup(rep, d, s1, s20, rounds)
-        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
-        del s1, s20, mm
+        if only & {"gather", "single", "lookup"}:
+            s1, s20 = actstore.open(d.store1), actstore.open(d.store20)
+            mm = np.load(d.npy, mmap_mode="r")
+            done = step("warming both maps")
+            warm(s1, mm)
+            warm(s20, mm)
+            done()
+            if "gather" in only:
+                bench_gather(rep, d, s1, s20, mm, rounds, args.quick)
+                print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
+            if "single" in only:
+                bench_single(rep, d, s1, s20, mm, rounds)
+                print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
+            if "lookup" in only:
+                bench_lookup(rep, d, s1, s20, rounds)
+                print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
+            del s1, s20, mm
+        if "open" in only:
+            bench_open(rep, d, repeat=20)
+            print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
         d.array = None  # type: ignore[assignment]  # free 0.8 GB before the write test
         gc.collect()
-        bench_append(rep, d, append_rows, rounds=2 if args.quick else 5)
-        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
-        bench_compressed(rep, out, 20_000 if args.quick else 200_000, rounds=3 if args.quick else 5)
-        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
-        many = 50_000 if args.quick else 500_000
-        bench_many_commits(rep, out, make_rows(many, SEED + 1), make_keys(0, many), rounds)
-        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
+        if "append" in only:
+            bench_append(rep, d, append_rows, rounds=2 if args.quick else 5)
+            print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
+        if "compressed" in only:
+            bench_compressed(rep, out, 20_000 if args.quick else 200_000, rounds=3 if args.quick else 5)
+            print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
+        if "commits" in only:
+            many = args.many_rows or (50_000 if args.quick else 500_000)
+            bench_many_commits(rep, out, make_rows(many, SEED + 1), make_keys(0, many), rounds)
+            print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
@@ -547,7 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     print(footer)
     if args.results:
         # The cold table is measured first but reported last (it is optional).
-        order = rep.tables[1:] + rep.tables[:1] if not args.no_cold else rep.tables
+        cold = "cold" in only and not args.no_cold
+        order = rep.tables[1:] + rep.tables[:1] if cold else rep.tables
         body = "\n\n".join(rep.markdown_of(t) for t in order)
         with open(args.results, "w") as f:
             f.write("\n".join(header) + "\n\n" + body + "\n\n" + footer + "\n")
