@@ -35,6 +35,7 @@ import torch
 
 from actstore.engine.read.base import Row, Segment
 from actstore.engine.read.gather import NotMapped, row_view, take_across
+from actstore.engine.read.joined import Joined, join
 from actstore.format.fields import Field
 
 __all__ = ["ROW_ALL", "RowPlan", "TakePlan", "fast_gather", "make_row", "plain", "row_getter", "row_one",
@@ -217,6 +218,16 @@ def fast_gather(snap: Any, rows: Any) -> dict[str, torch.Tensor] | None:
             return {name: take(rows) for name, take in one}
         except IndexError:
             return None  # the general path says which row
+    joined = snap.plans.get("joined", False)
+    if joined is False:
+        joined = snap.plans["joined"] = _joined_plan(snap)
+    if joined is not None:  # each field's files side by side in one map: one take per field
+        seg = snap.starts.searchsorted(rows, "right")
+        try:
+            return {name: _from_numpy(one.take(seg, rows)).view(torch.bfloat16) if bf16
+                    else _from_numpy(one.take(seg, rows)) for name, one, bf16 in joined}
+        except IndexError:
+            return None  # the general path says which row
     if "across" not in snap.plans:
         snap.plans["across"] = _across_plan(snap)
     plan = snap.plans["across"]
@@ -243,3 +254,19 @@ def fast_gather(snap: Any, rows: Any) -> dict[str, torch.Tensor] | None:
         t = _from_numpy(result)
         out[name] = t.view(torch.bfloat16) if f.dtype == "bfloat16" else t
     return out
+
+
+def _joined_plan(snap: Any) -> tuple[tuple[str, Joined, bool], ...] | None:
+    """Every field of ``snap`` (plain fixed fields only) in one map each (:func:`~actstore.engine.read.joined.join`),
+    or None when any field cannot be."""
+    fields: Mapping[str, Field] = snap.fields
+    if not all(plain(f) and not f.ragged for f in fields.values()):
+        return None
+    plan = []
+    for name, f in fields.items():
+        arrays = [seg.fixed(name) for seg in snap.segments]
+        one = join(arrays, snap.starts_list) if all(_mapped(a, f) for a in arrays) else None
+        if one is None:
+            return None
+        plan.append((name, one, f.dtype == "bfloat16"))
+    return tuple(plan)
