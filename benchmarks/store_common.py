@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Table, timeit
+from benchmarks.common import Table
 
 __all__ = ["APPEND_BATCH", "BATCH", "COLUMNS", "DIM", "DTYPE", "ROW_BYTES", "SEED", "SEGMENTS", "SMALL_ROWS",
-           "Report", "bench_many_commits", "fmt_ratio", "make_keys", "make_rows", "package_keys", "race", "race_rounds",
-           "step"]
+           "CLOCK", "Report", "bench_many_commits", "fmt_ratio", "make_keys", "make_rows", "package_keys", "race", "race_rounds",
+           "step", "use_cpu_clock"]
 
 DIM = 384
 DTYPE = np.float16
@@ -61,6 +61,24 @@ def make_rows(n: int, seed: int) -> np.ndarray:
     return bits.view(DTYPE).reshape(n, DIM)
 
 
+#: The clock of :func:`race` and :func:`race_rounds`: wall time by default; ``--clock cpu`` (:func:`use_cpu_clock`)
+#: counts this thread's CPU time only (user + system, page faults included), which a machine shared with other
+#: busy processes does not inflate by descheduling (it does not remove their effect on caches).
+CLOCK: list[Callable[[], float]] = [time.perf_counter]
+
+
+def use_cpu_clock() -> None:
+    CLOCK[0] = time.thread_time
+
+
+def _per_call(fn: Callable[[], Any], number: int) -> float:
+    clock = CLOCK[0]
+    t0 = clock()
+    for _ in range(number):
+        fn()
+    return (clock() - t0) / number
+
+
 def race(fns: dict[str, Callable[[], Any]], numbers: dict[str, int], rounds: int) -> dict[str, float]:
     """Median seconds per call of each function, the functions taking turns round by round."""
     for fn in fns.values():
@@ -68,7 +86,7 @@ def race(fns: dict[str, Callable[[], Any]], numbers: dict[str, int], rounds: int
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name].append(timeit(fn, repeat=1, number=numbers[name], warmup=0))
+            times[name].append(_per_call(fn, numbers[name]))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -79,7 +97,7 @@ def race_rounds(fns: dict[str, Callable[[], Any]], number: int, rounds: int) -> 
     times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            times[name].append(timeit(fns[name], repeat=1, number=number, warmup=0))
+            times[name].append(_per_call(fns[name], number))
     return times
 
 
