@@ -122,3 +122,18 @@ def test_store_getitem_sees_a_refresh(tmp_path: Path) -> None:
         w.compact()
     r.refresh()
     assert r[8]["w"][0] == 4.0 and ds[-1]["w"][0] == 4.0 and r.snapshot.row1 is not None
+
+
+def test_a_row_size_with_a_large_odd_factor_reserves_little_address_space(tmp_path: Path) -> None:
+    fields = {"p": Field((1009,), "float32")}  # 4,036-byte rows: a multiple of 2 MiB and of the row is 2 GiB
+    with actstore.create(tmp_path / "s", fields) as w:
+        w.merge_policy = None
+        for lo, hi in ((0, 3), (3, 10)):
+            w.append([actstore.key(i) for i in range(lo, hi)],
+                     {"p": np.arange(lo * 1009, hi * 1009, dtype=np.float32).reshape(-1, 1009)})
+            w.commit()
+    s = actstore.open(tmp_path / "s")
+    rows = np.array([9, 0, 3, 2], np.int64)
+    assert s.gather(rows)["p"][:, 0].tolist() == [9 * 1009, 0, 3 * 1009, 2 * 1009]  # type: ignore[index]
+    (name, one, _), = s.snapshot.plans["joined"]
+    assert name == "p" and one.array.nbytes < (64 << 20) + 10 * 4036

@@ -42,6 +42,8 @@ __all__ = ["Joined", "Region", "join"]
 
 #: File maps start on multiples of this (and of the row size) within the range: the kernel's huge page.
 _ALIGN = 2 << 20
+#: A larger multiple of the row size and 2 MiB falls back to page alignment (bounds the address space reserved).
+_MAX_STEP = 64 << 20
 _PROT_NONE, _PROT_READ = 0, 1
 _MAP_FIXED = 0x10
 _MAP_NORESERVE = 0x4000 if sys.platform.startswith("linux") else 0
@@ -145,11 +147,16 @@ def join(arrays: Sequence[np.ndarray], starts: Sequence[int]) -> Joined | None:
             return None
         files.append((where[0], a.nbytes, len(a)))
     step = math.lcm(row_bytes, _ALIGN)
+    if step > _MAX_STEP:  # (a row size with a large odd factor: page alignment only, no huge pages)
+        step = math.lcm(row_bytes, mmap.PAGESIZE)
     offsets, end = [], 0
     for _, nbytes, _ in files:
         at = -(-end // step) * step
         offsets.append(at)
         end = at + nbytes
+    data = sum(nbytes for _, nbytes, _ in files)
+    if end > 2 * data + _MAX_STEP * len(files):
+        return None  # the gaps would reserve far more address space than the data: keep the per-segment gather
     total_rows = -(-end // row_bytes)
     try:
         region = Region(max(end, 1))
