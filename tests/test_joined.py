@@ -12,7 +12,6 @@ import torch
 
 import actstore
 from actstore import Field
-from actstore.engine.read.gather import gather_fixed
 from actstore.engine.read.joined import Joined, join
 from actstore.training.datasets import ActivationDataset
 
@@ -54,8 +53,8 @@ def test_a_gather_across_segments_is_one_take_from_one_map(tmp_path: Path) -> No
         got = s.gather(rows)
         joined = s.snapshot.plans["joined"]
         assert joined is not None and sorted(name for name, _, _ in joined) == sorted(FIELDS)
-        for name, f in FIELDS.items():
-            want = gather_fixed(s.snapshot, name, f, rows)  # the per-segment gather
+        for name in FIELDS:
+            want = torch.stack([s[r][name] for r in rows.tolist()])  # row by row, each from its own segment's map
             assert got[name].dtype == want.dtype and got[name].shape == want.shape
             assert torch.equal(got[name].view(torch.uint8), want.view(torch.uint8)), name  # type: ignore[union-attr]
         assert got["k"].tolist() == rows.tolist()  # type: ignore[union-attr]
@@ -137,3 +136,15 @@ def test_a_row_size_with_a_large_odd_factor_reserves_little_address_space(tmp_pa
     assert s.gather(rows)["p"][:, 0].tolist() == [9 * 1009, 0, 3 * 1009, 2 * 1009]  # type: ignore[index]
     (name, one, _), = s.snapshot.plans["joined"]
     assert name == "p" and one.array.nbytes < (64 << 20) + 10 * 4036
+
+
+def test_a_remote_store_maps_only_the_segments_a_gather_reads(tmp_path: Path) -> None:
+    s = _store(tmp_path / "s")
+    asked: list[str] = []
+    for seg in s.snapshot.segments:  # a remote store's readers fetch each file into the chunk cache on first use
+        seg.provide = lambda base, meta, names: asked.append(base)
+    got = s.gather(np.array([0, 3, 6], np.int64))  # rows of the first segment only
+    assert s.snapshot.plans["joined"] is None and got["k"].tolist() == [0, 3, 6]  # type: ignore[union-attr]
+    assert set(asked) == {s.snapshot.segments[0].path}
+    rows = np.array([n - 1 for n in np.cumsum(SIZES)], np.int64)
+    assert s.gather(rows)["k"].tolist() == rows.tolist()  # type: ignore[union-attr]

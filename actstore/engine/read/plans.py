@@ -262,6 +262,8 @@ def _joined_plan(snap: Any) -> tuple[tuple[str, Joined, bool], ...] | None:
     fields: Mapping[str, Field] = snap.fields
     if not all(plain(f) and not f.ragged for f in fields.values()):
         return None
+    if any(seg.provide is not None for seg in snap.segments):
+        return None  # a remote store: joining would fetch every segment's files; keep mapping only what is read
     plan = []
     for name, f in fields.items():
         arrays = [seg.fixed(name) for seg in snap.segments]
