@@ -73,7 +73,11 @@ from benchmarks.store_common import (  # noqa: E402
     package_keys,
     race,
     step,
+    use_cpu_clock,
 )
+
+#: The tables, in the order they run (``--only``).
+TABLES = ("cold", "gather", "single", "open", "lookup", "append", "compressed", "commits")
 
 # --- setup -------------------------------------------------------------------------
 
@@ -284,16 +288,24 @@ def bench_single(rep: Report, d: Data, s1: actstore.ActivationStore, s20: actsto
         for i in rows:
             torch.from_numpy(memmap[i])
 
+    ds = actstore.ActivationDataset(s1)
+
+    def dataset() -> None:
+        for i in rows:
+            ds[i]
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns (once) that np.load's read-only map is not writable
-        sec = race({"one": ours(s1), "twenty": ours(s20), "numpy": peer, "memmap": peer_memmap},
-                   {"one": 1, "twenty": 1, "numpy": 1, "memmap": 1}, rounds)
+        sec = race({"one": ours(s1), "twenty": ours(s20), "numpy": peer, "memmap": peer_memmap, "dataset": dataset},
+                   {"one": 1, "twenty": 1, "numpy": 1, "memmap": 1, "dataset": 1}, rounds)
     rps = {k: len(rows) / v for k, v in sec.items()}
     peer_name = "loop of torch.from_numpy(mm[i]) on the np.load map (as a plain ndarray)"
     rep.row(t, f"store[i], 1 segment vs {peer_name}", rps["one"], rps["numpy"], "rows/s",
             higher_is_better=True, target="≥ 0.8×", passed=rps["one"] / rps["numpy"] >= 0.8)
     rep.row(t, "store[i], 1 segment vs the same loop on np.load's np.memmap (what np.load returns)", rps["one"],
             rps["memmap"], "rows/s", higher_is_better=True, target="(report)", passed=None)
+    rep.row(t, f"ActivationDataset(store)[i], 1 segment vs {peer_name}", rps["dataset"], rps["numpy"], "rows/s",
+            higher_is_better=True, target="≥ 0.8× (as store[i])", passed=rps["dataset"] / rps["numpy"] >= 0.8)
     rep.row(t, f"store[i], {SEGMENTS} segments vs {peer_name}", rps["twenty"], rps["numpy"], "rows/s",
             higher_is_better=True, target="≥ 0.5×", passed=rps["twenty"] / rps["numpy"] >= 0.5)
     rep.note(t, f"median over {rounds} interleaved rounds; store[i] returns a dict {{'h': tensor}}, the peer a bare tensor")
@@ -479,8 +491,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep --out afterwards (the Arrow peer is reused next run)")
     ap.add_argument("--results", help="also write the Markdown tables here (and the JSON next to it)")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold-cache gather")
+    ap.add_argument("--only", choices=TABLES, action="append",
+                    help="run only these tables (repeatable; default: all): " + ", ".join(TABLES))
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time the interleaved races by wall time (default) or by this thread's CPU time (a loaded "
+                         "machine: descheduling does not count)")
+    ap.add_argument("--many-rows", type=int, default=None,
+                    help="rows of the 64-commit stores (default 500,000; --quick 50,000)")
     args = ap.parse_args(argv)
 
+    only = set(args.only or TABLES)
+    if args.clock == "cpu":
+        use_cpu_clock()
     rows = args.rows if args.rows is not None else (100_000 if args.quick else 1_000_000)
     append_rows = 130_000 if args.quick else 1_400_000
     rounds = 3 if args.quick else 7
@@ -503,41 +525,52 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
         f"- data: {rows:,} rows × {DIM} float16 (random, finite), keys: {'actstore.format.keys.keys' if package_keys is not None else 'blake3'}"
         " of str(row)",
+        f"- clock of the interleaved races: {'this thread’s CPU time' if args.clock == 'cpu' else 'wall time'}",
         "- ratio = actstore speed ÷ peer speed (above 1: actstore is faster); every peer runs in the same process"
         " on the same bytes, interleaved with actstore",
     ]
     print("\n".join(header) + "\n", flush=True)
     rep = Report()
     try:
-        d = Data(out, rows)
-        d.build()
-        if not args.no_cold:
+        reads = only & {"cold", "gather", "single", "open", "lookup"}
+        d = Data(out, rows if reads else 0)  # (no rows to generate when only the write tables run)
+        if reads:
+            d.build()
+        if "cold" in only and not args.no_cold:
             bench_cold(rep, d, rounds=3 if args.quick else 5)
             print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
-        s1, s20 = actstore.open(d.store1), actstore.open(d.store20)
-        mm = np.load(d.npy, mmap_mode="r")
-        done = step("warming both maps")
-        warm(s1, mm)
-        warm(s20, mm)
-        done()
-        bench_gather(rep, d, s1, s20, mm, rounds, args.quick)
-        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
-        bench_single(rep, d, s1, s20, mm, rounds)
-        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
-        bench_open(rep, d, repeat=20)
-        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
-        bench_lookup(rep, d, s1, s20, rounds)
-        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
-        del s1, s20, mm
+        if only & {"gather", "single", "lookup"}:
+            s1, s20 = actstore.open(d.store1), actstore.open(d.store20)
+            mm = np.load(d.npy, mmap_mode="r")
+            done = step("warming both maps")
+            warm(s1, mm)
+            warm(s20, mm)
+            done()
+            if "gather" in only:
+                bench_gather(rep, d, s1, s20, mm, rounds, args.quick)
+                print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
+            if "single" in only:
+                bench_single(rep, d, s1, s20, mm, rounds)
+                print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
+            if "lookup" in only:
+                bench_lookup(rep, d, s1, s20, rounds)
+                print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
+            del s1, s20, mm
+        if "open" in only:
+            bench_open(rep, d, repeat=20)
+            print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
         d.array = None  # type: ignore[assignment]  # free 0.8 GB before the write test
         gc.collect()
-        bench_append(rep, d, append_rows, rounds=2 if args.quick else 5)
-        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
-        bench_compressed(rep, out, 20_000 if args.quick else 200_000, rounds=3 if args.quick else 5)
-        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
-        many = 50_000 if args.quick else 500_000
-        bench_many_commits(rep, out, make_rows(many, SEED + 1), make_keys(0, many), rounds)
-        print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
+        if "append" in only:
+            bench_append(rep, d, append_rows, rounds=2 if args.quick else 5)
+            print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
+        if "compressed" in only:
+            bench_compressed(rep, out, 20_000 if args.quick else 200_000, rounds=3 if args.quick else 5)
+            print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
+        if "commits" in only:
+            many = args.many_rows or (50_000 if args.quick else 500_000)
+            bench_many_commits(rep, out, make_rows(many, SEED + 1), make_keys(0, many), rounds)
+            print(rep.markdown_of(rep.tables[-1]) + "\n", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
@@ -547,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
     print(footer)
     if args.results:
         # The cold table is measured first but reported last (it is optional).
-        order = rep.tables[1:] + rep.tables[:1] if not args.no_cold else rep.tables
+        cold = "cold" in only and not args.no_cold
+        order = rep.tables[1:] + rep.tables[:1] if cold else rep.tables
         body = "\n\n".join(rep.markdown_of(t) for t in order)
         with open(args.results, "w") as f:
             f.write("\n".join(header) + "\n\n" + body + "\n\n" + footer + "\n")

@@ -19,9 +19,10 @@ from actstore.engine.lifecycle.compaction import CompactReport, TieredMerge
 from actstore.engine.lifecycle.info import describe_store
 from actstore.engine.lifecycle.opening import backend_to_open, load_snapshot, open_parts, read_head
 from actstore.engine.lifecycle.verify import VerifyReport, verify_snapshot
+from actstore.engine.read.base import Row
 from actstore.engine.read.gather import check_float_dtype, check_pad_multiple, field_names, gather_fields, gather_padded
 from actstore.engine.read.maps import ReadCheck
-from actstore.engine.read.plans import ROW_ALL, fast_gather, make_row, row_getter, row_plan
+from actstore.engine.read.plans import ROW_ALL, fast_gather, make_row, row_getter, row_one, row_plan
 from actstore.engine.read.prefetch import forget_on_evict, prefetch
 from actstore.engine.read.ragged import PaddedBatch, RaggedBatch
 from actstore.engine.read.snapshot import Snapshot, normalize_keys
@@ -39,6 +40,8 @@ __all__ = ["ActivationStore", "open_in"]
 
 #: What a reader's :attr:`ActivationStore.merge_policy` shows (the policy a writer starts with).
 _DEFAULT_MERGE = TieredMerge()
+_from_numpy = torch.from_numpy
+_new_dict = dict.__new__
 
 
 def open_in(backend: Backend, mode: str = "r", *, fingerprint: str | None = None,
@@ -199,6 +202,21 @@ class ActivationStore(StoreViews):
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         """One row as ``{field: tensor}``.  Never copies: the tensors are views of the maps
         (except compressed fields, which are decoded into a private copy)."""
+        one = self._snap.row1  # a one-segment store of one plain fixed field: its map, inlined (store[i]'s whole cost)
+        if one is not None and type(row) is int:
+            arr, name, aliases = one
+            try:
+                t = _from_numpy(arr[row])  # (the map holds exactly the store's rows: numpy checks the range)
+            except IndexError:
+                raise IndexError(f"row {row} is out of range for a store of {len(arr)} rows") from None
+            out = _new_dict(Row)
+            out.aliases = aliases
+            out[name] = t
+            return out
+        return self._row(row)
+
+    def _row(self, row: int) -> dict[str, torch.Tensor]:
+        """``store[row]`` in general (and the first call, which builds the snapshot's plans)."""
         if self._closed:
             self._check_open()
         if type(row) is not int:
@@ -209,6 +227,7 @@ class ActivationStore(StoreViews):
         get = snap.plans.get("getitem", False)
         if get is False:
             get = snap.plans["getitem"] = row_getter(snap)
+            snap.row1 = row_one(snap)
         if get is not None:
             return get(row)  # type: ignore[no-any-return]
         seg, local = snap.locate(row)
@@ -431,6 +450,7 @@ class ActivationStore(StoreViews):
                 self.commit()  # (also publishes a commit whose upload failed earlier)
         finally:
             self._closed = True
+            self._snap.row1 = None  # store[i] takes the general path, which says the store is closed
             if self._writer is not None:
                 self._writer.release()
             self._backend.close()

@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import Dataset
 
 from actstore.deprecation import renamed_arguments
+from actstore.engine.read.base import Row
 from actstore.engine.read.plans import make_row, row_plan
 from actstore.errors import StaleStoreError, StoreError
 from actstore.format.record import PrecomputeRecord, read_record
@@ -125,6 +126,9 @@ def check_frozen(store: ActivationStore, model: Any = None, fingerprint: str | N
 
 
 # -- datasets -----------------------------------------------------------------------------
+
+_from_numpy = torch.from_numpy
+_new_dict = dict.__new__
 
 
 def _open_read(store_or_path: Any) -> ActivationStore:
@@ -240,6 +244,8 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
                  fingerprint: str | None = None) -> None:
         self._hold(store)
         self.fields = _check_fields(self.store, fields)
+        #: every field of the store, in its order: ``ds[i]`` is ``store[i]``, and takes its fast path
+        self._all = self.fields == list(self.store.fields)
         check_frozen(self.store, model, fingerprint, where=f"ActivationDataset({self.store.path})")
 
     def __len__(self) -> int:
@@ -250,6 +256,23 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         """Row ``i`` as ``{field: tensor}``: views of the maps (compressed fields: copies)."""
+        store = self._store
+        if store is not None and type(i) is int and self._all:
+            one = store._snap.row1  # store[i]'s own fast path (a one-segment store of one plain fixed field)
+            if one is not None:
+                arr, name, aliases = one
+                try:
+                    t = _from_numpy(arr[i])  # (the map holds exactly the store's rows: numpy checks the range)
+                except IndexError:
+                    raise IndexError(f"index {i} is out of range for a dataset of {len(arr)} items") from None
+                out = _new_dict(Row)
+                out.aliases = aliases
+                out[name] = t
+                return out
+            return store[i]  # (builds that fast path where it applies)
+        return self._item(i)
+
+    def _item(self, i: int) -> dict[str, torch.Tensor]:
         store = self.store
         if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
             raise TypeError(f"index: expected an int, got {type(i).__name__}")

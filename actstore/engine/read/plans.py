@@ -35,9 +35,11 @@ import torch
 
 from actstore.engine.read.base import Row, Segment
 from actstore.engine.read.gather import NotMapped, row_view, take_across
+from actstore.engine.read.joined import Joined, join
 from actstore.format.fields import Field
 
-__all__ = ["ROW_ALL", "RowPlan", "TakePlan", "fast_gather", "make_row", "plain", "row_getter", "row_plan", "take_plan"]
+__all__ = ["ROW_ALL", "RowPlan", "TakePlan", "fast_gather", "make_row", "plain", "row_getter", "row_one",
+           "row_plan", "take_plan"]
 
 #: The key of a segment's row plan of every field in ``seg.plans`` (``seg.plans.get(ROW_ALL) or row_plan(seg)``).
 ROW_ALL = ("row", None)
@@ -106,33 +108,45 @@ def make_row(plan: RowPlan, local: int, aliases: Mapping[str, str]) -> Row:
     return row
 
 
+def row_one(snap: Any, names: Sequence[str] | None = None) -> tuple[np.ndarray, str, Mapping[str, str]] | None:
+    """``(map, field name, aliases)`` when ``store[i]`` of ``snap`` (``names``: the fields read; None: all) is
+    one plain fixed field of rows with a shape in a one-segment store, as a map of its dtype; else None.
+
+    The caller builds the row itself: ``Row`` of ``{name: torch.from_numpy(map[i])}``,
+    the map's own indexing doing the range check (``map`` holds exactly the
+    store's rows, so a negative row counts from the end and any other row
+    raises ``IndexError``).  The caller must pass a Python ``int`` (numpy reads a
+    ``bool``, a slice or a list as other things).  Kept until the snapshot's maps
+    are dropped (:meth:`Snapshot.forget <actstore.engine.read.snapshot.Snapshot.forget>`).
+    """
+    if len(snap.segments) != 1:
+        return None
+    seg = snap.segments[0]
+    fields: Mapping[str, Field] = seg.fields
+    chosen = list(fields) if names is None else list(names)
+    if len(chosen) != 1:
+        return None
+    name = chosen[0]
+    f = fields[name]
+    if not plain(f) or f.ragged or f.dtype == "bfloat16" or not f.inner_shape:
+        return None
+    arr = seg.fixed(name)
+    if not _mapped(arr, f) or len(arr) != snap.rows:
+        return None
+    return arr, name, snap.aliases
+
+
 def row_getter(snap: Any) -> Callable[[int], Row] | None:
     """``store[i]`` of a one-segment store as one closure (its row plan, bounds and aliases bound in), or None.
 
     Kept in ``snap.plans`` (dropped with the maps, as every plan is); the caller
     passes a Python int.  A store of several segments takes :meth:`Snapshot.locate`.
+    (A store of one plain fixed field takes :func:`row_one`, inlined by the caller.)
     """
     if len(snap.segments) != 1:
         return None
     seg = snap.segments[0]
     plan, n, aliases = row_plan(seg), snap.rows, snap.aliases
-    if len(plan) == 1:  # one plain fixed field of rows with a shape: the map's row bound in, no call in between
-        name = plan[0][0]
-        f: Field = seg.fields[name]
-        arr = seg.fixed(name) if plain(f) and not f.ragged and f.dtype != "bfloat16" and f.inner_shape else None
-        if arr is not None and _mapped(arr, f):
-
-            def get_one(row: int) -> Row:  # (checked_row and make_row inlined: this is store[i]'s whole cost)
-                if row < 0:
-                    row += n
-                if not 0 <= row < n:
-                    raise IndexError(f"row {row - n if row < 0 else row} is out of range for a store of {n} rows")
-                out = _new_dict(Row)
-                out.aliases = aliases
-                out[name] = _from_numpy(arr[row])
-                return out
-
-            return get_one
 
     def get(row: int) -> Row:
         return make_row(plan, checked_row(row, n), aliases)
@@ -204,6 +218,16 @@ def fast_gather(snap: Any, rows: Any) -> dict[str, torch.Tensor] | None:
             return {name: take(rows) for name, take in one}
         except IndexError:
             return None  # the general path says which row
+    joined = snap.plans.get("joined", False)
+    if joined is False:
+        joined = snap.plans["joined"] = _joined_plan(snap)
+    if joined is not None:  # each field's files side by side in one map: one take per field
+        seg = snap.starts.searchsorted(rows, "right")
+        try:
+            return {name: _from_numpy(one.take(seg, rows)).view(torch.bfloat16) if bf16
+                    else _from_numpy(one.take(seg, rows)) for name, one, bf16 in joined}
+        except IndexError:
+            return None  # the general path says which row
     if "across" not in snap.plans:
         snap.plans["across"] = _across_plan(snap)
     plan = snap.plans["across"]
@@ -230,3 +254,21 @@ def fast_gather(snap: Any, rows: Any) -> dict[str, torch.Tensor] | None:
         t = _from_numpy(result)
         out[name] = t.view(torch.bfloat16) if f.dtype == "bfloat16" else t
     return out
+
+
+def _joined_plan(snap: Any) -> tuple[tuple[str, Joined, bool], ...] | None:
+    """Every field of ``snap`` (plain fixed fields only) in one map each (:func:`~actstore.engine.read.joined.join`),
+    or None when any field cannot be."""
+    fields: Mapping[str, Field] = snap.fields
+    if not all(plain(f) and not f.ragged for f in fields.values()):
+        return None
+    if any(seg.provide is not None for seg in snap.segments):
+        return None  # a remote store: joining would fetch every segment's files; keep mapping only what is read
+    plan = []
+    for name, f in fields.items():
+        arrays = [seg.fixed(name) for seg in snap.segments]
+        one = join(arrays, snap.starts_list) if all(_mapped(a, f) for a in arrays) else None
+        if one is None:
+            return None
+        plan.append((name, one, f.dtype == "bfloat16"))
+    return tuple(plan)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -232,10 +232,14 @@ class Snapshot:
         self._shared: dict[int, dict[bytes, int]] = {}
         self.aliases = field_aliases(manifest)
         self.plans: dict[Any, Any] = {}  # read plans over the segments' maps (engine/read/plans.py)
+        #: ``store[i]``'s fast path when it applies (:func:`actstore.engine.read.plans.row_one`, set by the
+        #: store once built), dropped with the maps; None: not built, or not applicable.
+        self.row1: tuple[np.ndarray, str, Mapping[str, str]] | None = None
 
     def forget(self, segment: str, names: Sequence[str]) -> None:
         """Drop the maps of arrays ``names`` of segment ``segment`` (an id) and every plan over them; views keep theirs."""
         self.plans.clear()
+        self.row1 = None
         for seg in self.segments:
             if seg.info.id == segment:
                 seg.forget(names)

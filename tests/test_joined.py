@@ -1,0 +1,150 @@
+"""A gather across segments through one map of their files side by side (engine/read/joined.py), and store[i]'s
+one-frame path: the same rows and errors as the general paths."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import actstore
+from actstore import Field
+from actstore.engine.read.joined import Joined, join
+from actstore.training.datasets import ActivationDataset
+
+FIELDS = {"h": Field((3,), "float16"), "b": Field((2,), "bfloat16"), "k": Field((), "int64"),
+          "w": Field((5,), "float32")}
+SIZES = (7, 1, 300, 44, 5)
+
+
+def _values(lo: int, hi: int) -> dict[str, object]:
+    r = np.arange(lo, hi)
+    return {"h": (r[:, None] * 3 + np.arange(3)).astype(np.float16), "b": torch.tensor(r[:, None] * 2 + np.arange(2)).to(torch.bfloat16),
+            "k": r, "w": (r[:, None] * 0.5 + np.arange(5)).astype(np.float32)}
+
+
+def _store(path: Path, sizes: tuple[int, ...] = SIZES, fields: dict[str, Field] | None = None) -> actstore.ActivationStore:
+    with actstore.create(path, fields or FIELDS) as w:
+        w.merge_policy = None
+        lo = 0
+        for n in sizes:
+            vals = _values(lo, lo + n)
+            w.append([actstore.key(i) for i in range(lo, lo + n)], {k: v for k, v in vals.items() if k in w.fields})
+            w.commit()
+            lo += n
+    return actstore.open(path)
+
+
+def _maps() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split()[0] for line in f}
+
+
+def test_a_gather_across_segments_is_one_take_from_one_map(tmp_path: Path) -> None:
+    s = _store(tmp_path / "s")
+    n = sum(SIZES)
+    assert len(s.manifest.segments) == len(SIZES)
+    rng = np.random.default_rng(0)
+    for rows in (rng.integers(0, n, 200), np.arange(n)[::-1], np.array([n - 1, 0, 7, 7, 8]), np.array([3])):
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        got = s.gather(rows)
+        joined = s.snapshot.plans["joined"]
+        assert joined is not None and sorted(name for name, _, _ in joined) == sorted(FIELDS)
+        for name in FIELDS:
+            want = torch.stack([s[r][name] for r in rows.tolist()])  # row by row, each from its own segment's map
+            assert got[name].dtype == want.dtype and got[name].shape == want.shape
+            assert torch.equal(got[name].view(torch.uint8), want.view(torch.uint8)), name  # type: ignore[union-attr]
+        assert got["k"].tolist() == rows.tolist()  # type: ignore[union-attr]
+    assert s.gather(np.empty(0, np.int64))["w"].shape == (0, 5)  # type: ignore[union-attr]
+
+
+def test_rows_outside_the_store_are_refused_or_counted_from_the_end(tmp_path: Path) -> None:
+    s = _store(tmp_path / "s")
+    n = sum(SIZES)
+    s.gather(np.array([1, 2], np.int64))
+    assert s.snapshot.plans["joined"] is not None
+    assert s.gather(np.array([-1, 0, -n], np.int64))["k"].tolist() == [n - 1, 0, 0]  # type: ignore[union-attr]
+    for bad in (n, n + 10**6, -n - 1, 2**40):
+        with pytest.raises(IndexError, match=f"row {bad} is out of range for a store of {n} rows"):
+            s.gather(np.array([0, bad], np.int64))
+
+
+def test_the_joined_map_is_unmapped_with_its_last_array(tmp_path: Path) -> None:
+    s = _store(tmp_path / "s", (3, 4))
+    arrays = [seg.fixed("w") for seg in s.snapshot.segments]
+    before = _maps()
+    one = join(arrays, s.snapshot.starts_list)
+    assert isinstance(one, Joined)
+    seg = s.snapshot.starts.searchsorted(np.arange(7), "right")
+    assert one.take(seg, np.arange(7)).tolist() == np.concatenate(arrays).tolist()
+    assert _maps() - before  # the reserved range and the two files in it
+    del one
+    gc.collect()
+    assert not _maps() - before
+
+
+def test_store_getitem_one_frame_path_keeps_every_check(tmp_path: Path) -> None:
+    s = _store(tmp_path / "s", (6,), {"w": FIELDS["w"]})
+    assert s[2]["w"].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert s.snapshot.row1 is not None  # one plain fixed field in one segment: store[i] reads its map inline
+    assert torch.equal(s[-1]["w"], s[5]["w"]) and torch.equal(s[np.int64(3)]["w"], s[3]["w"])
+    with pytest.raises(IndexError, match="row 6 is out of range for a store of 6 rows"):
+        s[6]
+    with pytest.raises(IndexError, match="row -7 is out of range"):
+        s[-7]
+    for bad in (True, 1.0, slice(0, 2), [1, 2]):
+        with pytest.raises(TypeError, match="expected an int"):
+            s[bad]  # type: ignore[index]
+    ds = ActivationDataset(s)
+    assert torch.equal(ds[4]["w"], s[4]["w"]) and torch.equal(ds[-2]["w"], s[4]["w"])
+    with pytest.raises(IndexError, match="index 6 is out of range"):
+        ds[6]
+    s.close()
+    with pytest.raises(actstore.StoreError):
+        s[0]
+
+
+def test_store_getitem_sees_a_refresh(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    r = _store(path, (4,), {"w": FIELDS["w"]})
+    ds = ActivationDataset(r)
+    assert r[3]["w"][0] == 1.5 and ds[3]["w"][0] == 1.5
+    with actstore.open(path, mode="a") as w:
+        w.merge_policy = None
+        w.append([actstore.key(i) for i in range(4, 9)], {"w": _values(4, 9)["w"]})
+    r.refresh()
+    assert len(r) == 9 and r[8]["w"][0] == 4.0 and ds[8]["w"][0] == 4.0  # two segments now: the general path
+    with actstore.open(path, mode="a") as w:
+        w.compact()
+    r.refresh()
+    assert r[8]["w"][0] == 4.0 and ds[-1]["w"][0] == 4.0 and r.snapshot.row1 is not None
+
+
+def test_a_row_size_with_a_large_odd_factor_reserves_little_address_space(tmp_path: Path) -> None:
+    fields = {"p": Field((1009,), "float32")}  # 4,036-byte rows: a multiple of 2 MiB and of the row is 2 GiB
+    with actstore.create(tmp_path / "s", fields) as w:
+        w.merge_policy = None
+        for lo, hi in ((0, 3), (3, 10)):
+            w.append([actstore.key(i) for i in range(lo, hi)],
+                     {"p": np.arange(lo * 1009, hi * 1009, dtype=np.float32).reshape(-1, 1009)})
+            w.commit()
+    s = actstore.open(tmp_path / "s")
+    rows = np.array([9, 0, 3, 2], np.int64)
+    assert s.gather(rows)["p"][:, 0].tolist() == [9 * 1009, 0, 3 * 1009, 2 * 1009]  # type: ignore[index]
+    (name, one, _), = s.snapshot.plans["joined"]
+    assert name == "p" and one.array.nbytes < (64 << 20) + 10 * 4036
+
+
+def test_a_remote_store_maps_only_the_segments_a_gather_reads(tmp_path: Path) -> None:
+    s = _store(tmp_path / "s")
+    asked: list[str] = []
+    for seg in s.snapshot.segments:  # a remote store's readers fetch each file into the chunk cache on first use
+        seg.provide = lambda base, meta, names: asked.append(base)
+    got = s.gather(np.array([0, 3, 6], np.int64))  # rows of the first segment only
+    assert s.snapshot.plans["joined"] is None and got["k"].tolist() == [0, 3, 6]  # type: ignore[union-attr]
+    assert set(asked) == {s.snapshot.segments[0].path}
+    rows = np.array([n - 1 for n in np.cumsum(SIZES)], np.int64)
+    assert s.gather(rows)["k"].tolist() == rows.tolist()  # type: ignore[union-attr]
