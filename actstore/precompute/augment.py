@@ -141,11 +141,15 @@ class AugmentedItems(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 
 class AugmentError(ValueError):
-    """An augment that failed or broke its contract on one sample; ``offset`` is its place in the batch."""
+    """An augment that failed on one sample; ``offset`` is its place in the batch."""
 
-    def __init__(self, message: str, offset: int) -> None:
+    def __init__(self, message: str, offset: int = 0) -> None:
         super().__init__(message)
         self.offset = offset
+
+
+class AugmentTypeError(AugmentError, TypeError):
+    """An augment that returned another type or shape class than its input."""
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,7 @@ class AugmentSpec:
             raise AugmentError(f"{where} raised {type(e).__name__}: {e}", offset) from e
         want, got = shape_class(x), shape_class(y)
         if want != got:
-            raise AugmentError(f"{where} returned {_describe(got)}, but the input is {_describe(want)}: an augment "
+            raise AugmentTypeError(f"{where} returned {_describe(got)}, but the input is {_describe(want)}: an augment "
                                "must return a sample of its input's type and shape class (same dimensions and dtype, "
                                "same dict keys), which collate_fn and the frozen model take as they take the input",
                                offset)
@@ -207,7 +211,7 @@ def check_augment(spec: AugmentSpec, dataset: Any, selector: Selector, collate_f
         content, (a,) = spec.apply([x], [0], [0], collate_fn, lengths_fn)
         b = spec.one(x, content[0], 0, 0)
     except AugmentError as e:
-        raise (TypeError if "returned" in str(e) else ValueError)(f"augment: {e}") from e
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(f"augment: {e}") from e
     ka, kb = (input_keys(collate_fn([y]), 1, lengths_fn=lengths_fn, raw=[y])[0] for y in (a, b))
     if not np.array_equal(ka, kb):
         raise ValueError(

@@ -190,7 +190,7 @@ def augmented_position_keys(dataset: Any, positions: Sequence[int] | np.ndarray,
                 own = input_keys(collate(ys), len(ys), lengths_fn=check.lengths_fn, raw=ys)
                 out[a: a + len(xs), v] = augmented_keys(content, [v] * len(ys), own)
         except AugmentError as e:
-            raise (TypeError if "returned" in str(e) else ValueError)(f"{where}: {e}") from e
+            raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{where}: {e}") from e
     return out
 
 
