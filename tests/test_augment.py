@@ -260,3 +260,35 @@ def test_a_fixed_augmentation_and_side_values(tmp_path):
     x, label = next(iter(DataLoader(ds, batch_size=9)))
     torch.testing.assert_close(x, torch.stack([store[int(r)]["2"] for r in table[:, 1]]))
     assert label.tolist() == [lab for _, lab in data]
+
+
+# -- actstore bench --augment ----------------------------------------------------------
+
+
+def noise_factory() -> Any:
+    return noise
+
+
+def bench_vectors() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(6, generator=gen) for _ in range(8)]
+
+
+def test_bench_with_stored_augmentations_reports_the_break_even_against_on_the_fly(tmp_path, capsys):
+    from actstore.cli import main as cli_main
+
+    here = __file__
+    base = ["bench", "--steps", "1", "--rounds", "1", "--batch-size", "4", "-q", "--model",
+            "actstore.testing.models:tiny_mlp", "--data", f"{here}:bench_vectors", "--depths", "50"]
+    code = cli_main([*base, "--augment", f"{here}:noise_factory", "--augmentations", "3", "--out",
+                     str(tmp_path / "b"), "--no-plot"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "break-even vs full + on-the-fly augment" in out and "precompute s (3 augmentations)" in out
+    assert "3 stored augmentations per item" in out
+    import json
+
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["augmentations"] == 3 and report["rows"][1]["breakeven_vs_full"] is not None
+    code = cli_main([*base, "--augmentations", "3"])
+    assert code == 2 and "--augment and --augmentations go together" in capsys.readouterr().err
