@@ -58,6 +58,11 @@ def mix(seed: int, epoch: int, positions: np.ndarray, i: np.ndarray | int) -> np
 def choose(seed: int, epoch: int, positions: np.ndarray, count: int, mode: str = "random") -> np.ndarray:
     """The augmentation index (``0 .. count-1``) each of ``positions`` gets in ``epoch``: int64, new.
 
+    ``"random"``: a Fisher-Yates shuffle of ``0 .. count-1`` per position and
+    cycle ``c = epoch // count`` — for ``i = count-1`` down to ``1``, swap
+    elements ``i`` and ``h(seed, c, p, i) mod (i + 1)`` — of which epoch takes
+    element ``epoch mod count``.  ``"draw"``: ``h(seed, epoch, p, count) mod count``.
+
     Examples
     --------
     >>> sorted(int(choose(0, e, np.array([7]), 4)[0]) for e in range(4))  # epochs 0-3: each index once
@@ -67,8 +72,12 @@ def choose(seed: int, epoch: int, positions: np.ndarray, count: int, mode: str =
     if mode == "draw":
         return (mix(seed, epoch, positions, count) % np.uint64(count)).astype(np.int64)
     cycle, slot = divmod(int(epoch), count)
-    h = mix(seed, cycle, positions[:, None], np.arange(count, dtype=np.uint64)[None, :])
-    return np.argsort(h, axis=1, kind="stable")[:, slot].astype(np.int64)
+    perm = np.tile(np.arange(count, dtype=np.int64), (len(positions), 1))
+    at = np.arange(len(positions))
+    for i in range(count - 1, 0, -1):
+        j = (mix(seed, cycle, positions, i) % np.uint64(i + 1)).astype(np.int64)
+        perm[at, i], perm[at, j] = perm[at, j], perm[:, i].copy()
+    return perm[:, slot].copy()
 
 
 class EpochSampler(Sampler[Any]):
@@ -113,16 +122,21 @@ class EpochSampler(Sampler[Any]):
             yield epoch, int(p)
 
 
-def split_indices(indices: Any, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """(epochs, positions) of a batch's indices: ``(epoch, position)`` pairs from :class:`EpochSampler`, or plain
-    positions (served as of ``epoch``).  New arrays; positions are not range-checked here."""
-    idx = list(indices)
-    if idx and isinstance(idx[0], tuple):
-        if not all(isinstance(t, tuple) and len(t) == 2 for t in idx):
-            raise TypeError("indices: expected all (epoch, position) pairs (EpochSampler) or all ints, got a mix")
-        arr = np.asarray(idx, np.int64).reshape(-1, 2)
-        return arr[:, 0].copy(), arr[:, 1].copy()
-    return np.full(len(idx), int(epoch), np.int64), np.asarray(idx, np.int64).reshape(-1)
+def split_indices(indices: Any, epoch: int) -> tuple[int | np.ndarray, np.ndarray]:
+    """(epoch, positions) of a batch's indices: ``(epoch, position)`` pairs from :class:`EpochSampler`, or plain
+    positions (served as of ``epoch``).  The epoch is an int when the batch has one (always, from
+    :class:`EpochSampler`), else an array per index.  New arrays; positions are not range-checked here."""
+    idx = indices if isinstance(indices, list) else list(indices)
+    if not idx or not isinstance(idx[0], tuple):
+        return int(epoch), np.asarray(idx, np.int64).reshape(-1)
+    try:
+        epochs = {e for e, _ in idx}
+        pos = np.fromiter((p for _, p in idx), np.int64, len(idx))
+    except (TypeError, ValueError) as e:
+        raise TypeError("indices: expected all (epoch, position) pairs (EpochSampler) or all ints, got a mix") from e
+    if len(epochs) == 1:
+        return int(epochs.pop()), pos
+    return np.fromiter((e for e, _ in idx), np.int64, len(idx)), pos
 
 
 def augmentation_mode(value: Any, count: int, path: str, index: str) -> str | int | None:

@@ -205,6 +205,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         self.augmentation = augmentation_mode(augmentation, self.augmentations, store.path, index)
         self.augment_seed, self.epoch = int(augment_seed), 0
         self._table: np.ndarray | None = None  # (n, K) rows of each position's augmentations
+        self._by_epoch: dict[int, np.ndarray] = {}  # epoch -> row of each position (_epoch_rows)
         if input is not _UNSET:
             self.input = input
         else:
@@ -354,15 +355,26 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
             return pos, self.rows[pos]
         epochs, raw = split_indices(indices, self.epoch)
         pos = _positions(raw, len(self.rows))
-        mode = self.augmentation
-        if isinstance(mode, int):
-            v = np.full(len(pos), mode, np.int64)
-        else:
-            v = np.empty(len(pos), np.int64)
-            for e in np.unique(epochs):
-                sel = epochs == e
-                v[sel] = choose(self.augment_seed, int(e), pos[sel], self.augmentations, str(mode))
-        return pos, self._table[pos, v]
+        if isinstance(epochs, int):
+            return pos, self._epoch_rows(epochs)[pos]
+        rows = np.empty(len(pos), np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            rows[sel] = self._epoch_rows(int(e))[pos[sel]]
+        return pos, rows
+
+    def _epoch_rows(self, epoch: int) -> np.ndarray:
+        """The row each position is served in ``epoch`` (computed once per epoch and process; the last two kept)."""
+        got = self._by_epoch.get(epoch)
+        if got is None:
+            assert self._table is not None
+            n = len(self._table)
+            mode = self.augmentation
+            v = np.full(n, mode, np.int64) if isinstance(mode, int) else \
+                choose(self.augment_seed, epoch, np.arange(n), self.augmentations, str(mode))
+            got = self._table[np.arange(n), v]
+            self._by_epoch = {**{e: r for e, r in self._by_epoch.items() if e == epoch - 1}, epoch: got}
+        return got
 
     def batch_item(self, batch: RowBatch, i: int) -> Any:
         """The item of a :class:`RowBatch`'s ``i``-th row (its augmentation as chosen for the batch).  Never copies."""
