@@ -9,9 +9,9 @@ worker, every rank and every instance serves the same one:
 
 - ``"random"`` (default): epochs ``c*K .. c*K + K-1`` (cycle ``c``) serve a
   permutation of ``0 .. K-1``: over any ``K`` aligned epochs a position sees each
-  of its augmentations once.  The permutation sorts ``h(seed, c, p, i)`` for
-  ``i = 0 .. K-1`` (ties: smaller ``i`` first), and epoch ``e`` takes its
-  element ``e mod K``;
+  of its augmentations once.  The permutation is the ``r``-th in lexicographic
+  order, ``r = h(seed, c, p, 0) mod K!``, and epoch ``e`` takes its element
+  ``e mod K`` (:func:`choose`);
 - ``"draw"``: independent draws with replacement, ``h(seed, e, p, K) mod K``.
 
 ``h`` is SplitMix64's finaliser over ``seed*A + cycle_or_epoch*B + p*C + i*D``
@@ -27,6 +27,8 @@ the start of each epoch, which ``__getitems__`` decodes in the worker.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -44,24 +46,63 @@ _A, _B, _C, _D = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), 
                   np.uint64(0xD6E8FEB86659FD93))
 
 
-def mix(seed: int, epoch: int, positions: np.ndarray, i: np.ndarray | int) -> np.ndarray:
-    """``h(seed, epoch, p, i)`` for every ``p`` of ``positions`` (broadcast with ``i``): uint64 (SplitMix64's
-    finaliser)."""
+def _partial(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
-        x = (np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * _A + np.uint64(epoch) * _B
-             + positions.astype(np.uint64) * _C + np.asarray(i, np.uint64) * _D)
+        return (np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * _A + np.uint64(epoch) * _B  # type: ignore[no-any-return]
+                + positions.astype(np.uint64) * _C)
+
+
+def _finish(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return x ^ (x >> np.uint64(31))  # type: ignore[no-any-return]
 
 
+def mix(seed: int, epoch: int, positions: np.ndarray, i: np.ndarray | int) -> np.ndarray:
+    """``h(seed, epoch, p, i)`` for every ``p`` of ``positions`` (broadcast with ``i``): uint64, SplitMix64's
+    finaliser of ``seed*A + epoch*B + p*C + i*D`` (mod 2**64)."""
+    with np.errstate(over="ignore"):
+        return _finish(_partial(seed, epoch, positions) + np.asarray(i, np.uint64) * _D)
+
+
+#: The largest count ``"random"`` serves (``count!`` must fit in 64 bits); beyond it, ``"draw"``.
+MAX_PERMUTED = 20
+_TABLE_UP_TO = 8  # permutation tables (count! rows) kept for counts up to this
+_TABLES: dict[int, np.ndarray] = {}
+
+
+def _table(count: int) -> np.ndarray:
+    """Every permutation of ``0 .. count-1`` in lexicographic order: ``(count!, count)`` int8 (cached)."""
+    got = _TABLES.get(count)
+    if got is None:
+        got = _TABLES[count] = np.array(list(itertools.permutations(range(count))), np.int8).reshape(-1, count)
+    return got
+
+
+def _unrank(r: np.ndarray, count: int, slot: int) -> np.ndarray:
+    """Element ``slot`` of the ``r``-th permutation of ``0 .. count-1`` in lexicographic order (per row of ``r``)."""
+    n = len(r)
+    rest = np.tile(np.arange(count, dtype=np.int64), (n, 1))
+    rows = np.arange(n)
+    out = rest[:, 0]
+    for i in range(slot + 1):
+        radix = math.factorial(count - 1 - i)
+        d = ((r // np.uint64(radix)) % np.uint64(count - i)).astype(np.intp)
+        out = rest[rows, d]
+        keep = np.arange(count - i - 1)[None, :]
+        rest = np.where(keep < d[:, None], rest[:, :-1], rest[:, 1:])
+    return out
+
+
 def choose(seed: int, epoch: int, positions: np.ndarray, count: int, mode: str = "random") -> np.ndarray:
     """The augmentation index (``0 .. count-1``) each of ``positions`` gets in ``epoch``: int64, new.
 
-    ``"random"``: a Fisher-Yates shuffle of ``0 .. count-1`` per position and
-    cycle ``c = epoch // count`` — for ``i = count-1`` down to ``1``, swap
-    elements ``i`` and ``h(seed, c, p, i) mod (i + 1)`` — of which epoch takes
-    element ``epoch mod count``.  ``"draw"``: ``h(seed, epoch, p, count) mod count``.
+    ``"random"``: with cycle ``c = epoch // count``, position ``p`` takes the
+    ``r``-th permutation of ``0 .. count-1`` in lexicographic order, ``r =
+    h(seed, c, p, 0) mod count!``, and epoch ``epoch`` serves its element
+    ``epoch mod count`` (``count`` up to :data:`MAX_PERMUTED`).  ``"draw"``:
+    ``h(seed, epoch, p, count) mod count``.
 
     Examples
     --------
@@ -71,13 +112,14 @@ def choose(seed: int, epoch: int, positions: np.ndarray, count: int, mode: str =
     positions = np.asarray(positions, np.int64)
     if mode == "draw":
         return (mix(seed, epoch, positions, count) % np.uint64(count)).astype(np.int64)
+    if count > MAX_PERMUTED:
+        raise ValueError(f"augmentation='random' permutes at most {MAX_PERMUTED} augmentations per item, the store "
+                         f"holds {count}: use augmentation='draw'")
     cycle, slot = divmod(int(epoch), count)
-    perm = np.tile(np.arange(count, dtype=np.int64), (len(positions), 1))
-    at = np.arange(len(positions))
-    for i in range(count - 1, 0, -1):
-        j = (mix(seed, cycle, positions, i) % np.uint64(i + 1)).astype(np.int64)
-        perm[at, i], perm[at, j] = perm[at, j], perm[:, i].copy()
-    return perm[:, slot].copy()
+    r = mix(seed, cycle, positions, 0) % np.uint64(math.factorial(count))
+    if count <= _TABLE_UP_TO:
+        return _table(count)[r.astype(np.intp), slot].astype(np.int64)
+    return _unrank(r, count, slot)
 
 
 class EpochSampler(Sampler[Any]):
@@ -159,6 +201,9 @@ def augmentation_mode(value: Any, count: int, path: str, index: str) -> str | in
     if index != "view":
         raise ValueError(f"augmentation={value!r} serves the rows the 'dataset' view lists per item; index={index!r} "
                          "cannot (pass index='view')")
+    if value == "random" and count > MAX_PERMUTED:
+        raise ValueError(f"augmentation='random' permutes at most {MAX_PERMUTED} augmentations per item, the store "
+                         f"holds {count}: pass augmentation='draw' (with replacement) or a fixed index")
     if not isinstance(value, str) and not 0 <= int(value) < count:
         raise ValueError(f"augmentation: expected an index in 0..{count - 1} (the store holds {count} augmentations "
                          f"per item), got {value!r}")
