@@ -292,3 +292,52 @@ def test_bench_with_stored_augmentations_reports_the_break_even_against_on_the_f
     assert report["augmentations"] == 3 and report["rows"][1]["breakeven_vs_full"] is not None
     code = cli_main([*base, "--augmentations", "3"])
     assert code == 2 and "--augment and --augmentations go together" in capsys.readouterr().err
+
+
+# -- the documented formulas, computed here from docs/FORMAT.md §11 and docs/augmentations.md -----------------
+
+
+def test_seed_key_and_choice_formulas_as_documented():
+    import itertools
+    import math
+
+    from blake3 import blake3
+
+    from actstore.precompute.augment import augment_seed
+
+    c, a, v = bytes(range(32)), bytes(range(32, 64)), 3
+    seed = int.from_bytes(blake3(b"actstore-augment-seed-v1\x00" + c + v.to_bytes(4, "little")).digest()[:8],
+                          "little") & (2**63 - 1)
+    assert augment_seed(c, v) == seed
+    assert torch.equal(torch.rand(4, generator=augment_generator(c, v)),
+                       torch.rand(4, generator=torch.Generator().manual_seed(seed)))
+    assert augmented_key(c, v, a) == blake3(b"actstore-augmented-key-v1\x00" + c + v.to_bytes(4, "little") + a).digest()
+
+    def h(s: int, e: int, p: int, i: int) -> int:  # SplitMix64's finaliser over s*A + e*B + p*C + i*D mod 2**64
+        m = 2**64 - 1
+        x = (s * 0x9E3779B97F4A7C15 + e * 0xBF58476D1CE4E5B9 + p * 0x94D049BB133111EB + i * 0xD6E8FEB86659FD93) & m
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+        return x ^ (x >> 31)
+
+    for count in (3, 4, 9):
+        perms = list(itertools.permutations(range(count)))
+        for epoch in (0, count + 1, 2 * count + count - 1):
+            cycle, slot = divmod(epoch, count)
+            want = []
+            for p in range(0, 50, 7):
+                r = h(5, cycle, p, 0) % math.factorial(count)
+                want.append(perms[r][slot] if count <= 8 else _lexicographic(count, r)[slot])
+            assert choose(5, epoch, np.arange(0, 50, 7), count).tolist() == want
+        assert choose(5, 7, np.arange(3), count, "draw").tolist() == [h(5, 7, p, count) % count for p in range(3)]
+
+
+def _lexicographic(count: int, r: int) -> list[int]:
+    import math
+
+    rest, out = list(range(count)), []
+    for i in range(count):
+        f = math.factorial(count - 1 - i)
+        out.append(rest.pop(r // f))
+        r %= f
+    return out
