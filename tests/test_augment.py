@@ -185,6 +185,8 @@ def test_cached_dataset_arguments_over_an_augmented_store(tmp_path):
     with pytest.raises(ValueError, match=r"pass the same function as augment=.*check=0"):
         actstore.CachedDataset(data, tmp_path / "s", augmentation="random")
     assert actstore.CachedDataset(data, tmp_path / "s", augmentation="random", check=0).checked == 0
+    with pytest.raises(ValueError, match="fallback= computes un-augmented activations"):
+        actstore.CachedDataset(data, tmp_path / "s", augmentation="random", check=0, fallback=lambda xs: xs)
 
 
 # -- serving: coverage and determinism -------------------------------------------------

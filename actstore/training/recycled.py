@@ -228,8 +228,11 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
             rows = self._view_rows(store, cfg, n * self.augmentations, where)
             if self.augmentations > 1:
                 self._table = np.ascontiguousarray(rows, np.int64).reshape(n, self.augmentations)
-                fixed = self.augmentation if isinstance(self.augmentation, int) else 0
-                rows = self._table[:, fixed] if (self._table >= 0).all() else np.full(n, -1, np.int64)
+                if fallback is not None:
+                    raise ValueError(f"{where}: fallback= computes un-augmented activations; a store of "
+                                     "augmentations serves only stored ones (rerun precompute to fill it)")
+                rows = self._table[:, self.augmentation if isinstance(self.augmentation, int) else 0].copy()
+                rows[(self._table < 0).any(axis=1)] = -1  # a position missing any augmentation is missing
         else:
             rows = store.lookup(position_keys(dataset, range(n), self.input, self._keys, where)) if n \
                 else np.empty(0, np.int64)
