@@ -100,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--val-pairs", type=int, help="evaluate on the first N validation pairs only (a smoke run)")
     p.add_argument("--workdir")
+    p.add_argument("--stores", help="keep the stores in this directory (resumed by a later run) instead of a "
+                                    "temporary one")
+    p.add_argument("--merge", help="no training: OUT.md/.png from these runs' JSON files (comma-separated), e.g. "
+                                   "one run per seed")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge.split(","), args.out)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_minilm().eval()  # the frozen part runs in eval mode (no dropout), as precompute runs it
     collate = Tokenize(model)
     texts = list(dict.fromkeys(train_q + train_a + val.questions + answers))
-    root = tempfile.mkdtemp(prefix="augment-exp-", dir=args.workdir)
+    root = args.stores or tempfile.mkdtemp(prefix="augment-exp-", dir=args.workdir)
+    os.makedirs(root, exist_ok=True)
     results: list[dict[str, Any]] = []
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
@@ -151,20 +158,49 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(d)
                     log(f"{depth} {arm} seed {seed}: RP@1 {row.rp1:.4f} RRK {row.rrk:.4f}, "
                         f"{sum(row.epoch_seconds):.1f} s training")
+                    save(args, results, len(val.questions), started, len(subset))  # partial results survive
             plain.close()
             aug_store.close()
     finally:
-        shutil.rmtree(root, ignore_errors=True)
-    report = {"args": vars(args), "rows": results, "validation_questions": len(val.questions),
-              "wall_seconds": time.perf_counter() - started, "train_pairs": len(subset)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=1)
+        if not args.stores:
+            shutil.rmtree(root, ignore_errors=True)
+    report = save(args, results, len(val.questions), started, len(subset))
     md = table(report)
     print(md)
     with open(args.out + ".md", "w") as f:
         f.write(md + "\n")
     plot(report, args.out + ".png")
+    return 0
+
+
+def save(args: argparse.Namespace, results: list[dict[str, Any]], n_val: int, started: float,
+         n_train: int) -> dict[str, Any]:
+    report = {"args": vars(args), "rows": results, "validation_questions": n_val,
+              "wall_seconds": time.perf_counter() - started, "train_pairs": n_train,
+              "load_average": os.getloadavg()}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+def merge(paths: list[str], out: str) -> int:
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    merged = dict(reports[0])
+    merged["rows"] = [r for rep in reports for r in rep["rows"]]
+    merged["wall_seconds"] = max(rep["wall_seconds"] for rep in reports)
+    merged["merged_from"] = paths
+    merged["args"] = dict(reports[0]["args"], seeds=",".join(rep["args"]["seeds"] for rep in reports))
+    with open(out + ".json", "w") as f:
+        json.dump(merged, f, indent=1)
+    md = table(merged)
+    print(md)
+    with open(out + ".md", "w") as f:
+        f.write(md + "\n")
+    plot(merged, out + ".png")
     return 0
 
 
