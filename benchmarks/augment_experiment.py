@@ -173,6 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def faq_questions() -> list[str]:
+    """``actstore bench --data`` factory: the 637 training questions of the study (``$FAQ_DATA``, default the shared
+    path), for ``actstore bench --augment actstore.examples.faq.augment:question_augment --augmentations 4``."""
+    pairs = read_pairs(os.environ.get("FAQ_DATA", "/work/shared/data/cloud_faq_dataset.jsonl"))
+    train_idx, _ = stratified_split(pairs.groups, 0.75, 42)
+    order = list(train_idx)
+    random.Random(43).shuffle(order)
+    return [pairs.questions[i] for i in sorted(order[:637])]
+
+
 def save(args: argparse.Namespace, results: list[dict[str, Any]], n_val: int, started: float,
          n_train: int) -> dict[str, Any]:
     report = {"args": vars(args), "rows": results, "validation_questions": n_val,
