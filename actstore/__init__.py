@@ -14,6 +14,7 @@ from actstore.errors import (
     CorruptStoreError,
     DatasetMismatchError,
     MissingRowsError,
+    NoAugmentationsError,
     StaleStoreError,
     StoreError,
     StoreExistsError,
@@ -27,8 +28,10 @@ from actstore.format.manifest import FORMAT_VERSION
 from actstore.models.capture import LayerCapture, capture
 from actstore.models.split import split, split_points
 from actstore.precompute.api import precompute
+from actstore.precompute.augment import augment_generator
 from actstore.store import ActivationStore, create, open
 from actstore.training.adapters import lora, trainable_parameters
+from actstore.training.augmented import EpochSampler
 from actstore.training.collate import ActivationCollate, PaddedBatch, collate
 from actstore.training.datasets import ActivationDataset
 from actstore.training.encoder import RecycledEncoder
@@ -49,9 +52,11 @@ __all__ = [
     "ChunkShuffleSampler",
     "CorruptStoreError",
     "DatasetMismatchError",
+    "EpochSampler",
     "Field",
     "LayerCapture",
     "MissingRowsError",
+    "NoAugmentationsError",
     "PaddedBatch",
     "RaggedBatch",
     "RecycledEncoder",
@@ -63,6 +68,7 @@ __all__ = [
     "TieredMerge",
     "UnsupportedFormatError",
     "__version__",
+    "augment_generator",
     "capture",
     "collate",
     "create",

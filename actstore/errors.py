@@ -17,6 +17,7 @@ __all__ = [
     "LeftPaddingError",
     "MissingDependencyError",
     "MissingRowsError",
+    "NoAugmentationsError",
     "PreconditionFailed",
     "RemoteError",
     "SplitError",
@@ -100,6 +101,11 @@ class LeftPaddingError(StoreError, ValueError):
 class HeadInputError(StoreError, ValueError):
     """The head would not run on what the full model ran on: a padded batch without its mask, or a
     forward argument (non-default ``position_ids``) that the upper blocks read but a store does not hold."""
+
+
+class NoAugmentationsError(StoreError, ValueError):
+    """A CachedDataset asked for stored augmentations the store does not have (or for none of a store that has only
+    augmentations); the message says how to add them or which to ask for."""
 
 
 class UnsupportedCheckError(StoreError, NotImplementedError):

@@ -505,13 +505,26 @@ def test_precompute_record_golden() -> None:
 
 def test_precompute_record_other_versions_are_unsupported() -> None:
     doc = json.loads(RECORD_JSON)
-    doc["version"] = 3
-    with pytest.raises(UnsupportedFormatError, match=r"Unsupported precompute record version: got 3\. Expected 2"):
+    doc["version"] = 4
+    with pytest.raises(UnsupportedFormatError, match=r"Unsupported precompute record version: got 4\. Expected 2"):
         PrecomputeRecord.from_json(doc)
     for bad in ("1", None, True, 1.0):
         doc["version"] = bad
         with pytest.raises(CorruptStoreError, match=r"attrs\.precompute\.version"):
             PrecomputeRecord.from_json(doc)
+
+
+def test_precompute_record_version_3_holds_the_stored_augmentations() -> None:
+    doc = json.loads(RECORD_JSON)
+    doc.update(version=3, augment="m.word_dropout", augmentations=4)
+    rec = PrecomputeRecord.from_json(doc)
+    assert (rec.augment, rec.augmentations) == ("m.word_dropout", 4)
+    assert rec.to_json() == doc
+    for bad in (1, 0, "4", None):  # a version-3 record stores two or more augmentations per item
+        with pytest.raises(CorruptStoreError, match=r"attrs\.precompute\.augmentations"):
+            PrecomputeRecord.from_json({**doc, "augmentations": bad})
+    with pytest.raises(CorruptStoreError, match=r"attrs\.precompute: unknown keys \['augment', 'augmentations'\]"):
+        PrecomputeRecord.from_json({**doc, "version": 2})
 
 
 @pytest.mark.parametrize(("mutate", "where"), [

@@ -110,6 +110,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data = call_factory(args.data, "--data")
         if args.loss:
             loss = load_factory(args.loss, "--loss")
+        augment = call_factory(args.augment, "--augment") if args.augment else None
+        if augment is not None and not callable(augment):
+            raise BenchError(f"--augment {args.augment} returned {type(augment).__name__}; expected the augment "
+                             "function fn(sample, generator) -> sample")
+        if (augment is None) != (args.augmentations == 1) or args.augmentations < 1:
+            raise BenchError(f"--augment and --augmentations go together: --augmentations K (K >= 2) stored "
+                             f"augmentations of --augment's function (got --augmentations {args.augmentations}"
+                             f"{'' if augment else ' without --augment'})")
         if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
             data = list(data)
         if args.limit:
@@ -122,7 +130,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, steps=args.steps, rounds=args.rounds,
                            store_dtype=args.dtype, device=args.device, workdir=args.workdir,
                            min_batch_size=args.min_batch_size, progress=not args.quiet, name=args.model,
-                           log=lambda m: print(m, file=sys.stderr, flush=True))
+                           log=lambda m: print(m, file=sys.stderr, flush=True), augment=augment,
+                           augmentations=args.augmentations)
     except BenchError as e:
         print(f"actstore bench: error: {e}", file=sys.stderr)
         return 1
@@ -162,6 +171,11 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="fractions (or percentages) of the blocks to freeze, 0 = the stem only, "
                         "1 or 'head' = every block, or split point names such as layer3 "
                         "(default 0,25,50,75,head)")
+    p.add_argument("--augment", metavar="MODULE:FACTORY",
+                   help="callable returning fn(sample, generator) -> augmented sample: full fine-tuning and "
+                        "recompute augment on the fly, recycling stores --augmentations of each item")
+    p.add_argument("--augmentations", type=int, default=1, metavar="K",
+                   help="stored augmentations per item with --augment (K >= 2; K x the precompute and disk)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--min-batch-size", type=int, default=1,
                    help="stop instead of halving the batch size below this on out-of-memory (default 1)")

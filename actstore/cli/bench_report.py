@@ -49,6 +49,7 @@ class BenchReport:
     step_seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     wall_seconds: float = 0.0
+    augmentations: int = 1  #: stored augmentations per item (1: trained without augmentation)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +58,9 @@ class BenchReport:
         cols = ["variant", "split after", "frozen blocks", "trainable params", "s/epoch", "recompute s/epoch",
                 "precompute s", "disk MB", "speedup vs full", "speedup vs recompute", "break-even vs recompute",
                 "break-even vs full"]
+        if self.augmentations > 1:  # the same numbers, named for what they compare
+            cols[-2:] = ["break-even vs recompute + on-the-fly augment", "break-even vs full + on-the-fly augment"]
+            cols[6] = f"precompute s ({self.augmentations} augmentations)"
         lines = [f"### actstore bench: {self.model}", "",
                  "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in self.rows:

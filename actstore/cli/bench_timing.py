@@ -194,7 +194,8 @@ def run_bench(model: Any, data: Sequence[Any], *, collate_fn: Callable[[list[Any
               loss_fn: Callable[[Any], Any] | None = None, depths: Sequence[float | str] = DEFAULT_DEPTHS,
               batch_size: int = 32, steps: int | None = None, rounds: int = 2, store_dtype: str | None = None,
               device: str | None = None, workdir: str | None = None, min_batch_size: int = 1,
-              progress: bool = True, name: str | None = None, log: Callable[[str], None] = print) -> BenchReport:
+              progress: bool = True, name: str | None = None, log: Callable[[str], None] = print,
+              augment: Callable[[Any, Any], Any] | None = None, augmentations: int = 1) -> BenchReport:
     """Measure full fine-tuning, recomputation and recycling of ``model`` over ``data``.
 
     Parameters
@@ -225,6 +226,12 @@ def run_bench(model: Any, data: Sequence[Any], *, collate_fn: Callable[[list[Any
         Where the stores are written (default: a temporary directory; removed).
     min_batch_size
         Out of memory at this batch size stops the run (smaller: retried at half).
+    augment, augmentations
+        Training with augmentation: full fine-tuning and recompute augment each
+        batch on the fly (``augment(input, generator)``), recycling precomputes
+        ``augmentations`` stored augmentations per item (``K`` times the
+        precompute and the disk) and serves one per step; the break-even is
+        then against full fine-tuning with on-the-fly augmentation.
 
     Returns
     -------
@@ -236,13 +243,17 @@ def run_bench(model: Any, data: Sequence[Any], *, collate_fn: Callable[[list[Any
         raise BenchError("batch_size and min_batch_size must be positive")
     if len(data) < 1:
         raise BenchError("the data sample is empty")
+    if (augment is None) != (augmentations == 1) or augmentations < 1:
+        raise BenchError(f"augment and augmentations go together: an augment with augmentations >= 2, or neither "
+                         f"(got augment={'a function' if augment else None}, augmentations={augmentations})")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     family, n_blocks, resolved = _depths(model, depths)
     bs = min(batch_size, len(data))
     while True:
         try:
             return _run(model, data, collate_fn, loss_fn or default_loss(), resolved, family, n_blocks, bs,
-                        steps, rounds, store_dtype, dev, workdir, progress, name or type(model).__name__, log)
+                        steps, rounds, store_dtype, dev, workdir, progress, name or type(model).__name__, log,
+                        augment, augmentations)
         except _OutOfMemory as e:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -260,7 +271,8 @@ def run_bench(model: Any, data: Sequence[Any], *, collate_fn: Callable[[list[Any
 
 def _run(model: Any, data: Sequence[Any], collate_fn: Any, loss_fn: Any, depths: list[_Depth], family: str,
          n_blocks: int, bs: int, steps: int | None, rounds: int, store_dtype: str | None, dev: Any,
-         workdir: str | None, progress: bool, name: str, log: Callable[[str], None]) -> BenchReport:
+         workdir: str | None, progress: bool, name: str, log: Callable[[str], None], augment: Any = None,
+         augmentations: int = 1) -> BenchReport:
     import random
     import statistics
 
@@ -301,8 +313,14 @@ def _run(model: Any, data: Sequence[Any], collate_fn: Any, loss_fn: Any, depths:
         loss.backward()
         opt.step()
 
+    drawn = [0]
+
     def make_batch(idx: list[int]) -> Any:
-        return _to(collate([inputs[i] for i in idx]), dev)
+        if augment is None:
+            return _to(collate([inputs[i] for i in idx]), dev)
+        drawn[0] += 1  # on-the-fly augmentation: a new generator state every batch, its cost in the step
+        gen = torch.Generator().manual_seed(drawn[0])
+        return _to(collate([augment(inputs[i], gen) for i in idx]), dev)
 
     # full fine-tuning
     all_params = [p for p in model.parameters() if p.requires_grad]
@@ -322,7 +340,8 @@ def _run(model: Any, data: Sequence[Any], collate_fn: Any, loss_fn: Any, depths:
             t0 = time.perf_counter()
             store = guard(f"precompute at {d.at}", lambda path=path, at=d.at: precompute(
                 model, inputs, path, layers=[at], batch_size=bs, device=dev, collate_fn=collate_fn,
-                store_dtype=store_dtype, progress=progress, overwrite=True))
+                store_dtype=store_dtype, progress=progress, overwrite=True, augment=augment,
+                augmentations=augmentations))
             row.precompute_seconds = time.perf_counter() - t0
             stores.append(store)
             row.disk_bytes = int(store.info()["bytes_on_disk"])
@@ -331,7 +350,7 @@ def _run(model: Any, data: Sequence[Any], collate_fn: Any, loss_fn: Any, depths:
                 continue
             field_name = next(f for f in store.fields if not f.startswith("item_"))
             ds = ActivationDataset(store, fields=[field_name])
-            rows_of = store.view("dataset")
+            rows_of = store.view("dataset").reshape(n, augmentations)
             gather = ActivationCollate(param_dtype if param_dtype.is_floating_point else None,
                                        mask_dtype=torch.int64)
             opt = torch.optim.AdamW(head_params, lr=1e-12)
@@ -353,7 +372,8 @@ def _run(model: Any, data: Sequence[Any], collate_fn: Any, loss_fn: Any, depths:
             def recycled(idx: list[int], ds: Any = ds, rows_of: Any = rows_of, gather: Any = gather,
                          field_name: str = field_name, run_head: Any = run_head, opt: Any = opt,
                          head_params: list[Any] = head_params) -> None:
-                got = gather(ds.__getitems__(rows_of[idx].tolist()))[field_name]
+                drawn[0] += 1  # one stored augmentation per step (as an epoch serves one per item)
+                got = gather(ds.__getitems__(rows_of[idx, drawn[0] % augmentations].tolist()))[field_name]
                 if isinstance(got, tuple):  # a ragged field: (values, mask, lengths)
                     hidden, mask = got[0].to(dev, non_blocking=True), got[1].to(dev, non_blocking=True)
                 else:
@@ -401,9 +421,16 @@ def _run(model: Any, data: Sequence[Any], collate_fn: Any, loss_fn: Any, depths:
         row.breakeven_vs_full = pre / (full_epoch - own) if full_epoch > own else math.inf
     from actstore import __version__
 
+    notes = [f"actstore {__version__}."]
+    if augment is not None:
+        notes.append(f"Augmentation: full fine-tuning and recompute augment every batch on the fly; recycling "
+                     f"precomputed {augmentations} stored augmentations per item ({augmentations}x the precompute "
+                     f"and the disk of one) and serves one per item per epoch, so after {augmentations} epochs they "
+                     "repeat. Break-even vs full: against full fine-tuning with on-the-fly augmentation.")
+
     report = BenchReport(
         model=name, family=family, blocks=n_blocks, samples=n, batch_size=bs, steps_per_epoch=steps_per_epoch,
         steps=n_steps, rounds=rounds, device=str(dev), store_dtype=store_dtype, machine=machine_description(), rows=rows,
-        step_seconds=median, wall_seconds=time.perf_counter() - started,
-        notes=[f"actstore {__version__}."])
+        step_seconds=median, wall_seconds=time.perf_counter() - started, notes=notes,
+        augmentations=augmentations)
     return report

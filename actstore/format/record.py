@@ -21,6 +21,7 @@ from actstore.errors import CorruptStoreError, UnsupportedFormatError
 __all__ = [
     "ITEM_KINDS",
     "KEY_SCHEMES",
+    "AUGMENTED_RECORD_VERSION",
     "RECORD_ATTR",
     "RECORD_VERSION",
     "RECORD_VERSIONS",
@@ -35,8 +36,12 @@ __all__ = [
 #: Key of the record in the store's attrs.
 RECORD_ATTR = "precompute"
 RECORD_VERSION = 2
-#: Versions a reader accepts: 1 (rows keyed by the raw items) and 2 (the record names the key scheme).
-RECORD_VERSIONS = (1, 2)
+#: The version of a record with stored augmentations (``augment``, ``augmentations``); written only for those, so
+#: that a store without augmentations stays readable by readers of version 2.
+AUGMENTED_RECORD_VERSION = 3
+#: Versions a reader accepts: 1 (rows keyed by the raw items), 2 (the record names the key scheme) and 3 (stored
+#: augmentations).
+RECORD_VERSIONS = (1, 2, 3)
 #: How rows are keyed: "inputs" — the model inputs as fed (each sample's part of the collated batch, trimmed to
 #: its tokens); "items" — ``key_fn(item's input)`` on the raw item (every version-1 store).
 KEY_SCHEMES = ("inputs", "items")
@@ -46,8 +51,9 @@ ITEM_KINDS = ("bare", "tuple", "dict")
 SIDE_KINDS = ("bool", "int", "float", "str", "bytes", "array", "tensor")
 
 _TOP = {"version", "layers", "sample", "view", "dataset_length", "dataset_class", "model_class", "store_dtype",
-        "key_fn", "collate_fn", "placeholder", "keys", "lengths_fn"}
-_TOP_V1 = _TOP - {"keys", "lengths_fn"}
+        "key_fn", "collate_fn", "placeholder", "keys", "lengths_fn", "augment", "augmentations"}
+_TOP_V2 = _TOP - {"augment", "augmentations"}
+_TOP_V1 = _TOP_V2 - {"keys", "lengths_fn"}
 _ITEM = {"type", "length", "keys", "input", "side", "dropped"}
 
 
@@ -117,6 +123,10 @@ class PrecomputeRecord:
     ``keys`` says how rows are keyed (:data:`KEY_SCHEMES`): a version-1 record
     parses as ``"items"`` (and writes back as version 1); ``lengths_fn`` is the
     qualified name of the token-length function the input keys were trimmed by.
+    ``augmentations`` (``K``, version 3) is the number of stored augmentations
+    per dataset position, made by ``augment`` (its qualified name): the view
+    then lists ``dataset_length * K`` positions, ``p * K + v`` holding
+    augmentation ``v`` of item ``p`` (docs/FORMAT.md §11.3, §14).
 
     Examples
     --------
@@ -137,6 +147,8 @@ class PrecomputeRecord:
     placeholder: bool = False
     keys: str = "inputs"
     lengths_fn: str | None = None
+    augment: str | None = None  #: the augment's qualified name (version 3)
+    augmentations: int = 1  #: stored augmentations per dataset position (version 3); 1: none
     version: int = RECORD_VERSION
 
     @property
@@ -166,6 +178,9 @@ class PrecomputeRecord:
         if self.version >= 2:
             doc["keys"] = self.keys
             doc["lengths_fn"] = self.lengths_fn
+        if self.version >= 3:
+            doc["augment"] = self.augment
+            doc["augmentations"] = self.augmentations
         if self.placeholder:
             doc["placeholder"] = True
         return doc
@@ -183,11 +198,16 @@ class PrecomputeRecord:
         if type(version) is not int or version not in RECORD_VERSIONS:  # (True == 1 and 1.0 == 1 in Python)
             if type(version) is int:
                 raise UnsupportedFormatError(
-                    f"Unsupported precompute record version: got {version}. Expected {RECORD_VERSION} (or 1) "
+                    f"Unsupported precompute record version: got {version}. Expected {RECORD_VERSION} (or 1, or 3 with stored "
+                    f"augmentations) "
                     f"({where}); this store was written by another actstore version: upgrade actstore, or rerun "
                     "precompute with overwrite=True")
             raise CorruptStoreError(f"{where}.version: expected the integer {RECORD_VERSION}, got {version!r}")
-        _only(d, _TOP if version >= 2 else _TOP_V1, where)
+        _only(d, _TOP if version >= 3 else _TOP_V2 if version == 2 else _TOP_V1, where)
+        augmentations = _int(d.get("augmentations", 1), f"{where}.augmentations")
+        if augmentations < 1 or (version >= 3) != (augmentations > 1):
+            raise CorruptStoreError(f"{where}.augmentations: expected an integer >= 2 in a version-3 record (1, or "
+                                    f"absent, before), got {augmentations!r} in version {version}")
         if version >= 2:
             scheme = d.get("keys")
             if scheme not in KEY_SCHEMES:
@@ -209,6 +229,8 @@ class PrecomputeRecord:
             placeholder=_bool(d.get("placeholder", False), f"{where}.placeholder"),
             keys=scheme,
             lengths_fn=_opt_str(d.get("lengths_fn"), f"{where}.lengths_fn"),
+            augment=_opt_str(d.get("augment"), f"{where}.augment"),
+            augmentations=augmentations,
             version=version,
         )
 

@@ -54,6 +54,7 @@ from actstore.environment import environment
 from actstore.format.documents import name_argument
 from actstore.format.fields import Field
 from actstore.models.capture import resolve_layers
+from actstore.precompute.augment import AugmentedItems, AugmentSpec, check_augment
 from actstore.precompute.config import (
     STORE_DTYPES,
     CaptureConfig,
@@ -98,6 +99,8 @@ def precompute(
     compact: bool = True,
     allow_overflow: bool = False,
     reclaim: bool = True,
+    augment: Callable[[Any, torch.Generator], Any] | None = None,
+    augmentations: int = 1,
 ) -> ActivationStore:
     """Compute the outputs of ``layers`` of a frozen ``model`` for every sample of ``dataset`` into a store.
 
@@ -207,6 +210,21 @@ def precompute(
         store does not grow across reruns.  Rows no view ever referenced (a
         ``RecycledEncoder``'s, another run's) are kept.  Rows are renumbered in
         that commit (views and the key index with them).  ``False`` keeps every row.
+    augment, augmentations
+        Store ``augmentations`` (``K`` >= 2) augmented rows per dataset item
+        instead of one: augmentation ``v`` of an item is the frozen part's output
+        on ``augment(x, g)``, where ``x`` is the item's model input (before
+        ``collate_fn``) and ``g`` a CPU ``torch.Generator`` seeded from the
+        item's content key and ``v`` (:func:`actstore.augment_generator`), so a
+        rerun reproduces every augmentation, raising ``K`` computes only the new
+        ones, and a changed ``augment`` recomputes the augmentations it changes.
+        ``augment`` must return a sample of its input's type and shape class and
+        draw every random number from ``g``: both are checked on the first item.
+        The store holds ``K`` times the rows and the run costs ``K`` times the
+        forward; the ``"dataset"`` view lists ``len(dataset) * K`` positions
+        (``p * K + v``).  Serve them with ``CachedDataset(..., augmentation="random")``.
+        Needs a map-style dataset and input keys (not ``key_fn``).  See
+        docs/augmentations.md.
 
     Returns
     -------
@@ -225,6 +243,11 @@ def precompute(
         A sample that cannot be keyed (naming its dataset index); a collated
         batch that cannot be split per sample, or whose structure (dict keys)
         differs from an earlier batch's (naming the positions).
+    ValueError, TypeError
+        ``augmentations < 1``; ``augment`` with ``augmentations=1`` (or ``K > 1``
+        without one); an ``augment`` that is not deterministic under its
+        generator, returns another type or shape class than its input, or
+        raises (naming the item and augmentation).
     OSError
         ``collate_fn`` could not read an item (a file that vanished), naming its
         dataset index.
@@ -270,10 +293,11 @@ def precompute(
     every = (_positive("commit_every_rows", commit_every_rows, True),
              _positive("commit_every_seconds", commit_every_seconds, True, float))
     in_flight = _positive("max_in_flight", max_in_flight)
+    aug = _augment(augment, augmentations, dataset, key_fn)
     cfg = PrecomputeConfig(
         capture=CaptureConfig({layer: names[layer] for layer in resolved}, lengths_fn=lengths_fn),
         items=ItemsConfig(Selector(input, _forward_args(model)), collate_fn=collate_fn or default_collate,
-                          key_fn=key_fn, side_fields=dict(side_fields or {})),
+                          key_fn=key_fn, side_fields=dict(side_fields or {}), augment=aug),
         storage=StorageConfig(*stored, overwrite=bool(overwrite), allow_overflow=bool(allow_overflow)),
         execution=ExecutionConfig(dev, batch_size=batch, num_workers=num_workers, autocast=autocast_dtype,
                                   max_in_flight=in_flight, progress=bool(progress)),
@@ -283,6 +307,9 @@ def precompute(
         raise ValueError(f"path: precompute writes a local (or shared-filesystem) store, got the URL {root!r}; "
                          "precompute to a path, then upload it with `actstore push PATH URL`")
     root = os.path.abspath(root)
+    if aug is not None:
+        check_augment(aug, dataset, cfg.items.selector, cfg.items.collate_fn, lengths_fn)
+        dataset = AugmentedItems(dataset, aug.count)
     env = environment()
     if env.launched and env.world > 1:  # launched by torchrun: one disjoint part per rank, merged by rank 0
         return precompute_ranks(model, dataset, root, cfg)
@@ -290,6 +317,30 @@ def precompute(
 
 
 # --- argument checking --------------------------------------------------------------
+
+
+def _augment(fn: Any, count: Any, dataset: Any, key_fn: Any) -> AugmentSpec | None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"augmentations: expected an int >= 1 (the augmented rows stored per item; 1: none), got "
+                         f"{count!r}")
+    if fn is None:
+        if count > 1:
+            raise ValueError(f"augmentations={count}: pass augment=fn, the function fn(sample, generator) that makes "
+                             "each augmentation")
+        return None
+    if not callable(fn):
+        raise TypeError(f"augment: expected a callable fn(sample, generator) -> sample, got {type(fn).__name__}")
+    if count == 1:
+        raise ValueError("augment= with augmentations=1: a single stored augmentation would serve the same "
+                         "augmented sample every epoch; pass augmentations=K (K >= 2) stored augmentations per item, "
+                         "or drop augment= to store the items as they are")
+    if key_fn is not None:
+        raise ValueError("augment= needs rows keyed by the model inputs (augmented keys derive from them); drop key_fn=")
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")) or \
+            isinstance(dataset, torch.utils.data.IterableDataset):
+        raise TypeError(f"augment=: expected a map-style dataset (len and [i]), got {type(dataset).__name__}: item p's "
+                        "augmentations are read as dataset[p]")
+    return AugmentSpec(fn, count)
 
 
 def _layers(model: nn.Module, layers: Any) -> tuple[list[str], dict[str, str]]:

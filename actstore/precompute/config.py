@@ -27,6 +27,7 @@ import torch
 
 from actstore.format.fields import Field
 from actstore.format.record import RECORD_ATTR
+from actstore.precompute.augment import AugmentSpec
 from actstore.precompute.items import Selector
 
 __all__ = [
@@ -83,6 +84,7 @@ class ItemsConfig:
     collate_fn: Callable[[list[Any]], Any]  #: raw inputs → model batch
     key_fn: Callable[[Any], bytes] | None = None  #: None: actstore.key
     side_fields: Mapping[str, Field | None] = field(default_factory=dict)  #: side column → Field, or None to drop
+    augment: AugmentSpec | None = None  #: K stored augmentations per sample (the dataset is AugmentedItems)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "side_fields", _frozen(self.side_fields))

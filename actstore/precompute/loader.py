@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from actstore.precompute.augment import AugmentError, AugmentSpec, Expanded, augmented_keys
 from actstore.precompute.inputs import batch_signature, input_keys
 from actstore.precompute.items import Selector
 from actstore.precompute.keys import check_key
@@ -40,6 +41,7 @@ class Group:
     item_type: type | None = None  # the type of every item of the group
     signature: str | None = None  # the collated batch's structure (batch_signature), None when not collated
     batch_error: bool = False  # `error` concerns the whole batch (its collate or its split), not one item
+    input_keys: np.ndarray | None = None  # with augment: the augmented inputs' own keys (`keys` are derived from them)
 
     def __len__(self) -> int:
         return len(self.sides)
@@ -63,17 +65,28 @@ class Prepare:
     thread if the batch is needed).  Errors are caught and returned in the
     :class:`Group` with the item's offset, so that the main thread can name the
     dataset index.
+
+    With ``augment`` the items are :class:`~actstore.precompute.augment.Expanded`
+    (item ``p``, augmentation ``v``): each input is replaced by its augmentation
+    before the collate, and its key is derived from the item's content key,
+    ``v`` and the augmented input's key (:mod:`actstore.precompute.augment`).
     """
 
     def __init__(self, selector: Selector, key_fn: Callable[[Any], bytes] | None, collate_fn: Callable[[list[Any]], Any],
-                 keep_inputs: bool, lengths_fn: Callable[[Any], Any] | None = None) -> None:
+                 keep_inputs: bool, lengths_fn: Callable[[Any], Any] | None = None,
+                 augment: AugmentSpec | None = None) -> None:
         self.selector = selector
         self.key_fn = key_fn
         self.collate_fn = collate_fn
         self.keep_inputs = keep_inputs
         self.lengths_fn = lengths_fn
+        self.augment = augment
 
     def __call__(self, items: Sequence[Any]) -> Group:
+        expanded: list[Expanded] | None = None
+        if self.augment is not None:
+            expanded = list(items)
+            items = [e.item for e in expanded]
         inputs: list[Any] = []
         sides: list[dict[str, Any] | None] = []
         buf = bytearray()
@@ -92,6 +105,16 @@ class Prepare:
             inputs.append(x)
             sides.append(side)
         keys = np.frombuffer(bytes(buf), np.uint8).reshape(-1, 32)
+        content = None
+        if expanded is not None and self.augment is not None:
+            try:
+                content, inputs = self.augment.apply(inputs, [e.position for e in expanded],
+                                                     [e.augmentation for e in expanded], self.collate_fn, self.lengths_fn)
+            except AugmentError as e:
+                return Group(np.empty((0, 32), np.uint8), None, [], None, error=(e.offset, e))
+            except Exception as e:  # the collate of the items themselves (for their content keys)
+                j, err, whole = self._culprit(inputs, e)
+                return _failed(Group(keys, inputs, sides, None), (j, err), whole)
         group = Group(keys, inputs, sides, self.selector.structure(items[0]) if len(items) else None,
                       item_type=first_type)
         try:
@@ -107,6 +130,9 @@ class Prepare:
                 group.keys = input_keys(group.collated, len(inputs), lengths_fn=self.lengths_fn, raw=inputs)
             except Exception as e:
                 return _failed(group, (0, e), whole=True)
+        if content is not None and expanded is not None:
+            group.input_keys = group.keys
+            group.keys = augmented_keys(content, [e.augmentation for e in expanded], group.keys)
         if group.collated is not None:
             group.signature = batch_signature(group.collated)
         if group.collated is not None and not self.keep_inputs:

@@ -44,7 +44,14 @@ from actstore.format.fields import Field
 from actstore.format.keys import DEFAULT_KEY_NAMES
 from actstore.format.layout import INDEXES_DIR, LOCK_DIR, SEGMENTS_DIR, VIEWS_DIR
 from actstore.format.manifest import Manifest
-from actstore.format.record import ItemRecord, LayerRecord, PrecomputeRecord, read_record
+from actstore.format.record import (
+    AUGMENTED_RECORD_VERSION,
+    RECORD_VERSION,
+    ItemRecord,
+    LayerRecord,
+    PrecomputeRecord,
+    read_record,
+)
 from actstore.models.fingerprint import fingerprint_matches
 from actstore.precompute.config import VIEW, PrecomputeConfig
 from actstore.precompute.items import SideColumns
@@ -132,6 +139,10 @@ def run_record(cfg: PrecomputeConfig, *, item: ItemRecord | None, ragged: set[st
                dataset: Any, model: nn.Module, placeholder: bool = False) -> PrecomputeRecord:
     """The record this run writes (and compares a resumed store's with)."""
     store_dtype = cfg.storage.store_dtype
+    aug = cfg.items.augment
+    if aug is not None:  # the run's dataset is AugmentedItems: record the user's dataset and its length
+        dataset = getattr(dataset, "dataset", dataset)
+        length = None if length is None else length // aug.count
     return PrecomputeRecord(
         layers=tuple(LayerRecord(layer, f, f in ragged) for layer, f in cfg.capture.fields.items()),
         item=None if placeholder else item,
@@ -145,6 +156,9 @@ def run_record(cfg: PrecomputeConfig, *, item: ItemRecord | None, ragged: set[st
         placeholder=placeholder,
         keys="items" if cfg.items.key_fn is not None else "inputs",
         lengths_fn=qualname(cfg.capture.lengths_fn),
+        augment=None if aug is None else qualname(aug.fn),
+        augmentations=1 if aug is None else aug.count,
+        version=RECORD_VERSION if aug is None else AUGMENTED_RECORD_VERSION,
     )
 
 

@@ -74,7 +74,8 @@ class Run:
         self.side = SideColumns([])
         self.positions = PositionSides(self.side)  # side values and input key per position: the view's columns
         self.row_sides = False  # a store written before format 3: side values are row fields too (first position's)
-        self.pool: list[tuple[int, np.ndarray, Any, Any, int]] = []  # (schedule id, key, input, side, position)
+        self.pool: list[tuple[int, np.ndarray, Any, Any, int, np.ndarray]] = []  # (schedule id, key, input, side,
+        # position, input key)
         self.seen = 0
         self.signature: tuple[str, int] | None = None  # (the collated batches' structure, where first seen)
         self._groups = 0  # the workers' first batches seen so far, and the first one's keys (_check_sharding)
@@ -133,8 +134,9 @@ class Run:
                                  "cannot be shared between worker processes")
             ds = IterableWrapper(ds)
         items = self.cfg.items
-        prepare = Prepare(items.selector, items.key_fn, items.collate_fn, keep_inputs=not self.map_style,
-                          lengths_fn=self.cfg.capture.lengths_fn)
+        prepare = Prepare(items.selector, items.key_fn, items.collate_fn,
+                          keep_inputs=not self.map_style or items.augment is not None,
+                          lengths_fn=self.cfg.capture.lengths_fn, augment=items.augment)
         loader = torch.utils.data.DataLoader(
             ds, batch_size=ex.batch_size, shuffle=False, num_workers=ex.num_workers, collate_fn=prepare,
             pin_memory=ex.device.type == "cuda")
@@ -158,6 +160,10 @@ class Run:
             j, e = g.error
             kind = type(e) if isinstance(e, (TypeError, ValueError, KeyError, IndexError, OSError)) else RuntimeError
             where = f"dataset[{pos0}:{pos0 + n}] (one batch)" if g.batch_error else f"dataset[{pos0 + j}]"
+            if self.cfg.items.augment is not None:  # positions of AugmentedItems: item p, augmentation v
+                k = self.cfg.items.augment.count
+                where = (f"dataset[{pos0 // k}:{(pos0 + n - 1) // k + 1}] (one batch)" if g.batch_error
+                         else f"dataset[{(pos0 + j) // k}] (augmentation {(pos0 + j) % k})")
             raise kind(f"{where}: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from e
         if g.signature is not None and self.signature is None:
             self.signature = (g.signature, pos0)
@@ -182,7 +188,8 @@ class Run:
             return
         for j in new:
             x = g.inputs[j] if g.inputs is not None else self.cfg.items.selector.split(self.dataset[pos0 + int(j)])[0]
-            self.pool.append((int(Schedule.schedule_id(codes[j])), g.keys[j], x, g.sides[j], pos0 + int(j)))
+            checked = g.keys[j] if g.input_keys is None else g.input_keys[j]  # what a recollate must give
+            self.pool.append((int(Schedule.schedule_id(codes[j])), g.keys[j], x, g.sides[j], pos0 + int(j), checked))
         batch_size = self.cfg.execution.batch_size
         while len(self.pool) >= batch_size:
             self._flush(batch_size)
@@ -218,7 +225,8 @@ class Run:
         keys = np.stack([p[1] for p in part])
         batch = self.cfg.items.collate_fn([p[2] for p in part])
         if self.cfg.items.key_fn is None:  # the rows must be computed from exactly what was keyed
-            check_recollated(batch, keys, [p[2] for p in part], [p[4] for p in part], self.cfg.capture.lengths_fn)
+            check_recollated(batch, np.stack([p[5] for p in part]), [p[2] for p in part], [p[4] for p in part],
+                             self.cfg.capture.lengths_fn)
         self._run_batch(keys, np.array([p[0] for p in part], np.int64), batch, [p[3] for p in part],
                         [p[4] for p in part])
 

@@ -30,13 +30,14 @@ from actstore.errors import StaleStoreError, UnsupportedCheckError
 from actstore.format.keys import DEFAULT_KEY_NAMES
 from actstore.format.keys import key as content_key
 from actstore.models.blocks import Frozen
+from actstore.precompute.augment import AugmentError, AugmentSpec, augmented_keys
 from actstore.precompute.inputs import input_keys
 from actstore.precompute.items import item_part
 from actstore.precompute.loader import DEFAULT_COLLATE_NAMES, default_collate, qualname
 from actstore.store import ActivationStore
 from actstore.training.datasets import RecordSummary
 
-__all__ = ["KEYS_ATTR", "NO_COLLATE", "KeyCheck", "key_check", "position_keys"]
+__all__ = ["KEYS_ATTR", "NO_COLLATE", "KeyCheck", "augmented_position_keys", "key_check", "position_keys"]
 
 #: Items collated at a time by the check.
 CHECK_BATCH = 1024
@@ -166,6 +167,30 @@ def position_keys(dataset: Any, positions: Sequence[int] | np.ndarray, part: Any
         except Exception as e:
             raise _culprit(collate, xs, chunk, e, where) from e
         out[a: a + len(xs)] = input_keys(batch, len(xs), lengths_fn=check.lengths_fn, raw=xs)
+    return out
+
+
+def augmented_position_keys(dataset: Any, positions: Sequence[int] | np.ndarray, part: Any, check: KeyCheck,
+                            spec: AugmentSpec, where: str) -> np.ndarray:
+    """The keys of the ``spec.count`` augmentations of ``dataset[p]``'s input for each position, made and keyed as
+    precompute made them (:mod:`actstore.precompute.augment`): an ``(n, K, 32)`` uint8 array.
+
+    Reads each item once.  Raises ``ValueError``/``TypeError`` naming the item and augmentation an augment fails on.
+    """
+    k = spec.count
+    out = np.empty((len(positions), k, 32), np.uint8)
+    collate = check.collate_fn or default_collate
+    for a in range(0, len(positions), CHECK_BATCH):
+        chunk = [int(p) for p in positions[a: a + CHECK_BATCH]]
+        xs = [item_part(dataset[p], part) for p in chunk]
+        try:
+            content, _ = spec.apply(xs, chunk, [0] * len(xs), collate, check.lengths_fn)
+            for v in range(k):
+                ys = [spec.one(x, content[j], v, chunk[j], j) for j, x in enumerate(xs)]
+                own = input_keys(collate(ys), len(ys), lengths_fn=check.lengths_fn, raw=ys)
+                out[a: a + len(xs), v] = augmented_keys(content, [v] * len(ys), own)
+        except AugmentError as e:
+            raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{where}: {e}") from e
     return out
 
 

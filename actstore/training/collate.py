@@ -53,7 +53,8 @@ class RowBatch(Sequence):  # type: ignore[type-arg]
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return _mark(self.dataset[int(self.positions[i])], self)
+        item_of = getattr(self.dataset, "batch_item", None)  # a dataset whose item depends on more than its position
+        return _mark(item_of(self, i) if item_of is not None else self.dataset[int(self.positions[i])], self)
 
     def __repr__(self) -> str:
         return f"RowBatch({len(self)} rows of {type(self.dataset).__name__})"

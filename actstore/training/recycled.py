@@ -25,9 +25,11 @@ from torch.utils.data import Dataset
 from actstore.deprecation import renamed_arguments
 from actstore.engine.read.gather import row_view
 from actstore.errors import DatasetMismatchError, MissingRowsError
+from actstore.precompute.augment import AugmentSpec
 from actstore.precompute.items import ItemLayout, Selector, decode_item, item_layout, item_part
 from actstore.store import ActivationStore
-from actstore.training.checks import KeyCheck, key_check, position_keys
+from actstore.training.augmented import EpochSampler, augmentation_mode, choose, split_indices
+from actstore.training.checks import KeyCheck, augmented_position_keys, key_check, position_keys
 from actstore.training.collate import ActivationCollate, RowBatch
 from actstore.training.datasets import (
     RecordSummary,
@@ -141,6 +143,24 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         returns a tensor batch, a list of per-row tensors, a
         :class:`~actstore.RaggedBatch`, a ``(padded, mask)`` pair or a dict of
         those per field.  Without one, missing rows raise :class:`MissingRowsError`.
+    augmentation
+        For a store with stored augmentations (``precompute(..., augment=fn,
+        augmentations=K)``): ``"random"`` serves one of each position's ``K``
+        augmentations per epoch (:meth:`set_epoch`), chosen from
+        ``(augment_seed, epoch, position)`` only — the same in every worker,
+        rank and instance — as a permutation: over epochs ``cK .. cK + K-1``
+        each position sees each of its augmentations once; ``"draw"`` draws
+        with replacement instead; an int ``v`` always serves augmentation
+        ``v``.  ``None`` (default): a store without augmentations, served as
+        always.  With DataLoader workers, sample through
+        :class:`~actstore.training.augmented.EpochSampler` (``ds.epoch_sampler()``)
+        so the workers see the epoch.
+    augment_seed
+        The seed of the choice (``augmentation="random"`` or ``"draw"``).
+    augment
+        The ``augment`` precompute used, to check the served augmented rows
+        (each checked position's ``K`` augmentations are made again and keyed,
+        as precompute did).  Needed unless ``check=0``.
     model, fingerprint
         When given, the store must hold what this model's frozen part computes
         (a frozen part from :func:`actstore.split`, or the full model), or carry
@@ -161,6 +181,10 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     MissingRowsError
         Positions without a row, and no ``fallback``; the message says how many
         and how to fill them.
+    NoAugmentationsError
+        ``augmentation`` asked of a store without augmentations (the message
+        says how to add them), or ``None`` of a store that holds only
+        augmentations.
     """
 
     @renamed_arguments(store_or_path="store")
@@ -169,12 +193,19 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
                  fallback: Callable[[list[Any]], Any] | None = None, key_fn: Callable[[Any], bytes] | None = None,
                  input_name: str | None = None, model: Any = None, fingerprint: str | None = None,
                  collate_fn: Callable[[list[Any]], Any] | None = None,
-                 lengths_fn: Callable[[Any], Any] | None = None) -> None:
+                 lengths_fn: Callable[[Any], Any] | None = None, augmentation: str | int | None = None,
+                 augment_seed: int = 0, augment: Callable[[Any, torch.Generator], Any] | None = None) -> None:
         self._hold(store)
         store = self.store
         check_frozen(store, model, fingerprint, where=f"CachedDataset({store.path})")
         cfg = precompute_config(store)
         n = len(dataset)
+        #: stored augmentations per position (1: none), the serving mode ("random", "draw", an index or None)
+        self.augmentations = cfg.record.augmentations if cfg.record is not None else 1
+        self.augmentation = augmentation_mode(augmentation, self.augmentations, store.path, index)
+        self.augment_seed, self.epoch = int(augment_seed), 0
+        self._table: np.ndarray | None = None  # (n, K) rows of each position's augmentations
+        self._by_epoch: dict[int, np.ndarray] = {}  # epoch -> row of each position (_epoch_rows)
         if input is not _UNSET:
             self.input = input
         else:
@@ -194,7 +225,14 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         self.fallback = fallback
         self.dataset = dataset
         if index == "view":
-            rows = self._view_rows(store, cfg, n, where)
+            rows = self._view_rows(store, cfg, n * self.augmentations, where)
+            if self.augmentations > 1:
+                self._table = np.ascontiguousarray(rows, np.int64).reshape(n, self.augmentations)
+                if fallback is not None:
+                    raise ValueError(f"{where}: fallback= computes un-augmented activations; a store of "
+                                     "augmentations serves only stored ones (rerun precompute to fill it)")
+                rows = self._table[:, self.augmentation if isinstance(self.augmentation, int) else 0].copy()
+                rows[(self._table < 0).any(axis=1)] = -1  # a position missing any augmentation is missing
         else:
             rows = store.lookup(position_keys(dataset, range(n), self.input, self._keys, where)) if n \
                 else np.empty(0, np.int64)
@@ -209,7 +247,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
                                  f"{self._template.kind}")
             self._template = replace(self._template, input_name=input_name)
         self._sides = SideSource(store, self._template, index=index, view=cfg.view, where=where,
-                                 inferred=side is None and cfg.record is None)
+                                 inferred=side is None and cfg.record is None, stride=self.augmentations)
         if check in ("auto", "items"):
             full = n > 0 and _cheap_to_key(item_part(first, self.input))
             spot = 8
@@ -227,7 +265,10 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
             gen = np.random.default_rng(seed)
             positions = np.sort(gen.choice(present, size=min(spot, len(present)), replace=False)) if len(present) \
                 else present
-        self._check_keys(dataset, positions, first, where)
+        if self._table is None:
+            self._check_keys(dataset, positions, first, where)
+        else:
+            self._check_augmented(dataset, positions, augment, where)
         #: dataset positions whose side values were compared with the stored ones at construction
         self.sides_checked = self._sides.check(store, dataset, positions if index == "view" else present[:0],
                                                self.rows, where)
@@ -272,6 +313,79 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
                 "— it recomputes only the changed rows — or pass the collate_fn precompute used"
             )
 
+    def _check_augmented(self, dataset: Any, positions: np.ndarray, augment: Any, where: str) -> None:
+        """Make each checked position's K augmentations again (as precompute did), key them and compare with the keys
+        of the rows served for them."""
+        if not len(positions):
+            return
+        if augment is None:
+            raise ValueError(f"{where}: the store holds {self.augmentations} augmentations per item, made by "
+                             f"{precompute_config(self.store).record.augment}; pass the same function as augment= so "  # type: ignore[union-attr]
+                             "that the served rows are checked against today's items, or check=0 to serve them "
+                             "unchecked")
+        assert self._table is not None and self._keys.collate_fn is not None
+        spec = AugmentSpec(augment, self.augmentations)
+        keys = augmented_position_keys(dataset, positions, self.input, self._keys, spec, where)
+        stored = self.store.key_at(self._table[positions].reshape(-1)).reshape(keys.shape)
+        bad = np.argwhere((keys != stored).any(axis=2))
+        if len(bad):
+            p, v = int(positions[bad[0][0]]), int(bad[0][1])
+            raise DatasetMismatchError(
+                f"{where}: augmentation {v} of dataset[{p}] has key {keys[bad[0][0], v].tobytes().hex()[:16]}…, but "
+                f"the store's row {self._table[p, v]} holds {stored[bad[0][0], v].tobytes().hex()[:16]}… ({len(bad)} "
+                f"of the {keys.shape[0] * keys.shape[1]} checked augmentations differ): augment, the collate or the "
+                f"items changed since precompute; rerun actstore.precompute(model, dataset, {self.store.path!r}, "
+                "augment=..., augmentations=...) with today's pipeline (it computes only the changed augmentations)")
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentations plain indices are served (``augmentation="random"`` or ``"draw"``).
+
+        DataLoader workers hold their own copy of the dataset: with workers, wrap
+        the sampler in :meth:`epoch_sampler` and call its ``set_epoch`` instead."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch: expected an int >= 0, got {epoch!r}")
+        self.epoch = int(epoch)
+
+    def epoch_sampler(self, sampler: Any = None) -> EpochSampler:
+        """An :class:`~actstore.training.augmented.EpochSampler` over ``sampler`` (default: positions in order) whose
+        indices carry the epoch to DataLoader workers."""
+        return EpochSampler(self, sampler)
+
+    def _serve(self, indices: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, rows) of a batch's indices: plain positions, or (epoch, position) pairs."""
+        if self._table is None:
+            pos = _positions(indices, len(self.rows))
+            return pos, self.rows[pos]
+        epochs, raw = split_indices(indices, self.epoch)
+        pos = _positions(raw, len(self.rows))
+        if isinstance(epochs, int):
+            return pos, self._epoch_rows(epochs)[pos]
+        rows = np.empty(len(pos), np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            rows[sel] = self._epoch_rows(int(e))[pos[sel]]
+        return pos, rows
+
+    def _epoch_rows(self, epoch: int) -> np.ndarray:
+        """The row each position is served in ``epoch`` (computed once per epoch and process; the last two kept)."""
+        got = self._by_epoch.get(epoch)
+        if got is None:
+            assert self._table is not None
+            n = len(self._table)
+            mode = self.augmentation
+            v = np.full(n, mode, np.int64) if isinstance(mode, int) else \
+                choose(self.augment_seed, epoch, np.arange(n), self.augmentations, str(mode))
+            got = self._table[np.arange(n), v]
+            self._by_epoch = {**{e: r for e, r in self._by_epoch.items() if e == epoch - 1}, epoch: got}
+        return got
+
+    def batch_item(self, batch: RowBatch, i: int) -> Any:
+        """The item of a :class:`RowBatch`'s ``i``-th row (its augmentation as chosen for the batch).  Never copies."""
+        p, row = int(batch.positions[i]), int(batch.rows[i])
+        if row < 0 or self._table is None:
+            return self[p]
+        return self._item(p, row)
+
     @staticmethod
     def _view_rows(store: ActivationStore, cfg: RecordSummary, n: int, where: str) -> np.ndarray:
         if cfg.view not in store.views:
@@ -308,10 +422,15 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
 
     def __getitem__(self, i: int) -> Any:
         """``dataset[i]`` with its input replaced by the activations.  Never copies (computed rows aside)."""
+        if isinstance(i, tuple) and self._table is not None:  # (epoch, position) from an EpochSampler
+            pos, rows = self._serve([i])
+            return self._item(int(pos[0]), int(rows[0]))
         if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
             raise TypeError(f"index: expected an int, got {type(i).__name__}")
-        p = int(_positions([i], len(self.rows))[0])
-        row = int(self.rows[p])
+        pos, rows = self._serve([i])
+        return self._item(int(pos[0]), int(rows[0]))
+
+    def _item(self, p: int, row: int) -> Any:
         store, t = self.store, self._template
         if row < 0:
             acts, _ = self._compute([p])
@@ -324,8 +443,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
 
     def __getitems__(self, indices: Sequence[int]) -> RowBatch:
         """The rows of a batch (computing missing ones with the fallback).  Never copies stored rows."""
-        pos = _positions(indices, len(self.rows))
-        rows = self.rows[pos]
+        pos, rows = self._serve(indices)
         computed: dict[str, dict[int, torch.Tensor]] = {}
         miss = np.nonzero(rows < 0)[0]
         if len(miss):
@@ -374,3 +492,4 @@ def _infer_input(dataset: Any, n: int) -> Any:
         return None
     layout = item_layout(first)
     return None if layout["type"] == "bare" else layout["input"]
+

@@ -59,10 +59,12 @@ class SideSource:
     """Where one :class:`~actstore.CachedDataset` takes side values from (``kind``: see the module docstring)."""
 
     def __init__(self, store: ActivationStore, layout: ItemLayout, *, index: str, view: str, where: str,
-                 inferred: bool = False) -> None:
+                 inferred: bool = False, stride: int = 1) -> None:
         """``inferred``: the side parts were not recorded nor given but inferred from the items (a store without a
-        precompute record); when the store holds none of them, they are read from the items."""
+        precompute record); when the store holds none of them, they are read from the items.  ``stride``: the view
+        lists each position ``stride`` times (stored augmentations: position ``p``'s values at ``p * stride``)."""
         self.layout = layout
+        self.stride = stride
         self.cols: ViewColumns | None = None
         side = dict(layout.side)
         fields: Mapping[str, Field] = store.fields
@@ -101,7 +103,7 @@ class SideSource:
             return {k: item_part(item, k) for k in t.side}
         if self.kind == "view":
             assert self.cols is not None
-            seg, local = self.cols.reader, p
+            seg, local = self.cols.reader, p * self.stride
         else:
             seg, local = store.snapshot.locate(row)
         return {k: decode_side(row_view(seg, local, fn, self.fields[k]), t.kinds[k]) for k, fn in t.side.items()}
@@ -126,7 +128,7 @@ class SideSource:
                 out[k] = self._from_items([item_part(items[j], k) for j in range(len(positions))], k, positions, opts)
             return out
         src: Any = self.cols if self.kind == "view" else store.snapshot
-        idx = positions if self.kind == "view" else rows
+        idx = positions * self.stride if self.kind == "view" else rows
         for k, fn in t.side.items():
             f = self.fields[k]
             raw = computed.get(f"side:{k}", {}) if self.kind == "rows" else {}
@@ -164,7 +166,7 @@ class SideSource:
             return 0
         t = self.layout
         src: Any = self.cols if self.kind == "view" else store.snapshot
-        idx = positions if self.kind == "view" else rows[positions]
+        idx = positions * self.stride if self.kind == "view" else rows[positions]
         items = [dataset[int(p)] for p in positions.tolist()]
         bad = np.zeros(len(positions), bool)
         for k, fn in t.side.items():
