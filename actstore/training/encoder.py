@@ -89,6 +89,8 @@ def _samples(inputs: Any) -> list[Any]:
 class RecycledEncoder(nn.Module):
     """Stands in for the frozen part of a model: cached activations from the store, misses computed.
 
+    Deprecated: use :func:`actstore.recycle`, which routes the model itself through a store of the same keys.
+
     Parameters
     ----------
     frozen
@@ -167,6 +169,10 @@ class RecycledEncoder(nn.Module):
                  device: torch.device | str | None = None, check_fingerprint: bool = True,
                  collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
         super().__init__()
+        warnings.warn(
+            "RecycledEncoder is deprecated: actstore.recycle(model, at, store) routes the model itself through a store "
+            "with the same keys (a store either fills serves the other) and keeps the model's own forward, loss and "
+            "trainers; RecycledEncoder will be removed in a later minor version", DeprecationWarning, stacklevel=2)
         self.frozen = frozen
         if isinstance(frozen, nn.Module):
             if train_mode_matters(frozen):
