@@ -411,8 +411,10 @@ def write_object(root: str, directory: str, arrays: Mapping[str, tuple[np.ndarra
     return IndexRunInfo(obj_id, rows, checksum(meta))
 
 
-def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray) -> IndexRunInfo:
-    """Write a key-index run: prefixes sorted ascending, with their global rows."""
+def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray, *, presorted: bool = False) -> IndexRunInfo:
+    """Write a key-index run: prefixes sorted ascending, with their global rows (``presorted``: as given)."""
+    if presorted:
+        return write_object(root, INDEXES_DIR, {"prefix": (prefixes, "uint64"), "row": (rows, "int64")})
     order = np.argsort(prefixes, kind="stable")  # equal prefixes keep their input order (FORMAT.md §6)
     return write_object(root, INDEXES_DIR, {"prefix": (prefixes[order], "uint64"), "row": (rows[order], "int64")})
 
