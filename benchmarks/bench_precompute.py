@@ -392,6 +392,7 @@ class Sampler:
 
 def memory_child(n: int, path: str, width: int) -> None:
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # a model this small gains nothing from a second thread on a shared machine
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, width)).eval()
     precompute(model, RowBatches(500), fresh(path), batch_size=256, progress=False).close()  # warm up every path
     base_anon, base_file = _rollup()
