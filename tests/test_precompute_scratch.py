@@ -107,3 +107,9 @@ def test_index_merge_refuses_a_run_out_of_order(tmp_path: Path) -> None:
     assert not bool((np.diff(Snapshot(root, manifest).runs[1].prefix.astype(np.float64)) >= 0).all())
     with pytest.raises(CorruptStoreError, match="not sorted"):
         merge_runs(root, manifest)
+
+
+def test_scratch_array_without_a_usable_directory_stays_in_the_heap(tmp_path: Path) -> None:
+    a = ScratchArray(np.uint8, (32,), str(tmp_path / "missing"))
+    a.append(np.ones((3, 32), np.uint8))
+    assert a.view().tolist() == np.ones((3, 32), np.uint8).tolist() and not _mapped(a.data)

@@ -11,9 +11,11 @@ a crash (nothing is left behind: the file has no name) and never counted as
 the process's anonymous memory.  Reads and writes cost what the same numpy
 array's would while the pages are cached.
 
-Growing never copies: the file is extended (``ftruncate``) and mapped again
-whole; the old map stays valid for arrays taken from it earlier (both maps
-show the same pages).
+Growing never copies: the file is extended (``posix_fallocate``: a full disk
+raises ``OSError`` there, never a ``SIGBUS`` at a later write into the map)
+and mapped again whole; the old map stays valid for arrays taken from it
+earlier (both maps show the same pages).  A directory where no file can be
+created falls back to the heap.
 """
 
 from __future__ import annotations
@@ -81,8 +83,15 @@ class ScratchArray:
             self.data = grown
             return
         if self._file is None:
-            self._file = tempfile.TemporaryFile(dir=self.directory, prefix=".actstore-scratch-")  # noqa: SIM115
-        os.ftruncate(self._file.fileno(), nbytes)  # the new bytes read as zeros and take no disk until written
+            try:
+                self._file = tempfile.TemporaryFile(dir=self.directory, prefix=".actstore-scratch-")  # noqa: SIM115
+            except OSError:  # (a directory this process cannot write to: the heap, as with directory=None)
+                self.directory = None
+                self.reserve(rows)
+                return
+        # The space is allocated now (ENOSPC is an OSError here, never a SIGBUS on a later write to the map).
+        have = os.fstat(self._file.fileno()).st_size
+        os.posix_fallocate(self._file.fileno(), have, nbytes - have)
         mm = mmap.mmap(self._file.fileno(), nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.data = np.frombuffer(mm, self.dtype, count=cap * int(np.prod(self.inner, dtype=np.int64))).reshape(
             cap, *self.inner)
