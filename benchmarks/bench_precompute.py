@@ -17,8 +17,13 @@ Four questions, each answered against a peer measured in the same run:
    writes, fsync) in the same round.  Target ≥ 0.8×.  Also shown: precompute
    end to end with a model that does nothing (its output is the data), the
    ceiling of the whole pipeline on this CPU.
-4. **Peak memory.** Peak RSS above the post-import baseline for N and 10·N rows
-   of a cheap model (separate processes).  Activations must not accumulate.
+4. **Peak memory.** Anonymous and file-backed memory above the post-warm-up
+   baseline, sampled apart from ``/proc/self/smaps_rollup`` (peak RSS would count
+   the store's own pages that the final merge maps in as if they were heap), for
+   20,000 and 200,000 rows of 4 KB and 10 million rows of 64 bytes of a cheap
+   model (separate processes), with the anonymous bytes per row (target ≤ 64:
+   10 million rows within 1 GB) and rows/s.  ``--only-memory`` runs this alone,
+   ``--memory-rows N ...`` at other sizes (64-byte rows).
 5. **Range check.** precompute into float16 with the cast's range check
    (the default) and with it switched off (the check patched out), against
    the bare forward, interleaved; and the check alone (min/max of a batch)
@@ -34,6 +39,7 @@ Usage::
     python benchmarks/bench_precompute.py --quick            # a few minutes
     python benchmarks/bench_precompute.py --data cloud_faq_dataset.jsonl --results benchmarks/results/precompute.md
     python benchmarks/bench_precompute.py --only-range --results benchmarks/results/precompute_range_check.md
+    python benchmarks/bench_precompute.py --only-memory --results benchmarks/results/precompute_memory.md
 """
 
 from __future__ import annotations
