@@ -49,6 +49,7 @@ import copy
 import importlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -87,13 +88,30 @@ def paired(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[flo
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    times.update({name + CPU: [] for name in fns})
     order = list(fns.items())
     for r in range(rounds):
         for name, fn in order if r % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
+            c0, t0 = _cpu(), time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            times[name + CPU].append(_cpu() - c0)
     return times
+
+
+CPU = "/cpu"  # paired()'s key suffix for the CPU seconds (user + system, every thread) of a function's rounds
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_ratio(t: dict[str, list[float]], a: str, b: str) -> str:
+    """The median per-round ratio of the CPU seconds of ``a`` and ``b``: the work each did, which other jobs on
+    the machine change far less than the wall-clock time."""
+    r = [x / y for x, y in zip(t[a + CPU], t[b + CPU], strict=True)]
+    return f"{statistics.median(r):.3f} ({min(r):.3f}–{max(r):.3f})"
 
 
 def ratio(t: dict[str, list[float]], a: str, b: str) -> tuple[float, str]:
@@ -140,9 +158,9 @@ def minilm(texts: list[str], tmp: str, batch: int, rounds: int) -> tuple[list[li
     t["resume"] = [time.perf_counter() - t0]
     n = len(texts)
     rows = [[f"MiniLM `{MID}` (token-level, ragged)", n, min(t["bare_mid"]), min(t["pre_mid"]),
-             *ratio(t, "pre_mid", "bare_mid")],
+             *ratio(t, "pre_mid", "bare_mid"), cpu_ratio(t, "pre_mid", "bare_mid")],
             ["MiniLM pooled embedding (`layers=None`)", n, min(t["bare_out"]), min(t["pre_out"]),
-             *ratio(t, "pre_out", "bare_out")]]
+             *ratio(t, "pre_out", "bare_out"), cpu_ratio(t, "pre_out", "bare_out")]]
     return rows, t
 
 
@@ -239,9 +257,9 @@ def cnn(n: int, size: int, tmp: str, batch: int, rounds: int) -> tuple[list[list
     t = paired({"bare_mid": bare(truncated), "pre_mid": pre("layer3"), "bare_out": bare(model),
                 "pre_out": pre(None), "pre_l2": pre("layer2"), "pre_l4": pre("layer4")}, rounds)
     rows = [[f"ResNet-18 `layer3`, {size}×{size} images", n, min(t["bare_mid"]), min(t["pre_mid"]),
-             *ratio(t, "pre_mid", "bare_mid")],
+             *ratio(t, "pre_mid", "bare_mid"), cpu_ratio(t, "pre_mid", "bare_mid")],
             [f"ResNet-18 output, {size}×{size} images", n, min(t["bare_out"]), min(t["pre_out"]),
-             *ratio(t, "pre_out", "bare_out")]]
+             *ratio(t, "pre_out", "bare_out"), cpu_ratio(t, "pre_out", "bare_out")]]
     return rows, t
 
 
@@ -490,7 +508,8 @@ def main() -> int:
         if args.only_range:
             return _report(args, tables, notes)
         over = Table("precompute against the bare forward loop (same loader, batch 64, up to the same layer)",
-                     ["model / layer", "samples", "bare loop s", "precompute s", "ratio (target ≤ 1.05)", "range"])
+                     ["model / layer", "samples", "bare loop s", "precompute s", "ratio (target ≤ 1.05)", "range",
+                      "CPU-time ratio (range)"])
         early = Table("Early stop (precompute, capture the middle block against the last one)",
                       ["capture", "seconds", "ratio to last (target ≤ 0.6)", "range"])
         if args.data:
