@@ -17,8 +17,13 @@ Four questions, each answered against a peer measured in the same run:
    writes, fsync) in the same round.  Target ≥ 0.8×.  Also shown: precompute
    end to end with a model that does nothing (its output is the data), the
    ceiling of the whole pipeline on this CPU.
-4. **Peak memory.** Peak RSS above the post-import baseline for N and 10·N rows
-   of a cheap model (separate processes).  Activations must not accumulate.
+4. **Peak memory.** Anonymous and file-backed memory above the post-warm-up
+   baseline, sampled apart from ``/proc/self/smaps_rollup`` (peak RSS would count
+   the store's own pages that the final merge maps in as if they were heap), for
+   20,000 and 200,000 rows of 4 KB and 10 million rows of 64 bytes of a cheap
+   model (separate processes), with the anonymous bytes per row (target ≤ 64:
+   10 million rows within 1 GB) and rows/s.  ``--only-memory`` runs this alone,
+   ``--memory-rows N ...`` at other sizes (64-byte rows).
 5. **Range check.** precompute into float16 with the cast's range check
    (the default) and with it switched off (the check patched out), against
    the bare forward, interleaved; and the check alone (min/max of a batch)
@@ -34,6 +39,7 @@ Usage::
     python benchmarks/bench_precompute.py --quick            # a few minutes
     python benchmarks/bench_precompute.py --data cloud_faq_dataset.jsonl --results benchmarks/results/precompute.md
     python benchmarks/bench_precompute.py --only-range --results benchmarks/results/precompute_range_check.md
+    python benchmarks/bench_precompute.py --only-memory --results benchmarks/results/precompute_memory.md
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import copy
 import importlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -81,13 +88,30 @@ def paired(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[flo
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    times.update({name + CPU: [] for name in fns})
     order = list(fns.items())
     for r in range(rounds):
         for name, fn in order if r % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
+            c0, t0 = _cpu(), time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            times[name + CPU].append(_cpu() - c0)
     return times
+
+
+CPU = "/cpu"  # paired()'s key suffix for the CPU seconds (user + system, every thread) of a function's rounds
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_ratio(t: dict[str, list[float]], a: str, b: str) -> str:
+    """The median per-round ratio of the CPU seconds of ``a`` and ``b``: the work each did, which other jobs on
+    the machine change far less than the wall-clock time."""
+    r = [x / y for x, y in zip(t[a + CPU], t[b + CPU], strict=True)]
+    return f"{statistics.median(r):.3f} ({min(r):.3f}–{max(r):.3f})"
 
 
 def ratio(t: dict[str, list[float]], a: str, b: str) -> tuple[float, str]:
@@ -134,9 +158,9 @@ def minilm(texts: list[str], tmp: str, batch: int, rounds: int) -> tuple[list[li
     t["resume"] = [time.perf_counter() - t0]
     n = len(texts)
     rows = [[f"MiniLM `{MID}` (token-level, ragged)", n, min(t["bare_mid"]), min(t["pre_mid"]),
-             *ratio(t, "pre_mid", "bare_mid")],
+             *ratio(t, "pre_mid", "bare_mid"), cpu_ratio(t, "pre_mid", "bare_mid")],
             ["MiniLM pooled embedding (`layers=None`)", n, min(t["bare_out"]), min(t["pre_out"]),
-             *ratio(t, "pre_out", "bare_out")]]
+             *ratio(t, "pre_out", "bare_out"), cpu_ratio(t, "pre_out", "bare_out")]]
     return rows, t
 
 
@@ -233,9 +257,9 @@ def cnn(n: int, size: int, tmp: str, batch: int, rounds: int) -> tuple[list[list
     t = paired({"bare_mid": bare(truncated), "pre_mid": pre("layer3"), "bare_out": bare(model),
                 "pre_out": pre(None), "pre_l2": pre("layer2"), "pre_l4": pre("layer4")}, rounds)
     rows = [[f"ResNet-18 `layer3`, {size}×{size} images", n, min(t["bare_mid"]), min(t["pre_mid"]),
-             *ratio(t, "pre_mid", "bare_mid")],
+             *ratio(t, "pre_mid", "bare_mid"), cpu_ratio(t, "pre_mid", "bare_mid")],
             [f"ResNet-18 output, {size}×{size} images", n, min(t["bare_out"]), min(t["pre_out"]),
-             *ratio(t, "pre_out", "bare_out")]]
+             *ratio(t, "pre_out", "bare_out"), cpu_ratio(t, "pre_out", "bare_out")]]
     return rows, t
 
 
@@ -328,36 +352,103 @@ class Rows(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return torch.arange(16, dtype=torch.float32) * 1e-3 + i, i % 7
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
+class RowBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Like :class:`Rows`, whole batches at a time (a sampler of index lists): the loader costs ~nothing per row,
+    so 10 million rows take minutes and only precompute's own bookkeeping can grow."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.arange(16, dtype=torch.float32) * 1e-3 + i, i % 7
+
+    def __getitems__(self, idx: list[int]) -> list[tuple[torch.Tensor, int]]:
+        return [(torch.arange(16, dtype=torch.float32) * 1e-3 + i, i % 7) for i in idx]
+
+
+def _rollup() -> tuple[int, int]:
+    """(anonymous, file-backed) resident kB of this process, from /proc/self/smaps_rollup."""
+    rss = anon = 0
+    with open("/proc/self/smaps_rollup") as f:
         for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1])
+            elif line.startswith("Anonymous:"):
+                anon = int(line.split()[1])
+    return anon, rss - anon
 
 
-def memory_child(n: int, path: str) -> None:
+class Sampler:
+    """Samples :func:`_rollup` every ``every`` seconds on a thread: the peaks of anonymous and file-backed memory.
+
+    Peak RSS (VmHWM) counts the store's own pages mapped by a merge (page cache the
+    kernel can drop at once) with the heap; sampled separately, anonymous memory is
+    what precompute really holds.
+    """
+
+    def __init__(self, every: float = 0.02) -> None:
+        import threading
+
+        self.every = every
+        self.anon = self.file = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            a, f = _rollup()
+            self.anon, self.file = max(self.anon, a), max(self.file, f)
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        a, f = _rollup()
+        self.anon, self.file = max(self.anon, a), max(self.file, f)
+
+
+def memory_child(n: int, path: str, width: int) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 1024), nn.ReLU(), nn.Linear(1024, 1024)).eval()
-    precompute(model, Rows(500), fresh(path), batch_size=256, progress=False).close()  # warm up every code path
-    base = _rss_kb("VmRSS:")
+    torch.set_num_threads(1)  # a model this small gains nothing from a second thread on a shared machine
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, width)).eval()
+    precompute(model, RowBatches(500), fresh(path), batch_size=256, progress=False).close()  # warm up every path
+    base_anon, base_file = _rollup()
     t0 = time.perf_counter()
-    precompute(model, Rows(n), fresh(path), batch_size=256, commit_every_rows=20_000, progress=False).close()
-    print(json.dumps({"rows": n, "base_mb": base / 1024, "peak_mb": _rss_kb("VmHWM:") / 1024,
+    with Sampler() as s:
+        precompute(model, RowBatches(n), fresh(path), batch_size=256, commit_every_rows=max(20_000, n // 64),
+                   progress=False).close()
+    print(json.dumps({"rows": n, "width": width, "base_anon_mb": base_anon / 1024, "anon_mb": s.anon / 1024,
+                      "base_file_mb": base_file / 1024, "file_mb": s.file / 1024,
                       "seconds": time.perf_counter() - t0, "store_mb": sum(
                           os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 1e6}))
     shutil.rmtree(path, ignore_errors=True)
 
 
-def memory(tmp: str, n: int) -> list[list[Any]]:
+def memory(tmp: str, sizes: list[tuple[int, int]]) -> list[list[Any]]:
     rows = []
-    for k in (n, 10 * n):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_memory", str(k), f"{tmp}/mem"],
-                             check=True, capture_output=True, text=True)
+    for k, width in sizes:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_memory", str(k), f"{tmp}/mem",
+                              str(width)], check=True, capture_output=True, text=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append([f"{k:,}", r["store_mb"], r["base_mb"], r["peak_mb"], r["peak_mb"] - r["base_mb"],
-                     k / r["seconds"]])
+        grew = r["anon_mb"] - r["base_anon_mb"]
+        rows.append([f"{k:,}", f"{width * 4} B", r["store_mb"], r["base_anon_mb"], grew, grew * 2**20 / k,
+                     r["file_mb"] - r["base_file_mb"], k / r["seconds"], f"{os.getloadavg()[0]:.1f}"])
+        print(" | ".join(str(x) for x in rows[-1]), flush=True)
     return rows
+
+
+def memory_sizes(quick: bool, given: list[int] | None) -> list[tuple[int, int]]:
+    """(rows, floats a row) of each memory run: 4 KB rows at two sizes, then 64-byte rows at 10 million."""
+    if given:
+        return [(n, 16) for n in given]
+    return [(10_000, 1024), (100_000, 16)] if quick else [(20_000, 1024), (200_000, 1024), (10_000_000, 16)]
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -372,10 +463,13 @@ def main() -> int:
     p.add_argument("--dir", help="scratch directory (default: a temporary one); its disk is the one measured")
     p.add_argument("--results", help="also write the Markdown report here")
     p.add_argument("--only-range", action="store_true", help="only question 5 (the float16 cast's range check)")
-    p.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--only-memory", action="store_true", help="only question 4 (peak memory)")
+    p.add_argument("--memory-rows", type=int, nargs="*",
+                   help="row counts of the memory runs (default: 20,000, 200,000 at 4 KB and 10,000,000 at 64 B)")
+    p.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._memory:
-        memory_child(int(args._memory[0]), args._memory[1])
+        memory_child(int(args._memory[0]), args._memory[1], int(args._memory[2]))
         return 0
     quick = args.quick
     tmp = tempfile.mkdtemp(prefix="bench-precompute-", dir=args.dir)
@@ -386,6 +480,17 @@ def main() -> int:
              f"Command: `python benchmarks/bench_precompute.py {' '.join(sys.argv[1:])}`",
              f"Times are the fastest of {rounds} rounds; ratios are the median (and range) of per-round ratios, "
              "rounds alternating the order of the runs compared."]
+    if args.only_memory:
+        mem = Table("Peak memory over the baseline (cheap model; separate processes; sampled from smaps_rollup)",
+                    ["rows", "row size", "store MB", "baseline anonymous MB", "anonymous peak − baseline MB",
+                     "anonymous bytes a row (target ≤ 64)", "file-backed peak − baseline MB", "rows/s", "load"])
+        try:
+            for r in memory(tmp, memory_sizes(quick, args.memory_rows)):
+                mem.add(*r)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        mem.print()
+        return _report(args, [mem], notes)
     if args.only_range:
         rounds = 6
         notes[2] = (f"Times are the fastest of {rounds} rounds; ratios are the median (and range) of per-round "
@@ -403,7 +508,8 @@ def main() -> int:
         if args.only_range:
             return _report(args, tables, notes)
         over = Table("precompute against the bare forward loop (same loader, batch 64, up to the same layer)",
-                     ["model / layer", "samples", "bare loop s", "precompute s", "ratio (target ≤ 1.05)", "range"])
+                     ["model / layer", "samples", "bare loop s", "precompute s", "ratio (target ≤ 1.05)", "range",
+                      "CPU-time ratio (range)"])
         early = Table("Early stop (precompute, capture the middle block against the last one)",
                       ["capture", "seconds", "ratio to last (target ≤ 0.6)", "range"])
         if args.data:
@@ -434,9 +540,11 @@ def main() -> int:
             write.add(*r)
         write.print()
         tables.append(write)
-        mem = Table("Peak memory (cheap model, 4 KB rows, commit every 20,000 rows; separate processes)",
-                    ["rows", "store MB", "baseline RSS MB", "peak RSS MB", "peak − baseline MB", "rows/s"])
-        for r in memory(tmp, 10_000 if quick else 20_000):
+        mem = Table("Peak memory over the baseline (cheap model; separate processes; sampled from smaps_rollup)",
+                    ["rows", "row size", "store MB", "baseline anonymous MB", "anonymous peak − baseline MB",
+                     "anonymous bytes a row (target ≤ 64)", "file-backed peak − baseline MB", "rows/s",
+                     "load"])
+        for r in memory(tmp, memory_sizes(quick, args.memory_rows)):
             mem.add(*r)
         mem.print()
         tables.append(mem)

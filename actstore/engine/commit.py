@@ -49,10 +49,11 @@ import numpy as np
 
 from actstore.engine.read.snapshot import Snapshot
 from actstore.engine.write.segments import PendingView, SegmentWriter, write_index_run, write_view
-from actstore.errors import StoreError
+from actstore.errors import CorruptStoreError, StoreError
 from actstore.format.layout import INDEXES_DIR
 from actstore.format.manifest import IndexRunInfo, Manifest, SegmentInfo, ViewInfo, parse_root, root_document
 from actstore.storage.base import Backend, WriterLock, objects_of
+from actstore.storage.scratch import ScratchArray
 
 __all__ = ["MAX_INDEX_RUNS", "Change", "Head", "Reclaim", "check_views", "commit", "ids", "merge_runs", "publish"]
 
@@ -60,6 +61,7 @@ log = logging.getLogger("actstore")
 
 #: Merge the key index into one run when a commit would leave more than this many.
 MAX_INDEX_RUNS = 8
+_MERGE_CHUNK = 1 << 20  # index entries placed at a time by a merge
 
 
 @dataclass
@@ -243,11 +245,46 @@ def _reclaimed(root: str, current: Manifest, r: Reclaim) -> Manifest:
 
 
 def merge_runs(root: str, manifest: Manifest) -> IndexRunInfo:
-    """One key-index run holding every entry of the manifest's runs."""
+    """One key-index run holding every entry of the manifest's runs.
+
+    The runs are sorted already: they are merged two at a time, stably (equal
+    prefixes keep the runs' order, FORMAT.md §6), a chunk at a time, into scratch
+    files under ``root`` (:class:`~actstore.storage.scratch.ScratchArray`: page
+    cache), so a merge holds a few MB of anonymous memory whatever the store's
+    size.  A run found out of order raises :class:`CorruptStoreError`.
+    """
     snap = Snapshot(root, manifest)
-    prefixes = np.concatenate([r.prefix for r in snap.runs])
-    rows = np.concatenate([r.row for r in snap.runs])
-    return write_index_run(root, prefixes, rows)
+    prefix, row = snap.runs[0].prefix, snap.runs[0].row
+    for run in snap.runs[1:]:
+        prefix, row = _merge_two(root, prefix, row, run.prefix, run.row)
+    if len(snap.runs) == 1:
+        _check_sorted(prefix)
+    return write_index_run(root, prefix, row, presorted=True)
+
+
+def _check_sorted(prefix: np.ndarray) -> None:
+    for a in range(0, len(prefix), _MERGE_CHUNK):
+        part = prefix[max(a - 1, 0) : a + _MERGE_CHUNK]
+        if bool((part[1:] < part[:-1]).any()):
+            raise CorruptStoreError("a key-index run is not sorted by prefix (FORMAT.md §6); run verify()")
+
+
+def _merge_two(root: str, ap: np.ndarray, ar: np.ndarray, bp: np.ndarray,
+               br: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stable merge of two sorted runs (``a``'s entries first among equal prefixes), in scratch files."""
+    _check_sorted(ap)
+    _check_sorted(bp)
+    n = len(ap) + len(bp)
+    prefix = ScratchArray(np.uint64, (), root, capacity=n).data[:n]
+    row = ScratchArray(np.int64, (), root, capacity=n).data[:n]
+    for src_p, src_r, other, side in ((ap, ar, bp, "left"), (bp, br, ap, "right")):
+        for a in range(0, len(src_p), _MERGE_CHUNK):
+            part = src_p[a : a + _MERGE_CHUNK]
+            at = np.searchsorted(other, part, side=side)  # type: ignore[call-overload]
+            at += np.arange(a, a + len(part), dtype=np.int64)
+            prefix[at] = part
+            row[at] = src_r[a : a + _MERGE_CHUNK]
+    return prefix, row
 
 
 def publish(backend: Backend, head: Head, manifest: Manifest, show: Callable[[Manifest], None] | None = None,

@@ -24,6 +24,7 @@ from actstore.engine.write.validate import field_of
 from actstore.errors import DatasetMismatchError
 from actstore.format.fields import Field
 from actstore.format.record import ItemRecord
+from actstore.storage.scratch import ScratchArray
 
 __all__ = [
     "DEFAULT_INPUT_KEYS",
@@ -304,22 +305,30 @@ class PositionSides:
     """The side values and input key of every dataset position placed so far, for the view's columns (FORMAT.md §8).
 
     Side values belong to positions, not to rows: two positions with one input
-    (one row) keep their own labels.  Kept as numpy chunks, one per DataLoader
-    batch (no Python object per position): a fixed column costs its bytes per
-    position, a str/bytes column its bytes plus 8 (a length), the key 32.
+    (one row) keep their own labels.  The keys and fixed columns are
+    :class:`~actstore.storage.scratch.ScratchArray` s (in scratch files under
+    ``directory`` when given: page cache, not the heap), ragged and str/bytes
+    columns numpy chunks, one per DataLoader batch (no Python object per
+    position): a fixed column costs its bytes per position, a str/bytes column
+    its bytes plus 8 (a length), the key 32.
     """
 
-    def __init__(self, side: SideColumns) -> None:
+    def __init__(self, side: SideColumns, directory: str | None = None) -> None:
         self.side = side
-        self.keys: list[np.ndarray] = []
-        self.chunks: dict[str, list[Any]] = {c.field: [] for c in side.columns}
+        self.keys = ScratchArray(np.uint8, (32,), directory)
+        self.fixed = {c.field: ScratchArray(c.spec.spec.numpy, c.spec.inner_shape, directory)
+                      for c in side.columns if c.kind not in ("str", "bytes") and not c.spec.ragged}
+        self.chunks: dict[str, list[Any]] = {c.field: [] for c in side.columns if c.field not in self.fixed}
 
     def add(self, keys: np.ndarray, sides: list[dict[str, Any] | None], positions: Sequence[int]) -> None:
-        """Positions ``positions`` (the next ones, in order): their input keys and side values."""
-        self.keys.append(np.array(keys, np.uint8, copy=True))
+        """Positions ``positions`` (the next ones, in order): their input keys and side values (copied)."""
+        self.keys.append(keys)
         if not self.side.columns:
             return
         for c, value in zip(self.side.columns, self.side.convert(sides, positions).values(), strict=True):
+            if c.field in self.fixed:
+                self.fixed[c.field].append(value)
+                continue
             if isinstance(value, RaggedBatch):
                 offsets = value.offsets.numpy()
                 value = (value.values.numpy(), np.diff(offsets))
@@ -330,9 +339,15 @@ class PositionSides:
             self.chunks[c.field].append(value)
 
     def view_columns(self) -> tuple[dict[str, Any], dict[str, Field], np.ndarray]:
-        """(column -> values per position, column -> field, item keys ``(n, 32)``) for ``store.set_view``."""
+        """(column -> values per position, column -> field, item keys ``(n, 32)``) for ``store.set_view``.
+
+        The keys and fixed columns are returned as kept (never copied); ragged columns are concatenated (a copy).
+        """
         data: dict[str, Any] = {}
         for c in self.side.columns:
+            if c.field in self.fixed:
+                data[c.field] = self.fixed[c.field].view()
+                continue
             parts = self.chunks[c.field]
             if c.spec.ragged:
                 values = np.concatenate([p[0] for p in parts]) if parts else \
@@ -344,8 +359,7 @@ class PositionSides:
             else:
                 data[c.field] = np.concatenate(parts) if parts else \
                     np.empty((0, *c.spec.inner_shape), c.spec.spec.numpy)
-        keys = np.concatenate(self.keys) if self.keys else np.empty((0, 32), np.uint8)
-        return data, {c.field: c.spec for c in self.side.columns}, keys
+        return data, {c.field: c.spec for c in self.side.columns}, self.keys.view()
 
 
 # --- items: decode ------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import warnings
 from collections.abc import Iterable
@@ -48,6 +49,7 @@ from actstore.precompute.parts import adopt_leftover_parts, has_leftovers, len_o
 from actstore.precompute.resume import Resumed, keep_or_replace, open_existing, run_record
 from actstore.precompute.schedule import Schedule
 from actstore.precompute.structure import item_structure
+from actstore.storage.scratch import scratch_dir
 from actstore.store import ActivationStore
 from actstore.store import create as create_store
 from actstore.store import open as open_store
@@ -64,15 +66,17 @@ class Run:
         self.model, self.dataset, self.root, self.cfg = model, dataset, root, cfg
         self.length = len_of(dataset)
         self.map_style = hasattr(dataset, "__getitem__") and self.length is not None
+        # The per-position bookkeeping (keys, codes, side values) lives in scratch files there: page cache, not heap.
+        self.scratch = scratch_dir(os.path.dirname(root))
         self.resumed: Resumed | None = None  # the store found at root, continued
         self.store: ActivationStore | None = None  # the writer's handle
         self.writer: Writer | None = None
         self.forward: Forward | None = None
-        self.schedule = Schedule(None, 0)
+        self.schedule = Schedule(None, 0, self.scratch)
         self.item: ItemRecord | None = None  # the items' layout, as recorded (known after the first batch)
         self.item_type: type | None = None  # every item's type (the first item's)
         self.side = SideColumns([])
-        self.positions = PositionSides(self.side)  # side values and input key per position: the view's columns
+        self.positions = PositionSides(self.side, self.scratch)  # side values, input key per position: view columns
         self.row_sides = False  # a store written before format 3: side values are row fields too (first position's)
         self.pool: list[tuple[int, np.ndarray, Any, Any, int, np.ndarray]] = []  # (schedule id, key, input, side,
         # position, input key)
@@ -89,7 +93,7 @@ class Run:
         self.resumed = open_existing(self.root, self.cfg, fp, self.model)
         if self.resumed is not None:
             self.store = self.resumed.store
-            self.schedule = Schedule(self.resumed.reader, self.resumed.base)
+            self.schedule = Schedule(self.resumed.reader, self.resumed.base, self.scratch)
         self.fp = fp
         was_training = self.model.training
         if train_mode_matters(self.model):
@@ -237,9 +241,9 @@ class Run:
             # replaced (overwrite=True): start afresh
             assert self.forward is not None
             self.resumed = self.store = None
-            self.schedule = Schedule(None, 0)
+            self.schedule = Schedule(None, 0, self.scratch)
             self.forward.layer_fields = {}
-        self.positions = PositionSides(self.side)
+        self.positions = PositionSides(self.side, self.scratch)
         # A store written before side values moved to the view holds them as row fields: its new rows need them.
         self.row_sides = self.resumed is not None and any(c.field in self.resumed.store.fields
                                                           for c in self.side.columns)

@@ -11,6 +11,12 @@ When a scheduled sample's batch is handed to the writer it gets its row
 (:meth:`Schedule.rows_for`); at the end :meth:`Schedule.view` resolves every
 code to a row: the ``"dataset"`` view.  (``-1`` is left free: a view's "no row".)
 
+The per-position codes, the schedule id -> row table and the key table live
+in scratch files next to the store when a ``directory`` is given
+(:class:`~actstore.storage.scratch.ScratchArray`: page cache, not anonymous
+memory), so a run over 10 million positions holds a few bytes a position in
+its heap.
+
 Side values (labels, ...) play no part here: they belong to dataset positions
 and are kept per position in the view's columns
 (:class:`~actstore.precompute.items.PositionSides`), so a repeated input with
@@ -24,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from actstore.precompute.keys import NOT_FOUND, KeyTable
+from actstore.storage.scratch import ScratchArray
 from actstore.store import ActivationStore
 
 __all__ = ["Schedule"]
@@ -33,14 +40,15 @@ class Schedule:
     """Codes for dataset positions, in dataset order (see the module docstring).
 
     ``reader`` is the store's snapshot at start (None for a new store); ``base``
-    its row count, where this run's rows begin.
+    its row count, where this run's rows begin; ``directory`` where the scratch
+    files go (None: in the heap).
     """
 
-    def __init__(self, reader: ActivationStore | None, base: int) -> None:
+    def __init__(self, reader: ActivationStore | None, base: int, directory: str | None = None) -> None:
         self.reader, self.base = reader, base
-        self.table = KeyTable()
-        self.codes: list[np.ndarray] = []
-        self.order = np.empty(1024, np.int64)  # schedule id -> row
+        self.table = KeyTable(directory)
+        self.codes = ScratchArray(np.int64, (), directory)  # position -> code
+        self.order = ScratchArray(np.int64, (), directory)  # schedule id -> row
         self.scheduled = self.sent = self.skipped = self.duplicates = 0
 
     def place(self, keys: np.ndarray, pos0: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +67,7 @@ class Schedule:
             self.skipped += int(hit.sum())
         miss = np.nonzero(codes == NOT_FOUND)[0]
         if len(miss):
-            tcodes, _ = self.table.lookup(keys[miss])
+            tcodes = self.table.lookup(keys[miss])
             old = tcodes != NOT_FOUND
             codes[miss[old]] = tcodes[old]
             self.duplicates += int(old.sum())
@@ -73,7 +81,7 @@ class Schedule:
             sched = -(np.arange(self.scheduled, self.scheduled + len(new), dtype=np.int64) + 2)
             self.scheduled += len(new)
             codes[new] = sched
-            self.table.add(keys[new], sched, None)
+            self.table.add(keys[new])  # (its insertion numbers are the schedule ids)
             codes[miss] = codes[first_of]
             self.duplicates += int((first_of != miss).sum())
         self.codes.append(codes)
@@ -87,15 +95,20 @@ class Schedule:
     def rows_for(self, sched: np.ndarray) -> np.ndarray:
         """The rows of scheduled samples ``sched``, sent to the writer now, in this order."""
         rows = np.arange(self.base + self.sent, self.base + self.sent + len(sched), dtype=np.int64)
-        if sched.max(initial=-1) >= len(self.order):
-            self.order = np.concatenate([self.order, np.empty(max(len(self.order), int(sched.max()) + 1), np.int64)])
-        self.order[sched] = rows
+        self.order.reserve(self.scheduled)
+        self.order.n = self.scheduled
+        self.order.data[sched] = rows
         self.sent += len(sched)
         return rows
 
     def view(self) -> np.ndarray:
-        """Position → row for every position placed (once every scheduled sample was sent)."""
-        codes = np.concatenate(self.codes) if self.codes else np.empty(0, np.int64)
-        sched = codes < 0
-        codes[sched] = self.order[self.schedule_id(codes[sched])]
+        """Position → row for every position placed (once every scheduled sample was sent).
+
+        Resolves the codes in place, a million at a time, and returns them (never copies; in the scratch file
+        when there is one)."""
+        codes, order = self.codes.view(), self.order.data
+        for a in range(0, len(codes), 1 << 20):
+            part = codes[a : a + (1 << 20)]
+            sched = np.flatnonzero(part < 0)
+            part[sched] = order[self.schedule_id(part[sched])]
         return codes

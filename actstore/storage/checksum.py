@@ -20,13 +20,15 @@ import numpy as np
 
 from actstore.errors import CorruptStoreError
 
-__all__ = ["CheckedFile", "Hasher", "check_file", "checksum", "hash_file", "new_hasher"]
+__all__ = ["RELEASE_BYTES", "CheckedFile", "Hasher", "check_file", "checksum", "hash_file", "new_hasher"]
 
 #: An incremental checksum: ``update(data)`` (thread-safe to call from a helper thread), ``hexdigest()``.
 Hasher = blake3.blake3
 
 #: Files at least this large are hashed on several threads.
 _THREADS_MIN = 1 << 22
+#: A check drops the pages it has hashed from its map this many bytes at a time (CheckedFile._release).
+RELEASE_BYTES = 32 << 20
 
 
 def checksum(data: bytes | bytearray | memoryview) -> str:
@@ -98,6 +100,7 @@ class CheckedFile:
         self._addr = int(self.bytes.__array_interface__["data"][0])
         self._hash = new_hasher()
         self._done = 0
+        self._released = 0  # the map's pages below this were dropped from the process (_release)
         self.checked = False
 
     def array(self, dtype: np.dtype[Any], shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
@@ -116,21 +119,51 @@ class CheckedFile:
         return start
 
     def consume(self, start: int, data: memoryview | bytes) -> None:
-        """Hash the file up to ``start`` (bytes not copied), then ``data``, which are the file's bytes at ``start``."""
+        """Hash the file up to ``start`` (bytes not copied), then ``data``, which are the file's bytes at ``start``.
+
+        The pages hashed are then dropped from this process's map (:meth:`_release`): a merge of a
+        file of several GB keeps only the range it is working on mapped in."""
         if start < self._done:
             raise ValueError(f"{self.where}: ranges must be read in order (at {start}, after {self._done})")
         if start > self._done:
-            self._hash.update(self.bytes[self._done : start].data)
-        self._hash.update(data)
-        self._done = start + len(data)
+            self._hash_to(start)
+        view = memoryview(data).cast("B")
+        for a in range(0, len(view), RELEASE_BYTES):  # a range at a time, each released once hashed
+            part = view[a : a + RELEASE_BYTES]
+            self._hash.update(part)
+            self._done = start + a + len(part)
+            self._release()
+
+    def _hash_to(self, end: int) -> None:
+        """Hash the file's bytes from where the check stands to ``end``, a range at a time, releasing each."""
+        while self._done < end:
+            stop = min(end, self._done + RELEASE_BYTES)
+            self._hash.update(self.bytes[self._done : stop].data)
+            self._done = stop
+            self._release()
+
+    def _release(self) -> None:
+        """Drop the map's pages below the checked position from this process (``MADV_DONTNEED``).
+
+        The map is shared and read-only: the pages stay in the page cache, and an
+        array of the map that reads them again gets the same bytes back (the
+        kernel maps them in again).  Only whole pages, at least
+        :data:`RELEASE_BYTES` at a time.
+        """
+        end = self._done - self._done % mmap.PAGESIZE
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED") or end <= self._released:
+            return
+        if end - self._released < RELEASE_BYTES and self._done < self.size:
+            return
+        self._map.madvise(mmap.MADV_DONTNEED, self._released, end - self._released)
+        self._released = end
 
     def finish(self) -> None:
         """Hash the bytes not read yet and compare with the record; raise :class:`CorruptStoreError` on a mismatch."""
         if self.checked:
             return
         if self._done < self.size:
-            self._hash.update(self.bytes[self._done :].data)
-            self._done = self.size
+            self._hash_to(self.size)
         if self._hash.hexdigest() != self.expected:
             raise CorruptStoreError(f"{self.where}: checksum mismatch (the bytes on disk changed since the commit)")
         self.checked = True

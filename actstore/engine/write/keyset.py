@@ -18,13 +18,21 @@ everything per batch.  Three layers, cheapest first:
    insertion order).  Only real duplicates, and the rare distinct keys whose
    32 hash bits agree, get here.  The hash mixes all 32 bytes, so keys that
    agree in most bytes (zero-padded ids, say) spread like random ones.
+
+Memory: 32 bytes a key (the copy), 8 (its tag) and 4 to 8 (the bitmap).  Given
+a ``directory``, the copy and the runs of more than :data:`SPILL_TAGS` tags
+live in :class:`~actstore.storage.scratch.ScratchArray` files there (page
+cache, not anonymous memory): only the bitmap stays in the heap, and a
+precompute of 10 million samples holds about 8 bytes a key there.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["KeySet"]
+from actstore.storage.scratch import ScratchArray
+
+__all__ = ["SPILL_TAGS", "KeySet"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads structured keys too
 _MIN_BITS = 20
@@ -33,19 +41,25 @@ _LOW = np.uint64(0xFFFFFFFF)
 _HIGH = np.uint64(0xFFFFFFFF00000000)
 #: Insertion numbers live in 32 bits of a tag.
 MAX_KEYS = 1 << 32
+#: With a scratch directory, a merged run longer than this is written to a scratch file.
+SPILL_TAGS = 1 << 18
+_CHUNK = 1 << 20  # keys hashed at a time when the bitmap is rebuilt (bounds the temporaries)
 
 
 class KeySet:
     """A growing set of 32-byte keys ((n, 32) uint8 arrays) with batch membership tests.
 
     Keys are copied on :meth:`add`: the caller may reuse its buffer at once.
+    ``directory``: keep the key copies and long tag runs in scratch files there
+    (see the module docstring); None keeps everything in the heap.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, directory: str | None = None) -> None:
+        self._dir = directory
         self._log2 = _MIN_BITS
         self._bitmap = np.zeros(1 << (_MIN_BITS - 3), np.uint8)
         self._runs: list[np.ndarray] = []  # sorted tags, longest first
-        self._keys = np.empty((0, 32), np.uint8)  # insertion order; capacity grows by doubling
+        self._keys = ScratchArray(np.uint8, (32,), directory)  # insertion order
         self._n = 0
 
     def __len__(self) -> int:
@@ -78,25 +92,34 @@ class KeySet:
         n = self._n
         if n + m > MAX_KEYS:
             raise ValueError(f"more than {MAX_KEYS:,} keys pending in one segment; commit more often")
-        if n + m > len(self._keys):
-            grown = np.empty((max(2 * len(self._keys), n + m, 1024), 32), np.uint8)
-            grown[:n] = self._keys[:n]
-            self._keys = grown
-        self._keys[n : n + m] = keys
+        self._keys.append(keys)
         self._n = n + m
-        h = self._hash(self._keys[n : n + m])
+        stored = self._keys.view()
+        h = self._hash(stored[n : n + m])
         if self._n * _BITS_PER_KEY > (1 << self._log2):
             self._log2 = int(self._n * _BITS_PER_KEY * 2 - 1).bit_length()
+            self._bitmap = None  # type: ignore[assignment]  # (the old one goes before the new one is made)
             self._bitmap = np.zeros(1 << (self._log2 - 3), np.uint8)
-            self._set(self._bits(self._hash(self._keys[: self._n])))
+            for a in range(0, self._n, _CHUNK):  # in chunks: the temporaries stay small
+                self._set(self._bits(self._hash(stored[a : a + _CHUNK])))
         else:
             self._set(self._bits(h))
         run = (h & _HIGH) | np.arange(n, n + m, dtype=np.uint64)
         run.sort()
         while self._runs and len(self._runs[-1]) <= len(run):
-            run = np.concatenate([self._runs.pop(), run])
-            run.sort()
+            run = self._merged(self._runs.pop(), run)
         self._runs.append(run)
+
+    def _merged(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """The sorted union of two sorted runs (in a scratch file when long and a directory is given)."""
+        size = len(a) + len(b)
+        if self._dir is None or size <= SPILL_TAGS:
+            run = np.concatenate([a, b])
+        else:
+            run = ScratchArray(np.uint64, (), self._dir, capacity=size).data[:size]
+            np.concatenate([a, b], out=run)
+        run.sort()  # in place
+        return run
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         """Bool mask: which of ``keys`` are in the set."""
@@ -115,7 +138,7 @@ class KeySet:
         lo_tag = h[maybe] & _HIGH
         hi_tag = lo_tag | _LOW
         words = np.ascontiguousarray(keys[maybe]).view(np.uint64).reshape(-1, 4)
-        stored = self._keys[: self._n].view(np.uint64).reshape(-1, 4)
+        stored = self._keys.view().view(np.uint64).reshape(-1, 4)
         found = np.full(len(maybe), -1, np.int64)
         for run in self._runs:
             lo = np.searchsorted(run, lo_tag, side="left")

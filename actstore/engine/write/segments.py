@@ -41,7 +41,7 @@ from actstore.format.layout import (
 )
 from actstore.format.manifest import KEY_BYTES, SEGMENT_ATTR, IndexRunInfo, SegmentInfo, ViewInfo, group_document
 from actstore.storage import files as fsio
-from actstore.storage.checksum import CheckedFile, checksum, new_hasher
+from actstore.storage.checksum import RELEASE_BYTES, CheckedFile, checksum, new_hasher
 
 __all__ = ["PendingView", "SegmentWriter", "ShardFile", "write_index_run", "write_object", "write_view"]
 
@@ -127,10 +127,17 @@ class ShardFile:
         return data.nbytes
 
     def _feed(self, data: memoryview, source: CheckedFile | None, at: int) -> None:
-        """Hash ``data`` into this file's checksum, and into its source's check (the same bytes) first."""
-        if source is not None:
-            source.consume(at, data)
-        self._hash.update(data)
+        """Hash ``data`` into this file's checksum, and into its source's check (the same bytes).
+
+        With a source, a range of :data:`RELEASE_BYTES` at a time, into both, so that the source's check
+        can drop each range from its map once both hashed it (a merge keeps only that range mapped in)."""
+        if source is None:
+            self._hash.update(data)
+            return
+        for a in range(0, len(data), RELEASE_BYTES):
+            part = data[a : a + RELEASE_BYTES]
+            self._hash.update(part)
+            source.consume(at + a, part)
 
     def copy(self, rows: np.ndarray, source: CheckedFile, hasher: ThreadPoolExecutor | None = None) -> int:
         """Append ``rows``, a range of committed file ``source``'s read-only map; returns the bytes written.
@@ -398,8 +405,10 @@ def write_object(root: str, directory: str, arrays: Mapping[str, tuple[np.ndarra
     return IndexRunInfo(obj_id, rows, checksum(meta))
 
 
-def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray) -> IndexRunInfo:
-    """Write a key-index run: prefixes sorted ascending, with their global rows."""
+def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray, *, presorted: bool = False) -> IndexRunInfo:
+    """Write a key-index run: prefixes sorted ascending, with their global rows (``presorted``: as given)."""
+    if presorted:
+        return write_object(root, INDEXES_DIR, {"prefix": (prefixes, "uint64"), "row": (rows, "int64")})
     order = np.argsort(prefixes, kind="stable")  # equal prefixes keep their input order (FORMAT.md §6)
     return write_object(root, INDEXES_DIR, {"prefix": (prefixes[order], "uint64"), "row": (rows[order], "int64")})
 
