@@ -271,6 +271,14 @@ def test_demo_quick(capsys: pytest.CaptureFixture[str]) -> None:
     assert demo.main(["--quick", "-q"]) == 0
     out = capsys.readouterr().out
     assert "standard-library modules" in out and "| 50% recycling |" in out
+    # quality kept: each recycled row against full fine-tuning (trained, not only timed), with intervals
+    assert "| full fine-tuning | 22,713,216 |" in out and "(timed only)" not in out
+    lines = out.splitlines()
+    head = lines.index("| row | RP@1 vs full fine-tuning [95% interval] | speedup vs full fine-tuning [range over rounds] |")
+    assert [x.split(" | ")[0] for x in lines[head + 2 : head + 4]] == ["| 50% recycling", "| head only"]
+    assert all("x [" in x for x in lines[head + 2 : head + 4])
+    assert "est.)" not in out and "MB/s" not in out  # one epoch time (measured); one size
+    assert "Load: the 1-minute load average was" in out
 
 
 # -- the examples leaf ------------------------------------------------------------------------
