@@ -163,11 +163,17 @@ def test_demo_on_a_tiny_model(tmp_path: Any, tiny_model_dir: str, capsys: pytest
     assert first.startswith("stores in ") and "deleted at the end" in first
     workdir = first.split()[2]
     assert f"The stores in {workdir} were deleted." in out and not os.path.exists(workdir)
-    # every row carries an interval, every trained row its gain over the baseline and a verdict
-    rows = [line for line in out.splitlines() if line.startswith(("| baseline", "| 50% recycling |", "| head only |"))]
-    assert len(rows) == 5  # baseline once, the two trained rows in both tables
-    assert all(row.count("[") == 4 for row in rows[1:3]) and rows[0].count("[") == 2
-    assert out.count("training helped") + out.count("training hurt") + out.count("can resolve") == 2
+    # the headline: each recycled row against full fine-tuning (an interval and a verdict) and its speedup
+    rows = [line for line in out.splitlines() if line.startswith(("| baseline", "| full fine-tuning |",
+                                                                   "| 50% recycling |", "| head only |"))]
+    assert [r.split(" | ")[0] for r in rows] == ["| 50% recycling", "| head only",  # headline
+                                                 "| baseline (no training)", "| full fine-tuning", "| 50% recycling",
+                                                 "| head only",  # quality
+                                                 "| full fine-tuning", "| 50% recycling", "| head only"]  # cost
+    assert all(r.count("[") == 2 and "x [" in r for r in rows[:2])
+    assert sum(v in r for r in rows[:2] for v in ("can resolve", "above full", "below full")) == 2
+    # every row of the quality table carries intervals, every trained row its gains over the baseline
+    assert rows[2].count("[") == 2 and all(r.count("[") == 4 for r in rows[3:6])
 
 
 def test_demo_keeps_its_stores_where_told(tmp_path: Any, tiny_model_dir: str,

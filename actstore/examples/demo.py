@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     print("- Speedup vs recomputing: each round, one step on one of the row's batches with the frozen part "
           "recomputed under no_grad (timed, not trained), against the row's own step on that batch.")
     print(f"- Stores: {pct}% recycling holds float16 per-token states (ragged), head only the float32 sentence "
-          f"embedding; store MB is the size on disk; {'kept in ' + workdir if args.store else 'deleted'}.")
+          f"embedding; store MB is the size on disk. "
+          f"{'The stores are kept in ' + workdir if args.store else 'The stores in ' + workdir + ' were deleted'}.")
     print(f"- {ex.load_note(load_before, load_after, os.cpu_count() or 1)} Torch threads: "
           f"{torch.get_num_threads()}.")
     print(f"Done in {time.perf_counter() - started:.0f} s.")
