@@ -53,6 +53,7 @@ class Rounds:
 
     @property
     def count(self) -> int:
+        """How many rounds were run."""
         return len(next(iter(self.seconds.values()), []))
 
     def on_shared_batches(self, timed: str) -> list[list[float]]:

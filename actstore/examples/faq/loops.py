@@ -29,6 +29,7 @@ __all__ = ["StoreRows", "apply_head", "count_params", "encode_from_store", "epoc
 
 
 def progress_bar(iterable: Any, desc: str, enabled: bool, total: int | None = None) -> Any:
+    """``iterable`` wrapped in a tqdm bar that clears when done, or ``iterable`` itself when not ``enabled``."""
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
@@ -37,12 +38,14 @@ def progress_bar(iterable: Any, desc: str, enabled: bool, total: int | None = No
 
 
 def epoch_batches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch's batches of ``range(n)``, shuffled by ``rng``; a last partial batch is dropped (all of it if n < batch)."""
     order = list(range(n))
     rng.shuffle(order)
     return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [order]
 
 
 def optimizer(params: list[Any], lr: float, steps: int, warmup: float = 0.1) -> tuple[Any, Any]:
+    """AdamW (weight decay 0.01) and its schedule: linear warm-up over ``warmup`` of ``steps``, then linear decay."""
     import torch
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -57,6 +60,7 @@ def optimizer(params: list[Any], lr: float, steps: int, warmup: float = 0.1) -> 
 
 
 def count_params(params: list[Any]) -> int:
+    """How many numbers ``params`` hold."""
     return sum(p.numel() for p in params)
 
 
@@ -205,6 +209,7 @@ def apply_head(head: Any, got: Any) -> Any:
 
 
 def layer_field(store: Any) -> str:
+    """The name of the store's one activation field (fields named ``item_*`` hold side values)."""
     names = [n for n in store.fields if not n.startswith("item_")]
     if len(names) != 1:
         raise RuntimeError(f"expected one activation field in the store, got {sorted(store.fields)}")
@@ -212,6 +217,7 @@ def layer_field(store: Any) -> str:
 
 
 def store_bytes(store: Any) -> int:
+    """The store's size on disk, in bytes."""
     return int(store.info()["bytes_on_disk"])
 
 

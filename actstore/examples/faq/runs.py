@@ -87,6 +87,7 @@ class Training:
 
     @property
     def total_steps(self) -> int:
+        """Steps of every epoch together."""
         return sum(len(e) for e in self.epochs)
 
     @property
