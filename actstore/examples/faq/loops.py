@@ -38,7 +38,7 @@ def progress_bar(iterable: Any, desc: str, enabled: bool, total: int | None = No
 
 
 def epoch_batches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
-    """One epoch's batches of ``range(n)``, shuffled by ``rng``; a last partial batch is dropped (all of it if n < batch)."""
+    """One epoch's batches of ``range(n)``, shuffled by ``rng``; a last partial batch is dropped (n < batch_size: one batch)."""
     order = list(range(n))
     rng.shuffle(order)
     return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [order]
