@@ -2,8 +2,9 @@
 """Speed of layer recycling on a CNN: ResNet-34 at 224x224, as in Quaterion's similar-cars study.
 
 For every recycling level — 0% (the stem: conv1..maxpool), 25% (after
-``layer1``), 50% (``layer2``), 75% (``layer3``) and head only (``layer4``:
-``avgpool`` + ``fc`` trained) — it measures with :func:`actstore.cli.bench.run_bench`:
+``layer1``), 50% (``layer2``), 75% (``layer3``) and 100% (``layer4``:
+``avgpool`` + ``fc`` trained, Quaterion's "head only"; ``actstore bench`` calls
+the row ``100%``, reports before 2026-12-07 "head only") — it measures with :func:`actstore.cli.bench.run_bench`:
 
 - the training epoch from the store (recycled),
 - the same with the frozen prefix recomputed every step under ``no_grad``,

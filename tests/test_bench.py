@@ -108,7 +108,7 @@ def check_report(report: BenchReport, labels: list[str]) -> None:
 
 def test_resnet_all_depths() -> None:
     report = quick(tiny_resnet(), image_data())
-    check_report(report, ["0%", "25%", "50%", "75%", "head only"])
+    check_report(report, ["0%", "25%", "50%", "75%", "100%"])
     assert [r.split_point for r in report.rows[1:]] == ["maxpool", "layer1", "layer2", "layer3", "layer4"]
     assert [r.frozen_blocks for r in report.rows[1:]] == [0, 1, 2, 3, 4]
     # deeper recycling trains fewer parameters and stores smaller activations (after the stem)
@@ -121,7 +121,7 @@ def test_resnet_all_depths() -> None:
 def test_sequential_has_no_stem_and_keeps_a_trainable_head() -> None:
     report = quick(tiny_mlp(), vector_data())
     labels = [r.name for r in report.rows[1:]]
-    assert "0%" not in labels and labels[-1] == "head only"
+    assert "0%" not in labels and labels[-1] == "100%"
     assert report.rows[-1].trainable_params > 0  # the last Linear stays trainable
 
 
@@ -132,10 +132,11 @@ def test_sentence_transformer_ragged_store_and_param_free_head(tmp_path: Any) ->
     words = VOCAB[5:]
     texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(3 + i % 5)) for i in range(8)]
     report = quick(model, texts, collate_fn=Tokenize(model), depths=[0.5, 1.0])
-    check_report(report, ["50%", "head only"])
-    head_only = report.rows[-1]
-    assert head_only.trainable_params == 0 and "no trainable parameters" in head_only.note
-    assert head_only.epoch_seconds is None
+    check_report(report, ["50%", "100%"])
+    all_frozen = report.rows[-1]
+    assert all_frozen.trainable_params == 0 and "nothing left to train" in all_frozen.note
+    assert "| head only |" not in report.markdown()  # the main job's name for a trained head; not this row
+    assert all_frozen.epoch_seconds is None
 
 
 def test_named_split_points_and_dedup() -> None:
@@ -222,12 +223,12 @@ def bench(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str
 def test_cli_end_to_end_writes_table_json_and_plot(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     prefix = str(tmp_path / "out" / "cnn")
     code, out, err = bench(capsys, "--model", f"{HERE}:resnet_factory", "--data", f"{HERE}:image_data",
-                           "--depths", "0,50%,head", "--out", prefix)
+                           "--depths", "0,50%,100", "--out", prefix)
     assert code == 0, err
-    assert "| full fine-tuning |" in out and "| 50% | layer2 |" in out and "| head only |" in out
+    assert "| full fine-tuning |" in out and "| 50% | layer2 |" in out and "| 100% | layer4 |" in out
     with open(prefix + ".json") as f:
         data = json.load(f)
-    assert [r["name"] for r in data["rows"]] == ["full fine-tuning", "0%", "50%", "head only"]
+    assert [r["name"] for r in data["rows"]] == ["full fine-tuning", "0%", "50%", "100%"]
     assert os.path.getsize(prefix + ".png") > 1000
     with open(prefix + ".md") as f:
         assert f.read().startswith("### actstore bench")
@@ -278,7 +279,7 @@ def test_cli_oom_at_batch_size_one(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_parse_depths() -> None:
     assert _parse_depths("0,25,50%,0.75,head,layer3") == [0.0, 0.25, 0.5, 0.75, 1.0, "layer3"]
-    assert _parse_depths("1") == [1.0] and _parse_depths("100") == [1.0]
+    assert _parse_depths("1") == [1.0] and _parse_depths("100") == [1.0] and _parse_depths("all") == [1.0]
     assert math.isclose(_parse_depths("1%")[0], 0.01)  # type: ignore[arg-type]
 
 

@@ -163,11 +163,17 @@ def test_demo_on_a_tiny_model(tmp_path: Any, tiny_model_dir: str, capsys: pytest
     assert first.startswith("stores in ") and "deleted at the end" in first
     workdir = first.split()[2]
     assert f"The stores in {workdir} were deleted." in out and not os.path.exists(workdir)
-    # every row carries an interval, every trained row its gain over the baseline and a verdict
-    rows = [line for line in out.splitlines() if line.startswith(("| baseline", "| 50% recycling |", "| head only |"))]
-    assert len(rows) == 5  # baseline once, the two trained rows in both tables
-    assert all(row.count("[") == 4 for row in rows[1:3]) and rows[0].count("[") == 2
-    assert out.count("training helped") + out.count("training hurt") + out.count("can resolve") == 2
+    # the headline: each recycled row against full fine-tuning (an interval and a verdict) and its speedup
+    rows = [line for line in out.splitlines() if line.startswith(("| baseline", "| full fine-tuning |",
+                                                                   "| 50% recycling |", "| head only |"))]
+    assert [r.split(" | ")[0] for r in rows] == ["| 50% recycling", "| head only",  # headline
+                                                 "| baseline (no training)", "| full fine-tuning", "| 50% recycling",
+                                                 "| head only",  # quality
+                                                 "| full fine-tuning", "| 50% recycling", "| head only"]  # cost
+    assert all(r.count("[") == 2 and "x [" in r for r in rows[:2])
+    assert sum(v in r for r in rows[:2] for v in ("can resolve", "above full", "below full")) == 2
+    # every row of the quality table carries intervals, every trained row its gains over the baseline
+    assert rows[2].count("[") == 2 and all(r.count("[") == 4 for r in rows[3:6])
 
 
 def test_demo_keeps_its_stores_where_told(tmp_path: Any, tiny_model_dir: str,
@@ -255,10 +261,10 @@ def test_cnn_recycling_quick() -> None:
 
     report = cnn_recycling.main(["--quick", "-q"])
     rows = {r.name: r for r in report.rows}
-    assert list(rows) == ["full fine-tuning", "0%", "25%", "50%", "75%", "head only"]
+    assert list(rows) == ["full fine-tuning", "0%", "25%", "50%", "75%", "100%"]
     assert rows["full fine-tuning"].trainable_params == 21_797_672  # ResNet-34
-    assert rows["head only"].trainable_params == 513_000  # fc
-    assert rows["head only"].speedup_vs_full > 2  # only the fc trained
+    assert rows["100%"].trainable_params == 513_000  # fc
+    assert rows["100%"].speedup_vs_full > 2  # only the fc trained
     for r in report.rows[1:]:
         assert r.disk_bytes and r.precompute_seconds and r.epoch_seconds
 
@@ -271,6 +277,14 @@ def test_demo_quick(capsys: pytest.CaptureFixture[str]) -> None:
     assert demo.main(["--quick", "-q"]) == 0
     out = capsys.readouterr().out
     assert "standard-library modules" in out and "| 50% recycling |" in out
+    # quality kept: each recycled row against full fine-tuning (trained, not only timed), with intervals
+    assert "| full fine-tuning | 22,713,216 |" in out and "(timed only)" not in out
+    lines = out.splitlines()
+    head = lines.index("| row | RP@1 vs full fine-tuning [95% interval] | speedup vs full fine-tuning [range over rounds] |")
+    assert [x.split(" | ")[0] for x in lines[head + 2 : head + 4]] == ["| 50% recycling", "| head only"]
+    assert all("x [" in x for x in lines[head + 2 : head + 4])
+    assert "est.)" not in out and "MB/s" not in out  # one epoch time (measured); one size
+    assert "Load: the 1-minute load average was" in out
 
 
 # -- the examples leaf ------------------------------------------------------------------------

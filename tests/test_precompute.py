@@ -27,6 +27,7 @@ from actstore.models.split import split
 from actstore.precompute.api import field_name, precompute
 from actstore.precompute.config import ATTR
 from actstore.precompute.keys import NOT_FOUND, KeyTable
+from actstore.precompute.run import format_rate
 from actstore.testing.models import tiny_bert, tiny_mlp, tiny_resnet
 from tests.family_models import tiny
 from tests.precompute_helpers import pad_collate, token_lists, vectors
@@ -399,9 +400,21 @@ def test_progress_false_prints_nothing(tmp_path: Any, capfd: Any) -> None:
     run(tiny_mlp(), vectors(20), tmp_path / "s", layers="1", batch_size=4, progress=False)
     out, err = capfd.readouterr()
     assert out == "" and err == ""
-    run(tiny_mlp(), vectors(20), tmp_path / "t", layers="1", batch_size=4, progress=True)
+    store = run(tiny_mlp(), vectors(20), tmp_path / "t", layers="1", batch_size=4, progress=True)
     out, err = capfd.readouterr()
     assert "20 rows written, 0 skipped" in out and "sample/s" in err
+    # one size in the summary: the store's size on disk (not also the rows' bytes, a different figure)
+    assert f"the store: {store.info()['bytes_on_disk'] / 1e6:,.1f} MB on disk" in out and out.count(" MB ") == 1
+
+
+def test_format_rate_shows_small_rates_in_a_unit_that_is_not_zero() -> None:
+    # A pooled precompute writes ~1.5 kB a row: at 100 rows/s that is 0.15 MB/s, which MB/s with one decimal
+    # showed as "0.1" or "0.0".
+    assert format_rate(150_000, 1.0) == "150.0 kB/s"
+    assert format_rate(1_600, 2.0) == "800.0 B/s"
+    assert format_rate(23e6, 10.0) == "2.3 MB/s"
+    assert format_rate(5e9, 2.0) == "2.5 GB/s"
+    assert format_rate(0, 0.0) == "0.0 B/s"
 
 
 @pytest.mark.parametrize("scratch", [False, True])

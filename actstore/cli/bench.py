@@ -10,11 +10,19 @@ MODULE:FACTORY``), it measures the time of a training epoch over the sample for
   store, the rest trained from the store,
 
 at the depths ``0%`` (only the stem — embeddings, ResNet stem — frozen),
-``25%``, ``50%``, ``75%`` of the blocks, and ``head only`` (every block frozen;
-``split(model, at)`` decides the blocks, see :mod:`actstore.models.split`), plus the
+``25%``, ``50%``, ``75%`` and ``100%`` of the blocks (``split(model, at)``
+decides the blocks, see :mod:`actstore.models.split`), plus the
 one-off precompute time and the store's size on disk.  It prints the speedups
 and the *break-even*: the number of epochs after which precompute plus recycled
 epochs cost less than recomputing (or than full fine-tuning).
+
+``100%`` freezes every block: what the model has after its last block trains
+(a ResNet's ``fc``).  It is not called "head only": in the main job and the
+experiments, "head only" means every block frozen *and* a head trained on the
+model's output, and some models have no trainable parameters after their last
+block (a sentence-transformers model's pooling and normalisation): their
+``100%`` row has nothing to train, says so, and has no timing.  To time a
+head of your own there, give a model factory whose model ends with it.
 
 Step times are measured interleaved — every variant runs ``--steps`` steps in
 turn, for ``--rounds`` rounds, on the same fixed batches — and the median step
@@ -83,13 +91,16 @@ def _unpack_model(made: Any, spec: str) -> tuple[Any, Any, Any]:
 
 
 def _parse_depths(text: str) -> list[float | str]:
-    """``0,25,50%,0.75,head,layer3``: numbers above 1 are percentages; other words are split point names."""
+    """``0,25,50%,0.75,100,layer3``: numbers above 1 are percentages; other words are split point names.
+
+    ``all`` is 100%; ``head`` and ``head-only``, the row's former names, are taken as 100% too.
+    """
     out: list[float | str] = []
     for part in text.split(","):
         part = part.strip()
         if not part:
             continue
-        if part in ("head", "head-only"):
+        if part in ("all", "head", "head-only"):
             out.append(1.0)
             continue
         try:
@@ -169,8 +180,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", metavar="MODULE:FN", help="loss_fn(output) -> scalar tensor (default: see below)")
     p.add_argument("--depths", type=_parse_depths, default=list(DEFAULT_DEPTHS), metavar="LIST",
                    help="fractions (or percentages) of the blocks to freeze, 0 = the stem only, "
-                        "1 or 'head' = every block, or split point names such as layer3 "
-                        "(default 0,25,50,75,head)")
+                        "1, 100 or 'all' = every block (the row '100%%'), or split point names such as layer3 "
+                        "(default 0,25,50,75,100)")
     p.add_argument("--augment", metavar="MODULE:FACTORY",
                    help="callable returning fn(sample, generator) -> augmented sample: full fine-tuning and "
                         "recompute augment on the fly, recycling stores --augmentations of each item")

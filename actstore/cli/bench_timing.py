@@ -22,7 +22,7 @@ from actstore.errors import BenchError
 
 __all__ = ["DEFAULT_DEPTHS", "default_loss", "is_oom", "run_bench"]
 
-#: The default depths: fractions of the blocks frozen (0: the stem only; 1: every block, "head only").
+#: The default depths: fractions of the blocks frozen (0: the stem only; 1: every block, the row "100%").
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -169,7 +169,7 @@ def _depths(model: Any, depths: Sequence[float | str]) -> tuple[str, int, list[_
                 if k < 1:
                     continue
                 at = plan.blocks[k - 1]
-                label = "head only" if d == 1.0 else f"{round(d * 100)}%"
+                label = f"{round(d * 100)}%"  # 1.0 is "100%": what follows the last block trains, if anything
         if at in seen:
             continue
         seen.add(at)
@@ -346,7 +346,8 @@ def _run(model: Any, data: Sequence[Any], collate_fn: Any, loss_fn: Any, depths:
             stores.append(store)
             row.disk_bytes = int(store.info()["bytes_on_disk"])
             if not head_params:
-                row.note = "the head has no trainable parameters"
+                row.note = ("nothing left to train: what follows the split has no trainable parameters; "
+                            "a new head on this output is the main job's 'head only'")
                 continue
             field_name = next(f for f in store.fields if not f.startswith("item_"))
             ds = ActivationDataset(store, fields=[field_name])

@@ -54,7 +54,7 @@ from actstore.store import ActivationStore
 from actstore.store import create as create_store
 from actstore.store import open as open_store
 
-__all__ = ["Run"]
+__all__ = ["Run", "format_rate"]
 
 log = logging.getLogger("actstore")
 
@@ -87,6 +87,7 @@ class Run:
 
     # -- the run ------------------------------------------------------------------------
     def run(self) -> ActivationStore:
+        self.t0 = time.perf_counter()  # the summary's time covers the whole run (fingerprint and resume included)
         fp = frozen_fingerprint(self.model, self.cfg.capture.layers)  # the frozen part only: the head may train
         if has_leftovers(self.root):  # an interrupted distributed run's committed parts: adopt them first
             adopt_leftover_parts(self.root, fp, self.cfg, self.length)
@@ -100,7 +101,6 @@ class Run:
             warnings.warn("precompute runs the model in eval mode (no dropout in the stored rows); it was in "
                           "train mode and is put back in it afterwards", stacklevel=4)
         self.model.eval()
-        self.t0 = time.perf_counter()
         from tqdm.auto import tqdm  # (not imported with actstore)
 
         self.bar = tqdm(total=self.length, unit="sample", desc="precompute", disable=not self.cfg.execution.progress,
@@ -151,9 +151,9 @@ class Run:
         now = time.perf_counter()
         if self.cfg.execution.progress and now - self._last_postfix > 0.5:
             self._last_postfix = now
-            w = self.writer
-            mb = (w.bytes if w else 0) / 1e6 / max(now - self.t0, 1e-9)
-            self.bar.set_postfix_str(f"{mb:.1f} MB/s written, {self.schedule.skipped} cached", refresh=False)
+            written = self.writer.bytes if self.writer else 0
+            rate = f"{format_rate(written, now - self.t0)} written, " if written else ""  # none before the first write
+            self.bar.set_postfix_str(f"{rate}{self.schedule.skipped} cached", refresh=False)
         if self.writer is not None:
             self.writer.raise_error()
 
@@ -365,6 +365,8 @@ class Run:
         self.store.commit()
 
     def _finish(self) -> ActivationStore:
+        store = open_store(self.root)
+        size = store.info()["bytes_on_disk"]
         elapsed = time.perf_counter() - self.t0
         written = self.writer.rows if self.writer else 0
         nbytes = self.writer.bytes if self.writer else 0
@@ -373,9 +375,19 @@ class Run:
             _say(progress, f"precompute: the dataset is empty; created an empty store at {self.root}")
         _say(progress,
              f"precompute: {written:,} rows written, {s.skipped:,} skipped (already stored), {s.duplicates:,} "
-             f"duplicates, {nbytes / 1e6:,.1f} MB in {elapsed:.1f} s ({self.seen / max(elapsed, 1e-9):,.1f} "
-             f"samples/s, {nbytes / 1e6 / max(elapsed, 1e-9):,.1f} MB/s) -> {self.root}")
-        return open_store(self.root)
+             f"duplicates in {elapsed:.1f} s ({self.seen / max(elapsed, 1e-9):,.1f} samples/s, rows written at "
+             f"{format_rate(nbytes, elapsed)}); the store: {size / 1e6:,.1f} MB on disk "
+             f"-> {self.root}")
+        return store
+
+
+def format_rate(nbytes: float, seconds: float) -> str:
+    """``nbytes`` over ``seconds`` in the unit that shows it (B/s, kB/s, MB/s or GB/s, decimal), e.g. ``'850.3 kB/s'``."""
+    per = nbytes / max(seconds, 1e-9)
+    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if per >= scale:
+            return f"{per / scale:,.1f} {unit}"
+    return f"{per:,.1f} B/s"
 
 
 def _say(printed: bool, message: str) -> None:

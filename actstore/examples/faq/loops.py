@@ -1,36 +1,35 @@
-"""The FAQ study's training runs: evaluate, fine-tune fully, or train from a store (recycled blocks, head only).
+"""The FAQ study's building blocks: batches, the optimiser, evaluation, and reading the stores.
 
 - :func:`evaluate_model` fills a row's metrics from the model itself (no training);
-- :func:`train_full` fine-tunes every layer;
-- :func:`train_recycled` precomputes the first encoder blocks' per-token output
-  into a store and trains the upper blocks plus pooling from it;
-- :func:`train_head_only` caches the sentence embedding and trains a
-  skip-connection head on it.
+- :func:`precompute_texts` fills a store from a model over texts; :class:`StoreRows`
+  gathers padded batches of text positions from it, and :func:`encode_from_store`
+  runs a head over them (the store-backed rows evaluate from the store: the
+  validation texts are in it).
 
-The two store-backed runs evaluate from the store too: the validation texts are
-in it (the store holds every question and answer of the pairs it was given).
+The training runs themselves are in :mod:`.runs` (one run alone) and
+:mod:`.interleave` (several runs in turn, timed round by round).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from actstore.examples.faq.data import Pairs, corpus
-from actstore.examples.faq.losses import mnrl_loss
 from actstore.examples.faq.metrics import RowResult
-from actstore.examples.faq.model import LoraSpec, SkipConnectionHead, Tokenize, blocks_frozen, embedding_dim
+from actstore.examples.faq.model import Tokenize
 
-__all__ = ["StoreRows", "apply_head", "evaluate_model", "layer_field", "precompute_texts", "train_full", "train_head_only",
-           "train_recycled"]
+__all__ = ["StoreRows", "apply_head", "count_params", "encode_from_store", "epoch_batches", "evaluate_from_store",
+           "evaluate_model", "layer_field", "optimizer", "optimizer_step", "precompute_texts", "progress_bar", "store_bytes"]
 
 
 # -- shared by the runs and the step timing ------------------------------------------------
 
 
 def progress_bar(iterable: Any, desc: str, enabled: bool, total: int | None = None) -> Any:
+    """``iterable`` wrapped in a tqdm bar that clears when done, or ``iterable`` itself when not ``enabled``."""
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
@@ -39,12 +38,14 @@ def progress_bar(iterable: Any, desc: str, enabled: bool, total: int | None = No
 
 
 def epoch_batches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch's batches of ``range(n)``, shuffled by ``rng``; a last partial batch is dropped (n < batch_size: one batch)."""
     order = list(range(n))
     rng.shuffle(order)
     return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [order]
 
 
 def optimizer(params: list[Any], lr: float, steps: int, warmup: float = 0.1) -> tuple[Any, Any]:
+    """AdamW (weight decay 0.01) and its schedule: linear warm-up over ``warmup`` of ``steps``, then linear decay."""
     import torch
 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -59,8 +60,8 @@ def optimizer(params: list[Any], lr: float, steps: int, warmup: float = 0.1) -> 
 
 
 def count_params(params: list[Any]) -> int:
+    """How many numbers ``params`` hold."""
     return sum(p.numel() for p in params)
-
 
 
 def optimizer_step(opt: Any, loss: Any) -> None:
@@ -70,30 +71,10 @@ def optimizer_step(opt: Any, loss: Any) -> None:
     opt.step()
 
 
-def _epoch(batches: list[list[int]], loss_of: Callable[[list[int]], Any], opt: Any, sched: Any, *,
-           progress_bar_desc: str, progress: bool) -> list[float]:
-    """One epoch: a step on each batch of pair indices; returns the losses."""
-    losses = []
-    for idx in progress_bar(batches, progress_bar_desc, progress):
-        loss = loss_of(idx)
-        optimizer_step(opt, loss)
-        sched.step()
-        losses.append(float(loss.detach()))
-    return losses
-
-
-def _record_epoch(row: RowResult, losses: list[float], log: Callable[[str], None]) -> None:
-    """Append the epoch just evaluated to ``row.history`` and log it."""
-    row.history.append({"epoch": len(row.history) + 1, "loss": sum(losses) / len(losses), "rp1": row.rp1,
-                        "rrk": row.rrk})
-    log(f"  {row.name}: epoch {len(row.history)} {row.epoch_seconds[-1]:.1f} s, loss {row.history[-1]['loss']:.4f}, "
-        f"RP@1 {row.rp1:.4f}, RRK {row.rrk:.4f}")
-
-
 # -- encoding and evaluation --------------------------------------------------------------
 
 
-def _encode_texts(model: Any, texts: Sequence[str], batch_size: int = 128) -> Any:
+def _encode_texts(model: Any, texts: Sequence[str], batch_size: int = 128, bar: Any = None) -> Any:
     import torch
 
     tok = Tokenize(model)
@@ -102,60 +83,81 @@ def _encode_texts(model: Any, texts: Sequence[str], batch_size: int = 128) -> An
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
-            out.append(model(tok(texts[i : i + batch_size]))["sentence_embedding"])
+            chunk = texts[i : i + batch_size]
+            out.append(model(tok(chunk))["sentence_embedding"])
+            if bar is not None:
+                bar.update(len(chunk))
     model.train(was_training)
     return torch.cat(out)
 
 
-def evaluate_model(model: Any, val: Pairs, row: RowResult, batch_size: int = 128) -> RowResult:
-    """Fill ``row``'s metrics from ``model`` run on the validation pairs (questions vs distinct answers)."""
+def _texts_bar(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="text", leave=False, dynamic_ncols=True)
+
+
+def evaluate_model(model: Any, val: Pairs, row: RowResult, batch_size: int = 128, *, progress: bool = False) -> RowResult:
+    """Fill ``row``'s metrics from ``model`` run on the validation pairs (questions vs distinct answers).
+
+    ``progress`` shows a bar over the texts encoded (questions, then the distinct answers).
+    """
     t0 = time.perf_counter()
     answers, relevant = corpus(val.answers)
-    q = _encode_texts(model, val.questions, batch_size)
-    a = _encode_texts(model, answers, batch_size)
+    bar = _texts_bar(len(val) + len(answers), f"evaluating {row.name}", progress)
+    try:
+        q = _encode_texts(model, val.questions, batch_size, bar)
+        a = _encode_texts(model, answers, batch_size, bar)
+    finally:
+        if bar is not None:
+            bar.close()
     row.set_metrics(q, a[relevant], a, relevant)
     row.eval_seconds += time.perf_counter() - t0
     return row
 
 
-# -- full fine-tuning ---------------------------------------------------------------------
-
-
-def train_full(model: Any, train: Pairs, val: Pairs, *, epochs: int, batch_size: int, lr: float, seed: int = 0,
-               progress: bool = True, name: str = "full fine-tuning", eval_each_epoch: bool = False,
-               lora: LoraSpec | None = None, log: Callable[[str], None] = print) -> RowResult:
-    """Fine-tune every layer of ``model`` on the training pairs; evaluate after the last epoch (or each).
-
-    With ``lora`` (a :class:`LoraSpec`), LoRA adapters go on the whole
-    transformer and only they train.
-    """
+def encode_from_store(head: Any, gather: StoreRows, positions: Sequence[int], batch_size: int = 256, *,
+                      bar: Any = None) -> Any:
+    """``head`` (in eval mode, no gradients) over the stored rows of text ``positions``; always a new tensor."""
     import torch
 
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    tok = Tokenize(model)
-    if lora is not None:
-        lora.apply(model[0].auto_model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    steps = epochs * len(epoch_batches(len(train), batch_size, random.Random(0)))
-    opt, sched = optimizer(params, lr, steps)
-    row = RowResult(name, frozen_blocks=0, epochs=epochs, trainable_params=count_params(params))
+    was = head.training
+    head.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(positions), batch_size):
+            chunk = positions[i : i + batch_size]
+            out.append(apply_head(head, gather(chunk)))
+            if bar is not None:
+                bar.update(len(chunk))
+    head.train(was)
+    return torch.cat(out)
 
-    def pair_loss(idx: list[int]) -> Any:
-        q = model(tok([train.questions[i] for i in idx]))["sentence_embedding"]
-        a = model(tok([train.answers[i] for i in idx]))["sentence_embedding"]
-        return mnrl_loss(q, a)
 
-    for epoch in range(epochs):
-        model.train()
-        t0 = time.perf_counter()
-        losses = _epoch(epoch_batches(len(train), batch_size, rng), pair_loss, opt, sched,
-                        progress_bar_desc=f"{name} epoch {epoch + 1}/{epochs}", progress=progress)
-        row.epoch_seconds.append(time.perf_counter() - t0)
-        if eval_each_epoch or epoch == epochs - 1:
-            evaluate_model(model, val, row)
-        _record_epoch(row, losses, log)
-    model.eval()
+def evaluate_from_store(head: Any, gather: StoreRows, all_pairs: Pairs, val_idx: Sequence[int], row: RowResult, *,
+                        progress: bool = False) -> RowResult:
+    """Fill ``row``'s metrics from ``head`` over the store's rows of the validation pairs.
+
+    The store holds the texts of ``all_pairs``: questions at positions ``0..n-1``,
+    answers at ``n..2n-1``; the corpus is the validation pairs' distinct answers.
+    """
+    t0 = time.perf_counter()
+    n = len(all_pairs)
+    val = all_pairs.subset(val_idx)
+    answers, relevant = corpus(val.answers)
+    first_answer = {a: val_idx[i] for i, a in reversed(list(enumerate(val.answers)))}
+    corpus_pos = [n + first_answer[a] for a in answers]
+    bar = _texts_bar(len(val_idx) + len(corpus_pos), f"evaluating {row.name}", progress)
+    try:
+        q = encode_from_store(head, gather, list(val_idx), bar=bar)
+        a = encode_from_store(head, gather, corpus_pos, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    row.set_metrics(q, a[relevant], a, relevant)
+    row.eval_seconds += time.perf_counter() - t0
     return row
 
 
@@ -207,6 +209,7 @@ def apply_head(head: Any, got: Any) -> Any:
 
 
 def layer_field(store: Any) -> str:
+    """The name of the store's one activation field (fields named ``item_*`` hold side values)."""
     names = [n for n in store.fields if not n.startswith("item_")]
     if len(names) != 1:
         raise RuntimeError(f"expected one activation field in the store, got {sorted(store.fields)}")
@@ -214,121 +217,7 @@ def layer_field(store: Any) -> str:
 
 
 def store_bytes(store: Any) -> int:
+    """The store's size on disk, in bytes."""
     return int(store.info()["bytes_on_disk"])
 
-
-# -- recycling: train the upper blocks from the store ------------------------------------
-
-
-def _encode_from_store(head: Any, gather: StoreRows, positions: Sequence[int], batch_size: int = 256) -> Any:
-    import torch
-
-    was = head.training
-    head.eval()
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(positions), batch_size):
-            got = gather(positions[i : i + batch_size])
-            out.append(apply_head(head, got))
-    head.train(was)
-    return torch.cat(out)
-
-
-def _train_from_store(head: Any, params: list[Any], gather: StoreRows, all_pairs: Pairs, train_idx: list[int],
-                      val_idx: list[int], *, row: RowResult, epochs: int, batch_size: int, lr: float, seed: int,
-                      progress: bool, log: Callable[[str], None]) -> RowResult:
-    import torch
-
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    n = len(all_pairs)
-    steps = epochs * len(epoch_batches(len(train_idx), batch_size, random.Random(0)))
-    opt, sched = optimizer(params, lr, steps)
-    val = all_pairs.subset(val_idx)
-    answers, relevant = corpus(val.answers)
-    first_answer = {a: val_idx[i] for i, a in reversed(list(enumerate(val.answers)))}
-    corpus_pos = [n + first_answer[a] for a in answers]
-
-    def pair_loss(idx: list[int]) -> Any:
-        qi, ai = gather([train_idx[i] for i in idx]), gather([n + train_idx[i] for i in idx])
-        return mnrl_loss(apply_head(head, qi), apply_head(head, ai))
-
-    for epoch in range(epochs):
-        head.train()
-        t0 = time.perf_counter()
-        losses = _epoch(epoch_batches(len(train_idx), batch_size, rng), pair_loss, opt, sched,
-                        progress_bar_desc=f"{row.name} epoch {epoch + 1}/{epochs}", progress=progress)
-        row.epoch_seconds.append(time.perf_counter() - t0)
-        t1 = time.perf_counter()
-        q = _encode_from_store(head, gather, list(val_idx))
-        a = _encode_from_store(head, gather, corpus_pos)
-        row.set_metrics(q, a[relevant], a, relevant)
-        row.eval_seconds += time.perf_counter() - t1
-        _record_epoch(row, losses, log)
-    head.eval()
-    return row
-
-
-def train_recycled(model: Any, all_pairs: Pairs, train_idx: list[int], val_idx: list[int], at: float, store_path: str,
-                   *, epochs: int, batch_size: int, lr: float, store_dtype: str = "float16", seed: int = 0,
-                   progress: bool = True, name: str | None = None, lora: LoraSpec | None = None,
-                   reuse: bool = False, quantize: str | None = None, log: Callable[[str], None] = print) -> RowResult:
-    """Recycle the first ``at`` of the encoder blocks: precompute their per-token output, train the rest from it.
-
-    The store holds every question and answer of ``all_pairs`` (training and
-    validation): validation is evaluated from the store too. With ``lora``,
-    LoRA adapters go on the head and only they train. With ``reuse``, a store
-    already at ``store_path`` (same model, split and texts) is resumed, so
-    nothing is recomputed.  ``quantize`` stores the states quantised (``"int8"``),
-    read back dequantised into ``store_dtype``.
-    """
-    from actstore.models.split import split
-
-    frozen, head = split(model, at)
-    k = blocks_frozen(model, at)
-    row = RowResult(name or f"{round(at * 100)}% recycling", frozen_blocks=k, epochs=epochs)
-    texts = all_pairs.questions + all_pairs.answers
-    store, row.precompute_seconds = precompute_texts(model, texts, store_path, str(frozen.at), store_dtype=store_dtype,
-                                                     progress=progress, overwrite=not reuse, quantize=quantize)
-    row.disk_bytes = store_bytes(store)
-    log(f"  {row.name}: precomputed {len(texts):,} texts at {frozen.at} in {row.precompute_seconds:.1f} s, "
-        f"{row.disk_bytes / 1e6:.1f} MB on disk")
-    for p in frozen.parameters():
-        p.requires_grad_(False)
-    if lora is not None:
-        head = lora.apply(head)
-    params = [p for p in head.parameters() if p.requires_grad]
-    row.trainable_params = count_params(params)
-    gather = StoreRows(store, layer_field(store))
-    try:
-        return _train_from_store(head, params, gather, all_pairs, train_idx, val_idx, row=row, epochs=epochs,
-                                 batch_size=batch_size, lr=lr, seed=seed, progress=progress, log=log)
-    finally:
-        store.close()
-
-
-def train_head_only(model: Any, all_pairs: Pairs, train_idx: list[int], val_idx: list[int], store_path: str, *,
-                    epochs: int, batch_size: int, lr: float, store_dtype: str = "float32", seed: int = 0,
-                    progress: bool = True, name: str = "head only", reuse: bool = False,
-                    log: Callable[[str], None] = print) -> RowResult:
-    """Cache the whole model's sentence embedding; train a skip-connection head on it (``reuse``: see train_recycled)."""
-    import torch
-
-    row = RowResult(name, frozen_blocks=blocks_frozen(model, 1.0), epochs=epochs)
-    texts = all_pairs.questions + all_pairs.answers
-    store, row.precompute_seconds = precompute_texts(model, texts, store_path, None, store_dtype=store_dtype,
-                                                     progress=progress, overwrite=not reuse)
-    row.disk_bytes = store_bytes(store)
-    log(f"  {name}: precomputed {len(texts):,} sentence embeddings in {row.precompute_seconds:.1f} s, "
-        f"{row.disk_bytes / 1e6:.1f} MB on disk")
-    gather = StoreRows(store, layer_field(store))
-    torch.manual_seed(seed)
-    head = SkipConnectionHead(embedding_dim(model))
-    params = list(head.parameters())
-    row.trainable_params = count_params(params)
-    try:
-        return _train_from_store(head, params, gather, all_pairs, train_idx, val_idx, row=row, epochs=epochs,
-                                 batch_size=batch_size, lr=lr, seed=seed, progress=progress, log=log)
-    finally:
-        store.close()
 

@@ -13,7 +13,7 @@ from actstore.examples.faq.loops import StoreRows, apply_head, layer_field, opti
 from actstore.examples.faq.losses import mnrl_loss
 from actstore.examples.faq.model import SkipConnectionHead, Tokenize, embedding_dim
 
-__all__ = ["time_steps"]
+__all__ = ["head_recompute_step", "recompute_step", "time_steps"]
 
 
 @dataclass
@@ -31,6 +31,68 @@ def _from_store(gather: StoreRows, n_pairs: int, head: Any, opt: Any) -> Callabl
         optimizer_step(opt, mnrl_loss(apply_head(head, q), apply_head(head, a)))
 
     return step
+
+
+def _recompute(model_factory: Callable[[], Any], at: float, all_pairs: Pairs) -> tuple[Callable[[list[int]], None],
+                                                                                    Any, Any]:
+    """A step of the upper blocks with the frozen first ``at`` recomputed (no_grad); the step, head and optimiser."""
+    import torch
+
+    from actstore.models.split import split
+
+    model = model_factory()
+    frozen, head = split(model, at)
+    frozen.eval()
+    head.train()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    tk = Tokenize(model)
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-9)
+    qs, ans = all_pairs.questions, all_pairs.answers
+
+    def recompute(idx: list[int]) -> None:
+        embs = []
+        for side in (qs, ans):
+            feats = tk([side[i] for i in idx])
+            with torch.no_grad():
+                hidden = frozen(feats)
+            embs.append(head(hidden, feats["attention_mask"]))
+        optimizer_step(opt, mnrl_loss(*embs))
+
+    return recompute, head, opt
+
+
+def _head_recompute(model_factory: Callable[[], Any], all_pairs: Pairs) -> tuple[Callable[[list[int]], None], Any,
+                                                                                 Any]:
+    """A step of a skip-connection head on the whole model's embedding, recomputed (no_grad) every step."""
+    import torch
+
+    model = model_factory().eval()
+    tk = Tokenize(model)
+    skip = SkipConnectionHead(embedding_dim(model))
+    opt = torch.optim.AdamW(skip.parameters(), lr=1e-9)
+    qs, ans = all_pairs.questions, all_pairs.answers
+
+    def head_recompute(idx: list[int]) -> None:
+        with torch.no_grad():
+            q = model(tk([qs[i] for i in idx]))["sentence_embedding"]
+            a = model(tk([ans[i] for i in idx]))["sentence_embedding"]
+        optimizer_step(opt, mnrl_loss(skip(q), skip(a)))
+
+    return head_recompute, skip, opt
+
+
+def recompute_step(model_factory: Callable[[], Any], at: float, all_pairs: Pairs) -> Callable[[list[int]], None]:
+    """A timing-only training step (lr 1e-9) of a fresh model's upper blocks, the first ``at`` recomputed each step.
+
+    The step takes indices of ``all_pairs``.
+    """
+    return _recompute(model_factory, at, all_pairs)[0]
+
+
+def head_recompute_step(model_factory: Callable[[], Any], all_pairs: Pairs) -> Callable[[list[int]], None]:
+    """A timing-only step (lr 1e-9) of a skip-connection head on a fresh model's embedding, recomputed each step."""
+    return _head_recompute(model_factory, all_pairs)[0]
 
 
 def time_steps(model_factory: Callable[[], Any], all_pairs: Pairs, train_idx: Sequence[int], *,
@@ -52,7 +114,6 @@ def time_steps(model_factory: Callable[[], Any], all_pairs: Pairs, train_idx: Se
 
     import torch
 
-    from actstore.models.split import split
     from actstore.store import open as open_store
 
     rng = random.Random(seed)
@@ -75,55 +136,19 @@ def time_steps(model_factory: Callable[[], Any], all_pairs: Pairs, train_idx: Se
 
     variants.append(_Variant("full", full_step))
 
-    def make(at: float, path: str) -> None:
-        model = model_factory()
-        frozen, head = split(model, at)
-        frozen.eval()
-        head.train()
-        for p in frozen.parameters():
-            p.requires_grad_(False)
-        tk = Tokenize(model)
-        opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-9)
-
-        def recompute(idx: list[int]) -> None:
-            embs = []
-            for side in (qs, ans):
-                feats = tk([side[i] for i in idx])
-                with torch.no_grad():
-                    hidden = frozen(feats)
-                embs.append(head(hidden, feats["attention_mask"]))
-            loss = mnrl_loss(*embs)
-            optimizer_step(opt, loss)
-
+    for at, path in stores.items():
         store = open_store(path)
         opened.append(store)
-        gather = StoreRows(store, layer_field(store))
-
-        variants.append(_Variant(f"recompute@{at:g}", recompute))
-        variants.append(_Variant(f"recycled@{at:g}", _from_store(gather, n, head, opt)))
-
-    for at, path in stores.items():
-        make(at, path)
+        step, head, opt = _recompute(model_factory, at, all_pairs)
+        variants.append(_Variant(f"recompute@{at:g}", step))
+        variants.append(_Variant(f"recycled@{at:g}", _from_store(StoreRows(store, layer_field(store)), n, head, opt)))
 
     if head_store is not None:
-        model = model_factory().eval()
-        tk = Tokenize(model)
-        skip = SkipConnectionHead(embedding_dim(model))
-        opt_h = torch.optim.AdamW(skip.parameters(), lr=1e-9)
-
-        def head_recompute(idx: list[int]) -> None:
-            with torch.no_grad():
-                q = model(tk([qs[i] for i in idx]))["sentence_embedding"]
-                a = model(tk([ans[i] for i in idx]))["sentence_embedding"]
-            loss = mnrl_loss(skip(q), skip(a))
-            optimizer_step(opt_h, loss)
-
         store = open_store(head_store)
         opened.append(store)
-        gather_h = StoreRows(store, layer_field(store))
-
-        variants.append(_Variant("head-recompute", head_recompute))
-        variants.append(_Variant("head-recycled", _from_store(gather_h, n, skip, opt_h)))
+        step, skip, opt_h = _head_recompute(model_factory, all_pairs)
+        variants.append(_Variant("head-recompute", step))
+        variants.append(_Variant("head-recycled", _from_store(StoreRows(store, layer_field(store)), n, skip, opt_h)))
 
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     try:
