@@ -28,20 +28,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import actstore  # noqa: E402
+from benchmarks.bench_precompute import _rollup as rollup  # noqa: E402
 
 DIM = 384
-
-
-def rollup() -> tuple[int, int]:
-    """(anonymous, file-backed) resident kB of this process."""
-    rss = anon = 0
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Rss:"):
-                rss = int(line.split()[1])
-            elif line.startswith("Anonymous:"):
-                anon = int(line.split()[1])
-    return anon, rss - anon
 
 
 def resident_files(under: str) -> list[tuple[str, int]]:

@@ -352,18 +352,9 @@ class Rows(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return torch.arange(16, dtype=torch.float32) * 1e-3 + i, i % 7
 
 
-class RowBatches(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class RowBatches(Rows):
     """Like :class:`Rows`, whole batches at a time (a sampler of index lists): the loader costs ~nothing per row,
     so 10 million rows take minutes and only precompute's own bookkeeping can grow."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return torch.arange(16, dtype=torch.float32) * 1e-3 + i, i % 7
 
     def __getitems__(self, idx: list[int]) -> list[tuple[torch.Tensor, int]]:
         return [(torch.arange(16, dtype=torch.float32) * 1e-3 + i, i % 7) for i in idx]
