@@ -109,10 +109,10 @@ def injected(fault: Fault) -> Iterator[Fault]:
         return finish
 
     def index_wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
-        def write_index_run(*a: Any) -> Any:
+        def write_index_run(*a: Any, **kw: Any) -> Any:
             if fault.hit("index_run"):
                 raise fault.error("write_index_run")
-            return original(*a)
+            return original(*a, **kw)
 
         return write_index_run
 
