@@ -123,6 +123,7 @@ class Field:
         return codec_json(self.level) if self.compression is not None else None
 
     def to_json(self) -> dict[str, Any]:
+        """The field's document in the manifest (docs/FORMAT.md section 4); a new dict."""
         doc: dict[str, Any] = {"shape": list(self.shape), "dtype": self.dtype}
         if self.compression is not None:  # absent for raw fields: their documents stay as they were
             doc["compression"] = {"name": self.compression, "level": self.level}
@@ -132,6 +133,7 @@ class Field:
 
     @classmethod
     def from_json(cls, doc: Any, where: str, version: int) -> Field:
+        """Parse a field's manifest document of format ``version``; ``CorruptStoreError`` naming ``where`` if bad."""
         doc = expect(doc, dict, where)
         only_keys(doc, {"shape", "dtype", "compression"} | ({"quantize"} if version >= 2 else set()), where)
         shape = expect(doc.get("shape"), list, f"{where}.shape")

@@ -103,18 +103,22 @@ class ActivationStore(StoreViews):
 
     @property
     def manifest(self) -> Manifest:
+        """The manifest of the snapshot this handle reads (the last commit it saw; not copied)."""
         return self._snap.manifest
 
     @property
     def fields(self) -> Mapping[str, Field]:
+        """The store's fields by name, as the snapshot's manifest records them (not copied)."""
         return self._snap.manifest.fields
 
     @property
     def fingerprint(self) -> str | None:
+        """The fingerprint of the frozen part that wrote the store (``actstore.fingerprint``), or None."""
         return self._snap.manifest.fingerprint
 
     @property
     def attrs(self) -> Mapping[str, Any]:
+        """The user attributes of the snapshot (read-only; change them with ``update_attrs``)."""
         return self._snap.manifest.attrs
 
     @property

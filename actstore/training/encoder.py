@@ -232,6 +232,7 @@ class RecycledEncoder(nn.Module):
         return self.hits / total if total else 0.0
 
     def reset_stats(self) -> None:
+        """Set the hit and miss counters (``hits``, ``misses``, and so ``hit_rate``) back to zero."""
         self.hits = self.misses = 0
 
     @property
@@ -240,9 +241,11 @@ class RecycledEncoder(nn.Module):
         return self._store
 
     def extra_repr(self) -> str:
+        """The store, ``append`` and the counters, for ``repr(encoder)``."""
         return f"store={self.path!r}, append={self.append}, hits={self.hits}, misses={self.misses}"
 
     def train(self, mode: bool = True) -> RecycledEncoder:
+        """``nn.Module.train``, except that the frozen part stays in eval mode; returns self."""
         super().train(mode)
         if isinstance(self.frozen, nn.Module):
             self.frozen.eval()  # the frozen part never trains

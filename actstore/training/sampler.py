@@ -162,6 +162,7 @@ class ChunkShuffleSampler(Sampler[int]):
 
     @property
     def blocks(self) -> int:
+        """How many blocks of consecutive rows (within one segment) the sampler shuffles."""
         return len(self._block_starts) - 1
 
     def _dist(self) -> tuple[int, int]:

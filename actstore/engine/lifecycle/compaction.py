@@ -80,6 +80,7 @@ class TieredMerge:
                 raise ValueError(f"TieredMerge: {name} must be an int >= {least}, got {value!r}")
 
     def tier(self, rows: int) -> int:
+        """The size tier of a segment of ``rows`` rows (see the class docstring)."""
         t, bound = 0, self.min_rows * self.fanout
         while bound <= rows:
             t, bound = t + 1, bound * self.fanout

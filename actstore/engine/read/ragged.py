@@ -47,6 +47,7 @@ class RaggedBatch:
 
     @property
     def lengths(self) -> torch.Tensor:
+        """Each row's number of elements (tokens), from the offsets; a new tensor."""
         return self.offsets[1:] - self.offsets[:-1]
 
     @classmethod
