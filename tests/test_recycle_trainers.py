@@ -64,7 +64,7 @@ def _bert_runs(train: Any, tmp_path: Any, **kw: Any) -> None:
     ref = copy.deepcopy(model)
     _frozen_like_recycle(ref, ref.bert.embeddings, list(ref.bert.encoder.layer[:2]))
     counter = FrozenBlockCalls(model.bert.encoder.layer[1])
-    run = train(model, items, tmp_path / "s", on_epoch_end=counter, **kw)
+    run = train(model, items, str(tmp_path / "s"), on_epoch_end=counter, **kw)
     plain = train(ref, items, None, **kw)
     _check_epochs(run, counter, len(items))
     assert run.model is model and type(model) is type(ref)
@@ -116,7 +116,7 @@ def test_sentence_transformer_trainer(loss: str, tmp_path: Any) -> None:
     _frozen_like_recycle(ref, bert.embeddings, list(bert.encoder.layer[:3]))
     counter = FrozenBlockCalls(model[0].auto_model.encoder.layer[2])
     kw = {"out_dir": str(tmp_path / "out"), "loss": loss, "lr": 1e-4}
-    run = st_trainer.train(model, columns, tmp_path / "s", on_epoch_end=counter, **kw)
+    run = st_trainer.train(model, columns, str(tmp_path / "s"), on_epoch_end=counter, **kw)
     plain = st_trainer.train(ref, columns, None, **kw)
     _check_epochs(run, counter, 2 * len(columns["anchor"]))
     assert run.model is model

@@ -40,7 +40,7 @@ def bert_classifier(seed: int = 0, num_labels: int = 3, dropout: float = 0.0) ->
 
     config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
-                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)  # type: ignore[call-arg]
     torch.manual_seed(seed)
     return transformers.BertForSequenceClassification(config)
 

@@ -8,7 +8,6 @@ recycled model keeps its class's own ``forward``).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import transformers
@@ -29,7 +28,7 @@ class _Epochs(transformers.TrainerCallback):
         end_epoch(self.run, self.hook, round(state.epoch or 1) - 1)
 
 
-def train(model: Any, items: list[dict[str, Any]], store: str | os.PathLike[str] | None, *, out_dir: str,
+def train(model: Any, items: list[dict[str, Any]], store: str | None, *, out_dir: str,
           at: float | str = 0.5, epochs: int = 2, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
           on_epoch_end: EpochHook | None = None) -> Run:
     """Train ``model`` on ``items`` with ``Trainer`` for ``epochs``; with ``store``, recycled at ``at``.

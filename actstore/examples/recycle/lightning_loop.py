@@ -6,7 +6,6 @@ moves it, switches train/eval mode and runs the loop as for any model.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import lightning
@@ -36,13 +35,14 @@ class Classifier(lightning.LightningModule):
         return torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.lr)
 
 
-def train(model: Any, items: list[dict[str, Any]], store: str | os.PathLike[str] | None, *, out_dir: str,
+def train(model: Any, items: list[dict[str, Any]], store: str | None, *, out_dir: str,
           at: float | str = 0.5, epochs: int = 2, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
           on_epoch_end: EpochHook | None = None) -> Run:
     """Train ``model`` (a task model returning ``.loss``) on ``items``; with ``store``, recycled at ``at``."""
     if store is not None:
         model = actstore.recycle(model, at, store)  # the one line
-    loader = torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=True,
+    loader: Any = torch.utils.data.DataLoader(items,  # type: ignore[arg-type]
+        batch_size=batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
     run = Run(model)
     trainer = lightning.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,

@@ -9,7 +9,6 @@ store once a text has been seen).  The model is any ``SentenceTransformer``
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import datasets
@@ -42,7 +41,7 @@ def make_loss(model: Any, loss: str, mini_batch_size: int = 4) -> Any:
     raise ValueError(f"make_loss: loss must be 'mnrl' or 'cached'; got {loss!r}")
 
 
-def train(model: Any, columns: dict[str, list[str]], store: str | os.PathLike[str] | None, *, out_dir: str,
+def train(model: Any, columns: dict[str, list[str]], store: str | None, *, out_dir: str,
           loss: str = "mnrl", at: float | str = 0.5, epochs: int = 2, batch_size: int = 8, lr: float = 2e-5,
           seed: int = 0, max_steps: int = -1, on_epoch_end: EpochHook | None = None) -> Run:
     """Train a ``SentenceTransformer`` on ``columns`` (``anchor``, ``positive``); with ``store``, recycled at ``at``.
