@@ -44,7 +44,7 @@ FAQ = os.environ.get("ACTSTORE_FAQ_DATA", "/work/shared/data/cloud_faq_dataset.j
 
 
 def load() -> str:
-    return "load %.2f %.2f %.2f" % os.getloadavg()
+    return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 def pad_inputs(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
