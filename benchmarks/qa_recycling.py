@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             steps.update({"st-recycled": st["recycled_step_s"], "st-full": st["full_step_s"]})
             log(f"  SentenceTransformerTrainer steps, {st['rounds']} interleaved rounds x {st['steps']}: recycled "
                 f"{st['recycled_step_s']:.3f} s, full {st['full_step_s']:.3f} s, speedup {st['speedup']:.2f}x "
-                f"(per round: {st['times']})")
+                f"(CPU time: {st['cpu_speedup']:.2f}x; per round, wall: {st['times']}, CPU: {st['cpu_times']})")
         if set(wanted) & {"head", "75", "50", "full"}:
             log("== interleaved step timing")
             stores = {at: os.path.join(workdir, f"r{tag}") for tag, at in (("75", 0.75), ("50", 0.5)) if tag in wanted}

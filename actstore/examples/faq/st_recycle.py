@@ -95,6 +95,10 @@ def time_st_steps(model_factory: Callable[[], Any], train: Pairs, *, at: float, 
                   steps: int, rounds: int, lr: float = 2e-5, progress: bool = False) -> dict[str, Any]:
     """Median seconds per ``SentenceTransformerTrainer`` step: recycled (all hits) and full fine-tuning, interleaved.
 
+    Wall time (``recycled_step_s``, ``full_step_s``, ``speedup``) and the
+    median of the rounds' paired process-CPU-time ratios (``cpu_speedup``: on a
+    loaded machine the steadier figure).
+
     ``store_path`` must hold every training text at ``at`` (the store
     :func:`train_st_recycled` filled); a miss raises ``RuntimeError``.  Each
     round runs ``steps`` steps of each variant on the same collated batches
@@ -104,6 +108,7 @@ def time_st_steps(model_factory: Callable[[], Any], train: Pairs, *, at: float, 
     recycled_model: Any = actstore.recycle(model_factory(), at, store_path)
     full_model = model_factory()
     times: dict[str, list[float]] = {"recycled": [], "full": []}
+    cpu: dict[str, list[float]] = {"recycled": [], "full": []}
     with tempfile.TemporaryDirectory(prefix="st-timing-") as out:
         trainers = {k: _trainer(m, train, out_dir=out, epochs=1, batch_size=batch_size, lr=lr, seed=0,
                                 progress=progress)
@@ -114,15 +119,15 @@ def time_st_steps(model_factory: Callable[[], Any], train: Pairs, *, at: float, 
             t.create_optimizer_and_scheduler(num_training_steps=steps * (rounds + 1))
             t.current_gradient_accumulation_steps = 1  # set by train()'s loop, read by training_step
 
-        def run(kind: str) -> float:
+        def run(kind: str) -> tuple[float, float]:
             t = trainers[kind]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for b in batches:
                 t.training_step(t.model, b)
                 t.optimizer.step()
                 t.lr_scheduler.step()
                 t.optimizer.zero_grad()
-            return (time.perf_counter() - t0) / len(batches)
+            return (time.perf_counter() - t0) / len(batches), (time.process_time() - c0) / len(batches)
 
         run("recycled")  # warm-up (and the store check below)
         run("full")
@@ -131,9 +136,12 @@ def time_st_steps(model_factory: Callable[[], Any], train: Pairs, *, at: float, 
                                "time after train_st_recycled filled it")
         for r in range(rounds):
             for kind in (("recycled", "full") if r % 2 == 0 else ("full", "recycled")):
-                times[kind].append(run(kind))
+                wall, used = run(kind)
+                times[kind].append(wall)
+                cpu[kind].append(used)
     stats = dict(recycled_model.recycle_stats)
     recycled_model.close()
     rec, full = statistics.median(times["recycled"]), statistics.median(times["full"])
-    return {"recycled_step_s": rec, "full_step_s": full, "speedup": full / rec, "rounds": rounds, "steps": steps,
-            "times": times, "recycle_stats": stats}
+    cpu_speedup = statistics.median(f / r for f, r in zip(cpu["full"], cpu["recycled"], strict=True))
+    return {"recycled_step_s": rec, "full_step_s": full, "speedup": full / rec, "cpu_speedup": cpu_speedup,
+            "rounds": rounds, "steps": steps, "times": times, "cpu_times": cpu, "recycle_stats": stats}
