@@ -88,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timing-rounds", type=int, default=None, help="interleaved timing rounds (default 3)")
     p.add_argument("--rows", default="baseline,head,75,50,full",
                    help="rows to run, comma separated from baseline,head,75,50,50int8,full,50lora,fulllora "
-                        "(50int8: 50%% recycling from an int8-quantised store)")
+                        "(50int8: 50%% recycling from an int8-quantised store; 50st: actstore.recycle at 50%% trained "
+                        "through SentenceTransformerTrainer, timed against full fine-tuning in that trainer)")
     p.add_argument("--lora", action="store_true",
                    help="add the rows 50lora (50%% recycling + LoRA) and fulllora (full model + LoRA) to --rows")
     p.add_argument("--lora-lr", type=float, default=5e-4, help="learning rate of the LoRA rows' adapters")
@@ -190,13 +191,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return scarce_study(args, ex, factory, pairs, train_idx, val_idx, wanted, workdir, common, started, log)
     try:
         rows = run_rows(args, ex, factory, pairs, train_idx, val_idx, wanted, workdir, common, log)
-        log("== interleaved step timing")
-        stores = {at: os.path.join(workdir, f"r{tag}") for tag, at in (("75", 0.75), ("50", 0.5)) if tag in wanted}
-        head_store = os.path.join(workdir, "head") if "head" in wanted else None
-        steps = ex.time_steps(factory, pairs, train_idx, stores=stores, head_store=head_store,
-                              batch_size=args.batch_size, steps=args.timing_steps, rounds=args.timing_rounds,
-                              progress=progress)
-        log("  step seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items()))
+        steps: dict[str, float] = {}
+        if "50st" in wanted:
+            from actstore.examples.faq.st_recycle import time_st_steps
+
+            st = time_st_steps(factory, train, at=0.5, store_path=os.path.join(workdir, "r50st"),
+                               batch_size=args.batch_size, steps=args.timing_steps, rounds=args.timing_rounds)
+            steps.update({"st-recycled": st["recycled_step_s"], "st-full": st["full_step_s"]})
+            log(f"  SentenceTransformerTrainer steps, {st['rounds']} interleaved rounds x {st['steps']}: recycled "
+                f"{st['recycled_step_s']:.3f} s, full {st['full_step_s']:.3f} s, speedup {st['speedup']:.2f}x "
+                f"(CPU time: {st['cpu_speedup']:.2f}x; per round, wall: {st['times']}, CPU: {st['cpu_times']})")
+        if set(wanted) & {"head", "75", "50", "full"}:
+            log("== interleaved step timing")
+            stores = {at: os.path.join(workdir, f"r{tag}") for tag, at in (("75", 0.75), ("50", 0.5)) if tag in wanted}
+            head_store = os.path.join(workdir, "head") if "head" in wanted else None
+            steps.update(ex.time_steps(factory, pairs, train_idx, stores=stores, head_store=head_store,
+                                       batch_size=args.batch_size, steps=args.timing_steps, rounds=args.timing_rounds,
+                                       progress=progress))
+            log("  step seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items()))
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -209,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return report
 
 
-ROWS = ("baseline", "head", "75", "50", "50int8", "full", "50lora", "fulllora")
+ROWS = ("baseline", "head", "75", "50", "50int8", "full", "50lora", "fulllora", "50st")
 
 
 def run_rows(args: argparse.Namespace, ex: Any, factory: Any, pairs: Any, train_idx: list[int], val_idx: list[int],
@@ -242,6 +254,13 @@ def run_rows(args: argparse.Namespace, ex: Any, factory: Any, pairs: Any, train_
         rows.append(ex.train_recycled(factory(), pairs, train_idx, val_idx, 0.5, os.path.join(workdir, "r50"),
                                       lr=args.lora_lr, store_dtype=args.store_dtype, name="50% recycling + LoRA",
                                       lora=lora, reuse=reuse or "50" in wanted, **common))
+    if "50st" in wanted:
+        from actstore.examples.faq.st_recycle import train_st_recycled
+
+        log("== 50% recycle + SentenceTransformerTrainer")
+        rows.append(train_st_recycled(factory(), pairs.subset(train_idx), val, at=0.5, lr=args.lr,
+                                      store_path=os.path.join(workdir, "r50st"), store_dtype=args.store_dtype,
+                                      name=ROW_NAMES["50st"], **common))
     if "full" in wanted:
         log("== full fine-tuning")
         rows.append(ex.train_full(factory(), pairs.subset(train_idx), val, lr=args.lr, **common))
@@ -254,7 +273,8 @@ def run_rows(args: argparse.Namespace, ex: Any, factory: Any, pairs: Any, train_
 
 ROW_NAMES = {"baseline": "baseline", "head": "head only", "75": "75% recycling", "50": "50% recycling",
              "50int8": "50% recycling, int8 store",
-             "full": "full fine-tuning", "50lora": "50% recycling + LoRA", "fulllora": "full model + LoRA"}
+             "full": "full fine-tuning", "50lora": "50% recycling + LoRA", "fulllora": "full model + LoRA",
+             "50st": "50% recycle + SentenceTransformerTrainer"}
 
 
 def parse_fractions(text: str) -> list[float]:
@@ -471,6 +491,8 @@ def _step_keys(row: Any) -> tuple[str | None, str | None]:
         return f"recompute@{at:g}", f"recycled@{at:g}"
     if row.name == "full fine-tuning":
         return None, "full"
+    if row.name == ROW_NAMES["50st"]:
+        return None, "st-recycled"
     return None, None
 
 
@@ -489,7 +511,7 @@ def build_report(args: argparse.Namespace, rows: list[Any], steps: dict[str, flo
         recompute_key, own_key = _step_keys(r)
         own = steps.get(own_key) if own_key else None
         rec = steps.get(recompute_key) if recompute_key else None
-        full_step = steps.get("full")
+        full_step = steps.get("st-full" if own_key == "st-recycled" else "full")  # the same trainer's full steps
         vs_full = full_step / own if own and full_step else None
         vs_rec = rec / own if own and rec else None
         breakeven: float | None = None

@@ -150,6 +150,21 @@ def test_qa_script_quick_on_a_tiny_model(tmp_path: Any, tiny_model_dir: str) -> 
     assert "published RP@1/RRK" in (tmp_path / "res" / "qa_recycling.md").read_text()
 
 
+def test_qa_row_through_sentence_transformer_trainer_and_recycle(tmp_path: Any, tiny_model_dir: str) -> None:
+    pytest.importorskip("datasets")
+    from benchmarks import qa_recycling
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    report = qa_recycling.main(["--data", data, "--quick", "--model", tiny_model_dir, "-q", "--limit", "40",
+                                "--batch-size", "8", "--rows", "50st", "--timing-steps", "1", "--timing-rounds", "1",
+                                "--epochs", "2", "--out", str(tmp_path / "res")])
+    (row,) = report["rows"]
+    assert row["name"] == "50% recycle + SentenceTransformerTrainer" and row["frozen_blocks"] == 2
+    check_quality(row)
+    assert len(row["epoch_seconds"]) == 2 and row["step_seconds"] > 0 and row["speedup_vs_full"] > 0
+    assert "| 50% recycle + SentenceTransformerTrainer | 2 |" in (tmp_path / "res" / "qa_recycling.md").read_text()
+
+
 def test_demo_on_a_tiny_model(tmp_path: Any, tiny_model_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
     from actstore.examples import demo
 
