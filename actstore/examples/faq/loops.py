@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from actstore.examples.faq.data import Pairs, corpus
@@ -62,6 +62,15 @@ def optimizer(params: list[Any], lr: float, steps: int, warmup: float = 0.1) -> 
 def count_params(params: list[Any]) -> int:
     """How many numbers ``params`` hold."""
     return sum(p.numel() for p in params)
+
+
+def record_epoch(row: RowResult, losses: list[float], log: Callable[[str], None] | None = None) -> None:
+    """Append the epoch just trained (its mean loss, the row's current RP@1 and RRK) to ``row.history``; log it."""
+    row.history.append({"epoch": len(row.history) + 1, "loss": sum(losses) / len(losses), "rp1": row.rp1,
+                        "rrk": row.rrk})
+    if log is not None:
+        log(f"  {row.name}: epoch {len(row.history)} {row.epoch_seconds[-1]:.1f} s, loss "
+            f"{row.history[-1]['loss']:.4f}, RP@1 {row.rp1:.4f}, RRK {row.rrk:.4f}")
 
 
 def optimizer_step(opt: Any, loss: Any) -> None:

@@ -38,6 +38,7 @@ from actstore.examples.faq.loops import (
     optimizer_step,
     precompute_texts,
     progress_bar,
+    record_epoch,
     store_bytes,
 )
 from actstore.examples.faq.losses import mnrl_loss
@@ -143,15 +144,9 @@ class Training:
 
     def _record(self, *, log_time: bool, log: bool = True) -> None:
         row, losses = self.row, self._losses
-        row.history.append({"epoch": len(row.history) + 1, "loss": sum(losses) / len(losses), "rp1": row.rp1,
-                            "rrk": row.rrk})
+        record_epoch(row, losses, self.log if log and log_time else None)
         self._losses = []
-        if not log:
-            return
-        if log_time:
-            self.log(f"  {row.name}: epoch {len(row.history)} {row.epoch_seconds[-1]:.1f} s, loss "
-                     f"{row.history[-1]['loss']:.4f}, RP@1 {row.rp1:.4f}, RRK {row.rrk:.4f}")
-        else:
+        if log and not log_time:
             self.log(f"  {row.name}: trained {len(row.history)} epoch(s); the last epoch's mean loss "
                      f"{row.history[-1]['loss']:.4f}")
 

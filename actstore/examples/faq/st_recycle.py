@@ -24,7 +24,7 @@ from typing import Any
 
 import actstore
 from actstore.examples.faq.data import Pairs
-from actstore.examples.faq.loops import _record_epoch, count_params, evaluate_model
+from actstore.examples.faq.loops import count_params, evaluate_model, record_epoch
 from actstore.examples.faq.metrics import RowResult
 from actstore.examples.faq.model import blocks_frozen
 
@@ -78,7 +78,7 @@ def train_st_recycled(model: Any, train: Pairs, val: Pairs, *, at: float, store_
         def on_epoch_end(self, *a: Any, **kw: Any) -> None:
             row.epoch_seconds.append(time.perf_counter() - self.t0)
             stats.append(dict(model.recycle_stats))
-            _record_epoch(row, self.losses, log)
+            record_epoch(row, self.losses, log)
             log(f"  {row.name}: epoch {len(stats)} in {row.epoch_seconds[-1]:.0f} s, recycle_stats {stats[-1]}")
 
     with tempfile.TemporaryDirectory(prefix="st-trainer-") as out:
