@@ -17,15 +17,13 @@ this suite are the ones that exist.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from snippets import run_snippets
 
 import actstore
 
@@ -35,21 +33,6 @@ BLOCK = re.compile(r"(?:<!-- docs-test: (?P<mode>[a-z0-9-]+) -->\n)?```python\n(
 MODES = {None, "s3", "recycle", "sketch"}
 PAGES = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md"))
 
-DRIVER = """
-import json, sys, traceback
-blocks = json.load(open(sys.argv[1]))
-ns = {"__name__": "__docs__"}
-for b in blocks:
-    try:
-        code = compile(b["code"], f"{b['page']} block at line {b['line']}", "exec")
-        if b["mode"] != "sketch":
-            exec(code, ns)
-    except BaseException:
-        traceback.print_exc()
-        print(f"{b['page']} block at line {b['line']} failed", file=sys.stderr)
-        sys.exit(1)
-    print(f"ok line {b['line']}")
-"""
 
 
 def page_blocks(page: str) -> list[dict[str, Any]]:
@@ -96,11 +79,4 @@ def test_page_code_runs(page: str, tmp_path: Path, request: pytest.FixtureReques
         for b in blocks:
             if b["mode"] == "s3":
                 b["code"] = b["code"].replace("s3://my-bucket/", f"s3://{bucket}/")
-    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
-    (tmp_path / "driver.py").write_text(DRIVER)
-    work = tmp_path / "work"
-    work.mkdir()
-    proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "blocks.json")], cwd=work,
-                          env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    assert proc.stdout.count("ok line") == len(blocks), proc.stdout
+    run_snippets(blocks, tmp_path, env, timeout=900)

@@ -11,15 +11,13 @@ blocks are left out of the run and ``test_readme_recycle_snippets_run`` is skipp
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from snippets import run_snippets
 
 import actstore
 
@@ -27,19 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"(?:<!-- readme-test: (?P<mode>[a-z0-9-]+) -->\n)?```python\n(?P<code>.*?)```", re.S)
 MODES = {None, "s3", "recycle"}
 
-DRIVER = """
-import json, sys, traceback
-blocks = json.load(open(sys.argv[1]))
-ns = {"__name__": "__readme__"}
-for b in blocks:
-    try:
-        exec(compile(b["code"], f"README.md block at line {b['line']}", "exec"), ns)
-    except BaseException:
-        traceback.print_exc()
-        print(f"README block at line {b['line']} failed", file=sys.stderr)
-        sys.exit(1)
-    print(f"ok line {b['line']}")
-"""
 
 
 def readme_blocks() -> list[dict[str, Any]]:
@@ -65,16 +50,9 @@ def run_blocks(blocks: list[dict[str, Any]], tmp_path: Path, s3_server: Any) -> 
     for b in blocks:
         if b["mode"] == "s3":
             b["code"] = b["code"].replace("s3://my-bucket/", f"s3://{bucket}/")
-    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
-    (tmp_path / "driver.py").write_text(DRIVER)
-    work = tmp_path / "work"
-    work.mkdir()
     env = {**os.environ, **s3_server.env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
            "ACTSTORE_README_TEST": "1"}
-    proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "blocks.json")], cwd=work,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    assert proc.stdout.count("ok line") == len(blocks), proc.stdout
+    run_snippets([{"page": "README.md", **b} for b in blocks], tmp_path, env, timeout=600)
 
 
 def test_every_readme_snippet_runs(tmp_path: Path, s3_server: Any) -> None:
