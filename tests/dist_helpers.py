@@ -58,3 +58,21 @@ def repeats_with_own_labels() -> list[tuple[torch.Tensor, int]]:
     items = vectors(int(os.environ.get("DIST_TEST_N", 48)))
     repeats = items[4:8] + items[0:2]
     return items + [(x, 100 + i) for i, (x, _) in enumerate(repeats)]
+
+
+def jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    return x + 0.5 * torch.randn(x.shape, generator=g)
+
+
+def precompute_augmented(out: str) -> Any:
+    """Three stored augmentations of :func:`dataset` (also run under torchrun: ``python -m tests.dist_helpers OUT``)."""
+    from actstore import precompute
+
+    return precompute(model(), dataset(), out, layers="net.1", batch_size=4, commit_every_rows=4, progress=False,
+                      augment=jitter, augmentations=3)
+
+
+if __name__ == "__main__":
+    import sys
+
+    precompute_augmented(sys.argv[1])

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 import actstore
+from actstore.format.fields import Field
 from actstore.format.record import PrecomputeRecord
 from actstore.precompute.augment import augment_generator, augmented_key
 from actstore.precompute.inputs import input_keys
@@ -206,9 +207,9 @@ def test_k_epochs_serve_each_position_its_k_augmentations(tmp_path):
             ds.set_epoch(cycle * 4 + slot)
             seen[:, slot] = ds.__getitems__(list(range(20))).rows
         assert all(sorted(seen[p]) == sorted(table[p]) for p in range(20))
-    # not one fixed order: positions get different permutations
-    first = [tuple(int(np.flatnonzero(table[p] == r)[0]) for r in seen[p]) for p in range(20)]
-    assert len(set(first)) > 1
+    # not one fixed order: blocks of positions get different permutations
+    orders = {tuple(int(choose(7, e, np.array([b * 1024]), 4)[0]) for e in range(4)) for b in range(40)}
+    assert len(orders) > 1
     for p in (0, 3):  # the batch path and the item path serve the same augmentation
         ds.set_epoch(5)
         torch.testing.assert_close(ds[p][0], store[int(table[p, choose(7, 5, np.array([p]), 4)[0]])]["2"])
@@ -218,6 +219,24 @@ def test_k_epochs_serve_each_position_its_k_augmentations(tmp_path):
         draws.set_epoch(e)
         served.add(tuple(draws.__getitems__(list(range(20))).rows.tolist()))
     assert len(served) > 1
+
+
+def test_an_epoch_reads_runs_of_consecutive_rows(tmp_path):
+    # Precompute writes augmentation-major (the rows of augmentation v of consecutive items are consecutive) and
+    # blocks of 1024 positions share their choice: an epoch reads runs of consecutive rows, as a plain store does.
+    n = 2500
+    model, data = tiny_mlp(), vectors(n)
+    store = actstore.precompute(model, data, tmp_path / "s", layers="2", progress=False, batch_size=256, augment=noise,
+                                augmentations=4)
+    table = store.view("dataset").reshape(n, 4)
+    assert (np.diff(table, axis=0) == 1).all()  # each augmentation's rows: consecutive
+    ds = actstore.CachedDataset(data, store, augmentation="random", check=0)
+    for e in range(4):
+        ds.set_epoch(e)
+        rows = ds.__getitems__(list(range(n))).rows
+        for b in range(0, n, 1024):
+            assert (np.diff(rows[b: b + 1024]) == 1).all(), (e, b)
+        assert (rows == table[np.arange(n), choose(0, e, np.arange(n), 4)]).all()
 
 
 def test_the_same_batches_with_0_and_2_persistent_workers_and_two_instances(tmp_path):
@@ -327,11 +346,14 @@ def test_seed_key_and_choice_formulas_as_documented():
         for epoch in (0, count + 1, 2 * count + count - 1):
             cycle, slot = divmod(epoch, count)
             want = []
-            for p in range(0, 50, 7):
-                r = h(5, cycle, p, 0) % math.factorial(count)
+            positions = [0, 7, 1023, 1024, 5000, 70_000]
+            for p in positions:  # blocks of 1024 consecutive positions share their choice
+                r = h(5, cycle, p // 1024, 0) % math.factorial(count)
                 want.append(perms[r][slot] if count <= 8 else _lexicographic(count, r)[slot])
-            assert choose(5, epoch, np.arange(0, 50, 7), count).tolist() == want
-        assert choose(5, 7, np.arange(3), count, "draw").tolist() == [h(5, 7, p, count) % count for p in range(3)]
+            assert choose(5, epoch, np.array(positions), count).tolist() == want
+        positions = [0, 3, 2048, 99_999]
+        assert choose(5, 7, np.array(positions), count, "draw").tolist() == \
+            [h(5, 7, p // 1024, count) % count for p in positions]
 
 
 def _lexicographic(count: int, r: int) -> list[int]:
@@ -343,3 +365,19 @@ def _lexicographic(count: int, r: int) -> list[int]:
         out.append(rest.pop(r // f))
         r %= f
     return out
+
+
+def test_stored_side_values_are_listed_per_item_augmentation(tmp_path):
+    # The run goes augmentation-major; the view's columns (fixed and ragged) are recorded item-major, p * K + v.
+    model, xs = tiny_mlp(), vectors(7)
+    data = [(x, i, torch.arange(i % 3 + 1)) for i, (x, _) in enumerate(xs)]
+    store = actstore.precompute(model, data, tmp_path / "s", layers="2", progress=False, batch_size=3, augment=noise,
+                                augmentations=K, side_fields={"2": Field((None,), "int64")})
+    cols = store.view_columns("dataset")
+    np.testing.assert_array_equal(cols.reader.fixed("item_1"), np.repeat(np.arange(7), K))
+    values, offsets = cols.reader.ragged("item_2")
+    for q in range(7 * K):
+        np.testing.assert_array_equal(values[offsets[q]: offsets[q + 1]], np.arange(q // K % 3 + 1))
+    keys = cols.item_key
+    table = store.view("dataset")
+    assert np.array_equal(keys, store.key_at(table))  # each position's key: its row's

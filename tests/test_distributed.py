@@ -71,6 +71,26 @@ def test_two_ranks_equal_one_process(tmp_path: Path) -> None:
     assert store.attrs["precompute"]["dataset_length"] == len(dist_helpers.dataset())
 
 
+def test_two_ranks_with_stored_augmentations_equal_one_process(tmp_path: Path) -> None:
+    out = tmp_path / "dist"
+    torchrun_bin = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun_bin, "--standalone", "--nproc-per-node=2", "-m", "tests.dist_helpers", str(out)],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = actstore.open(out)
+    store.verify()
+    one = dist_helpers.precompute_augmented(str(tmp_path / "single"))
+    same_content(one, store)  # the same rows under the same keys, and the same item-major view
+    assert len(store.view("dataset")) == 3 * len(dist_helpers.dataset())
+    data = dist_helpers.dataset()
+    a, b = (actstore.CachedDataset(data, s, augmentation="random", augment=dist_helpers.jitter) for s in (one, store))
+    for e in range(3):
+        a.set_epoch(e), b.set_epoch(e)
+        ra, rb = (d.__getitems__(list(range(len(data)))).rows for d in (a, b))
+        assert np.array_equal(one.key_at(ra), store.key_at(rb))  # each position: the same augmentation
+
+
 def test_a_dead_rank_resumes_with_another_world_size(tmp_path: Path) -> None:
     out = tmp_path / "dist"
     crash = torchrun(2, out, {"DIST_TEST_CRASH_RANK": "1", "DIST_TEST_CRASH_AFTER": "4"})

@@ -20,9 +20,15 @@ augmented row, and a changed ``fn`` (or collate) changes the keys of exactly
 the augmentations it changes: a rerun computes those and reuses the rest.
 
 The run itself is the ordinary one over :class:`AugmentedItems`, the dataset
-expanded to ``N * K`` positions (position ``p * K + v`` is augmentation ``v`` of
-item ``p``); :class:`~actstore.precompute.loader.Prepare` applies the augment in
-the DataLoader workers (:meth:`AugmentSpec.apply`) and derives the keys.
+expanded to ``N * K`` positions in **augmentation-major** order (run position
+``v * N + p`` is augmentation ``v`` of item ``p``), so the rows of one
+augmentation index are written together: an epoch that serves augmentation
+``v`` to a run of consecutive items reads consecutive rows (the serving side
+chooses per block of items, :func:`~actstore.training.augmented.choose`).  The
+recorded view is item-major — position ``p * K + v`` (FORMAT.md §11.3) —
+:meth:`AugmentedItems.view_positions` maps one order to the other.
+:class:`~actstore.precompute.loader.Prepare` applies the augment in the
+DataLoader workers (:meth:`AugmentSpec.apply`) and derives the keys.
 """
 
 from __future__ import annotations
@@ -117,7 +123,7 @@ def _describe(cls: tuple[Any, ...]) -> str:
 
 
 class Expanded(NamedTuple):
-    """Position ``p * K + v`` of :class:`AugmentedItems`: item ``p`` of the dataset, to be augmented as ``v``."""
+    """Run position ``v * N + p`` of :class:`AugmentedItems`: item ``p`` of the dataset, to be augmented as ``v``."""
 
     item: Any
     position: int
@@ -125,19 +131,40 @@ class Expanded(NamedTuple):
 
 
 class AugmentedItems(torch.utils.data.Dataset):  # type: ignore[type-arg]
-    """``dataset`` expanded to ``len(dataset) * count`` positions, ``p * count + v`` → ``Expanded(dataset[p], p, v)``.
+    """``dataset`` expanded to ``N * count`` run positions, augmentation-major: ``v * N + p`` →
+    ``Expanded(dataset[p], p, v)`` (``N = len(dataset)``).
 
     Reads ``dataset[p]`` for each of its positions (never copies)."""
 
     def __init__(self, dataset: Any, count: int) -> None:
         self.dataset, self.count = dataset, count
+        self.items = len(dataset)
 
     def __len__(self) -> int:
-        return len(self.dataset) * self.count
+        return self.items * self.count
 
     def __getitem__(self, j: int) -> Expanded:
-        p, v = divmod(int(j), self.count)
+        v, p = self.item_of(j)
         return Expanded(self.dataset[p], p, v)
+
+    def item_of(self, j: int) -> tuple[int, int]:
+        """(augmentation ``v``, item ``p``) of run position ``j``."""
+        v, p = divmod(int(j), self.items)
+        return v, p
+
+    def view_positions(self, j: np.ndarray) -> np.ndarray:
+        """The view position (item-major, ``p * K + v``) of each run position ``j`` (``v * N + p``): a new array."""
+        v, p = np.divmod(np.asarray(j, np.int64), max(self.items, 1))
+        return p * self.count + v  # type: ignore[no-any-return]
+
+    def describe(self, j0: int, j1: int | None = None) -> str:
+        """Where run position ``j0`` (or the batch ``j0 .. j1-1``) is, for messages: item and augmentation."""
+        v, p = self.item_of(j0)
+        if j1 is None:
+            return f"dataset[{p}] (augmentation {v})"
+        v1, p1 = self.item_of(j1 - 1)
+        return f"dataset[{p}:{p1 + 1}] (augmentation {v}, one batch)" if v1 == v else \
+            f"dataset[{p}:] (augmentation {v}) to dataset[:{p1 + 1}] (augmentation {v1}) (one batch)"
 
 
 class AugmentError(ValueError):

@@ -65,6 +65,7 @@ from actstore.environment import environment
 from actstore.errors import StaleStoreError, StoreError, StoreExistsError, StoreLockedError
 from actstore.format.record import read_record
 from actstore.models.fingerprint import frozen_fingerprint
+from actstore.precompute.augment import AugmentedItems
 from actstore.precompute.config import VIEW, PrecomputeConfig
 from actstore.precompute.parts import (
     adopt_leftovers,
@@ -354,6 +355,8 @@ class _Ranks:
                 continue
             v = np.asarray(p.view(VIEW))
             pos = global_position(np.arange(len(v)), r, self.world, self.batch_size)
+            if isinstance(self.dataset, AugmentedItems):  # run order -> the view's item-major order
+                pos = self.dataset.view_positions(pos)
             cols = p.view_columns(VIEW)
             if cols is not None and len(v):
                 pieces.append((pos, cols))

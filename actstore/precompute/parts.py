@@ -32,6 +32,7 @@ from actstore.engine.write.writer import describe_fields
 from actstore.errors import StoreExistsError, StoreLockedError
 from actstore.format.layout import PARTS_DIR
 from actstore.format.record import read_record
+from actstore.precompute.augment import AugmentedItems
 from actstore.precompute.config import ATTR, PrecomputeConfig
 from actstore.precompute.resume import is_placeholder, part_problem, same_config
 from actstore.storage.local import StoreLock
@@ -163,15 +164,19 @@ def record_length(main: ActivationStore, length: int | None) -> None:
     main.commit()
 
 
+#: A view column's values: a fixed column's array, or a ragged one's ``(values, offsets)``.
+ColumnData = Any
+
+
 def merge_view_columns(pieces: list[tuple[np.ndarray, ViewColumns]], n: int) -> tuple[dict[str, Any], dict[str, Any],
                                                                                      np.ndarray | None]:
     """The whole dataset's view columns from the parts': ``(columns, fields, item_key)`` for ``set_view``.
 
     ``pieces``: each part's global dataset positions (one per position of its
     view) and its view's columns; ``n`` positions in all.  Every value lands at
-    its global position (vectorised; a ragged column's elements by one scatter).
-    Positions no part covered get zeros (their row is -1).  Raises
-    ``ValueError`` when two parts stored a column with different fields.
+    its global position (:func:`scatter_columns`).  Positions no part covered
+    get zeros (their row is -1).  Raises ``ValueError`` when two parts stored a
+    column with different fields.
     """
     fields: dict[str, Any] = {}
     for _, cols in pieces:
@@ -179,32 +184,57 @@ def merge_view_columns(pieces: list[tuple[np.ndarray, ViewColumns]], n: int) -> 
             if fields.setdefault(name, f) != f:
                 raise ValueError(f"side column {name!r}: one part stored it as {fields[name]}, another as {f}; the "
                                  "dataset's items must have one type per side value")
-    item_key = np.zeros((n, 32), np.uint8) if any(c.item_key is not None for _, c in pieces) else None
+    data = [(pos, {name: c.reader.ragged(name) if f.ragged else c.reader.fixed(name) for name, f in c.fields.items()},
+             c.item_key) for pos, c in pieces]
+    out, item_key = scatter_columns(data, fields, n)
+    return out, fields, item_key
+
+
+def scatter_columns(pieces: list[tuple[np.ndarray, dict[str, ColumnData], np.ndarray | None]], fields: dict[str, Any],
+                    n: int) -> tuple[dict[str, Any], np.ndarray | None]:
+    """View columns of ``n`` positions from pieces of ``(positions, {column: data}, item keys or None)``: every
+    value lands at its position (vectorised; a ragged column's elements by one scatter).  Returns ``(columns,
+    item_key)`` for ``set_view`` (new arrays; ragged columns as :class:`RaggedBatch`).  Positions no piece covers
+    get zeros."""
+    item_key = np.zeros((n, 32), np.uint8) if any(k is not None for _, _, k in pieces) else None
     out: dict[str, Any] = {}
     for name, f in fields.items():
         st = f.stored.numpy
-        have = [(pos, c) for pos, c in pieces if name in c.fields]
+        have = [(pos, cols[name]) for pos, cols, _ in pieces if name in cols]
         if not f.ragged:
             col = np.zeros((n, *f.inner_shape), st)
-            for pos, c in have:
-                col[pos] = c.reader.fixed(name)
+            for pos, src in have:
+                col[pos] = src
             out[name] = col
             continue
         lengths = np.zeros(n, np.int64)
-        for pos, c in have:
-            lengths[pos] = np.diff(c.reader.ragged(name)[1])
+        for pos, (_, off) in have:
+            lengths[pos] = np.diff(off)
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         values = np.zeros((int(offsets[-1]), *f.inner_shape), st)
-        for pos, c in have:
-            src, off = c.reader.ragged(name)
+        for pos, (src, off) in have:
             dest = np.arange(int(off[-1]), dtype=np.int64) + np.repeat(offsets[pos] - off[:-1], np.diff(off))
             values[dest] = src
         out[name] = RaggedBatch(torch.from_numpy(values), torch.from_numpy(offsets))
-    for pos, c in pieces:
-        if item_key is not None and c.item_key is not None:
-            item_key[pos] = c.item_key
-    return out, fields, item_key
+    for pos, _, keys in pieces:
+        if item_key is not None and keys is not None:
+            item_key[pos] = keys
+    return out, item_key
+
+
+def item_major(items: AugmentedItems, view: np.ndarray, columns: dict[str, Any], fields: dict[str, Any],
+               item_key: np.ndarray | None) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
+    """A run's view over :class:`AugmentedItems` (run order, augmentation-major) in the recorded item-major order
+    (position ``p * K + v``): ``(view, columns, item_key)``, new arrays."""
+    n = len(view)
+    pos = items.view_positions(np.arange(n, dtype=np.int64))
+    out = np.empty(n, np.int64)
+    out[pos] = view
+    data = {name: (c.values.numpy(), c.offsets.numpy()) if isinstance(c, RaggedBatch) else np.asarray(c)
+            for name, c in columns.items()}
+    cols, keys = scatter_columns([(pos, data, item_key)], fields, n)
+    return out, cols, keys
 
 
 def delete_part(path: str) -> None:

@@ -39,13 +39,14 @@ from actstore.format.fields import Field
 from actstore.format.record import ItemRecord, PrecomputeRecord
 from actstore.models.capture import train_mode_matters
 from actstore.models.fingerprint import frozen_fingerprint
+from actstore.precompute.augment import AugmentedItems
 from actstore.precompute.background import Writer
 from actstore.precompute.config import ATTR, VIEW, PrecomputeConfig
 from actstore.precompute.forward import Forward
 from actstore.precompute.inputs import check_recollated
 from actstore.precompute.items import PositionSides, SideColumns
 from actstore.precompute.loader import Group, IterableWrapper, Prepare
-from actstore.precompute.parts import adopt_leftover_parts, has_leftovers, len_of
+from actstore.precompute.parts import adopt_leftover_parts, has_leftovers, item_major, len_of
 from actstore.precompute.resume import Resumed, keep_or_replace, open_existing, run_record
 from actstore.precompute.schedule import Schedule
 from actstore.precompute.structure import item_structure
@@ -164,10 +165,8 @@ class Run:
             j, e = g.error
             kind = type(e) if isinstance(e, (TypeError, ValueError, KeyError, IndexError, OSError)) else RuntimeError
             where = f"dataset[{pos0}:{pos0 + n}] (one batch)" if g.batch_error else f"dataset[{pos0 + j}]"
-            if self.cfg.items.augment is not None:  # positions of AugmentedItems: item p, augmentation v
-                k = self.cfg.items.augment.count
-                where = (f"dataset[{pos0 // k}:{(pos0 + n - 1) // k + 1}] (one batch)" if g.batch_error
-                         else f"dataset[{(pos0 + j) // k}] (augmentation {(pos0 + j) % k})")
+            if isinstance(self.dataset, AugmentedItems):  # run positions of AugmentedItems: item p, augmentation v
+                where = self.dataset.describe(pos0, pos0 + n) if g.batch_error else self.dataset.describe(pos0 + j)
             raise kind(f"{where}: {e.args[0] if isinstance(e, KeyError) and e.args else e}") from e
         if g.signature is not None and self.signature is None:
             self.signature = (g.signature, pos0)
@@ -358,8 +357,12 @@ class Run:
                       for f in self.cfg.capture.fields.values()}
             config = self._record(placeholder=True).to_json()
             self.store = create_store(self.root, fields, fingerprint=self.fp, attrs={ATTR: config})
-        columns, fields, item_key = self.positions.view_columns()
-        self.store.set_view(VIEW, self.schedule.view(), columns, fields=fields, item_key=item_key)
+        columns, fields, keys = self.positions.view_columns()
+        item_key: np.ndarray | None = keys
+        view = self.schedule.view()
+        if isinstance(self.dataset, AugmentedItems) and len(view):  # run order -> the view's item-major order
+            view, columns, item_key = item_major(self.dataset, view, columns, fields, item_key)
+        self.store.set_view(VIEW, view, columns, fields=fields, item_key=item_key)
         if self.resumed is not None and self.item is not None:  # the record of this run (its key scheme, collate)
             self.store.update_attrs({ATTR: self._record().to_json()})
         self.store.commit()

@@ -28,7 +28,7 @@ from actstore.errors import DatasetMismatchError, MissingRowsError
 from actstore.precompute.augment import AugmentSpec
 from actstore.precompute.items import ItemLayout, Selector, decode_item, item_layout, item_part
 from actstore.store import ActivationStore
-from actstore.training.augmented import EpochSampler, augmentation_mode, choose, split_indices
+from actstore.training.augmented import BLOCK, EpochSampler, augmentation_mode, block_choices, split_indices
 from actstore.training.checks import KeyCheck, augmented_position_keys, key_check, position_keys
 from actstore.training.collate import ActivationCollate, RowBatch
 from actstore.training.datasets import (
@@ -370,12 +370,16 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         """The row each position is served in ``epoch`` (computed once per epoch and process; the last two kept)."""
         got = self._by_epoch.get(epoch)
         if got is None:
-            assert self._table is not None
-            n = len(self._table)
-            mode = self.augmentation
-            v = np.full(n, mode, np.int64) if isinstance(mode, int) else \
-                choose(self.augment_seed, epoch, np.arange(n), self.augmentations, str(mode))
-            got = self._table[np.arange(n), v]
+            table, mode = self._table, self.augmentation
+            assert table is not None
+            if isinstance(mode, int):
+                got = table[:, mode].copy()
+            else:  # one choice per block of positions: copy each block's column slice
+                got = np.empty(len(table), np.int64)
+                chosen = block_choices(self.augment_seed, epoch, np.arange(-(-len(table) // BLOCK)),
+                                       self.augmentations, str(mode)).tolist()
+                for b, v in enumerate(chosen):
+                    got[b * BLOCK: (b + 1) * BLOCK] = table[b * BLOCK: (b + 1) * BLOCK, v]
             self._by_epoch = {**{e: r for e, r in self._by_epoch.items() if e == epoch - 1}, epoch: got}
         return got
 
