@@ -44,7 +44,6 @@ import torch
 from torch.utils.data import Dataset
 
 from actstore.deprecation import renamed_arguments
-from actstore.engine.read.base import Row
 from actstore.engine.read.plans import make_row, row_plan
 from actstore.errors import StaleStoreError, StoreError
 from actstore.format.record import PrecomputeRecord, read_record
@@ -128,7 +127,6 @@ def check_frozen(store: ActivationStore, model: Any = None, fingerprint: str | N
 # -- datasets -----------------------------------------------------------------------------
 
 _from_numpy = torch.from_numpy
-_new_dict = dict.__new__
 
 
 def _open_read(store_or_path: Any) -> ActivationStore:
@@ -260,14 +258,12 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         if store is not None and type(i) is int and self._all:
             one = store._snap.row1  # store[i]'s own fast path (a one-segment store of one plain fixed field)
             if one is not None:
-                arr, name, aliases = one
+                arr, name, cls = one
+                out = cls()
                 try:
-                    t = _from_numpy(arr[i])  # (the map holds exactly the store's rows: numpy checks the range)
+                    out[name] = _from_numpy(arr[i])  # (the map holds exactly the store's rows: numpy checks the range)
                 except IndexError:
                     raise IndexError(f"index {i} is out of range for a dataset of {len(arr)} items") from None
-                out = _new_dict(Row)
-                out.aliases = aliases
-                out[name] = t
                 return out
             return store[i]  # (builds that fast path where it applies)
         return self._item(i)
