@@ -244,6 +244,9 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         self.fields = _check_fields(self.store, fields)
         #: every field of the store, in its order: ``ds[i]`` is ``store[i]``, and takes its fast path
         self._all = self.fields == list(self.store.fields)
+        #: the store while ``ds[i]`` is ``store[i]`` (every field) and the store is open in this process: the
+        #: fast path's one check (None after unpickling, until :meth:`_item` opens the store)
+        self._fast: ActivationStore | None = self._store if self._all else None
         check_frozen(self.store, model, fingerprint, where=f"ActivationDataset({self.store.path})")
 
     def __len__(self) -> int:
@@ -254,8 +257,8 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         """Row ``i`` as ``{field: tensor}``: views of the maps (compressed fields: copies)."""
-        store = self._store
-        if store is not None and type(i) is int and self._all:
+        store = self._fast
+        if store is not None and type(i) is int:
             one = store._snap.row1  # store[i]'s own fast path (a one-segment store of one plain fixed field)
             if one is not None:
                 arr, name, cls = one
@@ -270,10 +273,17 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
 
     def _item(self, i: int) -> dict[str, torch.Tensor]:
         store = self.store
+        if self._all:
+            self._fast = store  # (a worker's first item: the store is open now)
         if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
             raise TypeError(f"index: expected an int, got {type(i).__name__}")
         seg, local = store.snapshot.locate(int(i))
         return make_row(row_plan(seg, self.fields), local, store.snapshot.aliases)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_fast"] = None
+        return state
 
     def __getitems__(self, indices: Sequence[int]) -> RowBatch:
         """The rows of a batch, gathered later by the collate function.  Never copies."""
