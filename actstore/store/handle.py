@@ -218,10 +218,8 @@ class ActivationStore(StoreViews):
         many = self._snap.rowk  # several segments of one plain fixed field: the segment by bisection, inlined
         if many is not None and type(row) is int:
             starts, maps, name, cls, n = many
-            at = row + n if row < 0 else row  # (a row past the end falls in the last segment: its map refuses it)
-            s = _bisect(starts, at) - 1
-            if s < 0:
-                raise IndexError(f"row {row} is out of range for a store of {n} rows")
+            at = row + n if row < 0 else row
+            s = _bisect(starts, at) - 1  # (a row outside the store: -1 or len(starts) - 1, an empty map)
             out = cls()
             try:
                 out[name] = _from_numpy(maps[s][at - starts[s]])

@@ -111,7 +111,7 @@ def make_row(plan: RowPlan, local: int, aliases: Mapping[str, str]) -> Row:
 #: ``store[i]`` of a one-segment store of one plain fixed field (:func:`row_one`): ``(map, field name, row class)``.
 RowOne = tuple[np.ndarray, str, type[Row]]
 #: ``store[i]`` of a store of several segments of one plain fixed field (:func:`row_many`):
-#: ``(first row of each segment, each segment's map, field name, row class, rows)``.
+#: ``(first row of each segment then the rows, each segment's map then an empty one, field name, row class, rows)``.
 RowMany = tuple[list[int], list[np.ndarray], str, type[Row], int]
 
 
@@ -156,10 +156,12 @@ def row_many(snap: Any) -> RowMany | None:
     """``(starts, maps, field name, row class, rows)`` when ``store[i]`` of ``snap`` is one plain fixed field of
     rows with a shape (as :func:`row_one`) in a store of several segments; else None.
 
-    ``starts`` is the first global row of each segment (a list: :func:`bisect.bisect_right` on it is the
-    cheapest lookup of a row's segment), ``maps`` each segment's map of exactly its rows.  The caller
-    counts a negative row from the end and checks it against ``rows``; a row past the end falls in the
-    last segment, whose map's own indexing refuses it.  Kept as :func:`row_one` is.
+    ``starts`` is the first global row of each segment and then ``rows`` (a list: :func:`bisect.bisect_right`
+    on it is the cheapest lookup of a row's segment), ``maps`` each segment's map of exactly its rows and
+    then an empty array.  The caller counts a negative row from the end; with
+    ``s = bisect_right(starts, row) - 1``, row ``row`` is ``maps[s][row - starts[s]]``, and a row outside
+    ``[0, rows)`` gets ``s`` -1 or ``len(segments)``: the empty array, whose indexing raises ``IndexError``
+    (as each map's does for a row past its end).  Kept as :func:`row_one` is.
     """
     if len(snap.segments) < 2:
         return None
@@ -172,7 +174,8 @@ def row_many(snap: Any) -> RowMany | None:
         name = one[1]
     if sum(len(m) for m in maps) != snap.rows:
         return None
-    return snap.starts_list[:-1], maps, name, snap.row_type, snap.rows
+    maps.append(maps[0][:0])  # (rows outside the store: an empty array of the same shape)
+    return list(snap.starts_list), maps, name, snap.row_type, snap.rows
 
 
 def row_getter(snap: Any) -> Callable[[int], Row] | None:
