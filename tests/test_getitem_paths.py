@@ -75,6 +75,18 @@ def test_store_getitem_across_segments_sees_a_dropped_map(tmp_path: Path) -> Non
     assert s[5]["w"][0, 0] == 5.0 and s.snapshot.rowk is not None  # rebuilt on the next general call
 
 
+def test_a_missing_segment_file_keeps_the_other_segments_readable(tmp_path: Path) -> None:
+    s = _store(tmp_path / "s", (3, 4, 5))
+    seg = s.manifest.segments[1].id
+    (tmp_path / "s" / "segments" / seg / "fields" / "w" / "c" / "0" / "0" / "0").unlink()
+    assert s[0]["w"][0, 0] == 0.0 and s[11]["w"][0, 0] == 11.0  # rows of the intact segments
+    assert s.snapshot.rowk is None  # not every segment maps: the general path, segment by segment
+    with pytest.raises(StoreError):
+        s[4]  # the damaged segment's rows: an error naming its file
+    checked = actstore.open(tmp_path / "s", verify_reads=True)
+    assert checked[12 - 1]["w"][0, 0] == 11.0 and checked.snapshot.rowk is None  # (no fast path: no eager checks)
+
+
 def test_fast_path_rows_are_rows_of_the_snapshots_row_class(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
     data = [torch.randn(3) for _ in range(6)]

@@ -36,6 +36,7 @@ import torch
 from actstore.engine.read.base import Row, Segment
 from actstore.engine.read.gather import NotMapped, row_view, take_across
 from actstore.engine.read.joined import Joined, join
+from actstore.errors import StoreError
 from actstore.format.fields import Field
 
 __all__ = ["ROW_ALL", "RowMany", "RowOne", "RowPlan", "TakePlan", "fast_gather", "make_row", "plain", "row_getter",
@@ -162,12 +163,20 @@ def row_many(snap: Any) -> RowMany | None:
     ``s = bisect_right(starts, row) - 1``, row ``row`` is ``maps[s][row - starts[s]]``, and a row outside
     ``[0, rows)`` gets ``s`` -1 or ``len(segments)``: the empty array, whose indexing raises ``IndexError``
     (as each map's does for a row past its end).  Kept as :func:`row_one` is.
+
+    Every segment's file is mapped here, so only a local store without ``verify_reads`` gets it (a remote
+    store would fetch, and a checked one hash, every segment on the first row read), and only when every
+    segment maps: otherwise rows keep the general path, which maps (and reports) each segment when a row of
+    it is read.
     """
-    if len(snap.segments) < 2:
+    if len(snap.segments) < 2 or snap.check is not None or any(seg.provide is not None for seg in snap.segments):
         return None
     maps, name = [], ""
     for seg in snap.segments:  # (every segment has the snapshot's fields)
-        one = _one_map(seg, None)
+        try:
+            one = _one_map(seg, None)
+        except (StoreError, OSError):
+            return None
         if one is None:
             return None
         maps.append(one[0])
