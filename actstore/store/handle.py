@@ -8,6 +8,7 @@ every change goes through :mod:`actstore.engine.commit`.  Opening: :mod:`actstor
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -19,10 +20,9 @@ from actstore.engine.lifecycle.compaction import CompactReport, TieredMerge
 from actstore.engine.lifecycle.info import describe_store
 from actstore.engine.lifecycle.opening import backend_to_open, load_snapshot, open_parts, read_head
 from actstore.engine.lifecycle.verify import VerifyReport, verify_snapshot
-from actstore.engine.read.base import Row
 from actstore.engine.read.gather import check_float_dtype, check_pad_multiple, field_names, gather_fields, gather_padded
 from actstore.engine.read.maps import ReadCheck
-from actstore.engine.read.plans import ROW_ALL, fast_gather, make_row, row_getter, row_one, row_plan
+from actstore.engine.read.plans import ROW_ALL, fast_gather, make_row, row_getter, row_many, row_one, row_plan
 from actstore.engine.read.prefetch import forget_on_evict, prefetch
 from actstore.engine.read.ragged import PaddedBatch, RaggedBatch
 from actstore.engine.read.snapshot import Snapshot, normalize_keys
@@ -41,7 +41,7 @@ __all__ = ["ActivationStore", "open_in"]
 #: What a reader's :attr:`ActivationStore.merge_policy` shows (the policy a writer starts with).
 _DEFAULT_MERGE = TieredMerge()
 _from_numpy = torch.from_numpy
-_new_dict = dict.__new__
+_bisect = bisect_right
 
 
 def open_in(backend: Backend, mode: str = "r", *, fingerprint: str | None = None,
@@ -204,19 +204,28 @@ class ActivationStore(StoreViews):
         (except compressed fields, which are decoded into a private copy)."""
         one = self._snap.row1  # a one-segment store of one plain fixed field: its map, inlined (store[i]'s whole cost)
         if one is not None and type(row) is int:
-            arr, name, aliases = one
+            arr, name, cls = one
+            out = cls()  # (a Row carrying the snapshot's aliases; dict's own constructor)
             try:
-                t = _from_numpy(arr[row])  # (the map holds exactly the store's rows: numpy checks the range)
+                out[name] = _from_numpy(arr[row])  # (the map holds exactly the store's rows: numpy checks the range)
             except IndexError:
                 raise IndexError(f"row {row} is out of range for a store of {len(arr)} rows") from None
-            out = _new_dict(Row)
-            out.aliases = aliases
-            out[name] = t
             return out
         return self._row(row)
 
     def _row(self, row: int) -> dict[str, torch.Tensor]:
         """``store[row]`` in general (and the first call, which builds the snapshot's plans)."""
+        many = self._snap.rowk  # several segments of one plain fixed field: the segment by bisection, inlined
+        if many is not None and type(row) is int:
+            starts, maps, name, cls, n = many
+            at = row + n if row < 0 else row
+            s = _bisect(starts, at) - 1  # (a row outside the store: -1 or len(starts) - 1, an empty map)
+            out = cls()
+            try:
+                out[name] = _from_numpy(maps[s][at - starts[s]])
+            except IndexError:
+                raise IndexError(f"row {row} is out of range for a store of {n} rows") from None
+            return out
         if self._closed:
             self._check_open()
         if type(row) is not int:
@@ -228,6 +237,7 @@ class ActivationStore(StoreViews):
         if get is False:
             get = snap.plans["getitem"] = row_getter(snap)
             snap.row1 = row_one(snap)
+            snap.rowk = row_many(snap)
         if get is not None:
             return get(row)  # type: ignore[no-any-return]
         seg, local = snap.locate(row)
@@ -450,7 +460,7 @@ class ActivationStore(StoreViews):
                 self.commit()  # (also publishes a commit whose upload failed earlier)
         finally:
             self._closed = True
-            self._snap.row1 = None  # store[i] takes the general path, which says the store is closed
+            self._snap.row1 = self._snap.rowk = None  # store[i] takes the general path, which says it is closed
             if self._writer is not None:
                 self._writer.release()
             self._backend.close()

@@ -103,7 +103,7 @@ def _row_namedtuple(t: type) -> type:
 def _mark(item: Any, rows: RowBatch) -> Any:
     t = type(item)
     m: Any
-    if t is dict or t is Row:
+    if t is dict or (isinstance(item, Row) and t is not RowDict):  # (store[i] rows are of a Row subclass)
         m = RowDict(item, getattr(item, "aliases", None))
     elif t is tuple:
         m = RowTuple(item)

@@ -44,7 +44,6 @@ import torch
 from torch.utils.data import Dataset
 
 from actstore.deprecation import renamed_arguments
-from actstore.engine.read.base import Row
 from actstore.engine.read.plans import make_row, row_plan
 from actstore.errors import StaleStoreError, StoreError
 from actstore.format.record import PrecomputeRecord, read_record
@@ -128,7 +127,6 @@ def check_frozen(store: ActivationStore, model: Any = None, fingerprint: str | N
 # -- datasets -----------------------------------------------------------------------------
 
 _from_numpy = torch.from_numpy
-_new_dict = dict.__new__
 
 
 def _open_read(store_or_path: Any) -> ActivationStore:
@@ -246,6 +244,9 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         self.fields = _check_fields(self.store, fields)
         #: every field of the store, in its order: ``ds[i]`` is ``store[i]``, and takes its fast path
         self._all = self.fields == list(self.store.fields)
+        #: the store while ``ds[i]`` is ``store[i]`` (every field) and the store is open in this process: the
+        #: fast path's one check (None after unpickling, until :meth:`_item` opens the store)
+        self._fast: ActivationStore | None = self._store if self._all else None
         check_frozen(self.store, model, fingerprint, where=f"ActivationDataset({self.store.path})")
 
     def __len__(self) -> int:
@@ -256,28 +257,33 @@ class ActivationDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         """Row ``i`` as ``{field: tensor}``: views of the maps (compressed fields: copies)."""
-        store = self._store
-        if store is not None and type(i) is int and self._all:
+        store = self._fast
+        if store is not None and type(i) is int:
             one = store._snap.row1  # store[i]'s own fast path (a one-segment store of one plain fixed field)
             if one is not None:
-                arr, name, aliases = one
+                arr, name, cls = one
+                out = cls()
                 try:
-                    t = _from_numpy(arr[i])  # (the map holds exactly the store's rows: numpy checks the range)
+                    out[name] = _from_numpy(arr[i])  # (the map holds exactly the store's rows: numpy checks the range)
                 except IndexError:
                     raise IndexError(f"index {i} is out of range for a dataset of {len(arr)} items") from None
-                out = _new_dict(Row)
-                out.aliases = aliases
-                out[name] = t
                 return out
             return store[i]  # (builds that fast path where it applies)
         return self._item(i)
 
     def _item(self, i: int) -> dict[str, torch.Tensor]:
         store = self.store
+        if self._all:
+            self._fast = store  # (a worker's first item: the store is open now)
         if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
             raise TypeError(f"index: expected an int, got {type(i).__name__}")
         seg, local = store.snapshot.locate(int(i))
         return make_row(row_plan(seg, self.fields), local, store.snapshot.aliases)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_fast"] = None
+        return state
 
     def __getitems__(self, indices: Sequence[int]) -> RowBatch:
         """The rows of a batch, gathered later by the collate function.  Never copies."""

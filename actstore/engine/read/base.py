@@ -17,7 +17,7 @@ import torch
 
 from actstore.format.fields import Field
 
-__all__ = ["Row", "Rows", "Segment", "alloc", "as_tensor"]
+__all__ = ["Row", "Rows", "Segment", "alloc", "as_tensor", "row_class"]
 
 
 class Segment(Protocol):
@@ -64,6 +64,24 @@ class Row(dict):  # type: ignore[type-arg]
         if name is not None and dict.__contains__(self, name):
             return self[name]
         raise KeyError(f"no field {key!r} in this row; its fields are {sorted(self)}")
+
+
+def _reduce_row(row: Row) -> tuple[type[Row], tuple[dict[str, Any], Mapping[str, str]]]:
+    return Row, (dict(row), row.aliases)  # pickled and copied as a plain Row: a row class lives in one process
+
+
+def row_class(aliases: Mapping[str, str]) -> type[Row]:
+    """A :class:`Row` subclass whose rows all carry ``aliases``: ``cls()``, then ``row[name] = tensor``.
+
+    The fast paths of ``store[i]`` build one per snapshot: ``aliases`` is a class
+    attribute (nothing stored per row) and ``cls()`` is ``dict``'s own
+    constructor (no Python ``__init__``), which is most of what a row costs
+    beyond its tensors.  Its rows behave as a ``Row`` in every way (``isinstance``,
+    the aliases, the ``KeyError``); pickled or copied they become a plain ``Row``.
+    """
+    ns = {"__slots__": (), "aliases": aliases, "__init__": dict.__init__, "__reduce__": _reduce_row,
+          "__module__": __name__, "__qualname__": "Row", "__doc__": Row.__doc__}
+    return type("Row", (Row,), ns)
 
 
 def as_tensor(array: np.ndarray, field: Field | None) -> torch.Tensor:

@@ -36,10 +36,11 @@ import torch
 from actstore.engine.read.base import Row, Segment
 from actstore.engine.read.gather import NotMapped, row_view, take_across
 from actstore.engine.read.joined import Joined, join
+from actstore.errors import StoreError
 from actstore.format.fields import Field
 
-__all__ = ["ROW_ALL", "RowPlan", "TakePlan", "fast_gather", "make_row", "plain", "row_getter", "row_one",
-           "row_plan", "take_plan"]
+__all__ = ["ROW_ALL", "RowMany", "RowOne", "RowPlan", "TakePlan", "fast_gather", "make_row", "plain", "row_getter",
+           "row_many", "row_one", "row_plan", "take_plan"]
 
 #: The key of a segment's row plan of every field in ``seg.plans`` (``seg.plans.get(ROW_ALL) or row_plan(seg)``).
 ROW_ALL = ("row", None)
@@ -108,20 +109,16 @@ def make_row(plan: RowPlan, local: int, aliases: Mapping[str, str]) -> Row:
     return row
 
 
-def row_one(snap: Any, names: Sequence[str] | None = None) -> tuple[np.ndarray, str, Mapping[str, str]] | None:
-    """``(map, field name, aliases)`` when ``store[i]`` of ``snap`` (``names``: the fields read; None: all) is
-    one plain fixed field of rows with a shape in a one-segment store, as a map of its dtype; else None.
+#: ``store[i]`` of a one-segment store of one plain fixed field (:func:`row_one`): ``(map, field name, row class)``.
+RowOne = tuple[np.ndarray, str, type[Row]]
+#: ``store[i]`` of a store of several segments of one plain fixed field (:func:`row_many`):
+#: ``(first row of each segment then the rows, each segment's map then an empty one, field name, row class, rows)``.
+RowMany = tuple[list[int], list[np.ndarray], str, type[Row], int]
 
-    The caller builds the row itself: ``Row`` of ``{name: torch.from_numpy(map[i])}``,
-    the map's own indexing doing the range check (``map`` holds exactly the
-    store's rows, so a negative row counts from the end and any other row
-    raises ``IndexError``).  The caller must pass a Python ``int`` (numpy reads a
-    ``bool``, a slice or a list as other things).  Kept until the snapshot's maps
-    are dropped (:meth:`Snapshot.forget <actstore.engine.read.snapshot.Snapshot.forget>`).
-    """
-    if len(snap.segments) != 1:
-        return None
-    seg = snap.segments[0]
+
+def _one_map(seg: Any, names: Sequence[str] | None) -> tuple[np.ndarray, str] | None:
+    """``(map, name)`` of the one field read of ``seg`` when it is a plain fixed field of rows with a shape,
+    mapped as its dtype (not bfloat16: a tensor of it is a second view), else None."""
     fields: Mapping[str, Field] = seg.fields
     chosen = list(fields) if names is None else list(names)
     if len(chosen) != 1:
@@ -131,9 +128,63 @@ def row_one(snap: Any, names: Sequence[str] | None = None) -> tuple[np.ndarray, 
     if not plain(f) or f.ragged or f.dtype == "bfloat16" or not f.inner_shape:
         return None
     arr = seg.fixed(name)
-    if not _mapped(arr, f) or len(arr) != snap.rows:
+    if not _mapped(arr, f) or len(arr) != seg.info.rows:
         return None
-    return arr, name, snap.aliases
+    return arr, name
+
+
+def row_one(snap: Any, names: Sequence[str] | None = None) -> RowOne | None:
+    """``(map, field name, row class)`` when ``store[i]`` of ``snap`` (``names``: the fields read; None: all) is
+    one plain fixed field of rows with a shape in a one-segment store, as a map of its dtype; else None.
+
+    The caller builds the row itself: ``out = cls(); out[name] = torch.from_numpy(map[i])``
+    (``cls`` is :attr:`Snapshot.row_type <actstore.engine.read.snapshot.Snapshot>`: a ``Row`` carrying the
+    snapshot's aliases), the map's own indexing doing the range check (``map`` holds exactly the
+    store's rows, so a negative row counts from the end and any other row
+    raises ``IndexError``).  The caller must pass a Python ``int`` (numpy reads a
+    ``bool``, a slice or a list as other things).  Kept until the snapshot's maps
+    are dropped (:meth:`Snapshot.forget <actstore.engine.read.snapshot.Snapshot.forget>`).
+    """
+    if len(snap.segments) != 1:
+        return None
+    one = _one_map(snap.segments[0], names)
+    if one is None or len(one[0]) != snap.rows:
+        return None
+    return one[0], one[1], snap.row_type
+
+
+def row_many(snap: Any) -> RowMany | None:
+    """``(starts, maps, field name, row class, rows)`` when ``store[i]`` of ``snap`` is one plain fixed field of
+    rows with a shape (as :func:`row_one`) in a store of several segments; else None.
+
+    ``starts`` is the first global row of each segment and then ``rows`` (a list: :func:`bisect.bisect_right`
+    on it is the cheapest lookup of a row's segment), ``maps`` each segment's map of exactly its rows and
+    then an empty array.  The caller counts a negative row from the end; with
+    ``s = bisect_right(starts, row) - 1``, row ``row`` is ``maps[s][row - starts[s]]``, and a row outside
+    ``[0, rows)`` gets ``s`` -1 or ``len(segments)``: the empty array, whose indexing raises ``IndexError``
+    (as each map's does for a row past its end).  Kept as :func:`row_one` is.
+
+    Every segment's file is mapped here, so only a local store without ``verify_reads`` gets it (a remote
+    store would fetch, and a checked one hash, every segment on the first row read), and only when every
+    segment maps: otherwise rows keep the general path, which maps (and reports) each segment when a row of
+    it is read.
+    """
+    if len(snap.segments) < 2 or snap.check is not None or any(seg.provide is not None for seg in snap.segments):
+        return None
+    maps, name = [], ""
+    for seg in snap.segments:  # (every segment has the snapshot's fields)
+        try:
+            one = _one_map(seg, None)
+        except (StoreError, OSError):
+            return None
+        if one is None:
+            return None
+        maps.append(one[0])
+        name = one[1]
+    if sum(len(m) for m in maps) != snap.rows:
+        return None
+    maps.append(maps[0][:0])  # (rows outside the store: an empty array of the same shape)
+    return list(snap.starts_list), maps, name, snap.row_type, snap.rows
 
 
 def row_getter(snap: Any) -> Callable[[int], Row] | None:

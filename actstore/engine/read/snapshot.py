@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_right
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
+from actstore.engine.read.base import Row, row_class
 from actstore.engine.read.compressed import CompressedRows
 from actstore.engine.read.gather import take_rows
 from actstore.engine.read.maps import (
@@ -231,15 +232,19 @@ class Snapshot:
         self.runs = [IndexRun(root, r, check, provide) for r in manifest.indexes]
         self._shared: dict[int, dict[bytes, int]] = {}
         self.aliases = field_aliases(manifest)
+        #: The class of the rows the fast paths of ``store[i]`` build: a ``Row`` carrying :attr:`aliases`.
+        self.row_type: type[Row] = row_class(self.aliases)
         self.plans: dict[Any, Any] = {}  # read plans over the segments' maps (engine/read/plans.py)
-        #: ``store[i]``'s fast path when it applies (:func:`actstore.engine.read.plans.row_one`, set by the
-        #: store once built), dropped with the maps; None: not built, or not applicable.
-        self.row1: tuple[np.ndarray, str, Mapping[str, str]] | None = None
+        #: ``store[i]``'s fast paths when they apply (:func:`actstore.engine.read.plans.row_one` for one
+        #: segment, :func:`~actstore.engine.read.plans.row_many` for several; set by the store once built),
+        #: dropped with the maps; None: not built, or not applicable.
+        self.row1: tuple[np.ndarray, str, type[Row]] | None = None
+        self.rowk: tuple[list[int], list[np.ndarray], str, type[Row], int] | None = None
 
     def forget(self, segment: str, names: Sequence[str]) -> None:
         """Drop the maps of arrays ``names`` of segment ``segment`` (an id) and every plan over them; views keep theirs."""
         self.plans.clear()
-        self.row1 = None
+        self.row1 = self.rowk = None
         for seg in self.segments:
             if seg.info.id == segment:
                 seg.forget(names)
