@@ -80,13 +80,16 @@ def _per_call(fn: Callable[[], Any], number: int) -> float:
 
 
 def race(fns: dict[str, Callable[[], Any]], numbers: dict[str, int], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each function, the functions taking turns round by round."""
+    """Median seconds per call of each function, the functions taking turns round by round, their order rotating
+    from round to round: no function always runs first after the others (a peer that reads hundreds of MB evicts
+    the CPU caches for whoever runs next) or always right after another that read the same rows (warm caches)."""
     for fn in fns.values():
         fn()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(_per_call(fn, numbers[name]))
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(_per_call(fns[name], numbers[name]))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
