@@ -222,14 +222,16 @@ def test_k_epochs_serve_each_position_its_k_augmentations(tmp_path):
 
 
 def test_an_epoch_reads_runs_of_consecutive_rows(tmp_path):
-    # Precompute writes augmentation-major (the rows of augmentation v of consecutive items are consecutive) and
-    # blocks of 1024 positions share their choice: an epoch reads runs of consecutive rows, as a plain store does.
+    # Precompute writes tiles of 1024 items augmentation-major (the rows of augmentation v of a tile's items are
+    # consecutive) and the same blocks of positions share their choice: an epoch reads runs of consecutive rows.
     n = 2500
     model, data = tiny_mlp(), vectors(n)
     store = actstore.precompute(model, data, tmp_path / "s", layers="2", progress=False, batch_size=256, augment=noise,
                                 augmentations=4)
     table = store.view("dataset").reshape(n, 4)
-    assert (np.diff(table, axis=0) == 1).all()  # each augmentation's rows: consecutive
+    for t in range(0, n, 1024):  # each tile: its rows, augmentation by augmentation
+        size = min(1024, n - t)
+        np.testing.assert_array_equal(table[t: t + size].T.ravel(), np.arange(4 * t, 4 * t + 4 * size))
     ds = actstore.CachedDataset(data, store, augmentation="random", check=0)
     for e in range(4):
         ds.set_epoch(e)
@@ -381,3 +383,18 @@ def test_stored_side_values_are_listed_per_item_augmentation(tmp_path):
     keys = cols.item_key
     table = store.view("dataset")
     assert np.array_equal(keys, store.key_at(table))  # each position's key: its row's
+
+
+def test_each_item_is_collated_once_for_its_content_key(tmp_path):
+    # A tile's K passes reuse its items' content keys: an item is collated once for its key, once per augmentation.
+    seen = []
+
+    def collate(batch: list[Any]) -> Any:
+        seen.append(len(batch))
+        return default_collate(batch)
+
+    n = 40
+    actstore.precompute(tiny_mlp(), vectors(n), tmp_path / "s", layers="2", progress=False, batch_size=8,
+                        augment=noise, augmentations=K, collate_fn=collate)
+    check = 2 + 2  # check_augment: the item and its two augmentations, collated one by one (content key, a, b)
+    assert sum(seen) <= n + n * K + check + 1, seen

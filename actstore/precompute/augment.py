@@ -20,12 +20,15 @@ augmented row, and a changed ``fn`` (or collate) changes the keys of exactly
 the augmentations it changes: a rerun computes those and reuses the rest.
 
 The run itself is the ordinary one over :class:`AugmentedItems`, the dataset
-expanded to ``N * K`` positions in **augmentation-major** order (run position
-``v * N + p`` is augmentation ``v`` of item ``p``), so the rows of one
-augmentation index are written together: an epoch that serves augmentation
-``v`` to a run of consecutive items reads consecutive rows (the serving side
-chooses per block of items, :func:`~actstore.training.augmented.choose`).  The
-recorded view is item-major — position ``p * K + v`` (FORMAT.md §11.3) —
+expanded to ``N * K`` positions in **tiles** of :data:`TILE` items, each
+augmentation-major: the run takes items ``t*TILE .. (t+1)*TILE - 1`` as
+augmentation 0, then the same items as augmentation 1, and so on, so the rows
+of one augmentation of a tile's items are consecutive.  An epoch that serves
+one augmentation to each block of :data:`TILE` consecutive positions (the
+serving side's choice, :func:`~actstore.training.augmented.choose`) then reads
+runs of consecutive rows, and a tile's content keys are computed once for its
+``K`` passes (:class:`AugmentSpec` keeps the last tiles').  The recorded view
+is item-major — position ``p * K + v`` (FORMAT.md §11.3) —
 :meth:`AugmentedItems.view_positions` maps one order to the other.
 :class:`~actstore.precompute.loader.Prepare` applies the augment in the
 DataLoader workers (:meth:`AugmentSpec.apply`) and derives the keys.
@@ -34,7 +37,7 @@ DataLoader workers (:meth:`AugmentSpec.apply`) and derives the keys.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -47,6 +50,7 @@ from actstore.precompute.items import Selector
 __all__ = [
     "KEY_DOMAIN",
     "SEED_DOMAIN",
+    "TILE",
     "AugmentSpec",
     "AugmentedItems",
     "Expanded",
@@ -61,6 +65,8 @@ __all__ = [
 SEED_DOMAIN = b"actstore-augment-seed-v1\x00"
 #: Domain of an augmented row's key (FORMAT.md §11.3).
 KEY_DOMAIN = b"actstore-augmented-key-v1\x00"
+#: Items per tile of the run order (:class:`AugmentedItems`); also the positions that share a served choice.
+TILE = 1024
 
 
 def _v(v: int) -> bytes:
@@ -123,7 +129,7 @@ def _describe(cls: tuple[Any, ...]) -> str:
 
 
 class Expanded(NamedTuple):
-    """Run position ``v * N + p`` of :class:`AugmentedItems`: item ``p`` of the dataset, to be augmented as ``v``."""
+    """A run position of :class:`AugmentedItems`: item ``p`` of the dataset, to be augmented as ``v``."""
 
     item: Any
     position: int
@@ -131,8 +137,8 @@ class Expanded(NamedTuple):
 
 
 class AugmentedItems(torch.utils.data.Dataset):  # type: ignore[type-arg]
-    """``dataset`` expanded to ``N * count`` run positions, augmentation-major: ``v * N + p`` →
-    ``Expanded(dataset[p], p, v)`` (``N = len(dataset)``).
+    """``dataset`` expanded to ``N * count`` run positions (``N = len(dataset)``): tile by tile of :data:`TILE`
+    items, each tile's items as augmentation 0, then as augmentation 1, ... (see the module docstring).
 
     Reads ``dataset[p]`` for each of its positions (never copies)."""
 
@@ -149,13 +155,17 @@ class AugmentedItems(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
     def item_of(self, j: int) -> tuple[int, int]:
         """(augmentation ``v``, item ``p``) of run position ``j``."""
-        v, p = divmod(int(j), self.items)
-        return v, p
+        t, r = divmod(int(j), TILE * self.count)
+        v, q = divmod(r, min(TILE, self.items - t * TILE))
+        return v, t * TILE + q
 
     def view_positions(self, j: np.ndarray) -> np.ndarray:
-        """The view position (item-major, ``p * K + v``) of each run position ``j`` (``v * N + p``): a new array."""
-        v, p = np.divmod(np.asarray(j, np.int64), max(self.items, 1))
-        return p * self.count + v  # type: ignore[no-any-return]
+        """The view position (item-major, ``p * K + v``) of each run position ``j``: a new int64 array."""
+        j = np.asarray(j, np.int64)
+        t, r = np.divmod(j, TILE * self.count)
+        size = np.minimum(TILE, self.items - t * TILE)
+        v, q = np.divmod(r, np.maximum(size, 1))
+        return (t * TILE + q) * self.count + v  # type: ignore[no-any-return]
 
     def describe(self, j0: int, j1: int | None = None) -> str:
         """Where run position ``j0`` (or the batch ``j0 .. j1-1``) is, for messages: item and augmentation."""
@@ -164,7 +174,7 @@ class AugmentedItems(torch.utils.data.Dataset):  # type: ignore[type-arg]
             return f"dataset[{p}] (augmentation {v})"
         v1, p1 = self.item_of(j1 - 1)
         return f"dataset[{p}:{p1 + 1}] (augmentation {v}, one batch)" if v1 == v else \
-            f"dataset[{p}:] (augmentation {v}) to dataset[:{p1 + 1}] (augmentation {v1}) (one batch)"
+            f"dataset[{p}] (augmentation {v}) to dataset[{p1}] (augmentation {v1}) (one batch)"
 
 
 class AugmentError(ValueError):
@@ -185,6 +195,8 @@ class AugmentSpec:
 
     fn: Callable[[Any, torch.Generator], Any]
     count: int
+    #: content keys of the items met last (item position -> key): a tile's K passes collate each item once
+    known: dict[int, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     def apply(self, inputs: list[Any], positions: Sequence[int], indices: Sequence[int],
               collate_fn: Callable[[list[Any]], Any], lengths_fn: Callable[[Any], Any] | None) -> tuple[
@@ -196,13 +208,18 @@ class AugmentSpec:
         modifies ``inputs``.  Raises :class:`AugmentError` naming the item and
         ``v`` whose augmentation failed or changed its type or shape class.
         """
+        row = self.known
         first: dict[int, int] = {}
         for j, p in enumerate(positions):
-            first.setdefault(int(p), j)
-        distinct = list(first.values())
-        batch = collate_fn([inputs[j] for j in distinct])
-        keys = input_keys(batch, len(distinct), lengths_fn=lengths_fn, raw=[inputs[j] for j in distinct])
-        row = {p: keys[i] for i, p in enumerate(first)}
+            if int(p) not in row:
+                first.setdefault(int(p), j)
+        if first:
+            if len(row) + len(first) > 4 * TILE:  # keep about the last tiles' keys
+                row.clear()
+            distinct = list(first.values())
+            batch = collate_fn([inputs[j] for j in distinct])
+            keys = input_keys(batch, len(distinct), lengths_fn=lengths_fn, raw=[inputs[j] for j in distinct])
+            row.update({p: keys[i] for i, p in enumerate(first)})
         content = np.stack([row[int(p)] for p in positions]) if len(positions) else np.empty((0, 32), np.uint8)
         out = [self.one(inputs[j], content[j], int(indices[j]), int(positions[j]), j) for j in range(len(inputs))]
         return content, out

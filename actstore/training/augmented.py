@@ -19,7 +19,8 @@ worker, every rank and every instance serves the same one:
 
 **Why blocks.**  The :data:`BLOCK` consecutive positions of a block share their
 choice, so an epoch reads runs of consecutive rows: precompute writes the rows
-of one augmentation index for consecutive items together (augmentation-major),
+of one augmentation index of a block's items together (augmentation-major
+within tiles of the same size, :data:`~actstore.precompute.augment.TILE`),
 and an epoch then touches as many pages as an epoch of a store without
 augmentations (an epoch with a choice per position touched ``K`` times as many,
 and ran 1.2x slower).  It changes nothing a model can see: augmentation ``v`` of
@@ -50,6 +51,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from actstore.errors import NoAugmentationsError
+from actstore.precompute.augment import TILE
 
 __all__ = ["BLOCK", "MODES", "EpochSampler", "augmentation_mode", "block_choices", "choose", "mix", "split_indices"]
 
@@ -80,8 +82,8 @@ def mix(seed: int, epoch: int, positions: np.ndarray, i: np.ndarray | int) -> np
         return _finish(_partial(seed, epoch, positions) + np.asarray(i, np.uint64) * _D)
 
 
-#: Consecutive positions that share their choice (see "Why blocks" above).
-BLOCK = 1024
+#: Consecutive positions that share their choice (see "Why blocks" above): precompute's tile of items.
+BLOCK = TILE
 
 #: The largest count ``"random"`` serves (``count!`` must fit in 64 bits); beyond it, ``"draw"``.
 MAX_PERMUTED = 20
