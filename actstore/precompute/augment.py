@@ -173,8 +173,10 @@ class AugmentedItems(torch.utils.data.Dataset):  # type: ignore[type-arg]
         if j1 is None:
             return f"dataset[{p}] (augmentation {v})"
         v1, p1 = self.item_of(j1 - 1)
-        return f"dataset[{p}:{p1 + 1}] (augmentation {v}, one batch)" if v1 == v else \
-            f"dataset[{p}] (augmentation {v}) to dataset[{p1}] (augmentation {v1}) (one batch)"
+        if v1 == v and j0 // (TILE * self.count) == (j1 - 1) // (TILE * self.count):  # one tile's one pass
+            return f"dataset[{p}:{p1 + 1}] (augmentation {v}, one batch)"
+        return f"dataset[{p}] (augmentation {v}) to dataset[{p1}] (augmentation {v1}) (one batch; the run takes " \
+            f"tiles of {TILE} items, each tile's items as augmentation 0, then 1, ...)"
 
 
 class AugmentError(ValueError):
@@ -214,8 +216,10 @@ class AugmentSpec:
             if int(p) not in row:
                 first.setdefault(int(p), j)
         if first:
-            if len(row) + len(first) > 4 * TILE:  # keep about the last tiles' keys
+            if len(row) + len(first) > 4 * TILE:  # keep about the last tiles' keys (and this batch's)
+                mine = {int(p): row[int(p)] for p in positions if int(p) in row}
                 row.clear()
+                row.update(mine)
             distinct = list(first.values())
             batch = collate_fn([inputs[j] for j in distinct])
             keys = input_keys(batch, len(distinct), lengths_fn=lengths_fn, raw=[inputs[j] for j in distinct])
