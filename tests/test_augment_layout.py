@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -98,3 +99,19 @@ def test_the_view_serves_each_item_its_documented_augmentations(tmp_path_factory
             assert stored[p * k + v].tobytes() == want, (p, v)
     distinct = n - (1 if dup and n > 2 else 0)
     assert len(store) == distinct * k and np.array_equal(np.unique(view), np.arange(distinct * k))
+
+
+def _centred(batch: list[torch.Tensor]) -> torch.Tensor:
+    x = torch.stack(batch)
+    return x - x.mean(0)  # every sample's input depends on its batch
+
+
+def test_a_batch_dependent_collate_is_refused_naming_the_item_and_augmentation(tmp_path):
+    # The pooled path collates new samples again and refuses those whose input changed: the message names the item and
+    # its augmentation, not the run position (tile 1's run positions start at 1024 * K).
+    data = [x for x, _ in vectors(1100)]
+    data.append(data[1099])  # a repeat: its batches are not all new, their samples are pooled and collated again
+    with pytest.raises(ValueError, match="collate_fn gives this sample other model inputs") as e:
+        actstore.precompute(tiny_mlp(), data, tmp_path / "s", layers="2", progress=False, batch_size=100,
+                            augment=noise, augmentations=3, collate_fn=_centred)
+    assert str(e.value).startswith("dataset[1052] (augmentation 0): "), str(e.value)

@@ -178,20 +178,22 @@ def input_keys(batch: Any, n: int, *, lengths_fn: Callable[[Any], Any] | None = 
 
 
 def check_recollated(batch: Any, keys: np.ndarray, raw: Sequence[Any], positions: Sequence[int],
-                     lengths_fn: Callable[[Any], Any] | None) -> None:
+                     lengths_fn: Callable[[Any], Any] | None, describe: Callable[[int], str] | None = None) -> None:
     """Refuse a batch collated again (with other samples) whose input keys differ from those computed before.
 
     A collate whose per-sample output depends on the other samples of its batch
     (padding the model sees, with no mask to trim it) would otherwise store a row
     computed from another input than its key says.  Raises :class:`ValueError`
-    naming the first such dataset position.
+    naming the first such dataset position (``describe(position)``, default ``dataset[position]``).
     """
     now = input_keys(batch, len(keys), lengths_fn=lengths_fn, raw=raw)
     bad = np.flatnonzero((now != keys).any(axis=1))
     if len(bad):
+        p = int(positions[int(bad[0])])
+        where = describe(p) if describe is not None else f"dataset[{p}]"
         raise ValueError(
-            f"dataset[{positions[int(bad[0])]}]: collate_fn gives this sample other model inputs when it is collated "
-            f"with other samples ({len(bad)} of {len(keys)} in this batch): its rows would depend on the batch; give "
+            f"{where}: collate_fn gives this sample other model inputs when it is collated with other samples"
+            f" ({len(bad)} of {len(keys)} in this batch): its rows would depend on the batch; give "
             "the batch an attention_mask (padding is then trimmed from the key and hidden from the model), pass "
             "lengths_fn=, or key the raw items with key_fn= (weaker: it does not see preprocessing changes)")
 

@@ -229,7 +229,8 @@ class Run:
         batch = self.cfg.items.collate_fn([p[2] for p in part])
         if self.cfg.items.key_fn is None:  # the rows must be computed from exactly what was keyed
             check_recollated(batch, np.stack([p[5] for p in part]), [p[2] for p in part], [p[4] for p in part],
-                             self.cfg.capture.lengths_fn)
+                             self.cfg.capture.lengths_fn,
+                             self.dataset.describe if isinstance(self.dataset, AugmentedItems) else None)
         self._run_batch(keys, np.array([p[0] for p in part], np.int64), batch, [p[3] for p in part],
                         [p[4] for p in part])
 
