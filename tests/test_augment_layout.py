@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import actstore
+from actstore.precompute import augment as augment_module
 from actstore.precompute.augment import TILE, AugmentedItems, AugmentSpec, augment_generator, augmented_key
 from actstore.precompute.inputs import input_keys
 from actstore.precompute.loader import default_collate
@@ -115,3 +116,36 @@ def test_a_batch_dependent_collate_is_refused_naming_the_item_and_augmentation(t
         actstore.precompute(tiny_mlp(), data, tmp_path / "s", layers="2", progress=False, batch_size=100,
                             augment=noise, augmentations=3, collate_fn=_centred)
     assert str(e.value).startswith("dataset[1052] (augmentation 0): "), str(e.value)
+
+
+def _expected_keys(data: list[torch.Tensor], k: int) -> np.ndarray:
+    out = np.empty((len(data) * k, 32), np.uint8)
+    for p, x in enumerate(data):
+        c = _content(x)
+        for v in range(k):
+            out[p * k + v] = np.frombuffer(augmented_key(c, v, _content(noise(x, augment_generator(c, v)))), np.uint8)
+    return out
+
+
+def test_raising_k_and_resuming_a_store_of_another_run_order_find_every_row_by_key(tmp_path, monkeypatch):
+    # A store written in the item-major run order of before the tiles (TILE = 1 gives it), resumed with tiles and
+    # K raised from 2 to 4 (the tiles' order differs with K): the old rows are kept and found, only the new
+    # augmentations are computed, and the view lists each (p, v) at p*K+v.
+    data = [x for x, _ in vectors(TILE + 77)]
+    path = tmp_path / "s"
+    with monkeypatch.context() as m:
+        m.setattr(augment_module, "TILE", 1)
+        old = actstore.precompute(tiny_mlp(), data, path, layers="2", progress=False, batch_size=100,
+                                  augment=noise, augmentations=2)
+        old_view = np.array(old.view("dataset"))
+        assert np.array_equal(old_view, np.arange(len(data) * 2))  # written item-major
+        old.close()
+    store = actstore.precompute(tiny_mlp(), data, path, layers="2", progress=False, batch_size=100,
+                                augment=noise, augmentations=4, compact=False)
+    view = np.asarray(store.view("dataset")).reshape(len(data), 4)
+    assert len(store) == len(data) * 4
+    np.testing.assert_array_equal(view[:, :2].ravel(), old_view)  # the old rows, where they were
+    np.testing.assert_array_equal(store.key_at(view.ravel()), _expected_keys(data, 4))
+    again = actstore.precompute(tiny_mlp(), data, path, layers="2", progress=False, batch_size=100,
+                                augment=noise, augmentations=4, compact=False)
+    np.testing.assert_array_equal(np.asarray(again.view("dataset")).reshape(len(data), 4), view)
