@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 
 import actstore
-from actstore.examples.recycle.data import EpochHook, Run, end_epoch
+from actstore.examples.recycle.data import EpochHook, Run, end_epoch, shuffled_loader
 
 
 def train(model: Any, items: list[dict[str, Any]], store: str | None, *, at: float | str = 0.5,
@@ -22,9 +22,7 @@ def train(model: Any, items: list[dict[str, Any]], store: str | None, *, at: flo
     if store is not None:
         model = actstore.recycle(model, at, store)  # the one line
     accelerator = Accelerator(cpu=True)
-    loader: Any = torch.utils.data.DataLoader(items,  # type: ignore[arg-type]
-        batch_size=batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
+    loader = shuffled_loader(items, batch_size, seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     prepared, opt, loader = accelerator.prepare(model, opt, loader)
     run = Run(model)

@@ -30,6 +30,12 @@ def end_epoch(run: Run, hook: EpochHook | None, epoch: int) -> None:
         hook(epoch)
 
 
+def shuffled_loader(items: list[dict[str, Any]], batch_size: int, seed: int) -> Any:
+    """A ``DataLoader`` over ``items`` shuffled by a generator seeded with ``seed`` (the same order in every run)."""
+    return torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=True,  # type: ignore[arg-type]
+                                       generator=torch.Generator().manual_seed(seed))
+
+
 def bert_classifier(seed: int = 0, num_labels: int = 3, dropout: float = 0.0) -> Any:
     """A small ``BertForSequenceClassification`` from a config (random weights, no download).
 

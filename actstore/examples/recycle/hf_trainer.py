@@ -16,7 +16,9 @@ import actstore
 from actstore.examples.recycle.data import EpochHook, Run, end_epoch
 
 
-class _Epochs(transformers.TrainerCallback):
+class EpochsCallback(transformers.TrainerCallback):
+    """Records each logged loss in ``run.losses`` and ends each epoch with :func:`end_epoch` (any HF-style trainer)."""
+
     def __init__(self, run: Run, on_epoch_end: EpochHook | None) -> None:
         self.run, self.hook = run, on_epoch_end
 
@@ -42,7 +44,7 @@ def train(model: Any, items: list[dict[str, Any]], store: str | None, *, out_dir
         output_dir=out_dir, per_device_train_batch_size=batch_size, num_train_epochs=epochs, learning_rate=lr,
         logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=seed)
     run = Run(model)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=items, callbacks=[_Epochs(run, on_epoch_end)])
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=items, callbacks=[EpochsCallback(run, on_epoch_end)])
     trainer.train()
     if store is not None:
         model.close()

@@ -12,7 +12,7 @@ import lightning
 import torch
 
 import actstore
-from actstore.examples.recycle.data import EpochHook, Run, end_epoch
+from actstore.examples.recycle.data import EpochHook, Run, end_epoch, shuffled_loader
 
 
 class Classifier(lightning.LightningModule):
@@ -41,9 +41,7 @@ def train(model: Any, items: list[dict[str, Any]], store: str | None, *, out_dir
     """Train ``model`` (a task model returning ``.loss``) on ``items``; with ``store``, recycled at ``at``."""
     if store is not None:
         model = actstore.recycle(model, at, store)  # the one line
-    loader: Any = torch.utils.data.DataLoader(items,  # type: ignore[arg-type]
-        batch_size=batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
+    loader = shuffled_loader(items, batch_size, seed)
     run = Run(model)
     trainer = lightning.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 import actstore
-from actstore.examples.recycle.data import EpochHook, Run, end_epoch
+from actstore.examples.recycle.data import EpochHook, Run, end_epoch, shuffled_loader
 
 
 def train(model: Any, items: list[dict[str, Any]], store: str | None, *, at: float | str = 0.5,
@@ -16,9 +16,7 @@ def train(model: Any, items: list[dict[str, Any]], store: str | None, *, at: flo
     """Train ``model`` (a task model returning ``.loss``) on ``items``; with ``store``, recycled at ``at``."""
     if store is not None:
         model = actstore.recycle(model, at, store)  # the one line
-    loader: Any = torch.utils.data.DataLoader(items,  # type: ignore[arg-type]
-        batch_size=batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
+    loader = shuffled_loader(items, batch_size, seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     run = Run(model)
     model.train()

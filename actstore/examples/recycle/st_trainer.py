@@ -12,24 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 import datasets
-import transformers
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer import losses
 
 import actstore
-from actstore.examples.recycle.data import EpochHook, Run, end_epoch
-
-
-class _Epochs(transformers.TrainerCallback):
-    def __init__(self, run: Run, on_epoch_end: EpochHook | None) -> None:
-        self.run, self.hook = run, on_epoch_end
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-        if logs and "loss" in logs:
-            self.run.losses.append(float(logs["loss"]))
-
-    def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        end_epoch(self.run, self.hook, round(state.epoch or 1) - 1)
+from actstore.examples.recycle.data import EpochHook, Run
+from actstore.examples.recycle.hf_trainer import EpochsCallback
 
 
 def make_loss(model: Any, loss: str, mini_batch_size: int = 4) -> Any:
@@ -57,7 +45,7 @@ def train(model: Any, columns: dict[str, list[str]], store: str | None, *, out_d
         seed=seed)
     run = Run(model)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(columns),
-                                         loss=make_loss(model, loss), callbacks=[_Epochs(run, on_epoch_end)])
+                                         loss=make_loss(model, loss), callbacks=[EpochsCallback(run, on_epoch_end)])
     trainer.train()
     if store is not None:
         model.close()
