@@ -134,14 +134,14 @@ def choose(seed: int, epoch: int, positions: np.ndarray, count: int, mode: str =
 def block_choices(seed: int, epoch: int, blocks: np.ndarray, count: int, mode: str = "random") -> np.ndarray:
     """The augmentation index each of ``blocks`` (block ``b``: positions ``b * BLOCK .. (b+1) * BLOCK - 1``) gets
     in ``epoch``, as :func:`choose` (int64, new)."""
-    positions = np.asarray(blocks, np.int64)
+    blocks = np.asarray(blocks, np.int64)
     if mode == "draw":
-        return (mix(seed, epoch, positions, count) % np.uint64(count)).astype(np.int64)
+        return (mix(seed, epoch, blocks, count) % np.uint64(count)).astype(np.int64)
     if count > MAX_PERMUTED:
         raise ValueError(f"augmentation='random' permutes at most {MAX_PERMUTED} augmentations per item, the store "
                          f"holds {count}: use augmentation='draw'")
     cycle, slot = divmod(int(epoch), count)
-    r = mix(seed, cycle, positions, 0) % np.uint64(math.factorial(count))
+    r = mix(seed, cycle, blocks, 0) % np.uint64(math.factorial(count))
     if count <= _TABLE_UP_TO:
         return _table(count)[r.astype(np.intp), slot].astype(np.int64)
     return _unrank(r, count, slot)

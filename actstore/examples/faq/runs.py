@@ -44,6 +44,7 @@ from actstore.examples.faq.loops import (
 from actstore.examples.faq.losses import mnrl_loss
 from actstore.examples.faq.metrics import RowResult
 from actstore.examples.faq.model import LoraSpec, SkipConnectionHead, Tokenize, blocks_frozen, embedding_dim
+from actstore.models.split import split
 
 __all__ = ["Training", "prepare_full", "prepare_head_only", "prepare_recycled", "run_alone", "train_full",
            "train_head_only", "train_recycled"]
@@ -265,7 +266,6 @@ def prepare_recycled(model: Any, all_pairs: Pairs, train_idx: list[int], val_idx
 
     See :func:`train_recycled`.  The run closes the store when it finishes.
     """
-    from actstore.models.split import split
 
     frozen, head = split(model, at)
     k = blocks_frozen(model, at)

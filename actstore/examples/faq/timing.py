@@ -12,6 +12,7 @@ from actstore.examples.faq.data import Pairs
 from actstore.examples.faq.loops import StoreRows, apply_head, layer_field, optimizer_step, progress_bar
 from actstore.examples.faq.losses import mnrl_loss
 from actstore.examples.faq.model import SkipConnectionHead, Tokenize, embedding_dim
+from actstore.models.split import split
 
 __all__ = ["head_recompute_step", "recompute_step", "time_steps"]
 
@@ -38,7 +39,6 @@ def _recompute(model_factory: Callable[[], Any], at: float, all_pairs: Pairs) ->
     """A step of the upper blocks with the frozen first ``at`` recomputed (no_grad); the step, head and optimiser."""
     import torch
 
-    from actstore.models.split import split
 
     model = model_factory()
     frozen, head = split(model, at)
