@@ -443,15 +443,21 @@ def test_a_huge_page_file_writes_whole_2mib_ranges(tmp_path: Path, monkeypatch: 
     rng = np.random.default_rng(0)
     parts = [rng.integers(0, 255, n, np.uint8) for n in (3, 100_000, 5 * huge + 123, huge - 7, 2 * huge, 11)]
     ends: list[int] = []
-    real_write = os.write
+    real_write, real_writev = os.write, os.writev
 
     def write(fd: int, b: Any) -> int:
         n = real_write(fd, b)
         ends.append(os.lseek(fd, 0, os.SEEK_CUR))
         return n
 
+    def writev(fd: int, bufs: Any) -> int:  # (the held bytes and the head of the next part, in one call)
+        n = real_writev(fd, bufs)
+        ends.append(os.lseek(fd, 0, os.SEEK_CUR))
+        return n
+
     f = files_mod.HugePageFile(str(tmp_path / "out"))
     monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "writev", writev)
     for p in parts:
         assert f.write(p) == p.nbytes
     assert f.tell() == sum(p.nbytes for p in parts)
@@ -460,3 +466,35 @@ def test_a_huge_page_file_writes_whole_2mib_ranges(tmp_path: Path, monkeypatch: 
     assert (tmp_path / "out").read_bytes() == b"".join(p.tobytes() for p in parts)
     # every write call but the last (the flush at close) ends on a 2 MiB boundary and covers one range
     assert ends[:-1] == [k * huge for k in range(1, len(ends))] and ends[-1] == f.tell()
+
+
+@pytest.mark.parametrize("cut", [1, 1000, 2_000_000, 2_200_000])
+def test_a_huge_page_file_finishes_a_short_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut: int) -> None:
+    huge = files_mod.HUGE_PAGE_BYTES
+    rng = np.random.default_rng(1)
+    parts = [rng.integers(0, 255, n, np.uint8) for n in (huge - 5, 3 * huge + 9, 17)]
+    real_write, real_writev = os.write, os.writev
+    short = [True, True]  # the first write and the first writev each take only ``cut`` bytes
+
+    def write(fd: int, b: Any) -> int:
+        if short[0]:
+            short[0] = False
+            return real_write(fd, memoryview(b)[: min(cut, len(b) - 1)])
+        return real_write(fd, b)
+
+    def writev(fd: int, bufs: Any) -> int:
+        if short[1]:
+            short[1] = False
+            joined = b"".join(bytes(x) for x in bufs)
+            return real_write(fd, joined[: min(cut, len(joined) - 1)])
+        return real_writev(fd, bufs)
+
+    f = files_mod.HugePageFile(str(tmp_path / "out"))
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "writev", writev)
+    for p in parts:
+        f.write(p)
+    f.close()
+    monkeypatch.undo()
+    assert not any(short)
+    assert (tmp_path / "out").read_bytes() == b"".join(p.tobytes() for p in parts)

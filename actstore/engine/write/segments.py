@@ -409,8 +409,24 @@ def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray, *, presor
     """Write a key-index run: prefixes sorted ascending, with their global rows (``presorted``: as given)."""
     if presorted:
         return write_object(root, INDEXES_DIR, {"prefix": (prefixes, "uint64"), "row": (rows, "int64")})
-    order = np.argsort(prefixes, kind="stable")  # equal prefixes keep their input order (FORMAT.md §6)
-    return write_object(root, INDEXES_DIR, {"prefix": (prefixes[order], "uint64"), "row": (rows[order], "int64")})
+    order, ordered = stable_order(prefixes)
+    return write_object(root, INDEXES_DIR, {"prefix": (ordered, "uint64"), "row": (rows[order], "int64")})
+
+
+def stable_order(prefixes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, prefixes[order])``: the order that sorts ``prefixes`` ascending, equal prefixes kept in
+    their input order (FORMAT.md §6).
+
+    numpy's unstable sort of 64-bit integers is a vectorised quicksort, about 2.5× faster than its stable
+    one (a timsort): it is taken, and the stable sort only when two prefixes are equal (two keys sharing
+    their first 8 bytes: unlikely but allowed), whose order the unstable sort does not keep.
+    """
+    order = np.argsort(prefixes)
+    ordered = prefixes[order]
+    if len(ordered) > 1 and bool((ordered[1:] == ordered[:-1]).any()):
+        order = np.argsort(prefixes, kind="stable")
+        ordered = prefixes[order]
+    return order, ordered
 
 
 @dataclass(frozen=True)
