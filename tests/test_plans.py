@@ -17,7 +17,6 @@ from blake3 import blake3
 
 import actstore
 from actstore import Field, RaggedBatch
-from actstore.engine.read.base import Row
 from actstore.engine.read.gather import gather_fixed, row_view
 from actstore.engine.read.plans import ROW_ALL, plain, row_plan, take_plan
 
@@ -86,7 +85,7 @@ def test_rows_through_the_plan_are_the_general_rows(store: actstore.ActivationSt
     for row in range(len(store)):
         got = store[row]
         seg, local = snap.locate(row)
-        assert isinstance(got, Row) and list(got) == list(store.fields)
+        assert type(got) is dict and list(got) == list(store.fields)  # (no aliases: a plain dict)
         for name, f in FIELDS.items():
             want = row_view(seg, local, name, f)
             assert same(got[name], want), (row, name)
@@ -97,7 +96,7 @@ def test_rows_through_the_plan_are_the_general_rows(store: actstore.ActivationSt
             store[bad]
     with pytest.raises(TypeError):
         store[True]  # type: ignore[index]
-    with pytest.raises(KeyError, match=r"its fields are \['b', 'm', 'n', 't', 'tb', 'x', 'z', 'zt'\]"):
+    with pytest.raises(KeyError, match="'nope'"):
         store[0]["nope"]
 
 
@@ -210,14 +209,14 @@ def test_one_segment_row_getter_is_store_getitem(tmp_path: Path, fields: dict[st
     seg = s.snapshot.segments[0]
     for i in range(-5, 5):
         got = s[i]
-        assert isinstance(got, Row) and list(got) == list(fields)
+        assert type(got) is dict and list(got) == list(fields)
         for n, f in fields.items():
             assert torch.equal(got[n], row_view(seg, i % 5, n, f))
     with pytest.raises(IndexError, match="row 5 is out of range for a store of 5 rows"):
         s[5]
     with pytest.raises(IndexError, match="row -6 is out of range"):
         s[-6]
-    with pytest.raises(KeyError, match="its fields are"):
+    with pytest.raises(KeyError, match="'nope'"):
         s[0]["nope"]
     s.snapshot.forget(seg.info.id, list(fields))  # plans (the getter too) are dropped with the maps
     assert "getitem" not in s.snapshot.plans

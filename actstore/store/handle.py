@@ -205,7 +205,7 @@ class ActivationStore(StoreViews):
         one = self._snap.row1  # a one-segment store of one plain fixed field: its map, inlined (store[i]'s whole cost)
         if one is not None and type(row) is int:
             arr, name, cls = one
-            out = cls()  # (a Row carrying the snapshot's aliases; dict's own constructor)
+            out = cls()  # (dict, or a Row carrying the snapshot's aliases: dict's own constructor either way)
             try:
                 out[name] = _from_numpy(arr[row])  # (the map holds exactly the store's rows: numpy checks the range)
             except IndexError:

@@ -46,11 +46,13 @@ class Rows(Protocol):
 
 
 class Row(dict):  # type: ignore[type-arg]
-    """One row as ``{field: tensor}``: a dict whose ``KeyError`` for a missing field lists the fields.
+    """One row of a store whose fields have other names: a dict that finds a field by them too.
 
     ``aliases`` maps other names of a field to it (a layer's registered module
     name when its field is named after an alias or by ``name=``): ``row[alias]``
-    finds the field, while iteration shows the stored names only.
+    finds the field, while iteration shows the stored names only; the
+    ``KeyError`` for a missing name lists the fields.  A store without aliases
+    gives plain dicts (:func:`row_class`).
     """
 
     __slots__ = ("aliases",)
@@ -70,15 +72,20 @@ def _reduce_row(row: Row) -> tuple[type[Row], tuple[dict[str, Any], Mapping[str,
     return Row, (dict(row), row.aliases)  # pickled and copied as a plain Row: a row class lives in one process
 
 
-def row_class(aliases: Mapping[str, str]) -> type[Row]:
-    """A :class:`Row` subclass whose rows all carry ``aliases``: ``cls()``, then ``row[name] = tensor``.
+def row_class(aliases: Mapping[str, str]) -> type[dict]:  # type: ignore[type-arg]
+    """The class of a snapshot's rows: ``cls()``, then ``row[name] = tensor``.
 
-    The fast paths of ``store[i]`` build one per snapshot: ``aliases`` is a class
-    attribute (nothing stored per row) and ``cls()`` is ``dict``'s own
-    constructor (no Python ``__init__``), which is most of what a row costs
-    beyond its tensors.  Its rows behave as a ``Row`` in every way (``isinstance``,
-    the aliases, the ``KeyError``); pickled or copied they become a plain ``Row``.
+    ``dict`` itself when there are no ``aliases``: a row is then a plain dict,
+    the cheapest one Python builds (``store[i]`` builds one a call; a
+    :class:`Row` subclass costs about 20% more of a single-row read, see
+    docs/benchmarks.md).  Otherwise a :class:`Row` subclass whose rows all carry
+    ``aliases`` as a class attribute (nothing stored per row) and whose
+    constructor is ``dict``'s own (no Python ``__init__``); its rows behave as a
+    ``Row`` in every way (``isinstance``, the aliases, the ``KeyError``), and
+    pickled or copied become a plain ``Row``.
     """
+    if not aliases:
+        return dict
     ns = {"__slots__": (), "aliases": aliases, "__init__": dict.__init__, "__reduce__": _reduce_row,
           "__module__": __name__, "__qualname__": "Row", "__doc__": Row.__doc__}
     return type("Row", (Row,), ns)

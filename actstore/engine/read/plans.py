@@ -100,20 +100,25 @@ def row_plan(seg: Any, names: Sequence[str] | None = None) -> RowPlan:
     return plan  # type: ignore[no-any-return]
 
 
-def make_row(plan: RowPlan, local: int, aliases: Mapping[str, str]) -> Row:
-    """Row ``local`` of a segment through its plan: a :class:`~actstore.engine.read.gather.Row` of views."""
-    row = _new_dict(Row)
-    row.aliases = aliases
+def make_row(plan: RowPlan, local: int, aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Row ``local`` of a segment through its plan, as views: a plain dict, or a
+    :class:`~actstore.engine.read.base.Row` when the store has ``aliases`` (:func:`~actstore.engine.read.base.row_class`)."""
+    row: dict[str, torch.Tensor]
+    if aliases:
+        row = _new_dict(Row)
+        row.aliases = aliases  # type: ignore[attr-defined]
+    else:
+        row = {}
     for name, read in plan:
         row[name] = read(local)
     return row
 
 
 #: ``store[i]`` of a one-segment store of one plain fixed field (:func:`row_one`): ``(map, field name, row class)``.
-RowOne = tuple[np.ndarray, str, type[Row]]
+RowOne = tuple[np.ndarray, str, type[dict]]  # type: ignore[type-arg]
 #: ``store[i]`` of a store of several segments of one plain fixed field (:func:`row_many`):
 #: ``(first row of each segment then the rows, each segment's map then an empty one, field name, row class, rows)``.
-RowMany = tuple[list[int], list[np.ndarray], str, type[Row], int]
+RowMany = tuple[list[int], list[np.ndarray], str, type[dict], int]  # type: ignore[type-arg]
 
 
 def _one_map(seg: Any, names: Sequence[str] | None) -> tuple[np.ndarray, str] | None:
@@ -138,8 +143,8 @@ def row_one(snap: Any, names: Sequence[str] | None = None) -> RowOne | None:
     one plain fixed field of rows with a shape in a one-segment store, as a map of its dtype; else None.
 
     The caller builds the row itself: ``out = cls(); out[name] = torch.from_numpy(map[i])``
-    (``cls`` is :attr:`Snapshot.row_type <actstore.engine.read.snapshot.Snapshot>`: a ``Row`` carrying the
-    snapshot's aliases), the map's own indexing doing the range check (``map`` holds exactly the
+    (``cls`` is :attr:`Snapshot.row_type <actstore.engine.read.snapshot.Snapshot>`: ``dict``, or a ``Row``
+    carrying the snapshot's aliases), the map's own indexing doing the range check (``map`` holds exactly the
     store's rows, so a negative row counts from the end and any other row
     raises ``IndexError``).  The caller must pass a Python ``int`` (numpy reads a
     ``bool``, a slice or a list as other things).  Kept until the snapshot's maps
@@ -187,7 +192,7 @@ def row_many(snap: Any) -> RowMany | None:
     return list(snap.starts_list), maps, name, snap.row_type, snap.rows
 
 
-def row_getter(snap: Any) -> Callable[[int], Row] | None:
+def row_getter(snap: Any) -> Callable[[int], dict[str, torch.Tensor]] | None:
     """``store[i]`` of a one-segment store as one closure (its row plan, bounds and aliases bound in), or None.
 
     Kept in ``snap.plans`` (dropped with the maps, as every plan is); the caller
@@ -199,7 +204,7 @@ def row_getter(snap: Any) -> Callable[[int], Row] | None:
     seg = snap.segments[0]
     plan, n, aliases = row_plan(seg), snap.rows, snap.aliases
 
-    def get(row: int) -> Row:
+    def get(row: int) -> dict[str, torch.Tensor]:
         return make_row(plan, checked_row(row, n), aliases)
 
     return get

@@ -14,12 +14,12 @@ import os
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from actstore.engine.read.base import Row, row_class
+from actstore.engine.read.base import row_class
 from actstore.engine.read.compressed import CompressedRows
 from actstore.engine.read.gather import take_rows
 from actstore.engine.read.maps import (
@@ -39,6 +39,9 @@ from actstore.format.manifest import KEY_BYTES, IndexRunInfo, Manifest, SegmentI
 from actstore.format.record import read_record
 from actstore.storage.base import FileProvider
 from actstore.storage.files import array_inner_rows
+
+if TYPE_CHECKING:
+    from actstore.engine.read.plans import RowMany, RowOne
 
 __all__ = ["IndexRun", "SegmentReader", "Snapshot", "field_aliases", "key_prefixes", "normalize_keys"]
 
@@ -232,14 +235,14 @@ class Snapshot:
         self.runs = [IndexRun(root, r, check, provide) for r in manifest.indexes]
         self._shared: dict[int, dict[bytes, int]] = {}
         self.aliases = field_aliases(manifest)
-        #: The class of the rows the fast paths of ``store[i]`` build: a ``Row`` carrying :attr:`aliases`.
-        self.row_type: type[Row] = row_class(self.aliases)
+        #: The class of the rows the fast paths of ``store[i]`` build: ``dict``, or a ``Row`` carrying :attr:`aliases`.
+        self.row_type: type[dict] = row_class(self.aliases)  # type: ignore[type-arg]
         self.plans: dict[Any, Any] = {}  # read plans over the segments' maps (engine/read/plans.py)
         #: ``store[i]``'s fast paths when they apply (:func:`actstore.engine.read.plans.row_one` for one
         #: segment, :func:`~actstore.engine.read.plans.row_many` for several; set by the store once built),
         #: dropped with the maps; None: not built, or not applicable.
-        self.row1: tuple[np.ndarray, str, type[Row]] | None = None
-        self.rowk: tuple[list[int], list[np.ndarray], str, type[Row], int] | None = None
+        self.row1: RowOne | None = None
+        self.rowk: RowMany | None = None
 
     def forget(self, segment: str, names: Sequence[str]) -> None:
         """Drop the maps of arrays ``names`` of segment ``segment`` (an id) and every plan over them; views keep theirs."""
