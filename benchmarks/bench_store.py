@@ -55,7 +55,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `actstor
 
 import actstore  # noqa: E402
 from actstore.format.layout import FIELDS_DIR, SEGMENTS_DIR
-from benchmarks.common import back_free_pages, drop_page_cache, machine, timeit  # noqa: E402
+from benchmarks.common import back_free_pages, drop_page_cache, huge_page_share, machine, timeit  # noqa: E402
 from benchmarks.store_common import (  # noqa: E402
     APPEND_BATCH,
     BATCH,
@@ -278,6 +278,10 @@ def bench_gather(rep: Report, d: Data, s1: actstore.ActivationStore, s20: actsto
                 f"speed there)")
     rep.note(t, f"{SEGMENTS}-segment store ÷ 1-segment store: {fmt_ratio(rps['twenty'] / rps['one'])}")
     rep.note(t, "HF datasets' torch format returns float32 (it casts float16); the others return float16")
+    shares = {name: huge_page_share(path) for name, path in (("1-segment store", s1.path), ("np.load map", d.npy))}
+    rep.note(t, "resident pages mapped by 2 MiB huge pages (FilePmdMapped ÷ Rss; a random read of a map in small "
+                "pages misses the TLB): " + ", ".join(f"{k} {'n/a' if v is None else f'{v:.0%}'}"
+                                                      for k, v in shares.items()))
 
 
 def bench_single(rep: Report, d: Data, s1: actstore.ActivationStore, s20: actstore.ActivationStore,

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["Table", "back_free_pages", "drop_page_cache", "machine", "timeit"]
+__all__ = ["Table", "back_free_pages", "drop_page_cache", "huge_page_share", "machine", "timeit"]
 
 
 def timeit(fn: Callable[[], Any], *, repeat: int = 5, number: int = 1, warmup: int = 1) -> float:
@@ -65,6 +65,32 @@ def back_free_pages(nbytes: int) -> None:
     import numpy as np
 
     np.ones(max(nbytes, 0), np.uint8)  # (written, so the kernel backs every page; freed on return)
+
+
+def huge_page_share(prefix: str) -> float | None:
+    """Of this process's resident mapped pages of files under ``prefix``, the share mapped by huge pages
+    (``FilePmdMapped`` ÷ ``Rss`` over ``/proc/self/smaps``); None without smaps or resident pages.
+
+    Random reads of a map cost a TLB miss per row where its file's page cache is in small folios, so
+    a gather race is only fair when both contenders' files are alike here: the kernel gives large folios
+    only while it finds free 2 MiB blocks, which varies from run to run.
+    """
+    try:
+        f = open("/proc/self/smaps")
+    except OSError:
+        return None
+    rss = pmd = 0
+    inside = False
+    with f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if not head.endswith(":"):  # a mapping's first line: "start-end perms offset dev inode [path]"
+                inside = line.split()[-1].startswith(prefix) if len(line.split()) >= 6 else False
+            elif inside and head == "Rss:":
+                rss += int(line.split()[1])
+            elif inside and head == "FilePmdMapped:":
+                pmd += int(line.split()[1])
+    return pmd / rss if rss else None
 
 
 class Table:
