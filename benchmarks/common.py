@@ -76,20 +76,20 @@ def huge_page_share(prefix: str) -> float | None:
     only while it finds free 2 MiB blocks, which varies from run to run.
     """
     try:
-        f = open("/proc/self/smaps")
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
     except OSError:
         return None
     rss = pmd = 0
     inside = False
-    with f:
-        for line in f:
-            head = line.split(maxsplit=1)[0]
-            if not head.endswith(":"):  # a mapping's first line: "start-end perms offset dev inode [path]"
-                inside = line.split()[-1].startswith(prefix) if len(line.split()) >= 6 else False
-            elif inside and head == "Rss:":
-                rss += int(line.split()[1])
-            elif inside and head == "FilePmdMapped:":
-                pmd += int(line.split()[1])
+    for line in lines:
+        parts = line.split()
+        if not parts[0].endswith(":"):  # a mapping's first line: "start-end perms offset dev inode [path]"
+            inside = len(parts) >= 6 and parts[-1].startswith(prefix)
+        elif inside and parts[0] == "Rss:":
+            rss += int(parts[1])
+        elif inside and parts[0] == "FilePmdMapped:":
+            pmd += int(parts[1])
     return pmd / rss if rss else None
 
 
