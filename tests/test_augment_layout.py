@@ -38,6 +38,15 @@ def test_run_order_covers_every_item_and_augmentation_once(n, k):
         assert 0 <= v < k and 0 <= p < n and pos[q] == p * k + v
 
 
+def test_a_run_position_outside_the_run_is_refused():
+    # (the tile formula alone maps position N*K of a one-tile run to item 0, augmentation K: an item the run lacks)
+    items = AugmentedItems([torch.zeros(3)] * 10, 2)
+    assert items.item_of(19) == (1, 9)
+    for j in (20, 21, -1, TILE * 2):
+        with pytest.raises(IndexError, match="out of range"):
+            items[j]
+
+
 def test_content_key_cache_keeps_the_batch_keys_when_it_is_cleared():
     # The cache is bounded: a batch that both reuses cached items and brings enough new ones to clear it must still
     # key its cached items (a batch straddling two tiles, or a worker's batch that other workers' batches cut).

@@ -154,10 +154,11 @@ class AugmentedItems(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return Expanded(self.dataset[p], p, v)
 
     def item_of(self, j: int) -> tuple[int, int]:
-        """(augmentation ``v``, item ``p``) of run position ``j``."""
-        t, r = divmod(int(j), TILE * self.count)
-        v, q = divmod(r, min(TILE, self.items - t * TILE))
-        return v, t * TILE + q
+        """(augmentation ``v``, item ``p``) of run position ``j``; ``IndexError`` outside ``[0, len(self))``."""
+        if not 0 <= int(j) < len(self):
+            raise IndexError(f"run position {j} is out of range for {self.items} items × {self.count} augmentations")
+        p, v = divmod(int(self.view_positions(np.array([int(j)]))[0]), self.count)
+        return v, p
 
     def view_positions(self, j: np.ndarray) -> np.ndarray:
         """The view position (item-major, ``p * K + v``) of each run position ``j``: a new int64 array."""
