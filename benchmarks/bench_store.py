@@ -230,6 +230,7 @@ def bench_gather(rep: Report, d: Data, s1: actstore.ActivationStore, s20: actsto
     hf = d.hf_dataset()
     z = d.zarr_array(s1)
     cyc = {k: itertools.cycle(range(64)) for k in names}
+    # (written out per method, not through ``check`` below: one Python frame a call, as each peer's own loop has)
     fns = {
         "one": lambda: s1.gather(batches["one"][next(cyc["one"])])["h"],
         "twenty": lambda: s20.gather(batches["twenty"][next(cyc["twenty"])])["h"],

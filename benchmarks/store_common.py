@@ -85,22 +85,18 @@ def race(fns: dict[str, Callable[[], Any]], numbers: dict[str, int], rounds: int
     the CPU caches for whoever runs next) or always right after another that read the same rows (warm caches)."""
     for fn in fns.values():
         fn()  # warm-up
+    return {k: statistics.median(v) for k, v in race_rounds(fns, numbers, rounds).items()}
+
+
+def race_rounds(fns: dict[str, Callable[[], Any]], number: int | dict[str, int], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each function in each round (``number`` calls a round, or per function): no warm-up
+    (round 1 is each function's first use), the functions taking turns, their order rotating from round to round."""
     names = list(fns)
+    numbers = number if isinstance(number, dict) else dict.fromkeys(names, number)
     times: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             times[name].append(_per_call(fns[name], numbers[name]))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def race_rounds(fns: dict[str, Callable[[], Any]], number: int, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each function in each round: no warm-up (round 1 is each function's first use),
-    the functions taking turns, their order rotating from round to round."""
-    names = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            times[name].append(_per_call(fns[name], number))
     return times
 
 

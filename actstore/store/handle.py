@@ -41,7 +41,6 @@ __all__ = ["ActivationStore", "open_in"]
 #: What a reader's :attr:`ActivationStore.merge_policy` shows (the policy a writer starts with).
 _DEFAULT_MERGE = TieredMerge()
 _from_numpy = torch.from_numpy
-_bisect = bisect_right
 
 
 def open_in(backend: Backend, mode: str = "r", *, fingerprint: str | None = None,
@@ -219,7 +218,7 @@ class ActivationStore(StoreViews):
         if many is not None and type(row) is int:
             starts, maps, name, cls, n = many
             at = row + n if row < 0 else row
-            s = _bisect(starts, at) - 1  # (a row outside the store: -1 or len(starts) - 1, an empty map)
+            s = bisect_right(starts, at) - 1  # (a row outside the store: -1 or len(starts) - 1, an empty map)
             out = cls()
             try:
                 out[name] = _from_numpy(maps[s][at - starts[s]])
