@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import actstore
 from actstore import Field
+from actstore.engine.read.snapshot import key_prefixes
 from actstore.engine.write.segments import stable_order
 
 
@@ -37,3 +38,12 @@ def test_a_commit_of_keys_sharing_prefixes_indexes_them_in_row_order(tmp_path: P
         for p in np.unique(run.prefix):
             assert bool((np.diff(run.row[run.prefix == p]) > 0).all())
         assert np.array_equal(s.lookup(keys), np.arange(5000))
+
+
+def test_a_key_prefix_is_its_first_8_bytes_read_big_endian_whatever_the_layout() -> None:
+    rng = np.random.default_rng(3)
+    wide = rng.integers(0, 256, (50, 40), dtype=np.uint8)
+    for keys in (wide[:, :32], np.ascontiguousarray(wide[:, 8:]), wide[::-2, 4:36], wide[:0, :32]):
+        want = [int.from_bytes(bytes(k[:8]), "big") for k in keys]
+        got = key_prefixes(keys)
+        assert got.dtype == np.uint64 and got.tolist() == want
