@@ -247,3 +247,21 @@ def test_cli_precompute_no_reclaim(tmp_path) -> None:
 
 def shifted_data() -> list[tuple[torch.Tensor, int]]:
     return changed(vectors(40), range(10))
+
+
+def test_a_cached_dataset_refuses_rows_renumbered_after_it_was_built(tmp_path) -> None:
+    model, data = tiny_mlp(), vectors(40)
+    path = tmp_path / "s"
+    actstore.precompute(model, data, path, layers="1", progress=False, commit_every_rows=16).close()
+    ds = actstore.CachedDataset(data, path)
+    want = ds[20][0].clone()
+    actstore.precompute(model, changed(data, range(5, 15)), path, layers="1", progress=False,
+                        commit_every_rows=16).close()  # reclaims the 10 old rows: every later row moves
+    assert torch.equal(ds[20][0], want)  # its handle still reads the commit it was built from
+    assert ds.store.refresh() and ds.store.manifest.renumbered == 1
+    assert not torch.equal(ds.store.gather(ds.rows[[20]])["1"][0], want)  # row 20's number now holds another row
+    for serve in (lambda: ds[20], lambda: ds.__getitems__([0, 20])):
+        with pytest.raises(StoreError, match="renumbered since this dataset was built"):
+            serve()
+    again = actstore.CachedDataset(changed(data, range(5, 15)), path)
+    assert torch.equal(again[20][0], want)  # built again: the same sample's row, under its new number

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from actstore.deprecation import renamed_arguments
 from actstore.engine.read.gather import row_view
-from actstore.errors import DatasetMismatchError, MissingRowsError
+from actstore.errors import DatasetMismatchError, MissingRowsError, StoreError
 from actstore.precompute.augment import AugmentSpec
 from actstore.precompute.items import ItemLayout, Selector, decode_item, item_layout, item_part
 from actstore.store import ActivationStore
@@ -198,6 +198,8 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         self._hold(store)
         store = self.store
         check_frozen(store, model, fingerprint, where=f"CachedDataset({store.path})")
+        # Rows are resolved once, here: a compaction that drops rows numbers them otherwise (_check_numbering).
+        self._renumbered = store.manifest.renumbered
         cfg = precompute_config(store)
         n = len(dataset)
         #: stored augmentations per position (1: none), the serving mode ("random", "draw", an index or None)
@@ -351,8 +353,20 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         indices carry the epoch to DataLoader workers."""
         return EpochSampler(self, sampler)
 
+    def _check_numbering(self) -> None:
+        """Refuse to serve once the handle reads a commit whose rows are numbered otherwise than the rows resolved at
+        construction (the handle refreshed past a compaction that dropped rows): each position would get another
+        sample's row."""
+        if self.store.manifest.renumbered != self._renumbered:
+            raise StoreError(
+                f"CachedDataset({self.store.path}): the store's rows were renumbered since this dataset was built (a "
+                "later precompute or compact(drop=...) dropped rows, and the store handle was refreshed or wrote that "
+                "commit), so the rows it resolved for each position now hold other samples; build the CachedDataset "
+                "again")
+
     def _serve(self, indices: Any) -> tuple[np.ndarray, np.ndarray]:
         """(positions, rows) of a batch's indices: plain positions, or (epoch, position) pairs."""
+        self._check_numbering()
         if self._table is None:
             pos = _positions(indices, len(self.rows))
             return pos, self.rows[pos]
@@ -476,6 +490,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         return acts, side
 
     def _collate(self, batch: RowBatch, opts: ActivationCollate, shared: bool) -> Any:
+        self._check_numbering()
         store, t = self.store, self._template
         snap = store.snapshot
         acts = {n: opts.gather(snap, n, store.fields[n], batch.rows, shared=shared, extra=batch.computed.get(n))
