@@ -410,6 +410,33 @@ def test_a_frozen_weight_changed_is_stale(tmp_path: Any) -> None:
     model.close()
 
 
+@pytest.mark.parametrize("change", ["in place", "replaced", "load_state_dict"])
+def test_a_frozen_weight_changed_after_the_first_forward_is_stale(tmp_path: Any, change: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("BertModel", "bert")
+    batch = _text()
+    with actstore.recycle(model, 0.5, tmp_path / "s") as m:
+        m(**batch)  # the first forward: fingerprint checked, rows computed and appended
+        hashed: list[int] = []
+        real = actstore.training.recycle_util.frozen_fingerprint
+        monkeypatch.setattr(actstore.training.recycle_util, "frozen_fingerprint",
+                            lambda frozen: hashed.append(1) or real(frozen))
+        m(**batch)
+        assert m.hit_rate > 0 and not hashed  # nothing changed: no weight is hashed again
+        emb = model.embeddings.word_embeddings
+        with torch.no_grad():  # a checkpoint or an EMA loaded into the frozen part between two forwards
+            if change == "in place":
+                emb.weight.mul_(2.0)
+            elif change == "replaced":
+                emb.weight = nn.Parameter(emb.weight.detach() * 2.0, requires_grad=False)
+            else:
+                state = {k: v * 2.0 for k, v in emb.state_dict().items()}
+                emb.load_state_dict(state)
+        with pytest.raises(actstore.StaleStoreError, match="changed since recycle"):
+            m(**batch)
+        assert hashed
+
+
 def test_training_the_head_keeps_the_store_fresh(tmp_path: Any) -> None:
     model = _model("BertModel", "bert")
     with actstore.recycle(model, 0.5, tmp_path / "s"):

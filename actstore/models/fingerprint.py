@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from actstore.format.keys import fingerprint
@@ -40,7 +41,7 @@ from actstore.models.blocks import Frozen
 from actstore.models.capture import FINAL_OUTPUT, canonical_name
 from actstore.models.split import plan_split, split, wrapped_base
 
-__all__ = ["frozen_fingerprint", "fingerprint_matches", "frozen_part"]
+__all__ = ["frozen_fingerprint", "fingerprint_matches", "frozen_part", "same_weights", "weights_stamp"]
 
 
 def frozen_part(model: nn.Module, layers: str | Iterable[str] | None) -> nn.Module:
@@ -126,6 +127,28 @@ def frozen_fingerprint(model: nn.Module, layers: str | Iterable[str] | None = No
     True
     """
     return fingerprint(frozen_part(model, layers))
+
+
+def weights_stamp(module: nn.Module) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
+    """Which tensors ``module`` holds and how often each was modified in place: every parameter and buffer, and its
+    version counter.  Cheap (no value is read), so it can be taken at every forward; compare two with
+    :func:`same_weights`.
+
+    It moves whenever a tensor is replaced (``module.weight = ...``, ``.to(dtype)``) or modified in place through
+    itself (``load_state_dict``, ``p.mul_(...)`` under ``no_grad``, an optimizer step): the version counters
+    PyTorch keeps for autograd.  A write through ``p.data`` (a tensor with a version counter of its own) does not
+    move it; :func:`frozen_fingerprint` hashes the values themselves.  The stamp holds the tensors themselves (not
+    their ids, which a new tensor may reuse once the old one is freed).
+    """
+    tensors = (*module.parameters(), *module.buffers())
+    return tensors, tuple(t._version for t in tensors)
+
+
+def same_weights(a: tuple[tuple[torch.Tensor, ...], tuple[int, ...]] | None,
+                 b: tuple[tuple[torch.Tensor, ...], tuple[int, ...]]) -> bool:
+    """Whether two :func:`weights_stamp` s are of the same tensors, none modified in place in between."""
+    return (a is not None and a[1] == b[1] and len(a[0]) == len(b[0])
+            and all(x is y for x, y in zip(a[0], b[0], strict=True)))
 
 
 def fingerprint_matches(recorded: str | None, fp: str, model: nn.Module) -> bool:
