@@ -437,6 +437,31 @@ def test_a_frozen_weight_changed_after_the_first_forward_is_stale(tmp_path: Any,
         assert hashed
 
 
+def test_arguments_the_rows_are_not_keyed_by_are_refused(tmp_path: Any) -> None:
+    model = actstore.recycle(_model("ViTModel", "vit", use_mask_token=True), 0.5, tmp_path / "s")
+    pixels = torch.randn(2, 3, 16, 16)
+    model(pixel_values=pixels)  # rows stored for these images
+    masked = torch.zeros(2, 16, dtype=torch.bool)
+    masked[:, :5] = True
+    for extra in ({"bool_masked_pos": masked}, {"interpolate_pos_encoding": True}):
+        with pytest.raises(actstore.errors.HeadInputError, match=f"got {next(iter(extra))}=.*keyed by"):
+            model(pixel_values=pixels, **extra)  # served as is, the unmasked rows would stand in for masked ones
+    model(pixel_values=pixels, interpolate_pos_encoding=False, return_dict=True)  # the defaults change nothing
+    model.close()
+
+
+def test_an_input_that_requires_grad_is_refused(tmp_path: Any) -> None:
+    model = actstore.recycle(_model("BertModel", "bert"), 0.5, tmp_path / "s")
+    embeds = torch.randn(2, 5, 32, requires_grad=True)  # a trainable soft prompt
+    with pytest.raises(actstore.errors.HeadInputError, match="inputs_embeds requires grad"):
+        model(inputs_embeds=embeds)
+    with torch.no_grad():
+        model(inputs_embeds=embeds)  # no gradient asked: served
+    model(inputs_embeds=embeds.detach())
+    assert model.hit_rate > 0
+    model.close()
+
+
 def test_training_the_head_keeps_the_store_fresh(tmp_path: Any) -> None:
     model = _model("BertModel", "bert")
     with actstore.recycle(model, 0.5, tmp_path / "s"):

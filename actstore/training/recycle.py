@@ -63,6 +63,13 @@ __all__ = ["RecycledModel", "recycle", "unrecycle"]
 #: The model inputs a routed forward keys (what reaches the frozen part), in this order.
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values", "inputs_embeds")
 _CACHES = ("past_key_values", "cache")
+#: Arguments of the routed forward that leave the frozen part's output alone (the output flags are refused apart;
+#: ``num_items_in_batch`` is the loss's, which transformers' task models pass down to their base).
+_PASSED = frozenset({"return_dict", "use_cache", "output_attentions", "output_hidden_states", "num_items_in_batch"})
+#: Arguments other than tensors that change what the frozen part computes (a tensor argument that is not keyed always
+#: does: ``bool_masked_pos``, ``head_mask``, ``cache_position``); other plain values (sentence-transformers'
+#: ``modality="text"``) pass.
+_SHAPING = frozenset({"interpolate_pos_encoding"})
 
 
 def _plan(model: nn.Module, at: str | float, blocks: str | None, stem: str | None,
@@ -303,6 +310,7 @@ def _route(routing: Routing, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
             "for them from the plain model (actstore.unrecycle(model)), or read the layers after the cut yourself "
             "with forward hooks")
     inputs = _inputs(routing, params)
+    _check_unkeyed(routing, params, inputs)
     routing.check_fresh()
     if routing.layout.feed is not None:
         check_batch(routing.frozen, inputs)  # left padding; position ids a store cannot give back
@@ -311,6 +319,32 @@ def _route(routing: Routing, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
         kwargs = {**kwargs, "use_cache": False}
     with stand_ins(routing.base, routing.layout, routing.frozen.k, states):
         return routing.original(*args, **kwargs)
+
+
+def _check_unkeyed(routing: Routing, params: dict[str, Any], inputs: dict[str, torch.Tensor]) -> None:
+    """Refuse a call the stored rows cannot answer: an argument that would change the frozen part's output but is
+    not in the key (ViT's ``bool_masked_pos``, ``interpolate_pos_encoding=True``, ``head_mask``), or an input
+    whose gradient would flow back through the frozen blocks (a trainable soft prompt as ``inputs_embeds``)."""
+    other = [k for k, v in params.items() if k not in inputs and k not in _PASSED
+             and (isinstance(v, torch.Tensor) or (k in _SHAPING and v is not None and v is not False))]
+    if other:
+        raise HeadInputError(
+            f"recycle: {type(routing.base).__name__} got {other[0]}={_short(params[other[0]])}, which may change what the "
+            f"frozen blocks compute, but the stored rows are keyed by {sorted(inputs)} only, so a "
+            "row computed without it would be served; call the plain model for such batches "
+            "(actstore.unrecycle(model)), or leave it out")
+    grads = [k for k, v in inputs.items() if v.requires_grad]
+    if grads and torch.is_grad_enabled():
+        raise HeadInputError(
+            f"recycle: {grads[0]} requires grad, but its gradient would flow through the frozen blocks, which a "
+            "recycled model does not run (their stored rows stand in for them), so it would get none; train it "
+            "through the plain model (actstore.unrecycle(model)), or pass it detached")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {tuple(value.shape)}>"
+    return repr(value)[:40]
 
 
 def _states(routing: Routing, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
