@@ -462,6 +462,20 @@ def test_an_input_that_requires_grad_is_refused(tmp_path: Any) -> None:
     model.close()
 
 
+def test_a_recycled_model_refuses_to_be_copied_or_pickled(tmp_path: Any) -> None:
+    import pickle
+
+    model = actstore.recycle(_model("BertModel", "bert"), 0.5, tmp_path / "s")
+    model(**_text())
+    with pytest.raises(actstore.errors.SplitError, match="deep-copying a recycled BertModel"):
+        copy.deepcopy(model)  # the copy would route through the original's frozen part and store
+    for copies in (copy.copy, pickle.dumps, torch.save):
+        with pytest.raises(actstore.errors.SplitError, match="state_dict"):
+            copies(model) if copies is not torch.save else torch.save(model, tmp_path / "m.pt")
+    model.close()
+    assert copy.deepcopy(model) is not model  # the plain model again
+
+
 def test_training_the_head_keeps_the_store_fresh(tmp_path: Any) -> None:
     model = _model("BertModel", "bert")
     with actstore.recycle(model, 0.5, tmp_path / "s"):

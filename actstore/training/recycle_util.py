@@ -145,6 +145,18 @@ class RecycledModel:
     def __enter__(self) -> Any:
         return self
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        raise SplitError(
+            f"deep-copying a recycled {type(self).__name__} is not supported: the copy's forward would still route "
+            "through the original's store and frozen part, and compute with the original's weights (an EMA or "
+            "'best model' copy would be evaluated wrong). Copy the plain model (actstore.unrecycle(model), copy, "
+            "recycle again), or keep copies of the trainable parameters' state_dict only")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise SplitError(
+            f"pickling or copying a recycled {type(self).__name__} is not supported (its class is made at run time "
+            "and it holds an open store): save model.state_dict(), or call actstore.unrecycle(model) first")
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 
