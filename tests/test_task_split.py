@@ -162,6 +162,20 @@ def test_token_labels_at_padding_are_refused_unless_minus_100(cls_name: str, fam
     assert int(mask.sum()) < mask.numel()
 
 
+@pytest.mark.parametrize(("cls_name", "family", "kind"), [
+    ("LlamaForCausalLM", "llama", "lm"), ("BertForTokenClassification", "bert", "token"),
+    ("Qwen2ForTokenClassification", "qwen2", "token")])
+def test_token_labels_padded_to_max_length_give_the_unsplit_loss(cls_name: str, family: str, kind: str) -> None:
+    model = task_model(cls_name, family)
+    frozen, head = actstore.split(model, 0.5)
+    batch, labels = batch_and_labels(kind)
+    wide = torch.full((3, 16), -100)  # a tokenizer's padding="max_length": -100 past the batch's longest row
+    wide[:, :7] = labels["labels"]
+    got = head(frozen(**batch), labels=wide)  # cut to the states' width (the loss calls labels.view(-1))
+    want = model(**batch, labels=labels["labels"])
+    torch.testing.assert_close(got.loss, want.loss)
+
+
 def test_span_positions_on_padding_are_refused() -> None:
     frozen, head = actstore.split(task_model("BertForQuestionAnswering", "bert", num_labels=2), 0.5)
     batch, labels = batch_and_labels("span")

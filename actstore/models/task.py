@@ -218,7 +218,8 @@ class TaskHead(Head):
     def _check_labels(self, extra: dict[str, Any], mask: torch.Tensor | None, width: int) -> None:
         """Refuse labels the loss would read at padding (see the module docstring); token labels wider than the
         states whose extra columns are all -100 (padded to a tokenizer's max_length) are cut to the states' width
-        (a view: the loss ignores those columns either way)."""
+        (a contiguous copy, since the model's own loss calls ``labels.view(-1)``; the loss ignores those columns either
+        way)."""
         outer = type(self.__dict__["outer"]).__name__
         real = None if mask is None else mask != 0
         for key in [k for k in extra if "label" in k] if self._token_labels else []:
@@ -226,7 +227,7 @@ class TaskHead(Head):
             if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.is_floating_point():
                 continue
             if value.shape[1] > width and bool((value[:, width:] == -100).all()):
-                value = extra[key] = value[:, :width]
+                value = extra[key] = value[:, :width].contiguous()
             if value.shape[1] != width:
                 raise HeadInputError(
                     f"{key} of the head of {outer} span {value.shape[1]} tokens and the states {width}: token "
