@@ -236,8 +236,10 @@ def test_input_keys_follow_the_tokens_not_the_padding() -> None:
     assert [bytes(k) for k in input_keys(left, 9)] == general
     assert bytes(input_keys(right, 9)[0]) == key({k: v[0][: len(seqs[0])] for k, v in right.items()})
     holes = dict(right, attention_mask=right["attention_mask"].clone())
-    holes["attention_mask"][2, 1] = 0  # a mask that is not one run of tokens
-    assert [bytes(k) for k in input_keys(holes, 9)] == [key(x) for x in sample_inputs(holes, 9)]
+    holes["attention_mask"][2, 1] = 0  # a mask that is not one run of tokens: no key says where its tokens sit
+    for path in (input_keys, sample_inputs):
+        with pytest.raises(actstore.errors.HeadInputError, match="sample 2 of the batch has an attention_mask with a hole"):
+            path(holes, 9)
     consts = dict(right, modality="text", n=3, big=2**70, scale=-1.5, flag=True, nothing=None)  # as ST's preprocess
     assert [bytes(k) for k in input_keys(consts, 9)] == [key(x) for x in sample_inputs(consts, 9)]
     flat = torch.arange(5)
@@ -245,3 +247,42 @@ def test_input_keys_follow_the_tokens_not_the_padding() -> None:
     assert bytes(input_keys({"x": torch.ones(2, 3), "scale": 2.0}, 2)[1]) == key({"x": torch.ones(3), "scale": 2.0})
     with pytest.raises(TypeError, match="key_fn="):
         input_keys({"x": torch.ones(2, 3), "names": ["a", "b"]}, 2)
+
+
+def _masking_token(k: int) -> Any:
+    """A collate that keeps token ``k`` of every sample in the ids but masks it in place: a hole in the mask."""
+    def collate(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
+        batch = pad_collate(seqs)
+        batch["attention_mask"][:, k] = 0
+        return batch
+    return collate
+
+
+def _dropping_token(k: int) -> Any:
+    def collate(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
+        return pad_collate([s[:k] + s[k + 1:] for s in seqs])
+    return collate
+
+
+def test_a_mask_with_a_hole_is_refused_everywhere_a_row_is_keyed(tmp_path: Any) -> None:
+    # Its real tokens are those of the sequence without the masked one: one key, but other positions and rows.
+    model = tiny_bert()
+    data = token_lists(6, seed=5, lo=6, hi=10)
+    holed = _masking_token(2)
+    batch = holed(data)
+    for keys_of in (lambda: input_keys(batch, 6), lambda: sample_inputs(batch, 6),
+                    lambda: input_keys(dict(batch), 6, lengths_fn=None)):
+        with pytest.raises(actstore.errors.HeadInputError, match="sample 0 of the batch has an attention_mask with a "
+                                                                  "hole.*one run"):
+            keys_of()
+    with pytest.raises(actstore.errors.HeadInputError, match="hole"):
+        actstore.precompute(model, data, tmp_path / "p", layers=LAYER, collate_fn=holed, progress=False)
+    actstore.precompute(model, data, tmp_path / "s", layers=LAYER, collate_fn=_dropping_token(2), progress=False)
+    with pytest.raises(actstore.errors.HeadInputError, match="hole"):
+        CachedDataset(data, tmp_path / "s", collate_fn=holed)  # the same keys as the rows it would serve
+    recycled = actstore.recycle(tiny_bert(), LAYER, tmp_path / "r")
+    with pytest.raises(actstore.errors.HeadInputError, match="hole"):
+        recycled(**batch)
+    recycled.close()
+    left = pad_collate(data, left=True)  # one run each, on the left: not a hole
+    assert np.array_equal(input_keys(left, 6), input_keys(pad_collate(data), 6))

@@ -26,19 +26,41 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from actstore.errors import HeadInputError, LeftPaddingError
 from actstore.models.layout import BlockLayout
 from actstore.models.states import default_positions
 
-__all__ = ["left_padding_error", "needed_arguments", "refuse_arguments"]
+__all__ = ["left_padding_error", "needed_arguments", "refuse_arguments", "refuse_mask_holes"]
 
 
 def _left_padded(mask: torch.Tensor) -> torch.Tensor:
     """Rows of a 0/1 mask with a padding token before a real one."""
     real = mask != 0
     return (~real[:, :-1] & real[:, 1:]).any(dim=1)
+
+
+def refuse_mask_holes(real: np.ndarray) -> None:
+    """Refuse an ``(n, L)`` mask (bool) in which some sample's real tokens are not one run (a masked position
+    between two real ones).  A row is keyed by a sample's real tokens, not by where they sit, and the frozen part's
+    output depends on that (positions, attention), so two batches with one key could give different rows.
+
+    Raises :class:`HeadInputError` naming the first such sample.
+    """
+    count = real.sum(1)
+    first = real.argmax(1)
+    last = real.shape[1] - 1 - real[:, ::-1].argmax(1)
+    holes = np.flatnonzero((count > 0) & (last - first + 1 != count))
+    if len(holes):
+        j = int(holes[0])
+        raise HeadInputError(
+            f"sample {j} of the batch has an attention_mask with a hole (positions {int(first[j])}..{int(last[j])} "
+            f"hold {int(count[j])} real tokens): a row is keyed by a sample's real tokens, not by where they sit, so "
+            "the row stored under its key could differ from what the frozen part computes for another batch with "
+            "the same key; collate each sample's tokens as one run (padding on the right or the left) and drop "
+            "masked tokens from the ids instead of masking them in place")
 
 
 def left_padding_error(layout: BlockLayout, mask: Any, input_ids: Any = None, pad_id: int | None = None,

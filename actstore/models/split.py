@@ -85,7 +85,7 @@ from actstore.deprecation import moved_attributes
 from actstore.errors import SplitError
 from actstore.models.blocks import Frozen, Head, SplitStates
 from actstore.models.capture import canonical_name
-from actstore.models.checks import left_padding_error, needed_arguments, refuse_arguments
+from actstore.models.checks import left_padding_error, needed_arguments, refuse_arguments, refuse_mask_holes
 from actstore.models.families import FAMILIES, CustomFamily, ResNetPart, SentenceTransformerHead, SplitPlan
 from actstore.models.layout import BlockLayout
 
@@ -266,6 +266,8 @@ def check_padding(model: nn.Module, attention_mask: torch.Tensor | Mapping[str, 
     if found is None:
         return
     layout, base = found
+    if attention_mask.ndim == 2:
+        refuse_mask_holes((attention_mask != 0).cpu().numpy())
     error = left_padding_error(layout, attention_mask, input_ids, _pad_id(base), _named(base))
     if error is not None:
         raise error
@@ -311,6 +313,9 @@ def check_batch(model: nn.Module, batch: Any) -> None:
     if found is None:
         return
     layout, base = found
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+        refuse_mask_holes((mask != 0).cpu().numpy())
     error = left_padding_error(layout, batch.get("attention_mask"), batch.get("input_ids"), _pad_id(base),
                                _named(base))
     if error is not None:

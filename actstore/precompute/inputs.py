@@ -44,6 +44,7 @@ from blake3 import blake3
 
 from actstore.format.keys import KEY_DOMAIN, TAG_ARRAY, TAG_BOOL, TAG_DICT, TAG_FLOAT, TAG_INT, TAG_NONE, TAG_STR
 from actstore.format.keys import key as content_key
+from actstore.models.checks import refuse_mask_holes
 
 __all__ = ["batch_signature", "check_recollated", "input_keys", "sample_inputs"]
 
@@ -127,6 +128,7 @@ def sample_inputs(batch: Any, n: int, *, lengths_fn: Callable[[Any], Any] | None
         m = torch.as_tensor(_cpu(batch["attention_mask"]))
         if m.ndim == 2 and m.shape[0] == n:
             mask = m.bool()
+            refuse_mask_holes(mask.numpy())
     if _is_array(batch):
         return [*map(_splitter(_cpu(batch), n, "", mask, lengths, width), range(n))]
     if isinstance(batch, Mapping):
@@ -291,6 +293,8 @@ def _fast_keys(batch: Any, n: int) -> np.ndarray | None:
         contiguous = (mask == ((idx >= first[:, None]) & (idx < (first + lengths)[:, None]))).all()
         if bool(contiguous):
             starts = first
+        else:
+            refuse_mask_holes(mask)
     heads = [TAG_ARRAY + _U64(len(a.dtype.name)) + a.dtype.name.encode() + _U64(a.ndim - 1) for a in arrays]
     token = [mask is not None and a.ndim >= 2 and a.shape[1] == width for a in arrays]
     rest = [b"".join(_U64(d) for d in a.shape[2:]) if t else b"".join(_U64(d) for d in a.shape[1:])
