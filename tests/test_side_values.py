@@ -233,3 +233,17 @@ def test_a_store_without_a_record_serves_the_items_labels_by_position(tmp_path: 
     ds = CachedDataset(data, tmp_path / "s")
     assert ds.input == 0 and [ds[i][1] for i in range(3)] == [0, 5, 1]
     assert labels_of(DataLoader(ds, batch_size=2, num_workers=2)) == [0, 5, 1]
+
+
+def test_a_part_precompute_never_saw_is_refused_until_it_runs_again(tmp_path: Path) -> None:
+    model = tiny_mlp()
+    vecs = [torch.randn(6, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    items = [{"x": v, "label": i % 3} for i, v in enumerate(vecs)]
+    actstore.precompute(model, items, tmp_path / "s", layers="1", progress=False).close()
+    grown = [{**it, "weight": 0.5 + i} for i, it in enumerate(items)]
+    with pytest.raises(DatasetMismatchError, match=r"items have parts \['weight'\] that precompute did not see"):
+        CachedDataset(grown, tmp_path / "s")  # its value would be served as None
+    store = actstore.precompute(model, grown, tmp_path / "s", layers="1", progress=False, overwrite=True)
+    ds = CachedDataset(grown, store)
+    assert [ds[i]["weight"] for i in range(8)] == [0.5 + i for i in range(8)]
+    assert [ds[i]["label"] for i in range(8)] == [i % 3 for i in range(8)]
