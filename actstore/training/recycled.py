@@ -71,11 +71,14 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
     Same length and order as ``dataset``; ``ds[i]`` has the structure of
     ``dataset[i]`` (a dict, tuple, namedtuple or the bare input) with the input
     part replaced by the activations (one tensor, or ``{field: tensor}`` when the
-    store holds several layers) and the side parts (labels, ids) **always**
-    ``dataset[i]``'s own: read from the per-position columns of the view
-    precompute recorded (a repeated input keeps each position's label), so the
+    store holds several layers) and the side parts (labels, ids) those precompute
+    stored for position ``i``: read from the per-position columns of the view
+    it recorded (a repeated input keeps each position's label), so the
     original items are **not read** after construction; position → row comes
-    from that view.  With ``index="keys"``, or a store that holds no side values
+    from that view.  They are compared with ``dataset[i]``'s own at the
+    positions ``check`` reads (every position for cheap items; a spot check of
+    8 otherwise, which does not see a relabelled position it does not pick:
+    pass ``check="all"``).  With ``index="keys"``, or a store that holds no side values
     (``RecycledEncoder``'s, ``infer(out=)``'s), side parts are read from
     ``dataset[i]`` itself: those modes read the item for every served position.
     Stores written before format version 3 hold side values per row (the first
