@@ -170,3 +170,21 @@ def test_append_nonfinite_policy_is_unchanged(tmp_path) -> None:
         store.commit()
         got = store.gather(np.arange(1))["h"].float()
     assert bool(torch.isnan(got[0, 0])) and float(got[0, 1]) == float("inf")
+
+
+@pytest.mark.parametrize(("dtype", "exact", "rounded"), [
+    ("float32", [2**40, -(2**24), 16777216, 7], 2**40 + 1),
+    ("float16", [4096, -2048, 2048, 65504], 2049),
+    ("bfloat16", [256, -256, 512, 3], 257),
+])
+def test_integers_a_float_field_would_round_are_refused(tmp_path, dtype: str, exact: list[int], rounded: int) -> None:
+    with actstore.create(tmp_path / "s", {"v": Field((), dtype)}) as store:
+        store.append([actstore.key(i) for i in range(len(exact))], {"v": np.array(exact, np.int64)})
+        for bad, named in (([rounded], rounded), ([1, -rounded], -rounded)):
+            with pytest.raises(ValueError, match=f"integer {named} is not exactly a {dtype}"):
+                store.append([actstore.key(100 + i) for i in range(len(bad))], {"v": np.array(bad, np.int64)})
+        store.commit()
+        assert store.gather(np.arange(len(exact)))["v"].double().tolist() == [float(x) for x in exact]
+    with actstore.create(tmp_path / "u", {"v": Field((), "float32")}) as store, \
+            pytest.raises(ValueError, match="integer 18446744073709551615 is not exactly a float32"):
+        store.append([actstore.key(0)], {"v": np.array([2**64 - 1], np.uint64)})  # past int64: compared as ints

@@ -130,6 +130,8 @@ def _cast(t: torch.Tensor, field: Field, where: str, allow_nonfinite: bool, allo
         if lo < info.min or hi > info.max:
             raise ValueError(f"{where}: values in [{lo}, {hi}] do not fit {field.dtype} [{info.min}, {info.max}]")
     out = t.to(field.spec.torch)
+    if src == "i" and dst == "f" and out.numel():
+        _refuse_rounded_integers(t, out, field, where)
     if not allow_nonfinite and dst == "f" and out.numel() and not bool(torch.isfinite(out).all()):
         bad = int((~torch.isfinite(out)).sum())
         raise ValueError(f"{where}: {bad} values are NaN or infinite (after casting to {field.dtype}); "
@@ -137,6 +139,30 @@ def _cast(t: torch.Tensor, field: Field, where: str, allow_nonfinite: bool, allo
     if field.dtype == "bfloat16":
         return out.contiguous().view(torch.int16).numpy().view(np.uint16)
     return out.contiguous().numpy()
+
+
+#: Significand bits of each floating storage dtype: integers up to 2**bits in magnitude are exact in it.
+_SIGNIFICAND = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24, torch.float64: 53}
+
+
+def _refuse_rounded_integers(t: torch.Tensor, out: torch.Tensor, field: Field, where: str) -> None:
+    """Refuse integers that the cast to a float field rounded (int64 ``2**40 + 1`` is float32 ``2**40``).
+
+    Integers within the significand are exact; only larger ones are compared, as Python ints (exactly).
+    """
+    arr = t.numpy().ravel()
+    edge = 1 << _SIGNIFICAND[out.dtype]
+    big = np.flatnonzero((arr > edge) | (arr < -edge)) if arr.dtype.kind == "i" else np.flatnonzero(arr > edge)
+    if not len(big):
+        return
+    got = out.to(torch.float64).numpy().ravel()[big]
+    wrong = [int(j) for j, v, g in zip(big.tolist(), arr[big].tolist(), got.tolist(), strict=True)
+             if g != g or abs(g) == float("inf") or int(g) != v]
+    if wrong:
+        raise ValueError(
+            f"{where}: integer {int(arr[wrong[0]])} is not exactly a {field.dtype} (it would be stored as "
+            f"{float(got[big.tolist().index(wrong[0])]):.17g}; {len(wrong)} values would round): store integers in an "
+            "int field, or cast them yourself where rounding is meant")
 
 
 # -- the range check of a narrowing cast -------------------------------------------------
