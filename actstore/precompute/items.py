@@ -401,12 +401,12 @@ class ItemLayout:
             return cls("bare", type(item), (), None, {}, {})
         if isinstance(item, Mapping):
             kind, parts = "mapping", tuple(item.keys())
-            new = [k for k in parts if record is not None and record.type == "dict" and record.keys is not None
-                   and k not in record.keys]
+            seen = record.keys if record is not None and record.type == "dict" else None
+            new = [k for k in parts if seen is not None and k not in seen]
             if new:  # a part precompute never saw has no stored value: it would be served as None
                 raise DatasetMismatchError(
                     f"{where}: items have parts {new} that precompute did not see (it recorded "
-                    f"{list(record.keys or ())}), so no value of theirs is stored; precompute today's dataset again "
+                    f"{list(seen or ())}), so no value of theirs is stored; precompute today's dataset again "
                     "(actstore.precompute(..., overwrite=True): the item layout changed), or drop those parts")
             if isinstance(input, (tuple, list)):  # keyword-argument inputs: activations under the first key
                 extra = set(input[1:])
