@@ -30,6 +30,9 @@ def _config(family: str, **kw: Any) -> Any:
     if family == "llama":
         return tf.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
+    if family == "roberta":
+        return tf.RobertaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=80, pad_token_id=0, **kw)
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=4, n_head=4, n_positions=64, **kw)
     if family == "vit":
@@ -474,6 +477,34 @@ def test_a_recycled_model_refuses_to_be_copied_or_pickled(tmp_path: Any) -> None
             copies(model) if copies is not torch.save else torch.save(model, tmp_path / "m.pt")
     model.close()
     assert copy.deepcopy(model) is not model  # the plain model again
+
+
+def test_a_left_padded_batch_is_refused_where_a_head_reads_the_first_position(tmp_path: Any) -> None:
+    # RoBERTa's positions skip its pad id, so left padding leaves the real tokens' states alone: allowed, unless
+    # something reads position 0, which is then padding (the unsplit model reads the pad token's state there).
+    import transformers as tf
+
+    def same(got: Any, want: Any, mask: torch.Tensor) -> None:
+        key = "logits" if "logits" in want else "last_hidden_state"
+        a, b = got[key], want[key]
+        if a.ndim == 3:  # token-level: the real tokens (padding is zeros at the cut, by design)
+            a, b = a[mask.bool()], b[mask.bool()]
+        torch.testing.assert_close(a, b, **TOL)
+
+    left, right = token_batch([3, 7, 5], left=True), token_batch([3, 7, 5])
+    cases = [("RobertaForSequenceClassification", {}, True), ("RobertaModel", {}, True),
+             ("RobertaModel", {"add_pooling_layer": False}, False), ("RobertaForTokenClassification", {}, False)]
+    for i, (cls_name, extra, refused) in enumerate(cases):
+        torch.manual_seed(0)
+        plain = getattr(tf, cls_name)(_config("roberta"), **extra).eval()
+        model = actstore.recycle(copy.deepcopy(plain), 0.5, tmp_path / f"s{i}")
+        if refused:
+            with pytest.raises(actstore.errors.HeadInputError, match="left-padded batch, and .*first position"):
+                model(**left)
+        else:
+            same(model(**left), plain(**left), left["attention_mask"])
+        same(model(**right), plain(**right), right["attention_mask"])  # right padding: position 0 is real
+        model.close()
 
 
 def test_training_the_head_keeps_the_store_fresh(tmp_path: Any) -> None:

@@ -310,7 +310,7 @@ def _route(routing: Routing, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
             "for them from the plain model (actstore.unrecycle(model)), or read the layers after the cut yourself "
             "with forward hooks")
     inputs = _inputs(routing, params)
-    _check_unkeyed(routing, params, inputs)
+    _check_call(routing, params, inputs)
     routing.check_fresh()
     if routing.layout.feed is not None:
         check_batch(routing.frozen, inputs)  # left padding; position ids a store cannot give back
@@ -321,9 +321,10 @@ def _route(routing: Routing, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
         return routing.original(*args, **kwargs)
 
 
-def _check_unkeyed(routing: Routing, params: dict[str, Any], inputs: dict[str, torch.Tensor]) -> None:
-    """Refuse a call the stored rows cannot answer: an argument that would change the frozen part's output but is
-    not in the key (ViT's ``bool_masked_pos``, ``interpolate_pos_encoding=True``, ``head_mask``), or an input
+def _check_call(routing: Routing, params: dict[str, Any], inputs: dict[str, torch.Tensor]) -> None:
+    """Refuse a call the stored rows cannot answer as the unsplit model would: an argument that would change the
+    frozen part's output but is not in the key (ViT's ``bool_masked_pos``, ``interpolate_pos_encoding=True``,
+    ``head_mask``); a left-padded batch whose first positions (padding) a [CLS] head or pooler reads; an input
     whose gradient would flow back through the frozen blocks (a trainable soft prompt as ``inputs_embeds``)."""
     other = [k for k, v in params.items() if k not in inputs and k not in _PASSED
              and (isinstance(v, torch.Tensor) or (k in _SHAPING and v is not None and v is not False))]
@@ -333,12 +334,37 @@ def _check_unkeyed(routing: Routing, params: dict[str, Any], inputs: dict[str, t
             f"frozen blocks compute, but the stored rows are keyed by {sorted(inputs)} only, so a "
             "row computed without it would be served; call the plain model for such batches "
             "(actstore.unrecycle(model)), or leave it out")
+    mask = inputs.get("attention_mask")
+    if (mask is not None and mask.ndim == 2 and mask.shape[1] > 1 and not routing.layout.causal
+            and bool((mask[:, 0] == 0).any()) and (reader := _first_token_reader(routing)) is not None):
+        raise HeadInputError(
+            f"recycle: a left-padded batch, and {reader} reads each row's first position, which is padding there: "
+            "the unsplit model reads the state it computed from the pad token, a recycled one the zeros that stand "
+            "in for padding at the cut, so the outputs would differ. Pad on the right "
+            "(tokenizer.padding_side = 'right')")
     grads = [k for k, v in inputs.items() if v.requires_grad]
     if grads and torch.is_grad_enabled():
         raise HeadInputError(
             f"recycle: {grads[0]} requires grad, but its gradient would flow through the frozen blocks, which a "
             "recycled model does not run (their stored rows stand in for them), so it would get none; train it "
             "through the plain model (actstore.unrecycle(model)), or pass it detached")
+
+
+#: Heads of encoder task models that read the first position ([CLS]) of every row.
+_FIRST_TOKEN_HEADS = ("ForSequenceClassification", "ForMultipleChoice", "ForNextSentencePrediction", "ForPreTraining")
+
+
+def _first_token_reader(routing: Routing) -> str | None:
+    """What of the recycled model reads each row's first position (a [CLS] pooling head, or the base model's
+    ``pooler``), or None."""
+    outer = routing.outer()
+    name = type(outer).__name__
+    if name.endswith(_FIRST_TOKEN_HEADS):
+        return f"{name}'s head"
+    pooler = getattr(routing.base, "pooler", None)
+    if isinstance(pooler, nn.Module) and outer is routing.base:
+        return f"{name}'s pooler (pooler_output; build it with add_pooling_layer=False if you do not use it)"
+    return None
 
 
 def _short(value: Any) -> str:
