@@ -70,6 +70,10 @@ def test_rows_outside_the_store_are_refused_or_counted_from_the_end(tmp_path: Pa
     for bad in (n, n + 10**6, -n - 1, 2**40):
         with pytest.raises(IndexError, match=f"row {bad} is out of range for a store of {n} rows"):
             s.gather(np.array([0, bad], np.int64))
+        with pytest.raises(IndexError, match=f"row {bad} is out of range for a store of {n} rows"):
+            s[bad]  # the row asked for is named, not the row it counts to from the end
+    with pytest.raises(ValueError, match=r"1-D sequence .* shape \(2, 2\)"):
+        s.gather(np.array([[0, 1], [2, 3]]))  # not flattened silently
 
 
 def test_the_joined_map_is_unmapped_with_its_last_array(tmp_path: Path) -> None:

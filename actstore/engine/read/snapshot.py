@@ -292,15 +292,20 @@ class Snapshot:
 
     # -- rows -----------------------------------------------------------------
     def locate(self, row: int) -> tuple[SegmentReader, int]:
+        asked = row
         if row < 0:
             row += self.rows
         if not 0 <= row < self.rows:
-            raise IndexError(f"row {row} is out of range for a store of {self.rows} rows")
+            raise IndexError(f"row {asked} is out of range for a store of {self.rows} rows")
         s = bisect_right(self.starts_list, row) - 1
         return self.segments[s], row - self.starts_list[s]
 
     def check_rows(self, rows: object) -> np.ndarray:
+        """``rows`` (a row number or a 1-D sequence of them) as non-negative int64 rows, or the error naming one."""
         idx = np.asarray(rows)
+        if idx.ndim > 1:
+            raise ValueError(f"rows: expected a row number or a 1-D sequence of them, got an array of shape "
+                             f"{idx.shape} (flatten it if a flat batch is meant)")
         if idx.dtype.kind not in "iu":
             if idx.size == 0:
                 return np.empty(0, np.int64)
