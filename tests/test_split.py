@@ -111,6 +111,16 @@ def test_fraction_examples() -> None:
     assert len(split(six, 1 / 12)[0]) == 1
 
 
+def test_an_int_at_is_refused_with_the_fraction_it_meant() -> None:
+    six = nn.Sequential(*(nn.Identity() for _ in range(6)))
+    with pytest.raises(TypeError, match=r"got 3\. Use at=0\.5 to freeze 3 of 6 blocks"):
+        split(six, 3)
+    for at in (0, 7, True):  # no fraction in (0, 1] freezes that many: none is suggested
+        with pytest.raises(TypeError, match=r"Freeze 1 to 6 blocks \(at=1/6 \.\. 1\.0\)") as err:
+            split(six, at)
+        assert "Use at=" not in str(err.value)
+
+
 # -- ResNet ----------------------------------------------------------------------------
 
 

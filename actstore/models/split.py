@@ -361,11 +361,12 @@ def resolve_at(model: nn.Module, plan: SplitPlan, at: object) -> str:
     Raises ``ValueError`` listing the valid split points, ``TypeError`` for an ``at`` of another type.
     """
     if isinstance(at, int):  # bool included
-        raise TypeError(
-            f"at must be a split point name (str) or a fraction (float) in (0, 1]; got {at!r}. "
-            f"Use at={int(at) / len(plan.blocks):.4g} to freeze {int(at)} of {len(plan.blocks)} blocks, or "
-            f"a name from {plan.points}."
-        )
+        n = len(plan.blocks)
+        fits = 0 < int(at) <= n and not isinstance(at, bool)
+        way = (f"Use at={int(at) / n:.4g} to freeze {int(at)} of {n} blocks, or a name from {plan.points}." if fits
+               else f"Freeze 1 to {n} blocks (at=1/{n} .. 1.0), or name a split point from {plan.points}; to freeze "
+                    "no block, do not split or recycle the model.")
+        raise TypeError(f"at must be a split point name (str) or a fraction (float) in (0, 1]; got {at!r}. {way}")
     if isinstance(at, float):
         return _from_fraction(plan, at)
     if not isinstance(at, str):
