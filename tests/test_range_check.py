@@ -13,6 +13,8 @@ import actstore
 from actstore import CastOverflowError, Field
 from actstore.cli import main as cli_main
 from actstore.precompute.background import CastCheck, convert_output
+from actstore.training.collate import ActivationCollate
+from actstore.training.datasets import ActivationDataset
 
 BIG = 150_000.0  # an outlier feature: beyond float16 (65504), well inside bfloat16 and float32
 
@@ -188,3 +190,23 @@ def test_integers_a_float_field_would_round_are_refused(tmp_path, dtype: str, ex
     with actstore.create(tmp_path / "u", {"v": Field((), "float32")}) as store, \
             pytest.raises(ValueError, match="integer 18446744073709551615 is not exactly a float32"):
         store.append([actstore.key(0)], {"v": np.array([2**64 - 1], np.uint64)})  # past int64: compared as ints
+
+
+def test_a_read_cast_that_would_overflow_is_refused(tmp_path) -> None:
+    big = np.array([[1, 2, 3], [1e5, 0, 0], [np.inf, 1, 1]], np.float32)
+    tok = [np.ones((2, 2), np.float32), np.full((1, 2), 1e6, np.float32), np.array([[np.inf, 1]], np.float32)]
+    with actstore.create(tmp_path / "s", {"f": Field((3,), "float32"), "r": Field((None, 2), "float32")}) as store:
+        store.append([actstore.key(i) for i in range(3)], {"f": big, "r": tok}, allow_nonfinite=True)
+        store.commit()
+        for rows in ([1], [0, 1, 2]):
+            with pytest.raises(CastOverflowError, match="holds finite values up to 100000 .* float16"):
+                store.gather(rows, "f", dtype=torch.float16)
+            with pytest.raises(CastOverflowError, match="holds finite values up to 1e\\+06 .* float16"):
+                store.gather_padded(rows, "r", dtype=torch.float16)
+            with pytest.raises(CastOverflowError, match="float16"):  # a DataLoader's collate casts the same way
+                ActivationCollate(torch.float16)(ActivationDataset(store, fields="f").__getitems__(rows))
+        # a stored ±inf stays ±inf, padding is not data, and a dtype of larger range holds the values
+        assert store.gather([2, 0], "f", dtype=torch.float16)["f"].tolist() == [[float("inf"), 1, 1], [1, 2, 3]]
+        assert store.gather_padded([2, 0], "r", dtype=torch.float16, pad_value=float("inf")).values[0, 0, 0] == \
+            float("inf")
+        assert store.gather([1], "f", dtype=torch.bfloat16)["f"][0, 0] == 99840.0
