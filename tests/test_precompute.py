@@ -339,6 +339,10 @@ def test_config_change_refused(tmp_path: Any) -> None:
         run(tiny_mlp(), [(v, 1, "x") for v, _ in data], tmp_path / "s", layers="1")
     with pytest.raises(actstore.StoreExistsError, match="store_dtype"):
         run(tiny_mlp(), data, tmp_path / "s", layers="1", store_dtype="float16")
+    run(tiny_mlp(), data, tmp_path / "h", layers="1", store_dtype="float16").close()
+    with pytest.raises(actstore.StoreExistsError, match="rows cast to float16.*pass store_dtype='float16'"):
+        run(tiny_mlp(), data, tmp_path / "h", layers="1")  # the default asks for the outputs' own dtype, bit-exact
+    run(tiny_mlp(), data, tmp_path / "h", layers="1", store_dtype="float16").close()  # as the first run did
 
 
 def test_empty_dataset(tmp_path: Any, capsys: Any) -> None:

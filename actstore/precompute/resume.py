@@ -197,6 +197,9 @@ def keep_or_replace(resumed: Resumed, root: str, cfg: PrecomputeConfig, mine: Pr
             if f.spec.torch.is_floating_point and f.dtype != dtype_name(storage.store_dtype):
                 diffs.append("store_dtype")
                 break
+    elif have.store_dtype is not None:  # this run keeps the outputs' own dtype (bit-exact); the store was cast
+        diffs.append(f"store_dtype (the store holds rows cast to {have.store_dtype}; this run asks for the outputs' "
+                     f"own dtype: pass store_dtype={have.store_dtype!r} to continue it)")
     if storage.compression is not None and any(f.compression != storage.compression for f in layer_fields):
         diffs.append("compression")
     if storage.quantize is not None and any(f.quantize != storage.quantize for f in layer_fields
