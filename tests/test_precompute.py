@@ -579,3 +579,23 @@ def test_precompute_keeps_its_rows_when_the_final_merge_fails(tmp_path: Any, mon
         s = actstore.precompute(model, data, tmp_path / "s", layers="1", progress=False, commit_every_rows=40,
                                 batch_size=20)
     assert len(s) == 120 and len(s.manifest.segments) > 1 and s.verify().ok
+
+
+def test_lengths_fn_over_unmasked_padding_of_an_encoder_is_refused(tmp_path: Any) -> None:
+    # Without a mask BERT attends to the padding: a short sample's states depend on its batch's longest one.
+    bert, seqs = tiny_bert(), token_lists(6, seed=2, lo=3, hi=12)
+
+    def ids_only(b: list[list[int]]) -> dict[str, torch.Tensor]:
+        return {"input_ids": pad_collate(b)["input_ids"]}
+
+    def lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["input_ids"] != 0).sum(1)
+
+    with pytest.raises(ValueError, match="lengths_fn=: a batch padded to .* without an attention_mask.*BertModel"):
+        run(bert, seqs, tmp_path / "b", layers="encoder.layer.0", collate_fn=ids_only, lengths_fn=lengths,
+            batch_size=3)
+    same = [s[:3] for s in seqs]  # no padding in any batch: every row is its sample's own
+    run(bert, same, tmp_path / "e", layers="encoder.layer.0", collate_fn=ids_only, lengths_fn=lengths, batch_size=3)
+    masked = run(bert, seqs, tmp_path / "m", layers="encoder.layer.0", collate_fn=pad_collate,
+                 lengths_fn=lambda b: b["attention_mask"].sum(1), batch_size=3)  # the mask hides the padding
+    assert len(masked) == len({tuple(s) for s in seqs})

@@ -98,6 +98,7 @@ __all__ = [
     "SplitPlan",
     "SplitStates",
     "check_batch",
+    "attends_both_ways",
     "check_padding",
     "head_arguments",
     "plan_split",
@@ -197,6 +198,14 @@ def wrapped_base(model: nn.Module) -> tuple[str, nn.Module] | None:
     except (TypeError, ValueError):
         return None
     return prefix + ".", base
+
+
+def attends_both_ways(model: nn.Module) -> bool:
+    """Whether ``model`` is of a family ``split`` knows whose tokens attend to later tokens too (an encoder: BERT,
+    RoBERTa, ViT), so that without a mask a token's state depends on the padding after it.  False for causal
+    decoders and for models of no known family (nothing is known of them)."""
+    found = _layout_of(model)
+    return found is not None and not found[0].causal
 
 
 def _layout_of(model: nn.Module) -> tuple[BlockLayout, nn.Module] | None:

@@ -27,7 +27,7 @@ from torch import nn
 from actstore.engine.write.validate import field_of
 from actstore.format.fields import Field
 from actstore.models.capture import LayerCapture
-from actstore.models.split import check_batch
+from actstore.models.split import attends_both_ways, check_batch
 from actstore.precompute.background import CastCheck, Job, convert_output
 from actstore.precompute.config import PrecomputeConfig
 from actstore.precompute.loader import to_device
@@ -49,6 +49,9 @@ class Forward:
         self.device = cfg.execution.device
         self.fields = cfg.capture.fields  # layer -> field
         self.lengths_fn = cfg.capture.lengths_fn
+        #: lengths_fn= over batches without a mask is only sound where padding cannot reach a real token's state
+        self._padding_reaches = self.lengths_fn is not None and attends_both_ways(model)
+        self._unmasked = True  # (the last batch had no attention_mask)
         self.capture = LayerCapture(model, cfg.capture.layers)
         self.layer_fields: dict[str, Field] = dict(layer_fields or {})
 
@@ -95,6 +98,7 @@ class Forward:
         # Left padding would make rows batch-dependent, and position ids the head needs are not stored: refuse both.
         check_batch(self.model, batch)
         if self.lengths_fn is not None:
+            self._unmasked = not (isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor))
             return torch.as_tensor(self.lengths_fn(batch), dtype=torch.int64).cpu()
         if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
             return batch["attention_mask"].cpu().bool()
@@ -115,7 +119,14 @@ class Forward:
         assert mask is not None
         if self.lengths_fn is not None:  # lengths, right padding
             lengths = mask
-            mask = torch.arange(width.pop())[None, :] < lengths[:, None]
+            w = width.pop()
+            if self._padding_reaches and self._unmasked and bool((lengths < w).any()):
+                raise ValueError(
+                    f"lengths_fn=: a batch padded to {w} tokens without an attention_mask, and "
+                    f"{type(self.model).__name__} attends to later tokens too, so each row's states depend on the "
+                    "padding of its batch (its key, trimmed to the sample's tokens, does not say so); give the batch "
+                    "an attention_mask (and drop lengths_fn), or precompute samples of equal length per batch")
+            mask = torch.arange(w)[None, :] < lengths[:, None]
         lengths = mask.sum(1)
         return mask.reshape(-1).nonzero().squeeze(1), lengths
 
