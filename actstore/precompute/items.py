@@ -38,6 +38,7 @@ __all__ = [
     "decode_side",
     "encode_item",
     "encode_side",
+    "infer_input",
     "item_part",
     "item_layout",
     "model_input",
@@ -444,3 +445,17 @@ def decode_item(layout: ItemLayout, value: Any, side: Mapping[Any, Any]) -> Any:
     if layout.kind == "namedtuple":
         return layout.type(*vals)
     return layout.type(vals)
+
+
+def infer_input(dataset: Any, n: int) -> Any:
+    """The input part of items when no precompute record says: precompute's own rule (a tuple's element 0, a dict's
+    first default key), read off the first item; the whole item when the rule cannot tell."""
+    if not n:
+        return None
+    first = dataset[0]
+    try:
+        Selector().split(first)
+    except (KeyError, TypeError):  # a dict with none of the default keys: the whole item, as before (input= picks)
+        return None
+    layout = item_layout(first)
+    return None if layout["type"] == "bare" else layout["input"]

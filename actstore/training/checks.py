@@ -20,11 +20,12 @@ version-1 store under the safe default).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from actstore.errors import StaleStoreError, UnsupportedCheckError
 from actstore.format.keys import DEFAULT_KEY_NAMES
@@ -37,7 +38,8 @@ from actstore.precompute.loader import DEFAULT_COLLATE_NAMES, default_collate, q
 from actstore.store import ActivationStore
 from actstore.training.datasets import RecordSummary
 
-__all__ = ["KEYS_ATTR", "NO_COLLATE", "KeyCheck", "augmented_position_keys", "key_check", "position_keys"]
+__all__ = ["CHEAP_ELEMENTS", "KEYS_ATTR", "NO_COLLATE", "KeyCheck", "augmented_position_keys", "cheap_to_key", "key_check",
+           "position_keys"]
 
 #: Items collated at a time by the check.
 CHECK_BATCH = 1024
@@ -207,3 +209,20 @@ def _culprit(collate: Callable[[list[Any]], Any], xs: list[Any], positions: list
             except TypeError:  # an exception type with another signature
                 return RuntimeError(f"{where}: dataset[{p}]: collate_fn failed: {e!r}")
     return RuntimeError(f"{where}: collate_fn failed on dataset[{positions[0]}:{positions[-1] + 1}]: {error!r}")
+
+
+#: Elements of an array input that still count as cheap to key at construction.
+CHEAP_ELEMENTS = 4096
+
+
+def cheap_to_key(x: Any) -> bool:
+    """Whether keying every item like ``x`` at construction is cheap (about a second per million short strings)."""
+    if isinstance(x, (str, bytes, bytearray, int, float, bool, np.number)):
+        return True
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return int(np.prod(x.shape)) <= CHEAP_ELEMENTS
+    if isinstance(x, Mapping):
+        return all(cheap_to_key(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return len(x) <= CHEAP_ELEMENTS and all(isinstance(v, (int, float, bool, str)) for v in x)
+    return False

@@ -26,10 +26,10 @@ from actstore.deprecation import renamed_arguments
 from actstore.engine.read.gather import row_view
 from actstore.errors import DatasetMismatchError, MissingRowsError, StoreError
 from actstore.precompute.augment import AugmentSpec
-from actstore.precompute.items import ItemLayout, Selector, decode_item, item_layout, item_part
+from actstore.precompute.items import ItemLayout, decode_item, infer_input, item_part
 from actstore.store import ActivationStore
 from actstore.training.augmented import BLOCK, EpochSampler, augmentation_mode, block_choices, split_indices
-from actstore.training.checks import KeyCheck, augmented_position_keys, key_check, position_keys
+from actstore.training.checks import KeyCheck, augmented_position_keys, cheap_to_key, key_check, position_keys
 from actstore.training.collate import ActivationCollate, RowBatch
 from actstore.training.datasets import (
     RecordSummary,
@@ -46,23 +46,6 @@ __all__ = ["CachedDataset"]
 
 
 _UNSET: Any = object()
-
-
-#: Elements of an array input that still count as cheap to key at construction.
-_CHEAP_ELEMENTS = 4096
-
-
-def _cheap_to_key(x: Any) -> bool:
-    """Whether keying every item like ``x`` at construction is cheap (about a second per million short strings)."""
-    if isinstance(x, (str, bytes, bytearray, int, float, bool, np.number)):
-        return True
-    if isinstance(x, (torch.Tensor, np.ndarray)):
-        return int(np.prod(x.shape)) <= _CHEAP_ELEMENTS
-    if isinstance(x, Mapping):
-        return all(_cheap_to_key(v) for v in x.values())
-    if isinstance(x, (list, tuple)):
-        return len(x) <= _CHEAP_ELEMENTS and all(isinstance(v, (int, float, bool, str)) for v in x)
-    return False
 
 
 class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
@@ -214,7 +197,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         if input is not _UNSET:
             self.input = input
         else:
-            self.input = cfg.input if cfg.record is not None else _infer_input(dataset, n)
+            self.input = cfg.input if cfg.record is not None else infer_input(dataset, n)
         self.side = dict(cfg.side or {}) if side is None else dict(side)
         if side is None and cfg.record is None and n:  # no record: every part but the input is a side part
             self.side = default_sides(dataset[0], self.input)
@@ -254,7 +237,7 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
         self._sides = SideSource(store, self._template, index=index, view=cfg.view, where=where,
                                  inferred=side is None and cfg.record is None, stride=self.augmentations)
         if check in ("auto", "items"):
-            full = n > 0 and _cheap_to_key(item_part(first, self.input))
+            full = n > 0 and cheap_to_key(item_part(first, self.input))
             spot = 8
         elif check == "all":
             full, spot = True, 0
@@ -500,18 +483,3 @@ class CachedDataset(_StoreHolder, Dataset):  # type: ignore[type-arg]
                 for n in self.fields}
         side = self._sides.batch(store, batch.positions, batch.rows, batch.computed, opts, shared)
         return decode_item(t, acts[self.fields[0]] if len(self.fields) == 1 else acts, side)
-
-
-def _infer_input(dataset: Any, n: int) -> Any:
-    """The input part of items when no precompute record says: precompute's own rule (a tuple's element 0, a dict's
-    first default key), read off the first item; the whole item when the rule cannot tell."""
-    if not n:
-        return None
-    first = dataset[0]
-    try:
-        Selector().split(first)
-    except (KeyError, TypeError):  # a dict with none of the default keys: the whole item, as before (input= picks)
-        return None
-    layout = item_layout(first)
-    return None if layout["type"] == "bare" else layout["input"]
-

@@ -9,15 +9,16 @@ snapshots only through these protocols, so
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from actstore.errors import CastOverflowError
 from actstore.format.fields import Field
 
-__all__ = ["Row", "Rows", "Segment", "alloc", "as_tensor", "row_class"]
+__all__ = ["Row", "Rows", "Segment", "alloc", "as_tensor", "refuse_overflow", "row_class"]
 
 
 class Segment(Protocol):
@@ -107,3 +108,25 @@ def alloc(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Ten
     elem = torch.empty(0, dtype=dtype)
     storage = elem._typed_storage()._new_shared(numel, device="cpu")
     return elem.new(storage).resize_(shape)
+
+
+def refuse_overflow(out: torch.Tensor, field: Field, dtype: torch.dtype | None,
+                     stored: Callable[[int], torch.Tensor], valid: Callable[[int], int | None]) -> None:
+    """A cast to a floating ``dtype`` of smaller range than the field's must not turn a stored finite value into
+    ±inf (float32 ``1e5`` is float16 ``inf``).  One ``isinf`` pass over ``out``; only a batch holding ±inf looks
+    further: ``stored(i)`` is item ``i`` in the field's own dtype, ``valid(i)`` how many of its leading positions
+    are data (None: all; the rest of a padded row is padding)."""
+    if dtype is None or not out.is_floating_point() or torch.finfo(dtype).max >= torch.finfo(field.spec.torch).max:
+        return
+    inf = torch.isinf(out)
+    if not bool(inf.any()):
+        return
+    for i in inf.flatten(1).any(1).nonzero().flatten().tolist():
+        ln = valid(i)
+        here, src = (inf[i], stored(i)) if ln is None else (inf[i, :ln], stored(i)[:ln])
+        made = here & torch.isfinite(src)
+        if bool(made.any()):
+            raise CastOverflowError(
+                f"gather: item {i} holds finite values up to {float(src[made].abs().max()):.6g} in magnitude, which "
+                f"a cast to {str(dtype).removeprefix('torch.')} (largest finite {torch.finfo(dtype).max:.6g}) turns "
+                "into ±inf; gather it without dtype= or in a dtype of larger range (float32, bfloat16)")

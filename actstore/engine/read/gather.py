@@ -34,9 +34,9 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from actstore.engine.read.base import Rows, Segment, alloc, as_tensor
+from actstore.engine.read.base import Rows, Segment, alloc, as_tensor, refuse_overflow
 from actstore.engine.read.ragged import PaddedBatch, RaggedBatch
-from actstore.errors import CastOverflowError, MissingRowsError
+from actstore.errors import MissingRowsError
 from actstore.format.fields import Field
 from actstore.format.quantize import dequantize
 
@@ -256,28 +256,6 @@ def row_view(seg: Segment, local: int, name: str, field: Field) -> torch.Tensor:
     return as_tensor(seg.fixed(name)[local, ...], field)  # [i, ...] keeps a 0-d view
 
 
-def _refuse_overflow(out: torch.Tensor, field: Field, dtype: torch.dtype | None,
-                     stored: Callable[[int], torch.Tensor], valid: Callable[[int], int | None]) -> None:
-    """A cast to a floating ``dtype`` of smaller range than the field's must not turn a stored finite value into
-    ±inf (float32 ``1e5`` is float16 ``inf``).  One ``isinf`` pass over ``out``; only a batch holding ±inf looks
-    further: ``stored(i)`` is item ``i`` in the field's own dtype, ``valid(i)`` how many of its leading positions
-    are data (None: all; the rest of a padded row is padding)."""
-    if dtype is None or not out.is_floating_point() or torch.finfo(dtype).max >= torch.finfo(field.spec.torch).max:
-        return
-    inf = torch.isinf(out)
-    if not bool(inf.any()):
-        return
-    for i in inf.flatten(1).any(1).nonzero().flatten().tolist():
-        ln = valid(i)
-        here, src = (inf[i], stored(i)) if ln is None else (inf[i, :ln], stored(i)[:ln])
-        made = here & torch.isfinite(src)
-        if bool(made.any()):
-            raise CastOverflowError(
-                f"gather: item {i} holds finite values up to {float(src[made].abs().max()):.6g} in magnitude, which "
-                f"a cast to {str(dtype).removeprefix('torch.')} (largest finite {torch.finfo(dtype).max:.6g}) turns "
-                "into ±inf; gather it without dtype= or in a dtype of larger range (float32, bfloat16)")
-
-
 def gather_fixed(
     snap: Rows | None, name: str, field: Field, rows: np.ndarray, *, dtype: torch.dtype | None = None,
     shared: bool = False, extra: Mapping[int, torch.Tensor] | None = None,
@@ -306,7 +284,7 @@ def gather_fixed(
             take_rows(_need(snap, rows, name), source, rows[present], out, present, row_bytes=row_bytes, field=field)
         for p in np.flatnonzero(rows < 0).tolist():
             out[p].copy_(extra[p] if extra is not None else _no_extra(p))
-    _refuse_overflow(out, field, dtype, lambda i: gather_fixed(snap, name, field, rows[i : i + 1])[0]
+    refuse_overflow(out, field, dtype, lambda i: gather_fixed(snap, name, field, rows[i : i + 1])[0]
                      if rows[i] >= 0 else extra[i] if extra is not None else _no_extra(i), lambda i: None)
     return out
 
@@ -375,7 +353,7 @@ def gather_padded(
                 out[i, :ln].copy_(as_tensor(src[a : a + ln], field))
         if ln < width:
             pad[i, ln:] = pad_value
-    _refuse_overflow(out, field, dtype, lambda i: gather_padded(snap, name, field, rows[i : i + 1]).values[0]
+    refuse_overflow(out, field, dtype, lambda i: gather_padded(snap, name, field, rows[i : i + 1]).values[0]
                      if rows[i] >= 0 else extra[i] if extra is not None else _no_extra(i), lambda i: int(lengths[i]))
     lens = alloc((n,), torch.int64, shared)
     lens.copy_(torch.from_numpy(lengths))
