@@ -440,6 +440,31 @@ def test_a_frozen_weight_changed_after_the_first_forward_is_stale(tmp_path: Any,
         assert hashed
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_frozen_tensors_rewritten_with_their_own_values_are_not_hashed_again(tmp_path: Any, keep: bool,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # DistributedDataParallel broadcasts buffers in place before every forward: the values stay, the versions move.
+    if not keep:  # no copy kept: a moved version is hashed again (and found unchanged)
+        monkeypatch.setattr(actstore.models.fingerprint, "KEEP_BYTES", -1)
+    model = _model("BertModel", "bert")
+    batch = _text()
+    with actstore.recycle(model, 0.5, tmp_path / "s") as m:
+        m(**batch)
+        hashed: list[int] = []
+        real = actstore.training.recycle_util.frozen_fingerprint
+        monkeypatch.setattr(actstore.training.recycle_util, "frozen_fingerprint",
+                            lambda frozen: hashed.append(1) or real(frozen))
+        with torch.no_grad():
+            for t in (*model.embeddings.buffers(), model.embeddings.LayerNorm.weight):
+                t.copy_(t.clone())
+        m(**batch)
+        assert len(hashed) == (0 if keep else 1) and m.hit_rate > 0
+        with torch.no_grad():
+            model.embeddings.LayerNorm.weight.add_(1.0)  # a small tensor changed: hashed, and refused
+        with pytest.raises(actstore.StaleStoreError, match="changed since recycle"):
+            m(**batch)
+
+
 def test_arguments_the_rows_are_not_keyed_by_are_refused(tmp_path: Any) -> None:
     model = actstore.recycle(_model("ViTModel", "vit", use_mask_token=True), 0.5, tmp_path / "s")
     pixels = torch.randn(2, 3, 16, 16)

@@ -41,7 +41,7 @@ from actstore.models.blocks import Frozen
 from actstore.models.capture import FINAL_OUTPUT, canonical_name
 from actstore.models.split import plan_split, split, wrapped_base
 
-__all__ = ["frozen_fingerprint", "fingerprint_matches", "frozen_part", "same_weights", "weights_stamp"]
+__all__ = ["KEEP_BYTES", "WeightsWatch", "fingerprint_matches", "frozen_fingerprint", "frozen_part"]
 
 
 def frozen_part(model: nn.Module, layers: str | Iterable[str] | None) -> nn.Module:
@@ -129,26 +129,45 @@ def frozen_fingerprint(model: nn.Module, layers: str | Iterable[str] | None = No
     return fingerprint(frozen_part(model, layers))
 
 
-def weights_stamp(module: nn.Module) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
-    """Which tensors ``module`` holds and how often each was modified in place: every parameter and buffer, and its
-    version counter.  Cheap (no value is read), so it can be taken at every forward; compare two with
-    :func:`same_weights`.
+#: Frozen tensors up to this size are kept as a copy when verified, so that an in-place write of the same values
+#: (DistributedDataParallel broadcasting buffers before every forward) is told from a change without hashing.
+KEEP_BYTES = 1 << 20
 
-    It moves whenever a tensor is replaced (``module.weight = ...``, ``.to(dtype)``) or modified in place through
-    itself (``load_state_dict``, ``p.mul_(...)`` under ``no_grad``, an optimizer step): the version counters
-    PyTorch keeps for autograd.  A write through ``p.data`` (a tensor with a version counter of its own) does not
-    move it; :func:`frozen_fingerprint` hashes the values themselves.  The stamp holds the tensors themselves (not
-    their ids, which a new tensor may reuse once the old one is freed).
+
+class WeightsWatch:
+    """Whether a module's weights can have changed since they were last verified (:meth:`verified`), cheaply
+    enough to ask at every forward: no value is read unless a tensor's version counter moved.
+
+    :meth:`unchanged` is False when a parameter or buffer was replaced (``module.weight = ...``, ``.to(dtype)``)
+    or modified in place (``load_state_dict``, ``p.mul_(...)`` under ``no_grad``, an optimizer step) — the version
+    counters PyTorch keeps for autograd — unless the tensor is small (:data:`KEEP_BYTES`) and still equals its copy
+    from the last verification.  A write through ``p.data`` (a tensor with a version counter of its own) is not
+    seen; :func:`frozen_fingerprint` hashes the values themselves.  The watch holds the tensors (not their ids,
+    which a new tensor may reuse once the old one is freed).
     """
-    tensors = (*module.parameters(), *module.buffers())
-    return tensors, tuple(t._version for t in tensors)
 
+    def __init__(self) -> None:
+        self._tensors: tuple[torch.Tensor, ...] | None = None
+        self._versions: tuple[int, ...] = ()
+        self._kept: dict[int, torch.Tensor] = {}
 
-def same_weights(a: tuple[tuple[torch.Tensor, ...], tuple[int, ...]] | None,
-                 b: tuple[tuple[torch.Tensor, ...], tuple[int, ...]]) -> bool:
-    """Whether two :func:`weights_stamp` s are of the same tensors, none modified in place in between."""
-    return (a is not None and a[1] == b[1] and len(a[0]) == len(b[0])
-            and all(x is y for x, y in zip(a[0], b[0], strict=True)))
+    def unchanged(self, module: nn.Module) -> bool:
+        tensors = (*module.parameters(), *module.buffers())
+        old = self._tensors
+        if old is None or len(old) != len(tensors) or any(a is not b for a, b in zip(old, tensors, strict=True)):
+            return False
+        versions = tuple(t._version for t in tensors)
+        for i, (was, now) in enumerate(zip(self._versions, versions, strict=True)):
+            if was != now and not ((kept := self._kept.get(i)) is not None and torch.equal(kept, tensors[i])):
+                return False
+        self._versions = versions
+        return True
+
+    def verified(self, module: nn.Module) -> None:
+        """Take the module's tensors as they are now as the verified ones."""
+        tensors = (*module.parameters(), *module.buffers())
+        self._tensors, self._versions = tensors, tuple(t._version for t in tensors)
+        self._kept = {i: t.detach().clone() for i, t in enumerate(tensors) if t.numel() * t.element_size() <= KEEP_BYTES}
 
 
 def fingerprint_matches(recorded: str | None, fp: str, model: nn.Module) -> bool:

@@ -14,7 +14,7 @@ from actstore.errors import HeadInputError, SplitError
 from actstore.format.dtypes import dtype_name
 from actstore.format.fields import Field
 from actstore.models.blocks import Frozen
-from actstore.models.fingerprint import frozen_fingerprint, same_weights, weights_stamp
+from actstore.models.fingerprint import WeightsWatch, frozen_fingerprint
 from actstore.models.layout import BlockLayout
 from actstore.training.recycle_store import RecycleStore
 
@@ -42,8 +42,8 @@ class Routing:
         self.after = hit_rate_after if hit_rate_after is not None else rs.rows_at_open
         self.later_hits = self.later = 0
         self.warned = False
-        #: the frozen part's weights_stamp when its fingerprint last matched the store's (None: not checked yet)
-        self.stamp: tuple[tuple[torch.Tensor, ...], tuple[int, ...]] | None = None
+        #: the frozen part's weights as they were when their fingerprint last matched the store's
+        self.watch = WeightsWatch()
         self.computing = False  #: the frozen part is computing misses through the base's original forward
         self.grads: list[tuple[nn.Parameter, bool]] = []
         self.hook: Any = None
@@ -66,12 +66,11 @@ class Routing:
         """At every forward: the frozen weights are still those the store was checked against.
 
         The fingerprint (a hash of every frozen weight) is computed at the first forward, and again whenever a
-        frozen tensor was replaced or modified in place since (:func:`weights_stamp`: a checkpoint or an EMA loaded
-        into the frozen part between two forwards)."""
-        stamp = weights_stamp(self.frozen)
-        if not same_weights(self.stamp, stamp):
+        frozen tensor was replaced or modified in place since (a checkpoint or an EMA loaded into the frozen part
+        between two forwards; :class:`~actstore.models.fingerprint.WeightsWatch`)."""
+        if not self.watch.unchanged(self.frozen):
             self.rs.check_fresh(frozen_fingerprint(self.frozen), self.frozen)
-            self.stamp = stamp
+            self.watch.verified(self.frozen)
 
     def count(self, n: int, computed: int) -> None:
         """Record a batch's lookups; warn once when, after the first pass, the inputs almost never repeat."""
