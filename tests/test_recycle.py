@@ -413,7 +413,7 @@ def test_a_frozen_weight_changed_is_stale(tmp_path: Any) -> None:
     model.close()
 
 
-@pytest.mark.parametrize("change", ["in place", "replaced", "load_state_dict"])
+@pytest.mark.parametrize("change", ["in place", "replaced", "load_state_dict", "module replaced"])
 def test_a_frozen_weight_changed_after_the_first_forward_is_stale(tmp_path: Any, change: str,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model("BertModel", "bert")
@@ -432,6 +432,8 @@ def test_a_frozen_weight_changed_after_the_first_forward_is_stale(tmp_path: Any,
                 emb.weight.mul_(2.0)
             elif change == "replaced":
                 emb.weight = nn.Parameter(emb.weight.detach() * 2.0, requires_grad=False)
+            elif change == "module replaced":
+                model.embeddings.word_embeddings = nn.Embedding(*emb.weight.shape).requires_grad_(False)
             else:
                 state = {k: v * 2.0 for k, v in emb.state_dict().items()}
                 emb.load_state_dict(state)
