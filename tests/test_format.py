@@ -498,6 +498,9 @@ def test_precompute_record_golden() -> None:
     assert PrecomputeRecord.from_json(d).side_fields == {"y": "y"}
     placeholder = PrecomputeRecord(item=None, placeholder=True)
     assert PrecomputeRecord.from_json(placeholder.to_json()) == placeholder
+    autocast = dataclasses.replace(rec, autocast="bfloat16")  # the key is written only by a run under autocast
+    assert autocast.to_json()["autocast"] == "bfloat16" and "autocast" not in rec.to_json()
+    assert PrecomputeRecord.from_json(autocast.to_json()) == autocast
     assert placeholder.to_json()["sample"] is None and placeholder.to_json()["placeholder"] is True
     # a record that omits what readers may default (as older writers and tests write it)
     assert PrecomputeRecord.from_json({"version": 1, "layers": []}).item == ItemRecord()
@@ -543,8 +546,9 @@ def test_precompute_record_version_3_holds_the_stored_augmentations() -> None:
     (lambda d: d.pop("keys"), r"attrs\.precompute\.keys: expected one of"),
     (lambda d: d.update(lengths_fn=3), r"attrs\.precompute\.lengths_fn"),
     (lambda d: d.update(version=1), r"attrs\.precompute: unknown keys \['keys', 'lengths_fn'\]"),
+    (lambda d: d.update(autocast="float64"), r"attrs\.precompute\.autocast: expected one of \['float16', 'bfloat16'\]"),
 ], ids=["layers", "field", "ragged", "layer key", "top key", "type", "input", "kind", "tuple name", "length", "view",
-        "keys", "no keys", "lengths_fn", "v1 with v2 keys"])
+        "keys", "no keys", "lengths_fn", "v1 with v2 keys", "autocast"])
 def test_precompute_record_malformed(mutate: Any, where: str) -> None:
     doc = json.loads(RECORD_JSON)
     mutate(doc)

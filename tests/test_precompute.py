@@ -343,6 +343,16 @@ def test_config_change_refused(tmp_path: Any) -> None:
     with pytest.raises(actstore.StoreExistsError, match="rows cast to float16.*pass store_dtype='float16'"):
         run(tiny_mlp(), data, tmp_path / "h", layers="1")  # the default asks for the outputs' own dtype, bit-exact
     run(tiny_mlp(), data, tmp_path / "h", layers="1", store_dtype="float16").close()  # as the first run did
+    # Rows computed under autocast are not the model's own: a rerun must not mix them with rows computed without.
+    first = run(tiny_mlp(), data, tmp_path / "a", layers="1", autocast=True)
+    assert first.attrs["precompute"]["autocast"] == "bfloat16"
+    first.close()
+    with pytest.raises(actstore.StoreExistsError, match="under autocast to bfloat16.*pass autocast='bfloat16'"):
+        run(tiny_mlp(), vectors(12), tmp_path / "a", layers="1")
+    with pytest.raises(actstore.StoreExistsError, match="record no autocast.*pass autocast=False"):
+        run(tiny_mlp(), vectors(12), tmp_path / "s", layers="1", autocast="bfloat16")
+    assert len(run(tiny_mlp(), vectors(12), tmp_path / "a", layers="1", autocast="bfloat16")) == 12
+    assert "autocast" not in run(tiny_mlp(), data, tmp_path / "s", layers="1").attrs["precompute"]  # as before
 
 
 def test_empty_dataset(tmp_path: Any, capsys: Any) -> None:

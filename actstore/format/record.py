@@ -51,7 +51,9 @@ ITEM_KINDS = ("bare", "tuple", "dict")
 SIDE_KINDS = ("bool", "int", "float", "str", "bytes", "array", "tensor")
 
 _TOP = {"version", "layers", "sample", "view", "dataset_length", "dataset_class", "model_class", "store_dtype",
-        "key_fn", "collate_fn", "placeholder", "keys", "lengths_fn", "augment", "augmentations"}
+        "key_fn", "collate_fn", "placeholder", "keys", "lengths_fn", "augment", "augmentations", "autocast"}
+#: The dtypes a precompute may run its forward under (``autocast``): rows computed so are not the model's own.
+AUTOCAST_DTYPES = ("float16", "bfloat16")
 _TOP_V2 = _TOP - {"augment", "augmentations"}
 _TOP_V1 = _TOP_V2 - {"keys", "lengths_fn"}
 _ITEM = {"type", "length", "keys", "input", "side", "dropped"}
@@ -149,6 +151,7 @@ class PrecomputeRecord:
     lengths_fn: str | None = None
     augment: str | None = None  #: the augment's qualified name (version 3)
     augmentations: int = 1  #: stored augmentations per dataset position (version 3); 1: none
+    autocast: str | None = None  #: the dtype the forward ran under autocast to; None: the model's own (absent)
     version: int = RECORD_VERSION
 
     @property
@@ -183,6 +186,8 @@ class PrecomputeRecord:
             doc["augmentations"] = self.augmentations
         if self.placeholder:
             doc["placeholder"] = True
+        if self.autocast is not None:  # (absent otherwise: a record without it reads as before everywhere)
+            doc["autocast"] = self.autocast
         return doc
 
     @classmethod
@@ -216,6 +221,9 @@ class PrecomputeRecord:
             scheme = "items"  # version 1: rows keyed by key_fn of the raw item
         layers = tuple(_layer(x, f"{where}.layers[{i}]") for i, x in enumerate(_list(d.get("layers"), f"{where}.layers")))
         sample = d.get("sample", {})
+        autocast = _opt_str(d.get("autocast"), f"{where}.autocast")
+        if autocast is not None and autocast not in AUTOCAST_DTYPES:
+            raise CorruptStoreError(f"{where}.autocast: expected one of {list(AUTOCAST_DTYPES)} or absent, got {autocast!r}")
         return cls(
             layers=layers,
             item=None if sample is None else _item(sample, f"{where}.sample"),
@@ -231,6 +239,7 @@ class PrecomputeRecord:
             lengths_fn=_opt_str(d.get("lengths_fn"), f"{where}.lengths_fn"),
             augment=_opt_str(d.get("augment"), f"{where}.augment"),
             augmentations=augmentations,
+            autocast=autocast,
             version=version,
         )
 

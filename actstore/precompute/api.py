@@ -178,7 +178,9 @@ def precompute(
         with three or more dimensions is then stored ragged, and each sample's
         input key covers only its tokens.
     autocast
-        ``True`` (float16 on CUDA, bfloat16 on the CPU) or a dtype.
+        ``True`` (float16 on CUDA, bfloat16 on the CPU) or a dtype.  Rows computed
+        so are not the model's own outputs: the record says so, and a later run
+        continues the store only with the same setting.
     commit_every_rows, commit_every_seconds
         Commit after this many new rows or seconds (whichever first); a killed
         run loses at most that much.  Always commits at the end.

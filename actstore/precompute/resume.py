@@ -158,6 +158,7 @@ def run_record(cfg: PrecomputeConfig, *, item: ItemRecord | None, ragged: set[st
         lengths_fn=qualname(cfg.capture.lengths_fn),
         augment=None if aug is None else qualname(aug.fn),
         augmentations=1 if aug is None else aug.count,
+        autocast=None if cfg.execution.autocast is None else dtype_name(cfg.execution.autocast),
         version=RECORD_VERSION if aug is None else AUGMENTED_RECORD_VERSION,
     )
 
@@ -200,6 +201,11 @@ def keep_or_replace(resumed: Resumed, root: str, cfg: PrecomputeConfig, mine: Pr
     elif have.store_dtype is not None:  # this run keeps the outputs' own dtype (bit-exact); the store was cast
         diffs.append(f"store_dtype (the store holds rows cast to {have.store_dtype}; this run asks for the outputs' "
                      f"own dtype: pass store_dtype={have.store_dtype!r} to continue it)")
+    if have.autocast != mine.autocast and not have.placeholder:  # rows under autocast are not the model's own
+        then = f"were computed under autocast to {have.autocast}" if have.autocast else "record no autocast"
+        now = f"autocast={mine.autocast!r}" if mine.autocast else "autocast=False"
+        ask = f"autocast={have.autocast!r}" if have.autocast else "autocast=False"
+        diffs.append(f"autocast (the store's rows {then}; this run asks {now}: pass {ask} to continue it)")
     if storage.compression is not None and any(f.compression != storage.compression for f in layer_fields):
         diffs.append("compression")
     if storage.quantize is not None and any(f.quantize != storage.quantize for f in layer_fields
@@ -256,7 +262,8 @@ def same_config(main: ActivationStore, part: ActivationStore) -> bool:
         return False
     if not isinstance(have, PrecomputeRecord) or not isinstance(cfg, PrecomputeRecord):
         return have is None and cfg is None
-    return (have.item, have.keys, have.key_fn, have.store_dtype) == (cfg.item, cfg.keys, cfg.key_fn, cfg.store_dtype)
+    return (have.item, have.keys, have.key_fn, have.store_dtype, have.autocast) == \
+        (cfg.item, cfg.keys, cfg.key_fn, cfg.store_dtype, cfg.autocast)
 
 
 def _say_once(message: str) -> None:
