@@ -151,3 +151,53 @@ def test_datasets_given_a_model_check_its_frozen_part(tmp_path: Any) -> None:
         actstore.ActivationDataset(tmp_path / "s", fingerprint="0" * 64)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         actstore.ActivationDataset(tmp_path / "s", model="not a model")
+
+
+def _gpt2(**kw: Any) -> Any:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return tf.GPT2Model(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=4, n_positions=64, **kw)).eval()
+
+
+def test_config_the_forward_reads_is_covered_and_the_heads_is_not(tmp_path: Any) -> None:
+    # Same weights, another config attribute the frozen blocks read: other rows, so another fingerprint.
+    base = _gpt2()
+    scaled = _gpt2(scale_attn_by_inverse_layer_idx=True)
+    assert dict(base.state_dict()).keys() == dict(scaled.state_dict()).keys()
+    assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), scaled.state_dict().values(), strict=True))
+    fp = frozen_fingerprint(base, ["h.1"])
+    assert frozen_fingerprint(scaled, ["h.1"]) != fp
+    assert fingerprint(split(base, "h.1")[0], legacy=True) == fingerprint(split(scaled, "h.1")[0], legacy=True)
+    relabelled = _gpt2(num_labels=7, id2label={i: str(i) for i in range(7)})  # the head's: not the frozen part's
+    assert frozen_fingerprint(relabelled, ["h.1"]) == fp
+    seqs = token_lists(6)
+    precompute(base, seqs, tmp_path / "s", layers="h.1", collate_fn=pad_collate, progress=False).close()
+    with pytest.raises(StaleStoreError, match="another model"):
+        precompute(scaled, seqs, tmp_path / "s", layers="h.1", collate_fn=pad_collate, progress=False)
+    with pytest.raises(StaleStoreError):
+        actstore.recycle(scaled, "h.1", tmp_path / "s")
+    with pytest.raises(StaleStoreError):
+        actstore.CachedDataset(seqs, tmp_path / "s", collate_fn=pad_collate, model=split(scaled, "h.1")[0])
+
+
+def test_stores_that_record_the_fingerprint_before_the_config_was_covered_still_open(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    run_module = importlib.import_module("actstore.precompute.run")
+    model, seqs = _gpt2(), token_lists(8)
+    frozen = split(model, "h.1")[0]
+    old = fingerprint(frozen, legacy=True)
+    assert old != frozen_fingerprint(frozen)  # a GPT-2 config holds attributes its forward reads
+    with monkeypatch.context() as m:  # how stores were written before
+        m.setattr(run_module, "frozen_fingerprint", lambda model, layers: old)
+        precompute(model, seqs[:4], tmp_path / "s", layers="h.1", collate_fn=pad_collate, progress=False).close()
+    assert fingerprint_matches(old, frozen_fingerprint(frozen), frozen)
+    assert fingerprint_matches(old, frozen_fingerprint(model, ["h.1"]), model, ["h.1"])
+    store = precompute(model, seqs, tmp_path / "s", layers="h.1", collate_fn=pad_collate, progress=False)
+    assert len(store) == 8 and store.fingerprint == old  # resumed, its record kept
+    store.close()
+    assert len(actstore.CachedDataset(seqs, tmp_path / "s", collate_fn=pad_collate, model=frozen)) == 8
+    bump(frozen.layer["0"])
+    assert not fingerprint_matches(old, frozen_fingerprint(frozen), frozen)  # a frozen weight: stale either way

@@ -634,6 +634,33 @@ def test_fingerprint_matches_the_spec() -> None:
     assert fingerprint(model) == blake3(expected).hexdigest()
 
 
+def test_fingerprint_of_a_module_holding_a_config_matches_the_spec() -> None:
+    class Config:  # what fingerprint looks for: an object with to_dict, held as a module's .config
+        sliding_window = 4
+        rope_scaling = {"rope_type": "linear", "factor": 2.0}
+        num_labels = 3  # the head's: not covered
+
+        def to_dict(self) -> dict[str, Any]:
+            return {}
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    model[0].config = Config()
+    s = {
+        "modules": [("", "torch.nn.modules.container.Sequential", ""),
+                    ("0", "torch.nn.modules.linear.Linear", "in_features=2, out_features=3, bias=True")],
+        "parameters": {n: p.detach().numpy() for n, p in model.named_parameters()},
+        "buffers": {},
+    }
+    legacy = blake3(b"actstore-fingerprint-v1\x00" + ref(s)).hexdigest()
+    s["config"] = {"0": {"sliding_window": 4, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}}
+    assert fingerprint(model) == blake3(b"actstore-fingerprint-v2\x00" + ref(s)).hexdigest()
+    assert fingerprint(model, legacy=True) == legacy
+    Config.sliding_window = 8
+    assert fingerprint(model) != blake3(b"actstore-fingerprint-v2\x00" + ref(s)).hexdigest()
+    Config.num_labels = 9
+    assert fingerprint(model, legacy=True) == legacy
+
+
 def test_fingerprint_ignores_training_mode_and_grad() -> None:
     model = make_model()
     fp = fingerprint(model)

@@ -27,7 +27,7 @@ from blake3 import blake3
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEFAULT_KEY_NAMES", "fingerprint", "key", "keys"]
+__all__ = ["DEFAULT_KEY_NAMES", "FORWARD_CONFIG", "fingerprint", "forward_config", "key", "keys"]
 
 #: The names a precompute record may give the default key function (``key_fn`` unset): this module's, the
 #: public alias, and the module path of earlier versions (``actstore.hashing``).
@@ -37,7 +37,17 @@ DEFAULT_KEY_NAMES = frozenset({None, "actstore.key", "actstore.format.keys.key",
 KEY_DOMAIN = b"actstore-key-v1\x00"
 """Prefix hashed before every sample encoding; bump the version to evolve."""
 FINGERPRINT_DOMAIN = b"actstore-fingerprint-v1\x00"
-"""Prefix hashed before a module's encoding in :func:`fingerprint`."""
+"""Prefix hashed before a module's encoding in :func:`fingerprint` (a module with no :data:`FORWARD_CONFIG`)."""
+FINGERPRINT_DOMAIN_V2 = b"actstore-fingerprint-v2\x00"
+"""Prefix of a fingerprint that also covers the module's :data:`FORWARD_CONFIG`."""
+FORWARD_CONFIG = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "attention_window",
+                  "attn_logit_softcapping", "query_pre_attn_scalar", "scale_attn_weights",
+                  "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "rope_scaling", "rope_parameters",
+                  "position_embedding_type", "use_bidirectional_attention", "scale_embedding",
+                  "embedding_multiplier", "attention_multiplier", "residual_multiplier")
+"""Attributes of a Hugging Face config that change what its modules compute but show in no weight, buffer or
+``extra_repr()`` (read from the config by ``forward``): a model reloaded with the same weights and another
+``sliding_window`` computes other rows.  Attributes of the head (``num_labels``, ``id2label``) are not listed."""
 THREADED_MIN_BYTES = 1 << 20
 """Buffers at least this large are hashed with BLAKE3's multi-threaded mode.
 
@@ -409,14 +419,17 @@ def keys(samples: Iterable[Any]) -> np.ndarray[Any, np.dtype[np.uint8]]:
     return np.frombuffer(out, dtype=np.uint8).reshape(-1, 32)
 
 
-def fingerprint(module: torch.nn.Module) -> str:
+def fingerprint(module: torch.nn.Module, *, legacy: bool = False) -> str:
     """Return a hex BLAKE3 digest of a module's structure and state.
 
     Covers every submodule of ``named_modules()`` in order (its name, class
     ``module.qualname`` and ``extra_repr()``), every parameter of
     ``named_parameters()`` and every buffer of ``named_buffers()`` (name,
-    dtype, shape, values), non-persistent buffers included.  Not covered:
-    ``training`` mode, hooks, and plain attributes read by ``forward``.
+    dtype, shape, values), non-persistent buffers included, and the
+    :data:`FORWARD_CONFIG` attributes of each Hugging Face config its modules
+    hold (:func:`forward_config`).  Not covered: ``training`` mode, hooks, and
+    other plain attributes read by ``forward``.  ``legacy``: the fingerprint
+    as written before the config was covered (what older stores record).
     Tensors are copied to the host one at a time (CUDA) or hashed in place
     (contiguous CPU).  Stable across processes: nothing depends on ids,
     addresses or hash randomisation, unless an ``extra_repr()`` prints one.
@@ -442,9 +455,41 @@ def fingerprint(module: torch.nn.Module) -> str:
     >>> len(fingerprint(torch.nn.Linear(2, 3)))
     64
     """
-    structure = {  # a dict, so that errors read module['parameters']['0.weight']
+    structure: dict[str, Any] = {  # a dict, so that errors read module['parameters']['0.weight']
         "modules": [(n, _qualname(type(m)), m.extra_repr()) for n, m in module.named_modules()],
         "parameters": dict(module.named_parameters()),
         "buffers": dict(module.named_buffers()),
     }
-    return _digest(structure, FINGERPRINT_DOMAIN, "module").hexdigest()
+    config = {} if legacy else forward_config(module)
+    if not config:  # (no such config: the fingerprint is what it always was)
+        return _digest(structure, FINGERPRINT_DOMAIN, "module").hexdigest()
+    structure["config"] = config
+    return _digest(structure, FINGERPRINT_DOMAIN_V2, "module").hexdigest()
+
+
+def forward_config(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """The :data:`FORWARD_CONFIG` attributes of each distinct Hugging Face config (an object with ``to_dict``) held
+    by ``module`` or a submodule as ``.config``, under the name of the first module holding it; configs without
+    any of them are left out.  Values that are not plain JSON (None, bool, int, float, str, lists and dicts of
+    those) are taken as their ``repr``."""
+    out: dict[str, dict[str, Any]] = {}
+    seen: set[int] = set()
+    for name, m in module.named_modules():
+        cfg = m.__dict__.get("config")
+        if cfg is None or id(cfg) in seen or not callable(getattr(cfg, "to_dict", None)):
+            continue
+        seen.add(id(cfg))
+        values = {a: _plain(getattr(cfg, a)) for a in FORWARD_CONFIG if hasattr(cfg, a)}
+        if values:
+            out[name] = values
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return repr(value)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from actstore.format.keys import fingerprint
+from actstore.format.keys import fingerprint, forward_config
 from actstore.models.blocks import Frozen
 from actstore.models.capture import FINAL_OUTPUT, canonical_name
 from actstore.models.split import plan_split, split, wrapped_base
@@ -192,16 +192,26 @@ def _tensors(tree: list[tuple[nn.Module, tuple[nn.Module | None, ...]]]) -> tupl
     return tuple(t for t in out if t is not None)
 
 
-def fingerprint_matches(recorded: str | None, fp: str, model: nn.Module) -> bool:
-    """Whether a store's ``recorded`` fingerprint is ``fp`` or, for older stores, the whole model's.
+def fingerprint_matches(recorded: str | None, fp: str, model: nn.Module,
+                        layers: str | Iterable[str] | None = None) -> bool:
+    """Whether a store's ``recorded`` fingerprint is ``fp`` or one an older version recorded for the same model.
 
-    ``fp`` is the :func:`frozen_fingerprint` the caller computed; ``model`` is
-    the full model (for a frozen part from ``split``, the model it was cut from).
-    A store recording no fingerprint matches nothing.
+    ``fp`` is the :func:`frozen_fingerprint` the caller computed (of ``model``'s
+    part that computes ``layers``); ``model`` is the full model (for a frozen part
+    from ``split``, the model it was cut from).  Older stores record that part's
+    fingerprint before the config was covered (``fingerprint(part,
+    legacy=True)``), or the whole model's (either way).  Those are hashed only
+    when ``fp`` does not match.  A store recording no fingerprint matches nothing.
     """
     if recorded is None:
         return False
     if recorded == fp:
         return True
+    part = frozen_part(model, layers)
     whole = model.__dict__.get("root", model) if isinstance(model, Frozen) else model
-    return recorded == fingerprint(whole)
+    older = [lambda: fingerprint(whole)]
+    if forward_config(part):
+        older.insert(0, lambda: fingerprint(part, legacy=True))
+    if forward_config(whole):
+        older.append(lambda: fingerprint(whole, legacy=True))
+    return any(recorded == candidate() for candidate in older)

@@ -111,7 +111,7 @@ def open_existing(root: str, cfg: PrecomputeConfig, fp: str, model: nn.Module) -
     want = dict(cfg.capture.fields)
     have = {d.layer: d.field for d in record.layers} if record is not None else None
     # Other layers have another frozen part, hence another fingerprint: name the layers, the clearer cause.
-    if (have is None or have == want) and not fingerprint_matches(manifest.fingerprint, fp, model):
+    if (have is None or have == want) and not fingerprint_matches(manifest.fingerprint, fp, model, list(want)):
         problem = StaleStoreError(
             f"{root}: the store was computed by another model (fingerprint {str(manifest.fingerprint)[:16]}…, "
             f"this model's is {fp[:16]}…); pass overwrite=True (--overwrite) to delete and recompute it, "

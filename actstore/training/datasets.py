@@ -116,7 +116,7 @@ def check_frozen(store: ActivationStore, model: Any = None, fingerprint: str | N
         rec = read_record(store.attrs, store.path)
         layers = [d.layer for d in rec.layers] if rec is not None else None
         want = frozen_fingerprint(model, layers)
-        ok = fingerprint_matches(store.fingerprint, want, model)
+        ok = fingerprint_matches(store.fingerprint, want, model, layers)
     if not ok:
         raise StaleStoreError(
             f"{where}: the store's activations were computed by another frozen part (store fingerprint "
