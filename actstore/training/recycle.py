@@ -165,8 +165,8 @@ def recycle(model: nn.Module, at: str | float, store: ActivationStore | str, *, 
         already, or shares a weight across the cut without ``untie_weights=True``.
     StaleStoreError
         The store's rows were computed by another frozen part (a frozen weight
-        changed, another split point); at the first forward too when a frozen
-        weight changed since ``recycle()``.
+        changed, another split point); at a forward too when a frozen weight
+        changed since ``recycle()`` or since the previous forward.
     StoreError
         The store holds another split point's or field's rows.
     ValueError, TypeError

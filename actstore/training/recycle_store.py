@@ -131,7 +131,7 @@ class RecycleStore:
                 "use another path, or delete the store to recompute it")
 
     def check_fresh(self, fingerprint: str, frozen: torch.nn.Module) -> None:
-        """Refuse a frozen part whose weights changed since :func:`recycle` (checked at the first forward)."""
+        """Refuse a frozen part whose weights changed since :func:`recycle` (checked at a forward where they may have)."""
         if fingerprint != self.fingerprint:
             raise StaleStoreError(
                 f"{self.path}: a frozen weight below {self.at!r} changed since recycle() (fingerprint "
