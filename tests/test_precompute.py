@@ -343,6 +343,8 @@ def test_config_change_refused(tmp_path: Any) -> None:
     with pytest.raises(actstore.StoreExistsError, match="rows cast to float16.*pass store_dtype='float16'"):
         run(tiny_mlp(), data, tmp_path / "h", layers="1")  # the default asks for the outputs' own dtype, bit-exact
     run(tiny_mlp(), data, tmp_path / "h", layers="1", store_dtype="float16").close()  # as the first run did
+    run(tiny_mlp(), data, tmp_path / "w", layers="1", store_dtype="float32").close()
+    assert len(run(tiny_mlp(), vectors(10), tmp_path / "w", layers="1")) == 10  # float32 holds the outputs exactly
     # Rows computed under autocast are not the model's own: a rerun must not mix them with rows computed without.
     first = run(tiny_mlp(), data, tmp_path / "a", layers="1", autocast=True)
     assert first.attrs["precompute"]["autocast"] == "bfloat16"

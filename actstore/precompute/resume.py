@@ -198,7 +198,8 @@ def keep_or_replace(resumed: Resumed, root: str, cfg: PrecomputeConfig, mine: Pr
             if f.spec.torch.is_floating_point and f.dtype != dtype_name(storage.store_dtype):
                 diffs.append("store_dtype")
                 break
-    elif have.store_dtype is not None:  # this run keeps the outputs' own dtype (bit-exact); the store was cast
+    elif have.store_dtype not in (None, "float32"):  # this run keeps the outputs' own dtype (bit-exact); the store
+        # was cast to a narrower one (float32 holds float32, bfloat16 and float16 outputs exactly)
         diffs.append(f"store_dtype (the store holds rows cast to {have.store_dtype}; this run asks for the outputs' "
                      f"own dtype: pass store_dtype={have.store_dtype!r} to continue it)")
     if have.autocast != mine.autocast and not have.placeholder:  # rows under autocast are not the model's own
