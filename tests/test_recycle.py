@@ -413,7 +413,7 @@ def test_a_frozen_weight_changed_is_stale(tmp_path: Any) -> None:
     model.close()
 
 
-@pytest.mark.parametrize("change", ["in place", "replaced", "load_state_dict", "module replaced"])
+@pytest.mark.parametrize("change", ["in place", "replaced", "load_state_dict", "module replaced", "to float64"])
 def test_a_frozen_weight_changed_after_the_first_forward_is_stale(tmp_path: Any, change: str,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model("BertModel", "bert")
@@ -434,6 +434,8 @@ def test_a_frozen_weight_changed_after_the_first_forward_is_stale(tmp_path: Any,
                 emb.weight = nn.Parameter(emb.weight.detach() * 2.0, requires_grad=False)
             elif change == "module replaced":
                 model.embeddings.word_embeddings = nn.Embedding(*emb.weight.shape).requires_grad_(False)
+            elif change == "to float64":  # Module.to sets p.data: the version counter does not move
+                emb.to(torch.float64)
             else:
                 state = {k: v * 2.0 for k, v in emb.state_dict().items()}
                 emb.load_state_dict(state)

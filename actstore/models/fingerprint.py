@@ -139,11 +139,12 @@ class WeightsWatch:
     """Whether a module's weights can have changed since they were last verified (:meth:`verified`), cheaply
     enough to ask at every forward: no value is read unless a tensor's version counter moved.
 
-    :meth:`unchanged` is False when a parameter or buffer was replaced (``module.weight = ...``, ``.to(dtype)``)
-    or modified in place (``load_state_dict``, ``p.mul_(...)`` under ``no_grad``, an optimizer step) — the version
-    counters PyTorch keeps for autograd — unless the tensor is small (:data:`KEEP_BYTES`) and still equals its copy
-    from the last verification.  A write through ``p.data`` (a tensor with a version counter of its own) is not
-    seen; :func:`frozen_fingerprint` hashes the values themselves.  The watch holds the tensors (not their ids,
+    :meth:`unchanged` is False when a parameter or buffer was replaced (``module.weight = ...``), given other
+    storage (``.to(dtype)`` or ``.to(device)``, which set ``p.data``) or modified in place (``load_state_dict``,
+    ``p.mul_(...)`` under ``no_grad``, an optimizer step) — the version counters PyTorch keeps for autograd —
+    unless the tensor is small (:data:`KEEP_BYTES`) and still equals its copy from the last verification.  A
+    write into a tensor's storage through ``p.data`` (a tensor with a version counter of its own) is not seen;
+    :func:`frozen_fingerprint` hashes the values themselves.  The watch holds the tensors (not their ids,
     which a new tensor may reuse once the old one is freed).
     """
 
@@ -152,6 +153,7 @@ class WeightsWatch:
         self._tree: list[tuple[nn.Module, tuple[nn.Module | None, ...]]] = []  # each module and its children
         self._tensors: tuple[torch.Tensor, ...] = ()
         self._ids: tuple[int, ...] = ()
+        self._storage: tuple[int, ...] = ()
         self._versions: tuple[int, ...] = ()
         self._kept: dict[int, torch.Tensor] = {}
 
@@ -163,6 +165,8 @@ class WeightsWatch:
                 return False
         tensors = _tensors(self._tree)
         if tuple(map(id, tensors)) != self._ids:  # (ids are unique: the watch holds the tensors it compares with)
+            return False
+        if tuple(t.data_ptr() for t in tensors) != self._storage:  # p.data set (a dtype or device move): no version
             return False
         versions = tuple(t._version for t in tensors)
         if versions != self._versions:
@@ -178,6 +182,7 @@ class WeightsWatch:
         self._tree = [(m, tuple(m._modules.values())) for m in module.modules()]
         tensors = self._tensors = _tensors(self._tree)
         self._ids = tuple(map(id, tensors))
+        self._storage = tuple(t.data_ptr() for t in tensors)
         self._versions = tuple(t._version for t in tensors)
         self._kept = {i: t.detach().clone() for i, t in enumerate(tensors) if t.numel() * t.element_size() <= KEEP_BYTES}
 
