@@ -15,11 +15,27 @@ from actstore.engine.write.segments import stable_order
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, 2**64 - 1), max_size=300), st.integers(0, 8))
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=300), st.sampled_from([0, 1, 2, 3, 7, 8, 2**9, 2**20, 2**58]))
 def test_stable_order_is_numpys_stable_sort(values: list[int], spread: int) -> None:
     prefixes = np.array(values, np.uint64)
     if spread and len(prefixes):  # fold onto a few values: many equal prefixes, the case the fast sort cannot keep
         prefixes = prefixes % np.uint64(spread)
+    order, ordered = stable_order(prefixes)
+    want = np.argsort(prefixes, kind="stable")
+    assert np.array_equal(order, want)
+    assert np.array_equal(ordered, prefixes[want])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 5000), st.lists(st.tuples(st.integers(0, 2**32), st.integers(0, 2**16)), max_size=40),
+       st.integers(0, 2**32))
+def test_stable_order_of_prefixes_differing_only_in_their_low_bits(n: int, near: list[tuple[int, int]],
+                                                                  seed: int) -> None:
+    # Random prefixes, a few of them copied with only low bits changed (or none: equal), so that some share
+    # the high bits the fast sort orders by and are put in order again; the rest are sorted once.
+    prefixes = np.random.default_rng(seed).integers(0, 2**64 - 1, n, dtype=np.uint64)
+    for src, delta in near:
+        prefixes[(src * 7919) % n] = prefixes[src % n] ^ np.uint64(delta)
     order, ordered = stable_order(prefixes)
     want = np.argsort(prefixes, kind="stable")
     assert np.array_equal(order, want)
