@@ -118,7 +118,7 @@ class KeySet:
         else:
             run = ScratchArray(np.uint64, (), self._dir, capacity=size).data[:size]
             np.concatenate([a, b], out=run)
-        run.sort()  # in place
+        run.sort(kind="stable")  # in place: a timsort, which merges the two sorted runs in one pass
         return run
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
