@@ -87,3 +87,20 @@ def test_find_returns_insertion_numbers() -> None:
     order = rng.permutation(5000)
     assert ks.find(keys[order]).tolist() == order.tolist()
     assert ks.find(rng.integers(0, 256, (10, 32), dtype=np.uint8)).tolist() == [-1] * 10
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(KEY, max_size=60), max_size=8), st.lists(KEY, max_size=60), st.integers(0, 3))
+def test_keys_whose_hashes_collide_are_told_apart_by_their_bytes(batches: list[list[bytes]],
+                                                                   queries: list[bytes], spread: int) -> None:
+    """With a hash of a few values, every query meets runs of several keys with its hash; the answer
+    (insertion numbers) is still a Python dict's."""
+    ks, ref = KeySet(), {}
+    few = np.uint64(spread + 1)
+    ks._hash = lambda keys: (np.ascontiguousarray(keys).view(np.uint64)[:, 1] % few) << np.uint64(60)  # type: ignore[method-assign]
+    for batch in batches:
+        new = [k for k in dict.fromkeys(batch) if k not in ref]
+        ks.add(as_array(new))
+        ref.update({k: n for n, k in enumerate(new, start=len(ref))})
+        probe = batch + queries
+        assert ks.find(as_array(probe)).tolist() == [ref.get(k, -1) for k in probe]

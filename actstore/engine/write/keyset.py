@@ -135,23 +135,29 @@ class KeySet:
         maybe = np.flatnonzero(self._bitmap[bits >> 3] & np.left_shift(1, bits & 7).astype(np.uint8))
         if not len(maybe):
             return out
-        lo_tag = h[maybe] & _HIGH
-        hi_tag = lo_tag | _LOW
+        maybe = maybe[np.argsort(h[maybe])]  # sorted needles: each binary search starts near the last one's end
+        tag = h[maybe] & _HIGH
         words = np.ascontiguousarray(keys[maybe]).view(np.uint64).reshape(-1, 4)
         stored = self._keys.view().view(np.uint64).reshape(-1, 4)
         found = np.full(len(maybe), -1, np.int64)
         for run in self._runs:
-            lo = np.searchsorted(run, lo_tag, side="left")
-            hi = np.searchsorted(run, hi_tag, side="right")
-            one = np.flatnonzero((hi - lo == 1) & (found < 0))  # the usual candidate: one key with this hash
-            if len(one):
-                idx = (run[lo[one]] & _LOW).astype(np.int64)
-                same = (stored[idx] == words[one]).all(axis=1)
-                found[one[same]] = idx[same]
-            for i in np.flatnonzero((hi - lo > 1) & (found < 0)).tolist():  # several: compare each
-                idx = (run[lo[i] : hi[i]] & _LOW).astype(np.int64)
-                same = np.flatnonzero((stored[idx] == words[i]).all(axis=1))
-                if len(same):
-                    found[i] = idx[same[0]]
+            last = len(run) - 1
+            lo = np.searchsorted(run, tag, side="left")
+            at = np.minimum(lo, last)
+            first = run[at]
+            cand = np.flatnonzero(((first & _HIGH) == tag) & (lo <= last) & (found < 0))  # a key with this hash
+            if not len(cand):
+                continue
+            idx = (first[cand] & _LOW).astype(np.int64)
+            same = (stored[idx] == words[cand]).all(axis=1)
+            found[cand[same]] = idx[same]
+            other = cand[~same]  # the first key with this hash is another: are there more with it? (rare)
+            other = other[(lo[other] < last) & ((run[np.minimum(lo[other] + 1, last)] & _HIGH) == tag[other])]
+            for i in other.tolist():
+                hi = int(np.searchsorted(run, tag[i] | _LOW, side="right"))
+                idx = (run[lo[i] + 1 : hi] & _LOW).astype(np.int64)
+                hit = np.flatnonzero((stored[idx] == words[i]).all(axis=1))
+                if len(hit):
+                    found[i] = idx[hit[0]]
         out[maybe] = found
         return out
