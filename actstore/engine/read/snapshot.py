@@ -338,9 +338,10 @@ class Snapshot:
         out = np.full(len(keys), -1, np.int64)
         if not len(keys) or not self.runs:
             return out
-        qorder = np.argsort(key_prefixes(keys))
+        prefix = key_prefixes(keys)
+        qorder = np.argsort(prefix)
         skeys = keys[qorder]
-        prefix = key_prefixes(skeys)
+        prefix = prefix[qorder]
         found = np.full(len(keys), -1, np.int64)
         for k, run in enumerate(self.runs):
             n = len(run.prefix)
