@@ -67,7 +67,7 @@ def test_rows_outside_the_store_are_refused_or_counted_from_the_end(tmp_path: Pa
     s.gather(np.array([1, 2], np.int64))
     assert s.snapshot.plans["joined"] is not None
     assert s.gather(np.array([-1, 0, -n], np.int64))["k"].tolist() == [n - 1, 0, 0]  # type: ignore[union-attr]
-    for bad in (n, n + 10**6, -n - 1, 2**40):
+    for bad in (n, n + 10**6, -n - 1, 2**40, 2**62, 2**63 - 1, -(2**62) - 5, -(2**63)):  # (the sums wrap past int64)
         with pytest.raises(IndexError, match=f"row {bad} is out of range for a store of {n} rows"):
             s.gather(np.array([0, bad], np.int64))
         with pytest.raises(IndexError, match=f"row {bad} is out of range for a store of {n} rows"):
