@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import actstore
 from actstore import Field
 from actstore.engine.read.snapshot import key_prefixes
-from actstore.engine.write.segments import stable_order
+from actstore.engine.write.index_order import stable_order
 
 
 @settings(max_examples=200, deadline=None)
