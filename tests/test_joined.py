@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import actstore
 from actstore import Field
+from actstore.engine.read import joined as joined_module
 from actstore.engine.read.joined import Joined, join
 from actstore.training.datasets import ActivationDataset
 
@@ -81,8 +84,7 @@ def test_the_joined_map_is_unmapped_with_its_last_array(tmp_path: Path) -> None:
     arrays = [seg.fixed("w") for seg in s.snapshot.segments]
     one = join(arrays, s.snapshot.starts_list)
     assert isinstance(one, Joined)
-    seg = s.snapshot.starts.searchsorted(np.arange(7), "right")
-    assert one.take(seg, np.arange(7)).tolist() == np.concatenate(arrays).tolist()
+    assert one.take(np.arange(7)).tolist() == np.concatenate(arrays).tolist()
     lo = one.array.__array_interface__["data"][0]
     hi = lo + one.array.strides[0] * len(one.array)
 
@@ -157,3 +159,37 @@ def test_a_remote_store_maps_only_the_segments_a_gather_reads(tmp_path: Path) ->
     assert set(asked) == {s.snapshot.segments[0].path}
     rows = np.array([n - 1 for n in np.cumsum(SIZES)], np.int64)
     assert s.gather(rows)["k"].tolist() == rows.tolist()  # type: ignore[union-attr]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.integers(1, 40), min_size=2, max_size=6), st.sampled_from([1, 3, 1009]),
+       st.sampled_from([1, 2, 3, 1 << 15]), st.sampled_from([1, 4096, 1 << 20]))
+def test_rows_in_blocks_across_boundaries_are_read_from_their_copies(tmp_path_factory: pytest.TempPathFactory,
+                                                                    sizes: list[int], dim: int, max_blocks: int,
+                                                                    max_copy: int) -> None:
+    # Few blocks (large ones) put most boundaries, and often the last row, inside a block that is copied.
+    path = tmp_path_factory.mktemp("j") / "s"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(joined_module, "_MAX_BLOCKS", max_blocks)
+        mp.setattr(joined_module, "_MAX_COPY", max_copy)
+        n = sum(sizes)
+        rows = np.arange(n * dim, dtype=np.float32).reshape(n, dim)
+        with actstore.create(path, {"p": Field((dim,), "float32")}) as w:
+            w.merge_policy = None
+            lo = 0
+            for m in sizes:
+                w.append([actstore.key(i) for i in range(lo, lo + m)], {"p": rows[lo : lo + m]})
+                w.commit()
+                lo += m
+        s = actstore.open(path)
+        order = np.random.default_rng(n).permutation(n)
+        assert s.gather(order)["p"].numpy().tolist() == rows[order].tolist()
+        plan = s.snapshot.plans["joined"]
+        assert plan is not None
+        one = plan[0][1]
+        assert one.table.shape[0] <= max(max_blocks, -(-n // 2))
+        block = 1 << int(one.bits)
+        for bad in (n, n + 1, -(-n // block) * block, -(-n // block) * block + 1, -1, -n - 1, -(2**63)):
+            with pytest.raises(IndexError):
+                one.take(np.array([0, bad], np.int64))
+        s.close()

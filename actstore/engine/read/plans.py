@@ -278,10 +278,9 @@ def fast_gather(snap: Any, rows: Any) -> dict[str, torch.Tensor] | None:
     if joined is False:
         joined = snap.plans["joined"] = _joined_plan(snap)
     if joined is not None:  # each field's files side by side in one map: one take per field
-        seg = snap.starts.searchsorted(rows, "right")
         try:
-            return {name: _from_numpy(one.take(seg, rows)).view(torch.bfloat16) if bf16
-                    else _from_numpy(one.take(seg, rows)) for name, one, bf16 in joined}
+            return {name: _from_numpy(one.take(rows)).view(torch.bfloat16) if bf16
+                    else _from_numpy(one.take(rows)) for name, one, bf16 in joined}
         except IndexError:
             return None  # the general path says which row
     if "across" not in snap.plans:
