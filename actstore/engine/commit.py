@@ -184,9 +184,8 @@ def _next_manifest(root: str, current: Manifest, change: Change) -> tuple[Manife
     if change.merged:
         manifest = replace(manifest, segments=_merged_segments(current, change.merged))
     if added:
-        start, total = current.rows, sum(i.rows for i, _ in added)
-        run = write_index_run(root, np.concatenate([p for _, p in added]),
-                              np.arange(start, start + total, dtype=np.int64))
+        prefixes = added[0][1] if len(added) == 1 else np.concatenate([p for _, p in added])
+        run = write_index_run(root, prefixes, first_row=current.rows)
         manifest = replace(manifest, segments=(*manifest.segments, *(i for i, _ in added)),
                            indexes=(*manifest.indexes, run))
         if len(manifest.indexes) > MAX_INDEX_RUNS:
@@ -233,7 +232,7 @@ def _reclaimed(root: str, current: Manifest, r: Reclaim) -> Manifest:
         info, _ = r.writer.finish()
         if dict(info.values) != dict(r.values):
             raise StoreError(f"merged segment {info.id}: holds ragged values {info.values}, not {dict(r.values)}")
-        segments, indexes = (info,), (write_index_run(root, r.prefixes, np.arange(kept, dtype=np.int64)),)
+        segments, indexes = (info,), (write_index_run(root, r.prefixes),)
     else:
         r.writer.discard()
     if set(r.views) != set(current.views):
@@ -259,7 +258,7 @@ def merge_runs(root: str, manifest: Manifest) -> IndexRunInfo:
         prefix, row = _merge_two(root, prefix, row, run.prefix, run.row)
     if len(snap.runs) == 1:
         _check_sorted(prefix)
-    return write_index_run(root, prefix, row, presorted=True)
+    return write_index_run(root, prefix, row)
 
 
 def _check_sorted(prefix: np.ndarray) -> None:

@@ -24,10 +24,13 @@ def stable_order(prefixes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if n < 2:
         return np.zeros(n, np.intp), prefixes.copy()
     low = np.uint64((1 << (n - 1).bit_length()) - 1)
+    # (Few arrays, each written in place where it can be: at commit they are fresh pages, which cost more
+    # to fault in than to fill.)
+    order = np.arange(n, dtype=np.int64)
     packed = prefixes & ~low
-    packed |= np.arange(n, dtype=np.uint64)
+    packed |= order.view(np.uint64)
     packed.sort()
-    order = (packed & low).astype(np.intp)
+    np.bitwise_and(packed, low, out=order.view(np.uint64))
     ordered = prefixes[order]
     packed &= ~low  # the high bits of each, in sorted order
     tie = packed[1:] == packed[:-1]

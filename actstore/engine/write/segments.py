@@ -406,12 +406,15 @@ def write_object(root: str, directory: str, arrays: Mapping[str, tuple[np.ndarra
     return IndexRunInfo(obj_id, rows, checksum(meta))
 
 
-def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray, *, presorted: bool = False) -> IndexRunInfo:
-    """Write a key-index run: prefixes sorted ascending, with their global rows (``presorted``: as given)."""
-    if presorted:
-        return write_object(root, INDEXES_DIR, {"prefix": (prefixes, "uint64"), "row": (rows, "int64")})
-    order, ordered = stable_order(prefixes)
-    return write_object(root, INDEXES_DIR, {"prefix": (ordered, "uint64"), "row": (rows[order], "int64")})
+def write_index_run(root: str, prefixes: np.ndarray, rows: np.ndarray | None = None, *,
+                    first_row: int = 0) -> IndexRunInfo:
+    """Write a key-index run.  ``rows`` None: the rows ``first_row, first_row + 1, ...`` whose keys have
+    ``prefixes``, sorted here (equal prefixes in row order); else ``prefixes`` ascending already, with
+    their global ``rows``."""
+    if rows is None:
+        rows, prefixes = stable_order(prefixes)
+        rows += first_row  # (in place: the rows, in the prefixes' order)
+    return write_object(root, INDEXES_DIR, {"prefix": (prefixes, "uint64"), "row": (rows, "int64")})
 
 
 @dataclass(frozen=True)
