@@ -193,3 +193,24 @@ def test_rows_in_blocks_across_boundaries_are_read_from_their_copies(tmp_path_fa
             with pytest.raises(IndexError):
                 one.take(np.array([0, bad], np.int64))
         s.close()
+
+
+def test_copied_blocks_hold_the_files_bytes_whatever_was_written_into_a_row_view(tmp_path: Path) -> None:
+    # store[i]'s views are copy-on-write: a write changes this process's page, never the file.  The joined map
+    # reads the files; so must the blocks it copies (rows 4 and 5 straddle the boundary with 2-row blocks),
+    # so that a batch's values do not depend on which block a row falls in.
+    s = _store(tmp_path / "s", (5, 5), {"w": FIELDS["w"]})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(joined_module, "_MAX_BLOCKS", 5)
+        for r in (2, 3, 4, 5):
+            s[r]["w"][0] = -99.0
+        got = s.gather(np.array([2, 3, 4, 5], np.int64))["w"][:, 0].tolist()  # type: ignore[index]
+        one = s.snapshot.plans["joined"][0][1]
+        assert int(one.bits) == 1 and got == [1.0, 1.5, 2.0, 2.5]
+
+
+def test_a_join_whose_rows_do_not_start_at_zero_is_not_made(tmp_path: Path) -> None:
+    s = _store(tmp_path / "s", (5, 2), {"w": FIELDS["w"]})
+    arrays = [seg.fixed("w") for seg in s.snapshot.segments]
+    assert join(arrays, [3, 8, 10]) is None  # (its first rows would have no file: a take there must not happen)
+    assert join(arrays, [0, 5, 7]) is not None

@@ -168,7 +168,7 @@ def join(arrays: Sequence[np.ndarray], starts: Sequence[int]) -> Joined | None:
     """One map over ``arrays`` (each the whole of a segment's array, mapped by
     :func:`~actstore.engine.read.maps.map_rows`), or None when that cannot be done here (another
     platform, an array that is not a whole file map from offset 0, a failed mapping, no rows)."""
-    if _libc is None or not arrays or starts[-1] <= 0:
+    if _libc is None or not arrays or starts[0] != 0 or starts[-1] <= 0:
         return None
     first = arrays[0]
     inner, dtype = first.shape[1:], first.dtype
@@ -219,10 +219,18 @@ def join(arrays: Sequence[np.ndarray], starts: Sequence[int]) -> Joined | None:
         raise AssertionError(f"joined map: the last row ends at byte {length * row_bytes}, the map at {end}")
 
     def rows_of(j: int) -> np.ndarray:
-        """A copy of block ``j``'s rows, read from the segments' arrays."""
+        """A copy of block ``j``'s rows, read from the segments' files (as the files' own maps read them: not
+        from ``arrays``, whose private pages may hold writes into ``store[i]``'s views)."""
         lo, hi = j << bits, min((j + 1) << bits, total)
-        return np.concatenate([arrays[s][max(lo, starts[s]) - starts[s] : min(hi, starts[s + 1]) - starts[s]]
-                               for s in range(int(seg_first[j]), int(seg_last[j]) + 1)])
+        parts = []
+        for s in range(int(seg_first[j]), int(seg_last[j]) + 1):
+            a, b = max(lo, starts[s]) - starts[s], min(hi, starts[s + 1]) - starts[s]
+            items = (b - a) * (row_bytes // dtype.itemsize)
+            part = np.fromfile(files[s][0], dtype, count=items, offset=a * row_bytes)
+            if part.size != items:
+                raise OSError(f"{files[s][0]}: shorter than the rows its map holds")
+            parts.append(part)
+        return np.concatenate(parts)
 
     try:
         region = Region(max(end, 1))
